@@ -1,0 +1,14 @@
+//! Pieces shared by every rmem binary.
+//!
+//! Each module is one concept: [`size`] parses and prints byte sizes the way
+//! operators write them (`4GiB`), [`histogram`] records latencies without
+//! locks, [`logging`] sets up `tracing`, [`shutdown`] turns SIGINT/SIGTERM
+//! into a future.
+
+pub mod histogram;
+pub mod logging;
+pub mod shutdown;
+pub mod size;
+
+pub use histogram::{Histogram, Percentiles};
+pub use size::ByteSize;

@@ -1,0 +1,2 @@
+//! rmem memory server.
+pub mod store;

@@ -1,0 +1,449 @@
+//! The page store: a [`pool::Pool`] of slots, an index from (tenant, handle)
+//! to slot, a lock-free free list, and per-tenant quotas.
+//!
+//! A PUT never overwrites a published page in place: it fills a fresh slot,
+//! publishes it in the index (the newest sequence number wins a race), and
+//! only then frees the slot it replaced. A reader copies a page while holding
+//! its index entry's shard lock, so a slot cannot be freed and reused under
+//! it. The result: a GET returns either the old or the new contents of a
+//! page, never a mix and never another page's bytes.
+
+pub mod layout;
+pub mod pool;
+pub mod tenant;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_queue::ArrayQueue;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use rmem_proto::wire::{Page, PageStatus, page_crc};
+
+use self::layout::{SlotEntry, Superblock};
+use self::pool::Pool;
+pub use self::tenant::Tenant;
+
+/// How the store keeps pages across restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// Anonymous memory: pages are gone when the process exits.
+    Anonymous,
+    /// A file: pages survive a restart.
+    File(PathBuf),
+}
+
+/// What a store is opened with.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub capacity_pages: u32,
+    pub backing: Backing,
+    /// Flush each stored page to the file before acknowledging it.
+    pub sync_writes: bool,
+}
+
+/// A tenant definition handed to [`Store::open`].
+#[derive(Debug, Clone)]
+pub struct TenantSpec {
+    pub id: u32,
+    pub name: String,
+    pub token: Option<Vec<u8>>,
+    pub quota_pages: Option<u64>,
+}
+
+/// Why a store could not be opened or flushed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot map an anonymous pool of {pages} pages")]
+    MapAnonymous {
+        pages: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open pool file {path}")]
+    OpenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "pool file {path} holds {file_pages} pages but the configured capacity is {configured_pages} pages; set the capacity to match or use a new file"
+    )]
+    CapacityMismatch {
+        path: PathBuf,
+        file_pages: u32,
+        configured_pages: u32,
+    },
+    #[error("cannot flush the pool file")]
+    Flush(#[source] std::io::Error),
+}
+
+/// What an open found in a pool file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    pub created: bool,
+    pub clean_shutdown: bool,
+    pub pages_recovered: u64,
+    pub stale_duplicates: u64,
+    pub corrupt_dropped: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    tenant: u32,
+    handle: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    slot: u32,
+    seq: u64,
+    crc: u32,
+}
+
+type Index = DashMap<Key, Slot, foldhash::fast::RandomState>;
+
+/// The page store shared by every connection.
+#[derive(Debug)]
+pub struct Store {
+    pool: Pool,
+    index: Index,
+    free: ArrayQueue<u32>,
+    tenants: HashMap<u32, Arc<Tenant>>,
+    by_name: HashMap<String, Arc<Tenant>>,
+    seq: AtomicU64,
+    server_id: u64,
+    sync_writes: bool,
+    recovery: Recovery,
+}
+
+impl Store {
+    /// Opens a store, rebuilding the index from a pool file if there is one.
+    pub fn open(opts: &StoreOptions, tenants: &[TenantSpec]) -> Result<Self, StoreError> {
+        let fresh_id: u64 = rand::random();
+        let (pool, server_id, recovery_base, clean) = match &opts.backing {
+            Backing::Anonymous => {
+                let pool = Pool::anonymous(opts.capacity_pages).map_err(|source| {
+                    StoreError::MapAnonymous {
+                        pages: opts.capacity_pages,
+                        source,
+                    }
+                })?;
+                (pool, fresh_id, Recovery::default(), true)
+            }
+            Backing::File(path) => {
+                let opened = Pool::open_file(path, opts.capacity_pages, fresh_id).map_err(
+                    |source| StoreError::OpenFile {
+                        path: path.clone(),
+                        source,
+                    },
+                )?;
+                if opened.superblock.slots != opts.capacity_pages {
+                    return Err(StoreError::CapacityMismatch {
+                        path: path.clone(),
+                        file_pages: opened.superblock.slots,
+                        configured_pages: opts.capacity_pages,
+                    });
+                }
+                let sb = opened.superblock;
+                // Mark the file dirty while we run; an orderly close marks it
+                // clean again after a full flush.
+                opened
+                    .pool
+                    .write_superblock(&Superblock { clean: false, ..sb })
+                    .map_err(StoreError::Flush)?;
+                let recovery = Recovery {
+                    created: opened.created,
+                    clean_shutdown: sb.clean,
+                    ..Recovery::default()
+                };
+                (opened.pool, sb.server_id, recovery, sb.clean)
+            }
+        };
+
+        let mut tenant_map = HashMap::new();
+        let mut by_name = HashMap::new();
+        for t in tenants {
+            let tenant = Arc::new(Tenant::new(
+                t.id,
+                t.name.clone(),
+                t.token.clone(),
+                t.quota_pages.unwrap_or(u64::MAX),
+            ));
+            tenant_map.insert(t.id, tenant.clone());
+            by_name.insert(t.name.clone(), tenant);
+        }
+
+        let mut store = Self {
+            free: ArrayQueue::new(pool.slots().max(1) as usize),
+            pool,
+            index: Index::with_hasher(foldhash::fast::RandomState::default()),
+            tenants: tenant_map,
+            by_name,
+            seq: AtomicU64::new(1),
+            server_id,
+            sync_writes: opts.sync_writes,
+            recovery: recovery_base,
+        };
+        if store.pool.persistent() {
+            store.rebuild(!clean);
+        } else {
+            for slot in 0..store.pool.slots() {
+                store.free.push(slot).expect("free list sized for every slot");
+            }
+        }
+        Ok(store)
+    }
+
+    /// Rebuilds the index from the slot table. With `verify`, every live
+    /// page is checked against its checksum (after an unclean shutdown).
+    fn rebuild(&mut self, verify: bool) {
+        let mut max_seq = 0;
+        let mut stale = Vec::new();
+        for slot in 0..self.pool.slots() {
+            // SAFETY: open is single-threaded; nothing else touches the pool.
+            let raw = unsafe { self.pool.read_entry(slot) };
+            let Some(e) = SlotEntry::decode(&raw) else {
+                continue;
+            };
+            // SAFETY: as above, no concurrent access during open.
+            if verify && page_crc(unsafe { self.pool.page(slot) }) != e.crc {
+                self.recovery.corrupt_dropped += 1;
+                stale.push(slot);
+                continue;
+            }
+            max_seq = max_seq.max(e.seq);
+            let key = Key {
+                tenant: e.tenant,
+                handle: e.handle,
+            };
+            let new = Slot {
+                slot,
+                seq: e.seq,
+                crc: e.crc,
+            };
+            match self.index.entry(key) {
+                Entry::Vacant(v) => {
+                    v.insert(new);
+                }
+                Entry::Occupied(mut o) => {
+                    self.recovery.stale_duplicates += 1;
+                    if o.get().seq < e.seq {
+                        stale.push(o.get().slot);
+                        o.insert(new);
+                    } else {
+                        stale.push(slot);
+                    }
+                }
+            }
+        }
+        for slot in stale {
+            // SAFETY: the slot is not in the index; open is single-threaded.
+            unsafe { self.pool.write_entry(slot, &[0; layout::ENTRY_LEN]) };
+        }
+        let mut live = vec![false; self.pool.slots() as usize];
+        for item in self.index.iter() {
+            live[item.value().slot as usize] = true;
+            let tenant = item.key().tenant;
+            self.tenants
+                .entry(tenant)
+                .or_insert_with(|| {
+                    // Pages of a tenant no longer configured are kept (never
+                    // lost) but nobody can log in as it.
+                    Arc::new(Tenant::new(
+                        tenant,
+                        format!("unconfigured-{tenant}"),
+                        Some(rand::random::<[u8; 32]>().to_vec()),
+                        u64::MAX,
+                    ))
+                })
+                .force_reserve();
+        }
+        for (slot, used) in live.iter().enumerate() {
+            if !used {
+                self.free.push(slot as u32).expect("free list sized for every slot");
+            }
+        }
+        self.recovery.pages_recovered = self.index.len() as u64;
+        self.seq.store(max_seq + 1, Ordering::Relaxed);
+    }
+
+    /// The tenant with this name.
+    pub fn tenant(&self, name: &str) -> Option<&Arc<Tenant>> {
+        self.by_name.get(name)
+    }
+
+    /// Every tenant, including unconfigured ones found in a pool file.
+    pub fn tenants(&self) -> impl Iterator<Item = &Arc<Tenant>> {
+        self.tenants.values()
+    }
+
+    /// Random identity of this pool.
+    pub fn server_id(&self) -> u64 {
+        self.server_id
+    }
+
+    /// Number of page slots.
+    pub fn capacity_pages(&self) -> u64 {
+        u64::from(self.pool.slots())
+    }
+
+    /// Number of slots in use.
+    pub fn used_pages(&self) -> u64 {
+        self.capacity_pages() - self.free.len() as u64
+    }
+
+    /// Whether pages survive a restart.
+    pub fn persistent(&self) -> bool {
+        self.pool.persistent()
+    }
+
+    /// What opening the pool found.
+    pub fn recovery(&self) -> Recovery {
+        self.recovery
+    }
+
+    /// Stores one page. The page is visible to GETs once this returns
+    /// [`PageStatus::Ok`]; until then any earlier version stays visible.
+    pub fn put(&self, tenant: &Tenant, handle: u64, crc: u32, data: &Page) -> PageStatus {
+        if page_crc(data) != crc {
+            return PageStatus::BadChecksum;
+        }
+        let key = Key {
+            tenant: tenant.id,
+            handle,
+        };
+        // An overwrite does not grow usage, so a tenant at its quota may
+        // still replace its own pages.
+        let reserved = tenant.try_reserve();
+        if !reserved && !self.index.contains_key(&key) {
+            return PageStatus::QuotaExceeded;
+        }
+        let Some(slot) = self.free.pop() else {
+            if reserved {
+                tenant.release();
+            }
+            return PageStatus::NoSpace;
+        };
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `slot` came off the free list and is not published, so
+        // this thread owns it exclusively.
+        unsafe { self.pool.write_page(slot, data) };
+        if self.pool.persistent() {
+            let entry = SlotEntry {
+                tenant: tenant.id,
+                handle,
+                seq,
+                crc,
+            };
+            // SAFETY: as above, the slot is owned exclusively until published.
+            unsafe { self.pool.write_entry(slot, &entry.encode()) };
+        }
+        let new = Slot { slot, seq, crc };
+        let replaced = match self.index.entry(key) {
+            Entry::Vacant(v) => {
+                if !reserved {
+                    // The page we meant to replace was freed meanwhile and
+                    // the quota is full: this PUT would exceed it.
+                    drop(v);
+                    self.release_slot(slot);
+                    return PageStatus::QuotaExceeded;
+                }
+                v.insert(new);
+                None
+            }
+            Entry::Occupied(mut o) => {
+                if o.get().seq < seq {
+                    Some(o.insert(new).slot)
+                } else {
+                    // A newer PUT of the same page won the race.
+                    Some(slot)
+                }
+            }
+        };
+        if let Some(old) = replaced {
+            self.release_slot(old);
+            if reserved {
+                tenant.release();
+            }
+        }
+        if self.sync_writes
+            && let Err(e) = self.pool.flush_slot(slot)
+        {
+            tracing::error!(error = %e, slot, "cannot flush page to the pool file");
+        }
+        PageStatus::Ok
+    }
+
+    /// Copies a page out: `out` is called with the page's checksum and bytes
+    /// while the page cannot change. A page whose bytes no longer match its
+    /// checksum is reported [`PageStatus::Corrupt`] and not served.
+    pub fn get(&self, tenant: &Tenant, handle: u64, out: impl FnOnce(u32, &Page)) -> PageStatus {
+        let key = Key {
+            tenant: tenant.id,
+            handle,
+        };
+        let Some(entry) = self.index.get(&key) else {
+            return PageStatus::NotFound;
+        };
+        // SAFETY: the slot is published and `entry` holds its shard's read
+        // lock, which any unpublish (write lock) must wait for.
+        let page = unsafe { self.pool.page(entry.slot) };
+        if page_crc(page) != entry.crc {
+            tracing::error!(tenant = tenant.id, handle, slot = entry.slot, "stored page failed its checksum");
+            return PageStatus::Corrupt;
+        }
+        out(entry.crc, page);
+        PageStatus::Ok
+    }
+
+    /// Frees a page.
+    pub fn free(&self, tenant: &Tenant, handle: u64) -> PageStatus {
+        let key = Key {
+            tenant: tenant.id,
+            handle,
+        };
+        match self.index.remove(&key) {
+            Some((_, slot)) => {
+                self.release_slot(slot.slot);
+                tenant.release();
+                PageStatus::Ok
+            }
+            None => PageStatus::NotFound,
+        }
+    }
+
+    /// Returns an unpublished slot to the free list, clearing its entry first
+    /// so a crash cannot resurrect it.
+    fn release_slot(&self, slot: u32) {
+        if self.pool.persistent() {
+            // SAFETY: the slot has just been unpublished (or never was); no
+            // reader can reach it and this thread is its only owner.
+            unsafe { self.pool.write_entry(slot, &[0; layout::ENTRY_LEN]) };
+        }
+        self.free
+            .push(slot)
+            .expect("a freed slot always fits back on the free list");
+    }
+
+    /// Flushes a file-backed pool and marks it cleanly closed. Call once no
+    /// more requests are served.
+    pub fn close(&self) -> Result<(), StoreError> {
+        if !self.pool.persistent() {
+            return Ok(());
+        }
+        self.pool.flush().map_err(StoreError::Flush)?;
+        self.pool
+            .write_superblock(&Superblock {
+                slots: self.pool.slots(),
+                server_id: self.server_id,
+                clean: true,
+            })
+            .map_err(StoreError::Flush)
+    }
+}
+
+#[cfg(test)]
+mod tests;

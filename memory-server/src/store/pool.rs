@@ -1,0 +1,224 @@
+//! The page pool: one memory mapping, anonymous or backed by a file, divided
+//! into 4 KiB slots (and, for a file, the superblock and slot table of
+//! [`super::layout`]).
+//!
+//! This is the only module that touches the mapping through raw pointers.
+//! Its contract with [`super::Store`]: a slot is written only by the one
+//! holder that took it from the free list and has not yet published it in
+//! the index, and it is read only while it is published (the reader holds
+//! the index entry's lock, so it cannot be unpublished and reused meanwhile).
+
+use std::fs::OpenOptions;
+use std::io;
+use std::path::Path;
+
+use memmap2::{MmapOptions, MmapRaw};
+use rmem_proto::wire::{PAGE_SIZE, Page};
+
+use super::layout::{ENTRY_LEN, Superblock};
+
+/// A mapped page pool.
+#[derive(Debug)]
+pub struct Pool {
+    map: MmapRaw,
+    slots: u32,
+    /// 0 for an anonymous pool, which has no superblock or slot table.
+    data_offset: usize,
+    persistent: bool,
+}
+
+/// A pool file opened by [`Pool::open_file`].
+#[derive(Debug)]
+pub struct OpenedFile {
+    pub pool: Pool,
+    pub superblock: Superblock,
+    pub created: bool,
+}
+
+impl Pool {
+    /// An anonymous pool of `slots` pages, committed lazily by the kernel.
+    pub fn anonymous(slots: u32) -> io::Result<Self> {
+        let len = slots as usize * PAGE_SIZE;
+        let map = MmapOptions::new().len(len.max(PAGE_SIZE)).map_anon()?;
+        Ok(Self {
+            map: MmapRaw::from(map),
+            slots,
+            data_offset: 0,
+            persistent: false,
+        })
+    }
+
+    /// Opens or creates a pool file. A new file gets `slots` slots and a
+    /// fresh superblock; an existing one keeps its own slot count.
+    pub fn open_file(path: &Path, slots: u32, new_server_id: u64) -> io::Result<OpenedFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let existing = file.metadata()?.len();
+        let created = existing == 0;
+        let superblock = if created {
+            file.set_len(Superblock::file_len(slots) as u64)?;
+            Superblock {
+                slots,
+                server_id: new_server_id,
+                clean: true,
+            }
+        } else {
+            let mut head = [0u8; 64];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0)?;
+            let sb = Superblock::decode(&head)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let want = Superblock::file_len(sb.slots) as u64;
+            if existing < want {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("pool file is {existing} bytes, its superblock needs {want}"),
+                ));
+            }
+            sb
+        };
+        let map = MmapOptions::new()
+            .len(Superblock::file_len(superblock.slots))
+            .map_raw(&file)?;
+        let pool = Self {
+            map,
+            slots: superblock.slots,
+            data_offset: Superblock::data_offset(superblock.slots),
+            persistent: true,
+        };
+        if created {
+            pool.write_superblock(&superblock)?;
+        }
+        Ok(OpenedFile {
+            pool,
+            superblock,
+            created,
+        })
+    }
+
+    /// Number of page slots.
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// Whether pages survive a restart.
+    pub fn persistent(&self) -> bool {
+        self.persistent
+    }
+
+    fn page_ptr(&self, slot: u32) -> *mut u8 {
+        assert!(slot < self.slots, "slot {slot} out of range");
+        // SAFETY: slot < slots, and the mapping holds data_offset + slots
+        // pages, so the offset stays inside the mapping.
+        unsafe {
+            self.map
+                .as_mut_ptr()
+                .add(self.data_offset + slot as usize * PAGE_SIZE)
+        }
+    }
+
+    fn entry_ptr(&self, slot: u32) -> *mut u8 {
+        assert!(self.persistent && slot < self.slots, "no entry for slot {slot}");
+        // SAFETY: the slot table starts at PAGE_SIZE and holds `slots`
+        // entries of ENTRY_LEN bytes, all inside the mapping.
+        unsafe {
+            self.map
+                .as_mut_ptr()
+                .add(PAGE_SIZE + slot as usize * ENTRY_LEN)
+        }
+    }
+
+    /// Copies `data` into `slot`.
+    ///
+    /// # Safety
+    /// The caller owns `slot` exclusively: it took it from the free list and
+    /// has not published it, so nobody reads or writes it concurrently.
+    pub unsafe fn write_page(&self, slot: u32, data: &Page) {
+        let dst = self.page_ptr(slot);
+        // SAFETY: dst points at PAGE_SIZE bytes of the mapping that only this
+        // caller accesses (the function's contract); data cannot overlap the
+        // mapping's private slot because it is a different, live page.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, PAGE_SIZE) };
+    }
+
+    /// Copies `slot` into `out`.
+    ///
+    /// # Safety
+    /// `slot` is published and the caller holds the index lock that keeps it
+    /// published, so no writer touches it concurrently.
+    pub unsafe fn read_page(&self, slot: u32, out: &mut Page) {
+        let src = self.page_ptr(slot);
+        // SAFETY: src points at PAGE_SIZE readable bytes that nobody writes
+        // concurrently (the function's contract); out is a distinct buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), PAGE_SIZE) };
+    }
+
+    /// Borrows `slot` for reading.
+    ///
+    /// # Safety
+    /// As for [`Pool::read_page`], for as long as the returned borrow lives.
+    pub unsafe fn page(&self, slot: u32) -> &Page {
+        let src = self.page_ptr(slot);
+        // SAFETY: src is aligned for u8, points at PAGE_SIZE bytes inside the
+        // mapping, and is not written while the borrow lives (contract).
+        unsafe { &*src.cast::<Page>() }
+    }
+
+    /// Writes `slot`'s table entry.
+    ///
+    /// # Safety
+    /// The caller owns `slot` exclusively (as for [`Pool::write_page`]), or
+    /// is clearing the entry of a slot it just unpublished.
+    pub unsafe fn write_entry(&self, slot: u32, entry: &[u8; ENTRY_LEN]) {
+        let dst = self.entry_ptr(slot);
+        // SAFETY: dst points at this slot's ENTRY_LEN bytes, which only the
+        // slot's owner writes (contract).
+        unsafe { std::ptr::copy_nonoverlapping(entry.as_ptr(), dst, ENTRY_LEN) };
+    }
+
+    /// Reads `slot`'s table entry.
+    ///
+    /// # Safety
+    /// Nobody writes the entry concurrently (used while opening the pool).
+    pub unsafe fn read_entry(&self, slot: u32) -> [u8; ENTRY_LEN] {
+        let mut out = [0u8; ENTRY_LEN];
+        let src = self.entry_ptr(slot);
+        // SAFETY: src points at ENTRY_LEN bytes inside the mapping that are
+        // not written concurrently (contract).
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), ENTRY_LEN) };
+        out
+    }
+
+    /// Rewrites the superblock and flushes it to the file.
+    pub fn write_superblock(&self, sb: &Superblock) -> io::Result<()> {
+        let mut page = [0u8; 64];
+        sb.encode(&mut page);
+        // SAFETY: the superblock occupies the first bytes of a persistent
+        // mapping; only open and shutdown (one thread, no traffic) write it.
+        unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), self.map.as_mut_ptr(), page.len()) };
+        self.map.flush_range(0, PAGE_SIZE)
+    }
+
+    /// Flushes everything to the file (no-op for an anonymous pool).
+    pub fn flush(&self) -> io::Result<()> {
+        if self.persistent {
+            self.map.flush()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Flushes one slot's data and table entry to the file.
+    pub fn flush_slot(&self, slot: u32) -> io::Result<()> {
+        if !self.persistent {
+            return Ok(());
+        }
+        let entry_page = (PAGE_SIZE + slot as usize * ENTRY_LEN) / PAGE_SIZE * PAGE_SIZE;
+        self.map.flush_range(entry_page, PAGE_SIZE)?;
+        self.map
+            .flush_range(self.data_offset + slot as usize * PAGE_SIZE, PAGE_SIZE)
+    }
+}
