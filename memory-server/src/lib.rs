@@ -1,2 +1,267 @@
-//! rmem memory server.
+//! rmem memory server: stores 4 KiB pages for compute nodes in a memory pool
+//! and serves them over the data-plane protocol of [`rmem_proto::wire`].
+//!
+//! - [`store`]: the pool, the index, free list and quotas.
+//! - [`transport`]: the TCP data plane and per-client sessions.
+//! - [`admin`]: the gRPC admin endpoint (stats, health, reflection).
+//! - [`config`]: typed, validated configuration.
+//!
+//! [`Server::start`] runs all of it inside the caller's tokio runtime; the
+//! `rmem-server` binary and embedded uses (the demo, tests, benchmarks) go
+//! through it.
+
+pub mod admin;
+pub mod config;
+pub mod metrics;
 pub mod store;
+pub mod transport;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmem_proto::wire::Limits;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::AdminService;
+use crate::config::{ConfigError, ServerConfig};
+use crate::metrics::Metrics;
+use crate::store::{Recovery, Store, StoreError};
+use crate::transport::session::Shared;
+use crate::transport::tcp::{self, Timeouts};
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr} ({what})")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin gRPC server failed")]
+    Grpc(#[source] tonic::transport::Error),
+}
+
+/// A running memory server.
+#[derive(Debug)]
+pub struct Server {
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    data_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+    accept: tokio::task::JoinHandle<()>,
+    grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    drain_timeout: Duration,
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections still busy when the drain timeout expired.
+    pub abandoned_connections: usize,
+}
+
+impl Server {
+    /// Validates `config`, opens the store, binds both listeners and starts
+    /// serving. `default_token` is the credential of the implicit `default`
+    /// tenant when the configuration defines no tenants.
+    pub async fn start(
+        config: &ServerConfig,
+        default_token: Option<&str>,
+    ) -> Result<Self, ServerError> {
+        config.validate()?;
+        let tenants = config.tenant_specs(default_token)?;
+        let opts = config.store_options();
+        let store = tokio::task::spawn_blocking(move || Store::open(&opts, &tenants))
+            .await
+            .expect("store open does not panic")?;
+        let store = Arc::new(store);
+        log_recovery(&store, config);
+
+        let data = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen,
+                what: "data plane",
+                source,
+            })?;
+        let grpc = TcpListener::bind(config.grpc)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.grpc,
+                what: "admin gRPC",
+                source,
+            })?;
+        let data_addr = data.local_addr().expect("bound socket has an address");
+        let grpc_addr = grpc.local_addr().expect("bound socket has an address");
+
+        let metrics = Arc::new(Metrics::default());
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            limits: Limits::for_batch(config.max_batch_pages),
+        });
+        let shutdown = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let accept = tokio::spawn(tcp::serve(
+            data,
+            shared,
+            Timeouts {
+                handshake: config.handshake_timeout,
+                idle: config.idle_timeout,
+                request: config.request_timeout,
+            },
+            config.max_connections,
+            shutdown.clone(),
+            connections.clone(),
+        ));
+        let admin = AdminService {
+            store: store.clone(),
+            metrics: metrics.clone(),
+        };
+        let grpc = tokio::spawn(serve_grpc(grpc, admin, shutdown.clone()));
+        tracing::info!(
+            data = %data_addr, grpc = %grpc_addr,
+            capacity_pages = store.capacity_pages(), persistent = store.persistent(),
+            server_id = format_args!("{:016x}", store.server_id()),
+            "memory server ready"
+        );
+        Ok(Self {
+            store,
+            metrics,
+            data_addr,
+            grpc_addr,
+            shutdown,
+            connections,
+            accept,
+            grpc,
+            drain_timeout: config.drain_timeout,
+        })
+    }
+
+    /// The data-plane address actually bound (useful with port 0).
+    pub fn data_addr(&self) -> SocketAddr {
+        self.data_addr
+    }
+
+    /// The admin gRPC address actually bound.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The page store (for embedded use and stats).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The server's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops accepting, answers every request already received, closes the
+    /// connections, and flushes a file-backed pool.
+    pub async fn shutdown(self) -> Result<ShutdownReport, ServerError> {
+        self.shutdown.cancel();
+        let _ = self.accept.await;
+        self.connections.close();
+        let abandoned = match tokio::time::timeout(self.drain_timeout, self.connections.wait()).await
+        {
+            Ok(()) => 0,
+            Err(_) => self.connections.len(),
+        };
+        if abandoned > 0 {
+            tracing::warn!(abandoned, "drain timeout expired with connections still busy");
+        }
+        match self.grpc.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "admin gRPC server stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "admin gRPC task failed"),
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .expect("store close does not panic")?;
+        tracing::info!("memory server stopped");
+        Ok(ShutdownReport {
+            abandoned_connections: abandoned,
+        })
+    }
+}
+
+fn log_recovery(store: &Store, config: &ServerConfig) {
+    if !store.persistent() {
+        return;
+    }
+    let Recovery {
+        created,
+        clean_shutdown,
+        pages_recovered,
+        stale_duplicates,
+        corrupt_dropped,
+    } = store.recovery();
+    let path = config.pool_file.as_ref().map(|p| p.display().to_string());
+    if created {
+        tracing::info!(?path, "created pool file");
+    } else {
+        tracing::info!(
+            ?path, clean_shutdown, pages_recovered, stale_duplicates, corrupt_dropped,
+            "recovered pool file"
+        );
+    }
+    if corrupt_dropped > 0 {
+        tracing::warn!(corrupt_dropped, "pages that failed their checksum after an unclean stop were dropped");
+    }
+}
+
+async fn serve_grpc(
+    listener: TcpListener,
+    admin: AdminService,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    use rmem_proto::admin::v1::server_admin_server::ServerAdminServer;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ServerAdminServer<AdminService>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(rmem_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .expect("embedded descriptors are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("embedded descriptors are valid");
+    let incoming = tokio_stream_listener(listener);
+    let stop = {
+        let health = health.clone();
+        async move {
+            shutdown.cancelled().await;
+            health.set_not_serving::<ServerAdminServer<AdminService>>().await;
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(admin.into_server())
+        .serve_with_incoming_shutdown(incoming, stop)
+        .await
+}
+
+fn tokio_stream_listener(
+    listener: TcpListener,
+) -> tokio_stream::wrappers::TcpListenerStream {
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+}

@@ -300,6 +300,11 @@ impl Store {
         self.pool.persistent()
     }
 
+    /// Whether each PUT is flushed to the pool file before it returns.
+    pub fn syncs_writes(&self) -> bool {
+        self.sync_writes
+    }
+
     /// What opening the pool found.
     pub fn recovery(&self) -> Recovery {
         self.recovery

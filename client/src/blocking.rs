@@ -1,0 +1,204 @@
+//! A blocking connection: the calling thread writes the request and reads
+//! the reply itself, with no runtime and no hand-off to another thread. On
+//! the page-fault path this saves the wake-ups that dominate latency on
+//! small machines.
+
+use std::io::{BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+
+use rmem_proto::wire::{
+    self, FrameHeader, HEADER_LEN, HelloOk, Limits, Opcode, Page, PageStatus, Response, Stat,
+};
+
+use crate::{ClientConfig, ClientError, frame};
+
+/// One synchronous connection to a memory server.
+#[derive(Debug)]
+pub struct BlockingConnection {
+    addr: String,
+    reader: BufReader<TcpStream>,
+    out: Vec<u8>,
+    payload: Vec<u8>,
+    next_id: u64,
+    hello: HelloOk,
+    statuses: Vec<PageStatus>,
+}
+
+impl BlockingConnection {
+    /// Connects and performs the handshake.
+    pub fn connect(cfg: &ClientConfig) -> Result<Self, ClientError> {
+        let connect_err = |source| ClientError::Connect {
+            addr: cfg.addr.clone(),
+            source,
+        };
+        let mut last = None;
+        let mut stream = None;
+        for sa in cfg.addr.to_socket_addrs().map_err(connect_err)? {
+            match TcpStream::connect_timeout(&sa, cfg.connect_timeout) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let stream = stream.ok_or_else(|| {
+            connect_err(last.unwrap_or_else(|| std::io::ErrorKind::AddrNotAvailable.into()))
+        })?;
+        stream.set_nodelay(true).map_err(connect_err)?;
+        stream
+            .set_read_timeout(Some(cfg.request_timeout))
+            .map_err(connect_err)?;
+        stream
+            .set_write_timeout(Some(cfg.request_timeout))
+            .map_err(connect_err)?;
+        let mut conn = Self {
+            addr: cfg.addr.clone(),
+            reader: BufReader::with_capacity(64 << 10, stream),
+            out: frame::hello(cfg),
+            payload: Vec::new(),
+            next_id: 1,
+            hello: HelloOk {
+                version: 0,
+                page_size: 0,
+                limits: Limits::for_batch(1),
+                server_id: 0,
+            },
+            statuses: Vec::new(),
+        };
+        conn.send()?;
+        let header = conn.receive(frame::HANDSHAKE_MAX_FRAME)?;
+        conn.hello = frame::hello_ok(&conn.addr, &header, &conn.payload)?;
+        Ok(conn)
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Limits the server announced.
+    pub fn limits(&self) -> Limits {
+        self.hello.limits
+    }
+
+    /// The server's pool identity.
+    pub fn server_id(&self) -> u64 {
+        self.hello.server_id
+    }
+
+    fn io(&self, source: std::io::Error) -> ClientError {
+        if matches!(
+            source.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            ClientError::Timeout {
+                addr: self.addr.clone(),
+                timeout: self
+                    .reader
+                    .get_ref()
+                    .read_timeout()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default(),
+            }
+        } else {
+            ClientError::Io {
+                addr: self.addr.clone(),
+                source,
+            }
+        }
+    }
+
+    fn send(&mut self) -> Result<(), ClientError> {
+        let r = self.reader.get_mut().write_all(&self.out);
+        self.out.clear();
+        r.map_err(|e| self.io(e))
+    }
+
+    /// Reads one frame into `self.payload`.
+    fn receive(&mut self, max: u32) -> Result<FrameHeader, ClientError> {
+        let mut head = [0u8; HEADER_LEN];
+        self.reader.read_exact(&mut head).map_err(|e| self.io(e))?;
+        let header = FrameHeader::decode(&head, max).map_err(|source| ClientError::Protocol {
+            addr: self.addr.clone(),
+            source,
+        })?;
+        self.payload.resize(header.len as usize, 0);
+        self.reader
+            .read_exact(&mut self.payload)
+            .map_err(|e| self.io(e))?;
+        Ok(header)
+    }
+
+    fn call(&mut self, id: u64) -> Result<FrameHeader, ClientError> {
+        self.send()?;
+        let header = self.receive(self.hello.limits.max_frame_bytes.max(frame::HANDSHAKE_MAX_FRAME) + 64)?;
+        if header.request_id != id && header.opcode != Opcode::Error {
+            return Err(ClientError::Protocol {
+                addr: self.addr.clone(),
+                source: wire::DecodeError::Unexpected(header.opcode),
+            });
+        }
+        Ok(header)
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Stores pages; returns one status per page.
+    pub fn put(&mut self, pages: &[(u64, &Page)]) -> Result<Vec<PageStatus>, ClientError> {
+        frame::check_batch("PUT", pages.len(), self.hello.limits.max_batch_pages)?;
+        let id = self.id();
+        wire::encode_put(&mut self.out, id, pages.iter().map(|&(h, p)| (h, p)));
+        let header = self.call(id)?;
+        let r = frame::decode(&self.addr, &header, &self.payload, self.hello.limits.max_batch_pages)?;
+        frame::statuses(&self.addr, r, Opcode::PutOk, pages.len())
+    }
+
+    /// Fetches pages into `out` (one slot per handle); returns one status per
+    /// page. Slots of pages that were not found are left untouched.
+    pub fn get(&mut self, handles: &[u64], out: &mut [Page]) -> Result<&[PageStatus], ClientError> {
+        assert_eq!(handles.len(), out.len(), "one output page per handle");
+        frame::check_batch("GET", handles.len(), self.hello.limits.max_batch_pages)?;
+        let id = self.id();
+        wire::encode_handles(&mut self.out, Opcode::Get, id, handles);
+        let header = self.call(id)?;
+        match frame::decode(&self.addr, &header, &self.payload, self.hello.limits.max_batch_pages)? {
+            Response::GetOk(batch) => {
+                frame::copy_get(&self.addr, handles, &batch, out, &mut self.statuses)?;
+                Ok(&self.statuses)
+            }
+            _ => Err(ClientError::Protocol {
+                addr: self.addr.clone(),
+                source: wire::DecodeError::Unexpected(header.opcode),
+            }),
+        }
+    }
+
+    /// Frees pages; returns one status per page.
+    pub fn free(&mut self, handles: &[u64]) -> Result<Vec<PageStatus>, ClientError> {
+        frame::check_batch("FREE", handles.len(), self.hello.limits.max_batch_pages)?;
+        let id = self.id();
+        wire::encode_handles(&mut self.out, Opcode::Free, id, handles);
+        let header = self.call(id)?;
+        let r = frame::decode(&self.addr, &header, &self.payload, self.hello.limits.max_batch_pages)?;
+        frame::statuses(&self.addr, r, Opcode::FreeOk, handles.len())
+    }
+
+    /// The server's usage as seen by this tenant.
+    pub fn stat(&mut self) -> Result<Stat, ClientError> {
+        let id = self.id();
+        wire::encode_stat(&mut self.out, id);
+        let header = self.call(id)?;
+        match frame::decode(&self.addr, &header, &self.payload, self.hello.limits.max_batch_pages)? {
+            Response::StatOk(s) => Ok(s),
+            _ => Err(ClientError::Protocol {
+                addr: self.addr.clone(),
+                source: wire::DecodeError::Unexpected(header.opcode),
+            }),
+        }
+    }
+}

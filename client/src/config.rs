@@ -1,0 +1,47 @@
+//! What a client connects with.
+
+use std::time::Duration;
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of the server's data plane.
+    pub addr: String,
+    pub tenant: String,
+    pub credential: Vec<u8>,
+    /// Identifies this compute node in the server's logs.
+    pub node_id: u64,
+    pub connect_timeout: Duration,
+    /// Longest a request may take, including retries and reconnects.
+    pub request_timeout: Duration,
+    /// Connections a [`crate::Client`] keeps open.
+    pub connections: usize,
+    /// First delay between reconnection attempts; doubled up to
+    /// `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl ClientConfig {
+    /// Settings for `addr` with tenant `default` and no credential.
+    pub fn new(addr: impl Into<String>) -> Self {
+        Self {
+            addr: addr.into(),
+            tenant: "default".into(),
+            credential: Vec::new(),
+            node_id: 0,
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(10),
+            connections: 4,
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_secs(1),
+        }
+    }
+
+    /// Sets the tenant and its credential.
+    pub fn with_tenant(mut self, tenant: impl Into<String>, credential: impl Into<Vec<u8>>) -> Self {
+        self.tenant = tenant.into();
+        self.credential = credential.into();
+        self
+    }
+}

@@ -1,0 +1,69 @@
+//! Client errors.
+
+use rmem_proto::wire::{DecodeError, ErrorCode, PageStatus};
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to {addr} failed")]
+    Io {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr} did not answer within {timeout:?}")]
+    Timeout {
+        addr: String,
+        timeout: std::time::Duration,
+    },
+    #[error("{addr} sent a malformed frame")]
+    Protocol {
+        addr: String,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("{addr} closed the connection: {code}: {message}")]
+    Rejected {
+        addr: String,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("{addr} sent page {handle} with a bad checksum")]
+    Checksum { addr: String, handle: u64 },
+    #[error("page {handle}: {status}")]
+    Page { handle: u64, status: PageStatus },
+    #[error("{what} of {pages} pages exceeds the server's batch limit of {max}")]
+    BatchTooLarge {
+        what: &'static str,
+        pages: usize,
+        max: u32,
+    },
+    #[error("the connection to {addr} is closed")]
+    Closed { addr: String },
+}
+
+impl ClientError {
+    /// Whether retrying on a fresh connection may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. }
+            | ClientError::Io { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::Closed { .. }
+            | ClientError::Checksum { .. } => true,
+            ClientError::Rejected { code, .. } => matches!(
+                code,
+                ErrorCode::ShuttingDown | ErrorCode::Busy | ErrorCode::Timeout
+            ),
+            ClientError::Protocol { .. }
+            | ClientError::Page { .. }
+            | ClientError::BatchTooLarge { .. } => false,
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! Client library for rmem memory servers, used by the node agent, the admin
+//! CLI, the tests and the benchmarks.
+//!
+//! - [`BlockingConnection`]: one TCP connection, one request at a time, no
+//!   runtime and no thread hand-offs. The page-fault path uses it: the
+//!   faulting thread sends the request and reads the reply itself.
+//! - [`Connection`]: one TCP connection shared by many tasks; requests are
+//!   pipelined and answered out of order by request id.
+//! - [`Client`]: a pool of [`Connection`]s with request timeouts, retries
+//!   and reconnection with exponential backoff.
+//!
+//! Every page received is checked against its CRC32C before it is handed
+//! over; a mismatch is an error, never data.
+
+mod blocking;
+mod config;
+mod conn;
+mod error;
+mod frame;
+mod pool;
+
+pub use blocking::BlockingConnection;
+pub use config::ClientConfig;
+pub use conn::Connection;
+pub use error::ClientError;
+pub use pool::Client;
+pub use rmem_proto::wire::{PAGE_SIZE, Page, PageStatus, Stat};

@@ -1,0 +1,81 @@
+//! Operation counters and latency histograms, read by the admin Stats call.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use rmem_common::Histogram;
+
+/// A data-plane operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Put,
+    Get,
+    Free,
+    Stat,
+}
+
+impl Op {
+    /// Every operation, in a stable order.
+    pub const ALL: [Op; 4] = [Op::Put, Op::Get, Op::Free, Op::Stat];
+
+    /// Stable lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Put => "put",
+            Op::Get => "get",
+            Op::Free => "free",
+            Op::Stat => "stat",
+        }
+    }
+}
+
+/// Counters of one operation.
+#[derive(Debug, Default)]
+pub struct OpMetrics {
+    pub requests: AtomicU64,
+    pub pages: AtomicU64,
+    /// Pages answered with a status other than OK.
+    pub errors: AtomicU64,
+    /// Service time in nanoseconds.
+    pub latency: Histogram,
+}
+
+/// Every counter of a server.
+#[derive(Debug)]
+pub struct Metrics {
+    ops: [OpMetrics; 4],
+    pub connections_open: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub started: Instant,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            ops: Default::default(),
+            connections_open: AtomicU64::new(0),
+            connections_total: AtomicU64::new(0),
+            protocol_errors: AtomicU64::new(0),
+            auth_failures: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Metrics {
+    /// The counters of `op`.
+    pub fn op(&self, op: Op) -> &OpMetrics {
+        &self.ops[op as usize]
+    }
+
+    /// Records one served request.
+    pub fn record(&self, op: Op, pages: u64, errors: u64, started: Instant) {
+        let m = self.op(op);
+        m.requests.fetch_add(1, Ordering::Relaxed);
+        m.pages.fetch_add(pages, Ordering::Relaxed);
+        m.errors.fetch_add(errors, Ordering::Relaxed);
+        m.latency.record_duration(started.elapsed());
+    }
+}

@@ -1,0 +1,6 @@
+//! Network transports of the data plane. Each speaks the protocol of
+//! [`rmem_proto::wire`] with the same semantics; requests are executed by
+//! [`session::Session`], which is independent of the transport.
+
+pub mod session;
+pub mod tcp;

@@ -1,0 +1,270 @@
+//! The TCP data plane.
+//!
+//! One task per connection reads whatever bytes are available, executes
+//! every complete frame in the buffer, and writes all their responses with
+//! one syscall. A lone request costs one read and one write; a pipelined
+//! burst is answered in a batch. There is no queue between reading and
+//! executing, so a client that stops reading its responses stops being read
+//! (TCP flow control is the backpressure), and memory per connection is
+//! bounded by one frame plus [`FLUSH_AT`] bytes of responses.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use rmem_proto::wire::{self, ErrorCode, HEADER_LEN, Opcode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::session::{Fatal, Session, Shared};
+
+/// Responses are written once this many bytes are pending, even if more
+/// complete requests are buffered.
+pub const FLUSH_AT: usize = 1 << 20;
+/// Bytes read per syscall when no frame is partially received.
+const READ_CHUNK: usize = 64 << 10;
+
+/// Timeouts of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub handshake: Duration,
+    pub idle: Duration,
+    pub request: Duration,
+}
+
+/// Accepts connections until `shutdown` fires; each runs on `tracker`.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    timeouts: Timeouts,
+    max_connections: u32,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let metrics = &shared.metrics;
+        metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+        if metrics.connections_open.load(Ordering::Relaxed) >= u64::from(max_connections) {
+            tracing::warn!(%peer, max_connections, "connection refused: too many connections");
+            tracker.spawn(refuse(stream, ErrorCode::Busy, "too many connections"));
+            continue;
+        }
+        if let Err(e) = tune(&stream) {
+            tracing::debug!(%peer, error = %e, "cannot set socket options");
+        }
+        let conn = Connection {
+            stream,
+            peer,
+            session: Session::new(shared.clone()),
+            inbuf: BytesMut::with_capacity(READ_CHUNK),
+            outbuf: Vec::with_capacity(READ_CHUNK),
+            timeouts,
+            shutdown: shutdown.clone(),
+        };
+        let span = tracing::info_span!("conn", %peer);
+        tracker.spawn(conn.run().instrument(span));
+    }
+}
+
+fn tune(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(stream);
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(10)),
+    )
+}
+
+async fn refuse(mut stream: TcpStream, code: ErrorCode, message: &str) {
+    let mut buf = Vec::new();
+    wire::encode_error(&mut buf, 0, code, message);
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The client closed it.
+    Closed,
+    /// The client broke the protocol, failed to authenticate or timed out.
+    Fatal(Fatal),
+    /// The server is shutting down.
+    Drained,
+    Io(std::io::Error),
+}
+
+struct Connection {
+    stream: TcpStream,
+    peer: SocketAddr,
+    session: Session,
+    inbuf: BytesMut,
+    outbuf: Vec<u8>,
+    timeouts: Timeouts,
+    shutdown: CancellationToken,
+}
+
+impl Connection {
+    async fn run(mut self) {
+        let metrics = self.session_metrics();
+        metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        let end = self.serve().await;
+        metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+        let tenant = self.session.tenant().map(|t| t.name.clone());
+        match end {
+            End::Closed => tracing::debug!(?tenant, "connection closed by client"),
+            End::Drained => tracing::debug!(?tenant, "connection drained for shutdown"),
+            End::Io(e) => tracing::debug!(?tenant, error = %e, "connection lost"),
+            End::Fatal(f) => {
+                tracing::warn!(
+                    peer = %self.peer, ?tenant, code = %f.code, request_id = f.request_id,
+                    "closing connection: {}", f.message
+                );
+                self.outbuf.clear();
+                wire::encode_error(&mut self.outbuf, f.request_id, f.code, &f.message);
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+            }
+        }
+        let _ = self.stream.shutdown().await;
+    }
+
+    fn session_metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.session_shared().metrics.clone()
+    }
+
+    fn session_shared(&self) -> &Shared {
+        self.session.shared()
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.outbuf.is_empty() {
+            self.stream.write_all(&self.outbuf).await?;
+            self.outbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Executes every complete frame in the input buffer.
+    async fn execute_buffered(&mut self) -> Result<(), End> {
+        loop {
+            let max = self.session.max_frame();
+            let (header, consumed) = match wire::split_frame(&self.inbuf, max) {
+                Ok(Some((header, payload, _))) => {
+                    let sync_put = header.opcode == Opcode::Put && self.session_shared().store_syncs();
+                    let result = if sync_put && can_block_in_place() {
+                        tokio::task::block_in_place(|| {
+                            self.session.handle(&header, payload, &mut self.outbuf)
+                        })
+                    } else {
+                        self.session.handle(&header, payload, &mut self.outbuf)
+                    };
+                    result.map_err(End::Fatal)?;
+                    (header, HEADER_LEN + header.len as usize)
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    self.session_metrics()
+                        .protocol_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    let id = self
+                        .inbuf
+                        .get(8..16)
+                        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                        .unwrap_or(0);
+                    return Err(End::Fatal(Fatal {
+                        code: e.error_code(),
+                        message: e.to_string(),
+                        request_id: id,
+                    }));
+                }
+            };
+            let _ = header;
+            self.inbuf.advance(consumed);
+            if self.outbuf.len() >= FLUSH_AT {
+                self.flush().await.map_err(End::Io)?;
+            }
+        }
+    }
+
+    async fn serve(&mut self) -> End {
+        let handshake_deadline = Instant::now() + self.timeouts.handshake;
+        loop {
+            if let Err(end) = self.execute_buffered().await {
+                return end;
+            }
+            if let Err(e) = self.flush().await {
+                return End::Io(e);
+            }
+            // Make room for the rest of a partly received frame, or a chunk.
+            let want = match self.inbuf.get(..4) {
+                Some(len) if self.inbuf.len() >= HEADER_LEN => {
+                    HEADER_LEN + u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize
+                }
+                _ => READ_CHUNK,
+            };
+            self.inbuf.reserve(want.saturating_sub(self.inbuf.len()).max(4096));
+
+            let (deadline, what) = if self.session.tenant().is_none() {
+                (handshake_deadline, "handshake")
+            } else if self.inbuf.is_empty() {
+                (Instant::now() + self.timeouts.idle, "idle")
+            } else {
+                (Instant::now() + self.timeouts.request, "request")
+            };
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => {
+                    // Every complete request has been answered above; a
+                    // partly received one is dropped and the client retries.
+                    self.outbuf.clear();
+                    wire::encode_error(&mut self.outbuf, 0, ErrorCode::ShuttingDown, "server is shutting down");
+                    let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+                    return End::Drained;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return End::Fatal(Fatal {
+                        code: ErrorCode::Timeout,
+                        message: format!("{what} timeout"),
+                        request_id: 0,
+                    });
+                }
+                r = self.stream.read_buf(&mut self.inbuf) => match r {
+                    Ok(0) => {
+                        return if self.inbuf.is_empty() {
+                            End::Closed
+                        } else {
+                            End::Io(std::io::ErrorKind::UnexpectedEof.into())
+                        };
+                    }
+                    Ok(_) => {}
+                    Err(e) => return End::Io(e),
+                },
+            }
+        }
+    }
+}
+
+fn can_block_in_place() -> bool {
+    tokio::runtime::Handle::try_current()
+        .map(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        .unwrap_or(false)
+}
