@@ -133,7 +133,13 @@ impl BlockingConnection {
 
     fn call(&mut self, id: u64) -> Result<FrameHeader, ClientError> {
         self.send()?;
-        let header = self.receive(self.hello.limits.max_frame_bytes.max(frame::HANDSHAKE_MAX_FRAME) + 64)?;
+        let header = self.receive(
+            self.hello
+                .limits
+                .max_frame_bytes
+                .max(frame::HANDSHAKE_MAX_FRAME)
+                + 64,
+        )?;
         if header.request_id != id && header.opcode != Opcode::Error {
             return Err(ClientError::Protocol {
                 addr: self.addr.clone(),
@@ -154,7 +160,12 @@ impl BlockingConnection {
         let id = self.id();
         wire::encode_put(&mut self.out, id, pages.iter().map(|&(h, p)| (h, p)));
         let header = self.call(id)?;
-        let r = frame::decode(&self.addr, &header, &self.payload, self.hello.limits.max_batch_pages)?;
+        let r = frame::decode(
+            &self.addr,
+            &header,
+            &self.payload,
+            self.hello.limits.max_batch_pages,
+        )?;
         frame::statuses(&self.addr, r, Opcode::PutOk, pages.len())
     }
 
@@ -166,7 +177,12 @@ impl BlockingConnection {
         let id = self.id();
         wire::encode_handles(&mut self.out, Opcode::Get, id, handles);
         let header = self.call(id)?;
-        match frame::decode(&self.addr, &header, &self.payload, self.hello.limits.max_batch_pages)? {
+        match frame::decode(
+            &self.addr,
+            &header,
+            &self.payload,
+            self.hello.limits.max_batch_pages,
+        )? {
             Response::GetOk(batch) => {
                 frame::copy_get(&self.addr, handles, &batch, out, &mut self.statuses)?;
                 Ok(&self.statuses)
@@ -184,7 +200,12 @@ impl BlockingConnection {
         let id = self.id();
         wire::encode_handles(&mut self.out, Opcode::Free, id, handles);
         let header = self.call(id)?;
-        let r = frame::decode(&self.addr, &header, &self.payload, self.hello.limits.max_batch_pages)?;
+        let r = frame::decode(
+            &self.addr,
+            &header,
+            &self.payload,
+            self.hello.limits.max_batch_pages,
+        )?;
         frame::statuses(&self.addr, r, Opcode::FreeOk, handles.len())
     }
 
@@ -193,7 +214,12 @@ impl BlockingConnection {
         let id = self.id();
         wire::encode_stat(&mut self.out, id);
         let header = self.call(id)?;
-        match frame::decode(&self.addr, &header, &self.payload, self.hello.limits.max_batch_pages)? {
+        match frame::decode(
+            &self.addr,
+            &header,
+            &self.payload,
+            self.hello.limits.max_batch_pages,
+        )? {
             Response::StatOk(s) => Ok(s),
             _ => Err(ClientError::Protocol {
                 addr: self.addr.clone(),

@@ -39,7 +39,11 @@ impl ClientConfig {
     }
 
     /// Sets the tenant and its credential.
-    pub fn with_tenant(mut self, tenant: impl Into<String>, credential: impl Into<Vec<u8>>) -> Self {
+    pub fn with_tenant(
+        mut self,
+        tenant: impl Into<String>,
+        credential: impl Into<Vec<u8>>,
+    ) -> Self {
         self.tenant = tenant.into();
         self.credential = credential.into();
         self

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use rmem_proto::wire::{
-    self, ErrorCode, FrameHeader, HEADER_LEN, HelloOk, Limits, Opcode, Page, PageStatus,
-    Response, Stat,
+    self, ErrorCode, FrameHeader, HEADER_LEN, HelloOk, Limits, Opcode, Page, PageStatus, Response,
+    Stat,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -193,7 +193,10 @@ impl Connection {
         &self.inner.addr
     }
 
-    async fn call(&self, build: impl FnOnce(&mut Vec<u8>, u64)) -> Result<(FrameHeader, Bytes), ClientError> {
+    async fn call(
+        &self,
+        build: impl FnOnce(&mut Vec<u8>, u64),
+    ) -> Result<(FrameHeader, Bytes), ClientError> {
         let inner = &self.inner;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut buf = Vec::new();
@@ -246,7 +249,11 @@ impl Connection {
         }
     }
 
-    fn decode<'a>(&self, header: &FrameHeader, frame: &'a Bytes) -> Result<Response<'a>, ClientError> {
+    fn decode<'a>(
+        &self,
+        header: &FrameHeader,
+        frame: &'a Bytes,
+    ) -> Result<Response<'a>, ClientError> {
         frame::decode(
             &self.inner.addr,
             header,
@@ -261,12 +268,21 @@ impl Connection {
         let (h, f) = self
             .call(|buf, id| wire::encode_put(buf, id, pages.iter().map(|&(h, p)| (h, p))))
             .await?;
-        frame::statuses(&self.inner.addr, self.decode(&h, &f)?, Opcode::PutOk, pages.len())
+        frame::statuses(
+            &self.inner.addr,
+            self.decode(&h, &f)?,
+            Opcode::PutOk,
+            pages.len(),
+        )
     }
 
     /// Fetches pages into `out` (one slot per handle); returns one status per
     /// page. Slots of pages that were not found are left untouched.
-    pub async fn get(&self, handles: &[u64], out: &mut [Page]) -> Result<Vec<PageStatus>, ClientError> {
+    pub async fn get(
+        &self,
+        handles: &[u64],
+        out: &mut [Page],
+    ) -> Result<Vec<PageStatus>, ClientError> {
         assert_eq!(handles.len(), out.len(), "one output page per handle");
         frame::check_batch("GET", handles.len(), self.limits().max_batch_pages)?;
         let (h, f) = self
@@ -291,7 +307,12 @@ impl Connection {
         let (h, f) = self
             .call(|buf, id| wire::encode_handles(buf, Opcode::Free, id, handles))
             .await?;
-        frame::statuses(&self.inner.addr, self.decode(&h, &f)?, Opcode::FreeOk, handles.len())
+        frame::statuses(
+            &self.inner.addr,
+            self.decode(&h, &f)?,
+            Opcode::FreeOk,
+            handles.len(),
+        )
     }
 
     /// The server's usage as seen by this tenant.
@@ -308,7 +329,12 @@ impl Connection {
 }
 
 async fn read_loop(mut rd: OwnedReadHalf, inner: Arc<Inner>) {
-    let max = inner.hello.limits.max_frame_bytes.max(frame::HANDSHAKE_MAX_FRAME) + 64;
+    let max = inner
+        .hello
+        .limits
+        .max_frame_bytes
+        .max(frame::HANDSHAKE_MAX_FRAME)
+        + 64;
     let mut buf = BytesMut::with_capacity(256 << 10);
     let death = loop {
         match wire::split_frame(&buf, max) {

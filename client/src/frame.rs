@@ -56,7 +56,9 @@ fn unexpected(addr: &str, opcode: Opcode) -> ClientError {
 /// Checks a HELLO_OK.
 pub fn hello_ok(addr: &str, header: &FrameHeader, payload: &[u8]) -> Result<HelloOk, ClientError> {
     match decode(addr, header, payload, 0)? {
-        Response::HelloOk(ok) if ok.page_size as usize == PAGE_SIZE && ok.limits.max_batch_pages > 0 => {
+        Response::HelloOk(ok)
+            if ok.page_size as usize == PAGE_SIZE && ok.limits.max_batch_pages > 0 =>
+        {
             Ok(ok)
         }
         Response::HelloOk(_) => Err(ClientError::Rejected {

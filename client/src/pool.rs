@@ -14,6 +14,27 @@ use tokio::time::Instant;
 
 use crate::{ClientConfig, ClientError, Connection};
 
+/// Runs `$call` on a live connection, retrying retryable failures on fresh
+/// connections until the request timeout. (A macro rather than a method
+/// taking a closure: async closures that borrow their arguments do not yet
+/// produce `Send` futures, and callers spawn these on a runtime.)
+macro_rules! with_retry {
+    ($self:ident, |$conn:ident| $call:expr) => {{
+        let deadline = Instant::now() + $self.cfg.request_timeout;
+        let mut delay = $self.cfg.backoff_initial;
+        loop {
+            let $conn = $self.connection(deadline).await?;
+            match $call.await {
+                Ok(v) => break Ok::<_, ClientError>(v),
+                Err(e) => match $self.retry_delay(&e, deadline, &mut delay) {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => break Err(e),
+                },
+            }
+        }
+    }};
+}
+
 /// A reconnecting pool of connections to one memory server.
 #[derive(Debug)]
 pub struct Client {
@@ -86,24 +107,21 @@ impl Client {
         }
     }
 
-    async fn with_retry<T>(
+    /// Delay before the next retry, or `None` when `err` is final or the
+    /// deadline is too close.
+    fn retry_delay(
         &self,
-        mut op: impl AsyncFnMut(&Connection) -> Result<T, ClientError>,
-    ) -> Result<T, ClientError> {
-        let deadline = Instant::now() + self.cfg.request_timeout;
-        let mut delay = self.cfg.backoff_initial;
-        loop {
-            let conn = self.connection(deadline).await?;
-            match op(&conn).await {
-                Ok(v) => return Ok(v),
-                Err(e) if e.is_retryable() && Instant::now() + delay < deadline => {
-                    tracing::debug!(addr = %self.cfg.addr, error = %e, "retrying request");
-                    tokio::time::sleep(jitter(delay)).await;
-                    delay = (delay * 2).min(self.cfg.backoff_max);
-                }
-                Err(e) => return Err(e),
-            }
+        err: &ClientError,
+        deadline: Instant,
+        delay: &mut Duration,
+    ) -> Option<Duration> {
+        if !err.is_retryable() || Instant::now() + *delay >= deadline {
+            return None;
         }
+        tracing::debug!(addr = %self.cfg.addr, error = %err, "retrying request");
+        let d = jitter(*delay);
+        *delay = (*delay * 2).min(self.cfg.backoff_max);
+        Some(d)
     }
 
     /// Stores pages (any number; split into batches); returns one status
@@ -111,19 +129,23 @@ impl Client {
     pub async fn put(&self, pages: &[(u64, &Page)]) -> Result<Vec<PageStatus>, ClientError> {
         let mut out = Vec::with_capacity(pages.len());
         for chunk in pages.chunks(self.limits.max_batch_pages as usize) {
-            out.extend(self.with_retry(async |c| c.put(chunk).await).await?);
+            out.extend(with_retry!(self, |c| c.put(chunk))?);
         }
         Ok(out)
     }
 
     /// Fetches pages into `out` (any number; split into batches); returns
     /// one status per page.
-    pub async fn get(&self, handles: &[u64], out: &mut [Page]) -> Result<Vec<PageStatus>, ClientError> {
+    pub async fn get(
+        &self,
+        handles: &[u64],
+        out: &mut [Page],
+    ) -> Result<Vec<PageStatus>, ClientError> {
         assert_eq!(handles.len(), out.len(), "one output page per handle");
         let batch = self.limits.max_batch_pages as usize;
         let mut statuses = Vec::with_capacity(handles.len());
         for (hs, dst) in handles.chunks(batch).zip(out.chunks_mut(batch)) {
-            statuses.extend(self.with_retry(async |c| c.get(hs, dst).await).await?);
+            statuses.extend(with_retry!(self, |c| c.get(hs, dst))?);
         }
         Ok(statuses)
     }
@@ -132,14 +154,14 @@ impl Client {
     pub async fn free(&self, handles: &[u64]) -> Result<Vec<PageStatus>, ClientError> {
         let mut out = Vec::with_capacity(handles.len());
         for chunk in handles.chunks(self.limits.max_batch_pages as usize) {
-            out.extend(self.with_retry(async |c| c.free(chunk).await).await?);
+            out.extend(with_retry!(self, |c| c.free(chunk))?);
         }
         Ok(out)
     }
 
     /// The server's usage as seen by this tenant.
     pub async fn stat(&self) -> Result<Stat, ClientError> {
-        self.with_retry(async |c| c.stat().await).await
+        with_retry!(self, |c| c.stat())
     }
 }
 

@@ -92,7 +92,7 @@ impl fmt::Display for ByteSize {
         const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
         for (name, shift) in UNITS {
             let unit = 1u64 << shift;
-            if self.0 >= unit && self.0 % unit == 0 {
+            if self.0 >= unit && self.0.is_multiple_of(unit) {
                 return write!(f, "{}{}", self.0 >> shift, name);
             }
         }
@@ -149,9 +149,18 @@ mod tests {
     #[test]
     fn rejects_nonsense() {
         assert_eq!("".parse::<ByteSize>(), Err(ParseSizeError::Empty));
-        assert!(matches!("4 parsecs".parse::<ByteSize>(), Err(ParseSizeError::Unit(_))));
-        assert!(matches!("..G".parse::<ByteSize>(), Err(ParseSizeError::Number(_))));
-        assert_eq!("99999999999T".parse::<ByteSize>(), Err(ParseSizeError::Overflow));
+        assert!(matches!(
+            "4 parsecs".parse::<ByteSize>(),
+            Err(ParseSizeError::Unit(_))
+        ));
+        assert!(matches!(
+            "..G".parse::<ByteSize>(),
+            Err(ParseSizeError::Number(_))
+        ));
+        assert_eq!(
+            "99999999999T".parse::<ByteSize>(),
+            Err(ParseSizeError::Overflow)
+        );
     }
 
     #[test]

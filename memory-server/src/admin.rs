@@ -35,7 +35,11 @@ impl AdminService {
                 name: t.name.clone(),
                 id: t.id,
                 used_pages: t.used(),
-                quota_pages: if t.quota_pages == u64::MAX { 0 } else { t.quota_pages },
+                quota_pages: if t.quota_pages == u64::MAX {
+                    0
+                } else {
+                    t.quota_pages
+                },
             })
             .collect();
         tenants.sort_by_key(|t| t.id);

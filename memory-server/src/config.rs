@@ -152,10 +152,13 @@ impl ServerConfig {
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let cap = self.capacity.bytes();
-        if cap < PAGE_SIZE as u64 || cap % PAGE_SIZE as u64 != 0 {
+        if cap < PAGE_SIZE as u64 || !cap.is_multiple_of(PAGE_SIZE as u64) {
             return Err(invalid(
                 "capacity",
-                format!("{} is not a positive multiple of the 4 KiB page size", self.capacity),
+                format!(
+                    "{} is not a positive multiple of the 4 KiB page size",
+                    self.capacity
+                ),
             ));
         }
         if cap / PAGE_SIZE as u64 > u64::from(u32::MAX) {
@@ -193,16 +196,25 @@ impl ServerConfig {
         for (i, t) in self.tenants.iter().enumerate() {
             let field = |f: &str| format!("tenant[{i}].{f}");
             if t.name.is_empty() || t.name.len() > MAX_TENANT_LEN {
-                return Err(invalid(field("name"), format!("must be 1..={MAX_TENANT_LEN} bytes")));
+                return Err(invalid(
+                    field("name"),
+                    format!("must be 1..={MAX_TENANT_LEN} bytes"),
+                ));
             }
             if !names.insert(&t.name) {
-                return Err(invalid(field("name"), format!("`{}` is defined twice", t.name)));
+                return Err(invalid(
+                    field("name"),
+                    format!("`{}` is defined twice", t.name),
+                ));
             }
             if !ids.insert(t.id) {
                 return Err(invalid(field("id"), format!("{} is used twice", t.id)));
             }
             if t.token.is_some() && t.token_file.is_some() {
-                return Err(invalid(field("token"), "give `token` or `token_file`, not both"));
+                return Err(invalid(
+                    field("token"),
+                    "give `token` or `token_file`, not both",
+                ));
             }
             if let Some(tok) = &t.token
                 && (tok.is_empty() || tok.len() > MAX_CREDENTIAL_LEN)
@@ -240,7 +252,10 @@ impl ServerConfig {
 
     /// Resolves tenants, reading token files. `default_token` is used for
     /// the implicit `default` tenant when none are configured.
-    pub fn tenant_specs(&self, default_token: Option<&str>) -> Result<Vec<TenantSpec>, ConfigError> {
+    pub fn tenant_specs(
+        &self,
+        default_token: Option<&str>,
+    ) -> Result<Vec<TenantSpec>, ConfigError> {
         if self.tenants.is_empty() {
             return Ok(vec![TenantSpec {
                 id: 0,
@@ -322,7 +337,10 @@ mod tests {
     fn errors_name_the_field() {
         let check = |cfg: ServerConfig, field: &str| {
             let err = cfg.validate().unwrap_err().to_string();
-            assert!(err.contains(&format!("`{field}`")), "{err} does not name {field}");
+            assert!(
+                err.contains(&format!("`{field}`")),
+                "{err} does not name {field}"
+            );
         };
         check(
             ServerConfig {
@@ -361,7 +379,13 @@ mod tests {
         );
         check(
             ServerConfig {
-                tenants: vec![t.clone(), TenantConfig { name: "y".into(), ..t }],
+                tenants: vec![
+                    t.clone(),
+                    TenantConfig {
+                        name: "y".into(),
+                        ..t
+                    },
+                ],
                 ..Default::default()
             },
             "tenant[1].id",

@@ -175,13 +175,16 @@ impl Server {
         self.shutdown.cancel();
         let _ = self.accept.await;
         self.connections.close();
-        let abandoned = match tokio::time::timeout(self.drain_timeout, self.connections.wait()).await
-        {
-            Ok(()) => 0,
-            Err(_) => self.connections.len(),
-        };
+        let abandoned =
+            match tokio::time::timeout(self.drain_timeout, self.connections.wait()).await {
+                Ok(()) => 0,
+                Err(_) => self.connections.len(),
+            };
         if abandoned > 0 {
-            tracing::warn!(abandoned, "drain timeout expired with connections still busy");
+            tracing::warn!(
+                abandoned,
+                "drain timeout expired with connections still busy"
+            );
         }
         match self.grpc.await {
             Ok(Ok(())) => {}
@@ -215,12 +218,19 @@ fn log_recovery(store: &Store, config: &ServerConfig) {
         tracing::info!(?path, "created pool file");
     } else {
         tracing::info!(
-            ?path, clean_shutdown, pages_recovered, stale_duplicates, corrupt_dropped,
+            ?path,
+            clean_shutdown,
+            pages_recovered,
+            stale_duplicates,
+            corrupt_dropped,
             "recovered pool file"
         );
     }
     if corrupt_dropped > 0 {
-        tracing::warn!(corrupt_dropped, "pages that failed their checksum after an unclean stop were dropped");
+        tracing::warn!(
+            corrupt_dropped,
+            "pages that failed their checksum after an unclean stop were dropped"
+        );
     }
 }
 
@@ -231,7 +241,9 @@ async fn serve_grpc(
 ) -> Result<(), tonic::transport::Error> {
     use rmem_proto::admin::v1::server_admin_server::ServerAdminServer;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<ServerAdminServer<AdminService>>().await;
+    health
+        .set_serving::<ServerAdminServer<AdminService>>()
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(rmem_proto::FILE_DESCRIPTOR_SET)
@@ -248,7 +260,9 @@ async fn serve_grpc(
         let health = health.clone();
         async move {
             shutdown.cancelled().await;
-            health.set_not_serving::<ServerAdminServer<AdminService>>().await;
+            health
+                .set_not_serving::<ServerAdminServer<AdminService>>()
+                .await;
         }
     };
     tonic::transport::Server::builder()
@@ -260,8 +274,6 @@ async fn serve_grpc(
         .await
 }
 
-fn tokio_stream_listener(
-    listener: TcpListener,
-) -> tokio_stream::wrappers::TcpListenerStream {
+fn tokio_stream_listener(listener: TcpListener) -> tokio_stream::wrappers::TcpListenerStream {
     tokio_stream::wrappers::TcpListenerStream::new(listener)
 }

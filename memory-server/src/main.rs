@@ -54,7 +54,12 @@ struct Args {
     /// Credential of the implicit `default` tenant, used when the config
     /// defines no tenants. Without it (or --token-file) clients are not
     /// authenticated.
-    #[arg(long, env = "RMEM_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    #[arg(
+        long,
+        env = "RMEM_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     token: Option<String>,
     /// File holding the `default` tenant's credential.
     #[arg(long, value_name = "PATH")]
@@ -98,7 +103,14 @@ fn effective_config(args: &Args) -> Result<(ServerConfig, Option<String>), Confi
             }
         )*};
     }
-    set!(listen, grpc, capacity, durability, max_connections, max_batch_pages);
+    set!(
+        listen,
+        grpc,
+        capacity,
+        durability,
+        max_connections,
+        max_batch_pages
+    );
     if let Some(p) = &args.pool_file {
         cfg.pool_file = Some(p.clone());
     }
@@ -123,7 +135,10 @@ fn effective_config(args: &Args) -> Result<(ServerConfig, Option<String>), Confi
 fn run(args: Args) -> Result<(), MainError> {
     let (cfg, token) = effective_config(&args)?;
     if args.check_config {
-        print!("{}", toml::to_string_pretty(&cfg).expect("config serializes"));
+        print!(
+            "{}",
+            toml::to_string_pretty(&cfg).expect("config serializes")
+        );
         eprintln!("configuration is valid");
         return Ok(());
     }

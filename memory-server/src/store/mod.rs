@@ -134,12 +134,13 @@ impl Store {
                 (pool, fresh_id, Recovery::default(), true)
             }
             Backing::File(path) => {
-                let opened = Pool::open_file(path, opts.capacity_pages, fresh_id).map_err(
-                    |source| StoreError::OpenFile {
-                        path: path.clone(),
-                        source,
-                    },
-                )?;
+                let opened =
+                    Pool::open_file(path, opts.capacity_pages, fresh_id).map_err(|source| {
+                        StoreError::OpenFile {
+                            path: path.clone(),
+                            source,
+                        }
+                    })?;
                 if opened.superblock.slots != opts.capacity_pages {
                     return Err(StoreError::CapacityMismatch {
                         path: path.clone(),
@@ -191,7 +192,10 @@ impl Store {
             store.rebuild(!clean);
         } else {
             for slot in 0..store.pool.slots() {
-                store.free.push(slot).expect("free list sized for every slot");
+                store
+                    .free
+                    .push(slot)
+                    .expect("free list sized for every slot");
             }
         }
         Ok(store)
@@ -263,7 +267,9 @@ impl Store {
         }
         for (slot, used) in live.iter().enumerate() {
             if !used {
-                self.free.push(slot as u32).expect("free list sized for every slot");
+                self.free
+                    .push(slot as u32)
+                    .expect("free list sized for every slot");
             }
         }
         self.recovery.pages_recovered = self.index.len() as u64;
@@ -397,7 +403,12 @@ impl Store {
         // lock, which any unpublish (write lock) must wait for.
         let page = unsafe { self.pool.page(entry.slot) };
         if page_crc(page) != entry.crc {
-            tracing::error!(tenant = tenant.id, handle, slot = entry.slot, "stored page failed its checksum");
+            tracing::error!(
+                tenant = tenant.id,
+                handle,
+                slot = entry.slot,
+                "stored page failed its checksum"
+            );
             return PageStatus::Corrupt;
         }
         out(entry.crc, page);

@@ -121,7 +121,10 @@ impl Pool {
     }
 
     fn entry_ptr(&self, slot: u32) -> *mut u8 {
-        assert!(self.persistent && slot < self.slots, "no entry for slot {slot}");
+        assert!(
+            self.persistent && slot < self.slots,
+            "no entry for slot {slot}"
+        );
         // SAFETY: the slot table starts at PAGE_SIZE and holds `slots`
         // entries of ENTRY_LEN bytes, all inside the mapping.
         unsafe {

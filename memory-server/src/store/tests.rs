@@ -7,7 +7,8 @@ use std::sync::Barrier;
 fn page_of(tag: u64) -> Page {
     let mut p = [0u8; PAGE_SIZE];
     for (i, chunk) in p.chunks_exact_mut(8).enumerate() {
-        chunk.copy_from_slice(&(tag ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_le_bytes());
+        chunk
+            .copy_from_slice(&(tag ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_le_bytes());
     }
     p
 }
@@ -257,9 +258,15 @@ fn unclean_open_drops_corrupt_pages_and_keeps_newest_duplicate() {
 fn file_capacity_mismatch_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pool");
-    Store::open(&file_opts(&path, 8), &tenants()).unwrap().close().unwrap();
+    Store::open(&file_opts(&path, 8), &tenants())
+        .unwrap()
+        .close()
+        .unwrap();
     let err = Store::open(&file_opts(&path, 16), &tenants()).unwrap_err();
-    assert!(matches!(err, StoreError::CapacityMismatch { file_pages: 8, .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::CapacityMismatch { file_pages: 8, .. }),
+        "{err}"
+    );
 }
 
 #[test]

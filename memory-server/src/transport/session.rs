@@ -59,8 +59,7 @@ pub struct Session {
 }
 
 /// Largest HELLO payload: fixed part, tenant name and credential.
-pub const MAX_HELLO_LEN: u32 =
-    (20 + wire::MAX_TENANT_LEN + wire::MAX_CREDENTIAL_LEN) as u32;
+pub const MAX_HELLO_LEN: u32 = (20 + wire::MAX_TENANT_LEN + wire::MAX_CREDENTIAL_LEN) as u32;
 
 impl Session {
     /// A session that has not shaken hands yet.
@@ -101,7 +100,10 @@ impl Session {
         let id = header.request_id;
         let request = Request::decode(header, payload, self.shared.limits.max_batch_pages)
             .map_err(|e| {
-                self.shared.metrics.protocol_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.shared
+                    .metrics
+                    .protocol_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Fatal::decode(&e, id)
             })?;
         let Some(tenant) = self.tenant.clone() else {
@@ -119,14 +121,25 @@ impl Session {
         let metrics = &self.shared.metrics;
         match request {
             Request::Hello(_) => {
-                return Err(Fatal::new(ErrorCode::BadFrame, id, "HELLO was already sent"));
+                return Err(Fatal::new(
+                    ErrorCode::BadFrame,
+                    id,
+                    "HELLO was already sent",
+                ));
             }
             Request::Put(batch) => {
                 self.statuses.clear();
-                self.statuses
-                    .extend(batch.iter().map(|e| store.put(&tenant, e.handle, e.crc, e.data)));
+                self.statuses.extend(
+                    batch
+                        .iter()
+                        .map(|e| store.put(&tenant, e.handle, e.crc, e.data)),
+                );
                 wire::encode_statuses(out, Opcode::PutOk, id, &self.statuses);
-                let errors = self.statuses.iter().filter(|s| **s != PageStatus::Ok).count();
+                let errors = self
+                    .statuses
+                    .iter()
+                    .filter(|s| **s != PageStatus::Ok)
+                    .count();
                 metrics.record(Op::Put, batch.len() as u64, errors as u64, started);
             }
             Request::Get(handles) => {
@@ -146,9 +159,14 @@ impl Session {
             }
             Request::Free(handles) => {
                 self.statuses.clear();
-                self.statuses.extend(handles.iter().map(|h| store.free(&tenant, h)));
+                self.statuses
+                    .extend(handles.iter().map(|h| store.free(&tenant, h)));
                 wire::encode_statuses(out, Opcode::FreeOk, id, &self.statuses);
-                let errors = self.statuses.iter().filter(|s| **s != PageStatus::Ok).count();
+                let errors = self
+                    .statuses
+                    .iter()
+                    .filter(|s| **s != PageStatus::Ok)
+                    .count();
                 metrics.record(Op::Free, handles.len() as u64, errors as u64, started);
             }
             Request::Stat => {

@@ -125,7 +125,7 @@ struct Connection {
 
 impl Connection {
     async fn run(mut self) {
-        let metrics = self.session_metrics();
+        let metrics = self.session.shared().metrics.clone();
         metrics.connections_open.fetch_add(1, Ordering::Relaxed);
         let end = self.serve().await;
         metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -147,14 +147,6 @@ impl Connection {
         let _ = self.stream.shutdown().await;
     }
 
-    fn session_metrics(&self) -> Arc<crate::metrics::Metrics> {
-        self.session_shared().metrics.clone()
-    }
-
-    fn session_shared(&self) -> &Shared {
-        self.session.shared()
-    }
-
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.outbuf.is_empty() {
             self.stream.write_all(&self.outbuf).await?;
@@ -167,10 +159,12 @@ impl Connection {
     async fn execute_buffered(&mut self) -> Result<(), End> {
         loop {
             let max = self.session.max_frame();
-            let (header, consumed) = match wire::split_frame(&self.inbuf, max) {
+            let consumed = match wire::split_frame(&self.inbuf, max) {
                 Ok(Some((header, payload, _))) => {
-                    let sync_put = header.opcode == Opcode::Put && self.session_shared().store_syncs();
-                    let result = if sync_put && can_block_in_place() {
+                    let blocking = header.opcode == Opcode::Put
+                        && self.session.shared().store_syncs()
+                        && can_block_in_place();
+                    let result = if blocking {
                         tokio::task::block_in_place(|| {
                             self.session.handle(&header, payload, &mut self.outbuf)
                         })
@@ -178,14 +172,16 @@ impl Connection {
                         self.session.handle(&header, payload, &mut self.outbuf)
                     };
                     result.map_err(End::Fatal)?;
-                    (header, HEADER_LEN + header.len as usize)
+                    HEADER_LEN + payload.len()
                 }
                 Ok(None) => return Ok(()),
                 Err(e) => {
-                    self.session_metrics()
+                    self.session
+                        .shared()
+                        .metrics
                         .protocol_errors
                         .fetch_add(1, Ordering::Relaxed);
-                    let id = self
+                    let request_id = self
                         .inbuf
                         .get(8..16)
                         .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
@@ -193,11 +189,10 @@ impl Connection {
                     return Err(End::Fatal(Fatal {
                         code: e.error_code(),
                         message: e.to_string(),
-                        request_id: id,
+                        request_id,
                     }));
                 }
             };
-            let _ = header;
             self.inbuf.advance(consumed);
             if self.outbuf.len() >= FLUSH_AT {
                 self.flush().await.map_err(End::Io)?;
@@ -221,7 +216,8 @@ impl Connection {
                 }
                 _ => READ_CHUNK,
             };
-            self.inbuf.reserve(want.saturating_sub(self.inbuf.len()).max(4096));
+            self.inbuf
+                .reserve(want.saturating_sub(self.inbuf.len()).max(4096));
 
             let (deadline, what) = if self.session.tenant().is_none() {
                 (handshake_deadline, "handshake")

@@ -362,8 +362,8 @@ fn decode_hello(p: &[u8]) -> Result<Hello<'_>, DecodeError> {
         return Err(DecodeError::BadIdentity);
     }
     exact(Opcode::Hello, p, FIXED + tenant_len + cred_len)?;
-    let tenant = std::str::from_utf8(&p[FIXED..FIXED + tenant_len])
-        .map_err(|_| DecodeError::BadIdentity)?;
+    let tenant =
+        std::str::from_utf8(&p[FIXED..FIXED + tenant_len]).map_err(|_| DecodeError::BadIdentity)?;
     Ok(Hello {
         version,
         node_id,
@@ -662,12 +662,12 @@ pub fn encode_error(buf: &mut Vec<u8>, request_id: u64, code: ErrorCode, message
     w.finish();
 }
 
+/// A frame split off a buffer: header, payload, and the bytes after it.
+pub type SplitFrame<'a> = (FrameHeader, &'a [u8], &'a [u8]);
+
 /// Splits one whole frame off the front of `bytes`: header, payload, rest.
 /// `Ok(None)` means more bytes are needed.
-pub fn split_frame(
-    bytes: &[u8],
-    max_len: u32,
-) -> Result<Option<(FrameHeader, &[u8], &[u8])>, DecodeError> {
+pub fn split_frame(bytes: &[u8], max_len: u32) -> Result<Option<SplitFrame<'_>>, DecodeError> {
     let Some(head) = bytes.get(..HEADER_LEN) else {
         return Ok(None);
     };

@@ -40,7 +40,11 @@ fn hello_round_trip() {
 fn put_round_trip_and_checksums() {
     let pages = [page(1), page(2), page(3)];
     let mut buf = Vec::new();
-    encode_put(&mut buf, 7, pages.iter().enumerate().map(|(i, p)| (i as u64 * 10, p)));
+    encode_put(
+        &mut buf,
+        7,
+        pages.iter().enumerate().map(|(i, p)| (i as u64 * 10, p)),
+    );
     let (h, p) = one_frame(&buf);
     assert_eq!(h.request_id, 7);
     let Request::Put(batch) = Request::decode(&h, p, 16).unwrap() else {

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole rmem test suite: formatting, lints, every unit and integration
+# test, and a quick benchmark run that keeps the benchmark harness working.
+# Installs what it needs on a fresh Debian machine (root) before it starts.
+#
+#   bash tests/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+# System packages: none are needed beyond a Rust toolchain today; the VM and
+# RDMA suites will add theirs here.
+if ! command -v cargo >/dev/null; then
+  echo "tests/run.sh: cargo not found; install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo build --workspace --bins"
+cargo build --workspace --bins --quiet
+
+step "cargo test --workspace"
+cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
+
+step "rmem-bench --quick (keeps the benchmark harness working; figures are not judged)"
+cargo run --quiet -p rmem-bench -- --quick
+
+# One closing line for CI: sum of every test binary's result line.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "\nrmem: %d passed, %d failed\n", p, f }' target/test-output.txt

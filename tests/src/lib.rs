@@ -1,0 +1,249 @@
+//! Harness for rmem's integration tests.
+//!
+//! - [`bin`] builds (once per test process) and locates a workspace binary,
+//!   so `cargo test` always runs the current code.
+//! - [`Daemon`] runs a binary as a child process that is killed when the
+//!   handle drops or the test process dies, parses its JSON log lines, and
+//!   can be stopped with SIGTERM or killed with SIGKILL on purpose.
+//! - [`wait_until`] polls a condition with a deadline instead of sleeping.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Directory of the profile this test binary was built with
+/// (`target/debug` or `target/release`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Path of workspace binary `name`. The first call in a test process runs
+/// `cargo build --workspace --bins` with the tests' profile (a no-op when
+/// they are current), so tests never run a stale binary.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+        if target_dir().ends_with("release") {
+            cmd.arg("--release");
+        }
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+    });
+    let path = target_dir().join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Polls `cond` every few milliseconds until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// A daemon running as a child process.
+#[derive(Debug)]
+pub struct Daemon {
+    name: String,
+    child: Option<Child>,
+    logs: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Daemon {
+    /// Starts workspace binary `name` with `args`. Its stderr must carry
+    /// JSON log lines (pass `--log-format json`).
+    pub fn spawn(name: &str, args: &[&str]) -> Self {
+        let mut cmd = Command::new(bin(name));
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let die_with_parent = || {
+            // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and reads
+            // no memory; the kernel kills the child if this test process
+            // dies without running destructors.
+            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        // SAFETY: the closure only makes one async-signal-safe syscall, as
+        // pre_exec requires between fork and exec.
+        unsafe { cmd.pre_exec(die_with_parent) };
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = logs.clone();
+        let label = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("RMEM_TEST_ECHO").is_some() {
+                    eprintln!("[{label}] {line}");
+                }
+                let v = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+            }
+        });
+        Self {
+            name: name.to_string(),
+            child: Some(child),
+            logs,
+        }
+    }
+
+    /// The first log line whose message is `message`, waiting up to
+    /// `timeout` for it.
+    pub fn wait_for_log(&self, message: &str, timeout: Duration) -> Option<serde_json::Value> {
+        let mut found = None;
+        wait_until(timeout, || {
+            found = self.find_log(message);
+            found.is_some()
+        });
+        found
+    }
+
+    /// The first log line with this message so far.
+    pub fn find_log(&self, message: &str) -> Option<serde_json::Value> {
+        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        logs.iter()
+            .find(|v| v["fields"]["message"] == message)
+            .cloned()
+    }
+
+    /// Every raw stderr line so far (JSON or not), for failure messages.
+    pub fn log_text(&self) -> String {
+        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        logs.iter().map(|v| format!("{v}\n")).collect()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let r = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(r, 0, "kill {} failed", self.name);
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let mut status = None;
+        wait_until(timeout, || {
+            status = child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
+    /// SIGTERM, then waits for a graceful exit.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait(timeout)
+            .unwrap_or_else(|| panic!("{} did not exit after SIGTERM", self.name))
+    }
+
+    /// SIGKILL: an unclean stop.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `rmem-server`.
+#[derive(Debug)]
+pub struct ServerProcess {
+    pub daemon: Daemon,
+    pub data: SocketAddr,
+    pub grpc: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts `rmem-server` with extra `args` (on ephemeral loopback ports
+    /// unless `args` name `--listen` / `--grpc`) and waits until it is ready.
+    pub fn start(args: &[&str]) -> Self {
+        let mut all = vec!["--log-format", "json"];
+        for (flag, default) in [("--listen", "127.0.0.1:0"), ("--grpc", "127.0.0.1:0")] {
+            if !args.contains(&flag) {
+                all.extend([flag, default]);
+            }
+        }
+        all.extend_from_slice(args);
+        let daemon = Daemon::spawn("rmem-server", &all);
+        let ready = daemon
+            .wait_for_log("memory server ready", Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("rmem-server did not become ready:\n{}", daemon.log_text()));
+        let addr = |k: &str| -> SocketAddr {
+            ready["fields"][k]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no {k} address in {ready}"))
+        };
+        Self {
+            data: addr("data"),
+            grpc: addr("grpc"),
+            daemon,
+        }
+    }
+
+    /// Client settings for this server.
+    pub fn client_config(&self) -> rmem_client::ClientConfig {
+        rmem_client::ClientConfig::new(self.data.to_string())
+    }
+}
+
+/// Deterministic page contents for (handle, version): every 8-byte word
+/// differs, so a page mixed from two versions or two handles is detected.
+pub fn pattern(handle: u64, version: u64) -> rmem_client::Page {
+    let mut p = [0u8; rmem_client::PAGE_SIZE];
+    let mut x = handle.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ version.rotate_left(32)
+        ^ 0xD1B5_4A32_D192_ED03;
+    for chunk in p.chunks_exact_mut(8) {
+        // xorshift64*
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        chunk.copy_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    p[..8].copy_from_slice(&handle.to_le_bytes());
+    p[8..16].copy_from_slice(&version.to_le_bytes());
+    p
+}

@@ -1,0 +1,726 @@
+//! Integration tests of `rmem-server`: the real binary on ephemeral loopback
+//! ports, driven by the client library and by raw sockets that misbehave on
+//! purpose.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng, seq::SliceRandom};
+use rmem_client::{BlockingConnection, Client, ClientError, PageStatus};
+use rmem_proto::wire::{self, ErrorCode, FrameHeader, HEADER_LEN, Hello, Opcode, Response};
+use rmem_tests::{ServerProcess, pattern};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn hundred_thousand_random_pages_round_trip() {
+    const PAGES: usize = 100_000;
+    let server = ServerProcess::start(&["--capacity", "512MiB"]);
+    let rt = runtime();
+    rt.block_on(async {
+        let client = Arc::new(Client::connect(server.client_config()).await.unwrap());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut handles: Vec<u64> = (0..PAGES).map(|_| rng.random()).collect();
+        handles.sort_unstable();
+        handles.dedup();
+        handles.shuffle(&mut rng);
+        let handles = Arc::new(handles);
+
+        // PUT from 4 tasks in batches of 256.
+        let mut tasks = Vec::new();
+        for t in 0..4 {
+            let (client, handles) = (client.clone(), handles.clone());
+            tasks.push(tokio::spawn(async move {
+                for chunk in handles.chunks(256).skip(t).step_by(4) {
+                    let pages: Vec<_> = chunk.iter().map(|&h| (h, pattern(h, 1))).collect();
+                    let refs: Vec<_> = pages.iter().map(|(h, p)| (*h, p)).collect();
+                    let st = client.put(&refs).await.unwrap();
+                    assert!(st.iter().all(|s| *s == PageStatus::Ok), "{st:?}");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            client.stat().await.unwrap().used_pages,
+            handles.len() as u64
+        );
+
+        // GET in another random order and compare every byte.
+        let mut order = (*handles).clone();
+        order.shuffle(&mut rng);
+        let mut out = vec![[0u8; wire::PAGE_SIZE]; 256];
+        for chunk in order.chunks(256) {
+            let st = client.get(chunk, &mut out[..chunk.len()]).await.unwrap();
+            for ((h, s), page) in chunk.iter().zip(&st).zip(&out) {
+                assert_eq!(*s, PageStatus::Ok, "page {h}");
+                assert!(
+                    *page == pattern(*h, 1),
+                    "page {h} came back with wrong contents"
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn many_concurrent_clients_keep_their_pages_apart() {
+    let server = ServerProcess::start(&["--capacity", "64MiB"]);
+    let threads: Vec<_> = (0..16u64)
+        .map(|c| {
+            let cfg = server.client_config();
+            std::thread::spawn(move || {
+                let mut conn = BlockingConnection::connect(&cfg).unwrap();
+                // All clients share handles 0..200 of the same tenant but
+                // write disjoint ranges; then each overwrites its own.
+                let base = c * 1000;
+                for v in 1..=3 {
+                    let pages: Vec<_> = (base..base + 200).map(|h| (h, pattern(h, v))).collect();
+                    for chunk in pages.chunks(64) {
+                        let refs: Vec<_> = chunk.iter().map(|(h, p)| (*h, p)).collect();
+                        assert!(
+                            conn.put(&refs)
+                                .unwrap()
+                                .iter()
+                                .all(|s| *s == PageStatus::Ok)
+                        );
+                    }
+                }
+                let hs: Vec<u64> = (base..base + 200).collect();
+                let mut out = vec![[0u8; wire::PAGE_SIZE]; 50];
+                for chunk in hs.chunks(50) {
+                    let st = conn.get(chunk, &mut out[..chunk.len()]).unwrap().to_vec();
+                    for ((h, s), p) in chunk.iter().zip(st).zip(&out) {
+                        assert_eq!(s, PageStatus::Ok);
+                        assert!(*p == pattern(*h, 3), "client {c} page {h} wrong");
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut conn = BlockingConnection::connect(&server.client_config()).unwrap();
+    assert_eq!(conn.stat().unwrap().used_pages, 16 * 200);
+}
+
+#[test]
+fn free_then_get_answers_not_found() {
+    let server = ServerProcess::start(&["--capacity", "4MiB"]);
+    let mut conn = BlockingConnection::connect(&server.client_config()).unwrap();
+    let p = pattern(5, 1);
+    assert_eq!(conn.put(&[(5, &p), (6, &p)]).unwrap(), [PageStatus::Ok; 2]);
+    assert_eq!(
+        conn.free(&[5, 99]).unwrap(),
+        [PageStatus::Ok, PageStatus::NotFound]
+    );
+    let mut out = [[0u8; wire::PAGE_SIZE]; 2];
+    let st = conn.get(&[5, 6], &mut out).unwrap();
+    assert_eq!(st, [PageStatus::NotFound, PageStatus::Ok]);
+    assert!(out[1] == p);
+    assert_eq!(conn.stat().unwrap().used_pages, 1);
+}
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
+    let path = dir.path().join("server.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn quota_and_capacity_exhaustion_overwrite_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        &dir,
+        r#"
+        capacity = "64KiB"   # 16 pages
+        [[tenant]]
+        name = "small"
+        id = 1
+        token = "small-secret"
+        quota = "16KiB"      # 4 pages
+        [[tenant]]
+        name = "big"
+        id = 2
+        token = "big-secret"
+        "#,
+    );
+    let server = ServerProcess::start(&["--config", &cfg]);
+    let small_cfg = server.client_config().with_tenant("small", "small-secret");
+    let big_cfg = server.client_config().with_tenant("big", "big-secret");
+    let mut small = BlockingConnection::connect(&small_cfg).unwrap();
+    let mut big = BlockingConnection::connect(&big_cfg).unwrap();
+
+    let pages: Vec<_> = (0..6).map(|h| (h, pattern(h, 1))).collect();
+    let refs: Vec<_> = pages.iter().map(|(h, p)| (*h, p)).collect();
+    let st = small.put(&refs).unwrap();
+    assert_eq!(&st[..4], [PageStatus::Ok; 4]);
+    assert_eq!(&st[4..], [PageStatus::QuotaExceeded; 2]);
+    let quota = small.stat().unwrap();
+    assert_eq!((quota.tenant_used_pages, quota.tenant_quota_pages), (4, 4));
+
+    // The other tenant fills the pool: 12 pages left.
+    let pages: Vec<_> = (0..14).map(|h| (h, pattern(h + 100, 1))).collect();
+    let refs: Vec<_> = pages.iter().map(|(h, p)| (*h, p)).collect();
+    let st = big.put(&refs).unwrap();
+    assert_eq!(st.iter().filter(|s| **s == PageStatus::Ok).count(), 12);
+    assert_eq!(&st[12..], [PageStatus::NoSpace; 2]);
+
+    // Nothing anyone stored was overwritten.
+    let mut out = vec![[0u8; wire::PAGE_SIZE]; 4];
+    let st = small.get(&[0, 1, 2, 3], &mut out).unwrap().to_vec();
+    assert_eq!(st, [PageStatus::Ok; 4]);
+    for (h, p) in out.iter().enumerate() {
+        assert!(*p == pattern(h as u64, 1));
+    }
+    let mut out = vec![[0u8; wire::PAGE_SIZE]; 12];
+    let hs: Vec<u64> = (0..12).collect();
+    assert_eq!(big.get(&hs, &mut out).unwrap(), [PageStatus::Ok; 12]);
+    for (h, p) in out.iter().enumerate() {
+        assert!(*p == pattern(h as u64 + 100, 1));
+    }
+    // Freeing makes room again.
+    assert_eq!(small.free(&[0]).unwrap(), [PageStatus::Ok]);
+    assert_eq!(big.put(&[(50, &pattern(50, 1))]).unwrap(), [PageStatus::Ok]);
+}
+
+fn fill(conn: &mut BlockingConnection, handles: std::ops::Range<u64>, version: u64) {
+    let pages: Vec<_> = handles.map(|h| (h, pattern(h, version))).collect();
+    for chunk in pages.chunks(128) {
+        let refs: Vec<_> = chunk.iter().map(|(h, p)| (*h, p)).collect();
+        assert!(
+            conn.put(&refs)
+                .unwrap()
+                .iter()
+                .all(|s| *s == PageStatus::Ok)
+        );
+    }
+}
+
+fn verify(conn: &mut BlockingConnection, expected: &HashMap<u64, u64>) {
+    let hs: Vec<u64> = expected.keys().copied().collect();
+    let mut out = vec![[0u8; wire::PAGE_SIZE]; 128];
+    for chunk in hs.chunks(128) {
+        let st = conn.get(chunk, &mut out[..chunk.len()]).unwrap().to_vec();
+        for ((h, s), p) in chunk.iter().zip(st).zip(&out) {
+            assert_eq!(s, PageStatus::Ok, "page {h} lost");
+            assert!(
+                *p == pattern(*h, expected[h]),
+                "page {h} has wrong contents"
+            );
+        }
+    }
+}
+
+#[test]
+fn pool_file_survives_clean_restart_and_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let pool = pool.to_str().unwrap();
+    let args = ["--capacity", "16MiB", "--pool-file", pool];
+    let mut expected = HashMap::new();
+
+    let mut server = ServerProcess::start(&args);
+    let id = {
+        let mut conn = BlockingConnection::connect(&server.client_config()).unwrap();
+        fill(&mut conn, 0..1000, 1);
+        fill(&mut conn, 0..300, 2);
+        conn.free(&(900..1000).collect::<Vec<_>>()).unwrap();
+        conn.server_id()
+    };
+    expected.extend((0..300).map(|h| (h, 2)));
+    expected.extend((300..900).map(|h| (h, 1)));
+    assert!(server.daemon.terminate(Duration::from_secs(20)).success());
+
+    let mut server = ServerProcess::start(&args);
+    let rec = server
+        .daemon
+        .find_log("recovered pool file")
+        .expect("recovery log");
+    assert_eq!(rec["fields"]["clean_shutdown"], true, "{rec}");
+    {
+        let mut conn = BlockingConnection::connect(&server.client_config()).unwrap();
+        assert_eq!(
+            conn.server_id(),
+            id,
+            "a file-backed pool keeps its identity"
+        );
+        verify(&mut conn, &expected);
+        let mut out = [[0u8; wire::PAGE_SIZE]; 1];
+        assert_eq!(conn.get(&[950], &mut out).unwrap(), [PageStatus::NotFound]);
+        // Acknowledged writes, then an unclean stop.
+        fill(&mut conn, 500..1200, 3);
+    }
+    expected.extend((500..1200).map(|h| (h, 3)));
+    server.daemon.kill();
+
+    let server = ServerProcess::start(&args);
+    let rec = server
+        .daemon
+        .find_log("recovered pool file")
+        .expect("recovery log");
+    assert_eq!(rec["fields"]["clean_shutdown"], false, "{rec}");
+    assert_eq!(rec["fields"]["corrupt_dropped"], 0, "{rec}");
+    let mut conn = BlockingConnection::connect(&server.client_config()).unwrap();
+    verify(&mut conn, &expected);
+    assert_eq!(conn.stat().unwrap().used_pages, expected.len() as u64);
+}
+
+/// Opens a raw connection and reads frames without the client library.
+struct Raw {
+    stream: TcpStream,
+}
+
+impl Raw {
+    fn connect(server: &ServerProcess) -> Self {
+        let stream = TcpStream::connect(server.data).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Self { stream }
+    }
+
+    fn hello(&mut self, version: u16, tenant: &str, credential: &[u8]) {
+        let mut buf = Vec::new();
+        wire::encode_hello(
+            &mut buf,
+            &Hello {
+                version,
+                node_id: 1,
+                tenant,
+                credential,
+            },
+        );
+        self.stream.write_all(&buf).unwrap();
+    }
+
+    fn read_frame(&mut self) -> Option<(FrameHeader, Vec<u8>)> {
+        let mut head = [0u8; HEADER_LEN];
+        self.stream.read_exact(&mut head).ok()?;
+        let h = FrameHeader::decode(&head, u32::MAX).unwrap();
+        let mut payload = vec![0u8; h.len as usize];
+        self.stream.read_exact(&mut payload).unwrap();
+        Some((h, payload))
+    }
+
+    /// Expects an ERROR with `code` and then the end of the stream.
+    fn expect_error(&mut self, code: ErrorCode) -> String {
+        let (h, p) = self.read_frame().expect("an ERROR frame before close");
+        let Ok(Response::Error(e)) = Response::decode(&h, &p, 0) else {
+            panic!("expected ERROR, got {:?}", h.opcode);
+        };
+        assert_eq!(e.code, code, "{}", e.message);
+        let mut rest = Vec::new();
+        let n = self.stream.read_to_end(&mut rest).unwrap_or(0);
+        assert_eq!(n, 0, "connection must close after an ERROR");
+        e.message.to_string()
+    }
+}
+
+#[test]
+fn bad_clients_get_clear_errors_and_others_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        &dir,
+        r#"
+        capacity = "4MiB"
+        max_batch_pages = 8
+        [[tenant]]
+        name = "t"
+        id = 1
+        token = "right"
+        "#,
+    );
+    let server = ServerProcess::start(&["--config", &cfg]);
+    let good_cfg = server.client_config().with_tenant("t", "right");
+    let mut good = BlockingConnection::connect(&good_cfg).unwrap();
+    assert_eq!(good.limits().max_batch_pages, 8);
+    good.put(&[(1, &pattern(1, 1))]).unwrap();
+
+    // Wrong credential, unknown tenant: same answer, no hint which.
+    let mut raw = Raw::connect(&server);
+    raw.hello(wire::PROTOCOL_VERSION, "t", b"wrong");
+    assert_eq!(
+        raw.expect_error(ErrorCode::AuthFailed),
+        "unknown tenant or wrong credential"
+    );
+    let mut raw = Raw::connect(&server);
+    raw.hello(wire::PROTOCOL_VERSION, "nobody", b"right");
+    raw.expect_error(ErrorCode::AuthFailed);
+    match BlockingConnection::connect(&server.client_config().with_tenant("t", "nope")) {
+        Err(ClientError::Rejected {
+            code: ErrorCode::AuthFailed,
+            ..
+        }) => {}
+        other => panic!("expected AuthFailed, got {other:?}"),
+    }
+
+    // Wrong protocol version.
+    let mut raw = Raw::connect(&server);
+    raw.hello(99, "t", b"right");
+    let msg = raw.expect_error(ErrorCode::UnsupportedVersion);
+    assert!(msg.contains("99"), "{msg}");
+
+    // A request before HELLO.
+    let mut raw = Raw::connect(&server);
+    let mut buf = Vec::new();
+    wire::encode_stat(&mut buf, 1);
+    raw.stream.write_all(&buf).unwrap();
+    raw.expect_error(ErrorCode::NotAuthenticated);
+
+    // Garbage after a good handshake.
+    let mut raw = Raw::connect(&server);
+    raw.hello(wire::PROTOCOL_VERSION, "t", b"right");
+    assert_eq!(raw.read_frame().unwrap().0.opcode, Opcode::HelloOk);
+    raw.stream.write_all(&[0xAB; 64]).unwrap();
+    raw.expect_error(ErrorCode::BadFrame);
+
+    // A frame header announcing more than the limit: refused before its
+    // payload is read or allocated.
+    let mut raw = Raw::connect(&server);
+    raw.hello(wire::PROTOCOL_VERSION, "t", b"right");
+    raw.read_frame().unwrap();
+    let head = FrameHeader {
+        len: 64 << 20,
+        opcode: Opcode::Put,
+        request_id: 5,
+    };
+    raw.stream.write_all(&head.encode()).unwrap();
+    raw.expect_error(ErrorCode::FrameTooLarge);
+
+    // A batch over the negotiated limit.
+    let mut raw = Raw::connect(&server);
+    raw.hello(wire::PROTOCOL_VERSION, "t", b"right");
+    raw.read_frame().unwrap();
+    let mut buf = Vec::new();
+    wire::encode_handles(&mut buf, Opcode::Get, 6, &[1; 9]);
+    raw.stream.write_all(&buf).unwrap();
+    raw.expect_error(ErrorCode::BatchTooLarge);
+
+    // An oversized HELLO (before authentication the limit is tiny).
+    let mut raw = Raw::connect(&server);
+    let head = FrameHeader {
+        len: 1 << 20,
+        opcode: Opcode::Hello,
+        request_id: 0,
+    };
+    raw.stream.write_all(&head.encode()).unwrap();
+    raw.expect_error(ErrorCode::FrameTooLarge);
+
+    // A page whose checksum does not match is refused, and nothing stored.
+    let mut raw = Raw::connect(&server);
+    raw.hello(wire::PROTOCOL_VERSION, "t", b"right");
+    raw.read_frame().unwrap();
+    let mut buf = Vec::new();
+    wire::encode_put(&mut buf, 7, [(2u64, &pattern(2, 1))].into_iter());
+    let last = buf.len() - 1;
+    buf[last] ^= 0x01;
+    raw.stream.write_all(&buf).unwrap();
+    let (h, p) = raw.read_frame().unwrap();
+    let Ok(Response::PutOk(st)) = Response::decode(&h, &p, 8) else {
+        panic!("expected PUT_OK")
+    };
+    assert_eq!(st.iter().collect::<Vec<_>>(), [PageStatus::BadChecksum]);
+
+    // Through all of that, the good client kept its connection and data.
+    let mut out = [[0u8; wire::PAGE_SIZE]; 2];
+    assert_eq!(
+        good.get(&[1, 2], &mut out).unwrap(),
+        [PageStatus::Ok, PageStatus::NotFound]
+    );
+    assert!(out[0] == pattern(1, 1));
+}
+
+#[test]
+fn client_killed_mid_batch_leaves_no_partial_page() {
+    let server = ServerProcess::start(&["--capacity", "4MiB"]);
+    let mut good = BlockingConnection::connect(&server.client_config()).unwrap();
+    good.put(&[(10, &pattern(10, 1)), (11, &pattern(11, 1))])
+        .unwrap();
+
+    // A client sends most of a two-page PUT that would overwrite both
+    // pages, then dies (RST, as when a process is killed).
+    let mut raw = Raw::connect(&server);
+    raw.hello(wire::PROTOCOL_VERSION, "default", b"");
+    raw.read_frame().unwrap();
+    let (p10, p11) = (pattern(10, 2), pattern(11, 2));
+    let mut buf = Vec::new();
+    wire::encode_put(&mut buf, 1, [(10u64, &p10), (11, &p11)].into_iter());
+    raw.stream.write_all(&buf[..buf.len() - 100]).unwrap();
+    let sock = socket_linger_zero(&raw.stream);
+    drop(raw);
+    drop(sock);
+
+    // Give the server a moment to see the reset, then check both pages.
+    assert!(rmem_tests::wait_until(Duration::from_secs(5), || {
+        let mut c = BlockingConnection::connect(&server.client_config()).unwrap();
+        c.stat().is_ok()
+    }));
+    let mut out = [[0u8; wire::PAGE_SIZE]; 2];
+    assert_eq!(good.get(&[10, 11], &mut out).unwrap(), [PageStatus::Ok; 2]);
+    assert!(out[0] == pattern(10, 1), "page 10 was partly overwritten");
+    assert!(out[1] == pattern(11, 1), "page 11 was partly overwritten");
+}
+
+/// Sets SO_LINGER to zero so closing sends a reset.
+fn socket_linger_zero(stream: &TcpStream) -> TcpStream {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a valid socket fd with a correctly sized linger.
+    let r = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+    stream.try_clone().unwrap()
+}
+
+#[test]
+fn pipelined_requests_are_all_answered_in_order_of_ids() {
+    let server = ServerProcess::start(&["--capacity", "8MiB"]);
+    let mut raw = Raw::connect(&server);
+    raw.hello(wire::PROTOCOL_VERSION, "default", b"");
+    raw.read_frame().unwrap();
+    // 200 requests in one write: PUT i, then GET i.
+    let mut buf = Vec::new();
+    for i in 0..100u64 {
+        wire::encode_put(&mut buf, 2 * i, [(i, &pattern(i, 9))].into_iter());
+        wire::encode_handles(&mut buf, Opcode::Get, 2 * i + 1, &[i]);
+    }
+    raw.stream.write_all(&buf).unwrap();
+    for id in 0..200u64 {
+        let (h, p) = raw.read_frame().unwrap();
+        assert_eq!(h.request_id, id);
+        match Response::decode(&h, &p, 256).unwrap() {
+            Response::PutOk(s) => assert_eq!(s.iter().next(), Some(PageStatus::Ok)),
+            Response::GetOk(b) => {
+                let e = b.iter().next().unwrap();
+                assert!(*e.data.unwrap() == pattern(id / 2, 9));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn admin_grpc_serves_stats_health_and_reflection() {
+    let server = ServerProcess::start(&["--capacity", "8MiB"]);
+    let mut conn = BlockingConnection::connect(&server.client_config()).unwrap();
+    conn.put(&[(1, &pattern(1, 1)), (2, &pattern(2, 1))])
+        .unwrap();
+    let mut out = [[0u8; wire::PAGE_SIZE]; 1];
+    conn.get(&[1], &mut out).unwrap();
+
+    let rt = runtime();
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut admin =
+            rmem_proto::admin::v1::server_admin_client::ServerAdminClient::new(channel.clone());
+        let stats = admin
+            .stats(rmem_proto::admin::v1::StatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stats.capacity_pages, 2048);
+        assert_eq!(stats.used_pages, 2);
+        assert_eq!(stats.tenants[0].name, "default");
+        assert_eq!(stats.tenants[0].used_pages, 2);
+        let put = stats.ops.iter().find(|o| o.op == "put").unwrap();
+        assert_eq!((put.requests, put.pages), (1, 2));
+        let get = stats.ops.iter().find(|o| o.op == "get").unwrap();
+        assert_eq!(get.latency_us.unwrap().count, 1);
+
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        for service in ["", "rmem.admin.v1.ServerAdmin"] {
+            let r = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                r.status,
+                tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+                "service {service:?}"
+            );
+        }
+
+        // Server reflection, both protocol versions, lists our services.
+        use tonic_reflection::pb::{v1, v1alpha};
+        let mut r1 = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+        let req = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+        };
+        let mut stream = r1
+            .server_reflection_info(tokio_stream::once(req))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+            stream.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("no service list")
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"rmem.admin.v1.ServerAdmin"), "{names:?}");
+        assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+
+        let mut ra = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+        let req = v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+            ),
+        };
+        let mut stream = ra
+            .server_reflection_info(tokio_stream::once(req))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(matches!(
+            stream.message().await.unwrap().unwrap().message_response,
+            Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(_))
+        ));
+    });
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let mut server = ServerProcess::start(&["--capacity", "8MiB"]);
+    let mut conn = BlockingConnection::connect(&server.client_config()).unwrap();
+    conn.put(&[(1, &pattern(1, 1))]).unwrap();
+    let status = server.daemon.terminate(Duration::from_secs(20));
+    assert!(status.success(), "exit status {status:?}");
+    assert!(server.daemon.find_log("memory server stopped").is_some());
+    // The idle client is told the server is going away.
+    match conn.stat() {
+        Err(ClientError::Rejected {
+            code: ErrorCode::ShuttingDown,
+            ..
+        })
+        | Err(ClientError::Io { .. }) => {}
+        other => panic!("expected shutting_down, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_configuration_names_the_field_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, field) in [
+        ("capacity = \"1000\"", "`capacity`"),
+        ("durability = \"sync\"", "`durability`"),
+        ("listen = \"127.0.0.1:1\"\nbogus = 1", "bogus"),
+        (
+            "[[tenant]]\nname = \"a\"\nid = 1\n[[tenant]]\nname = \"b\"\nid = 1",
+            "`tenant[1].id`",
+        ),
+    ] {
+        let cfg = write_config(&dir, text);
+        let out = std::process::Command::new(rmem_tests::bin("rmem-server"))
+            .args(["--config", &cfg, "--check-config"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {stderr}");
+        assert!(stderr.contains(field), "{text}: {stderr}");
+    }
+}
+
+#[test]
+fn client_pool_rides_out_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let pool = pool.to_str().unwrap().to_string();
+    let mut server = ServerProcess::start(&["--capacity", "4MiB", "--pool-file", &pool]);
+    let addr = server.data.to_string();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = server.client_config();
+        cfg.request_timeout = Duration::from_secs(20);
+        let client = Arc::new(Client::connect(cfg).await.unwrap());
+        let p = pattern(3, 1);
+        client.put(&[(3, &p)]).await.unwrap();
+
+        assert!(server.daemon.terminate(Duration::from_secs(20)).success());
+        // A request issued while the server is down waits for it.
+        let waiting = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut out = [[0u8; wire::PAGE_SIZE]; 1];
+                let st = client.get(&[3], &mut out).await.unwrap();
+                (st, out[0])
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let again = tokio::task::spawn_blocking(move || {
+            ServerProcess::start(&[
+                "--capacity",
+                "4MiB",
+                "--pool-file",
+                &pool,
+                "--listen",
+                &addr,
+            ])
+        })
+        .await
+        .unwrap();
+        let (st, page) = waiting.await.unwrap();
+        assert_eq!(st, [PageStatus::Ok]);
+        assert!(page == p);
+        drop(again);
+    });
+}
+
+#[test]
+fn client_fails_cleanly_when_the_server_is_gone_for_good() {
+    let mut server = ServerProcess::start(&["--capacity", "4MiB"]);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = server.client_config();
+        cfg.request_timeout = Duration::from_secs(1);
+        let client = Client::connect(cfg).await.unwrap();
+        server.daemon.kill();
+        let started = std::time::Instant::now();
+        let mut out = [[0u8; wire::PAGE_SIZE]; 1];
+        let err = client.get(&[1], &mut out).await.unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "gave up after {:?}",
+            started.elapsed()
+        );
+    });
+    let mut blocking_cfg = server.client_config();
+    blocking_cfg.connect_timeout = Duration::from_millis(500);
+    assert!(matches!(
+        BlockingConnection::connect(&blocking_cfg),
+        Err(ClientError::Connect { .. })
+    ));
+}
