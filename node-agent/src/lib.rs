@@ -1,0 +1,21 @@
+//! rmem node agent: gives programs memory whose cold pages live on memory
+//! servers.
+//!
+//! - [`region`]: [`RemoteRegion`], memory served by userfaultfd, with its
+//!   fault handlers and evictor.
+//! - [`policy`]: which pages are cold (CLOCK with PTE-based reference bits).
+//! - [`prefetch`]: stream detection and fetch-ahead.
+//! - [`uffd`], [`mem`]: the userfaultfd and memfd system interfaces, the
+//!   only modules with `unsafe` code.
+//! - [`remote`]: a thread's reconnecting connection to a memory server.
+//! - [`demo`]: the `rmem-agent demo` workload and report.
+
+pub mod demo;
+pub mod mem;
+pub mod policy;
+pub mod prefetch;
+pub mod region;
+pub mod remote;
+pub mod uffd;
+
+pub use region::{RegionConfig, RegionError, RemoteRegion};

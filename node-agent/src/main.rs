@@ -1,0 +1,116 @@
+//! `rmem-agent`: the rmem node agent.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use rmem_agent::demo::{self, DemoConfig};
+use rmem_common::ByteSize;
+use rmem_common::logging::{self, LogFormat};
+
+/// rmem node agent: keeps programs' cold memory on memory servers.
+#[derive(Debug, Parser)]
+#[command(name = "rmem-agent", version)]
+struct Args {
+    /// Log format on stderr; RUST_LOG sets the level (default: warn).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show rmem working on this machine: a region 4x larger than its local
+    /// budget, a workload that verifies every byte, and a report.
+    ///
+    /// With no flags an embedded memory server on loopback holds the
+    /// evicted pages; --server uses a running rmem-server instead.
+    ///
+    /// Example: rmem-agent demo --budget 64MiB --size 256MiB --json
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Local memory the region may keep resident.
+    #[arg(long, default_value = "64MiB")]
+    budget: ByteSize,
+    /// Size of the region [default: 4 x budget].
+    #[arg(long)]
+    size: Option<ByteSize>,
+    /// Worker threads of the workload.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Operations in the Zipfian phase.
+    #[arg(long, default_value_t = 200_000)]
+    ops: u64,
+    /// Use this running rmem-server (HOST:PORT) instead of an embedded one.
+    #[arg(long, value_name = "HOST:PORT")]
+    server: Option<String>,
+    /// Tenant to log in as.
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    /// Credential of the tenant.
+    #[arg(long, env = "RMEM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Most pages fetched ahead of a sequential or strided stream (0: off).
+    #[arg(long, default_value_t = 32)]
+    prefetch: usize,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    logging::init(args.log_format, "warn");
+    match args.command {
+        Command::Demo(d) => {
+            let cfg = DemoConfig {
+                budget: d.budget,
+                size: d.size.unwrap_or(ByteSize(d.budget.bytes() * 4)),
+                threads: d.threads,
+                ops: d.ops,
+                server: d.server,
+                tenant: d.tenant,
+                token: d.token,
+                prefetch_max: d.prefetch,
+                progress: !d.json && demo::stdout_is_terminal(),
+                ..DemoConfig::default()
+            };
+            if !d.json {
+                eprintln!(
+                    "rmem demo: {} region, {} local budget, {} threads",
+                    cfg.size, cfg.budget, cfg.threads
+                );
+            }
+            match demo::run(&cfg) {
+                Ok(report) => {
+                    if d.json {
+                        println!(
+                            "{}",
+                            serde_json::to_string(&report).expect("report serializes")
+                        );
+                    } else {
+                        print!("{}", demo::render(&report));
+                    }
+                    if report.verify_ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(3)
+                    }
+                }
+                Err(e) => {
+                    let mut msg = format!("rmem-agent demo: {e}");
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        msg.push_str(&format!(": {s}"));
+                        source = s.source();
+                    }
+                    eprintln!("{msg}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Choosing which pages are cold.
+
+pub mod clock;

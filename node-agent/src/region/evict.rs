@@ -1,0 +1,162 @@
+//! The evictor: keeps a region within its budget by moving cold pages to
+//! the memory server.
+//!
+//! A victim is a page the clock found untouched for a revolution; it has no
+//! PTE, so the program cannot change it without faulting into the agent,
+//! and any such fault waits (the page is `Evicting`). The evictor reads the
+//! page through the memfd, stores it, and frees the memory only after the
+//! server acknowledged it. Clean pages (the server's copy is current) and
+//! all-zero pages are freed without being sent.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rmem_client::{PAGE_SIZE, Page, PageStatus};
+
+use super::Inner;
+use super::state::{CLEAN, Kind, PREFETCHED, STORED, State, WAITER};
+use crate::policy::clock::Clock;
+use crate::remote::RemoteConn;
+
+/// Body of the evictor thread.
+pub(crate) fn run(inner: &Inner, mut conn: RemoteConn) {
+    let mut clock = Clock::new();
+    let batch = inner.cfg.evict_batch;
+    let mut victims = Vec::with_capacity(batch);
+    let mut pages: Vec<Page> = vec![[0u8; PAGE_SIZE]; batch];
+    let mut backoff = Duration::from_millis(10);
+    while !inner.stop.load(Ordering::Relaxed) {
+        if inner.resident.load(Ordering::Acquire) <= inner.high_mark() {
+            let guard = inner.evict_wanted.0.lock().expect("evict lock");
+            if inner.resident.load(Ordering::Acquire) <= inner.high_mark() {
+                let _ = inner
+                    .evict_wanted
+                    .1
+                    .wait_timeout(guard, Duration::from_millis(20))
+                    .expect("evict lock");
+                continue;
+            }
+        }
+        while inner.resident.load(Ordering::Acquire) > inner.low_mark()
+            && !inner.stop.load(Ordering::Relaxed)
+        {
+            victims.clear();
+            if clock.collect(&inner.states, &inner.backing, batch, &mut victims) == 0 {
+                // Everything resident is in flight; let it settle.
+                std::thread::sleep(Duration::from_millis(1));
+                break;
+            }
+            let started = Instant::now();
+            let ok = evict(inner, &mut conn, &victims, &mut pages);
+            inner
+                .stats
+                .evict_busy_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            if ok {
+                backoff = Duration::from_millis(10);
+            } else {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                break;
+            }
+        }
+    }
+}
+
+/// Evicts claimed victims. False when the server could not take them (they
+/// stay in memory, unchanged).
+fn evict(inner: &Inner, conn: &mut RemoteConn, victims: &[usize], pages: &mut [Page]) -> bool {
+    let states = &inner.states;
+    let mut send: Vec<usize> = Vec::with_capacity(victims.len());
+    for &v in victims {
+        let s = states.get(v);
+        if s.has(CLEAN) && s.has(STORED) {
+            release(inner, v, Kind::Remote, 0);
+            inner
+                .stats
+                .pages_dropped_clean
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let buf = &mut pages[send.len()];
+        if let Err(e) = inner.backing.read_page(v, buf) {
+            tracing::error!(page = v, error = %e, "cannot read page for eviction; keeping it");
+            abort(inner, v);
+            continue;
+        }
+        if buf.iter().all(|&b| b == 0) {
+            release(inner, v, Kind::Absent, 0);
+            inner
+                .stats
+                .pages_dropped_zero
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        send.push(v);
+    }
+    if send.is_empty() {
+        return true;
+    }
+    let items: Vec<(u64, &Page)> = send
+        .iter()
+        .zip(pages.iter())
+        .map(|(&v, p)| (inner.handle(v), p))
+        .collect();
+    let deadline = Instant::now() + inner.cfg.fault_timeout.min(Duration::from_secs(2));
+    match conn.put(&items, deadline) {
+        Ok(statuses) => {
+            let mut all_ok = true;
+            for (&v, status) in send.iter().zip(&statuses) {
+                if *status == PageStatus::Ok {
+                    release(inner, v, Kind::Remote, STORED | CLEAN);
+                    inner.stats.pages_evicted.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    all_ok = false;
+                    inner.stats.evict_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(page = v, %status, server = %inner.server, "server refused a page; keeping it in memory");
+                    abort(inner, v);
+                }
+            }
+            all_ok
+        }
+        Err(e) => {
+            tracing::warn!(server = %inner.server, error = %e, pages = send.len(), "eviction failed; keeping the pages in memory");
+            inner
+                .stats
+                .evict_failures
+                .fetch_add(send.len() as u64, Ordering::Relaxed);
+            for &v in &send {
+                abort(inner, v);
+            }
+            false
+        }
+    }
+}
+
+/// Frees an evicted page's memory and publishes its new state.
+fn release(inner: &Inner, v: usize, kind: Kind, flags: u32) {
+    if let Err(e) = inner.backing.free_page(v) {
+        tracing::error!(page = v, error = %e, "cannot free page memory; keeping it");
+        abort(inner, v);
+        return;
+    }
+    let s = inner.states.get(v);
+    let next = State(s.0 | flags)
+        .with_kind(kind)
+        .clear(WAITER | PREFETCHED);
+    finish(inner, v, next);
+    inner.uncharge(1);
+}
+
+/// Puts a victim back, unchanged, as an inactive page.
+fn abort(inner: &Inner, v: usize) {
+    let s = inner.states.get(v);
+    finish(inner, v, s.with_kind(Kind::Inactive));
+}
+
+fn finish(inner: &Inner, v: usize, new: State) {
+    let old = inner.states.swap(v, new.clear(WAITER));
+    if old.has(WAITER) {
+        inner.wake(v);
+    }
+}

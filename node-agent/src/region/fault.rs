@@ -1,0 +1,310 @@
+//! Fault handling: the threads that read the region's userfaultfd and make
+//! each faulting access succeed.
+//!
+//! The thread that reads a fault does all the work itself: it sends the GET
+//! on its own connection, waits for the answer, and installs the page, so a
+//! remote fault costs one wake-up of this thread plus one network round
+//! trip. After a fault it keeps polling the descriptor for `spin` before it
+//! sleeps in poll(2), so bursts of faults skip the wake-up.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rmem_client::{PAGE_SIZE, Page, PageStatus};
+
+use super::Inner;
+use super::state::{CLEAN, Kind, PREFETCHED, STORED, State, WAITER};
+use crate::remote::RemoteConn;
+use crate::uffd::{Fault, Resolve};
+
+static ZERO_PAGE: Page = [0u8; PAGE_SIZE];
+
+/// Buffers reused across faults so the fault path does not allocate.
+struct Scratch {
+    pages: Vec<usize>,
+    handles: Vec<u64>,
+    data: Vec<Page>,
+}
+
+/// Body of a fault-handler thread.
+pub(crate) fn run(inner: &Inner, mut conn: RemoteConn) {
+    let cap = inner.cfg.prefetch_max + 1;
+    let mut scratch = Scratch {
+        pages: Vec::with_capacity(cap),
+        handles: Vec::with_capacity(cap),
+        data: vec![[0u8; PAGE_SIZE]; cap],
+    };
+    let mut last_fault = Instant::now();
+    while !inner.stop.load(Ordering::Relaxed) {
+        match inner.uffd.read_fault() {
+            Ok(Some(fault)) => {
+                handle(inner, &mut conn, &mut scratch, fault);
+                last_fault = Instant::now();
+            }
+            Ok(None) => {
+                if last_fault.elapsed() < inner.cfg.spin {
+                    std::hint::spin_loop();
+                } else if let Err(e) = inner.uffd.poll(Duration::from_millis(50)) {
+                    tracing::error!(error = %e, "poll on userfaultfd failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading userfaultfd failed");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn handle(inner: &Inner, conn: &mut RemoteConn, scratch: &mut Scratch, fault: Fault) {
+    let started = Instant::now();
+    let base = inner.backing.base() as u64;
+    let Some(i) = fault
+        .address
+        .checked_sub(base)
+        .map(|off| (off / PAGE_SIZE as u64) as usize)
+        .filter(|&i| i < inner.states.len())
+    else {
+        tracing::error!(address = fault.address, "fault outside the region");
+        return;
+    };
+    let states = &inner.states;
+    let stats = &inner.stats;
+    loop {
+        let s = states.get(i);
+        match s.kind() {
+            Kind::Absent => {
+                if !states.cas(i, s, s.with_kind(Kind::Fetching)) {
+                    continue;
+                }
+                inner.charge(1);
+                install(inner, i, &ZERO_PAGE, false);
+                finish(inner, i, s.with_kind(Kind::Active).clear(CLEAN));
+                stats.faults_zero.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Kind::Remote => {
+                if !states.cas(i, s, s.with_kind(Kind::Fetching)) {
+                    continue;
+                }
+                fetch(inner, conn, scratch, i, s, fault);
+                stats
+                    .fault_remote_latency
+                    .record_duration(started.elapsed());
+                return;
+            }
+            Kind::Active => {
+                if fault.wp {
+                    // First write to a clean page: it now differs from the
+                    // server's copy.
+                    if s.has(CLEAN) && !states.cas(i, s, s.clear(CLEAN)) {
+                        continue;
+                    }
+                    unprotect(inner, i);
+                    stats.faults_write_protect.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    // Resolved by someone else meanwhile.
+                    inner.wake(i);
+                }
+                return;
+            }
+            Kind::Inactive => {
+                if fault.wp && !fault.minor {
+                    // A write hit the write-protect marker of an unmapped
+                    // clean page: note the write, drop the marker; the
+                    // retried access then takes the minor-fault path.
+                    if !states.cas(i, s, s.clear(CLEAN)) {
+                        continue;
+                    }
+                    unprotect(inner, i);
+                    stats.faults_write_protect.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let mut next = s.with_kind(Kind::Active).clear(PREFETCHED);
+                if fault.write {
+                    next = next.clear(CLEAN);
+                }
+                if !states.cas(i, s, next) {
+                    continue;
+                }
+                if s.has(PREFETCHED) {
+                    stats.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+                    inner
+                        .prefetch
+                        .lock()
+                        .expect("prefetch lock")
+                        .observe(fault.tid, i);
+                }
+                match inner
+                    .uffd
+                    .continue_(inner.page_addr(i), PAGE_SIZE as u64, next.has(CLEAN))
+                {
+                    Ok(Resolve::Done) => {}
+                    Ok(Resolve::Exists) => inner.wake(i),
+                    Err(e) => {
+                        tracing::error!(page = i, error = %e, "UFFDIO_CONTINUE failed");
+                        inner.wake(i);
+                    }
+                }
+                stats.faults_minor.fetch_add(1, Ordering::Relaxed);
+                stats.fault_minor_latency.record_duration(started.elapsed());
+                return;
+            }
+            Kind::Fetching | Kind::Evicting => {
+                // Another thread owns the page; it wakes us when done.
+                if s.has(WAITER) || states.cas(i, s, s.set(WAITER)) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Installs `data` at page `i` (which this thread owns) and wakes waiters.
+fn install(inner: &Inner, i: usize, data: &Page, write_protect: bool) {
+    match inner.uffd.copy(inner.page_addr(i), data, write_protect) {
+        Ok(Resolve::Done) => {}
+        Ok(Resolve::Exists) => inner.wake(i),
+        Err(e) => {
+            tracing::error!(page = i, error = %e, "UFFDIO_COPY failed");
+            inner.wake(i);
+        }
+    }
+}
+
+/// Publishes the final state of a page this thread owned and wakes anyone
+/// who queued behind it.
+fn finish(inner: &Inner, i: usize, new: State) {
+    let old = inner.states.swap(i, new.clear(WAITER));
+    if old.has(WAITER) {
+        inner.wake(i);
+    }
+}
+
+fn unprotect(inner: &Inner, i: usize) {
+    if let Err(e) = inner
+        .uffd
+        .write_protect(inner.page_addr(i), PAGE_SIZE as u64, false)
+    {
+        tracing::error!(page = i, error = %e, "clearing write protection failed");
+        inner.wake(i);
+    }
+}
+
+/// Fetches page `i` (owned, previously `before`) and, on a detected stream,
+/// the pages ahead of it, in one request.
+fn fetch(
+    inner: &Inner,
+    conn: &mut RemoteConn,
+    scratch: &mut Scratch,
+    i: usize,
+    before: State,
+    fault: Fault,
+) {
+    let write = fault.write;
+    let states = &inner.states;
+    scratch.pages.clear();
+    scratch.handles.clear();
+    scratch.pages.push(i);
+    let ahead = inner
+        .prefetch
+        .lock()
+        .expect("prefetch lock")
+        .observe(fault.tid, i);
+    for j in ahead.pages(i, states.len()) {
+        let s = states.get(j);
+        if s.kind() == Kind::Remote && states.cas(j, s, s.with_kind(Kind::Fetching)) {
+            scratch.pages.push(j);
+        }
+    }
+    scratch
+        .handles
+        .extend(scratch.pages.iter().map(|&p| inner.handle(p)));
+    inner.charge(scratch.pages.len());
+    let n = scratch.pages.len();
+    let deadline = Instant::now() + inner.cfg.fault_timeout;
+    let result = conn.get(&scratch.handles, &mut scratch.data[..n], deadline);
+    let statuses = match result {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(
+                region = format_args!("{:09x}", inner.id), page = i, server = %inner.server, error = %e,
+                "cannot fetch page: the faulting thread gets SIGBUS"
+            );
+            fail_all(inner, scratch, before);
+            return;
+        }
+    };
+    for (k, (&p, status)) in scratch.pages.iter().zip(&statuses).enumerate() {
+        let prior = if k == 0 { before } else { states.get(p) };
+        if *status != PageStatus::Ok {
+            if k == 0 {
+                tracing::error!(
+                    region = format_args!("{:09x}", inner.id), page = p, server = %inner.server,
+                    status = %status, "server does not have the page: the faulting thread gets SIGBUS"
+                );
+                poison(inner, p, prior);
+            } else {
+                finish(inner, p, prior.with_kind(Kind::Remote));
+                inner.uncharge(1);
+            }
+            continue;
+        }
+        let data = &scratch.data[k];
+        if k == 0 {
+            // The faulting page: map it; a read maps it write-protected so
+            // the first write is seen and the server copy stays valid.
+            install(inner, p, data, !write);
+            let mut next = prior.with_kind(Kind::Active).set(STORED).clear(PREFETCHED);
+            next = if write {
+                next.clear(CLEAN)
+            } else {
+                next.set(CLEAN)
+            };
+            finish(inner, p, next);
+            inner.stats.faults_remote.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // Ahead of the stream: into memory but not mapped, so the first
+            // touch is a cheap minor fault that counts as a prefetch hit.
+            match inner.backing.write_page(p, data) {
+                Ok(()) => {
+                    let next = prior
+                        .with_kind(Kind::Inactive)
+                        .set(STORED | CLEAN | PREFETCHED);
+                    finish(inner, p, next);
+                    inner.stats.prefetch_issued.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(page = p, error = %e, "prefetch write failed");
+                    finish(inner, p, prior.with_kind(Kind::Remote));
+                    inner.uncharge(1);
+                }
+            }
+        }
+    }
+}
+
+/// Gives up on a fetch: the faulting page is poisoned (SIGBUS for the
+/// access, never wrong data), prefetched pages go back to remote.
+fn fail_all(inner: &Inner, scratch: &Scratch, before: State) {
+    for (k, &p) in scratch.pages.iter().enumerate() {
+        if k == 0 {
+            poison(inner, p, before);
+        } else {
+            let prior = inner.states.get(p);
+            finish(inner, p, prior.with_kind(Kind::Remote));
+            inner.uncharge(1);
+        }
+    }
+}
+
+fn poison(inner: &Inner, i: usize, prior: State) {
+    inner.stats.faults_failed.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = inner.uffd.poison(inner.page_addr(i), PAGE_SIZE as u64) {
+        tracing::error!(page = i, error = %e, "UFFDIO_POISON failed");
+    }
+    finish(inner, i, prior.with_kind(Kind::Remote));
+    inner.uncharge(1);
+    inner.wake(i);
+}

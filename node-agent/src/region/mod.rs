@@ -1,0 +1,446 @@
+//! Remote-backed memory regions served by userfaultfd.
+//!
+//! A [`RemoteRegion`] is ordinary memory to the program that uses it. Behind
+//! it, the agent keeps at most `budget` bytes resident: an evictor thread
+//! picks cold pages with a CLOCK policy ([`crate::policy::clock`]), stores
+//! them on a memory server and frees them; fault-handler threads bring pages
+//! back on the next touch, fetching ahead on sequential and strided streams
+//! ([`crate::prefetch`]). See [`state`] for the page life cycle.
+
+mod evict;
+mod fault;
+pub mod state;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rmem_client::{ClientConfig, ClientError};
+use rmem_common::Histogram;
+use rmem_proto::wire::PAGE_SIZE;
+use serde::Serialize;
+
+use self::state::{STORED, States};
+use crate::mem::Backing;
+use crate::prefetch::Streams;
+use crate::remote::{RemoteConn, thread_config};
+use crate::uffd::{self, Uffd};
+
+/// Largest region, in pages (the page index takes 28 bits of a handle).
+pub const MAX_REGION_PAGES: usize = 1 << 28;
+
+/// How a region behaves.
+#[derive(Debug, Clone)]
+pub struct RegionConfig {
+    /// Size in bytes (a multiple of 4 KiB).
+    pub size: u64,
+    /// Most bytes kept in local memory.
+    pub budget: u64,
+    /// Threads serving faults.
+    pub fault_threads: usize,
+    /// How long a fault waits for an unreachable server before the faulting
+    /// thread gets SIGBUS.
+    pub fault_timeout: Duration,
+    /// Pages evicted per server request.
+    pub evict_batch: usize,
+    /// Most pages fetched ahead of a detected stream (0 disables prefetch).
+    pub prefetch_max: usize,
+    /// How long an idle fault handler keeps polling before it sleeps in
+    /// poll(2): trades CPU for fault latency.
+    pub spin: Duration,
+}
+
+impl Default for RegionConfig {
+    fn default() -> Self {
+        Self {
+            size: 64 << 20,
+            budget: 16 << 20,
+            fault_threads: 1,
+            fault_timeout: Duration::from_secs(10),
+            evict_batch: 64,
+            prefetch_max: 32,
+            spin: Duration::from_micros(50),
+        }
+    }
+}
+
+/// Why a region could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    #[error("invalid `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("cannot create the region's memory")]
+    Memory(#[source] std::io::Error),
+    #[error(
+        "cannot open userfaultfd (run as root, or set vm.unprivileged_userfaultfd=1, or give the user access to /dev/userfaultfd)"
+    )]
+    Userfaultfd(#[source] std::io::Error),
+    #[error("cannot register the region with userfaultfd")]
+    Register(#[source] std::io::Error),
+    #[error("cannot reach the memory server")]
+    Server(#[source] ClientError),
+    #[error("cannot start a region thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Counters of a region.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub faults_zero: AtomicU64,
+    pub faults_remote: AtomicU64,
+    pub faults_minor: AtomicU64,
+    pub faults_write_protect: AtomicU64,
+    pub faults_failed: AtomicU64,
+    pub pages_evicted: AtomicU64,
+    pub pages_dropped_clean: AtomicU64,
+    pub pages_dropped_zero: AtomicU64,
+    pub evict_failures: AtomicU64,
+    pub prefetch_issued: AtomicU64,
+    pub prefetch_hits: AtomicU64,
+    pub throttled_faults: AtomicU64,
+    /// Nanoseconds the evictor spent storing pages (read, PUT, free).
+    pub evict_busy_ns: AtomicU64,
+    /// Service time of faults fetched from the server, ns.
+    pub fault_remote_latency: Histogram,
+    /// Service time of minor faults (access tracking, prefetch hits), ns.
+    pub fault_minor_latency: Histogram,
+}
+
+/// A snapshot of [`Stats`] and residency, for reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatsSnapshot {
+    pub pages: usize,
+    pub budget_pages: usize,
+    pub resident_pages: usize,
+    pub peak_resident_pages: usize,
+    pub faults_zero: u64,
+    pub faults_remote: u64,
+    pub faults_minor: u64,
+    pub faults_write_protect: u64,
+    pub faults_failed: u64,
+    pub pages_evicted: u64,
+    pub pages_dropped_clean: u64,
+    pub pages_dropped_zero: u64,
+    pub evict_failures: u64,
+    pub prefetch_issued: u64,
+    pub prefetch_hits: u64,
+    pub throttled_faults: u64,
+    pub evict_busy_ns: u64,
+    pub fault_remote_latency_ns: rmem_common::Percentiles,
+    pub fault_minor_latency_ns: rmem_common::Percentiles,
+}
+
+/// State shared by a region's threads.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) cfg: RegionConfig,
+    /// High bits of every page handle of this region.
+    pub(crate) id: u64,
+    pub(crate) backing: Backing,
+    pub(crate) uffd: Uffd,
+    pub(crate) states: States,
+    pub(crate) budget_pages: usize,
+    pub(crate) resident: AtomicUsize,
+    pub(crate) peak_resident: AtomicUsize,
+    pub(crate) stop: AtomicBool,
+    /// The evictor sleeps on this until residency crosses the high mark.
+    pub(crate) evict_wanted: (Mutex<()>, Condvar),
+    /// Faults over budget sleep on this until the evictor frees memory.
+    pub(crate) space_freed: (Mutex<()>, Condvar),
+    pub(crate) prefetch: Mutex<Streams>,
+    pub(crate) stats: Stats,
+    pub(crate) server: String,
+}
+
+impl Inner {
+    /// The server handle of page `i`.
+    pub(crate) fn handle(&self, i: usize) -> u64 {
+        (self.id << 28) | i as u64
+    }
+
+    pub(crate) fn page_addr(&self, i: usize) -> u64 {
+        self.backing.page_addr(i)
+    }
+
+    /// Headroom the evictor keeps below the budget.
+    pub(crate) fn headroom(&self) -> usize {
+        (self.budget_pages / 16).clamp(4, self.cfg.evict_batch.max(4))
+    }
+
+    /// Residency above which the evictor starts.
+    pub(crate) fn high_mark(&self) -> usize {
+        self.budget_pages.saturating_sub(self.headroom()).max(1)
+    }
+
+    /// Residency the evictor brings memory down to.
+    pub(crate) fn low_mark(&self) -> usize {
+        self.budget_pages.saturating_sub(2 * self.headroom()).max(1)
+    }
+
+    /// Accounts `n` pages becoming resident; wakes the evictor past the
+    /// high mark and, past the budget, waits (up to the fault timeout) for
+    /// it to make room.
+    pub(crate) fn charge(&self, n: usize) {
+        let now = self.resident.fetch_add(n, Ordering::AcqRel) + n;
+        self.peak_resident.fetch_max(now, Ordering::Relaxed);
+        if now > self.high_mark() {
+            self.evict_wanted.1.notify_one();
+        }
+        if now <= self.budget_pages {
+            return;
+        }
+        self.stats.throttled_faults.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + self.cfg.fault_timeout;
+        let mut guard = self.space_freed.0.lock().expect("space lock");
+        while self.resident.load(Ordering::Acquire) > self.budget_pages
+            && !self.stop.load(Ordering::Relaxed)
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(server = %self.server, "evictor cannot keep up; exceeding the local budget");
+                return;
+            }
+            self.evict_wanted.1.notify_one();
+            guard = self
+                .space_freed
+                .1
+                .wait_timeout(guard, left.min(Duration::from_millis(20)))
+                .expect("space lock")
+                .0;
+        }
+    }
+
+    /// Accounts `n` pages leaving memory.
+    pub(crate) fn uncharge(&self, n: usize) {
+        self.resident.fetch_sub(n, Ordering::AcqRel);
+        self.space_freed.1.notify_all();
+    }
+
+    /// Wakes threads waiting on page `i`.
+    pub(crate) fn wake(&self, i: usize) {
+        if let Err(e) = self.uffd.wake(self.page_addr(i), PAGE_SIZE as u64) {
+            tracing::error!(page = i, error = %e, "UFFDIO_WAKE failed");
+        }
+    }
+}
+
+/// Memory whose cold pages live on a memory server.
+#[derive(Debug)]
+pub struct RemoteRegion {
+    inner: Arc<Inner>,
+    threads: Vec<JoinHandle<()>>,
+    client: ClientConfig,
+}
+
+impl RemoteRegion {
+    /// Creates a region backed by the memory server `client` points at.
+    pub fn new(cfg: RegionConfig, client: ClientConfig) -> Result<Self, RegionError> {
+        let invalid = |field, reason: &str| RegionError::Invalid {
+            field,
+            reason: reason.to_string(),
+        };
+        if cfg.size == 0 || !cfg.size.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(invalid("size", "must be a positive multiple of 4 KiB"));
+        }
+        let pages = (cfg.size / PAGE_SIZE as u64) as usize;
+        if pages > MAX_REGION_PAGES {
+            return Err(invalid("size", "at most 1 TiB per region"));
+        }
+        let budget_pages = (cfg.budget / PAGE_SIZE as u64) as usize;
+        if budget_pages < 16 {
+            return Err(invalid("budget", "must be at least 64 KiB (16 pages)"));
+        }
+        if cfg.fault_threads == 0 {
+            return Err(invalid("fault_threads", "must be at least 1"));
+        }
+        if cfg.evict_batch == 0 {
+            return Err(invalid("evict_batch", "must be at least 1"));
+        }
+
+        // Check the server and learn its batch limit before anything else.
+        let mut probe = RemoteConn::new(thread_config(&client, cfg.fault_timeout));
+        let max_batch = probe
+            .max_batch(Instant::now() + cfg.fault_timeout)
+            .map_err(RegionError::Server)? as usize;
+        let mut cfg = cfg;
+        cfg.evict_batch = cfg.evict_batch.min(max_batch);
+        cfg.prefetch_max = cfg.prefetch_max.min(max_batch.saturating_sub(1));
+
+        let backing = Backing::new("rmem-region", pages).map_err(RegionError::Memory)?;
+        let uffd = Uffd::open(
+            uffd::feature::PAGEFAULT_FLAG_WP
+                | uffd::feature::MISSING_SHMEM
+                | uffd::feature::MINOR_SHMEM
+                | uffd::feature::WP_HUGETLBFS_SHMEM
+                | uffd::feature::THREAD_ID
+                | uffd::feature::POISON,
+        )
+        .map_err(RegionError::Userfaultfd)?;
+        uffd.register(
+            backing.base() as u64,
+            backing.len() as u64,
+            uffd::mode::MISSING | uffd::mode::MINOR | uffd::mode::WP,
+        )
+        .map_err(RegionError::Register)?;
+
+        let id = rand::random::<u64>() >> 28;
+        let inner = Arc::new(Inner {
+            id,
+            states: States::new(pages),
+            budget_pages,
+            resident: AtomicUsize::new(0),
+            peak_resident: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            evict_wanted: (Mutex::new(()), Condvar::new()),
+            space_freed: (Mutex::new(()), Condvar::new()),
+            prefetch: Mutex::new(Streams::new(cfg.prefetch_max)),
+            stats: Stats::default(),
+            server: client.addr.clone(),
+            backing,
+            uffd,
+            cfg,
+        });
+        let mut region = Self {
+            inner: inner.clone(),
+            threads: Vec::new(),
+            client: client.clone(),
+        };
+        for t in 0..inner.cfg.fault_threads {
+            let conn = RemoteConn::new(thread_config(&client, inner.cfg.fault_timeout));
+            let inner = inner.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("rmem-fault-{t}"))
+                .spawn(move || fault::run(&inner, conn))
+                .map_err(RegionError::Thread)?;
+            region.threads.push(h);
+        }
+        let conn = RemoteConn::new(thread_config(&client, inner.cfg.fault_timeout));
+        let evictor = inner.clone();
+        let h = std::thread::Builder::new()
+            .name("rmem-evict".into())
+            .spawn(move || evict::run(&evictor, conn))
+            .map_err(RegionError::Thread)?;
+        region.threads.push(h);
+        tracing::info!(
+            region = format_args!("{id:09x}"), pages, budget_pages, server = %client.addr,
+            "region created"
+        );
+        Ok(region)
+    }
+
+    /// Start of the region. The memory may be read and written from any
+    /// thread like any other memory; the usual rules about data races
+    /// between the program's own threads apply.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.inner.backing.base()
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.inner.backing.len()
+    }
+
+    /// Whether the region is empty (never: regions have at least a page).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> usize {
+        self.inner.states.len()
+    }
+
+    /// The region as a byte slice, for a single owner.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is valid for `len` bytes for the region's
+        // lifetime, and `&mut self` rules out other safe borrows. Faults on
+        // it are served by this region's threads.
+        unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.len()) }
+    }
+
+    /// Counters and residency.
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.inner.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            pages: self.pages(),
+            budget_pages: self.inner.budget_pages,
+            resident_pages: self.inner.resident.load(Ordering::Relaxed),
+            peak_resident_pages: self.inner.peak_resident.load(Ordering::Relaxed),
+            faults_zero: l(&s.faults_zero),
+            faults_remote: l(&s.faults_remote),
+            faults_minor: l(&s.faults_minor),
+            faults_write_protect: l(&s.faults_write_protect),
+            faults_failed: l(&s.faults_failed),
+            pages_evicted: l(&s.pages_evicted),
+            pages_dropped_clean: l(&s.pages_dropped_clean),
+            pages_dropped_zero: l(&s.pages_dropped_zero),
+            evict_failures: l(&s.evict_failures),
+            prefetch_issued: l(&s.prefetch_issued),
+            prefetch_hits: l(&s.prefetch_hits),
+            throttled_faults: l(&s.throttled_faults),
+            evict_busy_ns: l(&s.evict_busy_ns),
+            fault_remote_latency_ns: s.fault_remote_latency.percentiles(),
+            fault_minor_latency_ns: s.fault_minor_latency.percentiles(),
+        }
+    }
+
+    /// Bytes the kernel holds for the region right now (independent of the
+    /// agent's own accounting).
+    pub fn kernel_resident_bytes(&self) -> u64 {
+        self.inner.backing.allocated_bytes().unwrap_or(0)
+    }
+
+    /// The region's handle prefix (for logs).
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// Resets the resident high-water mark.
+    pub fn reset_peak(&self) {
+        self.inner.peak_resident.store(
+            self.inner.resident.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+impl Drop for RemoteRegion {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        inner.stop.store(true, Ordering::Release);
+        inner.evict_wanted.1.notify_all();
+        inner.space_freed.1.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        // Free every page the server holds for this region.
+        let stored: Vec<u64> = (0..inner.states.len())
+            .filter(|&i| inner.states.get(i).has(STORED))
+            .map(|i| inner.handle(i))
+            .collect();
+        if !stored.is_empty() {
+            let mut conn = RemoteConn::new(thread_config(&self.client, inner.cfg.fault_timeout));
+            let deadline = Instant::now() + inner.cfg.fault_timeout;
+            let batch = conn.max_batch(deadline).unwrap_or(64) as usize;
+            for chunk in stored.chunks(batch.max(1)) {
+                if let Err(e) = conn.free(chunk, deadline) {
+                    tracing::warn!(
+                        region = format_args!("{:09x}", inner.id), server = %inner.server, error = %e,
+                        "cannot free the region's pages on the server; they stay allocated"
+                    );
+                    break;
+                }
+            }
+        }
+        let _ = inner
+            .uffd
+            .unregister(inner.backing.base() as u64, inner.backing.len() as u64);
+        tracing::info!(
+            region = format_args!("{:09x}", inner.id),
+            freed = stored.len(),
+            "region dropped"
+        );
+    }
+}

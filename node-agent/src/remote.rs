@@ -1,0 +1,111 @@
+//! A thread's own connection to a memory server, reconnected with backoff
+//! until a deadline. Fault handlers and the evictor each own one, so the
+//! thread that needs a page sends the request and reads the answer itself.
+
+use std::time::{Duration, Instant};
+
+use rmem_client::{BlockingConnection, ClientConfig, ClientError, Page, PageStatus};
+
+/// A reconnecting blocking connection.
+#[derive(Debug)]
+pub struct RemoteConn {
+    cfg: ClientConfig,
+    conn: Option<BlockingConnection>,
+}
+
+impl RemoteConn {
+    /// Not connected yet; the first request connects.
+    pub fn new(cfg: ClientConfig) -> Self {
+        Self { cfg, conn: None }
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> &str {
+        &self.cfg.addr
+    }
+
+    fn with<T>(
+        &mut self,
+        deadline: Instant,
+        mut op: impl FnMut(&mut BlockingConnection) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let mut delay = self.cfg.backoff_initial;
+        loop {
+            let result = match &mut self.conn {
+                Some(c) => op(c),
+                None => match BlockingConnection::connect(&self.cfg) {
+                    Ok(c) => {
+                        if self.conn.is_none() {
+                            tracing::debug!(addr = %self.cfg.addr, "connected");
+                        }
+                        op(self.conn.insert(c))
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() && Instant::now() + delay < deadline => {
+                    tracing::debug!(addr = %self.cfg.addr, error = %e, ?delay, "server request failed; retrying");
+                    self.conn = None;
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(self.cfg.backoff_max);
+                }
+                Err(e) => {
+                    self.conn = None;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// GET with retries until `deadline`.
+    pub fn get(
+        &mut self,
+        handles: &[u64],
+        out: &mut [Page],
+        deadline: Instant,
+    ) -> Result<Vec<PageStatus>, ClientError> {
+        self.with(deadline, |c| {
+            c.get(handles, out).map(<[PageStatus]>::to_vec)
+        })
+    }
+
+    /// PUT with retries until `deadline`.
+    pub fn put(
+        &mut self,
+        pages: &[(u64, &Page)],
+        deadline: Instant,
+    ) -> Result<Vec<PageStatus>, ClientError> {
+        self.with(deadline, |c| c.put(pages))
+    }
+
+    /// FREE with retries until `deadline`.
+    pub fn free(
+        &mut self,
+        handles: &[u64],
+        deadline: Instant,
+    ) -> Result<Vec<PageStatus>, ClientError> {
+        self.with(deadline, |c| c.free(handles))
+    }
+
+    /// The batch limit of the server (connecting if needed).
+    pub fn max_batch(&mut self, deadline: Instant) -> Result<u32, ClientError> {
+        self.with(deadline, |c| Ok(c.limits().max_batch_pages))
+    }
+}
+
+/// A client configuration whose per-call socket timeout suits a thread that
+/// must notice a dead server quickly and reconnect.
+pub fn thread_config(base: &ClientConfig, fault_timeout: Duration) -> ClientConfig {
+    let mut cfg = base.clone();
+    cfg.request_timeout = cfg
+        .request_timeout
+        .min(fault_timeout)
+        .max(Duration::from_millis(100));
+    cfg.connect_timeout = cfg
+        .connect_timeout
+        .min(fault_timeout)
+        .max(Duration::from_millis(100));
+    cfg
+}
