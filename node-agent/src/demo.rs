@@ -35,6 +35,8 @@ pub struct DemoConfig {
     pub tenant: String,
     pub token: Option<String>,
     pub prefetch_max: usize,
+    /// How long a fault waits for an unreachable server before SIGBUS.
+    pub fault_timeout: Duration,
     pub seed: u64,
     pub progress: bool,
 }
@@ -52,6 +54,7 @@ impl Default for DemoConfig {
             tenant: "default".into(),
             token: None,
             prefetch_max: 32,
+            fault_timeout: Duration::from_secs(10),
             seed: 1,
             progress: false,
         }
@@ -333,6 +336,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
             size: cfg.size.bytes(),
             budget: cfg.budget.bytes(),
             prefetch_max: cfg.prefetch_max,
+            fault_timeout: cfg.fault_timeout,
             ..RegionConfig::default()
         },
         client.clone(),

@@ -56,9 +56,17 @@ struct DemoArgs {
     /// Most pages fetched ahead of a sequential or strided stream (0: off).
     #[arg(long, default_value_t = 32)]
     prefetch: usize,
+    /// How long a fault waits for an unreachable server; past it the
+    /// faulting thread gets SIGBUS (e.g. 500ms, 10s).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    fault_timeout: std::time::Duration,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -75,6 +83,7 @@ fn main() -> ExitCode {
                 tenant: d.tenant,
                 token: d.token,
                 prefetch_max: d.prefetch,
+                fault_timeout: d.fault_timeout,
                 progress: !d.json && demo::stdout_is_terminal(),
                 ..DemoConfig::default()
             };

@@ -53,8 +53,15 @@ pub(crate) fn run(inner: &Inner, mut conn: RemoteConn) {
                 .evict_busy_ns
                 .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             if ok {
+                if inner.evict_stalled.swap(false, Ordering::AcqRel) {
+                    tracing::info!(server = %inner.server, "eviction resumed");
+                }
                 backoff = Duration::from_millis(10);
             } else {
+                if !inner.evict_stalled.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(server = %inner.server, "eviction stalled: the region runs over its budget until the server takes pages again");
+                    inner.space_freed.1.notify_all();
+                }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 break;

@@ -144,6 +144,10 @@ pub(crate) struct Inner {
     pub(crate) resident: AtomicUsize,
     pub(crate) peak_resident: AtomicUsize,
     pub(crate) stop: AtomicBool,
+    /// Set while the evictor cannot store pages (server unreachable or
+    /// full): faults then stop waiting for room and the region runs over
+    /// its budget rather than stalling the program.
+    pub(crate) evict_stalled: AtomicBool,
     /// The evictor sleeps on this until residency crosses the high mark.
     pub(crate) evict_wanted: (Mutex<()>, Condvar),
     /// Faults over budget sleep on this until the evictor frees memory.
@@ -187,7 +191,7 @@ impl Inner {
         if now > self.high_mark() {
             self.evict_wanted.1.notify_one();
         }
-        if now <= self.budget_pages {
+        if now <= self.budget_pages || self.evict_stalled.load(Ordering::Acquire) {
             return;
         }
         self.stats.throttled_faults.fetch_add(1, Ordering::Relaxed);
@@ -195,6 +199,7 @@ impl Inner {
         let mut guard = self.space_freed.0.lock().expect("space lock");
         while self.resident.load(Ordering::Acquire) > self.budget_pages
             && !self.stop.load(Ordering::Relaxed)
+            && !self.evict_stalled.load(Ordering::Acquire)
         {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -292,6 +297,7 @@ impl RemoteRegion {
             resident: AtomicUsize::new(0),
             peak_resident: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
+            evict_stalled: AtomicBool::new(false),
             evict_wanted: (Mutex::new(()), Condvar::new()),
             space_freed: (Mutex::new(()), Condvar::new()),
             prefetch: Mutex::new(Streams::new(cfg.prefetch_max)),
@@ -390,6 +396,11 @@ impl RemoteRegion {
     /// agent's own accounting).
     pub fn kernel_resident_bytes(&self) -> u64 {
         self.inner.backing.allocated_bytes().unwrap_or(0)
+    }
+
+    /// Whether page `i` is in local memory right now (diagnostics, tests).
+    pub fn is_resident(&self, i: usize) -> bool {
+        self.inner.states.get(i).resident()
     }
 
     /// The region's handle prefix (for logs).

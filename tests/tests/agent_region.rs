@@ -1,0 +1,393 @@
+//! Integration tests of the userspace agent: `RemoteRegion` in this process
+//! against a real `rmem-server` process, and the `rmem-agent` binary.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rmem_agent::{RegionConfig, RemoteRegion};
+use rmem_client::{BlockingConnection, PAGE_SIZE};
+use rmem_tests::{Daemon, ServerProcess, wait_until};
+
+fn region(server: &ServerProcess, pages: usize, budget_pages: usize) -> RemoteRegion {
+    RemoteRegion::new(
+        RegionConfig {
+            size: (pages * PAGE_SIZE) as u64,
+            budget: (budget_pages * PAGE_SIZE) as u64,
+            fault_timeout: Duration::from_secs(20),
+            ..RegionConfig::default()
+        },
+        server.client_config(),
+    )
+    .unwrap()
+}
+
+/// The region's memory as 8-byte words, shared by test threads that each
+/// own a disjoint set of words.
+#[derive(Clone, Copy)]
+struct Words {
+    base: usize,
+    len: usize,
+}
+
+impl Words {
+    fn of(r: &RemoteRegion) -> Self {
+        Self {
+            base: r.as_ptr() as usize,
+            len: r.len() / 8,
+        }
+    }
+    fn read(self, w: usize) -> u64 {
+        assert!(w < self.len);
+        // SAFETY: w is inside the live region; only the thread that owns
+        // word w accesses it.
+        unsafe { ((self.base + w * 8) as *const u64).read_volatile() }
+    }
+    fn write(self, w: usize, v: u64) {
+        assert!(w < self.len);
+        // SAFETY: as in `read`.
+        unsafe { ((self.base + w * 8) as *mut u64).write_volatile(v) }
+    }
+}
+
+/// Random reads and writes of words, every read checked against a shadow
+/// copy. Thread `t` of `n` owns the words `w` with `w % n == t`. Most
+/// accesses go to a window of 64 pages per thread that jumps every 20,000
+/// operations (locality, so millions of operations run in seconds), one in
+/// twenty anywhere (misses, so pages keep moving out and back).
+fn hammer(words: Words, t: usize, n: usize, ops: usize, seed: u64, shadow: &mut [u64]) -> usize {
+    const WINDOW: usize = 64 * PAGE_SIZE / 8;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ t as u64);
+    let mine = words.len / n;
+    let window = (WINDOW / n).min(mine);
+    let mut base = 0;
+    let mut errors = 0;
+    for op in 0..ops {
+        if op % 20_000 == 0 {
+            base = rng.random_range(0..=mine - window);
+        }
+        let k = if rng.random_bool(0.95) {
+            base + rng.random_range(0..window)
+        } else {
+            rng.random_range(0..mine)
+        };
+        let w = k * n + t;
+        if rng.random_bool(0.3) {
+            let v: u64 = rng.random();
+            words.write(w, v);
+            shadow[k] = v;
+        } else if words.read(w) != shadow[k] {
+            errors += 1;
+        }
+    }
+    errors
+}
+
+fn verify_all(words: Words, t: usize, n: usize, shadow: &[u64]) -> usize {
+    (0..words.len / n)
+        .filter(|&k| words.read(k * n + t) != shadow[k])
+        .count()
+}
+
+#[test]
+fn many_threads_random_reads_and_writes_under_heavy_eviction() {
+    let server = ServerProcess::start(&["--capacity", "64MiB"]);
+    // 8192 pages (32 MiB) in a 512-page (2 MiB) budget, 2 million
+    // operations from 4 threads.
+    let r = region(&server, 8192, 512);
+    let words = Words::of(&r);
+    let threads = 4;
+    let ops = 500_000;
+    let errors: usize = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut shadow = vec![0u64; words.len / threads];
+                    let e = hammer(words, t, threads, ops, 42, &mut shadow);
+                    e + verify_all(words, t, threads, &shadow)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    let st = r.stats();
+    assert_eq!(errors, 0, "{errors} words read back wrong; {st:?}");
+    assert!(
+        st.pages_evicted > 5_000,
+        "not enough eviction pressure: {st:?}"
+    );
+    assert!(st.faults_remote > 5_000, "{st:?}");
+    assert!(
+        st.peak_resident_pages <= 512 + 64,
+        "budget overshot: {st:?}"
+    );
+    assert!(r.kernel_resident_bytes() <= 512 * PAGE_SIZE as u64);
+}
+
+#[test]
+fn a_skewed_workload_keeps_its_hot_set_resident() {
+    let server = ServerProcess::start(&["--capacity", "64MiB"]);
+    let pages = 4096;
+    let r = region(&server, pages, 512);
+    let words = Words::of(&r);
+    let per_page = PAGE_SIZE / 8;
+    // Hot set: 128 scattered pages get 90% of the accesses.
+    let hot: Vec<usize> = (0..128).map(|k| (k * 31 + 7) % pages).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for p in 0..pages {
+        words.write(p * per_page, p as u64 + 1);
+    }
+    for round in 0..200_000 {
+        let p = if rng.random_bool(0.9) {
+            hot[rng.random_range(0..hot.len())]
+        } else {
+            rng.random_range(0..pages)
+        };
+        assert_eq!(
+            words.read(p * per_page),
+            p as u64 + 1,
+            "round {round} page {p}"
+        );
+    }
+    let resident_hot = hot.iter().filter(|&&p| r.is_resident(p)).count();
+    let st = r.stats();
+    assert!(
+        resident_hot >= hot.len() * 95 / 100,
+        "only {resident_hot} of {} hot pages are resident: {st:?}",
+        hot.len()
+    );
+    // Cold pages do get evicted: the budget holds.
+    assert!(st.pages_evicted + st.pages_dropped_clean > 3_000, "{st:?}");
+}
+
+#[test]
+fn a_sequential_scan_is_prefetched() {
+    let server = ServerProcess::start(&["--capacity", "64MiB"]);
+    let pages = 4096;
+    let r = region(&server, pages, 256);
+    let words = Words::of(&r);
+    let per_page = PAGE_SIZE / 8;
+    for p in 0..pages {
+        words.write(p * per_page + 5, p as u64 ^ 0xABCD);
+    }
+    let before = r.stats();
+    for p in 0..pages {
+        assert_eq!(words.read(p * per_page + 5), p as u64 ^ 0xABCD);
+    }
+    let st = r.stats();
+    let issued = st.prefetch_issued - before.prefetch_issued;
+    let hits = st.prefetch_hits - before.prefetch_hits;
+    let remote = st.faults_remote - before.faults_remote;
+    assert!(issued > 3_000, "prefetch issued only {issued}: {st:?}");
+    assert!(hits * 100 >= issued * 95, "hit rate {hits}/{issued}");
+    assert!(remote < 500, "{remote} demand faults on a sequential scan");
+}
+
+#[test]
+fn dropping_a_region_frees_its_pages_on_the_server() {
+    let server = ServerProcess::start(&["--capacity", "64MiB"]);
+    let mut stat = BlockingConnection::connect(&server.client_config()).unwrap();
+    {
+        let r = region(&server, 2048, 128);
+        let words = Words::of(&r);
+        for w in (0..words.len).step_by(512) {
+            words.write(w, w as u64 + 1);
+        }
+        assert!(wait_until(Duration::from_secs(10), || stat
+            .stat()
+            .unwrap()
+            .used_pages
+            > 1_500));
+    }
+    assert_eq!(stat.stat().unwrap().used_pages, 0);
+}
+
+#[test]
+fn the_workload_survives_a_server_restart_with_a_pool_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let pool = pool.to_str().unwrap().to_string();
+    let mut server = ServerProcess::start(&["--capacity", "64MiB", "--pool-file", &pool]);
+    let addr = server.data.to_string();
+    let r = region(&server, 4096, 256);
+    let words = Words::of(&r);
+    let threads = 2;
+    let running = Arc::new(AtomicBool::new(true));
+    let errors: usize = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let running = running.clone();
+                s.spawn(move || {
+                    let mut shadow = vec![0u64; words.len / threads];
+                    let mut errors = 0;
+                    let mut round = 0;
+                    while running.load(Ordering::Relaxed) || round < 3 {
+                        errors += hammer(words, t, threads, 20_000, round, &mut shadow);
+                        round += 1;
+                    }
+                    errors + verify_all(words, t, threads, &shadow)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        server.daemon.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        let again = ServerProcess::start(&[
+            "--capacity",
+            "64MiB",
+            "--pool-file",
+            &pool,
+            "--listen",
+            &addr,
+        ]);
+        std::thread::sleep(Duration::from_millis(700));
+        running.store(false, Ordering::Relaxed);
+        let e = hs.into_iter().map(|h| h.join().unwrap()).sum();
+        drop(again);
+        e
+    });
+    let st = r.stats();
+    assert_eq!(errors, 0, "{st:?}");
+    assert_eq!(st.faults_failed, 0, "{st:?}");
+    std::mem::forget(r); // the server is gone; do not wait on freeing
+}
+
+#[test]
+fn a_server_gone_for_good_ends_in_sigbus_not_a_hang() {
+    let mut server = ServerProcess::start(&["--capacity", "64MiB"]);
+    let addr = server.data.to_string();
+    let mut agent = Daemon::spawn(
+        "rmem-agent",
+        &[
+            "--log-format",
+            "json",
+            "demo",
+            "--server",
+            &addr,
+            "--budget",
+            "1MiB",
+            "--size",
+            "16MiB",
+            "--ops",
+            "100000000",
+            "--fault-timeout",
+            "1s",
+            "--json",
+        ],
+    );
+    // Let it evict, then take the server away.
+    assert!(wait_until(Duration::from_secs(30), || {
+        let mut c = BlockingConnection::connect(&server.client_config()).unwrap();
+        c.stat().unwrap().used_pages > 1_000
+    }));
+    server.daemon.kill();
+    let status = agent
+        .wait(Duration::from_secs(60))
+        .expect("the agent hung after its server died");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGBUS),
+        "{status:?}\n{}",
+        agent.log_text()
+    );
+    let log = agent.log_text();
+    assert!(log.contains("the faulting thread gets SIGBUS"), "{log}");
+    assert!(log.contains(&addr), "the log names the server: {log}");
+}
+
+#[test]
+fn a_forked_child_has_no_mapping_and_the_parent_keeps_its_data() {
+    let server = ServerProcess::start(&["--capacity", "64MiB"]);
+    let r = region(&server, 1024, 64);
+    let words = Words::of(&r);
+    for w in (0..words.len).step_by(512) {
+        words.write(w, !(w as u64));
+    }
+    // SAFETY: the child only performs a volatile read (which faults) and
+    // _exit; it touches no lock or allocator state inherited mid-use.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let v = words.read(0);
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(if v == !0u64 { 0 } else { 1 }) };
+    }
+    assert!(pid > 0, "fork failed");
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFSIGNALED(status), "child exited normally: {status}");
+    assert_eq!(libc::WTERMSIG(status), libc::SIGSEGV);
+    for w in (0..words.len).step_by(512) {
+        assert_eq!(words.read(w), !(w as u64));
+    }
+}
+
+#[test]
+fn the_demo_reports_json_and_passes() {
+    let out = std::process::Command::new(rmem_tests::bin("rmem-agent"))
+        .args(["demo", "--budget", "2MiB", "--ops", "20000", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verify_ok"], true);
+    for key in [
+        "pages_evicted",
+        "pages_fetched",
+        "budget_bytes",
+        "peak_rss_bytes",
+        "evict_throughput_mib_s",
+        "prefetch_hit_rate",
+    ] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key} in {report}");
+    }
+    for p in ["p50", "p99", "p999"] {
+        assert!(report["fault_latency_us"][p].as_f64().unwrap() > 0.0);
+    }
+    assert!(report["peak_rss_bytes"].as_u64() <= report["budget_bytes"].as_u64());
+    assert_eq!(report["server_pages_after_drop"], 0);
+}
+
+#[test]
+fn an_ordinary_user_can_run_the_agent() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0
+        || std::process::Command::new("setpriv")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        eprintln!("skipped: needs root and setpriv to switch to an ordinary user");
+        return;
+    }
+    let server = ServerProcess::start(&["--capacity", "16MiB"]);
+    let bin = rmem_tests::bin("rmem-agent");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin)
+        .args([
+            "demo",
+            "--server",
+            &server.data.to_string(),
+            "--budget",
+            "1MiB",
+            "--ops",
+            "5000",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verify_ok"], true);
+}
