@@ -35,6 +35,8 @@ pub struct DemoConfig {
     pub tenant: String,
     pub token: Option<String>,
     pub prefetch_max: usize,
+    /// Threads serving the region's faults.
+    pub fault_threads: usize,
     /// How long a fault waits for an unreachable server before SIGBUS.
     pub fault_timeout: Duration,
     pub seed: u64,
@@ -54,6 +56,7 @@ impl Default for DemoConfig {
             tenant: "default".into(),
             token: None,
             prefetch_max: 32,
+            fault_threads: RegionConfig::default().fault_threads,
             fault_timeout: Duration::from_secs(10),
             seed: 1,
             progress: false,
@@ -337,6 +340,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
             budget: cfg.budget.bytes(),
             prefetch_max: cfg.prefetch_max,
             fault_timeout: cfg.fault_timeout,
+            fault_threads: cfg.fault_threads,
             ..RegionConfig::default()
         },
         client.clone(),

@@ -56,6 +56,10 @@ struct DemoArgs {
     /// Most pages fetched ahead of a sequential or strided stream (0: off).
     #[arg(long, default_value_t = 32)]
     prefetch: usize,
+    /// Threads serving the region's page faults (faults on different pages
+    /// are served in parallel).
+    #[arg(long, default_value_t = 2)]
+    fault_threads: usize,
     /// How long a fault waits for an unreachable server; past it the
     /// faulting thread gets SIGBUS (e.g. 500ms, 10s).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
                 token: d.token,
                 prefetch_max: d.prefetch,
                 fault_timeout: d.fault_timeout,
+                fault_threads: d.fault_threads,
                 progress: !d.json && demo::stdout_is_terminal(),
                 ..DemoConfig::default()
             };

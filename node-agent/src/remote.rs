@@ -59,15 +59,20 @@ impl RemoteConn {
         }
     }
 
-    /// GET with retries until `deadline`.
+    /// GET with retries until `deadline`; the page statuses go to
+    /// `statuses` (reused, so the fault path does not allocate).
     pub fn get(
         &mut self,
         handles: &[u64],
         out: &mut [Page],
+        statuses: &mut Vec<PageStatus>,
         deadline: Instant,
-    ) -> Result<Vec<PageStatus>, ClientError> {
+    ) -> Result<(), ClientError> {
         self.with(deadline, |c| {
-            c.get(handles, out).map(<[PageStatus]>::to_vec)
+            let s = c.get(handles, out)?;
+            statuses.clear();
+            statuses.extend_from_slice(s);
+            Ok(())
         })
     }
 

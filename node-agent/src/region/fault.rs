@@ -24,6 +24,7 @@ struct Scratch {
     pages: Vec<usize>,
     handles: Vec<u64>,
     data: Vec<Page>,
+    statuses: Vec<PageStatus>,
 }
 
 /// Body of a fault-handler thread.
@@ -33,6 +34,7 @@ pub(crate) fn run(inner: &Inner, mut conn: RemoteConn) {
         pages: Vec::with_capacity(cap),
         handles: Vec::with_capacity(cap),
         data: vec![[0u8; PAGE_SIZE]; cap],
+        statuses: Vec::with_capacity(cap),
     };
     let mut last_fault = Instant::now();
     while !inner.stop.load(Ordering::Relaxed) {
@@ -224,10 +226,14 @@ fn fetch(
     inner.charge(scratch.pages.len());
     let n = scratch.pages.len();
     let deadline = Instant::now() + inner.cfg.fault_timeout;
-    let result = conn.get(&scratch.handles, &mut scratch.data[..n], deadline);
-    let statuses = match result {
-        Ok(s) => s,
-        Err(e) => {
+    let result = conn.get(
+        &scratch.handles,
+        &mut scratch.data[..n],
+        &mut scratch.statuses,
+        deadline,
+    );
+    if let Err(e) = result {
+        {
             tracing::error!(
                 region = format_args!("{:09x}", inner.id), page = i, server = %inner.server, error = %e,
                 "cannot fetch page: the faulting thread gets SIGBUS"
@@ -235,8 +241,8 @@ fn fetch(
             fail_all(inner, scratch, before);
             return;
         }
-    };
-    for (k, (&p, status)) in scratch.pages.iter().zip(&statuses).enumerate() {
+    }
+    for (k, (&p, status)) in scratch.pages.iter().zip(&scratch.statuses).enumerate() {
         let prior = if k == 0 { before } else { states.get(p) };
         if *status != PageStatus::Ok {
             if k == 0 {

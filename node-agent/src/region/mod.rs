@@ -56,7 +56,7 @@ impl Default for RegionConfig {
         Self {
             size: 64 << 20,
             budget: 16 << 20,
-            fault_threads: 1,
+            fault_threads: 2,
             fault_timeout: Duration::from_secs(10),
             evict_batch: 64,
             prefetch_max: 32,
