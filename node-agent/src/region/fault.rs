@@ -81,7 +81,10 @@ fn handle(inner: &Inner, conn: &mut RemoteConn, scratch: &mut Scratch, fault: Fa
                     continue;
                 }
                 inner.charge(1);
-                install(inner, i, &ZERO_PAGE, false);
+                if !install(inner, i, &ZERO_PAGE, false) {
+                    poison(inner, i, s.with_kind(Kind::Absent));
+                    return;
+                }
                 finish(inner, i, s.with_kind(Kind::Active).clear(CLEAN));
                 stats.faults_zero.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -105,6 +108,11 @@ fn handle(inner: &Inner, conn: &mut RemoteConn, scratch: &mut Scratch, fault: Fa
                     }
                     unprotect(inner, i);
                     stats.faults_write_protect.fetch_add(1, Ordering::Relaxed);
+                } else if fault.minor {
+                    // In memory but not mapped: map it (again). Idempotent,
+                    // so a failed earlier attempt cannot leave the program
+                    // faulting forever.
+                    map_cached(inner, i, s.has(CLEAN));
                 } else {
                     // Resolved by someone else meanwhile.
                     inner.wake(i);
@@ -138,17 +146,7 @@ fn handle(inner: &Inner, conn: &mut RemoteConn, scratch: &mut Scratch, fault: Fa
                         .expect("prefetch lock")
                         .observe(fault.tid, i);
                 }
-                match inner
-                    .uffd
-                    .continue_(inner.page_addr(i), PAGE_SIZE as u64, next.has(CLEAN))
-                {
-                    Ok(Resolve::Done) => {}
-                    Ok(Resolve::Exists) => inner.wake(i),
-                    Err(e) => {
-                        tracing::error!(page = i, error = %e, "UFFDIO_CONTINUE failed");
-                        inner.wake(i);
-                    }
-                }
+                map_cached(inner, i, next.has(CLEAN));
                 stats.faults_minor.fetch_add(1, Ordering::Relaxed);
                 stats.fault_minor_latency.record_duration(started.elapsed());
                 return;
@@ -164,15 +162,26 @@ fn handle(inner: &Inner, conn: &mut RemoteConn, scratch: &mut Scratch, fault: Fa
 }
 
 /// Installs `data` at page `i` (which this thread owns) and wakes waiters.
-fn install(inner: &Inner, i: usize, data: &Page, write_protect: bool) {
-    match inner.uffd.copy(inner.page_addr(i), data, write_protect) {
-        Ok(Resolve::Done) => {}
-        Ok(Resolve::Exists) => inner.wake(i),
-        Err(e) => {
-            tracing::error!(page = i, error = %e, "UFFDIO_COPY failed");
-            inner.wake(i);
+/// False when the page could not be installed (the caller poisons it, so
+/// the access fails with SIGBUS instead of faulting forever).
+fn install(inner: &Inner, i: usize, data: &Page, write_protect: bool) -> bool {
+    for _ in 0..3 {
+        match inner.uffd.copy(inner.page_addr(i), data, write_protect) {
+            Ok(Resolve::Done) => return true,
+            Ok(Resolve::Exists) => {
+                inner.wake(i);
+                return true;
+            }
+            // The address space is changing under us; try again.
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+            Err(e) => {
+                tracing::error!(page = i, error = %e, "UFFDIO_COPY failed");
+                return false;
+            }
         }
     }
+    tracing::error!(page = i, "UFFDIO_COPY kept failing with EAGAIN");
+    false
 }
 
 /// Publishes the final state of a page this thread owned and wakes anyone
@@ -181,6 +190,21 @@ fn finish(inner: &Inner, i: usize, new: State) {
     let old = inner.states.swap(i, new.clear(WAITER));
     if old.has(WAITER) {
         inner.wake(i);
+    }
+}
+
+/// Maps a page that is in the memfd (resolves a minor fault).
+fn map_cached(inner: &Inner, i: usize, write_protect: bool) {
+    match inner
+        .uffd
+        .continue_(inner.page_addr(i), PAGE_SIZE as u64, write_protect)
+    {
+        Ok(Resolve::Done) => {}
+        Ok(Resolve::Exists) => inner.wake(i),
+        Err(e) => {
+            tracing::error!(page = i, error = %e, "UFFDIO_CONTINUE failed");
+            inner.wake(i);
+        }
     }
 }
 
@@ -261,7 +285,10 @@ fn fetch(
         if k == 0 {
             // The faulting page: map it; a read maps it write-protected so
             // the first write is seen and the server copy stays valid.
-            install(inner, p, data, !write);
+            if !install(inner, p, data, !write) {
+                poison(inner, p, prior);
+                continue;
+            }
             let mut next = prior.with_kind(Kind::Active).set(STORED).clear(PREFETCHED);
             next = if write {
                 next.clear(CLEAN)
@@ -305,12 +332,14 @@ fn fail_all(inner: &Inner, scratch: &Scratch, before: State) {
     }
 }
 
-fn poison(inner: &Inner, i: usize, prior: State) {
+/// Makes accesses to page `i` fail with SIGBUS and publishes `after` (the
+/// page's state before this thread took it).
+fn poison(inner: &Inner, i: usize, after: State) {
     inner.stats.faults_failed.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = inner.uffd.poison(inner.page_addr(i), PAGE_SIZE as u64) {
         tracing::error!(page = i, error = %e, "UFFDIO_POISON failed");
     }
-    finish(inner, i, prior.with_kind(Kind::Remote));
+    finish(inner, i, after);
     inner.uncharge(1);
     inner.wake(i);
 }
