@@ -5,6 +5,7 @@
 //! - [`transport`]: the TCP data plane and per-client sessions.
 //! - [`admin`]: the gRPC admin endpoint (stats, health, reflection).
 //! - [`config`]: typed, validated configuration.
+//! - [`embedded`]: a server inside another program (demo, benchmarks).
 //!
 //! [`Server::start`] runs all of it inside the caller's tokio runtime; the
 //! `rmem-server` binary and embedded uses (the demo, tests, benchmarks) go
@@ -12,6 +13,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod embedded;
 pub mod metrics;
 pub mod store;
 pub mod transport;

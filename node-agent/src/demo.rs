@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::Distribution;
 use rmem_client::{BlockingConnection, ClientConfig, PAGE_SIZE};
 use rmem_common::{ByteSize, Percentiles};
+use rmem_server::embedded::{EmbeddedError, EmbeddedServer};
 use serde::Serialize;
 
 use crate::region::{RegionConfig, RegionError, RemoteRegion};
@@ -132,67 +133,14 @@ pub struct Report {
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("cannot start the embedded memory server")]
-    Server(#[source] rmem_server::ServerError),
-    #[error("cannot start the embedded server's runtime")]
-    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Server(#[from] EmbeddedError),
     #[error(transparent)]
     Region(#[from] RegionError),
     #[error("cannot query the memory server")]
     Client(#[from] rmem_client::ClientError),
     #[error("invalid `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
-}
-
-/// An in-process memory server on its own runtime and threads.
-struct EmbeddedServer {
-    addr: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl EmbeddedServer {
-    fn start(capacity: ByteSize) -> Result<Self, DemoError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("rmem-embedded-server")
-            .enable_all()
-            .build()
-            .map_err(DemoError::Runtime)?;
-        let cfg = rmem_server::config::ServerConfig {
-            listen: "127.0.0.1:0".parse().expect("valid address"),
-            grpc: "127.0.0.1:0".parse().expect("valid address"),
-            capacity,
-            ..Default::default()
-        };
-        let server = runtime
-            .block_on(rmem_server::Server::start(&cfg, None))
-            .map_err(DemoError::Server)?;
-        let addr = server.data_addr().to_string();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let thread = std::thread::spawn(move || {
-            runtime.block_on(async move {
-                let _ = rx.await;
-                let _ = server.shutdown().await;
-            });
-        });
-        Ok(Self {
-            addr,
-            stop: Some(tx),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for EmbeddedServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// Contents of `page` at `version`: every 8-byte word differs, so a torn,
@@ -321,13 +269,14 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
     }
     let embedded = match &cfg.server {
         Some(_) => None,
-        None => Some(EmbeddedServer::start(ByteSize(
-            cfg.size.bytes() + cfg.size.bytes() / 4 + (16 << 20),
-        ))?),
+        None => Some(EmbeddedServer::start(
+            ByteSize(cfg.size.bytes() + cfg.size.bytes() / 4 + (16 << 20)),
+            1,
+        )?),
     };
     let addr = match (&cfg.server, &embedded) {
         (Some(a), _) => a.clone(),
-        (None, Some(e)) => e.addr.clone(),
+        (None, Some(e)) => e.data_addr().to_string(),
         (None, None) => unreachable!("embedded server exists when no --server is given"),
     };
     let client = ClientConfig::new(addr.clone()).with_tenant(

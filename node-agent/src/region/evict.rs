@@ -142,12 +142,14 @@ fn evict(inner: &Inner, conn: &mut RemoteConn, victims: &[usize], pages: &mut [P
 
 /// Frees an evicted page's memory and publishes its new state.
 fn release(inner: &Inner, v: usize, kind: Kind, flags: u32) {
+    let s = inner.states.get(v);
     if let Err(e) = inner.backing.free_page(v) {
         tracing::error!(page = v, error = %e, "cannot free page memory; keeping it");
-        abort(inner, v);
+        // Still in memory, but what the server acknowledged is recorded, so
+        // its copy is known (and freed with the region).
+        finish(inner, v, State(s.0 | flags).with_kind(Kind::Inactive));
         return;
     }
-    let s = inner.states.get(v);
     let next = State(s.0 | flags)
         .with_kind(kind)
         .clear(WAITER | PREFETCHED);

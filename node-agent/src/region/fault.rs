@@ -99,56 +99,25 @@ fn handle(inner: &Inner, conn: &mut RemoteConn, scratch: &mut Scratch, fault: Fa
                     .record_duration(started.elapsed());
                 return;
             }
-            Kind::Active => {
-                if fault.wp {
-                    // First write to a clean page: it now differs from the
-                    // server's copy.
-                    if s.has(CLEAN) && !states.cas(i, s, s.clear(CLEAN)) {
-                        continue;
-                    }
-                    unprotect(inner, i);
-                    stats.faults_write_protect.fetch_add(1, Ordering::Relaxed);
-                } else if fault.minor {
-                    // In memory but not mapped: map it (again). Idempotent,
-                    // so a failed earlier attempt cannot leave the program
-                    // faulting forever.
-                    map_cached(inner, i, s.has(CLEAN));
-                } else {
-                    // Resolved by someone else meanwhile.
-                    inner.wake(i);
-                }
+            Kind::Active if !fault.wp && !fault.minor => {
+                // Resolved by someone else meanwhile.
+                inner.wake(i);
                 return;
             }
-            Kind::Inactive => {
-                if fault.wp && !fault.minor {
-                    // A write hit the write-protect marker of an unmapped
-                    // clean page: note the write, drop the marker; the
-                    // retried access then takes the minor-fault path.
-                    if !states.cas(i, s, s.clear(CLEAN)) {
-                        continue;
-                    }
-                    unprotect(inner, i);
-                    stats.faults_write_protect.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                let mut next = s.with_kind(Kind::Active).clear(PREFETCHED);
-                if fault.write {
-                    next = next.clear(CLEAN);
-                }
-                if !states.cas(i, s, next) {
+            Kind::Active | Kind::Inactive => {
+                // Every change to a page's mapping happens while this thread
+                // owns the page: otherwise the clock could deactivate and
+                // claim it between our decision and the ioctl, and a page
+                // mapped writable behind the evictor's back loses writes.
+                if !states.cas(i, s, s.with_kind(Kind::Fetching)) {
                     continue;
                 }
-                if s.has(PREFETCHED) {
-                    stats.prefetch_hits.fetch_add(1, Ordering::Relaxed);
-                    inner
-                        .prefetch
-                        .lock()
-                        .expect("prefetch lock")
-                        .observe(fault.tid, i);
+                let next = resolve_resident(inner, i, s, fault);
+                finish(inner, i, next);
+                if next.kind() == Kind::Active && s.kind() == Kind::Inactive {
+                    stats.faults_minor.fetch_add(1, Ordering::Relaxed);
+                    stats.fault_minor_latency.record_duration(started.elapsed());
                 }
-                map_cached(inner, i, next.has(CLEAN));
-                stats.faults_minor.fetch_add(1, Ordering::Relaxed);
-                stats.fault_minor_latency.record_duration(started.elapsed());
                 return;
             }
             Kind::Fetching | Kind::Evicting => {
@@ -159,6 +128,41 @@ fn handle(inner: &Inner, conn: &mut RemoteConn, scratch: &mut Scratch, fault: Fa
             }
         }
     }
+}
+
+/// Resolves a fault on a resident page `i` that this thread owns (it was
+/// `s` before); returns the state to publish.
+fn resolve_resident(inner: &Inner, i: usize, s: State, fault: Fault) -> State {
+    let stats = &inner.stats;
+    if fault.wp && (s.kind() == Kind::Active || !fault.minor) {
+        // A write to a clean page (mapped write-protected, or unmapped with
+        // its write-protect marker): it now differs from the server's copy.
+        // Drop the protection; an unmapped page's retried access then takes
+        // the minor-fault path.
+        unprotect(inner, i);
+        stats.faults_write_protect.fetch_add(1, Ordering::Relaxed);
+        return s.clear(CLEAN);
+    }
+    if s.kind() == Kind::Active {
+        // In memory but not mapped (an earlier mapping attempt failed): map
+        // it again; idempotent, so the program cannot fault forever.
+        map_cached(inner, i, s.has(CLEAN));
+        return s;
+    }
+    let mut next = s.with_kind(Kind::Active).clear(PREFETCHED);
+    if fault.write {
+        next = next.clear(CLEAN);
+    }
+    if s.has(PREFETCHED) {
+        stats.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+        inner
+            .prefetch
+            .lock()
+            .expect("prefetch lock")
+            .observe(fault.tid, i);
+    }
+    map_cached(inner, i, next.has(CLEAN));
+    next
 }
 
 /// Installs `data` at page `i` (which this thread owns) and wakes waiters.

@@ -270,7 +270,12 @@ impl RemoteRegion {
             .map_err(RegionError::Server)? as usize;
         let mut cfg = cfg;
         cfg.evict_batch = cfg.evict_batch.min(max_batch);
-        cfg.prefetch_max = cfg.prefetch_max.min(max_batch.saturating_sub(1));
+        // A fetch charges all its pages at once and they cannot be evicted
+        // while in flight: keep prefetch well inside a small budget.
+        cfg.prefetch_max = cfg
+            .prefetch_max
+            .min(max_batch.saturating_sub(1))
+            .min(budget_pages / 4);
 
         let backing = Backing::new("rmem-region", pages).map_err(RegionError::Memory)?;
         let uffd = Uffd::open(

@@ -13,7 +13,10 @@
 //!
 //! `Fetching` and `Evicting` are owned by one thread; a fault that finds a
 //! page in either sets `WAITER`, and the owner wakes the faulting threads
-//! when it is done. Flags: `CLEAN` — the server holds exactly the local
+//! when it is done. A fault handler also takes a resident page to
+//! `Fetching` while it changes the page's mapping (maps it, or drops its
+//! write protection), so the clock can never deactivate or claim a page
+//! whose PTE is about to appear. Flags: `CLEAN` — the server holds exactly the local
 //! contents (the page is mapped write-protected so the first write is
 //! seen); `STORED` — the server holds some copy (freed when the region is
 //! dropped); `PREFETCHED` — brought in ahead of use and not touched yet.
@@ -30,7 +33,8 @@ pub enum Kind {
     Active = 1,
     /// In memory, PTE removed: the next touch is observed.
     Inactive = 2,
-    /// Being brought in by one thread.
+    /// Owned by one fault handler: being brought in, or its mapping being
+    /// changed.
     Fetching = 3,
     /// Being sent out by the evictor.
     Evicting = 4,

@@ -1,0 +1,191 @@
+//! The benchmark's report: one JSON document for scripts, a Markdown table
+//! for people, with rmem's figures set against the limits measured in the
+//! same run.
+
+use serde::Serialize;
+
+use crate::Latency;
+use crate::dataplane::DataPlane;
+use crate::limits::Limits;
+use crate::region::RegionFigures;
+
+/// What was run, and where.
+#[derive(Debug, Clone, Serialize)]
+pub struct Setup {
+    pub quick: bool,
+    pub server: String,
+    pub embedded_server: bool,
+    pub region_bytes: u64,
+    pub budget_bytes: u64,
+}
+
+/// The machine the figures came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub kernel: String,
+}
+
+impl Machine {
+    fn this() -> Self {
+        Self {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// rmem against the limits; the goals are in `docs/ARCHITECTURE.md`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratios {
+    /// Fault-back p50 over the raw 4 KiB round trip p50 (goal <= 1.2).
+    pub fault_p50_over_rtt_p50: f64,
+    /// Fault-back p99 over the raw round trip p99 (goal <= 1.5).
+    pub fault_p99_over_rtt_p99: f64,
+    /// Single-page GET p50 over the raw round trip p50: the protocol's cost.
+    pub get_p50_over_rtt_p50: f64,
+    /// Eviction throughput over the raw stream (goal >= 0.7).
+    pub evict_over_stream: f64,
+    /// Prefetched sequential scan over the raw stream (goal >= 0.5).
+    pub seq_scan_over_stream: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub setup: Setup,
+    pub machine: Machine,
+    pub limits: Limits,
+    pub dataplane: DataPlane,
+    pub rmem: RegionFigures,
+    pub ratios: Ratios,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
+}
+
+impl Report {
+    pub fn new(setup: Setup, limits: Limits, dataplane: DataPlane, rmem: RegionFigures) -> Self {
+        let rtt = limits.tcp_rtt_4k_us;
+        let ratios = Ratios {
+            fault_p50_over_rtt_p50: ratio(rmem.fault_us.p50, rtt.p50),
+            fault_p99_over_rtt_p99: ratio(rmem.fault_us.p99, rtt.p99),
+            get_p50_over_rtt_p50: ratio(dataplane.get_qd1_us.p50, rtt.p50),
+            evict_over_stream: ratio(rmem.evict_mib_s, limits.tcp_stream_mib_s),
+            seq_scan_over_stream: ratio(rmem.seq_scan_mib_s, limits.tcp_stream_mib_s),
+        };
+        Self {
+            setup,
+            machine: Machine::this(),
+            limits,
+            dataplane,
+            rmem,
+            ratios,
+        }
+    }
+}
+
+fn lat(l: &Latency) -> String {
+    format!("{:.1} / {:.1} / {:.1} µs", l.p50, l.p99, l.p999)
+}
+
+/// The report as Markdown tables.
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    let mut row = |k: &str, v: String| out.push_str(&format!("| {k} | {v} |\n"));
+    row("what", "figure".into());
+    row("---", "---".into());
+    row("**limits**", String::new());
+    row(
+        "raw TCP 4 KiB round trip p50/p99/p99.9",
+        lat(&r.limits.tcp_rtt_4k_us),
+    );
+    row(
+        "raw TCP stream",
+        format!("{:.0} MiB/s", r.limits.tcp_stream_mib_s),
+    );
+    row("memcpy", format!("{:.0} MiB/s", r.limits.memcpy_mib_s));
+    row("**data plane**", String::new());
+    row(
+        "GET 1 page, depth 1 p50/p99/p99.9",
+        lat(&r.dataplane.get_qd1_us),
+    );
+    row(
+        "PUT 1 page, depth 1 p50/p99/p99.9",
+        lat(&r.dataplane.put_qd1_us),
+    );
+    row(
+        "GET 1 page, depth 32",
+        format!("{:.0} ops/s", r.dataplane.get_qd32_ops_s),
+    );
+    row(
+        "PUT 1 page, depth 32",
+        format!("{:.0} ops/s", r.dataplane.put_qd32_ops_s),
+    );
+    row(
+        "GET 64-page batches",
+        format!("{:.0} MiB/s", r.dataplane.get_batch64_mib_s),
+    );
+    row(
+        "PUT 64-page batches",
+        format!("{:.0} MiB/s", r.dataplane.put_batch64_mib_s),
+    );
+    row("**userspace path**", String::new());
+    row("fault-back, as the program sees it", lat(&r.rmem.fault_us));
+    row(
+        "fault-back, agent service time",
+        lat(&r.rmem.fault_service_us),
+    );
+    row("eviction", format!("{:.0} MiB/s", r.rmem.evict_mib_s));
+    row(
+        "sequential write, 8x budget",
+        format!("{:.0} MiB/s", r.rmem.seq_write_mib_s),
+    );
+    row(
+        "sequential scan, prefetch on",
+        format!("{:.0} MiB/s", r.rmem.seq_scan_mib_s),
+    );
+    row(
+        "prefetch hit rate",
+        format!("{:.1}%", 100.0 * r.rmem.prefetch_hit_rate),
+    );
+    row("**ratios (goal)**", String::new());
+    let g = &r.ratios;
+    row(
+        "fault p50 / round trip p50 (<= 1.2)",
+        format!("{:.2}", g.fault_p50_over_rtt_p50),
+    );
+    row(
+        "fault p99 / round trip p99 (<= 1.5)",
+        format!("{:.2}", g.fault_p99_over_rtt_p99),
+    );
+    row(
+        "GET p50 / round trip p50",
+        format!("{:.2}", g.get_p50_over_rtt_p50),
+    );
+    row(
+        "eviction / stream (>= 0.7)",
+        format!("{:.2}", g.evict_over_stream),
+    );
+    row(
+        "scan / stream (>= 0.5)",
+        format!("{:.2}", g.seq_scan_over_stream),
+    );
+    out.push_str(&format!(
+        "\n{} CPUs, kernel {}, server {}{}, region {} MiB, budget {} MiB{}\n",
+        r.machine.cpus,
+        r.machine.kernel,
+        r.setup.server,
+        if r.setup.embedded_server {
+            " (embedded)"
+        } else {
+            ""
+        },
+        r.setup.region_bytes >> 20,
+        r.setup.budget_bytes >> 20,
+        if r.setup.quick { ", --quick" } else { "" },
+    ));
+    out
+}
