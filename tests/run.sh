@@ -28,8 +28,14 @@ cargo build --workspace --bins --quiet
 step "cargo test --workspace"
 cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
 
+step "cargo build --release (the README's main job and the benchmark run optimised)"
+cargo build --release --quiet -p rmem-agent -p rmem-bench
+
+step "the README's main job: rmem-agent demo, default flags (fails on any wrong byte)"
+./target/release/rmem-agent demo
+
 step "rmem-bench --quick (keeps the benchmark harness working; figures are not judged)"
-cargo run --quiet -p rmem-bench -- --quick
+./target/release/rmem-bench --quick
 
 # One closing line for CI: sum of every test binary's result line.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }

@@ -203,6 +203,100 @@ fn a_sequential_scan_is_prefetched() {
     assert!(remote < 500, "{remote} demand faults on a sequential scan");
 }
 
+/// Pages the server has answered for `op` ("get", "put", "free") so far,
+/// from its admin gRPC Stats.
+fn server_op_pages(server: &ServerProcess, op: &str) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut admin = rmem_proto::admin::v1::server_admin_client::ServerAdminClient::connect(
+            format!("http://{}", server.grpc),
+        )
+        .await
+        .unwrap();
+        let stats = admin
+            .stats(rmem_proto::admin::v1::StatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        stats.ops.iter().find(|o| o.op == op).map_or(0, |o| o.pages)
+    })
+}
+
+fn region_without_prefetch(server: &ServerProcess, pages: usize, budget_pages: usize) -> RemoteRegion {
+    RemoteRegion::new(
+        RegionConfig {
+            size: (pages * PAGE_SIZE) as u64,
+            budget: (budget_pages * PAGE_SIZE) as u64,
+            prefetch_max: 0,
+            fault_timeout: Duration::from_secs(20),
+            ..RegionConfig::default()
+        },
+        server.client_config(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn concurrent_faults_on_one_page_fetch_it_once() {
+    let server = ServerProcess::start(&["--capacity", "64MiB"]);
+    let pages = 1024;
+    let r = region_without_prefetch(&server, pages, 64);
+    let words = Words::of(&r);
+    let per_page = PAGE_SIZE / 8;
+    for p in 0..pages {
+        words.write(p * per_page, p as u64 + 1);
+    }
+    // The first half was evicted long ago: every page there is remote.
+    let rounds = 200;
+    assert!((0..rounds).all(|p| !r.is_resident(p)));
+    let gets_before = server_op_pages(&server, "get");
+    let threads = 4;
+    let barrier = std::sync::Barrier::new(threads);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                for p in 0..rounds {
+                    barrier.wait();
+                    assert_eq!(words.read(p * per_page), p as u64 + 1, "page {p}");
+                }
+            });
+        }
+    });
+    let fetched = server_op_pages(&server, "get") - gets_before;
+    let st = r.stats();
+    assert_eq!(fetched, rounds as u64, "pages fetched more than once: {st:?}");
+    // The faults did overlap: some waited for another thread's fetch.
+    assert!(st.faults_coalesced > 0, "no fault ever waited: {st:?}");
+}
+
+#[test]
+fn a_clean_page_is_dropped_without_being_sent_again() {
+    let server = ServerProcess::start(&["--capacity", "64MiB"]);
+    let (pages, budget) = (1024, 64);
+    let r = region_without_prefetch(&server, pages, budget);
+    let words = Words::of(&r);
+    let per_page = PAGE_SIZE / 8;
+    for p in 0..pages {
+        words.write(p * per_page + 1, !(p as u64));
+    }
+    let before = r.stats();
+    let puts_before = server_op_pages(&server, "put");
+    // Read everything: pages come back clean and leave again.
+    for p in 0..pages {
+        assert_eq!(words.read(p * per_page + 1), !(p as u64), "page {p}");
+    }
+    let st = r.stats();
+    let put = server_op_pages(&server, "put") - puts_before;
+    let dropped = st.pages_dropped_clean - before.pages_dropped_clean;
+    assert!(dropped > 800, "only {dropped} clean pages dropped: {st:?}");
+    // Only pages still dirty from the writing pass (at most a budget's
+    // worth) may be sent.
+    assert!(put <= budget as u64, "{put} pages sent again: {st:?}");
+}
+
 #[test]
 fn dropping_a_region_frees_its_pages_on_the_server() {
     let server = ServerProcess::start(&["--capacity", "64MiB"]);

@@ -123,6 +123,7 @@ fn handle(inner: &Inner, conn: &mut RemoteConn, scratch: &mut Scratch, fault: Fa
             Kind::Fetching | Kind::Evicting => {
                 // Another thread owns the page; it wakes us when done.
                 if s.has(WAITER) || states.cas(i, s, s.set(WAITER)) {
+                    stats.faults_coalesced.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             }

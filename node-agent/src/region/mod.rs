@@ -92,6 +92,9 @@ pub struct Stats {
     pub faults_minor: AtomicU64,
     pub faults_write_protect: AtomicU64,
     pub faults_failed: AtomicU64,
+    /// Faults that found their page owned by another thread and waited for
+    /// it instead of fetching it again.
+    pub faults_coalesced: AtomicU64,
     pub pages_evicted: AtomicU64,
     pub pages_dropped_clean: AtomicU64,
     pub pages_dropped_zero: AtomicU64,
@@ -119,6 +122,7 @@ pub struct StatsSnapshot {
     pub faults_minor: u64,
     pub faults_write_protect: u64,
     pub faults_failed: u64,
+    pub faults_coalesced: u64,
     pub pages_evicted: u64,
     pub pages_dropped_clean: u64,
     pub pages_dropped_zero: u64,
@@ -384,6 +388,7 @@ impl RemoteRegion {
             faults_minor: l(&s.faults_minor),
             faults_write_protect: l(&s.faults_write_protect),
             faults_failed: l(&s.faults_failed),
+            faults_coalesced: l(&s.faults_coalesced),
             pages_evicted: l(&s.pages_evicted),
             pages_dropped_clean: l(&s.pages_dropped_clean),
             pages_dropped_zero: l(&s.pages_dropped_zero),
