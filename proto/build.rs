@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/rmem/admin/v1/admin.proto"];
+    let files = [
+        "proto/rmem/admin/v1/admin.proto",
+        "proto/rmem/control/v1/control.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

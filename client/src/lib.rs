@@ -9,12 +9,16 @@
 //! - [`Client`]: a pool of [`Connection`]s with request timeouts, retries
 //!   and reconnection with exponential backoff.
 //!
+//! - [`control`]: the coordinator's gRPC control plane (membership,
+//!   placement, intervals, invalidation) and a member session.
+//!
 //! Every page received is checked against its CRC32C before it is handed
 //! over; a mismatch is an error, never data.
 
 mod blocking;
 mod config;
 mod conn;
+pub mod control;
 mod error;
 mod frame;
 mod pool;

@@ -4,6 +4,7 @@
 //!   pages between agents and memory servers.
 //! - [`admin`]: the gRPC administration API of a memory server (tonic/prost,
 //!   generated at build time from `proto/`).
+//! - [`control`]: the gRPC control plane served by the coordinator.
 
 pub mod wire;
 
@@ -13,6 +14,16 @@ pub mod admin {
     pub mod v1 {
         #![allow(missing_debug_implementations, clippy::all)]
         tonic::include_proto!("rmem.admin.v1");
+    }
+}
+
+/// gRPC control plane: membership, placement, interval registrations and
+/// invalidation fan-out, served by `rmem-coordinator`.
+pub mod control {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_debug_implementations, clippy::all)]
+        tonic::include_proto!("rmem.control.v1");
     }
 }
 

@@ -1,0 +1,448 @@
+//! The control-plane client: typed access to the coordinator's gRPC
+//! services, shared by `rmemctl`, the agent, the memory servers and the
+//! tests.
+//!
+//! - [`ControlClient`]: one channel to the coordinator, with the cluster
+//!   token attached to every call.
+//! - [`MemberSession`]: a registered member: keeps its lease alive, reads
+//!   its event stream, hands invalidations to a [`Subscriber`] and
+//!   acknowledges them once the subscriber is done; registers again after
+//!   a lost lease or a fence.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use rmem_proto::control::v1::cluster_admin_client::ClusterAdminClient;
+use rmem_proto::control::v1::intervals_client::IntervalsClient;
+use rmem_proto::control::v1::invalidation_client::InvalidationClient;
+use rmem_proto::control::v1::membership_client::MembershipClient;
+use rmem_proto::control::v1::placement_client::PlacementClient;
+use rmem_proto::control::v1::{self as pb, watch_event::Event};
+use tokio::task::JoinHandle;
+use tonic::codegen::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Metadata key of the coordinator's stable error reason.
+pub const REASON_KEY: &str = "rmem-reason";
+
+/// Why a control-plane call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("invalid coordinator endpoint `{endpoint}`")]
+    Endpoint {
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("cannot reach the coordinator at {endpoint}")]
+    Unreachable {
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{message} ({code:?}, {reason})")]
+    Rpc {
+        code: tonic::Code,
+        /// Stable reason, e.g. `unknown_interval` (empty if none was sent).
+        reason: String,
+        message: String,
+    },
+}
+
+impl ControlError {
+    /// The coordinator's stable reason, if it gave one.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Rpc { reason, .. } => reason,
+            _ => "",
+        }
+    }
+
+    /// The gRPC code (Unavailable when the coordinator was not reached).
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::Rpc { code, .. } => *code,
+            Self::Endpoint { .. } => tonic::Code::InvalidArgument,
+            Self::Unreachable { .. } => tonic::Code::Unavailable,
+        }
+    }
+}
+
+impl From<tonic::Status> for ControlError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Rpc {
+            code: s.code(),
+            reason: s
+                .metadata()
+                .get(REASON_KEY)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+/// Adds `authorization: Bearer TOKEN` to every call.
+#[derive(Debug, Clone)]
+pub struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Svc = InterceptedService<Channel, Auth>;
+
+/// A connection to the coordinator.
+#[derive(Debug, Clone)]
+pub struct ControlClient {
+    channel: Channel,
+    auth: Auth,
+    endpoint: String,
+}
+
+/// `host:port` becomes `http://host:port`.
+fn url(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+impl ControlClient {
+    /// Connects to `endpoint` (`host:port` or a URL), failing after
+    /// `timeout` if the coordinator cannot be reached.
+    pub async fn connect(
+        endpoint: &str,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, ControlError> {
+        let ep = Endpoint::from_shared(url(endpoint)).map_err(|source| ControlError::Endpoint {
+            endpoint: endpoint.to_string(),
+            source,
+        })?;
+        let channel = ep
+            .connect_timeout(timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|source| ControlError::Unreachable {
+                endpoint: endpoint.to_string(),
+                source,
+            })?;
+        let auth = match token {
+            Some(t) => Auth(Some(format!("Bearer {t}").parse().map_err(|_| {
+                ControlError::Rpc {
+                    code: tonic::Code::InvalidArgument,
+                    reason: "invalid_token".into(),
+                    message: "the cluster token must be printable ASCII".into(),
+                }
+            })?)),
+            None => Auth(None),
+        };
+        Ok(Self {
+            channel,
+            auth,
+            endpoint: endpoint.to_string(),
+        })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub fn membership(&self) -> MembershipClient<Svc> {
+        MembershipClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    pub fn placement(&self) -> PlacementClient<Svc> {
+        PlacementClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    pub fn intervals(&self) -> IntervalsClient<Svc> {
+        IntervalsClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    pub fn invalidation(&self) -> InvalidationClient<Svc> {
+        InvalidationClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    pub fn admin(&self) -> ClusterAdminClient<Svc> {
+        ClusterAdminClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+}
+
+/// What a member does with its events.
+pub trait Subscriber: Send + Sync + 'static {
+    /// Drops every local copy of the invalidated range (a server frees the
+    /// pages, an agent drops its mirror). The session acknowledges once it
+    /// returns `Ok`; an `Err` is logged and not acknowledged, so the
+    /// coordinator fences the member when the deadline passes.
+    fn invalidate<'a>(
+        &'a self,
+        event: &'a pb::InvalidationEvent,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+    /// A server this member holds grants on is draining.
+    fn drain<'a>(
+        &'a self,
+        _notice: &'a pb::DrainNotice,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async {})
+    }
+
+    /// The member lost its lease or was fenced: every mirror it holds may be
+    /// stale and must go. Called before the session registers again.
+    fn reset(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async {})
+    }
+
+    /// The member registered (again) as `member_id`.
+    fn registered(&self, _member_id: u64) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async {})
+    }
+}
+
+/// Identity and counters of a running session.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    pub member_id: AtomicU64,
+    pub incarnation: AtomicU64,
+    /// Reported in heartbeats (servers: pages in use).
+    pub used_pages: AtomicU64,
+    pub invalidations: AtomicU64,
+    pub registrations: AtomicU64,
+    /// Whether the lease is current (the member may serve).
+    pub live: AtomicBool,
+}
+
+/// A registered member, kept alive in the background.
+#[derive(Debug)]
+pub struct MemberSession {
+    pub state: Arc<SessionState>,
+    task: JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+    client: ControlClient,
+}
+
+impl MemberSession {
+    /// Registers with `req` and keeps the membership alive until
+    /// [`MemberSession::leave`] or drop.
+    pub async fn start(
+        client: ControlClient,
+        req: pb::RegisterRequest,
+        subscriber: Arc<dyn Subscriber>,
+    ) -> Result<Self, ControlError> {
+        let state = Arc::new(SessionState::default());
+        register(&client, &req, &state, &*subscriber).await?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(run(client.clone(), req, state.clone(), subscriber, stopped));
+        Ok(Self {
+            state,
+            task,
+            stop,
+            client,
+        })
+    }
+
+    pub fn member_id(&self) -> u64 {
+        self.state.member_id.load(Ordering::Acquire)
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.state.incarnation.load(Ordering::Acquire)
+    }
+
+    /// Stops the session and deregisters.
+    pub async fn leave(mut self) -> Result<(), ControlError> {
+        let _ = self.stop.send(true);
+        let _ = (&mut self.task).await;
+        self.client
+            .membership()
+            .deregister(pb::DeregisterRequest {
+                member_id: self.state.member_id.load(Ordering::Acquire),
+                incarnation: self.state.incarnation.load(Ordering::Acquire),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+impl Drop for MemberSession {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.task.abort();
+    }
+}
+
+async fn register(
+    client: &ControlClient,
+    req: &pb::RegisterRequest,
+    state: &SessionState,
+    subscriber: &dyn Subscriber,
+) -> Result<(), ControlError> {
+    let r = client
+        .membership()
+        .register(req.clone())
+        .await?
+        .into_inner();
+    state.member_id.store(r.member_id, Ordering::Release);
+    state.incarnation.store(r.incarnation, Ordering::Release);
+    state.registrations.fetch_add(1, Ordering::Relaxed);
+    state.live.store(true, Ordering::Release);
+    subscriber.registered(r.member_id).await;
+    tracing::info!(member = r.member_id, incarnation = r.incarnation, name = %req.name, "registered with the coordinator");
+    Ok(())
+}
+
+/// Heartbeats and the event stream, until stopped; registers again after a
+/// lost lease or a fence.
+async fn run(
+    client: ControlClient,
+    req: pb::RegisterRequest,
+    state: Arc<SessionState>,
+    subscriber: Arc<dyn Subscriber>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if *stopped.borrow() {
+            return;
+        }
+        let outcome = tokio::select! {
+            o = serve(&client, &state, &*subscriber) => o,
+            _ = stopped.changed() => return,
+        };
+        state.live.store(false, Ordering::Release);
+        match outcome {
+            Lost::Membership(why) => {
+                tracing::warn!(reason = %why, "membership lost: dropping mirrors and registering again");
+                subscriber.reset().await;
+            }
+            Lost::Connection(why) => {
+                tracing::warn!(error = %why, "coordinator connection lost; retrying");
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stopped.changed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            // After a lost connection the old registration may still hold:
+            // try the stream first; a stale one answers `lease_expired`.
+            match register(&client, &req, &state, &*subscriber).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(50);
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot register with the coordinator"),
+            }
+        }
+    }
+}
+
+enum Lost {
+    /// The coordinator says the lease is gone (expired, fenced, stale).
+    Membership(String),
+    /// The coordinator could not be reached.
+    Connection(String),
+}
+
+fn lost(e: ControlError) -> Lost {
+    match e.code() {
+        tonic::Code::FailedPrecondition | tonic::Code::NotFound => Lost::Membership(e.to_string()),
+        _ => Lost::Connection(e.to_string()),
+    }
+}
+
+async fn serve(client: &ControlClient, state: &SessionState, subscriber: &dyn Subscriber) -> Lost {
+    let member_id = state.member_id.load(Ordering::Acquire);
+    let incarnation = state.incarnation.load(Ordering::Acquire);
+    let heartbeat = async {
+        let mut every = Duration::from_millis(500);
+        loop {
+            tokio::time::sleep(every).await;
+            let r = client
+                .membership()
+                .heartbeat(pb::HeartbeatRequest {
+                    member_id,
+                    incarnation,
+                    used_pages: state.used_pages.load(Ordering::Relaxed),
+                })
+                .await;
+            match r {
+                Ok(r) => {
+                    // Three heartbeats per lease.
+                    every = Duration::from_millis(u64::from(r.into_inner().lease_ttl_ms) / 3)
+                        .max(Duration::from_millis(20));
+                }
+                Err(e) => return lost(e.into()),
+            }
+        }
+    };
+    let events = async {
+        let mut stream = match client
+            .invalidation()
+            .watch(pb::WatchRequest {
+                member_id,
+                incarnation,
+            })
+            .await
+        {
+            Ok(s) => s.into_inner(),
+            Err(e) => return lost(e.into()),
+        };
+        loop {
+            let ev = match stream.message().await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return Lost::Connection("event stream ended".into()),
+                Err(e) => return lost(e.into()),
+            };
+            match ev.event {
+                Some(Event::Invalidation(inv)) => match subscriber.invalidate(&inv).await {
+                    Ok(()) => {
+                        state.invalidations.fetch_add(1, Ordering::Relaxed);
+                        if let Err(e) = client
+                            .invalidation()
+                            .ack(pb::AckRequest {
+                                member_id,
+                                invalidation_id: inv.invalidation_id,
+                            })
+                            .await
+                        {
+                            return lost(e.into());
+                        }
+                    }
+                    Err(e) => tracing::error!(
+                        invalidation = inv.invalidation_id, error = %e,
+                        "cannot apply an invalidation; not acknowledging it"
+                    ),
+                },
+                Some(Event::Drain(d)) => subscriber.drain(&d).await,
+                Some(Event::Fenced(f)) => {
+                    return Lost::Membership(format!(
+                        "fenced by invalidation {}",
+                        f.invalidation_id
+                    ));
+                }
+                None => {}
+            }
+        }
+    };
+    tokio::select! {
+        l = heartbeat => l,
+        l = events => l,
+    }
+}

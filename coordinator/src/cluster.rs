@@ -1,0 +1,756 @@
+//! The coordinator's model of the cluster: members, intervals, grants and
+//! invalidations in flight, behind one lock held by [`crate::service`].
+//!
+//! Every change to persisted state is a [`Record`] passed to
+//! [`Cluster::commit`], which makes it durable and then applies it with
+//! [`Cluster::apply`], the same function that replays the log at start-up.
+//! Control-plane rates (registrations, heartbeats, invalidations) are far
+//! below what one lock serves; waiting (for acknowledgements, for an
+//! invalidation to finish) always happens outside it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rmem_proto::control::v1::{self as pb, watch_event::Event};
+use tokio::sync::oneshot;
+
+use crate::config::{CoordinatorConfig, TenantConfig};
+use crate::error::CoordError;
+use crate::intervals::{Intervals, PAGE, check_range};
+use crate::invalidation::{Fanout, Pending};
+use crate::membership::{Liveness, Members};
+use crate::placement::{self, Candidate, Grants};
+use crate::state::{
+    GrantRecord, IntervalRecord, MemberRecord, Record, RoleRecord, StateError, StateStore,
+};
+
+/// Longest member name, address space name, tenant or address accepted.
+const MAX_NAME: usize = 256;
+/// Most subscribers named in one registration.
+const MAX_SUBSCRIBERS: usize = 1024;
+
+fn check_name(field: &'static str, s: &str, allow_empty: bool) -> Result<(), CoordError> {
+    if s.is_empty() && !allow_empty {
+        return Err(CoordError::invalid(field, "must not be empty"));
+    }
+    if s.len() > MAX_NAME {
+        return Err(CoordError::invalid(
+            field,
+            format!("longer than {MAX_NAME} bytes"),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(CoordError::invalid(field, "contains control characters"));
+    }
+    Ok(())
+}
+
+/// What an invalidation started with.
+#[derive(Debug)]
+pub struct Begun {
+    pub id: u64,
+    pub intervals: Vec<(u64, u64)>,
+    pub done: oneshot::Receiver<()>,
+}
+
+/// How an invalidation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    pub acked: Vec<u64>,
+    pub fenced: Vec<u64>,
+}
+
+/// Counters for Status.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    pub invalidations: u64,
+    pub fenced: u64,
+}
+
+/// The cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    lease: Duration,
+    chunk_pages: u64,
+    compact_after: usize,
+    tenants: BTreeMap<String, TenantConfig>,
+    store: Box<dyn StateStore>,
+    epoch: u64,
+    /// Next ids: member, interval, grant.
+    next_member: u64,
+    next_interval: u64,
+    next_grant: u64,
+    next_invalidation: u64,
+    pub members: Members,
+    pub intervals: Intervals,
+    pub grants: Grants,
+    pub fanout: Fanout,
+    pub counters: Counters,
+    rng: rand::rngs::StdRng,
+}
+
+impl Cluster {
+    /// Replays `store` and starts a new epoch.
+    pub fn open(
+        cfg: &CoordinatorConfig,
+        mut store: Box<dyn StateStore>,
+    ) -> Result<Self, StateError> {
+        let records = store.load()?;
+        let mut c = Self {
+            lease: cfg.lease,
+            chunk_pages: cfg.placement_chunk.bytes() / PAGE,
+            compact_after: cfg.compact_after,
+            tenants: cfg
+                .tenants
+                .iter()
+                .map(|t| (t.name.clone(), t.clone()))
+                .collect(),
+            store,
+            epoch: 0,
+            next_member: 1,
+            next_interval: 1,
+            next_grant: 1,
+            next_invalidation: 1,
+            members: Members::default(),
+            intervals: Intervals::default(),
+            grants: Grants::default(),
+            fanout: Fanout::default(),
+            counters: Counters::default(),
+            rng: rand::rngs::StdRng::from_os_rng(),
+        };
+        let now = Instant::now();
+        let replayed = records.len();
+        for r in &records {
+            c.apply(r, now);
+        }
+        let epoch = c.epoch + 1;
+        c.commit(Record::Epoch { epoch })?;
+        tracing::info!(
+            epoch,
+            records = replayed,
+            members = c.members.iter().count(),
+            intervals = c.intervals.len(),
+            grants = c.grants.iter().count(),
+            "coordinator state restored"
+        );
+        if replayed > c.compact_after {
+            c.compact()?;
+        }
+        Ok(c)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Makes `record` durable, then applies it.
+    fn commit(&mut self, record: Record) -> Result<(), StateError> {
+        self.store.append(&record)?;
+        self.apply(&record, Instant::now());
+        if self.store.appended() > self.compact_after {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// Applies one record to the model (live or replayed).
+    fn apply(&mut self, record: &Record, now: Instant) {
+        match record {
+            Record::Epoch { epoch } => {
+                self.epoch = *epoch;
+                self.intervals.set_epoch(*epoch);
+                self.next_invalidation = self.next_invalidation.max(epoch << 32);
+            }
+            Record::IdFloors {
+                member,
+                interval,
+                grant,
+            } => {
+                self.next_member = self.next_member.max(*member);
+                self.next_interval = self.next_interval.max(*interval);
+                self.next_grant = self.next_grant.max(*grant);
+            }
+            Record::MemberUpsert { member } => {
+                self.next_member = self.next_member.max(member.id + 1);
+                self.members.upsert(member.clone(), self.lease, now);
+            }
+            Record::MemberLeft { id } => {
+                self.next_member = self.next_member.max(id + 1);
+                self.members.set_liveness(*id, Liveness::Left);
+                self.intervals.unsubscribe_everywhere(*id);
+            }
+            Record::MemberFenced { id } => {
+                self.members.set_liveness(*id, Liveness::Fenced);
+                self.intervals.unsubscribe_everywhere(*id);
+            }
+            Record::MemberDrain { id, draining } => {
+                if let Ok(m) = self.members.get_mut(*id) {
+                    m.rec.draining = *draining;
+                }
+            }
+            Record::IntervalAdd { interval } => {
+                self.next_interval = self.next_interval.max(interval.id + 1);
+                self.intervals.insert(interval.clone());
+            }
+            Record::IntervalRemove { id } => {
+                self.next_interval = self.next_interval.max(id + 1);
+                self.intervals.remove(*id);
+            }
+            Record::Subscribe { interval, member } => {
+                if let Ok(iv) = self.intervals.get_mut(*interval) {
+                    iv.subscribers.insert(*member);
+                }
+            }
+            Record::Unsubscribe { interval, member } => {
+                if let Ok(iv) = self.intervals.get_mut(*interval) {
+                    iv.subscribers.remove(member);
+                }
+            }
+            Record::GrantAdd { grant } => {
+                self.next_grant = self.next_grant.max(grant.id + 1);
+                self.grants.insert(grant.clone());
+            }
+            Record::GrantRelease { id, pages } => {
+                self.next_grant = self.next_grant.max(id + 1);
+                self.grants.release(*id, *pages);
+            }
+        }
+    }
+
+    /// The same state in as few records as possible.
+    fn snapshot(&self) -> Vec<Record> {
+        let mut out = vec![
+            Record::Epoch { epoch: self.epoch },
+            Record::IdFloors {
+                member: self.next_member,
+                interval: self.next_interval,
+                grant: self.next_grant,
+            },
+        ];
+        for m in self.members.records() {
+            out.push(Record::MemberUpsert { member: m.clone() });
+        }
+        for m in self.members.iter() {
+            if m.liveness == Liveness::Fenced {
+                out.push(Record::MemberFenced { id: m.rec.id });
+            }
+        }
+        for iv in self.intervals.iter() {
+            out.push(Record::IntervalAdd {
+                interval: iv.record(),
+            });
+        }
+        for g in self.grants.iter() {
+            out.push(Record::GrantAdd { grant: g.clone() });
+        }
+        out
+    }
+
+    fn compact(&mut self) -> Result<(), StateError> {
+        let snap = self.snapshot();
+        self.store.compact(&snap)?;
+        tracing::info!(records = snap.len(), "compacted coordinator state");
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ members
+
+    /// Registers (or re-registers) a member; returns the new record.
+    pub fn register(&mut self, req: &pb::RegisterRequest) -> Result<MemberRecord, CoordError> {
+        let role = match pb::Role::try_from(req.role) {
+            Ok(pb::Role::Server) => RoleRecord::Server,
+            Ok(pb::Role::Agent) => RoleRecord::Agent,
+            _ => return Err(CoordError::invalid("role", "must be server or agent")),
+        };
+        check_name("name", &req.name, false)?;
+        check_name("data_addr", &req.data_addr, role == RoleRecord::Agent)?;
+        check_name("grpc_addr", &req.grpc_addr, true)?;
+        if role == RoleRecord::Server && req.capacity_pages == 0 {
+            return Err(CoordError::invalid(
+                "capacity_pages",
+                "a server must lend at least one page",
+            ));
+        }
+        if req.transports.len() > 8 {
+            return Err(CoordError::invalid("transports", "at most 8"));
+        }
+        for t in &req.transports {
+            if t != "tcp" && t != "rdma" {
+                return Err(CoordError::invalid(
+                    "transports",
+                    format!("unknown transport `{t}`"),
+                ));
+            }
+        }
+        let (id, incarnation, draining) = match self.members.by_name(&req.name) {
+            Some(m) if m.rec.role != role => return Err(CoordError::NameInUse(req.name.clone())),
+            Some(m) => (m.rec.id, m.rec.incarnation + 1, m.rec.draining),
+            None => (self.next_member, 1, false),
+        };
+        let rec = MemberRecord {
+            id,
+            role,
+            name: req.name.clone(),
+            data_addr: req.data_addr.clone(),
+            grpc_addr: req.grpc_addr.clone(),
+            capacity_pages: req.capacity_pages,
+            transports: if req.transports.is_empty() && role == RoleRecord::Server {
+                vec!["tcp".into()]
+            } else {
+                req.transports.clone()
+            },
+            incarnation,
+            draining,
+        };
+        self.commit(Record::MemberUpsert {
+            member: rec.clone(),
+        })?;
+        self.fanout.mailbox(id).reset();
+        tracing::info!(member = id, name = %rec.name, role = ?role, incarnation, "member registered");
+        Ok(rec)
+    }
+
+    /// Renews a lease.
+    pub fn heartbeat(
+        &mut self,
+        id: u64,
+        incarnation: u64,
+        used_pages: u64,
+    ) -> Result<bool, CoordError> {
+        self.members.check_current(id, incarnation)?;
+        let lease = self.lease;
+        let m = self.members.get_mut(id)?;
+        m.lease_until = Instant::now() + lease;
+        m.used_pages = used_pages;
+        Ok(m.rec.draining)
+    }
+
+    pub fn deregister(&mut self, id: u64, incarnation: u64) -> Result<(), CoordError> {
+        let m = self.members.get(id)?;
+        if m.rec.incarnation != incarnation {
+            return Err(CoordError::StaleIncarnation {
+                id,
+                got: incarnation,
+                current: m.rec.incarnation,
+            });
+        }
+        self.commit(Record::MemberLeft { id })?;
+        self.settle_everywhere(id, false);
+        tracing::info!(member = id, "member left");
+        Ok(())
+    }
+
+    /// Marks members whose lease ran out as down.
+    pub fn expire_leases(&mut self) {
+        for id in self.members.expire(Instant::now()) {
+            tracing::warn!(member = id, "lease expired: member marked down");
+        }
+    }
+
+    /// Starts or stops draining a server; returns it. Agents holding grants
+    /// on it are told to move their pages.
+    pub fn set_draining(&mut self, id: u64, name: &str, draining: bool) -> Result<u64, CoordError> {
+        let id = if id != 0 {
+            id
+        } else {
+            self.members
+                .by_name(name)
+                .map(|m| m.rec.id)
+                .ok_or_else(|| CoordError::UnknownServer(name.to_string()))?
+        };
+        let m = self.members.get(id)?;
+        if m.rec.role != RoleRecord::Server {
+            return Err(CoordError::NotAServer(id));
+        }
+        if m.rec.draining != draining {
+            self.commit(Record::MemberDrain { id, draining })?;
+            tracing::info!(server = id, draining, "server drain state changed");
+        }
+        if draining {
+            let mut by_agent: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+            for g in self.grants.iter().filter(|g| g.server == id) {
+                by_agent.entry(g.agent).or_default().push(g.id);
+            }
+            for (agent, grant_ids) in by_agent {
+                self.fanout
+                    .mailbox(agent)
+                    .push(Event::Drain(pb::DrainNotice {
+                        server_id: id,
+                        grant_ids,
+                    }));
+            }
+        }
+        Ok(id)
+    }
+
+    // ---------------------------------------------------------- placement
+
+    fn tenant(&self, name: &str) -> Result<(String, Option<u64>), CoordError> {
+        if self.tenants.is_empty() {
+            return if name == "default" {
+                Ok((String::new(), None))
+            } else {
+                Err(CoordError::UnknownTenant(name.to_string()))
+            };
+        }
+        let t = self
+            .tenants
+            .get(name)
+            .ok_or_else(|| CoordError::UnknownTenant(name.to_string()))?;
+        Ok((t.credential(), t.quota.map(|q| q.bytes() / PAGE)))
+    }
+
+    /// Grants `pages` of capacity to an agent's tenant.
+    pub fn allocate(
+        &mut self,
+        agent: u64,
+        tenant: &str,
+        pages: u64,
+    ) -> Result<Vec<GrantRecord>, CoordError> {
+        if pages == 0 {
+            return Err(CoordError::invalid("pages", "must be positive"));
+        }
+        let a = self.members.get(agent)?;
+        if a.rec.role != RoleRecord::Agent {
+            return Err(CoordError::invalid(
+                "agent_id",
+                format!("member {agent} is not an agent"),
+            ));
+        }
+        if !a.serving() {
+            return Err(match a.liveness {
+                Liveness::Fenced => CoordError::Fenced(agent),
+                Liveness::Left => CoordError::Left { id: agent },
+                _ => CoordError::LeaseExpired(agent),
+            });
+        }
+        let (_, quota) = self.tenant(tenant)?;
+        if let Some(quota) = quota {
+            let wanted = self.grants.tenant_pages(tenant).saturating_add(pages);
+            if wanted > quota {
+                return Err(CoordError::QuotaExceeded {
+                    tenant: tenant.to_string(),
+                    wanted,
+                    quota,
+                });
+            }
+        }
+        let granted = self.grants.per_server();
+        let mut candidates: Vec<Candidate> = self
+            .members
+            .iter()
+            .filter(|m| m.placeable())
+            .map(|m| Candidate {
+                server: m.rec.id,
+                free: placement::free_pages(m, granted.get(&m.rec.id).copied().unwrap_or(0)),
+            })
+            .filter(|c| c.free > 0)
+            .collect();
+        let spread = placement::spread(
+            &mut candidates,
+            pages,
+            self.chunk_pages.max(1),
+            &mut self.rng,
+        )?;
+        let mut out = Vec::with_capacity(spread.len());
+        for (server, n) in spread {
+            let grant = GrantRecord {
+                id: self.next_grant,
+                agent,
+                server,
+                tenant: tenant.to_string(),
+                pages: n,
+            };
+            self.commit(Record::GrantAdd {
+                grant: grant.clone(),
+            })?;
+            out.push(grant);
+        }
+        Ok(out)
+    }
+
+    /// Returns `pages` (0: all) of a grant.
+    pub fn release(&mut self, id: u64, pages: u64) -> Result<(), CoordError> {
+        let g = self.grants.get(id)?;
+        let pages = if pages == 0 {
+            g.pages
+        } else {
+            pages.min(g.pages)
+        };
+        Ok(self.commit(Record::GrantRelease { id, pages })?)
+    }
+
+    /// Wire form of a grant, with its server's endpoint and credential.
+    pub fn grant_pb(&self, g: &GrantRecord) -> pb::Grant {
+        let server = self.members.get(g.server).ok();
+        pb::Grant {
+            grant_id: g.id,
+            server_id: g.server,
+            server_name: server.map(|s| s.rec.name.clone()).unwrap_or_default(),
+            data_addr: server.map(|s| s.rec.data_addr.clone()).unwrap_or_default(),
+            transports: server.map(|s| s.rec.transports.clone()).unwrap_or_default(),
+            tenant: g.tenant.clone(),
+            credential: self.tenant(&g.tenant).map(|t| t.0).unwrap_or_default(),
+            pages: g.pages,
+            agent_id: g.agent,
+        }
+    }
+
+    // ---------------------------------------------------------- intervals
+
+    pub fn register_interval(
+        &mut self,
+        req: &pb::RegisterIntervalRequest,
+    ) -> Result<(u64, u64), CoordError> {
+        check_name("address_space", &req.address_space, false)?;
+        check_name("tenant", &req.tenant, false)?;
+        let end = check_range(req.start, req.length)?;
+        let pages = req.length / PAGE;
+        if req.handle_base.checked_add(pages).is_none() {
+            return Err(CoordError::invalid(
+                "handle_base",
+                "handles of the interval overflow",
+            ));
+        }
+        if req.subscribers.len() > MAX_SUBSCRIBERS {
+            return Err(CoordError::invalid(
+                "subscribers",
+                format!("at most {MAX_SUBSCRIBERS}"),
+            ));
+        }
+        let mut subscribers = BTreeSet::new();
+        for &m in std::iter::once(&req.owner).chain(&req.subscribers) {
+            let member = self.members.get(m)?;
+            if !member.serving() {
+                return Err(CoordError::invalid(
+                    "subscribers",
+                    format!("member {m} holds no current lease"),
+                ));
+            }
+            subscribers.insert(m);
+        }
+        if let Some(&existing) = self
+            .intervals
+            .overlapping(&req.address_space, req.start, end)
+            .first()
+        {
+            return Err(CoordError::Overlap {
+                existing,
+                start: req.start,
+                end,
+            });
+        }
+        let rec = IntervalRecord {
+            id: self.next_interval,
+            address_space: req.address_space.clone(),
+            start: req.start,
+            length: req.length,
+            tenant: req.tenant.clone(),
+            handle_base: req.handle_base,
+            owner: req.owner,
+            subscribers: subscribers.into_iter().collect(),
+        };
+        let id = rec.id;
+        self.commit(Record::IntervalAdd { interval: rec })?;
+        Ok((id, self.intervals.get(id)?.seq))
+    }
+
+    pub fn unregister_interval(&mut self, id: u64) -> Result<(), CoordError> {
+        self.intervals.get(id)?;
+        Ok(self.commit(Record::IntervalRemove { id })?)
+    }
+
+    pub fn subscribe(&mut self, interval: u64, member: u64) -> Result<u64, CoordError> {
+        let iv = self.intervals.get(interval)?;
+        let m = self.members.get(member)?;
+        if !m.serving() {
+            return Err(CoordError::invalid(
+                "member_id",
+                format!("member {member} holds no current lease"),
+            ));
+        }
+        let seq = iv.seq;
+        if !iv.subscribers.contains(&member) {
+            self.commit(Record::Subscribe { interval, member })?;
+        }
+        Ok(seq)
+    }
+
+    pub fn unsubscribe(&mut self, interval: u64, member: u64) -> Result<(), CoordError> {
+        let iv = self.intervals.get(interval)?;
+        self.members.get(member)?;
+        if iv.subscribers.contains(&member) {
+            self.commit(Record::Unsubscribe { interval, member })?;
+        }
+        Ok(())
+    }
+
+    /// `mmu_interval_read_begin`: the sequence, or None while an
+    /// invalidation of the interval is in flight.
+    pub fn read_begin(&self, id: u64) -> Result<Option<u64>, CoordError> {
+        let iv = self.intervals.get(id)?;
+        Ok((iv.in_flight == 0).then_some(iv.seq))
+    }
+
+    /// `mmu_interval_read_retry`: whether an invalidation began since `seq`.
+    pub fn read_retry(&self, id: u64, seq: u64) -> Result<(bool, u64), CoordError> {
+        let iv = self.intervals.get(id)?;
+        Ok((iv.seq != seq || iv.in_flight > 0, iv.seq))
+    }
+
+    // ------------------------------------------------------- invalidation
+
+    /// Starts an invalidation: bumps the sequence of every overlapping
+    /// interval, queues an event for each subscriber, and fences at once
+    /// subscribers that hold no lease (they could not acknowledge).
+    pub fn begin_invalidation(&mut self, req: &pb::InvalidateRequest) -> Result<Begun, CoordError> {
+        check_name("address_space", &req.address_space, false)?;
+        let end = check_range(req.start, req.length)?;
+        let reason = pb::Reason::try_from(req.reason)
+            .map_err(|_| CoordError::invalid("reason", format!("unknown reason {}", req.reason)))?;
+        let id = self.next_invalidation;
+        self.next_invalidation += 1;
+        self.counters.invalidations += 1;
+        let touched = self
+            .intervals
+            .overlapping(&req.address_space, req.start, end);
+        let mut per_member: BTreeMap<u64, Vec<pb::InvalidatedRange>> = BTreeMap::new();
+        let mut seqs = Vec::with_capacity(touched.len());
+        for &iv_id in &touched {
+            let iv = self.intervals.get_mut(iv_id)?;
+            iv.seq += 1;
+            iv.in_flight += 1;
+            seqs.push((iv_id, iv.seq));
+            let (s, e) = iv.clip(req.start, end);
+            let range = pb::InvalidatedRange {
+                interval_id: iv_id,
+                start: s,
+                length: e - s,
+                seq: iv.seq,
+                tenant: iv.rec.tenant.clone(),
+                first_handle: iv.rec.handle_base + (s - iv.rec.start) / PAGE,
+            };
+            for &m in iv.subscribers.iter().filter(|&&m| m != req.origin) {
+                per_member.entry(m).or_default().push(range.clone());
+            }
+        }
+        let mut waiting = BTreeSet::new();
+        let mut lapsed = BTreeSet::new();
+        for (m, ranges) in per_member {
+            if self.members.get(m).is_ok_and(|m| m.serving()) {
+                waiting.insert(m);
+                self.fanout
+                    .mailbox(m)
+                    .push(Event::Invalidation(pb::InvalidationEvent {
+                        invalidation_id: id,
+                        address_space: req.address_space.clone(),
+                        reason: reason as i32,
+                        ranges,
+                    }));
+            } else {
+                lapsed.insert(m);
+            }
+        }
+        let (mut pending, done) = Pending::new(waiting, touched);
+        for m in lapsed {
+            pending.fenced.push(m);
+        }
+        let lapsed = pending.fenced.clone();
+        self.fanout.pending.insert(id, pending);
+        for m in lapsed {
+            self.fence(m, id)?;
+        }
+        tracing::debug!(invalidation = id, space = %req.address_space, start = req.start, end, intervals = seqs.len(), "invalidation begun");
+        Ok(Begun {
+            id,
+            intervals: seqs,
+            done,
+        })
+    }
+
+    /// Records `member`'s acknowledgement of invalidation `id`.
+    pub fn ack(&mut self, member: u64, id: u64) -> Result<(), CoordError> {
+        let m = self.members.get(member)?;
+        if m.liveness == Liveness::Fenced {
+            return Err(CoordError::Fenced(member));
+        }
+        self.fanout.mailbox(member).acknowledge(id);
+        if let Some(p) = self.fanout.pending.get_mut(&id) {
+            p.settle(member, true);
+        }
+        Ok(())
+    }
+
+    /// Ends an invalidation: whoever has not acknowledged is fenced.
+    pub fn finish_invalidation(&mut self, id: u64) -> Result<Finished, CoordError> {
+        let late: Vec<u64> = self
+            .fanout
+            .pending
+            .get(&id)
+            .map(|p| p.waiting.iter().copied().collect())
+            .unwrap_or_default();
+        for m in late {
+            tracing::warn!(
+                member = m,
+                invalidation = id,
+                "member did not acknowledge an invalidation in time: fenced"
+            );
+            self.fence(m, id)?;
+        }
+        let p = self
+            .fanout
+            .pending
+            .remove(&id)
+            .expect("a begun invalidation is pending until finished");
+        for iv in &p.intervals {
+            if let Ok(iv) = self.intervals.get_mut(*iv) {
+                iv.in_flight = iv.in_flight.saturating_sub(1);
+            }
+        }
+        Ok(Finished {
+            acked: p.acked,
+            fenced: p.fenced,
+        })
+    }
+
+    /// Revokes `member`'s lease: its subscriptions end, its stream gets a
+    /// fencing notice, and no invalidation waits for it any more.
+    fn fence(&mut self, member: u64, invalidation: u64) -> Result<(), CoordError> {
+        let already = self
+            .members
+            .get(member)
+            .is_ok_and(|m| m.liveness == Liveness::Fenced);
+        if !already {
+            self.commit(Record::MemberFenced { id: member })?;
+            self.counters.fenced += 1;
+        }
+        self.fanout.mailbox(member).fence(invalidation);
+        self.settle_everywhere(member, false);
+        Ok(())
+    }
+
+    /// No pending invalidation waits for `member` any more.
+    fn settle_everywhere(&mut self, member: u64, acked: bool) {
+        for p in self.fanout.pending.values_mut() {
+            p.settle(member, acked);
+        }
+    }
+
+    /// Validates a watch request; returns the member's stream generation.
+    pub fn open_watch(&mut self, member: u64, incarnation: u64) -> Result<u64, CoordError> {
+        self.members.check_current(member, incarnation)?;
+        let mb = self.fanout.mailbox(member);
+        mb.closed = false;
+        mb.generation += 1;
+        mb.notify.notify_waiters();
+        Ok(mb.generation)
+    }
+}
+
+#[cfg(test)]
+mod tests;

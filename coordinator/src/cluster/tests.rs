@@ -1,0 +1,437 @@
+//! The cluster model without the network: every rule the services rely on.
+
+use std::time::Duration;
+
+use rmem_common::ByteSize;
+use rmem_proto::control::v1::{self as pb, watch_event::Event};
+
+use super::*;
+use crate::config::{CoordinatorConfig, TenantConfig};
+use crate::state::{MemoryStore, log::FileLog};
+
+fn cfg() -> CoordinatorConfig {
+    CoordinatorConfig {
+        ephemeral: true,
+        ..Default::default()
+    }
+}
+
+fn cluster() -> Cluster {
+    Cluster::open(&cfg(), Box::new(MemoryStore::default())).unwrap()
+}
+
+fn server(name: &str, pages: u64) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        role: pb::Role::Server as i32,
+        name: name.into(),
+        data_addr: format!("{name}:7480"),
+        capacity_pages: pages,
+        ..Default::default()
+    }
+}
+
+fn agent(name: &str) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        role: pb::Role::Agent as i32,
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+fn interval(
+    space: &str,
+    start: u64,
+    pages: u64,
+    owner: u64,
+    subs: &[u64],
+) -> pb::RegisterIntervalRequest {
+    pb::RegisterIntervalRequest {
+        address_space: space.into(),
+        start: start * PAGE,
+        length: pages * PAGE,
+        tenant: "default".into(),
+        handle_base: 1000,
+        owner,
+        subscribers: subs.to_vec(),
+    }
+}
+
+fn invalidate(space: &str, start: u64, pages: u64) -> pb::InvalidateRequest {
+    pb::InvalidateRequest {
+        address_space: space.into(),
+        start: start * PAGE,
+        length: pages * PAGE,
+        reason: pb::Reason::Unmap as i32,
+        ..Default::default()
+    }
+}
+
+fn events(c: &Cluster, member: u64) -> Vec<Event> {
+    c.fanout
+        .mailboxes
+        .get(&member)
+        .map(|mb| {
+            mb.since(mb.oldest())
+                .0
+                .into_iter()
+                .filter_map(|e| e.event)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn members_register_renew_and_expire() {
+    let mut c = cluster();
+    let s = c.register(&server("s1", 100)).unwrap();
+    assert_eq!((s.id, s.incarnation), (1, 1));
+    let again = c.register(&server("s1", 200)).unwrap();
+    assert_eq!(
+        (again.id, again.incarnation, again.capacity_pages),
+        (1, 2, 200)
+    );
+    assert!(matches!(
+        c.heartbeat(1, 1, 0),
+        Err(CoordError::StaleIncarnation { .. })
+    ));
+    assert!(!c.heartbeat(1, 2, 5).unwrap());
+    assert!(matches!(
+        c.register(&agent("s1")),
+        Err(CoordError::NameInUse(_))
+    ));
+    assert!(matches!(
+        c.heartbeat(9, 1, 0),
+        Err(CoordError::UnknownMember(9))
+    ));
+
+    c.members.expire(Instant::now() + Duration::from_secs(3600));
+    assert!(matches!(
+        c.heartbeat(1, 2, 0),
+        Err(CoordError::LeaseExpired(1))
+    ));
+    let back = c.register(&server("s1", 200)).unwrap();
+    assert_eq!(back.incarnation, 3);
+    c.heartbeat(1, 3, 0).unwrap();
+}
+
+#[test]
+fn registration_arguments_are_checked() {
+    let mut c = cluster();
+    let bad = [
+        pb::RegisterRequest {
+            role: 0,
+            ..server("x", 1)
+        },
+        pb::RegisterRequest {
+            role: 9,
+            ..server("x", 1)
+        },
+        server("", 1),
+        server("x", 0),
+        pb::RegisterRequest {
+            data_addr: String::new(),
+            ..server("x", 1)
+        },
+        pb::RegisterRequest {
+            transports: vec!["carrier-pigeon".into()],
+            ..server("x", 1)
+        },
+        pb::RegisterRequest {
+            name: "a\nb".into(),
+            ..agent("x")
+        },
+    ];
+    for r in bad {
+        let e = c.register(&r).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{r:?}: {e}");
+    }
+}
+
+#[test]
+fn intervals_of_one_space_never_overlap() {
+    let mut c = cluster();
+    let a = c.register(&agent("a")).unwrap().id;
+    let (iv, seq) = c.register_interval(&interval("p1", 0, 16, a, &[])).unwrap();
+    assert_eq!(seq, c.epoch() << 32);
+    let e = c
+        .register_interval(&interval("p1", 15, 4, a, &[]))
+        .unwrap_err();
+    assert!(
+        matches!(e, CoordError::Overlap { existing, .. } if existing == iv),
+        "{e}"
+    );
+    c.register_interval(&interval("p1", 16, 4, a, &[])).unwrap();
+    c.register_interval(&interval("p2", 0, 16, a, &[])).unwrap();
+    assert!(matches!(
+        c.register_interval(&interval("p3", 0, 1, a, &[77])),
+        Err(CoordError::UnknownMember(77))
+    ));
+    let mut r = interval("p3", 0, 1, a, &[]);
+    r.length = 100;
+    assert_eq!(
+        c.register_interval(&r).unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    r = interval("p3", 0, 1, a, &[]);
+    r.handle_base = u64::MAX;
+    assert_eq!(
+        c.register_interval(&r).unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    c.unregister_interval(iv).unwrap();
+    assert!(matches!(
+        c.unregister_interval(iv),
+        Err(CoordError::UnknownInterval(_))
+    ));
+    c.register_interval(&interval("p1", 0, 16, a, &[])).unwrap();
+}
+
+#[test]
+fn an_invalidation_reaches_every_subscriber_once_with_its_ranges() {
+    let mut c = cluster();
+    let a = c.register(&agent("a")).unwrap().id;
+    let s = c.register(&server("s", 100)).unwrap().id;
+    let m = c.register(&agent("mirror")).unwrap().id;
+    let (i1, _) = c.register_interval(&interval("p", 0, 8, a, &[s])).unwrap();
+    let (i2, _) = c
+        .register_interval(&interval("p", 8, 8, a, &[s, m]))
+        .unwrap();
+    let mut req = invalidate("p", 4, 8);
+    req.origin = a;
+    let begun = c.begin_invalidation(&req).unwrap();
+    assert_eq!(begun.intervals.len(), 2);
+    assert!(events(&c, a).is_empty(), "the origin gets no event");
+    let Event::Invalidation(ev) = &events(&c, s)[0] else {
+        panic!()
+    };
+    assert_eq!(events(&c, s).len(), 1, "one event per member");
+    let ranges: Vec<_> = ev
+        .ranges
+        .iter()
+        .map(|r| {
+            (
+                r.interval_id,
+                r.start / PAGE,
+                r.length / PAGE,
+                r.first_handle,
+            )
+        })
+        .collect();
+    assert_eq!(ranges, vec![(i1, 4, 4, 1004), (i2, 8, 4, 1000)]);
+    let Event::Invalidation(ev) = &events(&c, m)[0] else {
+        panic!()
+    };
+    assert_eq!(ev.ranges.len(), 1);
+
+    c.ack(s, begun.id).unwrap();
+    let mut done = begun.done;
+    assert!(done.try_recv().is_err(), "the mirror has not answered");
+    c.ack(m, begun.id).unwrap();
+    assert!(done.try_recv().is_ok());
+    let f = c.finish_invalidation(begun.id).unwrap();
+    assert_eq!((f.acked, f.fenced), (vec![s, m], vec![]));
+    assert!(events(&c, s).is_empty(), "acknowledged events are gone");
+}
+
+#[test]
+fn a_subscriber_that_does_not_answer_is_fenced() {
+    let mut c = cluster();
+    let a = c.register(&agent("a")).unwrap().id;
+    let slow = c.register(&agent("slow")).unwrap();
+    let (iv, _) = c
+        .register_interval(&interval("p", 0, 8, a, &[slow.id]))
+        .unwrap();
+    let begun = c.begin_invalidation(&invalidate("p", 0, 1)).unwrap();
+    c.ack(a, begun.id).unwrap();
+    let f = c.finish_invalidation(begun.id).unwrap();
+    assert_eq!((f.acked, f.fenced), (vec![a], vec![slow.id]));
+    assert!(matches!(events(&c, slow.id)[..], [Event::Fenced(_)]));
+    assert!(matches!(
+        c.heartbeat(slow.id, slow.incarnation, 0),
+        Err(CoordError::Fenced(_))
+    ));
+    assert!(matches!(
+        c.ack(slow.id, begun.id),
+        Err(CoordError::Fenced(_))
+    ));
+    assert!(!c.intervals.get(iv).unwrap().subscribers.contains(&slow.id));
+    // Registering again makes it a member with a clean slate.
+    let back = c.register(&agent("slow")).unwrap();
+    assert!(events(&c, back.id).is_empty());
+    c.heartbeat(back.id, back.incarnation, 0).unwrap();
+    // A subscriber whose lease lapsed is fenced at once, not waited for.
+    c.subscribe(iv, back.id).unwrap();
+    c.members.expire(Instant::now() + Duration::from_secs(3600));
+    let begun = c.begin_invalidation(&invalidate("p", 0, 1)).unwrap();
+    let mut done = begun.done;
+    assert!(done.try_recv().is_ok(), "nobody left to wait for");
+    let f = c.finish_invalidation(begun.id).unwrap();
+    assert_eq!(f.fenced, vec![a, back.id]);
+}
+
+#[test]
+fn read_retry_sees_every_invalidation_that_began() {
+    let mut c = cluster();
+    let a = c.register(&agent("a")).unwrap().id;
+    let (iv, seq) = c.register_interval(&interval("p", 0, 8, a, &[])).unwrap();
+    assert_eq!(c.read_begin(iv).unwrap(), Some(seq));
+    assert_eq!(c.read_retry(iv, seq).unwrap(), (false, seq));
+    let mut req = invalidate("p", 0, 8);
+    req.origin = a;
+    let begun = c.begin_invalidation(&req).unwrap();
+    assert_eq!(
+        c.read_begin(iv).unwrap(),
+        None,
+        "in flight: read_begin waits"
+    );
+    assert!(c.read_retry(iv, seq).unwrap().0);
+    c.finish_invalidation(begun.id).unwrap();
+    let after = c.read_begin(iv).unwrap().unwrap();
+    assert!(after > seq);
+    assert!(c.read_retry(iv, seq).unwrap().0);
+    assert!(!c.read_retry(iv, after).unwrap().0);
+    // An invalidation elsewhere leaves the interval alone.
+    let b = c.begin_invalidation(&invalidate("p", 8, 8)).unwrap();
+    assert!(b.intervals.is_empty());
+    c.finish_invalidation(b.id).unwrap();
+    assert!(!c.read_retry(iv, after).unwrap().0);
+    assert!(matches!(
+        c.read_begin(99),
+        Err(CoordError::UnknownInterval(99))
+    ));
+}
+
+#[test]
+fn placement_spreads_skips_draining_servers_and_honours_quotas() {
+    let mut config = cfg();
+    config.placement_chunk = ByteSize(16 * PAGE);
+    config.tenants = vec![TenantConfig {
+        name: "blue".into(),
+        token: Some("secret".into()),
+        token_file: None,
+        quota: Some(ByteSize(100 * PAGE)),
+    }];
+    let mut c = Cluster::open(&config, Box::new(MemoryStore::default())).unwrap();
+    let a = c.register(&agent("a")).unwrap().id;
+    let s: Vec<u64> = (0..3)
+        .map(|i| c.register(&server(&format!("s{i}"), 1000)).unwrap().id)
+        .collect();
+    let grants = c.allocate(a, "blue", 96).unwrap();
+    assert_eq!(grants.iter().map(|g| g.pages).sum::<u64>(), 96);
+    assert!(grants.len() >= 2, "spread over servers: {grants:?}");
+    assert_eq!(c.grant_pb(&grants[0]).credential, "secret");
+    assert!(matches!(
+        c.allocate(a, "blue", 5),
+        Err(CoordError::QuotaExceeded { .. })
+    ));
+    assert!(matches!(
+        c.allocate(a, "red", 1),
+        Err(CoordError::UnknownTenant(_))
+    ));
+    assert!(matches!(
+        c.allocate(s[0], "blue", 1),
+        Err(CoordError::Invalid { .. })
+    ));
+    c.release(grants[0].id, 0).unwrap();
+    assert!(matches!(
+        c.release(grants[0].id, 0),
+        Err(CoordError::UnknownGrant(_))
+    ));
+
+    c.set_draining(s[0], "", true).unwrap();
+    c.set_draining(0, "s1", true).unwrap();
+    for _ in 0..10 {
+        for g in c.allocate(a, "blue", 1).unwrap() {
+            assert_eq!(g.server, s[2], "placed on a draining server");
+        }
+    }
+    // Agents holding grants on a draining server hear of it.
+    assert!(events(&c, a).iter().any(|e| matches!(e, Event::Drain(_))));
+    assert!(matches!(
+        c.set_draining(a, "", true),
+        Err(CoordError::NotAServer(_))
+    ));
+    assert!(matches!(
+        c.set_draining(0, "nope", true),
+        Err(CoordError::UnknownServer(_))
+    ));
+}
+
+#[test]
+fn no_capacity_takes_nothing() {
+    let mut c = cluster();
+    let a = c.register(&agent("a")).unwrap().id;
+    c.register(&server("s", 10)).unwrap();
+    assert!(matches!(
+        c.allocate(a, "default", 11),
+        Err(CoordError::NoCapacity {
+            requested: 11,
+            free: 10
+        })
+    ));
+    assert_eq!(c.allocate(a, "default", 10).unwrap().len(), 1);
+    assert!(matches!(
+        c.allocate(a, "default", 1),
+        Err(CoordError::NoCapacity { .. })
+    ));
+}
+
+#[test]
+fn state_survives_a_restart_with_a_new_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.log");
+    let mut config = cfg();
+    config.ephemeral = false;
+    let open = |config: &CoordinatorConfig| {
+        Cluster::open(config, Box::new(FileLog::open(&path).unwrap())).unwrap()
+    };
+    let (a, s, iv, seq, removed, epoch) = {
+        let mut c = open(&config);
+        let a = c.register(&agent("a")).unwrap().id;
+        let s = c.register(&server("s", 100)).unwrap().id;
+        let fenced = c.register(&agent("f")).unwrap().id;
+        let (iv, _) = c
+            .register_interval(&interval("p", 0, 8, a, &[s, fenced]))
+            .unwrap();
+        let (gone, _) = c.register_interval(&interval("p", 8, 8, a, &[])).unwrap();
+        c.unregister_interval(gone).unwrap();
+        c.allocate(a, "default", 40).unwrap();
+        c.set_draining(s, "", true).unwrap();
+        let b = c.begin_invalidation(&invalidate("p", 0, 1)).unwrap();
+        c.ack(a, b.id).unwrap();
+        c.ack(s, b.id).unwrap();
+        c.finish_invalidation(b.id).unwrap();
+        (a, s, iv, c.intervals.get(iv).unwrap().seq, gone, c.epoch())
+    };
+    let mut c = open(&config);
+    assert_eq!(c.epoch(), epoch + 1);
+    let restored = c.intervals.get(iv).unwrap();
+    assert_eq!(
+        restored.subscribers.iter().copied().collect::<Vec<_>>(),
+        vec![a, s]
+    );
+    assert_ne!(
+        restored.seq, seq,
+        "a sequence never repeats across restarts"
+    );
+    assert!(c.read_retry(iv, seq).unwrap().0);
+    assert_eq!(c.grants.tenant_pages("default"), 40);
+    assert!(c.members.get(s).unwrap().rec.draining);
+    assert_eq!(c.members.get(3).unwrap().liveness, Liveness::Fenced);
+    // Members keep their incarnation, so their heartbeats carry on.
+    c.heartbeat(a, 1, 0).unwrap();
+    let (next, _) = c.register_interval(&interval("q", 0, 1, a, &[])).unwrap();
+    assert!(next > removed, "interval ids are never reused");
+
+    // Compaction keeps the same state.
+    config.compact_after = 16;
+    for i in 0..40 {
+        c.register(&agent(&format!("x{i}"))).unwrap();
+    }
+    drop(c);
+    let c = open(&config);
+    assert!(c.members.by_name("x39").is_some());
+    assert_eq!(c.intervals.get(iv).unwrap().subscribers.len(), 2);
+    assert_eq!(c.grants.tenant_pages("default"), 40);
+    assert_eq!(c.members.get(3).unwrap().liveness, Liveness::Fenced);
+}

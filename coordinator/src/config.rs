@@ -1,0 +1,274 @@
+//! Typed configuration of `rmem-coordinator`: a TOML file, overridden by
+//! flags, validated with messages that name the offending field.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rmem_common::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// Default gRPC address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7470";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/rmem/coordinator";
+
+/// A tenant: the name agents allocate for, the credential its servers
+/// expect (handed to agents with their grants), and its cluster-wide quota.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    /// Credential, inline. Prefer `token_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// File holding the credential (trailing whitespace is ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Most memory the tenant may be granted over all servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<ByteSize>,
+}
+
+impl TenantConfig {
+    /// The credential (empty when the tenant has none).
+    pub fn credential(&self) -> String {
+        self.token.clone().unwrap_or_default()
+    }
+}
+
+/// Everything the coordinator runs with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// gRPC address (every service, health and reflection).
+    pub listen: SocketAddr,
+    /// Directory of the state log. Ignored with `ephemeral`.
+    pub state_dir: PathBuf,
+    /// Keep state in memory only (tests, throwaway clusters).
+    pub ephemeral: bool,
+    /// How long a member stays up without a heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How long subscribers have to acknowledge an invalidation when the
+    /// caller names no deadline.
+    #[serde(with = "humantime_serde")]
+    pub invalidation_deadline: Duration,
+    /// Longest deadline a caller may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_invalidation_deadline: Duration,
+    /// Largest piece of one allocation placed on one server.
+    pub placement_chunk: ByteSize,
+    /// Records appended before the log is compacted into a snapshot.
+    pub compact_after: usize,
+    /// Token every gRPC caller must present (`authorization: Bearer ...`),
+    /// inline. Prefer `token_file`. Without either, callers are not
+    /// authenticated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Tenants. With none, agents allocate for `default` with no
+    /// credential and no quota.
+    #[serde(rename = "tenant", skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<TenantConfig>,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            ephemeral: false,
+            lease: Duration::from_secs(10),
+            invalidation_deadline: Duration::from_secs(5),
+            max_invalidation_deadline: Duration::from_secs(60),
+            placement_chunk: ByteSize::mib(64),
+            compact_after: 10_000,
+            token: None,
+            token_file: None,
+            tenants: Vec::new(),
+        }
+    }
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid `{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("cannot read token file {path}")]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+fn read_token(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end().to_string())
+        .map_err(|source| ConfigError::TokenFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+impl CoordinatorConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks every field and reads token files into `token`.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        let ms = Duration::from_millis;
+        if !(ms(100)..=Duration::from_secs(3600)).contains(&self.lease) {
+            return Err(invalid("lease", "must be between 100ms and 1h"));
+        }
+        if !(ms(10)..=Duration::from_secs(600)).contains(&self.max_invalidation_deadline) {
+            return Err(invalid(
+                "max_invalidation_deadline",
+                "must be between 10ms and 10min",
+            ));
+        }
+        if self.invalidation_deadline < ms(10)
+            || self.invalidation_deadline > self.max_invalidation_deadline
+        {
+            return Err(invalid(
+                "invalidation_deadline",
+                "must be at least 10ms and at most max_invalidation_deadline",
+            ));
+        }
+        let chunk = self.placement_chunk.bytes();
+        if chunk < 4096 || !chunk.is_multiple_of(4096) {
+            return Err(invalid(
+                "placement_chunk",
+                "must be a positive multiple of 4KiB",
+            ));
+        }
+        if self.compact_after < 16 {
+            return Err(invalid("compact_after", "must be at least 16"));
+        }
+        if !self.ephemeral && self.state_dir.as_os_str().is_empty() {
+            return Err(invalid("state_dir", "must not be empty (or set ephemeral)"));
+        }
+        if self.token.is_some() && self.token_file.is_some() {
+            return Err(invalid("token", "give token or token_file, not both"));
+        }
+        if let Some(path) = &self.token_file {
+            self.token = Some(read_token(path)?);
+        }
+        if self.token.as_deref() == Some("") {
+            return Err(invalid("token", "must not be empty"));
+        }
+        let mut names = BTreeSet::new();
+        for (i, t) in self.tenants.iter_mut().enumerate() {
+            let field = |f: &str| format!("tenant[{i}].{f}");
+            if t.name.is_empty() || t.name.len() > 64 {
+                return Err(invalid(field("name"), "must be 1 to 64 bytes"));
+            }
+            if !names.insert(t.name.clone()) {
+                return Err(invalid(
+                    field("name"),
+                    format!("`{}` appears twice", t.name),
+                ));
+            }
+            if t.token.is_some() && t.token_file.is_some() {
+                return Err(invalid(
+                    field("token"),
+                    "give token or token_file, not both",
+                ));
+            }
+            if let Some(path) = &t.token_file {
+                t.token = Some(read_token(path)?);
+            }
+            if let Some(q) = t.quota
+                && q.bytes() < 4096
+            {
+                return Err(invalid(field("quota"), "must be at least 4KiB"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Path of the state log.
+    pub fn state_log(&self) -> PathBuf {
+        self.state_dir.join("state.log")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<CoordinatorConfig, String> {
+        let mut c: CoordinatorConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let c = parse(
+            r#"
+            listen = "127.0.0.1:9000"
+            state_dir = "/tmp/x"
+            lease = "3s"
+            invalidation_deadline = "500ms"
+            placement_chunk = "16MiB"
+            [[tenant]]
+            name = "blue"
+            token = "secret"
+            quota = "1GiB"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.lease, Duration::from_secs(3));
+        assert_eq!(c.tenants[0].credential(), "secret");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (text, field) in [
+            ("lease = \"1ms\"", "`lease`"),
+            ("invalidation_deadline = \"2h\"", "`invalidation_deadline`"),
+            ("placement_chunk = \"1000\"", "`placement_chunk`"),
+            (
+                "[[tenant]]\nname = \"a\"\n[[tenant]]\nname = \"a\"",
+                "`tenant[1].name`",
+            ),
+            (
+                "[[tenant]]\nname = \"a\"\nquota = \"1\"",
+                "`tenant[0].quota`",
+            ),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(field), "{text}: {err}");
+        }
+        assert!(parse("bogus = 1").unwrap_err().contains("bogus"));
+    }
+}

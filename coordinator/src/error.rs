@@ -1,0 +1,127 @@
+//! Coordinator errors, each with its gRPC status code and a stable reason
+//! that clients match on (sent in the `rmem-reason` metadata key).
+
+use crate::state::StateError;
+
+/// Why a control-plane request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    #[error("invalid `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("unknown member {0}")]
+    UnknownMember(u64),
+    #[error("unknown interval {0}")]
+    UnknownInterval(u64),
+    #[error("unknown grant {0}")]
+    UnknownGrant(u64),
+    #[error("unknown tenant `{0}`")]
+    UnknownTenant(String),
+    #[error("unknown server `{0}`")]
+    UnknownServer(String),
+    #[error(
+        "[{start:#x}, {end:#x}) overlaps interval {existing} of the same address space; subscribe to it instead"
+    )]
+    Overlap { existing: u64, start: u64, end: u64 },
+    #[error("the name `{0}` is registered with another role")]
+    NameInUse(String),
+    #[error("member {0} is not a memory server")]
+    NotAServer(u64),
+    #[error("the lease of member {0} expired; register again")]
+    LeaseExpired(u64),
+    #[error("member {0} was fenced for not acknowledging an invalidation; register again")]
+    Fenced(u64),
+    #[error("member {id} has left the cluster")]
+    Left { id: u64 },
+    #[error("member {id} incarnation {got} is stale (current {current}); register again")]
+    StaleIncarnation { id: u64, got: u64, current: u64 },
+    #[error("tenant `{tenant}` would hold {wanted} pages, over its quota of {quota}")]
+    QuotaExceeded {
+        tenant: String,
+        wanted: u64,
+        quota: u64,
+    },
+    #[error("{requested} pages requested, {free} free on servers taking placements")]
+    NoCapacity { requested: u64, free: u64 },
+    #[error("interval {0} stayed under invalidation past the deadline")]
+    Busy(u64),
+    #[error("missing or wrong cluster token")]
+    Unauthenticated,
+    #[error("cannot record the change")]
+    State(#[from] StateError),
+}
+
+impl CoordError {
+    /// The gRPC code.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::Invalid { .. } => Code::InvalidArgument,
+            Self::UnknownMember(_)
+            | Self::UnknownInterval(_)
+            | Self::UnknownGrant(_)
+            | Self::UnknownTenant(_)
+            | Self::UnknownServer(_) => Code::NotFound,
+            Self::Overlap { .. } | Self::NameInUse(_) => Code::AlreadyExists,
+            Self::NotAServer(_)
+            | Self::LeaseExpired(_)
+            | Self::Fenced(_)
+            | Self::Left { .. }
+            | Self::StaleIncarnation { .. } => Code::FailedPrecondition,
+            Self::QuotaExceeded { .. } | Self::NoCapacity { .. } => Code::ResourceExhausted,
+            Self::Busy(_) => Code::DeadlineExceeded,
+            Self::Unauthenticated => Code::Unauthenticated,
+            Self::State(_) => Code::Unavailable,
+        }
+    }
+
+    /// A stable, machine-readable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Invalid { .. } => "invalid_argument",
+            Self::UnknownMember(_) => "unknown_member",
+            Self::UnknownInterval(_) => "unknown_interval",
+            Self::UnknownGrant(_) => "unknown_grant",
+            Self::UnknownTenant(_) => "unknown_tenant",
+            Self::UnknownServer(_) => "unknown_server",
+            Self::Overlap { .. } => "overlapping_interval",
+            Self::NameInUse(_) => "name_in_use",
+            Self::NotAServer(_) => "not_a_server",
+            Self::LeaseExpired(_) => "lease_expired",
+            Self::Fenced(_) => "fenced",
+            Self::Left { .. } => "left",
+            Self::StaleIncarnation { .. } => "stale_incarnation",
+            Self::QuotaExceeded { .. } => "quota_exceeded",
+            Self::NoCapacity { .. } => "no_capacity",
+            Self::Busy(_) => "interval_busy",
+            Self::Unauthenticated => "unauthenticated",
+            Self::State(_) => "state_unavailable",
+        }
+    }
+
+    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Metadata key carrying [`CoordError::reason`].
+pub const REASON_KEY: &str = "rmem-reason";
+
+impl From<CoordError> for tonic::Status {
+    fn from(e: CoordError) -> Self {
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        let mut status = tonic::Status::new(e.code(), msg);
+        status.metadata_mut().insert(
+            REASON_KEY,
+            tonic::metadata::MetadataValue::from_static(e.reason()),
+        );
+        status
+    }
+}

@@ -1,0 +1,224 @@
+//! rmem coordinator: the cluster's control plane over gRPC.
+//!
+//! - [`membership`]: members and leases.
+//! - [`placement`]: grants of server capacity (power of two choices).
+//! - [`intervals`]: interval registrations and sequence numbers.
+//! - [`invalidation`]: per-member mailboxes and invalidations waiting for
+//!   acknowledgements.
+//! - [`cluster`]: the model tying them together, changed only through
+//!   persisted records ([`state`]).
+//! - [`service`]: the tonic services over the model.
+//!
+//! [`Coordinator::start`] runs it inside the caller's tokio runtime; the
+//! `rmem-coordinator` binary and tests go through it.
+
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod intervals;
+pub mod invalidation;
+pub mod membership;
+pub mod placement;
+pub mod service;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rmem_proto::control::v1::cluster_admin_server::ClusterAdminServer;
+use rmem_proto::control::v1::intervals_server::IntervalsServer;
+use rmem_proto::control::v1::invalidation_server::InvalidationServer;
+use rmem_proto::control::v1::membership_server::MembershipServer;
+use rmem_proto::control::v1::placement_server::PlacementServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::config::{ConfigError, CoordinatorConfig};
+use crate::error::CoordError;
+use crate::service::{Service, Shared};
+use crate::state::{MemoryStore, StateError, StateStore, log::FileLog};
+
+/// Why the coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running coordinator.
+#[derive(Debug)]
+pub struct Coordinator {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    shared: Arc<Shared>,
+}
+
+/// Checks `authorization: Bearer TOKEN` on every call when a token is set.
+#[derive(Clone, Debug)]
+struct Auth(Option<Arc<str>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        use subtle::ConstantTimeEq;
+        let Some(token) = &self.0 else {
+            return Ok(req);
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            Ok(req)
+        } else {
+            Err(CoordError::Unauthenticated.into())
+        }
+    }
+}
+
+impl Coordinator {
+    /// Validates `config`, restores state, binds and starts serving.
+    pub async fn start(config: &CoordinatorConfig) -> Result<Self, StartError> {
+        let mut config = config.clone();
+        config.validate()?;
+        let store: Box<dyn StateStore> = if config.ephemeral {
+            Box::new(MemoryStore::default())
+        } else {
+            Box::new(FileLog::open(&config.state_log())?)
+        };
+        let cluster = Cluster::open(&config, store)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let shutdown = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            cluster: Mutex::new(cluster),
+            finished: tokio::sync::watch::channel(0).0,
+            default_deadline: config.invalidation_deadline,
+            max_deadline: config.max_invalidation_deadline,
+            started: Instant::now(),
+            shutdown: shutdown.clone(),
+        });
+        tokio::spawn(expire_leases(shared.clone(), config.lease));
+        let server = tokio::spawn(serve(
+            listener,
+            Service {
+                shared: shared.clone(),
+            },
+            Auth(config.token.as_deref().map(Arc::from)),
+            shutdown.clone(),
+        ));
+        tracing::info!(%addr, epoch = shared.lock().epoch(), "coordinator ready");
+        Ok(Self {
+            addr,
+            shutdown,
+            server,
+            shared,
+        })
+    }
+
+    /// The address actually bound.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The model, for embedding and tests.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops serving: open streams end, calls in progress finish.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        match self.server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
+        }
+        tracing::info!("coordinator stopped");
+    }
+}
+
+async fn expire_leases(shared: Arc<Shared>, lease: Duration) {
+    let every = (lease / 4).max(Duration::from_millis(25));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => shared.lock().expire_leases(),
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    svc: Service,
+    auth: Auth,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<MembershipServer<Service>>().await;
+    health.set_serving::<PlacementServer<Service>>().await;
+    health.set_serving::<IntervalsServer<Service>>().await;
+    health.set_serving::<InvalidationServer<Service>>().await;
+    health.set_serving::<ClusterAdminServer<Service>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(rmem_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .expect("embedded descriptors are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("embedded descriptors are valid");
+    let stop = {
+        let health = health.clone();
+        async move {
+            shutdown.cancelled().await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(MembershipServer::with_interceptor(
+            svc.clone(),
+            auth.clone(),
+        ))
+        .add_service(PlacementServer::with_interceptor(svc.clone(), auth.clone()))
+        .add_service(IntervalsServer::with_interceptor(svc.clone(), auth.clone()))
+        .add_service(InvalidationServer::with_interceptor(
+            svc.clone(),
+            auth.clone(),
+        ))
+        .add_service(ClusterAdminServer::with_interceptor(svc, auth))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            stop,
+        )
+        .await
+}

@@ -1,0 +1,148 @@
+//! `rmem-coordinator`: the control-plane daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use rmem_common::logging::{self, LogFormat};
+use rmem_coordinator::Coordinator;
+use rmem_coordinator::config::{ConfigError, CoordinatorConfig};
+
+/// The rmem coordinator: membership, placement, interval registrations and
+/// invalidation fan-out for a cluster of memory servers and node agents.
+///
+/// One coordinator serves a cluster. Its registry (members, intervals,
+/// grants) is kept in an append-only log under --state-dir and restored on
+/// restart; leases are not, so members have one lease period to heartbeat
+/// after a restart.
+///
+/// Examples:
+///   rmem-coordinator --state-dir /var/lib/rmem/coordinator
+///   rmem-coordinator --listen 127.0.0.1:7470 --ephemeral
+///   rmem-coordinator --config /etc/rmem/coordinator.toml --check-config
+#[derive(Debug, Parser)]
+#[command(name = "rmem-coordinator", version, verbatim_doc_comment)]
+struct Args {
+    /// TOML configuration file (see deploy/rmem-coordinator.toml).
+    #[arg(short, long, env = "RMEM_COORDINATOR_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// gRPC address [default: 0.0.0.0:7470].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Directory of the state log [default: /var/lib/rmem/coordinator].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Keep state in memory only: lost on restart.
+    #[arg(long)]
+    ephemeral: bool,
+    /// How long a member stays up without a heartbeat, e.g. 10s [default: 10s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    lease: Option<Duration>,
+    /// Default time subscribers have to acknowledge an invalidation
+    /// [default: 5s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    invalidation_deadline: Option<Duration>,
+    /// File holding the token every caller must present. Without it (or
+    /// RMEM_CLUSTER_TOKEN) callers are not authenticated.
+    #[arg(long, value_name = "PATH", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// The cluster token, inline (prefer --token-file).
+    #[arg(long, env = "RMEM_CLUSTER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Log format on stderr; RUST_LOG sets the level (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Validate the configuration, print it as TOML, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Start(#[from] rmem_coordinator::StartError),
+    #[error("cannot start the runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+fn config(args: &Args) -> Result<CoordinatorConfig, ConfigError> {
+    let mut c = match &args.config {
+        Some(p) => CoordinatorConfig::from_file(p)?,
+        None => CoordinatorConfig::default(),
+    };
+    if let Some(v) = args.listen {
+        c.listen = v;
+    }
+    if let Some(v) = &args.state_dir {
+        c.state_dir = v.clone();
+    }
+    if args.ephemeral {
+        c.ephemeral = true;
+    }
+    if let Some(v) = args.lease {
+        c.lease = v;
+    }
+    if let Some(v) = args.invalidation_deadline {
+        c.invalidation_deadline = v;
+    }
+    if args.token.is_some() || args.token_file.is_some() {
+        c.token = args.token.clone();
+        c.token_file = args.token_file.clone();
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn run(args: &Args) -> Result<(), MainError> {
+    let cfg = config(args)?;
+    if args.check_config {
+        let mut shown = cfg.clone();
+        shown.token = shown.token.map(|_| "<hidden>".into());
+        for t in &mut shown.tenants {
+            t.token = t.token.as_ref().map(|_| "<hidden>".into());
+        }
+        print!("{}", toml::to_string(&shown).expect("config serializes"));
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(MainError::Runtime)?;
+    rt.block_on(async {
+        let c = Coordinator::start(&cfg).await?;
+        let sig = rmem_common::shutdown::stop_signal().await;
+        tracing::info!(signal = %sig, "stopping");
+        c.shutdown().await;
+        Ok(())
+    })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    logging::init(args.log_format, "info");
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("rmem-coordinator: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::from(match e {
+                MainError::Config(_) => 2,
+                _ => 1,
+            })
+        }
+    }
+}

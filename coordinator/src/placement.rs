@@ -1,0 +1,166 @@
+//! Placement: spreading an agent's capacity over memory servers.
+//!
+//! Each chunk of a request goes to the better of two servers drawn at
+//! random among those taking placements (power of two choices, on free
+//! capacity): nearly as even as always picking the emptiest server, with
+//! no herd on one server when hundreds of agents allocate at once. Free
+//! capacity is what the coordinator has not granted yet, or what the
+//! server reports unused, whichever is smaller.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rand::Rng;
+
+use crate::error::CoordError;
+use crate::membership::Member;
+use crate::state::GrantRecord;
+
+/// Every grant, by id.
+#[derive(Debug, Default)]
+pub struct Grants {
+    by_id: BTreeMap<u64, GrantRecord>,
+}
+
+impl Grants {
+    pub fn get(&self, id: u64) -> Result<&GrantRecord, CoordError> {
+        self.by_id.get(&id).ok_or(CoordError::UnknownGrant(id))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &GrantRecord> {
+        self.by_id.values()
+    }
+
+    pub fn insert(&mut self, g: GrantRecord) {
+        self.by_id.insert(g.id, g);
+    }
+
+    /// Returns `pages` of grant `id`; the grant disappears at zero.
+    pub fn release(&mut self, id: u64, pages: u64) {
+        if let Some(g) = self.by_id.get_mut(&id) {
+            g.pages = g.pages.saturating_sub(pages);
+            if g.pages == 0 {
+                self.by_id.remove(&id);
+            }
+        }
+    }
+
+    /// Pages granted on each server.
+    pub fn per_server(&self) -> HashMap<u64, u64> {
+        let mut m = HashMap::new();
+        for g in self.by_id.values() {
+            *m.entry(g.server).or_insert(0) += g.pages;
+        }
+        m
+    }
+
+    /// Pages granted to a tenant.
+    pub fn tenant_pages(&self, tenant: &str) -> u64 {
+        self.by_id
+            .values()
+            .filter(|g| g.tenant == tenant)
+            .map(|g| g.pages)
+            .sum()
+    }
+}
+
+/// A server that may take pages, and how many.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub server: u64,
+    pub free: u64,
+}
+
+/// Free capacity of a placeable server.
+pub fn free_pages(m: &Member, granted: u64) -> u64 {
+    let by_grants = m.rec.capacity_pages.saturating_sub(granted);
+    let by_report = m.rec.capacity_pages.saturating_sub(m.used_pages);
+    by_grants.min(by_report)
+}
+
+/// Splits `pages` over `candidates` in chunks of at most `chunk` pages,
+/// each chunk to the freer of two random candidates. Returns (server,
+/// pages) per server used, or `NoCapacity` without taking anything.
+pub fn spread(
+    candidates: &mut [Candidate],
+    pages: u64,
+    chunk: u64,
+    rng: &mut impl Rng,
+) -> Result<Vec<(u64, u64)>, CoordError> {
+    let free: u64 = candidates.iter().map(|c| c.free).sum();
+    if pages > free {
+        return Err(CoordError::NoCapacity {
+            requested: pages,
+            free,
+        });
+    }
+    let mut taken: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut left = pages;
+    while left > 0 {
+        let open: Vec<usize> = (0..candidates.len())
+            .filter(|&i| candidates[i].free > 0)
+            .collect();
+        // `free >= pages` guarantees a candidate with room while pages are left.
+        let a = open[rng.random_range(0..open.len())];
+        let b = open[rng.random_range(0..open.len())];
+        let pick = if candidates[b].free > candidates[a].free {
+            b
+        } else {
+            a
+        };
+        let n = left.min(chunk).min(candidates[pick].free);
+        candidates[pick].free -= n;
+        *taken.entry(candidates[pick].server).or_insert(0) += n;
+        left -= n;
+    }
+    Ok(taken.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn spreads_evenly_and_never_overfills() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut c: Vec<Candidate> = (1..=10)
+            .map(|s| Candidate {
+                server: s,
+                free: 100_000,
+            })
+            .collect();
+        let mut per: BTreeMap<u64, u64> = BTreeMap::new();
+        for _ in 0..100 {
+            for (s, n) in spread(&mut c, 5_000, 1_000, &mut rng).unwrap() {
+                *per.entry(s).or_default() += n;
+            }
+        }
+        assert_eq!(per.values().sum::<u64>(), 500_000);
+        let (min, max) = (per.values().min().unwrap(), per.values().max().unwrap());
+        assert!(max - min <= 3_000, "uneven: {per:?}");
+        assert!(c.iter().all(|c| c.free <= 100_000));
+    }
+
+    #[test]
+    fn all_or_nothing_when_capacity_is_short() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut c = vec![
+            Candidate {
+                server: 1,
+                free: 10,
+            },
+            Candidate { server: 2, free: 5 },
+        ];
+        let err = spread(&mut c, 16, 4, &mut rng).unwrap_err();
+        assert!(matches!(
+            err,
+            CoordError::NoCapacity {
+                requested: 16,
+                free: 15
+            }
+        ));
+        assert_eq!(c[0].free + c[1].free, 15);
+        let got = spread(&mut c, 15, 4, &mut rng).unwrap();
+        assert_eq!(got, vec![(1, 10), (2, 5)]);
+    }
+}

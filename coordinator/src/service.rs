@@ -1,0 +1,433 @@
+//! The gRPC services over the [`Cluster`]: argument checks and status
+//! codes are the cluster's; this layer adds waiting (for acknowledgements,
+//! for invalidations to finish) and streaming, always outside the lock.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rmem_proto::control::v1::cluster_admin_server::ClusterAdmin;
+use rmem_proto::control::v1::intervals_server::Intervals;
+use rmem_proto::control::v1::invalidation_server::Invalidation;
+use rmem_proto::control::v1::membership_server::Membership;
+use rmem_proto::control::v1::placement_server::Placement;
+use rmem_proto::control::v1::{self as pb};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::cluster::Cluster;
+use crate::error::CoordError;
+use crate::membership::{Liveness, Member};
+use crate::state::RoleRecord;
+
+/// State shared by every service.
+#[derive(Debug)]
+pub struct Shared {
+    pub cluster: Mutex<Cluster>,
+    /// Counts finished invalidations; ReadBegin waits on it.
+    pub finished: watch::Sender<u64>,
+    pub default_deadline: Duration,
+    pub max_deadline: Duration,
+    pub started: Instant,
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, Cluster> {
+        // A panic while holding the lock is a bug; the model is still
+        // consistent record by record, so keep serving.
+        self.cluster.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Every control-plane service, over one [`Shared`].
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub shared: Arc<Shared>,
+}
+
+type Res<T> = Result<Response<T>, Status>;
+
+fn ok<T>(t: T) -> Res<T> {
+    Ok(Response::new(t))
+}
+
+fn role_pb(r: RoleRecord) -> pb::Role {
+    match r {
+        RoleRecord::Server => pb::Role::Server,
+        RoleRecord::Agent => pb::Role::Agent,
+    }
+}
+
+fn state_pb(m: &Member) -> pb::MemberState {
+    match m.liveness {
+        Liveness::Up if m.rec.draining => pb::MemberState::Draining,
+        Liveness::Up => pb::MemberState::Up,
+        Liveness::Down => pb::MemberState::Down,
+        Liveness::Fenced => pb::MemberState::Fenced,
+        Liveness::Left => pb::MemberState::Left,
+    }
+}
+
+fn member_pb(c: &Cluster, m: &Member, allocated: u64) -> pb::Member {
+    let now = Instant::now();
+    let remaining = if m.lease_until >= now {
+        (m.lease_until - now).as_millis() as i64
+    } else {
+        -((now - m.lease_until).as_millis() as i64)
+    };
+    pb::Member {
+        id: m.rec.id,
+        role: role_pb(m.rec.role) as i32,
+        name: m.rec.name.clone(),
+        data_addr: m.rec.data_addr.clone(),
+        grpc_addr: m.rec.grpc_addr.clone(),
+        state: state_pb(m) as i32,
+        capacity_pages: m.rec.capacity_pages,
+        used_pages: m.used_pages,
+        allocated_pages: allocated,
+        transports: m.rec.transports.clone(),
+        lease_remaining_ms: remaining,
+        incarnation: m.rec.incarnation,
+        subscriptions: c.intervals.subscriptions(m.rec.id) as u64,
+    }
+}
+
+fn lease_ms(c: &Cluster) -> u32 {
+    c.lease().as_millis().min(u128::from(u32::MAX)) as u32
+}
+
+#[tonic::async_trait]
+impl Membership for Service {
+    async fn register(&self, r: Request<pb::RegisterRequest>) -> Res<pb::RegisterResponse> {
+        let mut c = self.shared.lock();
+        let rec = c.register(r.get_ref())?;
+        ok(pb::RegisterResponse {
+            member_id: rec.id,
+            incarnation: rec.incarnation,
+            lease_ttl_ms: lease_ms(&c),
+            state: if rec.draining {
+                pb::MemberState::Draining
+            } else {
+                pb::MemberState::Up
+            } as i32,
+        })
+    }
+
+    async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Res<pb::HeartbeatResponse> {
+        let r = r.into_inner();
+        let mut c = self.shared.lock();
+        let draining = c.heartbeat(r.member_id, r.incarnation, r.used_pages)?;
+        ok(pb::HeartbeatResponse {
+            lease_ttl_ms: lease_ms(&c),
+            state: if draining {
+                pb::MemberState::Draining
+            } else {
+                pb::MemberState::Up
+            } as i32,
+        })
+    }
+
+    async fn deregister(&self, r: Request<pb::DeregisterRequest>) -> Res<pb::DeregisterResponse> {
+        let r = r.into_inner();
+        self.shared.lock().deregister(r.member_id, r.incarnation)?;
+        ok(pb::DeregisterResponse {})
+    }
+
+    async fn list_members(
+        &self,
+        r: Request<pb::ListMembersRequest>,
+    ) -> Res<pb::ListMembersResponse> {
+        let role = pb::Role::try_from(r.get_ref().role)
+            .map_err(|_| CoordError::invalid("role", "unknown role"))?;
+        let c = self.shared.lock();
+        let granted = c.grants.per_server();
+        let members = c
+            .members
+            .iter()
+            .filter(|m| role == pb::Role::Unspecified || role_pb(m.rec.role) == role)
+            .map(|m| member_pb(&c, m, granted.get(&m.rec.id).copied().unwrap_or(0)))
+            .collect();
+        ok(pb::ListMembersResponse { members })
+    }
+}
+
+#[tonic::async_trait]
+impl Placement for Service {
+    async fn allocate(&self, r: Request<pb::AllocateRequest>) -> Res<pb::AllocateResponse> {
+        let r = r.into_inner();
+        let mut c = self.shared.lock();
+        let grants = c.allocate(r.agent_id, &r.tenant, r.pages)?;
+        let grants = grants.iter().map(|g| c.grant_pb(g)).collect();
+        ok(pb::AllocateResponse { grants })
+    }
+
+    async fn release(&self, r: Request<pb::ReleaseRequest>) -> Res<pb::ReleaseResponse> {
+        let r = r.into_inner();
+        self.shared.lock().release(r.grant_id, r.pages)?;
+        ok(pb::ReleaseResponse {})
+    }
+
+    async fn list_grants(&self, r: Request<pb::ListGrantsRequest>) -> Res<pb::ListGrantsResponse> {
+        let r = r.into_inner();
+        let c = self.shared.lock();
+        let grants = c
+            .grants
+            .iter()
+            .filter(|g| r.agent_id == 0 || g.agent == r.agent_id)
+            .filter(|g| r.server_id == 0 || g.server == r.server_id)
+            .map(|g| c.grant_pb(g))
+            .collect();
+        ok(pb::ListGrantsResponse { grants })
+    }
+}
+
+#[tonic::async_trait]
+impl Intervals for Service {
+    async fn register(
+        &self,
+        r: Request<pb::RegisterIntervalRequest>,
+    ) -> Res<pb::RegisterIntervalResponse> {
+        let (interval_id, seq) = self.shared.lock().register_interval(r.get_ref())?;
+        ok(pb::RegisterIntervalResponse { interval_id, seq })
+    }
+
+    async fn unregister(
+        &self,
+        r: Request<pb::UnregisterIntervalRequest>,
+    ) -> Res<pb::UnregisterIntervalResponse> {
+        self.shared
+            .lock()
+            .unregister_interval(r.get_ref().interval_id)?;
+        ok(pb::UnregisterIntervalResponse {})
+    }
+
+    async fn subscribe(&self, r: Request<pb::SubscribeRequest>) -> Res<pb::SubscribeResponse> {
+        let r = r.into_inner();
+        let seq = self.shared.lock().subscribe(r.interval_id, r.member_id)?;
+        ok(pb::SubscribeResponse { seq })
+    }
+
+    async fn unsubscribe(
+        &self,
+        r: Request<pb::UnsubscribeRequest>,
+    ) -> Res<pb::UnsubscribeResponse> {
+        let r = r.into_inner();
+        self.shared.lock().unsubscribe(r.interval_id, r.member_id)?;
+        ok(pb::UnsubscribeResponse {})
+    }
+
+    async fn list(&self, r: Request<pb::ListIntervalsRequest>) -> Res<pb::ListIntervalsResponse> {
+        let r = r.into_inner();
+        let c = self.shared.lock();
+        if r.member_id != 0 {
+            c.members.get(r.member_id)?;
+        }
+        let intervals = c
+            .intervals
+            .iter()
+            .filter(|iv| r.address_space.is_empty() || iv.rec.address_space == r.address_space)
+            .filter(|iv| {
+                r.member_id == 0
+                    || iv.rec.owner == r.member_id
+                    || iv.subscribers.contains(&r.member_id)
+            })
+            .map(|iv| pb::Interval {
+                id: iv.rec.id,
+                address_space: iv.rec.address_space.clone(),
+                start: iv.rec.start,
+                length: iv.rec.length,
+                tenant: iv.rec.tenant.clone(),
+                handle_base: iv.rec.handle_base,
+                owner: iv.rec.owner,
+                subscribers: iv.subscribers.iter().copied().collect(),
+                seq: iv.seq,
+                invalidations_in_flight: iv.in_flight,
+            })
+            .collect();
+        ok(pb::ListIntervalsResponse { intervals })
+    }
+
+    async fn read_begin(&self, r: Request<pb::ReadBeginRequest>) -> Res<pb::ReadBeginResponse> {
+        let id = r.get_ref().interval_id;
+        // An invalidation lasts at most the longest deadline; wait a little
+        // longer than that before calling the interval stuck.
+        let until = Instant::now() + self.shared.max_deadline + Duration::from_secs(1);
+        let mut finished = self.shared.finished.subscribe();
+        loop {
+            finished.mark_unchanged();
+            if let Some(seq) = self.shared.lock().read_begin(id)? {
+                return ok(pb::ReadBeginResponse { seq });
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero()
+                || tokio::time::timeout(left, finished.changed())
+                    .await
+                    .is_err()
+            {
+                return Err(CoordError::Busy(id).into());
+            }
+        }
+    }
+
+    async fn read_retry(&self, r: Request<pb::ReadRetryRequest>) -> Res<pb::ReadRetryResponse> {
+        let r = r.into_inner();
+        let (retry, seq) = self.shared.lock().read_retry(r.interval_id, r.seq)?;
+        ok(pb::ReadRetryResponse { retry, seq })
+    }
+}
+
+type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Invalidation for Service {
+    async fn invalidate(&self, r: Request<pb::InvalidateRequest>) -> Res<pb::InvalidateResponse> {
+        let r = r.into_inner();
+        let deadline = match r.deadline_ms {
+            0 => self.shared.default_deadline,
+            ms => Duration::from_millis(u64::from(ms)).min(self.shared.max_deadline),
+        };
+        let begun = self.shared.lock().begin_invalidation(&r)?;
+        // The wait and the finish run in their own task: a caller that goes
+        // away must not leave the intervals marked in flight forever.
+        let shared = self.shared.clone();
+        let task = tokio::spawn(async move {
+            let _ = tokio::time::timeout(deadline, begun.done).await;
+            let finished = shared.lock().finish_invalidation(begun.id);
+            shared.finished.send_modify(|n| *n += 1);
+            finished.map(|f| (begun.id, begun.intervals, f))
+        });
+        let (id, intervals, f) = task
+            .await
+            .map_err(|e| Status::internal(format!("invalidation task failed: {e}")))??;
+        ok(pb::InvalidateResponse {
+            invalidation_id: id,
+            intervals: intervals
+                .into_iter()
+                .map(|(interval_id, seq)| pb::IntervalSeq { interval_id, seq })
+                .collect(),
+            complete: f.fenced.is_empty(),
+            acknowledged: f.acked,
+            fenced: f.fenced,
+        })
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(&self, r: Request<pb::WatchRequest>) -> Res<Self::WatchStream> {
+        let r = r.into_inner();
+        let member = r.member_id;
+        let (generation, notify, mut cursor) = {
+            let mut c = self.shared.lock();
+            let generation = c.open_watch(member, r.incarnation)?;
+            let mb = c.fanout.mailbox(member);
+            (generation, mb.notify.clone(), mb.oldest())
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let notified = notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let (events, next, closed) = {
+                    let mut c = shared.lock();
+                    let mb = c.fanout.mailbox(member);
+                    if mb.generation != generation {
+                        return; // a newer stream took over
+                    }
+                    let (events, next) = mb.since(cursor);
+                    (events, next, mb.closed)
+                };
+                for e in events {
+                    if tx.send(Ok(e)).await.is_err() {
+                        return;
+                    }
+                }
+                cursor = next;
+                if closed {
+                    return;
+                }
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tx.closed() => return,
+                    _ = shared.shutdown.cancelled() => return,
+                }
+            }
+        });
+        ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    async fn ack(&self, r: Request<pb::AckRequest>) -> Res<pb::AckResponse> {
+        let r = r.into_inner();
+        self.shared.lock().ack(r.member_id, r.invalidation_id)?;
+        ok(pb::AckResponse {})
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterAdmin for Service {
+    async fn status(&self, _: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
+        let c = self.shared.lock();
+        let mut s = pb::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            epoch: c.epoch(),
+            intervals: c.intervals.len() as u64,
+            invalidations_total: c.counters.invalidations,
+            invalidations_in_flight: c.fanout.pending.len() as u64,
+            members_fenced_total: c.counters.fenced,
+            uptime_seconds: self.shared.started.elapsed().as_secs_f64(),
+            allocated_pages: c.grants.iter().map(|g| g.pages).sum(),
+            ..Default::default()
+        };
+        for m in c.members.iter() {
+            let up = m.liveness == Liveness::Up;
+            match m.rec.role {
+                RoleRecord::Server => {
+                    match (up, m.rec.draining) {
+                        (true, false) => s.servers_up += 1,
+                        (true, true) => s.servers_draining += 1,
+                        (false, _) if m.liveness != Liveness::Left => s.servers_down += 1,
+                        _ => {}
+                    }
+                    if up {
+                        s.capacity_pages += m.rec.capacity_pages;
+                        s.used_pages += m.used_pages;
+                    }
+                }
+                RoleRecord::Agent => match m.liveness {
+                    Liveness::Up => s.agents_up += 1,
+                    Liveness::Left => {}
+                    _ => s.agents_down += 1,
+                },
+            }
+        }
+        ok(s)
+    }
+
+    async fn drain(&self, r: Request<pb::DrainRequest>) -> Res<pb::DrainResponse> {
+        self.set_draining(r.into_inner(), true)
+    }
+
+    async fn undrain(&self, r: Request<pb::DrainRequest>) -> Res<pb::DrainResponse> {
+        self.set_draining(r.into_inner(), false)
+    }
+}
+
+impl Service {
+    fn set_draining(&self, r: pb::DrainRequest, draining: bool) -> Res<pb::DrainResponse> {
+        if r.server_id == 0 && r.name.is_empty() {
+            return Err(CoordError::invalid("server_id", "give a server id or name").into());
+        }
+        let mut c = self.shared.lock();
+        let id = c.set_draining(r.server_id, &r.name, draining)?;
+        let allocated = c.grants.per_server().get(&id).copied().unwrap_or(0);
+        let m = c.members.get(id)?;
+        let server = member_pb(&c, m, allocated);
+        ok(pb::DrainResponse {
+            server: Some(server),
+        })
+    }
+}

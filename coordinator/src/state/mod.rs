@@ -1,0 +1,175 @@
+//! What the coordinator remembers across restarts, and where.
+//!
+//! Every change to the registry (members, intervals, subscriptions,
+//! grants) is a [`Record`]; the in-memory model applies records, both when
+//! they happen and when they are read back at start-up, so the two paths
+//! cannot disagree. Liveness (leases, in-flight invalidations) is not
+//! persisted: after a restart every member has one lease period to
+//! heartbeat again.
+//!
+//! [`StateStore`] is the narrow interface to storage: append a record, read
+//! them all back, replace them with a snapshot. [`log::FileLog`] keeps them
+//! in a local append-only file; an external consistent store (etcd) can
+//! implement the same trait for a highly available coordinator.
+
+pub mod log;
+
+use serde::{Deserialize, Serialize};
+
+/// A member as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub id: u64,
+    pub role: RoleRecord,
+    pub name: String,
+    pub data_addr: String,
+    pub grpc_addr: String,
+    pub capacity_pages: u64,
+    pub transports: Vec<String>,
+    pub incarnation: u64,
+    pub draining: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleRecord {
+    Server,
+    Agent,
+}
+
+/// An interval as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntervalRecord {
+    pub id: u64,
+    pub address_space: String,
+    pub start: u64,
+    pub length: u64,
+    pub tenant: String,
+    pub handle_base: u64,
+    pub owner: u64,
+    pub subscribers: Vec<u64>,
+}
+
+/// A grant of server capacity to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    pub id: u64,
+    pub agent: u64,
+    pub server: u64,
+    pub tenant: String,
+    pub pages: u64,
+}
+
+/// One change to the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Record {
+    /// The coordinator started; sequence numbers and invalidation ids of
+    /// this run are prefixed with the epoch, so none repeats one handed out
+    /// before a restart.
+    Epoch {
+        epoch: u64,
+    },
+    /// Ids below these were handed out (kept across compaction so ids of
+    /// removed objects are never reused).
+    IdFloors {
+        member: u64,
+        interval: u64,
+        grant: u64,
+    },
+    MemberUpsert {
+        member: MemberRecord,
+    },
+    MemberLeft {
+        id: u64,
+    },
+    /// A member lost its lease for not acknowledging an invalidation: its
+    /// subscriptions end.
+    MemberFenced {
+        id: u64,
+    },
+    /// A server stops (or resumes) taking placements.
+    MemberDrain {
+        id: u64,
+        draining: bool,
+    },
+    IntervalAdd {
+        interval: IntervalRecord,
+    },
+    IntervalRemove {
+        id: u64,
+    },
+    Subscribe {
+        interval: u64,
+        member: u64,
+    },
+    Unsubscribe {
+        interval: u64,
+        member: u64,
+    },
+    GrantAdd {
+        grant: GrantRecord,
+    },
+    /// `pages` of the grant returned; at zero pages left it is gone.
+    GrantRelease {
+        id: u64,
+        pages: u64,
+    },
+}
+
+/// Why state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot access the state file {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path} record {index} is unreadable: {reason}")]
+    Corrupt {
+        path: String,
+        index: usize,
+        reason: String,
+    },
+}
+
+/// Durable storage of [`Record`]s.
+pub trait StateStore: Send + std::fmt::Debug {
+    /// Every record, oldest first.
+    fn load(&mut self) -> Result<Vec<Record>, StateError>;
+    /// Appends one record; durable when it returns.
+    fn append(&mut self, record: &Record) -> Result<(), StateError>;
+    /// Replaces everything with `snapshot` (which describes the same state
+    /// in fewer records), atomically.
+    fn compact(&mut self, snapshot: &[Record]) -> Result<(), StateError>;
+    /// Records appended since the last load or compaction.
+    fn appended(&self) -> usize;
+}
+
+/// Keeps records in memory only (tests, throwaway clusters).
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    records: Vec<Record>,
+    appended: usize,
+}
+
+impl StateStore for MemoryStore {
+    fn load(&mut self) -> Result<Vec<Record>, StateError> {
+        self.appended = 0;
+        Ok(self.records.clone())
+    }
+    fn append(&mut self, record: &Record) -> Result<(), StateError> {
+        self.records.push(record.clone());
+        self.appended += 1;
+        Ok(())
+    }
+    fn compact(&mut self, snapshot: &[Record]) -> Result<(), StateError> {
+        self.records = snapshot.to_vec();
+        self.appended = 0;
+        Ok(())
+    }
+    fn appended(&self) -> usize {
+        self.appended
+    }
+}

@@ -1,0 +1,627 @@
+//! `rmemctl`: administer an rmem cluster through its coordinator.
+
+mod table;
+mod views;
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use rmem_client::control::{ControlClient, ControlError};
+use rmem_proto::admin::v1::server_admin_client::ServerAdminClient;
+use rmem_proto::control::v1 as pb;
+use serde::Serialize;
+
+use crate::table::{Table, pages};
+use crate::views::{
+    GrantView, IntervalView, InvalidateView, MemberView, OpView, ServerStatsView, StatsView,
+    StatusView,
+};
+
+/// Administer an rmem cluster: members, placements, intervals and
+/// invalidations, through the coordinator's gRPC API.
+///
+/// Examples:
+///   rmemctl status
+///   rmemctl --endpoint coord:7470 servers --output json
+///   rmemctl intervals --agent 4
+///   rmemctl invalidate --space node1/4242 --start 0x7f0000000000 --length 1GiB
+///   rmemctl drain mem-03
+///   rmemctl completions bash > /etc/bash_completion.d/rmemctl
+#[derive(Debug, Parser)]
+#[command(name = "rmemctl", version, verbatim_doc_comment)]
+struct Args {
+    /// Coordinator endpoint, host:port or URL.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "RMEM_ENDPOINT",
+        default_value = "127.0.0.1:7470"
+    )]
+    endpoint: String,
+    /// File holding the cluster token (or set RMEM_CLUSTER_TOKEN).
+    #[arg(long, global = true, value_name = "PATH")]
+    token_file: Option<std::path::PathBuf>,
+    #[arg(
+        long,
+        global = true,
+        env = "RMEM_CLUSTER_TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
+    token: Option<String>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// How long to wait for the coordinator, e.g. 3s.
+    #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON document, for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Cluster summary: servers and agents by state, capacity, intervals.
+    Status,
+    /// Memory servers and their capacity.
+    Servers,
+    /// Node agents.
+    Agents,
+    /// Interval registrations.
+    Intervals {
+        /// Only intervals this member owns or subscribes to.
+        #[arg(long, value_name = "ID")]
+        agent: Option<u64>,
+        /// Only this address space.
+        #[arg(long, value_name = "NAME")]
+        space: Option<String>,
+    },
+    /// Capacity granted to agents.
+    Grants {
+        #[arg(long, value_name = "ID")]
+        agent: Option<u64>,
+        #[arg(long, value_name = "ID")]
+        server: Option<u64>,
+    },
+    /// Invalidate a range of an address space: every subscriber of an
+    /// overlapping interval drops it (servers free the pages). Waits for all
+    /// acknowledgements; subscribers that do not answer in time are fenced.
+    Invalidate {
+        /// Address space.
+        #[arg(long, value_name = "NAME")]
+        space: String,
+        /// First byte (decimal or 0x hex), a multiple of 4096.
+        #[arg(long, value_parser = parse_u64)]
+        start: u64,
+        /// Bytes, e.g. 4096, 0x10000 or 64MiB; a multiple of 4096.
+        #[arg(long, value_parser = parse_size)]
+        length: u64,
+        /// Why.
+        #[arg(long, value_enum, default_value_t = Reason::Operator)]
+        reason: Reason,
+        /// How long subscribers have to acknowledge [default: the
+        /// coordinator's].
+        #[arg(long, value_parser = parse_duration)]
+        deadline: Option<Duration>,
+    },
+    /// Stop placing pages on a server and have agents move theirs away.
+    Drain {
+        /// Server id or name.
+        server: String,
+    },
+    /// Return a drained server to service.
+    Undrain {
+        /// Server id or name.
+        server: String,
+    },
+    /// Cluster counters and every server's data-plane statistics.
+    Stats,
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Reason {
+    Unmap,
+    Clear,
+    Protection,
+    Exit,
+    Operator,
+}
+
+impl From<Reason> for pb::Reason {
+    fn from(r: Reason) -> Self {
+        match r {
+            Reason::Unmap => pb::Reason::Unmap,
+            Reason::Clear => pb::Reason::Clear,
+            Reason::Protection => pb::Reason::Protection,
+            Reason::Exit => pb::Reason::Exit,
+            Reason::Operator => pb::Reason::Operator,
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let s = s.replace('_', "");
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    parse_u64(s).or_else(|_| {
+        s.parse::<rmem_common::ByteSize>()
+            .map(|b| b.bytes())
+            .map_err(|e| e.to_string())
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot read token file {path}")]
+    Token {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl From<tonic::Status> for CtlError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Control(s.into())
+    }
+}
+
+impl CtlError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Control(ControlError::Unreachable { .. }) => 3,
+            CtlError::Control(ControlError::Endpoint { .. }) | CtlError::Token { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn emit<T: Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> String) {
+    let text = match output {
+        Output::Json => serde_json::to_string_pretty(value).expect("views serialize") + "\n",
+        Output::Table => table(value),
+    };
+    // A closed pipe (`rmemctl servers | head`) is not an error.
+    let _ = std::io::stdout().write_all(text.as_bytes());
+}
+
+fn members_table(ms: &Vec<MemberView>, servers: bool) -> String {
+    let mut t = if servers {
+        Table::new(&[
+            "ID",
+            "NAME",
+            "STATE",
+            "DATA",
+            "CAPACITY",
+            "USED",
+            "ALLOCATED",
+            "LEASE",
+            "TRANSPORTS",
+        ])
+    } else {
+        Table::new(&[
+            "ID",
+            "NAME",
+            "STATE",
+            "LEASE",
+            "INCARNATION",
+            "SUBSCRIPTIONS",
+        ])
+    };
+    for m in ms {
+        let lease = if m.lease_remaining_ms >= 0 {
+            format!("{:.1}s", m.lease_remaining_ms as f64 / 1000.0)
+        } else {
+            "expired".into()
+        };
+        if servers {
+            t.row(vec![
+                m.id.to_string(),
+                m.name.clone(),
+                m.state.into(),
+                m.data_addr.clone(),
+                pages(m.capacity_pages),
+                pages(m.used_pages),
+                pages(m.allocated_pages),
+                lease,
+                m.transports.join(","),
+            ]);
+        } else {
+            t.row(vec![
+                m.id.to_string(),
+                m.name.clone(),
+                m.state.into(),
+                lease,
+                m.incarnation.to_string(),
+                m.subscriptions.to_string(),
+            ]);
+        }
+    }
+    t.render()
+}
+
+fn status_table(s: &StatusView) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<16} {v}\n"));
+    line(
+        "coordinator",
+        format!("{} (v{}, epoch {})", s.endpoint, s.version, s.epoch),
+    );
+    line(
+        "servers",
+        format!(
+            "{} up, {} draining, {} down",
+            s.servers_up, s.servers_draining, s.servers_down
+        ),
+    );
+    line(
+        "agents",
+        format!("{} up, {} down", s.agents_up, s.agents_down),
+    );
+    line(
+        "capacity",
+        format!(
+            "{} total, {} used, {} allocated",
+            pages(s.capacity_pages),
+            pages(s.used_pages),
+            pages(s.allocated_pages)
+        ),
+    );
+    line("intervals", s.intervals.to_string());
+    line(
+        "invalidations",
+        format!(
+            "{} total, {} in flight, {} members fenced",
+            s.invalidations_total, s.invalidations_in_flight, s.members_fenced_total
+        ),
+    );
+    line("uptime", format!("{:.0}s", s.uptime_seconds));
+    out
+}
+
+async fn list_members(c: &ControlClient, role: pb::Role) -> Result<Vec<MemberView>, ControlError> {
+    let r = c
+        .membership()
+        .list_members(pb::ListMembersRequest { role: role as i32 })
+        .await?;
+    Ok(r.into_inner()
+        .members
+        .into_iter()
+        .map(MemberView::from)
+        .collect())
+}
+
+async fn status(c: &ControlClient) -> Result<StatusView, ControlError> {
+    let s = c.admin().status(pb::StatusRequest {}).await?.into_inner();
+    Ok(StatusView::new(c.endpoint(), s))
+}
+
+async fn server_stats(m: &MemberView, timeout: Duration) -> ServerStatsView {
+    let mut view = ServerStatsView {
+        id: m.id,
+        name: m.name.clone(),
+        grpc_addr: m.grpc_addr.clone(),
+        error: None,
+        capacity_pages: 0,
+        used_pages: 0,
+        ops: Vec::new(),
+    };
+    let fetch = async {
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{}", m.grpc_addr))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(timeout);
+        let ch = ep
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach: {e}"))?;
+        ServerAdminClient::new(ch)
+            .stats(rmem_proto::admin::v1::StatsRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|e| e.message().to_string())
+    };
+    match tokio::time::timeout(timeout, fetch).await {
+        Ok(Ok(s)) => {
+            view.capacity_pages = s.capacity_pages;
+            view.used_pages = s.used_pages;
+            view.ops = s
+                .ops
+                .into_iter()
+                .map(|o| {
+                    let l = o.latency_us.unwrap_or_default();
+                    OpView {
+                        op: o.op,
+                        requests: o.requests,
+                        pages: o.pages,
+                        errors: o.errors,
+                        p50_us: l.p50,
+                        p99_us: l.p99,
+                    }
+                })
+                .collect();
+        }
+        Ok(Err(e)) => view.error = Some(e),
+        Err(_) => view.error = Some(format!("no answer within {timeout:?}")),
+    }
+    view
+}
+
+fn stats_table(s: &StatsView) -> String {
+    let mut out = status_table(&s.cluster);
+    out.push('\n');
+    let mut t = Table::new(&[
+        "SERVER", "NAME", "OP", "REQUESTS", "PAGES", "ERRORS", "P50", "P99",
+    ]);
+    for sv in &s.servers {
+        if let Some(e) = &sv.error {
+            t.row(vec![
+                sv.id.to_string(),
+                sv.name.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("({e})"),
+            ]);
+        }
+        for o in &sv.ops {
+            t.row(vec![
+                sv.id.to_string(),
+                sv.name.clone(),
+                o.op.clone(),
+                o.requests.to_string(),
+                o.pages.to_string(),
+                o.errors.to_string(),
+                format!("{:.1}µs", o.p50_us),
+                format!("{:.1}µs", o.p99_us),
+            ]);
+        }
+    }
+    out.push_str(&t.render());
+    out
+}
+
+fn drain_request(server: &str) -> pb::DrainRequest {
+    match server.parse::<u64>() {
+        Ok(id) => pb::DrainRequest {
+            server_id: id,
+            name: String::new(),
+        },
+        Err(_) => pb::DrainRequest {
+            server_id: 0,
+            name: server.to_string(),
+        },
+    }
+}
+
+async fn run(args: Args) -> Result<(), CtlError> {
+    let token = match (&args.token_file, &args.token) {
+        (Some(p), _) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|source| CtlError::Token {
+                    path: p.display().to_string(),
+                    source,
+                })?
+                .trim_end()
+                .to_string(),
+        ),
+        (None, t) => t.clone(),
+    };
+    let c = ControlClient::connect(&args.endpoint, token.as_deref(), args.timeout).await?;
+    let out = args.output;
+    match args.command {
+        Command::Completions { .. } => unreachable!("handled before connecting"),
+        Command::Status => emit(out, &status(&c).await?, status_table),
+        Command::Servers => emit(out, &list_members(&c, pb::Role::Server).await?, |m| {
+            members_table(m, true)
+        }),
+        Command::Agents => emit(out, &list_members(&c, pb::Role::Agent).await?, |m| {
+            members_table(m, false)
+        }),
+        Command::Intervals { agent, space } => {
+            let r = c
+                .intervals()
+                .list(pb::ListIntervalsRequest {
+                    member_id: agent.unwrap_or(0),
+                    address_space: space.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            let v: Vec<IntervalView> = r.intervals.into_iter().map(Into::into).collect();
+            emit(out, &v, |v| {
+                let mut t = Table::new(&[
+                    "ID",
+                    "SPACE",
+                    "START",
+                    "LENGTH",
+                    "TENANT",
+                    "OWNER",
+                    "SUBSCRIBERS",
+                    "SEQ",
+                    "IN-FLIGHT",
+                ]);
+                for i in v {
+                    t.row(vec![
+                        i.id.to_string(),
+                        i.address_space.clone(),
+                        format!("{:#x}", i.start),
+                        pages(i.length / 4096),
+                        i.tenant.clone(),
+                        i.owner.to_string(),
+                        i.subscribers
+                            .iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        format!("{}:{}", i.seq >> 32, i.seq & 0xffff_ffff),
+                        i.invalidations_in_flight.to_string(),
+                    ]);
+                }
+                t.render()
+            });
+        }
+        Command::Grants { agent, server } => {
+            let r = c
+                .placement()
+                .list_grants(pb::ListGrantsRequest {
+                    agent_id: agent.unwrap_or(0),
+                    server_id: server.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            let v: Vec<GrantView> = r.grants.into_iter().map(Into::into).collect();
+            emit(out, &v, |v| {
+                let mut t = Table::new(&["ID", "AGENT", "SERVER", "NAME", "TENANT", "SIZE"]);
+                for g in v {
+                    t.row(vec![
+                        g.id.to_string(),
+                        g.agent_id.to_string(),
+                        g.server_id.to_string(),
+                        g.server_name.clone(),
+                        g.tenant.clone(),
+                        pages(g.pages),
+                    ]);
+                }
+                t.render()
+            });
+        }
+        Command::Invalidate {
+            space,
+            start,
+            length,
+            reason,
+            deadline,
+        } => {
+            let r = c
+                .invalidation()
+                .invalidate(pb::InvalidateRequest {
+                    address_space: space,
+                    start,
+                    length,
+                    reason: pb::Reason::from(reason) as i32,
+                    deadline_ms: deadline
+                        .map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32),
+                    origin: 0,
+                })
+                .await?
+                .into_inner();
+            emit(out, &InvalidateView::from(r), |v| {
+                format!(
+                    "invalidation {}: {} intervals, acknowledged by {:?}{}\n",
+                    v.invalidation_id,
+                    v.intervals.len(),
+                    v.acknowledged,
+                    if v.fenced.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; FENCED (no answer in time): {:?}", v.fenced)
+                    }
+                )
+            });
+        }
+        Command::Drain { server } => {
+            let r = c.admin().drain(drain_request(&server)).await?.into_inner();
+            let v: Vec<MemberView> = r.server.into_iter().map(Into::into).collect();
+            emit(out, &v, |m| members_table(m, true));
+        }
+        Command::Undrain { server } => {
+            let r = c
+                .admin()
+                .undrain(drain_request(&server))
+                .await?
+                .into_inner();
+            let v: Vec<MemberView> = r.server.into_iter().map(Into::into).collect();
+            emit(out, &v, |m| members_table(m, true));
+        }
+        Command::Stats => {
+            let cluster = status(&c).await?;
+            let servers = list_members(&c, pb::Role::Server).await?;
+            let mut views = Vec::with_capacity(servers.len());
+            for m in servers.iter().filter(|m| m.state != "left") {
+                views.push(server_stats(m, args.timeout).await);
+            }
+            emit(
+                out,
+                &StatsView {
+                    cluster,
+                    servers: views,
+                },
+                stats_table,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Command::Completions { shell } = args.command {
+        clap_complete::generate(
+            shell,
+            &mut Args::command(),
+            "rmemctl",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rmemctl: {}", CtlError::Runtime(e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let endpoint = args.endpoint.clone();
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("rmemctl: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            if matches!(e, CtlError::Control(ControlError::Unreachable { .. })) {
+                eprintln!(
+                    "rmemctl: is rmem-coordinator running at {endpoint}? Set --endpoint or RMEM_ENDPOINT."
+                );
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
