@@ -225,6 +225,8 @@ pub struct SessionState {
     pub registrations: AtomicU64,
     /// Whether the lease is current (the member may serve).
     pub live: AtomicBool,
+    /// Lease length the coordinator granted, ms.
+    pub lease_ms: AtomicU64,
 }
 
 /// A registered member, kept alive in the background.
@@ -299,6 +301,9 @@ async fn register(
         .into_inner();
     state.member_id.store(r.member_id, Ordering::Release);
     state.incarnation.store(r.incarnation, Ordering::Release);
+    state
+        .lease_ms
+        .store(u64::from(r.lease_ttl_ms), Ordering::Release);
     state.registrations.fetch_add(1, Ordering::Relaxed);
     state.live.store(true, Ordering::Release);
     subscriber.registered(r.member_id).await;
@@ -370,8 +375,10 @@ fn lost(e: ControlError) -> Lost {
 async fn serve(client: &ControlClient, state: &SessionState, subscriber: &dyn Subscriber) -> Lost {
     let member_id = state.member_id.load(Ordering::Acquire);
     let incarnation = state.incarnation.load(Ordering::Acquire);
+    // Three heartbeats per lease.
+    let every_for = |lease_ms: u64| Duration::from_millis(lease_ms / 3).max(Duration::from_millis(20));
     let heartbeat = async {
-        let mut every = Duration::from_millis(500);
+        let mut every = every_for(state.lease_ms.load(Ordering::Acquire));
         loop {
             tokio::time::sleep(every).await;
             let r = client
@@ -384,9 +391,9 @@ async fn serve(client: &ControlClient, state: &SessionState, subscriber: &dyn Su
                 .await;
             match r {
                 Ok(r) => {
-                    // Three heartbeats per lease.
-                    every = Duration::from_millis(u64::from(r.into_inner().lease_ttl_ms) / 3)
-                        .max(Duration::from_millis(20));
+                    let lease_ms = u64::from(r.into_inner().lease_ttl_ms);
+                    state.lease_ms.store(lease_ms, Ordering::Release);
+                    every = every_for(lease_ms);
                 }
                 Err(e) => return lost(e.into()),
             }
