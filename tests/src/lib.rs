@@ -77,7 +77,11 @@ impl Daemon {
     pub fn spawn(name: &str, args: &[&str]) -> Self {
         let mut cmd = Command::new(bin(name));
         cmd.args(args)
-            .env("RUST_LOG", "info")
+            // RMEM_TEST_RUST_LOG=debug shows more when debugging a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("RMEM_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -163,6 +167,26 @@ impl Daemon {
             self.child = None;
         }
         status
+    }
+
+    /// The process id, while it runs.
+    pub fn process_id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Resident memory of the running process (`VmRSS` of
+    /// `/proc/PID/status`), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.process_id().expect("the daemon is running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|kib| kib.trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
     }
 
     /// SIGTERM, then waits for a graceful exit.

@@ -3,13 +3,14 @@
 //! purpose.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng, seq::SliceRandom};
-use rmem_client::{BlockingConnection, Client, ClientError, PageStatus};
+use rmem_client::{BlockingConnection, Client, ClientConfig, ClientError, Connection, PageStatus};
 use rmem_proto::wire::{self, ErrorCode, FrameHeader, HEADER_LEN, Hello, Opcode, Response};
 use rmem_tests::{ServerProcess, pattern};
 
@@ -723,4 +724,639 @@ fn client_fails_cleanly_when_the_server_is_gone_for_good() {
         BlockingConnection::connect(&blocking_cfg),
         Err(ClientError::Connect { .. })
     ));
+}
+
+// Timeouts, the connection limit, backpressure, drain and the client's own
+// checksum check. The servers below run with short timeouts; every wait is
+// bounded and no sleep stands in for a readiness check.
+
+/// A raw connection that has completed the handshake as tenant `default`.
+fn handshaken(server: &ServerProcess) -> Raw {
+    let mut raw = Raw::connect(server);
+    raw.hello(wire::PROTOCOL_VERSION, "default", b"");
+    let (h, _) = raw.read_frame().expect("HELLO_OK");
+    assert_eq!(h.opcode, Opcode::HelloOk);
+    raw
+}
+
+/// Writes `bytes` one at a time, `gap` apart, from another thread, until
+/// all are written, a write fails or the returned flag is set. The thread
+/// returns how many bytes it wrote.
+fn drip(
+    stream: &TcpStream,
+    bytes: Vec<u8>,
+    gap: Duration,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<usize>) {
+    let mut stream = stream.try_clone().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let mut written = 0;
+        for b in bytes {
+            if flag.load(Ordering::Relaxed) || stream.write_all(&[b]).is_err() {
+                break;
+            }
+            written += 1;
+            std::thread::sleep(gap);
+        }
+        written
+    });
+    (stop, thread)
+}
+
+fn short_timeouts_server(dir: &tempfile::TempDir) -> ServerProcess {
+    let cfg = write_config(
+        dir,
+        r#"
+        capacity = "4MiB"
+        handshake_timeout = "300ms"
+        idle_timeout = "600ms"
+        request_timeout = "800ms"
+        "#,
+    );
+    ServerProcess::start(&["--config", &cfg])
+}
+
+#[test]
+fn handshake_and_idle_timeouts_close_with_a_timeout_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = short_timeouts_server(&dir);
+
+    // Connect and say nothing.
+    let started = Instant::now();
+    let mut raw = Raw::connect(&server);
+    let msg = raw.expect_error(ErrorCode::Timeout);
+    let took = started.elapsed();
+    assert!(msg.contains("handshake"), "{msg}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "handshake timeout after {took:?}"
+    );
+
+    // A HELLO dripped a byte every 50 ms (2 s in all) does not stretch the
+    // handshake timeout: it covers the whole exchange.
+    let mut raw = Raw::connect(&server);
+    let mut hello = Vec::new();
+    wire::encode_hello(
+        &mut hello,
+        &Hello {
+            version: wire::PROTOCOL_VERSION,
+            node_id: 1,
+            tenant: "default",
+            credential: b"",
+        },
+    );
+    let started = Instant::now();
+    let (stop, dripper) = drip(&raw.stream, hello, Duration::from_millis(50));
+    let msg = raw.expect_error(ErrorCode::Timeout);
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    dripper.join().unwrap();
+    assert!(msg.contains("handshake"), "{msg}");
+    assert!(
+        took < Duration::from_secs(2),
+        "dripped HELLO cut after {took:?}"
+    );
+
+    // Requests every 150 ms keep a connection open well past the idle
+    // timeout; silence then closes it.
+    let mut raw = handshaken(&server);
+    let started = Instant::now();
+    let mut quiet = Instant::now();
+    for id in 1..=10 {
+        std::thread::sleep(Duration::from_millis(150));
+        let mut buf = Vec::new();
+        wire::encode_stat(&mut buf, id);
+        raw.stream.write_all(&buf).unwrap();
+        let (h, _) = raw.read_frame().expect("STAT_OK while active");
+        assert_eq!((h.opcode, h.request_id), (Opcode::StatOk, id));
+        quiet = Instant::now();
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    let msg = raw.expect_error(ErrorCode::Timeout);
+    let took = quiet.elapsed();
+    assert!(msg.contains("idle"), "{msg}");
+    // The server's idle clock starts when it sent the last answer, a little
+    // before we got it.
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+        "idle timeout after {took:?}"
+    );
+}
+
+#[test]
+fn a_frame_dripped_byte_by_byte_is_cut_off_at_the_request_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = short_timeouts_server(&dir);
+    let mut raw = handshaken(&server);
+
+    // Frames that each arrive within the request timeout are served even
+    // when together they take longer: the deadline is per frame.
+    let started = Instant::now();
+    for id in 1..=4u64 {
+        let mut buf = Vec::new();
+        wire::encode_stat(&mut buf, id);
+        for b in buf {
+            raw.stream.write_all(&[b]).unwrap();
+            std::thread::sleep(Duration::from_millis(15));
+        }
+        let (h, _) = raw.read_frame().expect("STAT_OK");
+        assert_eq!((h.opcode, h.request_id), (Opcode::StatOk, id));
+    }
+    assert!(started.elapsed() > Duration::from_millis(800));
+
+    // A one-page PUT at one byte per 100 ms would take 7 minutes; the
+    // server must give up 800 ms after its first byte.
+    let mut put = Vec::new();
+    wire::encode_put(&mut put, 9, [(1u64, &pattern(1, 1))].into_iter());
+    let started = Instant::now();
+    let (stop, dripper) = drip(&raw.stream, put, Duration::from_millis(100));
+    let (h, p) = raw
+        .read_frame()
+        .expect("an ERROR frame: the slow frame was never cut off");
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let dripped = dripper.join().unwrap();
+    let Ok(Response::Error(e)) = Response::decode(&h, &p, 0) else {
+        panic!("expected ERROR, got {:?}", h.opcode);
+    };
+    assert_eq!(e.code, ErrorCode::Timeout, "{}", e.message);
+    assert!(e.message.contains("request"), "{}", e.message);
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
+        "slow frame cut after {took:?} ({dripped} bytes)"
+    );
+    let mut rest = Vec::new();
+    assert_eq!(raw.stream.read_to_end(&mut rest).unwrap_or(0), 0);
+
+    // The server is fine and nothing of the cut PUT was stored.
+    let mut conn = BlockingConnection::connect(&server.client_config()).unwrap();
+    let mut out = [[0u8; wire::PAGE_SIZE]; 1];
+    assert_eq!(conn.get(&[1], &mut out).unwrap(), [PageStatus::NotFound]);
+}
+
+#[test]
+fn max_connections_refuses_extra_clients_with_busy() {
+    let server = ServerProcess::start(&["--capacity", "4MiB", "--max-connections", "3"]);
+    let cfg = server.client_config();
+    let mut a = BlockingConnection::connect(&cfg).unwrap();
+    let mut b = BlockingConnection::connect(&cfg).unwrap();
+    a.put(&[(1, &pattern(1, 1))]).unwrap();
+    b.put(&[(2, &pattern(2, 1))]).unwrap();
+
+    // A burst of five connections for the one free slot: exactly one gets
+    // in, however fast they come.
+    let mut burst: Vec<Raw> = (0..5).map(|_| Raw::connect(&server)).collect();
+    for raw in &mut burst {
+        raw.hello(wire::PROTOCOL_VERSION, "default", b"");
+    }
+    let mut admitted = Vec::new();
+    for mut raw in burst {
+        let (h, p) = raw.read_frame().expect("an answer to HELLO");
+        match Response::decode(&h, &p, 0).unwrap() {
+            Response::HelloOk(_) => admitted.push(raw),
+            Response::Error(e) => {
+                assert_eq!(e.code, ErrorCode::Busy, "{}", e.message);
+                let mut rest = Vec::new();
+                assert_eq!(raw.stream.read_to_end(&mut rest).unwrap_or(0), 0);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(admitted.len(), 1, "max_connections = 3 with 2 open");
+
+    // The client library reports the refusal as `busy`, a retryable error.
+    match BlockingConnection::connect(&cfg) {
+        Err(
+            e @ ClientError::Rejected {
+                code: ErrorCode::Busy,
+                ..
+            },
+        ) => assert!(e.is_retryable()),
+        other => panic!("expected busy, got {other:?}"),
+    }
+
+    // The clients already in keep working.
+    let mut out = [[0u8; wire::PAGE_SIZE]; 2];
+    assert_eq!(a.get(&[1, 2], &mut out).unwrap(), [PageStatus::Ok; 2]);
+    assert!(out[0] == pattern(1, 1) && out[1] == pattern(2, 1));
+    b.put(&[(3, &pattern(3, 1))]).unwrap();
+    assert_eq!(b.stat().unwrap().used_pages, 3);
+
+    // A closed connection frees its slot.
+    drop(admitted);
+    assert!(rmem_tests::wait_until(Duration::from_secs(10), || {
+        BlockingConnection::connect(&cfg).is_ok()
+    }));
+}
+
+#[test]
+fn a_client_that_never_reads_is_throttled_not_buffered() {
+    const PAGES: u64 = 64;
+    const REQUEST_LEN: usize = HEADER_LEN + 8 + 8 * PAGES as usize;
+    const RESPONSE_LEN: usize = HEADER_LEN + 8 + wire::GET_ENTRY_LEN * PAGES as usize;
+    const GROWTH_LIMIT: u64 = 64 << 20;
+    // Answers to this many requests are 200 MiB: far more than the limit.
+    const MIN_REQUESTS: usize = (200 << 20) / RESPONSE_LEN;
+
+    let server = ServerProcess::start(&["--capacity", "16MiB"]);
+    let mut other = BlockingConnection::connect(&server.client_config()).unwrap();
+    fill(&mut other, 0..PAGES, 1);
+    let handles: Vec<u64> = (0..PAGES).collect();
+    let mut out = vec![[0u8; wire::PAGE_SIZE]; PAGES as usize];
+    other.get(&handles, &mut out).unwrap();
+    let base = server.daemon.rss_bytes();
+    let check_rss = |when: &str| {
+        let rss = server.daemon.rss_bytes();
+        assert!(
+            rss < base + GROWTH_LIMIT,
+            "{when}: server RSS grew from {} MiB to {} MiB",
+            base >> 20,
+            rss >> 20
+        );
+    };
+
+    // Pipeline GETs of 64 pages and never read. A send that makes no
+    // progress for 500 ms means the server stopped reading us.
+    let mut raw = handshaken(&server);
+    raw.stream
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let started = Instant::now();
+    let mut written = 0usize;
+    let mut next_id = 1u64;
+    let mut chunk = Vec::new();
+    'send: loop {
+        chunk.clear();
+        for _ in 0..256 {
+            wire::encode_handles(&mut chunk, Opcode::Get, next_id, &handles);
+            next_id += 1;
+        }
+        let mut pos = 0;
+        while pos < chunk.len() {
+            match raw.stream.write(&chunk[pos..]) {
+                Ok(n) => {
+                    pos += n;
+                    written += n;
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if written / REQUEST_LEN >= MIN_REQUESTS {
+                        break 'send;
+                    }
+                }
+                Err(e) => panic!("send failed: {e}"),
+            }
+        }
+        check_rss("while sending");
+        assert!(
+            written < 256 << 20,
+            "sent {} MiB of GETs without ever blocking: the server reads without backpressure",
+            written >> 20
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "sending took too long"
+        );
+    }
+    let requests = written / REQUEST_LEN;
+    assert!(requests >= MIN_REQUESTS);
+    eprintln!(
+        "blocked after {requests} GETs ({} MiB asked for) in {:?}",
+        (requests * RESPONSE_LEN) >> 20,
+        started.elapsed()
+    );
+    check_rss("once blocked");
+
+    // For two seconds other clients are served, and memory stays bounded.
+    let held = Instant::now();
+    let mut rounds = 0;
+    while held.elapsed() < Duration::from_secs(2) {
+        rounds += 1;
+        other
+            .put(&[(1000 + rounds, &pattern(1000 + rounds, 1))])
+            .unwrap();
+        assert_eq!(
+            other.get(&handles, &mut out).unwrap(),
+            [PageStatus::Ok; PAGES as usize]
+        );
+        assert!(out.iter().zip(&handles).all(|(p, &h)| *p == pattern(h, 1)));
+        check_rss("while blocked");
+    }
+    assert!(
+        rounds >= 5,
+        "only {rounds} requests of another client served"
+    );
+
+    // Still blocked: the server did not start buffering in the meantime.
+    match raw.stream.write(&chunk) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("the stalled connection accepted more: {other:?}"),
+    }
+
+    // The stalled client's answers are intact and in order once it reads.
+    for id in 1..=64u64 {
+        let (h, p) = raw.read_frame().expect("GET_OK");
+        assert_eq!(h.request_id, id);
+        let Ok(Response::GetOk(batch)) = Response::decode(&h, &p, 256) else {
+            panic!("expected GET_OK, got {:?}", h.opcode)
+        };
+        assert!(
+            batch
+                .iter()
+                .zip(&handles)
+                .all(|(e, &h)| *e.data.unwrap() == pattern(h, 1))
+        );
+    }
+    check_rss("after reading");
+}
+
+/// Bytes of our connection `client` → `server` that the server has not read
+/// yet: still in our send queue or in its receive queue.
+fn unread_by_server(stream: &TcpStream) -> u64 {
+    use std::os::fd::AsRawFd;
+    const SIOCOUTQNSD: libc::Ioctl = 0x894B;
+    let mut unsent: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int through the pointer, which is valid.
+    let r = unsafe { libc::ioctl(stream.as_raw_fd(), SIOCOUTQNSD, &mut unsent) };
+    assert_eq!(r, 0, "ioctl SIOCOUTQNSD");
+    let (ours, theirs) = (stream.local_addr().unwrap(), stream.peer_addr().unwrap());
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let queued = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let port = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
+            let rx = u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()?;
+            (port(f.get(1)?)? == theirs.port() && port(f.get(2)?)? == ours.port()).then_some(rx)
+        })
+        .next()
+        .unwrap_or(0);
+    unsent as u64 + queued
+}
+
+#[test]
+fn sigterm_answers_every_request_received_before_it() {
+    const GETS: u64 = 64;
+    const PUTS: u64 = 200;
+    const PAGES: u64 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let pool = pool.to_str().unwrap();
+    let args = ["--capacity", "32MiB", "--pool-file", pool];
+    let mut server = ServerProcess::start(&args);
+    let read_handles: Vec<u64> = (100_000..100_000 + PAGES * 4).collect();
+    {
+        let mut conn = BlockingConnection::connect(&server.client_config()).unwrap();
+        fill(&mut conn, 100_000..100_000 + PAGES * 4, 1);
+    }
+
+    // 16 MiB of GET answers that we do not read yet: the server blocks
+    // writing them, so nothing sent after the GETs is read before SIGTERM.
+    let mut raw = handshaken(&server);
+    let mut gets = Vec::new();
+    for id in 1..=GETS {
+        wire::encode_handles(&mut gets, Opcode::Get, id, &read_handles);
+    }
+    raw.stream.write_all(&gets).unwrap();
+
+    // Then 200 PUTs of 16 pages, written without waiting by another thread
+    // (they do not all fit in the socket buffers).
+    let mut puts = Vec::new();
+    let pages: Vec<_> = (0..PUTS * PAGES).map(|h| pattern(h, 7)).collect();
+    for r in 0..PUTS {
+        let batch: Vec<_> = (r * PAGES..(r + 1) * PAGES)
+            .map(|h| (h, &pages[h as usize]))
+            .collect();
+        wire::encode_put(&mut puts, GETS + 1 + r, batch.into_iter());
+    }
+    let put_len = puts.len() / PUTS as usize;
+    let written = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let mut stream = raw.stream.try_clone().unwrap();
+        let written = written.clone();
+        std::thread::spawn(move || {
+            let mut pos = 0;
+            while pos < puts.len() {
+                // Small writes: a blocking send returns only once all of
+                // its bytes are queued.
+                match stream.write(&puts[pos..puts.len().min(pos + 4096)]) {
+                    Ok(n) => {
+                        pos += n;
+                        written.store(pos, Ordering::SeqCst);
+                    }
+                    Err(_) => break,
+                }
+            }
+        })
+    };
+    assert!(
+        rmem_tests::wait_until(Duration::from_secs(10), || {
+            written.load(Ordering::SeqCst) >= 4 * put_len
+        }),
+        "could not write 4 PUTs: {} bytes of {put_len} each",
+        written.load(Ordering::SeqCst)
+    );
+    let before = written.load(Ordering::SeqCst);
+    server.daemon.signal(libc::SIGTERM);
+    let complete = (before / put_len) as u64;
+    server
+        .daemon
+        .wait_for_log("stopping: draining connections", Duration::from_secs(10))
+        .expect("the server saw SIGTERM");
+    let unread = unread_by_server(&raw.stream);
+    eprintln!(
+        "SIGTERM after {complete} whole PUTs written; {} KiB unread by the server",
+        unread >> 10
+    );
+    // Otherwise this would not test the drain.
+    assert!(
+        unread >= put_len as u64,
+        "the server read the PUTs before SIGTERM"
+    );
+
+    // Only now read: every GET, then every PUT written before SIGTERM (and
+    // maybe some after) is answered, then `shutting_down`, then the end.
+    for id in 1..=GETS {
+        let (h, p) = raw.read_frame().expect("GET_OK");
+        assert_eq!((h.opcode, h.request_id), (Opcode::GetOk, id));
+        let Ok(Response::GetOk(batch)) = Response::decode(&h, &p, 256) else {
+            panic!("bad GET_OK")
+        };
+        assert!(
+            batch
+                .iter()
+                .zip(&read_handles)
+                .all(|(e, &h)| *e.data.unwrap() == pattern(h, 1))
+        );
+    }
+    let mut acked = 0;
+    loop {
+        let (h, p) = raw
+            .read_frame()
+            .unwrap_or_else(|| panic!("the stream ended after {acked} PUT answers"));
+        match Response::decode(&h, &p, 256).unwrap() {
+            Response::PutOk(st) => {
+                acked += 1;
+                assert_eq!(h.request_id, GETS + acked);
+                assert!(st.iter().all(|s| s == PageStatus::Ok));
+            }
+            Response::Error(e) => {
+                assert_eq!(e.code, ErrorCode::ShuttingDown, "{}", e.message);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut rest = Vec::new();
+    assert_eq!(raw.stream.read_to_end(&mut rest).unwrap_or(0), 0);
+    assert!(
+        acked >= complete,
+        "only {acked} of the {complete} PUTs written before SIGTERM were answered"
+    );
+    eprintln!("{acked} PUTs of {PUTS} answered");
+    writer.join().unwrap();
+    let status = server
+        .daemon
+        .wait(Duration::from_secs(30))
+        .expect("server exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+
+    // Every acknowledged page survived, and nothing else was stored.
+    let server = ServerProcess::start(&args);
+    let rec = server
+        .daemon
+        .find_log("recovered pool file")
+        .expect("recovery log");
+    assert_eq!(rec["fields"]["clean_shutdown"], true, "{rec}");
+    let mut conn = BlockingConnection::connect(&server.client_config()).unwrap();
+    let expected: HashMap<u64, u64> = (0..acked * PAGES).map(|h| (h, 7)).collect();
+    verify(&mut conn, &expected);
+    assert_eq!(
+        conn.stat().unwrap().used_pages,
+        read_handles.len() as u64 + acked * PAGES
+    );
+}
+
+#[test]
+fn executed_requests_are_answered_before_a_fatal_error() {
+    let server = ServerProcess::start(&["--capacity", "4MiB"]);
+    let mut raw = handshaken(&server);
+    // A PUT and, in the same write, garbage.
+    let mut buf = Vec::new();
+    wire::encode_put(&mut buf, 1, [(1u64, &pattern(1, 1))].into_iter());
+    buf.extend_from_slice(&[0xAB; 64]);
+    raw.stream.write_all(&buf).unwrap();
+    let (h, _) = raw.read_frame().expect("PUT_OK before the ERROR");
+    assert_eq!((h.opcode, h.request_id), (Opcode::PutOk, 1));
+    raw.expect_error(ErrorCode::BadFrame);
+    let mut conn = BlockingConnection::connect(&server.client_config()).unwrap();
+    let mut out = [[0u8; wire::PAGE_SIZE]; 1];
+    assert_eq!(conn.get(&[1], &mut out).unwrap(), [PageStatus::Ok]);
+}
+
+/// A fake memory server speaking just enough of the protocol: HELLO_OK to
+/// any HELLO, then a GET_OK with `pattern(handle, 1)` for each GET, where
+/// the checksum of a page is wrong when `corrupt(handle, nth GET)`.
+fn fake_server(
+    corrupt: impl Fn(u64, usize) -> bool + Send + Sync + 'static,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gets = Arc::new(AtomicUsize::new(0));
+    let (corrupt, counter) = (Arc::new(corrupt), gets.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let (corrupt, gets) = (corrupt.clone(), counter.clone());
+            std::thread::spawn(move || {
+                let mut head = [0u8; HEADER_LEN];
+                while stream.read_exact(&mut head).is_ok() {
+                    let h = FrameHeader::decode(&head, 1 << 20).unwrap();
+                    let mut payload = vec![0u8; h.len as usize];
+                    stream.read_exact(&mut payload).unwrap();
+                    let mut out = Vec::new();
+                    match wire::Request::decode(&h, &payload, 256).unwrap() {
+                        wire::Request::Hello(_) => wire::encode_hello_ok(
+                            &mut out,
+                            &wire::HelloOk {
+                                version: wire::PROTOCOL_VERSION,
+                                page_size: wire::PAGE_SIZE as u32,
+                                limits: wire::Limits::for_batch(256),
+                                server_id: 42,
+                            },
+                        ),
+                        wire::Request::Get(handles) => {
+                            let nth = gets.fetch_add(1, Ordering::SeqCst);
+                            let mut w = wire::GetOkWriter::begin(&mut out, h.request_id, 8);
+                            for handle in handles.iter() {
+                                let page = pattern(handle, 1);
+                                let bad = u32::from(corrupt(handle, nth));
+                                w.push_page(wire::page_crc(&page) ^ bad, |dst| {
+                                    dst.copy_from_slice(&page)
+                                });
+                            }
+                            w.finish();
+                        }
+                        other => panic!("the fake server got {other:?}"),
+                    }
+                    if stream.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, gets)
+}
+
+#[test]
+fn client_rejects_pages_whose_checksum_does_not_match() {
+    const SENTINEL: wire::Page = [0x5A; wire::PAGE_SIZE];
+    let is_bad_page_2 = |e: &ClientError| matches!(e, ClientError::Checksum { handle: 2, .. });
+    // Page 2 always arrives with a wrong checksum.
+    let (addr, _) = fake_server(|handle, _| handle == 2);
+    let cfg = ClientConfig::new(addr.to_string());
+
+    let mut conn = BlockingConnection::connect(&cfg).unwrap();
+    let mut out = [SENTINEL; 1];
+    let err = conn.get(&[2], &mut out).unwrap_err();
+    assert!(is_bad_page_2(&err), "{err:?}");
+    assert!(out[0] == SENTINEL, "bad bytes were handed out");
+    let mut out = [SENTINEL; 3];
+    let err = conn.get(&[1, 2, 3], &mut out).unwrap_err();
+    assert!(is_bad_page_2(&err), "{err:?}");
+    assert!(out[1] == SENTINEL, "bad bytes were handed out");
+    // The connection stays usable for good pages.
+    let mut out = [SENTINEL; 1];
+    assert_eq!(conn.get(&[1], &mut out).unwrap(), [PageStatus::Ok]);
+    assert!(out[0] == pattern(1, 1));
+
+    let rt = runtime();
+    rt.block_on(async {
+        let conn = Connection::connect(&cfg).await.unwrap();
+        let mut out = [SENTINEL; 1];
+        let err = conn.get(&[2], &mut out).await.unwrap_err();
+        assert!(is_bad_page_2(&err), "{err:?}");
+        assert!(out[0] == SENTINEL, "bad bytes were handed out");
+
+        // The pool retries a bad checksum until its deadline, then reports
+        // it, still without handing out the bytes.
+        let mut pool_cfg = cfg.clone();
+        pool_cfg.request_timeout = Duration::from_millis(500);
+        pool_cfg.connections = 1;
+        let client = Client::connect(pool_cfg.clone()).await.unwrap();
+        let err = client.get(&[2], &mut out).await.unwrap_err();
+        assert!(is_bad_page_2(&err), "{err:?}");
+        assert!(out[0] == SENTINEL, "bad bytes were handed out");
+
+        // A page corrupted once in transit is fetched again.
+        let (addr, gets) = fake_server(|_, nth| nth == 0);
+        pool_cfg.addr = addr.to_string();
+        let client = Client::connect(pool_cfg).await.unwrap();
+        let st = client.get(&[7], &mut out).await.unwrap();
+        assert_eq!(st, [PageStatus::Ok]);
+        assert!(out[0] == pattern(7, 1));
+        assert_eq!(gets.load(Ordering::SeqCst), 2);
+    });
 }

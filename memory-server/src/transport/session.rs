@@ -98,6 +98,15 @@ impl Session {
         out: &mut Vec<u8>,
     ) -> Result<(), Fatal> {
         let id = header.request_id;
+        // One span per request. Disabled (the default level is info), it
+        // costs a check of a cached flag: no allocation, no formatting.
+        let span = tracing::debug_span!(
+            "request",
+            request_id = id,
+            opcode = ?header.opcode,
+            pages = tracing::field::Empty,
+        );
+        let _entered = span.enter();
         let request = Request::decode(header, payload, self.shared.limits.max_batch_pages)
             .map_err(|e| {
                 self.shared
@@ -106,6 +115,9 @@ impl Session {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Fatal::decode(&e, id)
             })?;
+        if !span.is_disabled() {
+            span.record("pages", page_count(&request));
+        }
         let Some(tenant) = self.tenant.clone() else {
             return match request {
                 Request::Hello(hello) => self.hello(&hello, out),
@@ -223,5 +235,247 @@ impl Session {
                 ))
             }
         }
+    }
+}
+
+/// Pages a request carries or names.
+fn page_count(request: &Request<'_>) -> u64 {
+    match request {
+        Request::Put(batch) => batch.len() as u64,
+        Request::Get(handles) | Request::Free(handles) => handles.len() as u64,
+        Request::Hello(_) | Request::Stat => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+    use std::sync::Mutex;
+
+    use rmem_proto::wire::{self, Limits, Opcode};
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Level, Metadata, Subscriber};
+
+    use super::*;
+    use crate::store::{Backing, StoreOptions, TenantSpec};
+
+    /// Counts the allocations of each thread, so that tests running in
+    /// parallel do not see each other's.
+    struct CountingAlloc;
+
+    thread_local! {
+        static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    // SAFETY: every call is forwarded unchanged to the system allocator;
+    // the counter is a const-initialized thread-local without destructor,
+    // whose access never allocates.
+    unsafe impl GlobalAlloc for CountingAlloc {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            ALLOCATIONS.with(|n| n.set(n.get() + 1));
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: `ptr` came from `System` with this layout.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            ALLOCATIONS.with(|n| n.set(n.get() + 1));
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOC: CountingAlloc = CountingAlloc;
+
+    fn allocations() -> u64 {
+        ALLOCATIONS.with(Cell::get)
+    }
+
+    /// A span's name and fields as recorded.
+    type Fields = Vec<(&'static str, String)>;
+    type Spans = Arc<Mutex<Vec<(&'static str, Fields)>>>;
+
+    /// A subscriber that records the fields of every span up to `max`.
+    struct Capture {
+        max: Level,
+        spans: Spans,
+    }
+
+    struct Recorder<'a>(&'a mut Fields);
+
+    impl Visit for Recorder<'_> {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0.push((field.name(), format!("{value:?}")));
+        }
+    }
+
+    impl Subscriber for Capture {
+        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+            *metadata.level() <= self.max
+        }
+        fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+            Some(self.max.into())
+        }
+        fn new_span(&self, attrs: &Attributes<'_>) -> Id {
+            let mut fields = Vec::new();
+            attrs.record(&mut Recorder(&mut fields));
+            let mut spans = self.spans.lock().unwrap();
+            spans.push((attrs.metadata().name(), fields));
+            Id::from_u64(spans.len() as u64)
+        }
+        fn record(&self, span: &Id, values: &Record<'_>) {
+            let mut spans = self.spans.lock().unwrap();
+            let at = (span.into_u64() - 1) as usize;
+            values.record(&mut Recorder(&mut spans[at].1));
+        }
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, _: &Event<'_>) {}
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    fn session() -> Session {
+        let store = Store::open(
+            &StoreOptions {
+                capacity_pages: 64,
+                backing: Backing::Anonymous,
+                sync_writes: false,
+            },
+            &[TenantSpec {
+                id: 0,
+                name: "default".into(),
+                token: None,
+                quota_pages: None,
+            }],
+        )
+        .unwrap();
+        Session::new(Arc::new(Shared {
+            store: Arc::new(store),
+            metrics: Arc::new(Metrics::default()),
+            limits: Limits::for_batch(256),
+        }))
+    }
+
+    /// Executes the one frame in `frame`.
+    fn run(session: &mut Session, frame: &[u8], out: &mut Vec<u8>) -> Result<(), Fatal> {
+        let (header, payload, _) = wire::split_frame(frame, session.max_frame())
+            .unwrap()
+            .expect("a whole frame");
+        session.handle(&header, payload, out)
+    }
+
+    fn hello() -> Vec<u8> {
+        let mut buf = Vec::new();
+        wire::encode_hello(
+            &mut buf,
+            &Hello {
+                version: PROTOCOL_VERSION,
+                node_id: 1,
+                tenant: "default",
+                credential: b"",
+            },
+        );
+        buf
+    }
+
+    /// Runs a request once before any test installs its subscriber. The
+    /// first use of a span's callsite registers it, and a registration racing
+    /// with another test's `with_default` can leave it with a stale interest
+    /// (the span then goes missing); later `with_default`s recompute it.
+    fn register_callsites() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            run(&mut session(), &hello(), &mut Vec::new()).unwrap();
+        });
+    }
+
+    fn put(id: u64, handles: &[u64]) -> Vec<u8> {
+        let page = [7u8; PAGE_SIZE];
+        let mut buf = Vec::new();
+        wire::encode_put(&mut buf, id, handles.iter().map(|&h| (h, &page)));
+        buf
+    }
+
+    #[test]
+    fn each_request_runs_in_a_debug_span_with_its_id_opcode_and_pages() {
+        register_callsites();
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let capture = Capture {
+            max: Level::DEBUG,
+            spans: spans.clone(),
+        };
+        tracing::subscriber::with_default(capture, || {
+            let mut s = session();
+            let mut out = Vec::new();
+            run(&mut s, &hello(), &mut out).unwrap();
+            run(&mut s, &put(5, &[1, 2]), &mut out).unwrap();
+            let mut buf = Vec::new();
+            wire::encode_handles(&mut buf, Opcode::Get, 6, &[1, 2, 3]);
+            wire::encode_handles(&mut buf, Opcode::Free, 7, &[1]);
+            wire::encode_stat(&mut buf, 8);
+            let mut rest = &buf[..];
+            while let Some((header, payload, tail)) = wire::split_frame(rest, 1 << 20).unwrap() {
+                s.handle(&header, payload, &mut out).unwrap();
+                rest = tail;
+            }
+        });
+        let spans = spans.lock().unwrap();
+        let requests: Vec<_> = spans
+            .iter()
+            .filter(|(name, _)| *name == "request")
+            .map(|(_, fields)| {
+                fields
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        assert_eq!(
+            requests,
+            [
+                "request_id=0 opcode=Hello pages=0",
+                "request_id=5 opcode=Put pages=2",
+                "request_id=6 opcode=Get pages=3",
+                "request_id=7 opcode=Free pages=1",
+                "request_id=8 opcode=Stat pages=0",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_request_allocates_nothing_while_debug_is_off() {
+        register_callsites();
+        let capture = Capture {
+            max: Level::INFO,
+            spans: Arc::new(Mutex::new(Vec::new())),
+        };
+        let mut s = session();
+        let mut out = Vec::new();
+        run(&mut s, &hello(), &mut out).unwrap();
+        run(&mut s, &put(1, &[1, 2, 3, 4]), &mut out).unwrap();
+        let mut get = Vec::new();
+        wire::encode_handles(&mut get, Opcode::Get, 2, &[1, 2, 3, 4, 5]);
+        let put = put(3, &[1, 2]);
+        tracing::subscriber::with_default(capture, || {
+            // Buffers and lazily created state reach their steady size.
+            for _ in 0..3 {
+                out.clear();
+                run(&mut s, &get, &mut out).unwrap();
+                run(&mut s, &put, &mut out).unwrap();
+            }
+            let before = allocations();
+            for _ in 0..100 {
+                out.clear();
+                run(&mut s, &get, &mut out).unwrap();
+                run(&mut s, &put, &mut out).unwrap();
+            }
+            assert_eq!(allocations() - before, 0, "allocations per 100 GET + PUT");
+        });
     }
 }

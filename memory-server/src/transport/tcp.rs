@@ -7,6 +7,11 @@
 //! executing, so a client that stops reading its responses stops being read
 //! (TCP flow control is the backpressure), and memory per connection is
 //! bounded by one frame plus [`FLUSH_AT`] bytes of responses.
+//!
+//! On shutdown a connection keeps reading while its client's bytes keep
+//! arriving (gaps under 100 ms, for at most [`Timeouts::drain`]), so
+//! requests sent before the signal but still in socket buffers are answered
+//! too; then it sends `shutting_down` and closes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,13 +34,24 @@ use super::session::{Fatal, Session, Shared};
 pub const FLUSH_AT: usize = 1 << 20;
 /// Bytes read per syscall when no frame is partially received.
 const READ_CHUNK: usize = 64 << 10;
+/// While draining for shutdown, a connection keeps reading as long as its
+/// client's bytes keep coming with gaps shorter than this: requests already
+/// sent (still in socket buffers or in flight) are answered.
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
 
 /// Timeouts of a connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
+    /// The whole HELLO / HELLO_OK exchange, from accept.
     pub handshake: Duration,
+    /// No request at all.
     pub idle: Duration,
+    /// The rest of a frame, from its first byte.
     pub request: Duration,
+    /// On shutdown, the longest a connection keeps reading requests its
+    /// client already sent; answering them is bounded by the server's
+    /// drain timeout.
+    pub drain: Duration,
 }
 
 /// Accepts connections until `shutdown` fires; each runs on `tracker`.
@@ -63,11 +79,14 @@ pub async fn serve(
         };
         let metrics = &shared.metrics;
         metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+        // Counted here, not in the connection's task, so that a burst of
+        // connections cannot all pass the check before any task runs.
         if metrics.connections_open.load(Ordering::Relaxed) >= u64::from(max_connections) {
             tracing::warn!(%peer, max_connections, "connection refused: too many connections");
             tracker.spawn(refuse(stream, ErrorCode::Busy, "too many connections"));
             continue;
         }
+        metrics.connections_open.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = tune(&stream) {
             tracing::debug!(%peer, error = %e, "cannot set socket options");
         }
@@ -78,6 +97,7 @@ pub async fn serve(
             inbuf: BytesMut::with_capacity(READ_CHUNK),
             outbuf: Vec::with_capacity(READ_CHUNK),
             timeouts,
+            frame_deadline: None,
             shutdown: shutdown.clone(),
         };
         let span = tracing::info_span!("conn", %peer);
@@ -120,13 +140,16 @@ struct Connection {
     inbuf: BytesMut,
     outbuf: Vec<u8>,
     timeouts: Timeouts,
+    /// When the frame partly in `inbuf` must be complete: set when its
+    /// first bytes arrive, cleared when it is executed.
+    frame_deadline: Option<Instant>,
     shutdown: CancellationToken,
 }
 
 impl Connection {
+    /// Serves the connection; it was counted open when accepted.
     async fn run(mut self) {
         let metrics = self.session.shared().metrics.clone();
-        metrics.connections_open.fetch_add(1, Ordering::Relaxed);
         let end = self.serve().await;
         metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
         let tenant = self.session.tenant().map(|t| t.name.clone());
@@ -139,7 +162,7 @@ impl Connection {
                     peer = %self.peer, ?tenant, code = %f.code, request_id = f.request_id,
                     "closing connection: {}", f.message
                 );
-                self.outbuf.clear();
+                // After the answers to the requests executed before it.
                 wire::encode_error(&mut self.outbuf, f.request_id, f.code, &f.message);
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
             }
@@ -194,6 +217,7 @@ impl Connection {
                 }
             };
             self.inbuf.advance(consumed);
+            self.frame_deadline = None;
             if self.outbuf.len() >= FLUSH_AT {
                 self.flush().await.map_err(End::Io)?;
             }
@@ -202,6 +226,8 @@ impl Connection {
 
     async fn serve(&mut self) -> End {
         let handshake_deadline = Instant::now() + self.timeouts.handshake;
+        // Set once shutdown is requested: until when requests are still read.
+        let mut draining: Option<Instant> = None;
         loop {
             if let Err(end) = self.execute_buffered().await {
                 return end;
@@ -219,24 +245,37 @@ impl Connection {
             self.inbuf
                 .reserve(want.saturating_sub(self.inbuf.len()).max(4096));
 
-            let (deadline, what) = if self.session.tenant().is_none() {
+            let now = Instant::now();
+            let (deadline, what) = if let Some(until) = draining {
+                ((now + DRAIN_QUIET).min(until), "drain")
+            } else if self.session.tenant().is_none() {
                 (handshake_deadline, "handshake")
             } else if self.inbuf.is_empty() {
-                (Instant::now() + self.timeouts.idle, "idle")
+                (now + self.timeouts.idle, "idle")
             } else {
-                (Instant::now() + self.timeouts.request, "request")
+                // Armed by the frame's first bytes, not re-armed by each
+                // read: a client dripping a frame cannot hold the
+                // connection open.
+                let request = self.timeouts.request;
+                (*self.frame_deadline.get_or_insert(now + request), "request")
             };
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => {
-                    // Every complete request has been answered above; a
-                    // partly received one is dropped and the client retries.
-                    self.outbuf.clear();
-                    wire::encode_error(&mut self.outbuf, 0, ErrorCode::ShuttingDown, "server is shutting down");
-                    let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
-                    return End::Drained;
+                _ = self.shutdown.cancelled(), if draining.is_none() => {
+                    // Keep answering what the client already sent.
+                    draining = Some(Instant::now() + self.timeouts.drain);
                 }
                 _ = tokio::time::sleep_until(deadline) => {
+                    if draining.is_some() {
+                        // Every complete request has been answered; a
+                        // partly received one is dropped and the client
+                        // retries.
+                        wire::encode_error(
+                            &mut self.outbuf, 0, ErrorCode::ShuttingDown, "server is shutting down",
+                        );
+                        let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+                        return End::Drained;
+                    }
                     return End::Fatal(Fatal {
                         code: ErrorCode::Timeout,
                         message: format!("{what} timeout"),
