@@ -376,7 +376,8 @@ async fn serve(client: &ControlClient, state: &SessionState, subscriber: &dyn Su
     let member_id = state.member_id.load(Ordering::Acquire);
     let incarnation = state.incarnation.load(Ordering::Acquire);
     // Three heartbeats per lease.
-    let every_for = |lease_ms: u64| Duration::from_millis(lease_ms / 3).max(Duration::from_millis(20));
+    let every_for =
+        |lease_ms: u64| Duration::from_millis(lease_ms / 3).max(Duration::from_millis(20));
     let heartbeat = async {
         let mut every = every_for(state.lease_ms.load(Ordering::Acquire));
         loop {

@@ -50,6 +50,32 @@ pub struct TenantConfig {
     pub quota: Option<ByteSize>,
 }
 
+/// Membership in an rmem cluster (all optional: without `coordinator` the
+/// server runs on its own).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Coordinator endpoint (`host:port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
+    /// Member name, unique in the cluster [default: the host name].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Data-plane address agents connect to [default: `listen`, or the
+    /// host name and its port when `listen` is a wildcard].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Admin gRPC address operators reach [default: as for `advertise`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_advertise: Option<String>,
+    /// Cluster token, inline. Prefer `token_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// File holding the cluster token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
 /// Everything `rmem-server` runs with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -86,6 +112,16 @@ pub struct ServerConfig {
     /// authentication when none is given.
     #[serde(rename = "tenant", skip_serializing_if = "Vec::is_empty")]
     pub tenants: Vec<TenantConfig>,
+    /// Cluster membership.
+    #[serde(skip_serializing_if = "ClusterConfig::is_standalone")]
+    pub cluster: ClusterConfig,
+}
+
+impl ClusterConfig {
+    /// No coordinator: the server runs on its own.
+    pub fn is_standalone(&self) -> bool {
+        self.coordinator.is_none()
+    }
 }
 
 impl Default for ServerConfig {
@@ -103,6 +139,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             tenants: Vec::new(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -190,6 +227,27 @@ impl ServerConfig {
                 "durability",
                 "`sync` needs a `pool_file` (an anonymous pool has nothing to sync)",
             ));
+        }
+        let c = &self.cluster;
+        if c.coordinator.as_deref() == Some("") {
+            return Err(invalid("cluster.coordinator", "must not be empty"));
+        }
+        if c.token.is_some() && c.token_file.is_some() {
+            return Err(invalid(
+                "cluster.token",
+                "give token or token_file, not both",
+            ));
+        }
+        for (field, v) in [
+            ("cluster.name", &c.name),
+            ("cluster.advertise", &c.advertise),
+            ("cluster.grpc_advertise", &c.grpc_advertise),
+        ] {
+            if let Some(v) = v
+                && (v.is_empty() || v.len() > 255)
+            {
+                return Err(invalid(field, "must be 1 to 255 bytes"));
+            }
         }
         let mut names = std::collections::HashSet::new();
         let mut ids = std::collections::HashSet::new();

@@ -6,6 +6,8 @@
 //! - [`admin`]: the gRPC admin endpoint (stats, health, reflection).
 //! - [`config`]: typed, validated configuration.
 //! - [`embedded`]: a server inside another program (demo, benchmarks).
+//! - [`membership`]: joining a cluster's coordinator, freeing invalidated
+//!   pages.
 //!
 //! [`Server::start`] runs all of it inside the caller's tokio runtime; the
 //! `rmem-server` binary and embedded uses (the demo, tests, benchmarks) go
@@ -14,6 +16,7 @@
 pub mod admin;
 pub mod config;
 pub mod embedded;
+pub mod membership;
 pub mod metrics;
 pub mod store;
 pub mod transport;
@@ -50,6 +53,8 @@ pub enum ServerError {
     },
     #[error("admin gRPC server failed")]
     Grpc(#[source] tonic::transport::Error),
+    #[error("cannot join the cluster")]
+    Cluster(#[source] rmem_client::control::ControlError),
 }
 
 /// A running memory server.
@@ -64,6 +69,7 @@ pub struct Server {
     accept: tokio::task::JoinHandle<()>,
     grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     drain_timeout: Duration,
+    membership: Option<membership::Membership>,
 }
 
 /// What a shutdown did.
@@ -122,6 +128,9 @@ impl Server {
                 handshake: config.handshake_timeout,
                 idle: config.idle_timeout,
                 request: config.request_timeout,
+                // Half for reading what clients already sent, the rest for
+                // answering it.
+                drain: config.drain_timeout / 2,
             },
             config.max_connections,
             shutdown.clone(),
@@ -132,6 +141,19 @@ impl Server {
             metrics: metrics.clone(),
         };
         let grpc = tokio::spawn(serve_grpc(grpc, admin, shutdown.clone()));
+        let membership = if config.cluster.is_standalone() {
+            None
+        } else {
+            match membership::Membership::join(&config.cluster, store.clone(), data_addr, grpc_addr)
+                .await
+            {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    shutdown.cancel();
+                    return Err(ServerError::Cluster(e));
+                }
+            }
+        };
         tracing::info!(
             data = %data_addr, grpc = %grpc_addr,
             capacity_pages = store.capacity_pages(), persistent = store.persistent(),
@@ -148,6 +170,7 @@ impl Server {
             accept,
             grpc,
             drain_timeout: config.drain_timeout,
+            membership,
         })
     }
 
@@ -166,6 +189,11 @@ impl Server {
         &self.store
     }
 
+    /// Member id in the cluster, when it joined one.
+    pub fn member_id(&self) -> Option<u64> {
+        self.membership.as_ref().map(|m| m.member_id())
+    }
+
     /// The server's counters.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
@@ -173,7 +201,11 @@ impl Server {
 
     /// Stops accepting, answers every request already received, closes the
     /// connections, and flushes a file-backed pool.
-    pub async fn shutdown(self) -> Result<ShutdownReport, ServerError> {
+    pub async fn shutdown(mut self) -> Result<ShutdownReport, ServerError> {
+        // Leave the cluster first, so no agent is sent here any more.
+        if let Some(m) = self.membership.take() {
+            m.leave().await;
+        }
         self.shutdown.cancel();
         let _ = self.accept.await;
         self.connections.close();

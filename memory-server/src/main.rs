@@ -64,6 +64,25 @@ struct Args {
     /// File holding the `default` tenant's credential.
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
+    /// Join the cluster of this coordinator (host:port): register, keep a
+    /// lease, free pages of invalidated ranges.
+    #[arg(long, env = "RMEM_COORDINATOR", value_name = "HOST:PORT")]
+    coordinator: Option<String>,
+    /// Member name in the cluster [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Data-plane address agents should connect to [default: --listen, or
+    /// the host name and port when --listen is a wildcard].
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    /// Admin gRPC address to advertise [default: as for --advertise].
+    #[arg(long, value_name = "HOST:PORT")]
+    grpc_advertise: Option<String>,
+    /// File holding the cluster token (or set RMEM_CLUSTER_TOKEN).
+    #[arg(long, value_name = "PATH")]
+    cluster_token_file: Option<PathBuf>,
+    #[arg(long, env = "RMEM_CLUSTER_TOKEN", hide_env_values = true, hide = true)]
+    cluster_token: Option<String>,
     /// Log format on stderr; RUST_LOG sets the level (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -113,6 +132,22 @@ fn effective_config(args: &Args) -> Result<(ServerConfig, Option<String>), Confi
     );
     if let Some(p) = &args.pool_file {
         cfg.pool_file = Some(p.clone());
+    }
+    let cluster = &mut cfg.cluster;
+    for (field, arg) in [
+        (&mut cluster.coordinator, &args.coordinator),
+        (&mut cluster.name, &args.name),
+        (&mut cluster.advertise, &args.advertise),
+        (&mut cluster.grpc_advertise, &args.grpc_advertise),
+        (&mut cluster.token, &args.cluster_token),
+    ] {
+        if arg.is_some() {
+            *field = arg.clone();
+        }
+    }
+    if args.cluster_token_file.is_some() {
+        cluster.token_file = args.cluster_token_file.clone();
+        cluster.token = None;
     }
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => Some(t.clone()),

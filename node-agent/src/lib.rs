@@ -7,11 +7,13 @@
 //! - [`prefetch`]: stream detection and fetch-ahead.
 //! - [`uffd`], [`mem`]: the userfaultfd and memfd system interfaces, the
 //!   only modules with `unsafe` code.
+//! - [`placement`]: which servers a region's pages go to.
 //! - [`remote`]: a thread's reconnecting connection to a memory server.
 //! - [`demo`]: the `rmem-agent demo` workload and report.
 
 pub mod demo;
 pub mod mem;
+pub mod placement;
 pub mod policy;
 pub mod prefetch;
 pub mod region;

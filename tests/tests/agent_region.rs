@@ -225,7 +225,11 @@ fn server_op_pages(server: &ServerProcess, op: &str) -> u64 {
     })
 }
 
-fn region_without_prefetch(server: &ServerProcess, pages: usize, budget_pages: usize) -> RemoteRegion {
+fn region_without_prefetch(
+    server: &ServerProcess,
+    pages: usize,
+    budget_pages: usize,
+) -> RemoteRegion {
     RemoteRegion::new(
         RegionConfig {
             size: (pages * PAGE_SIZE) as u64,
@@ -267,7 +271,10 @@ fn concurrent_faults_on_one_page_fetch_it_once() {
     });
     let fetched = server_op_pages(&server, "get") - gets_before;
     let st = r.stats();
-    assert_eq!(fetched, rounds as u64, "pages fetched more than once: {st:?}");
+    assert_eq!(
+        fetched, rounds as u64,
+        "pages fetched more than once: {st:?}"
+    );
     // The faults did overlap: some waited for another thread's fetch.
     assert!(st.faults_coalesced > 0, "no fault ever waited: {st:?}");
 }
@@ -503,4 +510,59 @@ fn an_ordinary_user_can_run_the_agent() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["verify_ok"], true);
+}
+
+#[test]
+fn a_region_spreads_its_pages_over_several_servers() {
+    let servers: Vec<ServerProcess> = (0..3)
+        .map(|_| ServerProcess::start(&["--capacity", "32MiB"]))
+        .collect();
+    let placement = rmem_agent::placement::Placement::new(
+        servers.iter().map(|s| s.client_config()).collect(),
+        &[(1024, 0), (1024, 1), (1024, 2), (1024, 0)],
+        4096,
+    )
+    .unwrap();
+    let r = RemoteRegion::with_placement(
+        RegionConfig {
+            size: 4096 * PAGE_SIZE as u64,
+            budget: 256 * PAGE_SIZE as u64,
+            fault_timeout: Duration::from_secs(20),
+            ..RegionConfig::default()
+        },
+        placement,
+    )
+    .unwrap();
+    let words = Words::of(&r);
+    let threads = 2;
+    let errors: usize = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut shadow = vec![0u64; words.len / threads];
+                    let e = hammer(words, t, threads, 200_000, 7, &mut shadow);
+                    e + verify_all(words, t, threads, &shadow)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert_eq!(errors, 0, "{:?}", r.stats());
+    let mut conns: Vec<BlockingConnection> = servers
+        .iter()
+        .map(|s| BlockingConnection::connect(&s.client_config()).unwrap())
+        .collect();
+    let used: Vec<u64> = conns
+        .iter_mut()
+        .map(|c| c.stat().unwrap().used_pages)
+        .collect();
+    // Server 0 holds two segments, the others one each.
+    assert!(used.iter().all(|&u| u > 500), "pages not spread: {used:?}");
+    assert!(used[0] > used[1] && used[0] > used[2], "{used:?}");
+    drop(r);
+    let used: Vec<u64> = conns
+        .iter_mut()
+        .map(|c| c.stat().unwrap().used_pages)
+        .collect();
+    assert_eq!(used, [0, 0, 0], "dropping the region frees every server");
 }

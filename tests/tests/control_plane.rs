@@ -763,3 +763,126 @@ fn rmemctl_reports_servers_and_drains_one() {
     assert!(comp.status.success());
     assert!(String::from_utf8_lossy(&comp.stdout).contains("rmemctl"));
 }
+
+#[test]
+fn a_server_joins_and_frees_pages_of_an_invalidated_range_before_it_returns() {
+    let coord = Coordinator::start(&["--lease", "600ms"]);
+    let endpoint = coord.addr.to_string();
+    let server = rmem_tests::ServerProcess::start(&[
+        "--capacity",
+        "16MiB",
+        "--coordinator",
+        &endpoint,
+        "--name",
+        "mem-a",
+    ]);
+    let mut data = rmem_client::BlockingConnection::connect(&server.client_config()).unwrap();
+    let base = 7u64 << 28;
+    let pages: Vec<(u64, rmem_client::Page)> = (0..64)
+        .map(|i| (base + i, rmem_tests::pattern(base + i, 1)))
+        .collect();
+    let refs: Vec<(u64, &rmem_client::Page)> = pages.iter().map(|(h, p)| (*h, p)).collect();
+    data.put(&refs).unwrap();
+    assert_eq!(data.stat().unwrap().used_pages, 64);
+    runtime().block_on(async {
+        let c = coord.client().await;
+        let ms = c
+            .membership()
+            .list_members(pb::ListMembersRequest {
+                role: pb::Role::Server as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .members;
+        assert_eq!(ms.len(), 1);
+        let s = &ms[0];
+        assert_eq!(s.name, "mem-a");
+        assert_eq!(s.data_addr, server.data.to_string());
+        assert_eq!(s.capacity_pages, 4096);
+        let a = c
+            .membership()
+            .register(agent("a"))
+            .await
+            .unwrap()
+            .into_inner();
+        let iv = c
+            .intervals()
+            .register(pb::RegisterIntervalRequest {
+                address_space: "node/1".into(),
+                start: 0x10_0000,
+                length: 64 * PAGE,
+                tenant: "default".into(),
+                handle_base: base,
+                owner: a.member_id,
+                subscribers: vec![s.id],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(iv.interval_id > 0);
+        // Unmap pages 16..48 of the interval: the server frees exactly those.
+        let r = c
+            .invalidation()
+            .invalidate(pb::InvalidateRequest {
+                address_space: "node/1".into(),
+                start: 0x10_0000 + 16 * PAGE,
+                length: 32 * PAGE,
+                reason: pb::Reason::Unmap as i32,
+                deadline_ms: 5_000,
+                origin: a.member_id,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.complete, "{r:?}");
+        assert_eq!(r.acknowledged, vec![s.id]);
+    });
+    // Freed before Invalidate returned: no waiting here.
+    assert_eq!(data.stat().unwrap().used_pages, 32);
+    let mut out = vec![[0u8; 4096]; 64];
+    let handles: Vec<u64> = (0..64).map(|i| base + i).collect();
+    let st = data.get(&handles, &mut out).unwrap().to_vec();
+    for (i, s) in st.iter().enumerate() {
+        let gone = (16..48).contains(&i);
+        assert_eq!(
+            *s == rmem_client::PageStatus::NotFound,
+            gone,
+            "page {i}: {s:?}"
+        );
+        if !gone {
+            assert_eq!(out[i], pages[i].1);
+        }
+    }
+    // Heartbeats carry usage; SIGTERM deregisters.
+    let mut server = server;
+    runtime().block_on(async {
+        let c = coord.client().await;
+        let mut used = 0;
+        for _ in 0..100 {
+            let s = c
+                .admin()
+                .status(pb::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            used = s.used_pages;
+            if used == 32 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(used, 32);
+    });
+    assert!(server.daemon.terminate(Duration::from_secs(10)).success());
+    runtime().block_on(async {
+        let c = coord.client().await;
+        let s = c
+            .admin()
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((s.servers_up, s.servers_down), (0, 0), "{s:?}");
+    });
+}

@@ -15,11 +15,11 @@ use rmem_client::{PAGE_SIZE, Page, PageStatus};
 
 use super::Inner;
 use super::state::{CLEAN, Kind, PREFETCHED, STORED, State, WAITER};
+use crate::placement::Remotes;
 use crate::policy::clock::Clock;
-use crate::remote::RemoteConn;
 
 /// Body of the evictor thread.
-pub(crate) fn run(inner: &Inner, mut conn: RemoteConn) {
+pub(crate) fn run(inner: &Inner, mut conn: Remotes) {
     let mut clock = Clock::new();
     let batch = inner.cfg.evict_batch;
     let mut victims = Vec::with_capacity(batch);
@@ -54,12 +54,18 @@ pub(crate) fn run(inner: &Inner, mut conn: RemoteConn) {
                 .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             if ok {
                 if inner.evict_stalled.swap(false, Ordering::AcqRel) {
-                    tracing::info!(server = %inner.server, "eviction resumed");
+                    tracing::info!(
+                        region = format_args!("{:09x}", inner.id),
+                        "eviction resumed"
+                    );
                 }
                 backoff = Duration::from_millis(10);
             } else {
                 if !inner.evict_stalled.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(server = %inner.server, "eviction stalled: the region runs over its budget until the server takes pages again");
+                    tracing::warn!(
+                        region = format_args!("{:09x}", inner.id),
+                        "eviction stalled: the region runs over its budget until the servers take pages again"
+                    );
                     inner.space_freed.1.notify_all();
                 }
                 std::thread::sleep(backoff);
@@ -70,69 +76,100 @@ pub(crate) fn run(inner: &Inner, mut conn: RemoteConn) {
     }
 }
 
-/// Evicts claimed victims. False when the server could not take them (they
+/// Evicts claimed victims. False when a server could not take them (they
 /// stay in memory, unchanged).
-fn evict(inner: &Inner, conn: &mut RemoteConn, victims: &[usize], pages: &mut [Page]) -> bool {
+fn evict(inner: &Inner, remotes: &mut Remotes, victims: &[usize], pages: &mut [Page]) -> bool {
     let states = &inner.states;
-    let mut send: Vec<usize> = Vec::with_capacity(victims.len());
+    // (server, page, buffer index) of the pages to send.
+    let mut send: Vec<(u8, usize, usize)> = Vec::with_capacity(victims.len());
     for &v in victims {
         let s = states.get(v);
         if s.has(CLEAN) && s.has(STORED) {
-            release(inner, v, Kind::Remote, 0);
+            release(inner, v, Kind::Remote, s.server(), 0);
             inner
                 .stats
                 .pages_dropped_clean
                 .fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let buf = &mut pages[send.len()];
+        let k = send.len();
+        let buf = &mut pages[k];
         if let Err(e) = inner.backing.read_page(v, buf) {
             tracing::error!(page = v, error = %e, "cannot read page for eviction; keeping it");
             abort(inner, v);
             continue;
         }
         if buf.iter().all(|&b| b == 0) {
-            release(inner, v, Kind::Absent, 0);
+            release(inner, v, Kind::Absent, s.server(), 0);
             inner
                 .stats
                 .pages_dropped_zero
                 .fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        send.push(v);
+        // A page keeps the server that holds its older copy, so no stale
+        // copy is left elsewhere; a new one goes where its segment is placed.
+        let server = if s.has(STORED) {
+            s.server()
+        } else {
+            inner.placement.server_for(v)
+        };
+        send.push((server, v, k));
     }
-    if send.is_empty() {
-        return true;
+    send.sort_unstable_by_key(|&(server, _, _)| server);
+    let mut all_ok = true;
+    for group in send.chunk_by(|a, b| a.0 == b.0) {
+        all_ok &= put_group(inner, remotes, group, pages);
     }
-    let items: Vec<(u64, &Page)> = send
+    all_ok
+}
+
+/// Stores pages bound for one server.
+fn put_group(
+    inner: &Inner,
+    remotes: &mut Remotes,
+    group: &[(u8, usize, usize)],
+    pages: &[Page],
+) -> bool {
+    let server = group[0].0;
+    let Some(conn) = remotes.get(&inner.placement, server) else {
+        tracing::error!(
+            server,
+            "eviction to a server the region does not know; keeping the pages"
+        );
+        for &(_, v, _) in group {
+            abort(inner, v);
+        }
+        return false;
+    };
+    let items: Vec<(u64, &Page)> = group
         .iter()
-        .zip(pages.iter())
-        .map(|(&v, p)| (inner.handle(v), p))
+        .map(|&(_, v, k)| (inner.handle(v), &pages[k]))
         .collect();
     let deadline = Instant::now() + inner.cfg.fault_timeout.min(Duration::from_secs(2));
     match conn.put(&items, deadline) {
         Ok(statuses) => {
             let mut all_ok = true;
-            for (&v, status) in send.iter().zip(&statuses) {
+            for (&(_, v, _), status) in group.iter().zip(&statuses) {
                 if *status == PageStatus::Ok {
-                    release(inner, v, Kind::Remote, STORED | CLEAN);
+                    release(inner, v, Kind::Remote, server, STORED | CLEAN);
                     inner.stats.pages_evicted.fetch_add(1, Ordering::Relaxed);
                 } else {
                     all_ok = false;
                     inner.stats.evict_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(page = v, %status, server = %inner.server, "server refused a page; keeping it in memory");
+                    tracing::warn!(page = v, %status, server = %conn.addr(), "server refused a page; keeping it in memory");
                     abort(inner, v);
                 }
             }
             all_ok
         }
         Err(e) => {
-            tracing::warn!(server = %inner.server, error = %e, pages = send.len(), "eviction failed; keeping the pages in memory");
+            tracing::warn!(server = %conn.addr(), error = %e, pages = group.len(), "eviction failed; keeping the pages in memory");
             inner
                 .stats
                 .evict_failures
-                .fetch_add(send.len() as u64, Ordering::Relaxed);
-            for &v in &send {
+                .fetch_add(group.len() as u64, Ordering::Relaxed);
+            for &(_, v, _) in group {
                 abort(inner, v);
             }
             false
@@ -140,9 +177,10 @@ fn evict(inner: &Inner, conn: &mut RemoteConn, victims: &[usize], pages: &mut [P
     }
 }
 
-/// Frees an evicted page's memory and publishes its new state.
-fn release(inner: &Inner, v: usize, kind: Kind, flags: u32) {
-    let s = inner.states.get(v);
+/// Frees an evicted page's memory and publishes its new state (`server`
+/// holds its copy when `STORED` is or becomes set).
+fn release(inner: &Inner, v: usize, kind: Kind, server: u8, flags: u32) {
+    let s = inner.states.get(v).with_server(server);
     if let Err(e) = inner.backing.free_page(v) {
         tracing::error!(page = v, error = %e, "cannot free page memory; keeping it");
         // Still in memory, but what the server acknowledged is recorded, so

@@ -14,7 +14,7 @@ use rmem_client::{PAGE_SIZE, Page, PageStatus};
 
 use super::Inner;
 use super::state::{CLEAN, Kind, PREFETCHED, STORED, State, WAITER};
-use crate::remote::RemoteConn;
+use crate::placement::Remotes;
 use crate::uffd::{Fault, Resolve};
 
 static ZERO_PAGE: Page = [0u8; PAGE_SIZE];
@@ -28,7 +28,7 @@ struct Scratch {
 }
 
 /// Body of a fault-handler thread.
-pub(crate) fn run(inner: &Inner, mut conn: RemoteConn) {
+pub(crate) fn run(inner: &Inner, mut conn: Remotes) {
     let cap = inner.cfg.prefetch_max + 1;
     let mut scratch = Scratch {
         pages: Vec::with_capacity(cap),
@@ -59,7 +59,7 @@ pub(crate) fn run(inner: &Inner, mut conn: RemoteConn) {
     }
 }
 
-fn handle(inner: &Inner, conn: &mut RemoteConn, scratch: &mut Scratch, fault: Fault) {
+fn handle(inner: &Inner, conn: &mut Remotes, scratch: &mut Scratch, fault: Fault) {
     let started = Instant::now();
     let base = inner.backing.base() as u64;
     let Some(i) = fault
@@ -227,7 +227,7 @@ fn unprotect(inner: &Inner, i: usize) {
 /// the pages ahead of it, in one request.
 fn fetch(
     inner: &Inner,
-    conn: &mut RemoteConn,
+    remotes: &mut Remotes,
     scratch: &mut Scratch,
     i: usize,
     before: State,
@@ -243,9 +243,14 @@ fn fetch(
         .lock()
         .expect("prefetch lock")
         .observe(fault.tid, i);
+    // One request to one server: prefetch only pages held where this one is.
+    let server = before.server();
     for j in ahead.pages(i, states.len()) {
         let s = states.get(j);
-        if s.kind() == Kind::Remote && states.cas(j, s, s.with_kind(Kind::Fetching)) {
+        if s.kind() == Kind::Remote
+            && s.server() == server
+            && states.cas(j, s, s.with_kind(Kind::Fetching))
+        {
             scratch.pages.push(j);
         }
     }
@@ -255,6 +260,16 @@ fn fetch(
     inner.charge(scratch.pages.len());
     let n = scratch.pages.len();
     let deadline = Instant::now() + inner.cfg.fault_timeout;
+    let Some(conn) = remotes.get(&inner.placement, server) else {
+        tracing::error!(
+            region = format_args!("{:09x}", inner.id),
+            page = i,
+            server,
+            "page is held by a server the region does not know: the faulting thread gets SIGBUS"
+        );
+        fail_all(inner, scratch, before);
+        return;
+    };
     let result = conn.get(
         &scratch.handles,
         &mut scratch.data[..n],
@@ -262,21 +277,19 @@ fn fetch(
         deadline,
     );
     if let Err(e) = result {
-        {
-            tracing::error!(
-                region = format_args!("{:09x}", inner.id), page = i, server = %inner.server, error = %e,
-                "cannot fetch page: the faulting thread gets SIGBUS"
-            );
-            fail_all(inner, scratch, before);
-            return;
-        }
+        tracing::error!(
+            region = format_args!("{:09x}", inner.id), page = i, server = %conn.addr(), error = %e,
+            "cannot fetch page: the faulting thread gets SIGBUS"
+        );
+        fail_all(inner, scratch, before);
+        return;
     }
     for (k, (&p, status)) in scratch.pages.iter().zip(&scratch.statuses).enumerate() {
         let prior = if k == 0 { before } else { states.get(p) };
         if *status != PageStatus::Ok {
             if k == 0 {
                 tracing::error!(
-                    region = format_args!("{:09x}", inner.id), page = p, server = %inner.server,
+                    region = format_args!("{:09x}", inner.id), page = p, server = %inner.placement.addr(server),
                     status = %status, "server does not have the page: the faulting thread gets SIGBUS"
                 );
                 poison(inner, p, prior);

@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use self::state::{STORED, States};
 use crate::mem::Backing;
+use crate::placement::{Placement, Remotes};
 use crate::prefetch::Streams;
 use crate::remote::{RemoteConn, thread_config};
 use crate::uffd::{self, Uffd};
@@ -158,7 +159,8 @@ pub(crate) struct Inner {
     pub(crate) space_freed: (Mutex<()>, Condvar),
     pub(crate) prefetch: Mutex<Streams>,
     pub(crate) stats: Stats,
-    pub(crate) server: String,
+    /// The servers the region's pages go to.
+    pub(crate) placement: Placement,
 }
 
 impl Inner {
@@ -207,7 +209,10 @@ impl Inner {
         {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                tracing::warn!(server = %self.server, "evictor cannot keep up; exceeding the local budget");
+                tracing::warn!(
+                    region = format_args!("{:09x}", self.id),
+                    "evictor cannot keep up; exceeding the local budget"
+                );
                 return;
             }
             self.evict_wanted.1.notify_one();
@@ -239,12 +244,17 @@ impl Inner {
 pub struct RemoteRegion {
     inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
-    client: ClientConfig,
 }
 
 impl RemoteRegion {
     /// Creates a region backed by the memory server `client` points at.
     pub fn new(cfg: RegionConfig, client: ClientConfig) -> Result<Self, RegionError> {
+        let pages = (cfg.size / PAGE_SIZE as u64) as usize;
+        Self::with_placement(cfg, Placement::single(client, pages))
+    }
+
+    /// Creates a region whose pages go to the servers of `placement`.
+    pub fn with_placement(cfg: RegionConfig, placement: Placement) -> Result<Self, RegionError> {
         let invalid = |field, reason: &str| RegionError::Invalid {
             field,
             reason: reason.to_string(),
@@ -266,12 +276,23 @@ impl RemoteRegion {
         if cfg.evict_batch == 0 {
             return Err(invalid("evict_batch", "must be at least 1"));
         }
+        if placement.pages() != pages {
+            return Err(invalid("placement", "must cover every page of the region"));
+        }
 
-        // Check the server and learn its batch limit before anything else.
-        let mut probe = RemoteConn::new(thread_config(&client, cfg.fault_timeout));
-        let max_batch = probe
-            .max_batch(Instant::now() + cfg.fault_timeout)
-            .map_err(RegionError::Server)? as usize;
+        // Check every server and learn the smallest batch limit before
+        // anything else.
+        let mut max_batch = u32::MAX;
+        for k in 0..placement.server_count() {
+            let server = placement.server(k as u8).expect("index below the count");
+            let mut probe = RemoteConn::new(thread_config(&server, cfg.fault_timeout));
+            max_batch = max_batch.min(
+                probe
+                    .max_batch(Instant::now() + cfg.fault_timeout)
+                    .map_err(RegionError::Server)?,
+            );
+        }
+        let max_batch = max_batch as usize;
         let mut cfg = cfg;
         cfg.evict_batch = cfg.evict_batch.min(max_batch);
         // A fetch charges all its pages at once and they cannot be evicted
@@ -311,7 +332,7 @@ impl RemoteRegion {
             space_freed: (Mutex::new(()), Condvar::new()),
             prefetch: Mutex::new(Streams::new(cfg.prefetch_max)),
             stats: Stats::default(),
-            server: client.addr.clone(),
+            placement,
             backing,
             uffd,
             cfg,
@@ -319,10 +340,9 @@ impl RemoteRegion {
         let mut region = Self {
             inner: inner.clone(),
             threads: Vec::new(),
-            client: client.clone(),
         };
         for t in 0..inner.cfg.fault_threads {
-            let conn = RemoteConn::new(thread_config(&client, inner.cfg.fault_timeout));
+            let conn = Remotes::new(inner.cfg.fault_timeout);
             let inner = inner.clone();
             let h = std::thread::Builder::new()
                 .name(format!("rmem-fault-{t}"))
@@ -330,7 +350,7 @@ impl RemoteRegion {
                 .map_err(RegionError::Thread)?;
             region.threads.push(h);
         }
-        let conn = RemoteConn::new(thread_config(&client, inner.cfg.fault_timeout));
+        let conn = Remotes::new(inner.cfg.fault_timeout);
         let evictor = inner.clone();
         let h = std::thread::Builder::new()
             .name("rmem-evict".into())
@@ -338,7 +358,10 @@ impl RemoteRegion {
             .map_err(RegionError::Thread)?;
         region.threads.push(h);
         tracing::info!(
-            region = format_args!("{id:09x}"), pages, budget_pages, server = %client.addr,
+            region = format_args!("{id:09x}"),
+            pages,
+            budget_pages,
+            servers = inner.placement.server_count(),
             "region created"
         );
         Ok(region)
@@ -436,19 +459,26 @@ impl Drop for RemoteRegion {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        // Free every page the server holds for this region.
-        let stored: Vec<u64> = (0..inner.states.len())
-            .filter(|&i| inner.states.get(i).has(STORED))
-            .map(|i| inner.handle(i))
+        // Free every page the servers hold for this region.
+        let mut stored: Vec<(u8, u64)> = (0..inner.states.len())
+            .map(|i| (i, inner.states.get(i)))
+            .filter(|(_, s)| s.has(STORED))
+            .map(|(i, s)| (s.server(), inner.handle(i)))
             .collect();
-        if !stored.is_empty() {
-            let mut conn = RemoteConn::new(thread_config(&self.client, inner.cfg.fault_timeout));
+        stored.sort_unstable();
+        let mut remotes = Remotes::new(inner.cfg.fault_timeout);
+        for by_server in stored.chunk_by(|a, b| a.0 == b.0) {
+            let server = by_server[0].0;
+            let Some(conn) = remotes.get(&inner.placement, server) else {
+                continue;
+            };
             let deadline = Instant::now() + inner.cfg.fault_timeout;
             let batch = conn.max_batch(deadline).unwrap_or(64) as usize;
-            for chunk in stored.chunks(batch.max(1)) {
+            let handles: Vec<u64> = by_server.iter().map(|&(_, h)| h).collect();
+            for chunk in handles.chunks(batch.max(1)) {
                 if let Err(e) = conn.free(chunk, deadline) {
                     tracing::warn!(
-                        region = format_args!("{:09x}", inner.id), server = %inner.server, error = %e,
+                        region = format_args!("{:09x}", inner.id), server = %inner.placement.addr(server), error = %e,
                         "cannot free the region's pages on the server; they stay allocated"
                     );
                     break;
