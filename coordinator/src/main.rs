@@ -44,6 +44,10 @@ struct Args {
     /// [default: 5s].
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     invalidation_deadline: Option<Duration>,
+    /// Largest piece of one allocation placed on one server, e.g. 64MiB
+    /// [default: 64MiB].
+    #[arg(long, value_name = "SIZE")]
+    placement_chunk: Option<rmem_common::ByteSize>,
     /// File holding the token every caller must present. Without it (or
     /// RMEM_CLUSTER_TOKEN) callers are not authenticated.
     #[arg(long, value_name = "PATH", conflicts_with = "token")]
@@ -92,6 +96,9 @@ fn config(args: &Args) -> Result<CoordinatorConfig, ConfigError> {
     }
     if let Some(v) = args.invalidation_deadline {
         c.invalidation_deadline = v;
+    }
+    if let Some(v) = args.placement_chunk {
+        c.placement_chunk = v;
     }
     if args.token.is_some() || args.token_file.is_some() {
         c.token = args.token.clone();

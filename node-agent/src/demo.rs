@@ -18,6 +18,7 @@ use rmem_common::{ByteSize, Percentiles};
 use rmem_server::embedded::{EmbeddedError, EmbeddedServer};
 use serde::Serialize;
 
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::region::{RegionConfig, RegionError, RemoteRegion};
 
 /// What the demo runs.
@@ -33,6 +34,10 @@ pub struct DemoConfig {
     pub write_fraction: f64,
     /// A running server to use instead of the embedded one.
     pub server: Option<String>,
+    /// A cluster's coordinator to get capacity from instead.
+    pub coordinator: Option<String>,
+    /// Cluster token.
+    pub cluster_token: Option<String>,
     pub tenant: String,
     pub token: Option<String>,
     pub prefetch_max: usize,
@@ -54,6 +59,8 @@ impl Default for DemoConfig {
             zipf_exponent: 0.99,
             write_fraction: 0.3,
             server: None,
+            coordinator: None,
+            cluster_token: None,
             tenant: "default".into(),
             token: None,
             prefetch_max: 32,
@@ -139,6 +146,8 @@ pub enum DemoError {
     Region(#[from] RegionError),
     #[error("cannot query the memory server")]
     Client(#[from] rmem_client::ClientError),
+    #[error("cannot join the cluster")]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("invalid `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
 }
@@ -267,33 +276,56 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
     if !(0.0..=1.0).contains(&cfg.write_fraction) {
         return Err(invalid("write_fraction", "must be within 0..=1"));
     }
-    let embedded = match &cfg.server {
-        Some(_) => None,
-        None => Some(EmbeddedServer::start(
+    if cfg.server.is_some() && cfg.coordinator.is_some() {
+        return Err(invalid(
+            "server",
+            "give a server or a coordinator, not both",
+        ));
+    }
+    let embedded = match (&cfg.server, &cfg.coordinator) {
+        (None, None) => Some(EmbeddedServer::start(
             ByteSize(cfg.size.bytes() + cfg.size.bytes() / 4 + (16 << 20)),
             1,
         )?),
+        _ => None,
     };
-    let addr = match (&cfg.server, &embedded) {
-        (Some(a), _) => a.clone(),
-        (None, Some(e)) => e.data_addr().to_string(),
-        (None, None) => unreachable!("embedded server exists when no --server is given"),
+    let region_cfg = RegionConfig {
+        size: cfg.size.bytes(),
+        budget: cfg.budget.bytes(),
+        prefetch_max: cfg.prefetch_max,
+        fault_timeout: cfg.fault_timeout,
+        fault_threads: cfg.fault_threads,
+        ..RegionConfig::default()
     };
-    let client = ClientConfig::new(addr.clone()).with_tenant(
-        cfg.tenant.clone(),
-        cfg.token.clone().unwrap_or_default().into_bytes(),
-    );
-    let region = RemoteRegion::new(
-        RegionConfig {
-            size: cfg.size.bytes(),
-            budget: cfg.budget.bytes(),
-            prefetch_max: cfg.prefetch_max,
-            fault_timeout: cfg.fault_timeout,
-            fault_threads: cfg.fault_threads,
-            ..RegionConfig::default()
-        },
-        client.clone(),
-    )?;
+    let (region, cluster, addr) = match (&cfg.coordinator, &cfg.server, &embedded) {
+        (Some(coordinator), _, _) => {
+            let cluster = Cluster::connect(&ClusterConfig {
+                coordinator: coordinator.clone(),
+                token: cfg.cluster_token.clone(),
+                name: None,
+                tenant: cfg.tenant.clone(),
+            })?;
+            let region = RemoteRegion::in_cluster(region_cfg, &cluster)?;
+            let addr = format!(
+                "cluster at {coordinator}, {} servers",
+                region.servers().len()
+            );
+            (region, Some(cluster), addr)
+        }
+        (None, server, embedded) => {
+            let addr = match (server, embedded) {
+                (Some(a), _) => a.clone(),
+                (None, Some(e)) => e.data_addr().to_string(),
+                (None, None) => unreachable!("embedded server exists when no --server is given"),
+            };
+            let client = ClientConfig::new(addr.clone()).with_tenant(
+                cfg.tenant.clone(),
+                cfg.token.clone().unwrap_or_default().into_bytes(),
+            );
+            (RemoteRegion::new(region_cfg, client)?, None, addr)
+        }
+    };
+    let servers = region.servers();
     let pages = region.pages();
     let shared = Arc::new(Shared {
         mem: Memory {
@@ -393,9 +425,14 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
 
     let st = region.stats();
     drop(region);
-    let mut conn = BlockingConnection::connect(&client)?;
-    let after = conn.stat()?.tenant_used_pages;
-    drop(conn);
+    let mut after = 0;
+    for server in &servers {
+        after += BlockingConnection::connect(server)?
+            .stat()?
+            .tenant_used_pages;
+    }
+    drop(cluster);
+    let embedded_used = embedded.is_some();
     drop(embedded);
 
     let errors = shared.errors.load(Ordering::Relaxed);
@@ -405,7 +442,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
         verify_ok: errors == 0,
         verify_errors: errors,
         server: addr,
-        embedded_server: cfg.server.is_none(),
+        embedded_server: embedded_used,
         size_bytes: cfg.size.bytes(),
         budget_bytes: cfg.budget.bytes(),
         peak_rss_bytes: peak_rss.load(Ordering::Relaxed),

@@ -9,8 +9,11 @@
 //!   only modules with `unsafe` code.
 //! - [`placement`]: which servers a region's pages go to.
 //! - [`remote`]: a thread's reconnecting connection to a memory server.
+//! - [`cluster`]: membership in a cluster: placement from the coordinator,
+//!   intervals, invalidation on drop, moving pages off draining servers.
 //! - [`demo`]: the `rmem-agent demo` workload and report.
 
+pub mod cluster;
 pub mod demo;
 pub mod mem;
 pub mod placement;

@@ -47,6 +47,18 @@ struct DemoArgs {
     /// Use this running rmem-server (HOST:PORT) instead of an embedded one.
     #[arg(long, value_name = "HOST:PORT")]
     server: Option<String>,
+    /// Get capacity from this cluster's coordinator (HOST:PORT) instead:
+    /// pages are spread over its servers.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "RMEM_COORDINATOR",
+        conflicts_with = "server"
+    )]
+    coordinator: Option<String>,
+    /// Cluster token (for --coordinator).
+    #[arg(long, env = "RMEM_CLUSTER_TOKEN", hide_env_values = true, hide = true)]
+    cluster_token: Option<String>,
     /// Tenant to log in as.
     #[arg(long, default_value = "default")]
     tenant: String,
@@ -84,6 +96,8 @@ fn main() -> ExitCode {
                 threads: d.threads,
                 ops: d.ops,
                 server: d.server,
+                coordinator: d.coordinator,
+                cluster_token: d.cluster_token,
                 tenant: d.tenant,
                 token: d.token,
                 prefetch_max: d.prefetch,

@@ -9,6 +9,7 @@
 
 mod evict;
 mod fault;
+pub(crate) mod migrate;
 pub mod state;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +23,7 @@ use rmem_proto::wire::PAGE_SIZE;
 use serde::Serialize;
 
 use self::state::{STORED, States};
+use crate::cluster::Cluster;
 use crate::mem::Backing;
 use crate::placement::{Placement, Remotes};
 use crate::prefetch::Streams;
@@ -83,6 +85,8 @@ pub enum RegionError {
     Server(#[source] ClientError),
     #[error("cannot start a region thread")]
     Thread(#[source] std::io::Error),
+    #[error("cannot get capacity from the cluster")]
+    Cluster(#[source] crate::cluster::ClusterError),
 }
 
 /// Counters of a region.
@@ -244,6 +248,8 @@ impl Inner {
 pub struct RemoteRegion {
     inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
+    /// The cluster the region's capacity came from, and its interval.
+    cluster: Option<(Arc<Cluster>, u64)>,
 }
 
 impl RemoteRegion {
@@ -251,6 +257,35 @@ impl RemoteRegion {
     pub fn new(cfg: RegionConfig, client: ClientConfig) -> Result<Self, RegionError> {
         let pages = (cfg.size / PAGE_SIZE as u64) as usize;
         Self::with_placement(cfg, Placement::single(client, pages))
+    }
+
+    /// Creates a region whose capacity comes from `cluster`: the
+    /// coordinator places its pages on servers, and its range is registered
+    /// as an interval those servers subscribe to (see [`crate::cluster`]).
+    pub fn in_cluster(cfg: RegionConfig, cluster: &Arc<Cluster>) -> Result<Self, RegionError> {
+        if cfg.size == 0 || !cfg.size.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(RegionError::Invalid {
+                field: "size",
+                reason: "must be a positive multiple of 4 KiB".into(),
+            });
+        }
+        let pages = (cfg.size / PAGE_SIZE as u64) as usize;
+        let (placement, grants) = cluster.place(pages).map_err(RegionError::Cluster)?;
+        let mut region = match Self::with_placement(cfg, placement) {
+            Ok(r) => r,
+            Err(e) => {
+                cluster.release(&grants);
+                return Err(e);
+            }
+        };
+        match cluster.register(&region.inner, grants.clone()) {
+            Ok(interval) => region.cluster = Some((cluster.clone(), interval)),
+            Err(e) => {
+                cluster.release(&grants);
+                return Err(RegionError::Cluster(e));
+            }
+        }
+        Ok(region)
     }
 
     /// Creates a region whose pages go to the servers of `placement`.
@@ -340,6 +375,7 @@ impl RemoteRegion {
         let mut region = Self {
             inner: inner.clone(),
             threads: Vec::new(),
+            cluster: None,
         };
         for t in 0..inner.cfg.fault_threads {
             let conn = Remotes::new(inner.cfg.fault_timeout);
@@ -395,6 +431,13 @@ impl RemoteRegion {
         // lifetime, and `&mut self` rules out other safe borrows. Faults on
         // it are served by this region's threads.
         unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.len()) }
+    }
+
+    /// Connection settings of every server the region uses.
+    pub fn servers(&self) -> Vec<ClientConfig> {
+        (0..self.inner.placement.server_count())
+            .filter_map(|k| self.inner.placement.server(k as u8))
+            .collect()
     }
 
     /// Counters and residency.
@@ -459,10 +502,16 @@ impl Drop for RemoteRegion {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        // Free every page the servers hold for this region.
+        // Free every page the servers hold for this region: in a cluster by
+        // invalidating its range (the servers free, then acknowledge),
+        // directly otherwise or if that failed.
+        let freed_by_cluster = self
+            .cluster
+            .take()
+            .is_some_and(|(cluster, interval)| cluster.unmap(inner, interval));
         let mut stored: Vec<(u8, u64)> = (0..inner.states.len())
             .map(|i| (i, inner.states.get(i)))
-            .filter(|(_, s)| s.has(STORED))
+            .filter(|(_, s)| s.has(STORED) && !freed_by_cluster)
             .map(|(i, s)| (s.server(), inner.handle(i)))
             .collect();
         stored.sort_unstable();

@@ -1,0 +1,469 @@
+//! A node agent's link to an rmem cluster.
+//!
+//! [`Cluster::connect`] registers this process as an agent member of the
+//! coordinator. A region created with [`crate::RemoteRegion::in_cluster`]
+//! then:
+//! - asks the coordinator for capacity (placement) instead of naming a
+//!   server: its pages are spread over the granted servers;
+//! - registers its address range as an interval, subscribed by those
+//!   servers;
+//! - when dropped, invalidates the range (reason `unmap`): every server
+//!   frees its pages before the invalidation returns; then the interval is
+//!   unregistered and the grants released.
+//!
+//! When a server is drained the coordinator tells the agent; the agent
+//! gets replacement capacity, points the affected segments at it, and
+//! moves the pages held on the draining server (each checked by CRC on
+//! both ends) before returning the old grant.
+//!
+//! Regions run on plain threads; the control plane runs on a small tokio
+//! runtime owned by this link.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use rmem_client::ClientConfig;
+use rmem_client::control::{ControlClient, ControlError, MemberSession, Subscriber};
+use rmem_proto::control::v1 as pb;
+
+use crate::placement::{Placement, PlacementError};
+use crate::region::Inner;
+
+/// How to join a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Coordinator endpoint, `host:port`.
+    pub coordinator: String,
+    /// Cluster token.
+    pub token: Option<String>,
+    /// Member name, unique in the cluster (a process of this host by
+    /// default).
+    pub name: Option<String>,
+    /// Tenant the agent allocates for.
+    pub tenant: String,
+}
+
+impl ClusterConfig {
+    pub fn new(coordinator: impl Into<String>) -> Self {
+        Self {
+            coordinator: coordinator.into(),
+            token: None,
+            name: None,
+            tenant: "default".into(),
+        }
+    }
+}
+
+/// Why a cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot start the control-plane runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("the coordinator's placement is unusable")]
+    Placement(#[from] PlacementError),
+}
+
+/// A granted piece of capacity and where it is.
+#[derive(Debug, Clone)]
+pub(crate) struct GrantInfo {
+    pub id: u64,
+    pub server_member: u64,
+    /// Index of its server in the region's placement.
+    pub server: u8,
+    /// Index of the segment it backs.
+    pub segment: usize,
+    pub pages: u64,
+}
+
+/// What the cluster knows of one live region.
+#[derive(Debug)]
+struct RegionLink {
+    inner: Weak<Inner>,
+    interval: u64,
+    grants: Vec<GrantInfo>,
+}
+
+/// State shared with the member session's subscriber.
+#[derive(Debug, Default)]
+struct Shared {
+    regions: Mutex<Vec<RegionLink>>,
+}
+
+/// This process's membership in a cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    runtime: tokio::runtime::Runtime,
+    client: ControlClient,
+    session: Option<MemberSession>,
+    name: String,
+    tenant: String,
+    shared: Arc<Shared>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "node".into())
+}
+
+/// Handles the agent's events: drains.
+struct Events {
+    shared: Arc<Shared>,
+    client: ControlClient,
+    tenant: String,
+    member: std::sync::atomic::AtomicU64,
+}
+
+impl Subscriber for Events {
+    fn invalidate<'a>(
+        &'a self,
+        _ev: &'a pb::InvalidationEvent,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        // The agent owns its intervals and invalidates them itself (as the
+        // origin, so it gets no event); nobody else invalidates them yet.
+        Box::pin(async { Ok(()) })
+    }
+
+    fn drain<'a>(
+        &'a self,
+        notice: &'a pb::DrainNotice,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let agent = self.member.load(std::sync::atomic::Ordering::Acquire);
+            if let Err(e) = drain(&self.shared, &self.client, agent, &self.tenant, notice).await {
+                tracing::error!(server = notice.server_id, error = %e, "cannot move pages off a draining server");
+            }
+        })
+    }
+
+    fn registered(&self, member_id: u64) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        self.member
+            .store(member_id, std::sync::atomic::Ordering::Release);
+        Box::pin(async {})
+    }
+}
+
+/// Server connection settings for a grant.
+fn server_config(g: &pb::Grant) -> ClientConfig {
+    ClientConfig::new(g.data_addr.clone())
+        .with_tenant(g.tenant.clone(), g.credential.clone().into_bytes())
+}
+
+/// Moves every region's pages off the draining server.
+async fn drain(
+    shared: &Arc<Shared>,
+    client: &ControlClient,
+    agent: u64,
+    tenant: &str,
+    notice: &pb::DrainNotice,
+) -> Result<(), ClusterError> {
+    // Which regions hold grants on the server, and how much.
+    let affected: Vec<(Arc<Inner>, u64, GrantInfo)> = {
+        let regions = shared.regions.lock().unwrap_or_else(|e| e.into_inner());
+        regions
+            .iter()
+            .filter_map(|r| r.inner.upgrade().map(|i| (i, r)))
+            .flat_map(|(inner, r)| {
+                r.grants
+                    .iter()
+                    .filter(|g| g.server_member == notice.server_id)
+                    .map(move |g| (inner.clone(), r.interval, g.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    for (inner, interval, old) in affected {
+        let grants = client
+            .placement()
+            .allocate(pb::AllocateRequest {
+                agent_id: agent,
+                tenant: tenant.to_string(),
+                pages: old.pages,
+            })
+            .await
+            .map_err(ControlError::from)?
+            .into_inner()
+            .grants;
+        // The segment moves whole to the server of the largest piece; all
+        // pieces stay granted (and are returned with the region), so the
+        // coordinator's accounting stays whole.
+        let Some(new) = grants.iter().max_by_key(|g| g.pages).cloned() else {
+            continue;
+        };
+        let to = inner.placement.add_server(server_config(&new))?;
+        client
+            .intervals()
+            .subscribe(pb::SubscribeRequest {
+                interval_id: interval,
+                member_id: new.server_id,
+            })
+            .await
+            .map_err(ControlError::from)?;
+        inner.placement.segments()[old.segment].set_server(to);
+        let from = old.server;
+        let moving = inner.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            crate::region::migrate::move_pages(&moving, from, to, 50)
+        })
+        .await
+        .map_err(|e| ClusterError::Runtime(std::io::Error::other(e)))?;
+        tracing::info!(
+            server = notice.server_id, to = %new.data_addr, moved = report.moved,
+            forgotten = report.forgotten, left = report.left, "moved pages off a draining server"
+        );
+        {
+            let mut regions = shared.regions.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = regions.iter_mut().find(|r| r.interval == interval) {
+                for g in &grants {
+                    r.grants.push(GrantInfo {
+                        id: g.grant_id,
+                        server_member: g.server_id,
+                        server: to,
+                        segment: old.segment,
+                        pages: g.pages,
+                    });
+                }
+                if report.left == 0 {
+                    r.grants.retain(|g| g.id != old.id);
+                }
+            }
+        }
+        if report.left == 0 {
+            let _ = client
+                .placement()
+                .release(pb::ReleaseRequest {
+                    grant_id: old.id,
+                    pages: 0,
+                })
+                .await;
+            let _ = client
+                .intervals()
+                .unsubscribe(pb::UnsubscribeRequest {
+                    interval_id: interval,
+                    member_id: notice.server_id,
+                })
+                .await;
+        }
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Joins the cluster as an agent member.
+    pub fn connect(cfg: &ClusterConfig) -> Result<Arc<Self>, ClusterError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("rmem-control")
+            .enable_all()
+            .build()
+            .map_err(ClusterError::Runtime)?;
+        let name = cfg
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}/{}", hostname(), std::process::id()));
+        let shared = Arc::new(Shared::default());
+        let (client, session) = runtime.block_on(async {
+            let client = ControlClient::connect(
+                &cfg.coordinator,
+                cfg.token.as_deref(),
+                Duration::from_secs(5),
+            )
+            .await?;
+            let events = Arc::new(Events {
+                shared: shared.clone(),
+                client: client.clone(),
+                tenant: cfg.tenant.clone(),
+                member: Default::default(),
+            });
+            let session = MemberSession::start(
+                client.clone(),
+                pb::RegisterRequest {
+                    role: pb::Role::Agent as i32,
+                    name: name.clone(),
+                    ..Default::default()
+                },
+                events,
+            )
+            .await?;
+            Ok::<_, ControlError>((client, session))
+        })?;
+        tracing::info!(coordinator = %cfg.coordinator, member = session.member_id(), %name, "agent joined the cluster");
+        Ok(Arc::new(Self {
+            runtime,
+            client,
+            session: Some(session),
+            name,
+            tenant: cfg.tenant.clone(),
+            shared,
+        }))
+    }
+
+    pub fn member_id(&self) -> u64 {
+        self.session.as_ref().map_or(0, MemberSession::member_id)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn client(&self) -> &ControlClient {
+        &self.client
+    }
+
+    /// Capacity for `pages` pages, as a placement and its grants.
+    pub(crate) fn place(&self, pages: usize) -> Result<(Placement, Vec<GrantInfo>), ClusterError> {
+        let grants = self
+            .runtime
+            .block_on(self.client.placement().allocate(pb::AllocateRequest {
+                agent_id: self.member_id(),
+                tenant: self.tenant.clone(),
+                pages: pages as u64,
+            }))
+            .map_err(ControlError::from)?
+            .into_inner()
+            .grants;
+        let mut servers: Vec<ClientConfig> = Vec::new();
+        let mut segments = Vec::with_capacity(grants.len());
+        let mut infos = Vec::with_capacity(grants.len());
+        for (k, g) in grants.iter().enumerate() {
+            let index = match servers.iter().position(|s| s.addr == g.data_addr) {
+                Some(i) => i,
+                None => {
+                    servers.push(server_config(g));
+                    servers.len() - 1
+                }
+            };
+            segments.push((g.pages as usize, index as u8));
+            infos.push(GrantInfo {
+                id: g.grant_id,
+                server_member: g.server_id,
+                server: index as u8,
+                segment: k,
+                pages: g.pages,
+            });
+        }
+        let placement = match Placement::new(servers, &segments, pages) {
+            Ok(p) => p,
+            Err(e) => {
+                self.release(&infos);
+                return Err(e.into());
+            }
+        };
+        Ok((placement, infos))
+    }
+
+    /// Registers a region's range, subscribed by the servers of its grants.
+    pub(crate) fn register(
+        &self,
+        inner: &Arc<Inner>,
+        grants: Vec<GrantInfo>,
+    ) -> Result<u64, ClusterError> {
+        let mut subscribers: Vec<u64> = grants.iter().map(|g| g.server_member).collect();
+        subscribers.sort_unstable();
+        subscribers.dedup();
+        let r = self
+            .runtime
+            .block_on(
+                self.client
+                    .intervals()
+                    .register(pb::RegisterIntervalRequest {
+                        address_space: self.name.clone(),
+                        start: inner.backing.base() as u64,
+                        length: inner.backing.len() as u64,
+                        tenant: self.tenant.clone(),
+                        handle_base: inner.handle(0),
+                        owner: self.member_id(),
+                        subscribers,
+                    }),
+            )
+            .map_err(ControlError::from)?
+            .into_inner();
+        self.shared
+            .regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(RegionLink {
+                inner: Arc::downgrade(inner),
+                interval: r.interval_id,
+                grants,
+            });
+        Ok(r.interval_id)
+    }
+
+    /// The region is going away: its servers free its pages (through an
+    /// invalidation), then the interval and grants are returned. False if
+    /// the servers could not be reached through the coordinator (the
+    /// caller frees the pages directly).
+    pub(crate) fn unmap(&self, inner: &Inner, interval: u64) -> bool {
+        let grants = {
+            let mut regions = self
+                .shared
+                .regions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let k = regions.iter().position(|r| r.interval == interval);
+            k.map(|k| regions.swap_remove(k).grants).unwrap_or_default()
+        };
+        let freed = self.runtime.block_on(async {
+            let r = self
+                .client
+                .invalidation()
+                .invalidate(pb::InvalidateRequest {
+                    address_space: self.name.clone(),
+                    start: inner.backing.base() as u64,
+                    length: inner.backing.len() as u64,
+                    reason: pb::Reason::Unmap as i32,
+                    deadline_ms: 0,
+                    origin: self.member_id(),
+                })
+                .await;
+            let complete = match r {
+                Ok(r) => r.into_inner().complete,
+                Err(e) => {
+                    tracing::warn!(error = %ControlError::from(e), "cannot invalidate the region's range");
+                    false
+                }
+            };
+            if let Err(e) = self
+                .client
+                .intervals()
+                .unregister(pb::UnregisterIntervalRequest { interval_id: interval })
+                .await
+            {
+                tracing::warn!(error = %ControlError::from(e), interval, "cannot unregister the region's interval");
+            }
+            complete
+        });
+        self.release(&grants);
+        freed
+    }
+
+    pub(crate) fn release(&self, grants: &[GrantInfo]) {
+        self.runtime.block_on(async {
+            for g in grants {
+                if let Err(e) = self
+                    .client
+                    .placement()
+                    .release(pb::ReleaseRequest { grant_id: g.id, pages: 0 })
+                    .await
+                {
+                    tracing::warn!(grant = g.id, error = %ControlError::from(e), "cannot release a grant");
+                }
+            }
+        });
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take()
+            && let Err(e) = self.runtime.block_on(session.leave())
+        {
+            tracing::warn!(error = %e, "cannot leave the cluster cleanly");
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! A whole cluster on loopback: a coordinator, memory servers that join
+//! it, and regions that get their capacity from it. Placement, interval
+//! registration, freeing through invalidation, draining a server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmem_agent::cluster::{Cluster, ClusterConfig};
+use rmem_agent::{RegionConfig, RemoteRegion};
+use rmem_client::{BlockingConnection, PAGE_SIZE};
+use rmem_tests::{Daemon, ServerProcess, bin, wait_until};
+
+struct Coordinator {
+    _daemon: Daemon,
+    addr: SocketAddr,
+}
+
+impl Coordinator {
+    fn start(args: &[&str]) -> Self {
+        let mut all = vec![
+            "--log-format",
+            "json",
+            "--listen",
+            "127.0.0.1:0",
+            "--ephemeral",
+        ];
+        all.extend_from_slice(args);
+        let daemon = Daemon::spawn("rmem-coordinator", &all);
+        let ready = daemon
+            .wait_for_log("coordinator ready", Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("coordinator did not start:\n{}", daemon.log_text()));
+        let addr = ready["fields"]["addr"].as_str().unwrap().parse().unwrap();
+        Self {
+            _daemon: daemon,
+            addr,
+        }
+    }
+}
+
+/// A coordinator placing 1 MiB chunks, and `n` servers that joined it.
+fn cluster(n: usize) -> (Coordinator, Vec<ServerProcess>) {
+    let coord = Coordinator::start(&["--placement-chunk", "1MiB", "--lease", "2s"]);
+    let endpoint = coord.addr.to_string();
+    let servers: Vec<ServerProcess> = (0..n)
+        .map(|i| {
+            ServerProcess::start(&[
+                "--capacity",
+                "64MiB",
+                "--coordinator",
+                &endpoint,
+                "--name",
+                &format!("mem-{i}"),
+            ])
+        })
+        .collect();
+    (coord, servers)
+}
+
+fn rmemctl_json(coord: &Coordinator, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(bin("rmemctl"))
+        .args(["--endpoint", &coord.addr.to_string(), "--output", "json"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rmemctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn used(servers: &[ServerProcess]) -> Vec<u64> {
+    servers
+        .iter()
+        .map(|s| {
+            BlockingConnection::connect(&s.client_config())
+                .unwrap()
+                .stat()
+                .unwrap()
+                .used_pages
+        })
+        .collect()
+}
+
+fn word(p: usize, round: u64) -> u64 {
+    (p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round
+}
+
+struct Pages<'r> {
+    r: &'r RemoteRegion,
+}
+
+impl Pages<'_> {
+    fn at(&self, p: usize) -> *mut u64 {
+        assert!(p < self.r.pages());
+        self.r.as_ptr().wrapping_add(p * PAGE_SIZE) as *mut u64
+    }
+    fn write(&self, p: usize, round: u64) {
+        // SAFETY: page p is inside the live region; one thread accesses it.
+        unsafe { self.at(p).write_volatile(word(p, round)) };
+    }
+    fn check(&self, p: usize, round: u64) -> bool {
+        // SAFETY: as in `write`.
+        unsafe { self.at(p).read_volatile() == word(p, round) }
+    }
+}
+
+fn region(cluster: &Arc<Cluster>, pages: usize, budget: usize) -> RemoteRegion {
+    RemoteRegion::in_cluster(
+        RegionConfig {
+            size: (pages * PAGE_SIZE) as u64,
+            budget: (budget * PAGE_SIZE) as u64,
+            fault_timeout: Duration::from_secs(20),
+            ..RegionConfig::default()
+        },
+        cluster,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_region_gets_its_capacity_from_the_cluster_and_frees_it_through_invalidation() {
+    let (coord, servers) = cluster(3);
+    let agent = Cluster::connect(&ClusterConfig::new(coord.addr.to_string())).unwrap();
+    let pages = 4096;
+    let r = region(&agent, pages, 256);
+    let mem = Pages { r: &r };
+    for p in 0..pages {
+        mem.write(p, 1);
+    }
+    for p in 0..pages {
+        assert!(mem.check(p, 1), "page {p}");
+    }
+    // 16 chunks of 1 MiB, spread by power of two choices over 3 servers.
+    let u = used(&servers);
+    assert!(u.iter().all(|&n| n > 200), "not spread: {u:?}");
+    let grants = rmemctl_json(&coord, &["grants"]);
+    assert_eq!(
+        grants
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["pages"].as_u64().unwrap())
+            .sum::<u64>(),
+        pages as u64
+    );
+    let ivs = rmemctl_json(&coord, &["intervals"]);
+    let iv = &ivs.as_array().unwrap()[0];
+    assert_eq!(iv["length"].as_u64().unwrap(), (pages * PAGE_SIZE) as u64);
+    // The owner and the three servers holding its pages.
+    assert_eq!(iv["subscribers"].as_array().unwrap().len(), 4, "{iv}");
+    assert_eq!(iv["owner"].as_u64().unwrap(), agent.member_id());
+
+    drop(r);
+    // The servers freed every page before the drop returned.
+    assert_eq!(used(&servers), [0, 0, 0]);
+    assert!(
+        rmemctl_json(&coord, &["grants"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        rmemctl_json(&coord, &["intervals"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let st = rmemctl_json(&coord, &["status"]);
+    assert_eq!(st["agents_up"], 1);
+    drop(agent);
+    let st = rmemctl_json(&coord, &["status"]);
+    assert_eq!(st["agents_up"], 0);
+}
+
+#[test]
+fn draining_a_server_moves_its_pages_and_every_page_reads_back() {
+    let (coord, servers) = cluster(3);
+    let agent = Cluster::connect(&ClusterConfig::new(coord.addr.to_string())).unwrap();
+    let pages = 4096;
+    let r = region(&agent, pages, 256);
+    let mem = Pages { r: &r };
+    for p in 0..pages {
+        mem.write(p, 7);
+    }
+    let before = used(&servers);
+    let victim = (0..3).max_by_key(|&i| before[i]).unwrap();
+    assert!(before[victim] > 0);
+    let drained = rmemctl_json(&coord, &["drain", &format!("mem-{victim}")]);
+    assert_eq!(drained[0]["state"], "draining");
+    // The agent moves the pages away; the drained server ends up empty.
+    assert!(
+        wait_until(Duration::from_secs(30), || used(&servers)[victim] == 0),
+        "pages still on the drained server: {:?}",
+        used(&servers)
+    );
+    let after = used(&servers);
+    assert!(
+        after.iter().sum::<u64>() >= before.iter().sum::<u64>() - 256,
+        "{before:?} -> {after:?}"
+    );
+    // Every page, moved or not, reads back right; rewriting and evicting
+    // again never touches the drained server.
+    for p in 0..pages {
+        assert!(mem.check(p, 7), "page {p} wrong after the drain");
+        mem.write(p, 8);
+    }
+    for p in 0..pages {
+        assert!(mem.check(p, 8), "page {p}");
+    }
+    assert_eq!(used(&servers)[victim], 0);
+    let grants = rmemctl_json(&coord, &["grants"]);
+    let victim_id = rmemctl_json(&coord, &["servers"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == format!("mem-{victim}"))
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        grants
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|g| g["server_id"].as_u64() != Some(victim_id)),
+        "the drained server still holds grants: {grants}"
+    );
+    drop(r);
+    assert_eq!(used(&servers), [0, 0, 0]);
+}
+
+#[test]
+fn the_demo_runs_against_a_cluster() {
+    let (coord, servers) = cluster(3);
+    let out = std::process::Command::new(bin("rmem-agent"))
+        .args([
+            "demo", "--json", "--budget", "2MiB", "--size", "8MiB", "--ops", "20000",
+        ])
+        .args(["--coordinator", &coord.addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verify_ok"], true, "{v}");
+    assert!(v["pages_evicted"].as_u64().unwrap() > 1000, "{v}");
+    assert_eq!(v["server_pages_after_drop"], 0);
+    assert!(v["server"].as_str().unwrap().contains("3 servers"), "{v}");
+    assert_eq!(used(&servers), [0, 0, 0]);
+}
