@@ -352,6 +352,22 @@ impl Cluster {
         }
     }
 
+    /// Agents gone for `after` (lease lapsed, fenced, or left) that still
+    /// own intervals or hold grants: their resources are to be reclaimed.
+    pub fn reapable(&self, after: Duration) -> Vec<u64> {
+        let now = Instant::now();
+        self.members
+            .iter()
+            .filter(|m| m.rec.role == RoleRecord::Agent && m.liveness != Liveness::Up)
+            .filter(|m| m.liveness == Liveness::Left || m.lease_until + after <= now)
+            .map(|m| m.rec.id)
+            .filter(|&id| {
+                self.intervals.iter().any(|iv| iv.rec.owner == id)
+                    || self.grants.iter().any(|g| g.agent == id)
+            })
+            .collect()
+    }
+
     /// Starts or stops draining a server; returns it. Agents holding grants
     /// on it are told to move their pages.
     pub fn set_draining(&mut self, id: u64, name: &str, draining: bool) -> Result<u64, CoordError> {

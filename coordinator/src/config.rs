@@ -58,6 +58,12 @@ pub struct CoordinatorConfig {
     /// Longest deadline a caller may ask for.
     #[serde(with = "humantime_serde")]
     pub max_invalidation_deadline: Duration,
+    /// How long after its lease lapsed an agent's intervals are invalidated
+    /// (servers free its pages) and its grants released. An agent cut off
+    /// for longer loses its remote pages. Default: 60s or three leases,
+    /// whichever is longer.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub reap_after: Option<Duration>,
     /// Largest piece of one allocation placed on one server.
     pub placement_chunk: ByteSize,
     /// Records appended before the log is compacted into a snapshot.
@@ -84,6 +90,7 @@ impl Default for CoordinatorConfig {
             lease: Duration::from_secs(10),
             invalidation_deadline: Duration::from_secs(5),
             max_invalidation_deadline: Duration::from_secs(60),
+            reap_after: None,
             placement_chunk: ByteSize::mib(64),
             compact_after: 10_000,
             token: None,
@@ -163,6 +170,9 @@ impl CoordinatorConfig {
                 "must be at least 10ms and at most max_invalidation_deadline",
             ));
         }
+        if self.reap_after.is_some_and(|r| r < self.lease) {
+            return Err(invalid("reap_after", "must be at least the lease"));
+        }
         let chunk = self.placement_chunk.bytes();
         if chunk < 4096 || !chunk.is_multiple_of(4096) {
             return Err(invalid(
@@ -213,6 +223,12 @@ impl CoordinatorConfig {
             }
         }
         Ok(())
+    }
+
+    /// The reaping delay in force.
+    pub fn reap_delay(&self) -> Duration {
+        self.reap_after
+            .unwrap_or_else(|| (3 * self.lease).max(Duration::from_secs(60)))
     }
 
     /// Path of the state log.

@@ -119,7 +119,11 @@ impl Coordinator {
             started: Instant::now(),
             shutdown: shutdown.clone(),
         });
-        tokio::spawn(expire_leases(shared.clone(), config.lease));
+        tokio::spawn(expire_leases(
+            shared.clone(),
+            config.lease,
+            config.reap_delay(),
+        ));
         let server = tokio::spawn(serve(
             listener,
             Service {
@@ -159,12 +163,36 @@ impl Coordinator {
     }
 }
 
-async fn expire_leases(shared: Arc<Shared>, lease: Duration) {
+/// Marks lapsed leases down, and reclaims what departed agents left behind.
+async fn expire_leases(shared: Arc<Shared>, lease: Duration, reap_after: Duration) {
     let every = (lease / 4).max(Duration::from_millis(25));
+    let reaping = Arc::new(Mutex::new(std::collections::HashSet::new()));
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(every) => shared.lock().expire_leases(),
+            _ = tokio::time::sleep(every) => {}
             _ = shared.shutdown.cancelled() => return,
+        }
+        let reap = {
+            let mut c = shared.lock();
+            c.expire_leases();
+            c.reapable(reap_after)
+        };
+        for member in reap {
+            if !reaping
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(member)
+            {
+                continue; // already being reaped
+            }
+            let (shared, reaping) = (shared.clone(), reaping.clone());
+            tokio::spawn(async move {
+                service::reap(&shared, member).await;
+                reaping
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&member);
+            });
         }
     }
 }

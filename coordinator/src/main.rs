@@ -44,6 +44,10 @@ struct Args {
     /// [default: 5s].
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     invalidation_deadline: Option<Duration>,
+    /// How long after an agent's lease lapsed its remote pages are freed and
+    /// its capacity returned, e.g. 60s [default: 60s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    reap_after: Option<Duration>,
     /// Largest piece of one allocation placed on one server, e.g. 64MiB
     /// [default: 64MiB].
     #[arg(long, value_name = "SIZE")]
@@ -96,6 +100,9 @@ fn config(args: &Args) -> Result<CoordinatorConfig, ConfigError> {
     }
     if let Some(v) = args.invalidation_deadline {
         c.invalidation_deadline = v;
+    }
+    if args.reap_after.is_some() {
+        c.reap_after = args.reap_after;
     }
     if let Some(v) = args.placement_chunk {
         c.placement_chunk = v;

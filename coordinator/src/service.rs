@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Finished};
 use crate::error::CoordError;
 use crate::membership::{Liveness, Member};
 use crate::state::RoleRecord;
@@ -279,6 +279,83 @@ impl Intervals for Service {
     }
 }
 
+/// Runs one invalidation to its end: begin, wait for every
+/// acknowledgement or the deadline, finish (fencing the silent). The wait
+/// and the finish run in their own task: a caller that goes away must not
+/// leave intervals marked in flight forever.
+pub async fn run_invalidation(
+    shared: &Arc<Shared>,
+    req: &pb::InvalidateRequest,
+    deadline: Duration,
+) -> Result<(u64, Vec<(u64, u64)>, Finished), Status> {
+    let begun = shared.lock().begin_invalidation(req)?;
+    let shared = shared.clone();
+    let task = tokio::spawn(async move {
+        let _ = tokio::time::timeout(deadline, begun.done).await;
+        let finished = shared.lock().finish_invalidation(begun.id);
+        shared.finished.send_modify(|n| *n += 1);
+        finished.map(|f| (begun.id, begun.intervals, f))
+    });
+    Ok(task
+        .await
+        .map_err(|e| Status::internal(format!("invalidation task failed: {e}")))??)
+}
+
+/// Cleans up after an agent that is gone (lease lapsed long ago, fenced, or
+/// left without returning its resources): invalidates every interval it
+/// owns with reason `exit` (servers free the pages), unregisters them and
+/// releases its grants.
+pub async fn reap(shared: &Arc<Shared>, member: u64) {
+    let owned: Vec<(u64, pb::InvalidateRequest)> = shared
+        .lock()
+        .intervals
+        .iter()
+        .filter(|iv| iv.rec.owner == member)
+        .map(|iv| {
+            (
+                iv.rec.id,
+                pb::InvalidateRequest {
+                    address_space: iv.rec.address_space.clone(),
+                    start: iv.rec.start,
+                    length: iv.rec.length,
+                    reason: pb::Reason::Exit as i32,
+                    deadline_ms: 0,
+                    origin: member,
+                },
+            )
+        })
+        .collect();
+    for (interval, req) in owned {
+        match run_invalidation(shared, &req, shared.default_deadline).await {
+            Ok((_, _, f)) if !f.fenced.is_empty() => {
+                tracing::warn!(member, interval, fenced = ?f.fenced, "reaping: some servers did not free the pages and were fenced")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(member, interval, error = %e, "reaping: invalidation failed"),
+        }
+        if let Err(e) = shared.lock().unregister_interval(interval) {
+            tracing::warn!(member, interval, error = %e, "reaping: cannot unregister the interval");
+        }
+    }
+    let grants: Vec<u64> = shared
+        .lock()
+        .grants
+        .iter()
+        .filter(|g| g.agent == member)
+        .map(|g| g.id)
+        .collect();
+    for g in &grants {
+        if let Err(e) = shared.lock().release(*g, 0) {
+            tracing::warn!(member, grant = g, error = %e, "reaping: cannot release a grant");
+        }
+    }
+    tracing::info!(
+        member,
+        grants = grants.len(),
+        "reaped the resources of a departed agent"
+    );
+}
+
 type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -289,19 +366,7 @@ impl Invalidation for Service {
             0 => self.shared.default_deadline,
             ms => Duration::from_millis(u64::from(ms)).min(self.shared.max_deadline),
         };
-        let begun = self.shared.lock().begin_invalidation(&r)?;
-        // The wait and the finish run in their own task: a caller that goes
-        // away must not leave the intervals marked in flight forever.
-        let shared = self.shared.clone();
-        let task = tokio::spawn(async move {
-            let _ = tokio::time::timeout(deadline, begun.done).await;
-            let finished = shared.lock().finish_invalidation(begun.id);
-            shared.finished.send_modify(|n| *n += 1);
-            finished.map(|f| (begun.id, begun.intervals, f))
-        });
-        let (id, intervals, f) = task
-            .await
-            .map_err(|e| Status::internal(format!("invalidation task failed: {e}")))??;
+        let (id, intervals, f) = run_invalidation(&self.shared, &r, deadline).await?;
         ok(pb::InvalidateResponse {
             invalidation_id: id,
             intervals: intervals

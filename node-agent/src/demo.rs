@@ -38,6 +38,8 @@ pub struct DemoConfig {
     pub coordinator: Option<String>,
     /// Cluster token.
     pub cluster_token: Option<String>,
+    /// Member name in the cluster.
+    pub cluster_name: Option<String>,
     pub tenant: String,
     pub token: Option<String>,
     pub prefetch_max: usize,
@@ -61,6 +63,7 @@ impl Default for DemoConfig {
             server: None,
             coordinator: None,
             cluster_token: None,
+            cluster_name: None,
             tenant: "default".into(),
             token: None,
             prefetch_max: 32,
@@ -302,7 +305,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
             let cluster = Cluster::connect(&ClusterConfig {
                 coordinator: coordinator.clone(),
                 token: cfg.cluster_token.clone(),
-                name: None,
+                name: cfg.cluster_name.clone(),
                 tenant: cfg.tenant.clone(),
             })?;
             let region = RemoteRegion::in_cluster(region_cfg, &cluster)?;

@@ -79,6 +79,29 @@ struct DemoArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Run the workload this many times (0: until SIGINT or SIGTERM, which
+    /// end the run after the current round, freeing its pages).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    repeat: u64,
+    /// Member name in the cluster (with --coordinator) [default: HOST/PID].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+}
+
+/// Set by SIGINT/SIGTERM when rounds repeat.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Makes SIGINT and SIGTERM end the run after the current round.
+fn stop_after_round() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe; sigaction has no other preconditions.
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -97,6 +120,7 @@ fn main() -> ExitCode {
                 ops: d.ops,
                 server: d.server,
                 coordinator: d.coordinator,
+                cluster_name: d.name,
                 cluster_token: d.cluster_token,
                 tenant: d.tenant,
                 token: d.token,
@@ -112,33 +136,50 @@ fn main() -> ExitCode {
                     cfg.size, cfg.budget, cfg.threads
                 );
             }
-            match demo::run(&cfg) {
-                Ok(report) => {
-                    if d.json {
-                        println!(
-                            "{}",
-                            serde_json::to_string(&report).expect("report serializes")
-                        );
-                    } else {
-                        print!("{}", demo::render(&report));
-                    }
-                    if report.verify_ok {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(3)
-                    }
-                }
-                Err(e) => {
-                    let mut msg = format!("rmem-agent demo: {e}");
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(s) = source {
-                        msg.push_str(&format!(": {s}"));
-                        source = s.source();
-                    }
-                    eprintln!("{msg}");
-                    ExitCode::FAILURE
+            if d.repeat != 1 {
+                stop_after_round();
+            }
+            let mut round = 0;
+            loop {
+                round += 1;
+                let code = run_once(&cfg, d.json);
+                let done = code != ExitCode::SUCCESS
+                    || (d.repeat != 0 && round >= d.repeat)
+                    || STOP.load(std::sync::atomic::Ordering::Relaxed);
+                if done {
+                    return code;
                 }
             }
+        }
+    }
+}
+
+fn run_once(cfg: &DemoConfig, json: bool) -> ExitCode {
+    match demo::run(cfg) {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("report serializes")
+                );
+            } else {
+                print!("{}", demo::render(&report));
+            }
+            if report.verify_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            }
+        }
+        Err(e) => {
+            let mut msg = format!("rmem-agent demo: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -12,11 +12,19 @@ use rmem_client::{BlockingConnection, PAGE_SIZE};
 use rmem_tests::{Daemon, ServerProcess, bin, wait_until};
 
 struct Coordinator {
-    _daemon: Daemon,
+    _daemon: Option<Daemon>,
     addr: SocketAddr,
 }
 
 impl Coordinator {
+    /// One started by someone else.
+    fn at(addr: SocketAddr) -> Self {
+        Self {
+            _daemon: None,
+            addr,
+        }
+    }
+
     fn start(args: &[&str]) -> Self {
         let mut all = vec![
             "--log-format",
@@ -32,7 +40,7 @@ impl Coordinator {
             .unwrap_or_else(|| panic!("coordinator did not start:\n{}", daemon.log_text()));
         let addr = ready["fields"]["addr"].as_str().unwrap().parse().unwrap();
         Self {
-            _daemon: daemon,
+            _daemon: Some(daemon),
             addr,
         }
     }
@@ -253,4 +261,142 @@ fn the_demo_runs_against_a_cluster() {
     assert_eq!(v["server_pages_after_drop"], 0);
     assert!(v["server"].as_str().unwrap().contains("3 servers"), "{v}");
     assert_eq!(used(&servers), [0, 0, 0]);
+}
+
+#[test]
+fn pages_of_an_agent_that_died_are_freed_after_the_reap_delay() {
+    let coord = Coordinator::start(&[
+        "--placement-chunk",
+        "1MiB",
+        "--lease",
+        "500ms",
+        "--reap-after",
+        "1s",
+    ]);
+    let endpoint = coord.addr.to_string();
+    let servers: Vec<ServerProcess> = (0..2)
+        .map(|i| {
+            ServerProcess::start(&[
+                "--capacity",
+                "64MiB",
+                "--coordinator",
+                &endpoint,
+                "--name",
+                &format!("m{i}"),
+            ])
+        })
+        .collect();
+    let mut agent = std::process::Command::new(bin("rmem-agent"))
+        .args([
+            "demo", "--budget", "1MiB", "--size", "16MiB", "--ops", "10000000",
+        ])
+        .args(["--coordinator", &endpoint])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || used(&servers)
+            .iter()
+            .sum::<u64>()
+            > 1000),
+        "the agent never evicted"
+    );
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    assert!(used(&servers).iter().sum::<u64>() > 0);
+    // Lease lapses after 0.5 s, reaping 1 s later: the servers free its
+    // pages and the coordinator returns its capacity.
+    assert!(
+        wait_until(Duration::from_secs(20), || used(&servers) == [0, 0]),
+        "pages of the dead agent still held: {:?}",
+        used(&servers)
+    );
+    assert!(wait_until(Duration::from_secs(5), || rmemctl_json(
+        &coord,
+        &["grants"]
+    )
+    .as_array()
+    .unwrap()
+    .is_empty()));
+    assert!(
+        rmemctl_json(&coord, &["intervals"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn local_cluster_script_starts_and_stops_a_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    // A free base port (the script uses base, base+10.. for servers).
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if p > 60_000 { p - 5_000 } else { p }
+    };
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local-cluster.sh");
+    bin("rmemctl"); // builds the binaries the script runs
+    let run = |args: &[&str]| {
+        std::process::Command::new("bash")
+            .arg(&script)
+            .args(args)
+            .env("RMEM_BIN_DIR", rmem_tests::target_dir())
+            .env("RMEM_LOCAL_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let up = run(&[
+        "up",
+        "--servers",
+        "2",
+        "--port",
+        &port.to_string(),
+        "--agent-size",
+        "4MiB",
+    ]);
+    let down_on_panic = scopeguard(|| {
+        run(&["down"]);
+    });
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let endpoint = String::from_utf8(up.stdout).unwrap().trim().to_string();
+    assert_eq!(endpoint, format!("127.0.0.1:{port}"));
+    let coord = Coordinator::at(endpoint.parse().unwrap());
+    let st = rmemctl_json(&coord, &["status"]);
+    assert_eq!(st["servers_up"], 2, "{st}");
+    assert!(
+        wait_until(Duration::from_secs(20), || rmemctl_json(
+            &coord,
+            &["status"]
+        )["agents_up"]
+            == 1),
+        "the agent never joined"
+    );
+    drop(down_on_panic);
+    let pids = std::fs::read_dir(dir.path().join("pids")).unwrap().count();
+    assert_eq!(pids, 0, "pid files left behind");
+    let gone = std::process::Command::new(bin("rmemctl"))
+        .args(["--endpoint", &endpoint, "--timeout", "1s", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(gone.status.code(), Some(3), "the coordinator still answers");
+}
+
+/// Runs `f` when dropped (also while a failed assertion unwinds).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }

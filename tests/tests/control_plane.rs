@@ -886,3 +886,34 @@ fn a_server_joins_and_frees_pages_of_an_invalidated_range_before_it_returns() {
         assert_eq!((s.servers_up, s.servers_down), (0, 0), "{s:?}");
     });
 }
+
+#[test]
+fn the_example_configurations_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (binary, file) in [
+        ("rmem-coordinator", "deploy/rmem-coordinator.toml"),
+        ("rmem-server", "deploy/rmem-server.toml"),
+    ] {
+        let out = std::process::Command::new(bin(binary))
+            .args(["--check-config", "--config"])
+            .arg(root.join(file))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A bad field is named.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("c.toml");
+    std::fs::write(&bad, "lease = \"5ms\"\n").unwrap();
+    let out = std::process::Command::new(bin("rmem-coordinator"))
+        .args(["--check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`lease`"));
+}

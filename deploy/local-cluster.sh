@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# A whole rmem cluster as local processes on loopback, to try things by hand.
+#
+#   deploy/local-cluster.sh up [--servers N] [--port P] [--dir DIR] [--agent-size SIZE]
+#   deploy/local-cluster.sh status
+#   deploy/local-cluster.sh down
+#
+# `up` builds the release binaries if needed and starts a coordinator on
+# 127.0.0.1:P (default 17470), N memory servers (default 3, 256 MiB each)
+# that join it, and one agent running the verifying demo workload in a loop
+# (a region of SIZE, default 64MiB, with a 1 MiB local budget) on capacity
+# placed by the coordinator. It prints the coordinator endpoint:
+#
+#   rmemctl --endpoint 127.0.0.1:17470 status --output json
+#
+# Logs, pids and the coordinator's state live in DIR (default
+# ${TMPDIR:-/tmp}/rmem-local-cluster); `down` stops everything (SIGTERM, so
+# the agent frees its pages and the servers leave the cluster) and keeps the
+# logs.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+dir="${RMEM_LOCAL_DIR:-${TMPDIR:-/tmp}/rmem-local-cluster}"
+servers=3
+port=17470
+agent_size=64MiB
+
+die() { echo "local-cluster: $*" >&2; exit 1; }
+
+cmd="${1:-}"
+[ -n "$cmd" ] || die "usage: $0 up [--servers N] [--port P] [--dir DIR] | status | down"
+shift
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --servers) servers="${2:?--servers needs a number}"; shift 2 ;;
+    --port) port="${2:?--port needs a number}"; shift 2 ;;
+    --dir) dir="${2:?--dir needs a path}"; shift 2 ;;
+    --agent-size) agent_size="${2:?--agent-size needs a size}"; shift 2 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) die "unknown argument: $1" ;;
+  esac
+done
+[[ "$servers" =~ ^[1-9][0-9]*$ ]] || die "--servers must be a positive number"
+[[ "$port" =~ ^[0-9]+$ ]] && [ "$port" -gt 0 ] && [ "$port" -lt 65000 ] || die "--port must be 1..64999"
+
+# RMEM_BIN_DIR: use these binaries instead of building target/release.
+bin="${RMEM_BIN_DIR:-$here/target/release}"
+endpoint="127.0.0.1:$port"
+
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+stop_all() {
+  local any=0 f
+  # The agent first (it frees its pages), then the servers, then the coordinator.
+  for f in "$dir"/pids/agent.pid "$dir"/pids/server-*.pid "$dir"/pids/coordinator.pid; do
+    [ -f "$f" ] || continue
+    if running "$f"; then
+      kill -TERM "$(cat "$f")" 2>/dev/null || true
+      for _ in $(seq 1 200); do running "$f" || break; sleep 0.1; done
+      running "$f" && kill -KILL "$(cat "$f")" 2>/dev/null || true
+      any=1
+    fi
+    rm -f "$f"
+  done
+  return $any
+}
+
+case "$cmd" in
+  up)
+    if ls "$dir"/pids/*.pid >/dev/null 2>&1; then
+      die "a cluster is already up in $dir (run: $0 down)"
+    fi
+    mkdir -p "$dir/pids" "$dir/logs" "$dir/coordinator"
+    if [ -z "${RMEM_BIN_DIR:-}" ] && { [ ! -x "$bin/rmem-coordinator" ] || [ ! -x "$bin/rmem-server" ] || [ ! -x "$bin/rmem-agent" ] || [ ! -x "$bin/rmemctl" ]; }; then
+      echo "local-cluster: building release binaries..." >&2
+      (cd "$here" && cargo build --release --quiet -p rmem-coordinator -p rmem-server -p rmem-agent -p rmemctl)
+    fi
+    trap 'echo "local-cluster: start failed; stopping what started (logs in $dir/logs)" >&2; stop_all || true' ERR
+
+    "$bin/rmem-coordinator" --listen "$endpoint" --state-dir "$dir/coordinator" \
+      --lease 3s --placement-chunk 16MiB >"$dir/logs/coordinator.log" 2>&1 &
+    echo $! >"$dir/pids/coordinator.pid"
+    for _ in $(seq 1 100); do
+      "$bin/rmemctl" --endpoint "$endpoint" --timeout 1s status >/dev/null 2>&1 && break
+      running "$dir/pids/coordinator.pid" || die "the coordinator exited; see $dir/logs/coordinator.log"
+      sleep 0.1
+    done
+    "$bin/rmemctl" --endpoint "$endpoint" status >/dev/null || die "the coordinator does not answer on $endpoint"
+
+    for i in $(seq 0 $((servers - 1))); do
+      data=$((port + 10 + 2 * i)); grpc=$((data + 1))
+      "$bin/rmem-server" --listen "127.0.0.1:$data" --grpc "127.0.0.1:$grpc" --capacity 256MiB \
+        --coordinator "$endpoint" --name "mem-$i" >"$dir/logs/server-$i.log" 2>&1 &
+      echo $! >"$dir/pids/server-$i.pid"
+    done
+    up=0
+    for _ in $(seq 1 150); do
+      up=$("$bin/rmemctl" --endpoint "$endpoint" status --output json | sed -n 's/.*"servers_up": \([0-9]*\).*/\1/p')
+      [ "${up:-0}" -ge "$servers" ] && break
+      sleep 0.1
+    done
+    [ "${up:-0}" -ge "$servers" ] || die "only ${up:-0} of $servers servers joined; see $dir/logs"
+
+    "$bin/rmem-agent" demo --coordinator "$endpoint" --name local-agent --repeat 0 \
+      --size "$agent_size" --budget 1MiB --ops 50000 --json >"$dir/logs/agent.log" 2>&1 &
+    echo $! >"$dir/pids/agent.pid"
+    trap - ERR
+    echo "local-cluster: coordinator $endpoint, $servers servers, 1 agent (logs in $dir/logs)" >&2
+    echo "$endpoint"
+    ;;
+  status)
+    "$bin/rmemctl" --endpoint "$endpoint" status
+    ;;
+  down)
+    if stop_all; then
+      echo "local-cluster: nothing was running in $dir" >&2
+    else
+      echo "local-cluster: stopped (logs kept in $dir/logs)" >&2
+    fi
+    ;;
+  *) die "unknown command: $cmd (up, status, down)" ;;
+esac
