@@ -9,11 +9,23 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
-# System packages: none are needed beyond a Rust toolchain today; the VM and
-# RDMA suites will add theirs here.
 if ! command -v cargo >/dev/null; then
   echo "tests/run.sh: cargo not found; install a Rust toolchain (rustup) first" >&2
   exit 1
+fi
+
+# System packages: iproute2 for the multi-host suite (network namespaces).
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    step "installing ${need[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "tests/run.sh: install ${need[*]} (as root) first" >&2
+    exit 1
+  fi
 fi
 
 step "cargo fmt --check"
@@ -27,6 +39,13 @@ cargo build --workspace --bins --quiet
 
 step "cargo test --workspace"
 cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
+
+step "multi-host suite: coordinator, 3 servers, 3 agents in network namespaces (root)"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "tests/run.sh: the multi-host suite needs root (network namespaces)" >&2
+  exit 1
+fi
+cargo test --quiet -p rmem-tests --test netns -- --ignored 2>&1 | tee -a target/test-output.txt
 
 step "cargo build --release (the README's main job and the benchmark run optimised)"
 cargo build --release --quiet -p rmem-agent -p rmem-bench

@@ -6,6 +6,10 @@
 //!   handle drops or the test process dies, parses its JSON log lines, and
 //!   can be stopped with SIGTERM or killed with SIGKILL on purpose.
 //! - [`wait_until`] polls a condition with a deadline instead of sleeping.
+//! - [`netns`]: hosts with their own network stacks (network namespaces on
+//!   a private bridge) whose links can be cut.
+
+pub mod netns;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -76,7 +80,19 @@ impl Daemon {
     /// JSON log lines (pass `--log-format json`).
     pub fn spawn(name: &str, args: &[&str]) -> Self {
         let mut cmd = Command::new(bin(name));
-        cmd.args(args)
+        cmd.args(args);
+        Self::spawn_command(name, cmd)
+    }
+
+    /// Starts workspace binary `name` inside network namespace `netns`.
+    pub fn spawn_in(netns: &str, name: &str, args: &[&str]) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns]).arg(bin(name)).args(args);
+        Self::spawn_command(name, cmd)
+    }
+
+    fn spawn_command(name: &str, mut cmd: Command) -> Self {
+        cmd
             // RMEM_TEST_RUST_LOG=debug shows more when debugging a test.
             .env(
                 "RUST_LOG",

@@ -246,14 +246,17 @@ fn region_without_prefetch(
 #[test]
 fn concurrent_faults_on_one_page_fetch_it_once() {
     let server = ServerProcess::start(&["--capacity", "64MiB"]);
-    let pages = 1024;
-    let r = region_without_prefetch(&server, pages, 64);
+    // A budget well above the pages fetched, so the clock never evicts a
+    // page fetched in this round before every thread has read it (a page
+    // evicted and fetched again is not a duplicate fetch).
+    let pages = 2048;
+    let r = region_without_prefetch(&server, pages, 512);
     let words = Words::of(&r);
     let per_page = PAGE_SIZE / 8;
     for p in 0..pages {
         words.write(p * per_page, p as u64 + 1);
     }
-    // The first half was evicted long ago: every page there is remote.
+    // The first pages were evicted long ago: every page there is remote.
     let rounds = 200;
     assert!((0..rounds).all(|p| !r.is_resident(p)));
     let gets_before = server_op_pages(&server, "get");

@@ -147,7 +147,15 @@ fn put_group(
         .map(|&(_, v, k)| (inner.handle(v), &pages[k]))
         .collect();
     let deadline = Instant::now() + inner.cfg.fault_timeout.min(Duration::from_secs(2));
-    match conn.put(&items, deadline) {
+    // In requests the server accepts.
+    let put = conn.max_batch(deadline).and_then(|limit| {
+        let mut statuses = Vec::with_capacity(items.len());
+        for chunk in items.chunks(limit.max(1) as usize) {
+            statuses.extend(conn.put(chunk, deadline)?);
+        }
+        Ok(statuses)
+    });
+    match put {
         Ok(statuses) => {
             let mut all_ok = true;
             for (&(_, v, _), status) in group.iter().zip(&statuses) {

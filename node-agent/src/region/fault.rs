@@ -238,14 +238,32 @@ fn fetch(
     scratch.pages.clear();
     scratch.handles.clear();
     scratch.pages.push(i);
+    let server = before.server();
+    let deadline = Instant::now() + inner.cfg.fault_timeout;
+    // The connection first: the server's batch limit bounds the prefetch.
+    let limit = match remotes.get(&inner.placement, server) {
+        None => Err(format!("server {server} is not in the region's placement")),
+        Some(conn) => conn.max_batch(deadline).map_err(|e| e.to_string()),
+    };
+    let limit = match limit {
+        Ok(l) => l as usize,
+        Err(e) => {
+            tracing::error!(
+                region = format_args!("{:09x}", inner.id), page = i, server = %inner.placement.addr(server), error = %e,
+                "cannot fetch page: the faulting thread gets SIGBUS"
+            );
+            inner.charge(1);
+            fail_all(inner, scratch, before);
+            return;
+        }
+    };
     let ahead = inner
         .prefetch
         .lock()
         .expect("prefetch lock")
         .observe(fault.tid, i);
     // One request to one server: prefetch only pages held where this one is.
-    let server = before.server();
-    for j in ahead.pages(i, states.len()) {
+    for j in ahead.pages(i, states.len()).take(limit.saturating_sub(1)) {
         let s = states.get(j);
         if s.kind() == Kind::Remote
             && s.server() == server
@@ -259,17 +277,9 @@ fn fetch(
         .extend(scratch.pages.iter().map(|&p| inner.handle(p)));
     inner.charge(scratch.pages.len());
     let n = scratch.pages.len();
-    let deadline = Instant::now() + inner.cfg.fault_timeout;
-    let Some(conn) = remotes.get(&inner.placement, server) else {
-        tracing::error!(
-            region = format_args!("{:09x}", inner.id),
-            page = i,
-            server,
-            "page is held by a server the region does not know: the faulting thread gets SIGBUS"
-        );
-        fail_all(inner, scratch, before);
-        return;
-    };
+    let conn = remotes
+        .get(&inner.placement, server)
+        .expect("connected above");
     let result = conn.get(
         &scratch.handles,
         &mut scratch.data[..n],
@@ -354,7 +364,18 @@ fn fail_all(inner: &Inner, scratch: &Scratch, before: State) {
 /// page's state before this thread took it).
 fn poison(inner: &Inner, i: usize, after: State) {
     inner.stats.faults_failed.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = inner.uffd.poison(inner.page_addr(i), PAGE_SIZE as u64) {
+    let addr = inner.page_addr(i);
+    let mut poisoned = inner.uffd.poison(addr, PAGE_SIZE as u64);
+    if poisoned
+        .as_ref()
+        .is_err_and(|e| e.raw_os_error() == Some(libc::EEXIST))
+    {
+        // A write-protect marker left when a clean page's PTE was removed
+        // occupies the entry: clear it, then poison.
+        let _ = inner.uffd.write_protect(addr, PAGE_SIZE as u64, false);
+        poisoned = inner.uffd.poison(addr, PAGE_SIZE as u64);
+    }
+    if let Err(e) = poisoned {
         tracing::error!(page = i, error = %e, "UFFDIO_POISON failed");
     }
     finish(inner, i, after);

@@ -33,7 +33,21 @@ pub struct MoveReport {
 pub(crate) fn move_pages(inner: &Inner, from: u8, to: u8, passes: usize) -> MoveReport {
     let mut remotes = Remotes::new(inner.cfg.fault_timeout);
     let mut report = MoveReport::default();
-    let batch = inner.cfg.evict_batch.max(1);
+    // Batches both servers accept.
+    let deadline = Instant::now() + inner.cfg.fault_timeout;
+    let mut limit = |s: u8| {
+        remotes
+            .get(&inner.placement, s)
+            .map(|c| c.max_batch(deadline))
+    };
+    let batch = match (limit(from), limit(to)) {
+        (Some(Ok(a)), Some(Ok(b))) => inner.cfg.evict_batch.min(a as usize).min(b as usize).max(1),
+        _ => {
+            tracing::warn!(from, to, "cannot reach the servers to move pages between");
+            report.left = inner.states.len() as u64;
+            return report;
+        }
+    };
     let mut pages: Vec<Page> = vec![[0u8; PAGE_SIZE]; batch];
     let mut statuses = Vec::with_capacity(batch);
     for pass in 0..passes {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use rmem_client::{ClientConfig, ClientError};
 use rmem_common::Histogram;
-use rmem_proto::wire::PAGE_SIZE;
+use rmem_proto::wire::{MAX_BATCH_PAGES_HARD, PAGE_SIZE};
 use serde::Serialize;
 
 use self::state::{STORED, States};
@@ -255,6 +255,10 @@ pub struct RemoteRegion {
 impl RemoteRegion {
     /// Creates a region backed by the memory server `client` points at.
     pub fn new(cfg: RegionConfig, client: ClientConfig) -> Result<Self, RegionError> {
+        // One named server: fail now, clearly, if it cannot be reached.
+        RemoteConn::new(thread_config(&client, cfg.fault_timeout))
+            .max_batch(Instant::now() + cfg.fault_timeout)
+            .map_err(RegionError::Server)?;
         let pages = (cfg.size / PAGE_SIZE as u64) as usize;
         Self::with_placement(cfg, Placement::single(client, pages))
     }
@@ -315,26 +319,16 @@ impl RemoteRegion {
             return Err(invalid("placement", "must cover every page of the region"));
         }
 
-        // Check every server and learn the smallest batch limit before
-        // anything else.
-        let mut max_batch = u32::MAX;
-        for k in 0..placement.server_count() {
-            let server = placement.server(k as u8).expect("index below the count");
-            let mut probe = RemoteConn::new(thread_config(&server, cfg.fault_timeout));
-            max_batch = max_batch.min(
-                probe
-                    .max_batch(Instant::now() + cfg.fault_timeout)
-                    .map_err(RegionError::Server)?,
-            );
-        }
-        let max_batch = max_batch as usize;
+        // Servers are contacted on first use (a region over many servers
+        // does not wait for all of them, nor fail for one being slow);
+        // requests are split to each server's batch limit then.
         let mut cfg = cfg;
-        cfg.evict_batch = cfg.evict_batch.min(max_batch);
+        cfg.evict_batch = cfg.evict_batch.min(MAX_BATCH_PAGES_HARD as usize);
         // A fetch charges all its pages at once and they cannot be evicted
         // while in flight: keep prefetch well inside a small budget.
         cfg.prefetch_max = cfg
             .prefetch_max
-            .min(max_batch.saturating_sub(1))
+            .min(MAX_BATCH_PAGES_HARD as usize - 1)
             .min(budget_pages / 4);
 
         let backing = Backing::new("rmem-region", pages).map_err(RegionError::Memory)?;
