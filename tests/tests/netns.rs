@@ -339,6 +339,21 @@ fn a_cluster_of_hosts_places_fences_avoids_cut_off_servers_and_survives_a_coordi
         rmemctl(&client, &coord, &["agents"])
     );
 
+    // Draining a server empties it while the agents keep running (pages
+    // move, each checked by CRC on both ends, or their regions end).
+    let drained = rmemctl(&client, &coord, &["drain", "mem-2"]);
+    assert_eq!(drained[0]["state"], "draining");
+    let used = |name: &str| -> u64 {
+        let stats = rmemctl(&client, &coord, &["stats"]);
+        member(&stats["servers"], name)["used_pages"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || used("mem-2") == 0),
+        "the drained server still holds pages"
+    );
+
     // Every agent verified every byte it read through all of it.
     for k in agent_k {
         net.daemon(k).signal(libc::SIGTERM);
@@ -348,5 +363,9 @@ fn a_cluster_of_hosts_places_fences_avoids_cut_off_servers_and_survives_a_coordi
             .expect("the agent did not stop");
         assert!(status.success(), "an agent failed: {status:?}");
     }
+    // Each agent's last region was unmapped through an invalidation that
+    // returned only once every subscribed server had freed its pages: a
+    // server never cut off or stopped holds nothing now.
+    assert_eq!(used("mem-0"), 0);
     let _ = coord_k;
 }
