@@ -394,6 +394,29 @@ impl Cluster {
         Ok(r.interval_id)
     }
 
+    /// Invalidates `[start, start + len)` of this agent's address space
+    /// (reason `unmap`, this agent as origin): the servers holding those
+    /// pages free them before this returns. False if it did not complete.
+    pub(crate) fn invalidate(&self, start: u64, len: u64) -> bool {
+        let r = self.runtime.block_on(self.client.invalidation().invalidate(
+            pb::InvalidateRequest {
+                address_space: self.name.clone(),
+                start,
+                length: len,
+                reason: pb::Reason::Unmap as i32,
+                deadline_ms: 0,
+                origin: self.member_id(),
+            },
+        ));
+        match r {
+            Ok(r) => r.into_inner().complete,
+            Err(e) => {
+                tracing::warn!(error = %ControlError::from(e), "cannot invalidate a discarded range");
+                false
+            }
+        }
+    }
+
     /// The region is going away: its servers free its pages (through an
     /// invalidation), then the interval and grants are returned. False if
     /// the servers could not be reached through the coordinator (the

@@ -569,3 +569,45 @@ fn a_region_spreads_its_pages_over_several_servers() {
         .collect();
     assert_eq!(used, [0, 0, 0], "dropping the region frees every server");
 }
+
+#[test]
+fn a_discarded_range_reads_as_zeroes_and_its_server_pages_are_freed() {
+    let server = ServerProcess::start(&["--capacity", "64MiB"]);
+    let mut stat = BlockingConnection::connect(&server.client_config()).unwrap();
+    let pages = 2048;
+    let r = region(&server, pages, 256);
+    let words = Words::of(&r);
+    let per_page = PAGE_SIZE / 8;
+    for p in 0..pages {
+        words.write(p * per_page + 3, p as u64 + 100);
+    }
+    let held = stat.stat().unwrap().used_pages;
+    assert!(held > 1500, "{held}");
+    // Discard pages 512..1536: some resident, most on the server.
+    let n = r.discard(512 * PAGE_SIZE, 1024 * PAGE_SIZE).unwrap();
+    assert_eq!(n, 1024);
+    let after = stat.stat().unwrap().used_pages;
+    assert!(
+        after <= held - 700,
+        "server pages not freed: {held} -> {after}"
+    );
+    for p in 0..pages {
+        let want = if (512..1536).contains(&p) {
+            0
+        } else {
+            p as u64 + 100
+        };
+        assert_eq!(words.read(p * per_page + 3), want, "page {p}");
+    }
+    // Discarded pages are ordinary memory again.
+    for p in 512..1536 {
+        words.write(p * per_page, 7);
+    }
+    for p in 512..1536 {
+        assert_eq!(words.read(p * per_page), 7);
+    }
+    assert!(r.discard(1, PAGE_SIZE).is_err());
+    assert!(r.discard(0, (pages + 1) * PAGE_SIZE).is_err());
+    assert_eq!(r.discard(0, 0).unwrap(), 0);
+    assert!(r.stats().resident_pages <= 256 + 64);
+}

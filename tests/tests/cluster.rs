@@ -109,9 +109,12 @@ impl Pages<'_> {
         // SAFETY: page p is inside the live region; one thread accesses it.
         unsafe { self.at(p).write_volatile(word(p, round)) };
     }
-    fn check(&self, p: usize, round: u64) -> bool {
+    fn read(&self, p: usize) -> u64 {
         // SAFETY: as in `write`.
-        unsafe { self.at(p).read_volatile() == word(p, round) }
+        unsafe { self.at(p).read_volatile() }
+    }
+    fn check(&self, p: usize, round: u64) -> bool {
+        self.read(p) == word(p, round)
     }
 }
 
@@ -399,4 +402,36 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+#[test]
+fn discarding_a_range_in_a_cluster_frees_it_on_every_server_through_invalidation() {
+    let (coord, servers) = cluster(3);
+    let agent = Cluster::connect(&ClusterConfig::new(coord.addr.to_string())).unwrap();
+    let pages = 4096;
+    let r = region(&agent, pages, 256);
+    let mem = Pages { r: &r };
+    for p in 0..pages {
+        mem.write(p, 3);
+    }
+    let held: u64 = used(&servers).iter().sum();
+    let before = rmemctl_json(&coord, &["status"])["invalidations_total"]
+        .as_u64()
+        .unwrap();
+    r.discard(0, 2048 * PAGE_SIZE).unwrap();
+    // Freed by the servers before discard returned.
+    let now: u64 = used(&servers).iter().sum();
+    assert!(now <= held - 1800, "{held} -> {now}");
+    let after = rmemctl_json(&coord, &["status"])["invalidations_total"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        after,
+        before + 1,
+        "the discard went through one invalidation"
+    );
+    for p in 0..pages {
+        let want = if p < 2048 { 0 } else { word(p, 3) };
+        assert_eq!(mem.read(p), want, "page {p}");
+    }
 }

@@ -7,6 +7,7 @@
 //! back on the next touch, fetching ahead on sequential and strided streams
 //! ([`crate::prefetch`]). See [`state`] for the page life cycle.
 
+mod discard;
 mod evict;
 mod fault;
 pub(crate) mod migrate;
@@ -427,6 +428,39 @@ impl RemoteRegion {
         unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.len()) }
     }
 
+    /// Discards bytes `offset..offset + len` (page-aligned): their local
+    /// memory and their servers' copies are freed and they read as zeroes
+    /// afterwards, like `MADV_DONTNEED` on private anonymous memory. In a
+    /// cluster the servers free their copies through an invalidation of
+    /// the range, which returns once every subscriber dropped it. Returns
+    /// the pages that held data (locally or remotely).
+    pub fn discard(&self, offset: usize, len: usize) -> Result<usize, RegionError> {
+        let inner = &self.inner;
+        if !offset.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
+            || offset.checked_add(len).is_none_or(|end| end > self.len())
+        {
+            return Err(RegionError::Invalid {
+                field: "range",
+                reason: "must be page-aligned and inside the region".into(),
+            });
+        }
+        let (first, n) = (offset / PAGE_SIZE, len / PAGE_SIZE);
+        if n == 0 {
+            return Ok(0);
+        }
+        let claimed = discard::claim(inner, first, n);
+        let by_cluster = !claimed.stored.is_empty()
+            && self.cluster.as_ref().is_some_and(|(cluster, _)| {
+                cluster.invalidate(inner.backing.base() as u64 + offset as u64, len as u64)
+            });
+        if !by_cluster {
+            free_on_servers(inner, claimed.stored.clone());
+        }
+        discard::release(inner, &claimed);
+        Ok(claimed.pages.len())
+    }
+
     /// Connection settings of every server the region uses.
     pub fn servers(&self) -> Vec<ClientConfig> {
         (0..self.inner.placement.server_count())
@@ -503,31 +537,12 @@ impl Drop for RemoteRegion {
             .cluster
             .take()
             .is_some_and(|(cluster, interval)| cluster.unmap(inner, interval));
-        let mut stored: Vec<(u8, u64)> = (0..inner.states.len())
+        let stored: Vec<(u8, u64)> = (0..inner.states.len())
             .map(|i| (i, inner.states.get(i)))
             .filter(|(_, s)| s.has(STORED) && !freed_by_cluster)
             .map(|(i, s)| (s.server(), inner.handle(i)))
             .collect();
-        stored.sort_unstable();
-        let mut remotes = Remotes::new(inner.cfg.fault_timeout);
-        for by_server in stored.chunk_by(|a, b| a.0 == b.0) {
-            let server = by_server[0].0;
-            let Some(conn) = remotes.get(&inner.placement, server) else {
-                continue;
-            };
-            let deadline = Instant::now() + inner.cfg.fault_timeout;
-            let batch = conn.max_batch(deadline).unwrap_or(64) as usize;
-            let handles: Vec<u64> = by_server.iter().map(|&(_, h)| h).collect();
-            for chunk in handles.chunks(batch.max(1)) {
-                if let Err(e) = conn.free(chunk, deadline) {
-                    tracing::warn!(
-                        region = format_args!("{:09x}", inner.id), server = %inner.placement.addr(server), error = %e,
-                        "cannot free the region's pages on the server; they stay allocated"
-                    );
-                    break;
-                }
-            }
-        }
+        free_on_servers(inner, stored.clone());
         let _ = inner
             .uffd
             .unregister(inner.backing.base() as u64, inner.backing.len() as u64);
@@ -536,5 +551,29 @@ impl Drop for RemoteRegion {
             freed = stored.len(),
             "region dropped"
         );
+    }
+}
+
+/// FREEs pages directly on the servers holding them.
+fn free_on_servers(inner: &Inner, mut stored: Vec<(u8, u64)>) {
+    stored.sort_unstable();
+    let mut remotes = Remotes::new(inner.cfg.fault_timeout);
+    for by_server in stored.chunk_by(|a, b| a.0 == b.0) {
+        let server = by_server[0].0;
+        let Some(conn) = remotes.get(&inner.placement, server) else {
+            continue;
+        };
+        let deadline = Instant::now() + inner.cfg.fault_timeout;
+        let batch = conn.max_batch(deadline).unwrap_or(64) as usize;
+        let handles: Vec<u64> = by_server.iter().map(|&(_, h)| h).collect();
+        for chunk in handles.chunks(batch.max(1)) {
+            if let Err(e) = conn.free(chunk, deadline) {
+                tracing::warn!(
+                    region = format_args!("{:09x}", inner.id), server = %inner.placement.addr(server), error = %e,
+                    "cannot free the region's pages on the server; they stay allocated"
+                );
+                break;
+            }
+        }
     }
 }
