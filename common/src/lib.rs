@@ -1,10 +1,12 @@
 //! Pieces shared by every rmem binary.
 //!
-//! Each module is one concept: [`size`] parses and prints byte sizes the way
+//! Each module is one concept: [`config`] reads configuration files and
+//! names bad fields, [`size`] parses and prints byte sizes the way
 //! operators write them (`4GiB`), [`histogram`] records latencies without
 //! locks, [`logging`] sets up `tracing`, [`shutdown`] turns SIGINT/SIGTERM
 //! into a future.
 
+pub mod config;
 pub mod histogram;
 pub mod logging;
 pub mod shutdown;

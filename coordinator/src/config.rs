@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rmem_common::ByteSize;
+pub use rmem_common::config::ConfigError;
+use rmem_common::config::{from_toml_file, invalid, read_token};
 use serde::{Deserialize, Serialize};
 
 /// Default gRPC address.
@@ -100,54 +102,10 @@ impl Default for CoordinatorConfig {
     }
 }
 
-/// A configuration problem, naming the field.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid `{field}`: {reason}")]
-    Invalid { field: String, reason: String },
-    #[error("cannot read token file {path}")]
-    TokenFile {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
-
-fn read_token(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim_end().to_string())
-        .map_err(|source| ConfigError::TokenFile {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
 impl CoordinatorConfig {
     /// Reads a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        from_toml_file(path)
     }
 
     /// Checks every field and reads token files into `token`.
@@ -190,7 +148,7 @@ impl CoordinatorConfig {
             return Err(invalid("token", "give token or token_file, not both"));
         }
         if let Some(path) = &self.token_file {
-            self.token = Some(read_token(path)?);
+            self.token = Some(read_token("the cluster token", path)?);
         }
         if self.token.as_deref() == Some("") {
             return Err(invalid("token", "must not be empty"));
@@ -214,7 +172,7 @@ impl CoordinatorConfig {
                 ));
             }
             if let Some(path) = &t.token_file {
-                t.token = Some(read_token(path)?);
+                t.token = Some(read_token(&format!("tenant `{}`", t.name), path)?);
             }
             if let Some(q) = t.quota
                 && q.bytes() < 4096

@@ -180,12 +180,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
 enum CtlError {
     #[error(transparent)]
     Control(#[from] ControlError),
-    #[error("cannot read token file {path}")]
-    Token {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Token(#[from] rmem_common::config::ConfigError),
     #[error("cannot start the runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -200,7 +196,7 @@ impl CtlError {
     fn exit_code(&self) -> u8 {
         match self {
             CtlError::Control(ControlError::Unreachable { .. }) => 3,
-            CtlError::Control(ControlError::Endpoint { .. }) | CtlError::Token { .. } => 2,
+            CtlError::Control(ControlError::Endpoint { .. }) | CtlError::Token(_) => 2,
             _ => 1,
         }
     }
@@ -427,15 +423,7 @@ fn drain_request(server: &str) -> pb::DrainRequest {
 
 async fn run(args: Args) -> Result<(), CtlError> {
     let token = match (&args.token_file, &args.token) {
-        (Some(p), _) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|source| CtlError::Token {
-                    path: p.display().to_string(),
-                    source,
-                })?
-                .trim_end()
-                .to_string(),
-        ),
+        (Some(p), _) => Some(rmem_common::config::read_token("the cluster token", p)?),
         (None, t) => t.clone(),
     };
     let c = ControlClient::connect(&args.endpoint, token.as_deref(), args.timeout).await?;

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rmem_common::ByteSize;
+pub use rmem_common::config::ConfigError;
+use rmem_common::config::{from_toml_file, invalid, read_token};
 use rmem_proto::wire::{MAX_BATCH_PAGES_HARD, MAX_CREDENTIAL_LEN, MAX_TENANT_LEN, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 
@@ -144,46 +146,10 @@ impl Default for ServerConfig {
     }
 }
 
-/// A configuration problem, naming the field.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid `{field}`: {reason}")]
-    Invalid { field: String, reason: String },
-    #[error("cannot read token file {path} for tenant `{tenant}`")]
-    TokenFile {
-        tenant: String,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
-
 impl ServerConfig {
     /// Reads a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        from_toml_file(path)
     }
 
     /// Checks every field; the error names the first bad one.
@@ -328,14 +294,7 @@ impl ServerConfig {
                 let token = match (&t.token, &t.token_file) {
                     (Some(tok), _) => Some(tok.as_bytes().to_vec()),
                     (None, Some(path)) => {
-                        let text = std::fs::read_to_string(path).map_err(|source| {
-                            ConfigError::TokenFile {
-                                tenant: t.name.clone(),
-                                path: path.clone(),
-                                source,
-                            }
-                        })?;
-                        Some(text.trim_end().as_bytes().to_vec())
+                        Some(read_token(&format!("tenant `{}`", t.name), path)?.into_bytes())
                     }
                     (None, None) => None,
                 };

@@ -278,15 +278,10 @@ async fn serve_grpc(
     health
         .set_serving::<ServerAdminServer<AdminService>>()
         .await;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(rmem_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
+    let reflection_v1 = rmem_proto::reflection()
         .build_v1()
         .expect("embedded descriptors are valid");
-    let reflection_v1alpha = reflection()
+    let reflection_v1alpha = rmem_proto::reflection()
         .build_v1alpha()
         .expect("embedded descriptors are valid");
     let incoming = tokio_stream_listener(listener);

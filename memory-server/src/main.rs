@@ -151,16 +151,7 @@ fn effective_config(args: &Args) -> Result<(ServerConfig, Option<String>), Confi
     }
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => Some(t.clone()),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|source| ConfigError::TokenFile {
-                    tenant: "default".into(),
-                    path: path.clone(),
-                    source,
-                })?
-                .trim_end()
-                .to_string(),
-        ),
+        (None, Some(path)) => Some(rmem_common::config::read_token("tenant `default`", path)?),
         (None, None) => None,
     };
     cfg.validate()?;

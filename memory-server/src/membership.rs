@@ -100,14 +100,13 @@ impl Membership {
         let endpoint = cfg.coordinator.as_deref().unwrap_or_default();
         let token = match &cfg.token_file {
             Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| ControlError::Rpc {
+                rmem_common::config::read_token("the cluster token", path).map_err(|e| {
+                    ControlError::Rpc {
                         code: tonic::Code::InvalidArgument,
                         reason: "token_file".into(),
-                        message: format!("cannot read cluster token file {}: {e}", path.display()),
-                    })?
-                    .trim_end()
-                    .to_string(),
+                        message: e.to_string(),
+                    }
+                })?,
             ),
             None => cfg.token.clone(),
         };

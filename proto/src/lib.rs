@@ -30,3 +30,13 @@ pub mod control {
 /// Encoded `FileDescriptorSet` of every rmem `.proto`, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/rmem_descriptor.bin"));
+
+/// A reflection service builder that knows every rmem service and the
+/// standard health service; every rmem gRPC endpoint serves
+/// `.build_v1()` and `.build_v1alpha()` of it so generic clients (grpcurl)
+/// work.
+pub fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}

@@ -338,15 +338,20 @@ fn placement_spreads_skips_draining_servers_and_honours_quotas() {
         Err(CoordError::UnknownGrant(_))
     ));
 
-    c.set_draining(s[0], "", true).unwrap();
-    c.set_draining(0, "s1", true).unwrap();
+    // Drain a server the agent holds a grant on (by id), and another one
+    // (by name): it hears of the first, and placements go to the third.
+    let held = c.grants.iter().next().unwrap().server;
+    c.set_draining(held, "", true).unwrap();
+    assert!(events(&c, a).iter().any(|e| matches!(e, Event::Drain(_))));
+    let other = *s.iter().find(|&&x| x != held).unwrap();
+    let name = c.members.get(other).unwrap().rec.name.clone();
+    c.set_draining(0, &name, true).unwrap();
+    let open = *s.iter().find(|&&x| x != held && x != other).unwrap();
     for _ in 0..10 {
         for g in c.allocate(a, "blue", 1).unwrap() {
-            assert_eq!(g.server, s[2], "placed on a draining server");
+            assert_eq!(g.server, open, "placed on a draining server");
         }
     }
-    // Agents holding grants on a draining server hear of it.
-    assert!(events(&c, a).iter().any(|e| matches!(e, Event::Drain(_))));
     assert!(matches!(
         c.set_draining(a, "", true),
         Err(CoordError::NotAServer(_))
