@@ -10,7 +10,7 @@ use rmem_client::{BlockingConnection, ClientConfig, Connection, PAGE_SIZE, Page,
 use rmem_common::Histogram;
 use serde::Serialize;
 
-use crate::limits::mib;
+use crate::limits::{PingPong, mib};
 use crate::{BenchError, Latency};
 
 /// Data-plane figures.
@@ -53,12 +53,22 @@ fn page_for(i: usize) -> Box<Page> {
     p
 }
 
-pub fn measure(client: &ClientConfig, effort: Effort) -> Result<DataPlane, BenchError> {
+/// Measures the data plane; `raw` round trips are interleaved with the
+/// depth-1 GETs and recorded in `rtt`.
+pub fn measure(
+    client: &ClientConfig,
+    effort: Effort,
+    raw: &mut PingPong,
+    rtt: &Histogram,
+) -> Result<DataPlane, BenchError> {
     let handles = Handles {
         prefix: (rand::random::<u64>() >> 24) << 24,
         count: effort.pages,
     };
-    let mut conn = BlockingConnection::connect(client)?;
+    // As the fault path does: poll for the reply before blocking.
+    let mut polling = client.clone();
+    polling.spin = rmem_agent::RegionConfig::default().spin;
+    let mut conn = BlockingConnection::connect(&polling)?;
     let page = page_for(7);
 
     // PUT at depth 1 also stores the pages the GETs read.
@@ -71,6 +81,7 @@ pub fn measure(client: &ClientConfig, effort: Effort) -> Result<DataPlane, Bench
     let get = Histogram::new();
     let mut out: Box<[Page]> = vec![[0u8; PAGE_SIZE]; 64].into_boxed_slice();
     for i in 0..effort.ops {
+        rtt.record_duration(raw.round_trip()?);
         let t = Instant::now();
         let st = conn.get(&[handles.get(i * 7919)], &mut out[..1])?;
         check(st)?;

@@ -18,7 +18,9 @@ use crate::Latency;
 /// The machine's limits.
 #[derive(Debug, Clone, Serialize)]
 pub struct Limits {
-    /// Round trip of a 16-byte request answered by 4 KiB, µs.
+    /// Round trip of a 16-byte request answered by 4 KiB, µs, measured
+    /// interleaved with rmem's single-page GETs (so both run with the same
+    /// thread placement; see [`PingPong`]).
     pub tcp_rtt_4k_us: Latency,
     /// One-way loopback stream with 1 MiB writes, MiB/s.
     pub tcp_stream_mib_s: f64,
@@ -29,14 +31,15 @@ pub struct Limits {
 /// How long each limit is measured.
 #[derive(Debug, Clone, Copy)]
 pub struct Effort {
-    pub round_trips: usize,
     pub stream_for: Duration,
     pub memcpy_rounds: usize,
 }
 
-pub fn measure(effort: Effort) -> std::io::Result<Limits> {
+/// Measures the stream and memcpy limits; the round trip comes from
+/// `rtt`, recorded by the caller next to what it compares it with.
+pub fn measure(effort: Effort, rtt: &Histogram) -> std::io::Result<Limits> {
     Ok(Limits {
-        tcp_rtt_4k_us: tcp_ping_pong(effort.round_trips)?,
+        tcp_rtt_4k_us: Latency::from_ns(rtt),
         tcp_stream_mib_s: tcp_stream(effort.stream_for)?,
         memcpy_mib_s: memcpy(effort.memcpy_rounds),
     })
@@ -49,40 +52,62 @@ fn loopback_listener() -> std::io::Result<TcpListener> {
     TcpListener::bind("127.0.0.1:0")
 }
 
-/// A peer that answers every 16-byte request with 4 KiB until EOF.
-fn tcp_ping_pong(round_trips: usize) -> std::io::Result<Latency> {
-    let listener = loopback_listener()?;
-    let addr = listener.local_addr()?;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
-        let mut req = [0u8; REQUEST];
-        let reply = [0x5au8; REPLY];
-        loop {
-            match s.read_exact(&mut req) {
-                Ok(()) => s.write_all(&reply)?,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
+/// A raw TCP peer that answers every 16-byte request with 4 KiB, and a
+/// connection to it.
+///
+/// On a VM, whether two threads share a vCPU changes a round trip by tens
+/// of microseconds (a halted vCPU must be woken), and the scheduler decides
+/// that anew all the time. So the raw round trip is measured one at a time
+/// between the operations it is compared with, never in a block of its own.
+#[derive(Debug)]
+pub struct PingPong {
+    conn: Option<TcpStream>,
+    peer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl PingPong {
+    pub fn start() -> std::io::Result<Self> {
+        let listener = loopback_listener()?;
+        let addr = listener.local_addr()?;
+        let peer = std::thread::spawn(move || -> std::io::Result<()> {
+            let (mut s, _) = listener.accept()?;
+            s.set_nodelay(true)?;
+            let mut req = [0u8; REQUEST];
+            let reply = [0x5au8; REPLY];
+            loop {
+                match s.read_exact(&mut req) {
+                    Ok(()) => s.write_all(&reply)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e),
+                }
             }
-        }
-    });
-    let mut c = TcpStream::connect(addr)?;
-    c.set_nodelay(true)?;
-    let req = [1u8; REQUEST];
-    let mut reply = [0u8; REPLY];
-    let hist = Histogram::new();
-    let warmup = (round_trips / 10).max(10);
-    for i in 0..round_trips + warmup {
+        });
+        let conn = TcpStream::connect(addr)?;
+        conn.set_nodelay(true)?;
+        Ok(Self {
+            conn: Some(conn),
+            peer: Some(peer),
+        })
+    }
+
+    /// One round trip, timed.
+    pub fn round_trip(&mut self) -> std::io::Result<Duration> {
+        let c = self.conn.as_mut().expect("open until drop");
+        let mut reply = [0u8; REPLY];
         let t = Instant::now();
-        c.write_all(&req)?;
+        c.write_all(&[1u8; REQUEST])?;
         c.read_exact(&mut reply)?;
-        if i >= warmup {
-            hist.record_duration(t.elapsed());
+        Ok(t.elapsed())
+    }
+}
+
+impl Drop for PingPong {
+    fn drop(&mut self) {
+        drop(self.conn.take());
+        if let Some(p) = self.peer.take() {
+            let _ = p.join();
         }
     }
-    drop(c);
-    server.join().expect("ping-pong peer")?;
-    Ok(Latency::from_ns(&hist))
 }
 
 /// Bytes a reader receives per second while a writer sends 1 MiB writes.

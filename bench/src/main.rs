@@ -120,7 +120,6 @@ impl Plan {
         Ok(if args.quick {
             Plan {
                 limits: limits::Effort {
-                    round_trips: 2_000,
                     stream_for: Duration::from_millis(300),
                     memcpy_rounds: 4,
                 },
@@ -138,7 +137,6 @@ impl Plan {
         } else {
             Plan {
                 limits: limits::Effort {
-                    round_trips: 50_000,
                     stream_for: Duration::from_secs(3),
                     memcpy_rounds: 32,
                 },
@@ -181,12 +179,15 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
         args.token.clone().unwrap_or_default().into_bytes(),
     );
 
-    progress("limits: raw TCP round trip, stream, memcpy");
-    let limits = limits::measure(plan.limits)?;
-    progress("data plane: GET/PUT at depth 1 and 32, 64-page batches");
-    let dataplane = dataplane::measure(&client, plan.dataplane)?;
-    progress("userspace path: eviction, fault-back, prefetched scan");
-    let rmem = region::measure(&client, plan.region)?;
+    let mut raw = limits::PingPong::start()?;
+    let rtt = Histogram::new();
+    progress("data plane: GET/PUT at depth 1 (raw round trips interleaved) and 32, batches");
+    let dataplane = dataplane::measure(&client, plan.dataplane, &mut raw, &rtt)?;
+    progress("userspace path: eviction, fault-back (raw round trips interleaved), scan");
+    let rmem = region::measure(&client, plan.region, &mut raw)?;
+    drop(raw);
+    progress("limits: raw TCP stream, memcpy");
+    let limits = limits::measure(plan.limits, &rtt)?;
     Ok(report::Report::new(
         report::Setup {
             quick: args.quick,

@@ -14,7 +14,7 @@ use rmem_client::{ClientConfig, PAGE_SIZE};
 use rmem_common::Histogram;
 use serde::Serialize;
 
-use crate::limits::mib;
+use crate::limits::{PingPong, mib};
 use crate::{BenchError, Latency};
 
 /// What the userspace path achieved.
@@ -22,6 +22,9 @@ use crate::{BenchError, Latency};
 pub struct RegionFigures {
     /// A read of an evicted page, timed around the load instruction.
     pub fault_us: Latency,
+    /// Raw 4 KiB TCP round trips interleaved with those faults: the floor
+    /// under the same conditions.
+    pub rtt_between_faults_us: Latency,
     /// The same faults timed inside the agent (fault message read to
     /// UFFDIO_COPY done): the difference is the kernel's share.
     pub fault_service_us: Latency,
@@ -113,13 +116,18 @@ fn verify(ok: bool, p: usize) -> Result<(), BenchError> {
     }
 }
 
-pub fn measure(client: &ClientConfig, effort: Effort) -> Result<RegionFigures, BenchError> {
+pub fn measure(
+    client: &ClientConfig,
+    effort: Effort,
+    raw: &mut PingPong,
+) -> Result<RegionFigures, BenchError> {
     // Eviction and fault-back, prefetch off.
     let r = region(client, effort, 0)?;
     let mem = Mem { region: &r };
     let seq_write_mib_s = fill(&mem);
     let wrote = r.stats();
     let faults = Histogram::new();
+    let rtt = Histogram::new();
     let mut rng_state = 0x2545_F491_4F6C_DD1Du64;
     let pages = r.pages();
     let mut measured = 0;
@@ -132,6 +140,7 @@ pub fn measure(client: &ClientConfig, effort: Effort) -> Result<RegionFigures, B
             verify(mem.check(p), p)?;
             continue;
         }
+        rtt.record_duration(raw.round_trip()?);
         let t = Instant::now();
         let ok = mem.check(p);
         faults.record_duration(t.elapsed());
@@ -158,6 +167,7 @@ pub fn measure(client: &ClientConfig, effort: Effort) -> Result<RegionFigures, B
     let hits = scanned.prefetch_hits - before_scan.prefetch_hits;
     Ok(RegionFigures {
         fault_us: Latency::from_ns(&faults),
+        rtt_between_faults_us: Latency::from_ns(&rtt),
         fault_service_us: Latency::from_percentiles_ns(after_reads.fault_remote_latency_ns),
         evict_mib_s: evict_rate(&wrote),
         seq_write_mib_s,

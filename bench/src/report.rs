@@ -40,9 +40,10 @@ impl Machine {
 /// rmem against the limits; the goals are in `docs/ARCHITECTURE.md`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Ratios {
-    /// Fault-back p50 over the raw 4 KiB round trip p50 (goal <= 1.2).
+    /// Fault-back p50 over the raw 4 KiB round trip p50 measured between
+    /// the faults (goal <= 1.2).
     pub fault_p50_over_rtt_p50: f64,
-    /// Fault-back p99 over the raw round trip p99 (goal <= 1.5).
+    /// Fault-back p99 over that round trip's p99 (goal <= 1.5).
     pub fault_p99_over_rtt_p99: f64,
     /// Single-page GET p50 over the raw round trip p50: the protocol's cost.
     pub get_p50_over_rtt_p50: f64,
@@ -69,9 +70,10 @@ fn ratio(a: f64, b: f64) -> f64 {
 impl Report {
     pub fn new(setup: Setup, limits: Limits, dataplane: DataPlane, rmem: RegionFigures) -> Self {
         let rtt = limits.tcp_rtt_4k_us;
+        let near_faults = rmem.rtt_between_faults_us;
         let ratios = Ratios {
-            fault_p50_over_rtt_p50: ratio(rmem.fault_us.p50, rtt.p50),
-            fault_p99_over_rtt_p99: ratio(rmem.fault_us.p99, rtt.p99),
+            fault_p50_over_rtt_p50: ratio(rmem.fault_us.p50, near_faults.p50),
+            fault_p99_over_rtt_p99: ratio(rmem.fault_us.p99, near_faults.p99),
             get_p50_over_rtt_p50: ratio(dataplane.get_qd1_us.p50, rtt.p50),
             evict_over_stream: ratio(rmem.evict_mib_s, limits.tcp_stream_mib_s),
             seq_scan_over_stream: ratio(rmem.seq_scan_mib_s, limits.tcp_stream_mib_s),

@@ -16,6 +16,7 @@ use crate::{ClientConfig, ClientError, frame};
 #[derive(Debug)]
 pub struct BlockingConnection {
     addr: String,
+    spin: std::time::Duration,
     reader: BufReader<TcpStream>,
     out: Vec<u8>,
     payload: Vec<u8>,
@@ -54,6 +55,7 @@ impl BlockingConnection {
             .map_err(connect_err)?;
         let mut conn = Self {
             addr: cfg.addr.clone(),
+            spin: cfg.spin,
             reader: BufReader::with_capacity(64 << 10, stream),
             out: frame::hello(cfg),
             payload: Vec::new(),
@@ -116,8 +118,31 @@ impl BlockingConnection {
         r.map_err(|e| self.io(e))
     }
 
+    /// Polls the socket for up to `self.spin` until a reply is readable, so
+    /// a fast reply is picked up without a wake-up.
+    fn spin_for_reply(&self) {
+        if self.spin.is_zero() || !self.reader.buffer().is_empty() {
+            return;
+        }
+        let sock = socket2::SockRef::from(self.reader.get_ref());
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        let started = std::time::Instant::now();
+        loop {
+            match sock.recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Data, end of stream or an error: the blocking read sees it.
+                _ => return,
+            }
+            if started.elapsed() >= self.spin {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     /// Reads one frame into `self.payload`.
     fn receive(&mut self, max: u32) -> Result<FrameHeader, ClientError> {
+        self.spin_for_reply();
         let mut head = [0u8; HEADER_LEN];
         self.reader.read_exact(&mut head).map_err(|e| self.io(e))?;
         let header = FrameHeader::decode(&head, max).map_err(|source| ClientError::Protocol {

@@ -164,13 +164,17 @@ impl Placement {
 pub struct Remotes {
     conns: Vec<Option<RemoteConn>>,
     timeout: Duration,
+    spin: Duration,
 }
 
 impl Remotes {
-    pub fn new(timeout: Duration) -> Self {
+    /// Connections whose requests give up after `timeout` and that poll
+    /// for a reply for `spin` before blocking (see `ClientConfig::spin`).
+    pub fn new(timeout: Duration, spin: Duration) -> Self {
         Self {
             conns: Vec::new(),
             timeout,
+            spin,
         }
     }
 
@@ -181,8 +185,9 @@ impl Remotes {
             self.conns.resize_with(i + 1, || None);
         }
         if self.conns[i].is_none() {
-            let cfg = placement.server(index)?;
-            self.conns[i] = Some(RemoteConn::new(thread_config(&cfg, self.timeout)));
+            let mut cfg = thread_config(&placement.server(index)?, self.timeout);
+            cfg.spin = self.spin;
+            self.conns[i] = Some(RemoteConn::new(cfg));
         }
         self.conns[i].as_mut()
     }

@@ -31,7 +31,7 @@ pub struct MoveReport {
 /// Moves every page held on server `from` to server `to`; passes over
 /// the region until none is left or `passes` are used.
 pub(crate) fn move_pages(inner: &Inner, from: u8, to: u8, passes: usize) -> MoveReport {
-    let mut remotes = Remotes::new(inner.cfg.fault_timeout);
+    let mut remotes = Remotes::new(inner.cfg.fault_timeout, Duration::ZERO);
     let mut report = MoveReport::default();
     // Batches both servers accept.
     let deadline = Instant::now() + inner.cfg.fault_timeout;

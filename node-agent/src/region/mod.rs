@@ -51,7 +51,8 @@ pub struct RegionConfig {
     /// Most pages fetched ahead of a detected stream (0 disables prefetch).
     pub prefetch_max: usize,
     /// How long an idle fault handler keeps polling before it sleeps in
-    /// poll(2): trades CPU for fault latency.
+    /// poll(2), and how long it polls for a server's reply before it
+    /// blocks: trades CPU for fault latency.
     pub spin: Duration,
 }
 
@@ -373,7 +374,9 @@ impl RemoteRegion {
             cluster: None,
         };
         for t in 0..inner.cfg.fault_threads {
-            let conn = Remotes::new(inner.cfg.fault_timeout);
+            // The fault path polls for the reply: a remote fault then costs
+            // one wake-up (the faulting thread's), not two.
+            let conn = Remotes::new(inner.cfg.fault_timeout, inner.cfg.spin);
             let inner = inner.clone();
             let h = std::thread::Builder::new()
                 .name(format!("rmem-fault-{t}"))
@@ -381,7 +384,7 @@ impl RemoteRegion {
                 .map_err(RegionError::Thread)?;
             region.threads.push(h);
         }
-        let conn = Remotes::new(inner.cfg.fault_timeout);
+        let conn = Remotes::new(inner.cfg.fault_timeout, Duration::ZERO);
         let evictor = inner.clone();
         let h = std::thread::Builder::new()
             .name("rmem-evict".into())
@@ -557,7 +560,7 @@ impl Drop for RemoteRegion {
 /// FREEs pages directly on the servers holding them.
 fn free_on_servers(inner: &Inner, mut stored: Vec<(u8, u64)>) {
     stored.sort_unstable();
-    let mut remotes = Remotes::new(inner.cfg.fault_timeout);
+    let mut remotes = Remotes::new(inner.cfg.fault_timeout, Duration::ZERO);
     for by_server in stored.chunk_by(|a, b| a.0 == b.0) {
         let server = by_server[0].0;
         let Some(conn) = remotes.get(&inner.placement, server) else {
