@@ -164,8 +164,18 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
     };
     let embedded = match &args.server {
         Some(_) => None,
-        None => Some(EmbeddedServer::start(
-            ByteSize(plan.region.size * 2 + (plan.dataplane.pages as u64 * 4096) + (16 << 20)),
+        // Prefaulted, as a production server would be: first PUTs then
+        // measure rmem, not the kernel zeroing fresh anonymous memory.
+        None => Some(EmbeddedServer::with_config(
+            &rmem_server::config::ServerConfig {
+                listen: "127.0.0.1:0".parse().expect("valid address"),
+                grpc: "127.0.0.1:0".parse().expect("valid address"),
+                capacity: ByteSize(
+                    plan.region.size * 2 + (plan.dataplane.pages as u64 * 4096) + (16 << 20),
+                ),
+                prefault: true,
+                ..Default::default()
+            },
             1,
         )?),
     };

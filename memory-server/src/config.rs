@@ -93,6 +93,10 @@ pub struct ServerConfig {
     pub pool_file: Option<PathBuf>,
     /// What an acknowledgement guarantees for a file-backed pool.
     pub durability: Durability,
+    /// Commit an anonymous pool's memory at start: slower start, RSS at
+    /// capacity at once, no page fault on a slot's first PUT (first PUTs
+    /// about twice as fast).
+    pub prefault: bool,
     /// Most pages in one request.
     pub max_batch_pages: u32,
     /// Most simultaneous client connections.
@@ -134,6 +138,7 @@ impl Default for ServerConfig {
             capacity: ByteSize::gib(1),
             pool_file: None,
             durability: Durability::default(),
+            prefault: false,
             max_batch_pages: rmem_proto::wire::DEFAULT_MAX_BATCH_PAGES,
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(10),
@@ -187,6 +192,12 @@ impl ServerConfig {
         }
         if self.listen == self.grpc && self.listen.port() != 0 {
             return Err(invalid("grpc", "must differ from `listen`"));
+        }
+        if self.prefault && self.pool_file.is_some() {
+            return Err(invalid(
+                "prefault",
+                "applies to an anonymous pool (a pool file is committed as it is written)",
+            ));
         }
         if self.durability == Durability::Sync && self.pool_file.is_none() {
             return Err(invalid(
@@ -271,6 +282,7 @@ impl ServerConfig {
                 None => Backing::Anonymous,
             },
             sync_writes: self.durability == Durability::Sync,
+            prefault: self.prefault,
         }
     }
 

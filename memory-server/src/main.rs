@@ -45,6 +45,10 @@ struct Args {
     /// [default: process].
     #[arg(long, value_enum)]
     durability: Option<Durability>,
+    /// Commit an anonymous pool's memory at start (no page fault on a
+    /// slot's first PUT; RSS is at capacity from the start).
+    #[arg(long)]
+    prefault: bool,
     /// Most simultaneous client connections [default: 4096].
     #[arg(long, value_name = "N")]
     max_connections: Option<u32>,
@@ -132,6 +136,9 @@ fn effective_config(args: &Args) -> Result<(ServerConfig, Option<String>), Confi
     );
     if let Some(p) = &args.pool_file {
         cfg.pool_file = Some(p.clone());
+    }
+    if args.prefault {
+        cfg.prefault = true;
     }
     let cluster = &mut cfg.cluster;
     for (field, arg) in [

@@ -42,6 +42,8 @@ pub struct StoreOptions {
     pub backing: Backing,
     /// Flush each stored page to the file before acknowledging it.
     pub sync_writes: bool,
+    /// Commit an anonymous pool's memory at start.
+    pub prefault: bool,
 }
 
 /// A tenant definition handed to [`Store::open`].
@@ -125,12 +127,13 @@ impl Store {
         let fresh_id: u64 = rand::random();
         let (pool, server_id, recovery_base, clean) = match &opts.backing {
             Backing::Anonymous => {
-                let pool = Pool::anonymous(opts.capacity_pages).map_err(|source| {
-                    StoreError::MapAnonymous {
-                        pages: opts.capacity_pages,
-                        source,
-                    }
-                })?;
+                let pool =
+                    Pool::anonymous(opts.capacity_pages, opts.prefault).map_err(|source| {
+                        StoreError::MapAnonymous {
+                            pages: opts.capacity_pages,
+                            source,
+                        }
+                    })?;
                 (pool, fresh_id, Recovery::default(), true)
             }
             Backing::File(path) => {

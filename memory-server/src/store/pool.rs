@@ -36,10 +36,17 @@ pub struct OpenedFile {
 }
 
 impl Pool {
-    /// An anonymous pool of `slots` pages, committed lazily by the kernel.
-    pub fn anonymous(slots: u32) -> io::Result<Self> {
+    /// An anonymous pool of `slots` pages, committed lazily by the kernel,
+    /// or all at once when `prefault` (no page fault and zeroing on a
+    /// slot's first PUT, and the memory is the server's from the start).
+    pub fn anonymous(slots: u32, prefault: bool) -> io::Result<Self> {
         let len = slots as usize * PAGE_SIZE;
-        let map = MmapOptions::new().len(len.max(PAGE_SIZE)).map_anon()?;
+        let mut opts = MmapOptions::new();
+        opts.len(len.max(PAGE_SIZE));
+        if prefault {
+            opts.populate();
+        }
+        let map = opts.map_anon()?;
         Ok(Self {
             map: MmapRaw::from(map),
             slots,

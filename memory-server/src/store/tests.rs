@@ -36,6 +36,7 @@ fn anon(pages: u32) -> Store {
             capacity_pages: pages,
             backing: Backing::Anonymous,
             sync_writes: false,
+            prefault: false,
         },
         &tenants(),
     )
@@ -173,6 +174,7 @@ fn file_opts(path: &std::path::Path, pages: u32) -> StoreOptions {
         capacity_pages: pages,
         backing: Backing::File(path.to_path_buf()),
         sync_writes: false,
+        prefault: false,
     }
 }
 
@@ -283,4 +285,22 @@ fn pages_of_unconfigured_tenants_are_kept() {
     assert_eq!(s.used_pages(), 1);
     assert!(s.tenant("b").is_none());
     assert!(s.tenants().any(|t| t.id == 2 && t.used() == 1));
+}
+
+#[test]
+fn a_prefaulted_pool_is_committed_and_serves_pages() {
+    let s = Store::open(
+        &StoreOptions {
+            capacity_pages: 256,
+            backing: Backing::Anonymous,
+            sync_writes: false,
+            prefault: true,
+        },
+        &tenants(),
+    )
+    .unwrap();
+    let t = s.tenant("a").unwrap().clone();
+    let p = [7u8; PAGE_SIZE];
+    assert_eq!(put(&s, &t, 1, &p), PageStatus::Ok);
+    assert_eq!(get(&s, &t, 1).unwrap(), p);
 }

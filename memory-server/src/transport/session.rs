@@ -345,6 +345,7 @@ mod tests {
                 capacity_pages: 64,
                 backing: Backing::Anonymous,
                 sync_writes: false,
+                prefault: false,
             },
             &[TenantSpec {
                 id: 0,
