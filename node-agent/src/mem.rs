@@ -154,13 +154,19 @@ impl Backing {
     /// Frees page `i`'s memory (and unmaps it); the next touch is a missing
     /// fault.
     pub fn free_page(&self, i: usize) -> io::Result<()> {
-        // SAFETY: punches one page-aligned page of our own memfd.
+        self.free_pages(i, 1)
+    }
+
+    /// Frees pages `first..first + n` in one call.
+    pub fn free_pages(&self, first: usize, n: usize) -> io::Result<()> {
+        assert!((first + n) * PAGE_SIZE <= self.len);
+        // SAFETY: punches a page-aligned range inside our own memfd.
         cvt(unsafe {
             libc::fallocate(
                 self.fd.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                (i * PAGE_SIZE) as libc::off_t,
-                PAGE_SIZE as libc::off_t,
+                (first * PAGE_SIZE) as libc::off_t,
+                (n * PAGE_SIZE) as libc::off_t,
             )
         })
     }

@@ -80,12 +80,19 @@ pub(crate) fn run(inner: &Inner, mut conn: Remotes) {
 /// stay in memory, unchanged).
 fn evict(inner: &Inner, remotes: &mut Remotes, victims: &[usize], pages: &mut [Page]) -> bool {
     let states = &inner.states;
+    // Victims whose memory can go, freed together at the end in runs.
+    let mut done: Vec<Release> = Vec::with_capacity(victims.len());
     // (server, page, buffer index) of the pages to send.
     let mut send: Vec<(u8, usize, usize)> = Vec::with_capacity(victims.len());
     for &v in victims {
         let s = states.get(v);
         if s.has(CLEAN) && s.has(STORED) {
-            release(inner, v, Kind::Remote, s.server(), 0);
+            done.push(Release {
+                page: v,
+                kind: Kind::Remote,
+                server: s.server(),
+                flags: 0,
+            });
             inner
                 .stats
                 .pages_dropped_clean
@@ -100,7 +107,12 @@ fn evict(inner: &Inner, remotes: &mut Remotes, victims: &[usize], pages: &mut [P
             continue;
         }
         if buf.iter().all(|&b| b == 0) {
-            release(inner, v, Kind::Absent, s.server(), 0);
+            done.push(Release {
+                page: v,
+                kind: Kind::Absent,
+                server: s.server(),
+                flags: 0,
+            });
             inner
                 .stats
                 .pages_dropped_zero
@@ -119,9 +131,18 @@ fn evict(inner: &Inner, remotes: &mut Remotes, victims: &[usize], pages: &mut [P
     send.sort_unstable_by_key(|&(server, _, _)| server);
     let mut all_ok = true;
     for group in send.chunk_by(|a, b| a.0 == b.0) {
-        all_ok &= put_group(inner, remotes, group, pages);
+        all_ok &= put_group(inner, remotes, group, pages, &mut done);
     }
+    release_all(inner, &mut done);
     all_ok
+}
+
+/// A victim whose memory may be freed, and the state it then takes.
+struct Release {
+    page: usize,
+    kind: Kind,
+    server: u8,
+    flags: u32,
 }
 
 /// Stores pages bound for one server.
@@ -130,6 +151,7 @@ fn put_group(
     remotes: &mut Remotes,
     group: &[(u8, usize, usize)],
     pages: &[Page],
+    done: &mut Vec<Release>,
 ) -> bool {
     let server = group[0].0;
     let Some(conn) = remotes.get(&inner.placement, server) else {
@@ -160,7 +182,12 @@ fn put_group(
             let mut all_ok = true;
             for (&(_, v, _), status) in group.iter().zip(&statuses) {
                 if *status == PageStatus::Ok {
-                    release(inner, v, Kind::Remote, server, STORED | CLEAN);
+                    done.push(Release {
+                        page: v,
+                        kind: Kind::Remote,
+                        server,
+                        flags: STORED | CLEAN,
+                    });
                     inner.stats.pages_evicted.fetch_add(1, Ordering::Relaxed);
                 } else {
                     all_ok = false;
@@ -185,22 +212,37 @@ fn put_group(
     }
 }
 
-/// Frees an evicted page's memory and publishes its new state (`server`
-/// holds its copy when `STORED` is or becomes set).
-fn release(inner: &Inner, v: usize, kind: Kind, server: u8, flags: u32) {
-    let s = inner.states.get(v).with_server(server);
-    if let Err(e) = inner.backing.free_page(v) {
-        tracing::error!(page = v, error = %e, "cannot free page memory; keeping it");
-        // Still in memory, but what the server acknowledged is recorded, so
-        // its copy is known (and freed with the region).
-        finish(inner, v, State(s.0 | flags).with_kind(Kind::Inactive));
-        return;
+/// Frees the memory of released victims, one `fallocate` per run of
+/// consecutive pages, then publishes their new states (`server` holds a
+/// page's copy when `STORED` is or becomes set).
+fn release_all(inner: &Inner, done: &mut [Release]) {
+    done.sort_unstable_by_key(|r| r.page);
+    for run in done.chunk_by(|a, b| a.page + 1 == b.page) {
+        let freed = inner.backing.free_pages(run[0].page, run.len());
+        for r in run {
+            let s = inner.states.get(r.page).with_server(r.server);
+            match &freed {
+                Ok(()) => {
+                    let next = State(s.0 | r.flags)
+                        .with_kind(r.kind)
+                        .clear(WAITER | PREFETCHED);
+                    finish(inner, r.page, next);
+                    inner.uncharge(1);
+                }
+                Err(e) => {
+                    tracing::error!(page = r.page, error = %e, "cannot free page memory; keeping it");
+                    // Still in memory, but what the server acknowledged is
+                    // recorded, so its copy is known (and freed with the
+                    // region).
+                    finish(
+                        inner,
+                        r.page,
+                        State(s.0 | r.flags).with_kind(Kind::Inactive),
+                    );
+                }
+            }
+        }
     }
-    let next = State(s.0 | flags)
-        .with_kind(kind)
-        .clear(WAITER | PREFETCHED);
-    finish(inner, v, next);
-    inner.uncharge(1);
 }
 
 /// Puts a victim back, unchanged, as an inactive page.
