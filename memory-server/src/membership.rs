@@ -1,7 +1,9 @@
 //! Cluster membership of a memory server: joins the coordinator, keeps its
 //! lease with its usage in every heartbeat, and frees the pages of ranges
 //! that an invalidation reaches (an agent unmapped them, or its region was
-//! dropped), acknowledging only once they are gone.
+//! dropped), acknowledging only once they are gone. On every registration
+//! (first, or again after a lost lease or a fence) it reconciles its store
+//! with the registry (see [`reconcile`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,9 +19,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ClusterConfig;
 use crate::store::Store;
 
-/// Frees invalidated pages.
+/// Frees invalidated pages; reconciles the store with the registry on
+/// every registration.
 struct FreeInvalidated {
     store: Arc<Store>,
+    client: ControlClient,
 }
 
 impl Subscriber for FreeInvalidated {
@@ -60,6 +64,120 @@ impl Subscriber for FreeInvalidated {
             Ok(())
         })
     }
+
+    fn registered(&self, member_id: u64) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            match reconcile(&self.store, &self.client, member_id).await {
+                Ok(r) if r.freed > 0 || r.subscribed > 0 => tracing::info!(
+                    freed = r.freed,
+                    subscribed = r.subscribed,
+                    "reconciled stored pages with the cluster's intervals"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reconcile stored pages with the cluster")
+                }
+            }
+        })
+    }
+}
+
+/// What a reconcile did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reconciled {
+    freed: u64,
+    subscribed: u64,
+}
+
+/// Brings the store in line with the registry after (re)joining: a server
+/// that was away or fenced missed invalidations and lost its subscriptions.
+/// Every stored page no live interval of its tenant covers is freed (it
+/// belonged to a range unmapped meanwhile), and the server subscribes to
+/// every interval whose pages it holds, so later invalidations reach it.
+///
+/// The store is scanned before the intervals are listed: a page stored
+/// after the scan is not a candidate, and one stored before it belongs to
+/// an interval registered before it, which the listing then shows. In a
+/// cluster every page belongs to a registered interval; pages written by
+/// clients outside the cluster's agents do not survive a reconcile.
+async fn reconcile(
+    store: &Arc<Store>,
+    client: &ControlClient,
+    member_id: u64,
+) -> Result<Reconciled, ControlError> {
+    let scan = store.clone();
+    let candidates: Vec<(String, Vec<u64>)> = tokio::task::spawn_blocking(move || {
+        scan.tenants()
+            .map(|t| (t.name.clone(), scan.handles(t)))
+            .filter(|(_, h)| !h.is_empty())
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
+    if candidates.is_empty() {
+        return Ok(Reconciled::default());
+    }
+    let intervals = client
+        .intervals()
+        .list(pb::ListIntervalsRequest::default())
+        .await?
+        .into_inner()
+        .intervals;
+    let mut done = Reconciled::default();
+    let mut to_free: Vec<(String, Vec<u64>)> = Vec::new();
+    let mut to_subscribe = std::collections::BTreeSet::new();
+    for (tenant, handles) in candidates {
+        // (first handle, end, interval) of the tenant's intervals, sorted.
+        let mut ranges: Vec<(u64, u64, &pb::Interval)> = intervals
+            .iter()
+            .filter(|iv| iv.tenant == tenant)
+            .map(|iv| (iv.handle_base, iv.handle_base + iv.length / 4096, iv))
+            .collect();
+        ranges.sort_unstable_by_key(|r| r.0);
+        let mut orphans = Vec::new();
+        for h in handles {
+            let k = ranges.partition_point(|r| r.0 <= h);
+            match k.checked_sub(1).map(|k| ranges[k]) {
+                Some((_, end, iv)) if h < end => {
+                    if !iv.subscribers.contains(&member_id) {
+                        to_subscribe.insert(iv.id);
+                    }
+                }
+                _ => orphans.push(h),
+            }
+        }
+        if !orphans.is_empty() {
+            to_free.push((tenant, orphans));
+        }
+    }
+    for id in to_subscribe {
+        client
+            .intervals()
+            .subscribe(pb::SubscribeRequest {
+                interval_id: id,
+                member_id,
+            })
+            .await?;
+        done.subscribed += 1;
+    }
+    let store = store.clone();
+    done.freed = tokio::task::spawn_blocking(move || {
+        let mut freed = 0;
+        for (tenant, handles) in to_free {
+            let Some(t) = store.tenant(&tenant) else {
+                continue;
+            };
+            for h in handles {
+                if store.free(t, h) == rmem_proto::wire::PageStatus::Ok {
+                    freed += 1;
+                }
+            }
+        }
+        freed
+    })
+    .await
+    .unwrap_or(0);
+    Ok(done)
 }
 
 /// A server's membership, running in the background.
@@ -121,10 +239,11 @@ impl Membership {
             transports: vec!["tcp".into()],
         };
         let session = MemberSession::start(
-            client,
+            client.clone(),
             req,
             Arc::new(FreeInvalidated {
                 store: store.clone(),
+                client,
             }),
         )
         .await?;

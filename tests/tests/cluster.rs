@@ -435,3 +435,81 @@ fn discarding_a_range_in_a_cluster_frees_it_on_every_server_through_invalidation
         assert_eq!(mem.read(p), want, "page {p}");
     }
 }
+
+#[test]
+fn a_fenced_server_reconciles_its_pages_when_it_registers_again() {
+    let coord = Coordinator::start(&[
+        "--placement-chunk",
+        "1MiB",
+        "--lease",
+        "1s",
+        "--invalidation-deadline",
+        "300ms",
+    ]);
+    let endpoint = coord.addr.to_string();
+    let mem = ServerProcess::start(&[
+        "--capacity",
+        "64MiB",
+        "--coordinator",
+        &endpoint,
+        "--name",
+        "mem",
+    ]);
+    let agent = Cluster::connect(&ClusterConfig::new(endpoint.clone())).unwrap();
+    let kept = region(&agent, 2048, 128);
+    let gone = RemoteRegion::in_cluster(
+        RegionConfig {
+            size: (1024 * PAGE_SIZE) as u64,
+            budget: (64 * PAGE_SIZE) as u64,
+            fault_timeout: Duration::from_millis(500),
+            ..RegionConfig::default()
+        },
+        &agent,
+    )
+    .unwrap();
+    for (r, round) in [(&kept, 1), (&gone, 2)] {
+        let m = Pages { r };
+        for p in 0..r.pages() {
+            m.write(p, round);
+        }
+    }
+    assert!(used(std::slice::from_ref(&mem))[0] > 2000);
+    let mem_id = rmemctl_json(&coord, &["servers"])[0]["id"]
+        .as_u64()
+        .unwrap();
+
+    // The server stops answering; the region dropped meanwhile fences it,
+    // and its direct FREE fallback cannot reach it either: those pages are
+    // orphans on the server, and it is no longer subscribed to `kept`.
+    mem.daemon.signal(libc::SIGSTOP);
+    drop(gone);
+    mem.daemon.signal(libc::SIGCONT);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let ivs = rmemctl_json(&coord, &["intervals"]);
+            ivs.as_array().unwrap().len() == 1
+                && ivs[0]["subscribers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s.as_u64() == Some(mem_id))
+        }),
+        "the server did not subscribe again to the interval whose pages it holds: {}",
+        rmemctl_json(&coord, &["intervals"])
+    );
+    assert!(
+        rmemctl_json(&coord, &["status"])["members_fenced_total"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    // Every page of `kept` is still there and right.
+    let m = Pages { r: &kept };
+    for p in 0..kept.pages() {
+        assert!(m.check(p, 1), "page {p}");
+    }
+    // Dropping `kept` reaches the server again, and the orphans of `gone`
+    // were freed when it registered again: nothing is left.
+    drop(kept);
+    assert_eq!(used(std::slice::from_ref(&mem)), [0]);
+}

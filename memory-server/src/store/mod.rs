@@ -284,6 +284,19 @@ impl Store {
         self.by_name.get(name)
     }
 
+    /// Handles of every page stored for `tenant`, sorted (a snapshot: pages
+    /// stored or freed meanwhile may or may not appear).
+    pub fn handles(&self, tenant: &Tenant) -> Vec<u64> {
+        let mut out: Vec<u64> = self
+            .index
+            .iter()
+            .filter(|e| e.key().tenant == tenant.id)
+            .map(|e| e.key().handle)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
     /// Every tenant, including unconfigured ones found in a pool file.
     pub fn tenants(&self) -> impl Iterator<Item = &Arc<Tenant>> {
         self.tenants.values()
