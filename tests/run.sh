@@ -14,9 +14,11 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-# System packages: iproute2 for the multi-host suite (network namespaces).
+# System packages: iproute2 for the multi-host suite (network namespaces),
+# systemd for systemd-analyze (the units in deploy/systemd are verified).
 need=()
 command -v ip >/dev/null || need+=(iproute2)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     step "installing ${need[*]}"

@@ -3,12 +3,14 @@
 //! Each module is one concept: [`config`] reads configuration files and
 //! names bad fields, [`size`] parses and prints byte sizes the way
 //! operators write them (`4GiB`), [`histogram`] records latencies without
-//! locks, [`logging`] sets up `tracing`, [`shutdown`] turns SIGINT/SIGTERM
+//! locks, [`logging`] sets up `tracing`, [`notify`] speaks systemd's
+//! readiness protocol, [`shutdown`] turns SIGINT/SIGTERM
 //! into a future.
 
 pub mod config;
 pub mod histogram;
 pub mod logging;
+pub mod notify;
 pub mod shutdown;
 pub mod size;
 

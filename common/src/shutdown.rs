@@ -18,16 +18,21 @@ impl std::fmt::Display for StopSignal {
     }
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
+/// Installs the SIGINT and SIGTERM handlers now and returns a future that
+/// resolves on the first of them. Install before announcing readiness, so
+/// a stop request that follows it at once is not lost to the default
+/// action (which would kill the process without draining).
 ///
 /// # Panics
 /// If the signal handlers cannot be installed (only possible outside a
 /// tokio runtime with signal support, which is a programming error).
-pub async fn stop_signal() -> StopSignal {
+pub fn stop_signal() -> impl std::future::Future<Output = StopSignal> {
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => StopSignal::Terminate,
-        _ = int.recv() => StopSignal::Interrupt,
+    async move {
+        tokio::select! {
+            _ = term.recv() => StopSignal::Terminate,
+            _ = int.recv() => StopSignal::Interrupt,
+        }
     }
 }

@@ -132,8 +132,11 @@ fn run(args: &Args) -> Result<(), MainError> {
         .build()
         .map_err(MainError::Runtime)?;
     rt.block_on(async {
+        let stop = rmem_common::shutdown::stop_signal();
         let c = Coordinator::start(&cfg).await?;
-        let sig = rmem_common::shutdown::stop_signal().await;
+        rmem_common::notify::ready();
+        let sig = stop.await;
+        rmem_common::notify::stopping();
         tracing::info!(signal = %sig, "stopping");
         c.shutdown().await;
         Ok(())

@@ -185,8 +185,11 @@ fn run(args: Args) -> Result<(), MainError> {
         .build()
         .map_err(MainError::Runtime)?;
     runtime.block_on(async {
+        let stop = rmem_common::shutdown::stop_signal();
         let server = Server::start(&cfg, token.as_deref()).await?;
-        let signal = rmem_common::shutdown::stop_signal().await;
+        rmem_common::notify::ready();
+        let signal = stop.await;
+        rmem_common::notify::stopping();
         tracing::info!(%signal, "stopping: draining connections");
         server.shutdown().await?;
         Ok(())
