@@ -325,34 +325,50 @@ async fn run(
         if *stopped.borrow() {
             return;
         }
+        let started = std::time::Instant::now();
         let outcome = tokio::select! {
             o = serve(&client, &state, &*subscriber) => o,
             _ = stopped.changed() => return,
         };
         state.live.store(false, Ordering::Release);
+        if started.elapsed() > Duration::from_secs(5) {
+            backoff = Duration::from_millis(50);
+        }
+        let pause = |backoff: &mut Duration| {
+            let d = *backoff;
+            *backoff = (*backoff * 2).min(Duration::from_secs(2));
+            d
+        };
         match outcome {
+            Lost::Connection(why) => {
+                // The registration may well still hold (a blip, or a
+                // coordinator restart that kept it): keep this identity and
+                // its undelivered events; a lapsed lease answers
+                // `lease_expired` and takes the other branch.
+                tracing::warn!(error = %why, "coordinator connection lost; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause(&mut backoff)) => {}
+                    _ = stopped.changed() => return,
+                }
+            }
             Lost::Membership(why) => {
                 tracing::warn!(reason = %why, "membership lost: dropping mirrors and registering again");
                 subscriber.reset().await;
-            }
-            Lost::Connection(why) => {
-                tracing::warn!(error = %why, "coordinator connection lost; retrying");
-            }
-        }
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = stopped.changed() => return,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-            // After a lost connection the old registration may still hold:
-            // try the stream first; a stale one answers `lease_expired`.
-            match register(&client, &req, &state, &*subscriber).await {
-                Ok(()) => {
-                    backoff = Duration::from_millis(50);
-                    break;
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause(&mut backoff)) => {}
+                        _ = stopped.changed() => return,
+                    }
+                    match register(&client, &req, &state, &*subscriber).await {
+                        Ok(()) => {
+                            backoff = Duration::from_millis(50);
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot register with the coordinator")
+                        }
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot register with the coordinator"),
             }
         }
     }

@@ -126,6 +126,9 @@ impl Cluster {
         }
         let epoch = c.epoch + 1;
         c.commit(Record::Epoch { epoch })?;
+        // Every interval starts the new epoch's sequence: a sequence read
+        // before the restart (any epoch before) is never current again.
+        c.intervals.restart_sequences(epoch);
         tracing::info!(
             epoch,
             records = replayed,
@@ -543,10 +546,7 @@ impl Cluster {
         for &m in std::iter::once(&req.owner).chain(&req.subscribers) {
             let member = self.members.get(m)?;
             if !member.serving() {
-                return Err(CoordError::invalid(
-                    "subscribers",
-                    format!("member {m} holds no current lease"),
-                ));
+                return Err(CoordError::LeaseExpired(m));
             }
             subscribers.insert(m);
         }
@@ -585,10 +585,7 @@ impl Cluster {
         let iv = self.intervals.get(interval)?;
         let m = self.members.get(member)?;
         if !m.serving() {
-            return Err(CoordError::invalid(
-                "member_id",
-                format!("member {member} holds no current lease"),
-            ));
+            return Err(CoordError::LeaseExpired(member));
         }
         let seq = iv.seq;
         if !iv.subscribers.contains(&member) {
@@ -679,7 +676,7 @@ impl Cluster {
         let lapsed = pending.fenced.clone();
         self.fanout.pending.insert(id, pending);
         for m in lapsed {
-            self.fence(m, id)?;
+            self.fence(m, id);
         }
         tracing::debug!(invalidation = id, space = %req.address_space, start = req.start, end, intervals = seqs.len(), "invalidation begun");
         Ok(Begun {
@@ -716,7 +713,7 @@ impl Cluster {
                 invalidation = id,
                 "member did not acknowledge an invalidation in time: fenced"
             );
-            self.fence(m, id)?;
+            self.fence(m, id);
         }
         let p = self
             .fanout
@@ -736,18 +733,24 @@ impl Cluster {
 
     /// Revokes `member`'s lease: its subscriptions end, its stream gets a
     /// fencing notice, and no invalidation waits for it any more.
-    fn fence(&mut self, member: u64, invalidation: u64) -> Result<(), CoordError> {
+    fn fence(&mut self, member: u64, invalidation: u64) {
         let already = self
             .members
             .get(member)
             .is_ok_and(|m| m.liveness == Liveness::Fenced);
         if !already {
-            self.commit(Record::MemberFenced { id: member })?;
+            let record = Record::MemberFenced { id: member };
+            if let Err(e) = self.store.append(&record) {
+                // The fence holds for this run (applied below); only its
+                // memory across a restart is lost, and a restart makes every
+                // member heartbeat again anyway.
+                tracing::error!(member, error = %e, "cannot record a fence");
+            }
+            self.apply(&record, Instant::now());
             self.counters.fenced += 1;
         }
         self.fanout.mailbox(member).fence(invalidation);
         self.settle_everywhere(member, false);
-        Ok(())
     }
 
     /// No pending invalidation waits for `member` any more.
@@ -760,7 +763,23 @@ impl Cluster {
     /// Validates a watch request; returns the member's stream generation.
     pub fn open_watch(&mut self, member: u64, incarnation: u64) -> Result<u64, CoordError> {
         self.members.check_current(member, incarnation)?;
+        // Drains in progress are state, not events: tell every new stream
+        // (after a reconnect, a re-registration or a coordinator restart)
+        // about the grants it holds on draining servers.
+        let mut by_server: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for g in self.grants.iter().filter(|g| g.agent == member) {
+            if self.members.get(g.server).is_ok_and(|s| s.rec.draining) {
+                by_server.entry(g.server).or_default().push(g.id);
+            }
+        }
         let mb = self.fanout.mailbox(member);
+        mb.drop_drain_notices();
+        for (server_id, grant_ids) in by_server {
+            mb.push(Event::Drain(pb::DrainNotice {
+                server_id,
+                grant_ids,
+            }));
+        }
         mb.closed = false;
         mb.generation += 1;
         mb.notify.notify_waiters();

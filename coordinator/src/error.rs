@@ -68,7 +68,7 @@ impl CoordError {
             | Self::Left { .. }
             | Self::StaleIncarnation { .. } => Code::FailedPrecondition,
             Self::QuotaExceeded { .. } | Self::NoCapacity { .. } => Code::ResourceExhausted,
-            Self::Busy(_) => Code::DeadlineExceeded,
+            Self::Busy(_) => Code::Unavailable,
             Self::Unauthenticated => Code::Unauthenticated,
             Self::State(_) => Code::Unavailable,
         }

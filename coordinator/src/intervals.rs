@@ -143,6 +143,14 @@ impl Intervals {
         Some(iv)
     }
 
+    /// Starts every interval's sequence at `epoch << 32`.
+    pub fn restart_sequences(&mut self, epoch: u64) {
+        self.epoch = epoch;
+        for iv in self.by_id.values_mut() {
+            iv.seq = epoch << 32;
+        }
+    }
+
     /// Ends every subscription of `member`.
     pub fn unsubscribe_everywhere(&mut self, member: u64) {
         for iv in self.by_id.values_mut() {

@@ -61,6 +61,13 @@ impl Mailbox {
         });
     }
 
+    /// Drops queued drain notices (they are rebuilt from state when a
+    /// stream opens, so they never pile up).
+    pub fn drop_drain_notices(&mut self) {
+        self.events
+            .retain(|(_, e)| !matches!(&e.event, Some(Event::Drain(_))));
+    }
+
     /// Replaces everything with a fencing notice and closes the mailbox.
     pub fn fence(&mut self, invalidation: u64) {
         self.events.clear();

@@ -395,7 +395,7 @@ fn state_survives_a_restart_with_a_new_epoch() {
         let a = c.register(&agent("a")).unwrap().id;
         let s = c.register(&server("s", 100)).unwrap().id;
         let fenced = c.register(&agent("f")).unwrap().id;
-        let (iv, _) = c
+        let (iv, seq0) = c
             .register_interval(&interval("p", 0, 8, a, &[s, fenced]))
             .unwrap();
         let (gone, _) = c.register_interval(&interval("p", 8, 8, a, &[])).unwrap();
@@ -406,7 +406,7 @@ fn state_survives_a_restart_with_a_new_epoch() {
         c.ack(a, b.id).unwrap();
         c.ack(s, b.id).unwrap();
         c.finish_invalidation(b.id).unwrap();
-        (a, s, iv, c.intervals.get(iv).unwrap().seq, gone, c.epoch())
+        (a, s, iv, seq0, gone, c.epoch())
     };
     let mut c = open(&config);
     assert_eq!(c.epoch(), epoch + 1);

@@ -162,10 +162,20 @@ impl StateStore for FileLog {
     fn append(&mut self, record: &Record) -> Result<(), StateError> {
         let mut buf = Vec::with_capacity(256);
         encode(record, &mut buf);
-        self.file
+        let before = self.file.metadata().map_err(|e| io(&self.path, e))?.len();
+        let written = self
+            .file
             .write_all(&buf)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| io(&self.path, e))?;
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // A partial record (disk full) followed by later good ones would
+            // read as damage mid-file: cut it off now.
+            let _ = self
+                .file
+                .set_len(before)
+                .and_then(|()| self.file.sync_data());
+            return Err(io(&self.path, e));
+        }
         self.appended += 1;
         Ok(())
     }

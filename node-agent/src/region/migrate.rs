@@ -55,6 +55,13 @@ pub(crate) fn move_pages(inner: &Inner, from: u8, to: u8, passes: usize) -> Move
         let mut left = 0;
         for i in 0..inner.states.len() {
             let s = inner.states.get(i);
+            // A page owned by another thread may be on its way to the old
+            // server (an eviction that read the segment's server before it
+            // was re-pointed, not yet STORED): count it until it settles.
+            if matches!(s.kind(), Kind::Fetching | Kind::Evicting) {
+                left += 1;
+                continue;
+            }
             if !s.has(STORED) || s.server() != from {
                 continue;
             }
@@ -68,10 +75,13 @@ pub(crate) fn move_pages(inner: &Inner, from: u8, to: u8, passes: usize) -> Move
                 }
                 Kind::Active | Kind::Inactive | Kind::Absent => {
                     // The local copy (or zero page) is the truth; the old
-                    // server's copy is just dropped.
-                    if inner.states.cas(i, s, s.clear(STORED | CLEAN)) {
-                        report.forgotten += 1;
+                    // server's copy is dropped. The page is held while its
+                    // copy is freed, so no eviction can store a new copy
+                    // there that this FREE would then delete.
+                    if inner.states.cas(i, s, s.with_kind(Kind::Fetching)) {
                         free_old(inner, &mut remotes, from, &[inner.handle(i)]);
+                        finish(inner, i, s.clear(STORED | CLEAN));
+                        report.forgotten += 1;
                     } else {
                         left += 1;
                     }
