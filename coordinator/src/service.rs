@@ -325,7 +325,14 @@ pub async fn reap(shared: &Arc<Shared>, member: u64) {
             )
         })
         .collect();
+    // The agent may come back while this runs: stop as soon as it holds a
+    // lease again (what is reclaimed by then stays reclaimed).
+    let back = |shared: &Arc<Shared>| shared.lock().members.get(member).is_ok_and(|m| m.serving());
     for (interval, req) in owned {
+        if back(shared) {
+            tracing::info!(member, "agent came back; reaping stopped");
+            return;
+        }
         match run_invalidation(shared, &req, shared.default_deadline).await {
             Ok((_, _, f)) if !f.fenced.is_empty() => {
                 tracing::warn!(member, interval, fenced = ?f.fenced, "reaping: some servers did not free the pages and were fenced")
@@ -336,6 +343,10 @@ pub async fn reap(shared: &Arc<Shared>, member: u64) {
         if let Err(e) = shared.lock().unregister_interval(interval) {
             tracing::warn!(member, interval, error = %e, "reaping: cannot unregister the interval");
         }
+    }
+    if back(shared) {
+        tracing::info!(member, "agent came back; reaping stopped");
+        return;
     }
     let grants: Vec<u64> = shared
         .lock()

@@ -17,7 +17,10 @@
 //! both ends) before returning the old grant.
 //!
 //! Regions run on plain threads; the control plane runs on a small tokio
-//! runtime owned by this link.
+//! runtime owned by this link, which the calls here block on. So
+//! [`Cluster::connect`], [`crate::RemoteRegion::in_cluster`], and dropping a
+//! region in a cluster or the cluster itself, must not happen on a thread
+//! that is running a tokio runtime (tokio refuses to block there).
 
 use std::future::Future;
 use std::pin::Pin;
