@@ -1360,3 +1360,75 @@ fn client_rejects_pages_whose_checksum_does_not_match() {
         assert_eq!(gets.load(Ordering::SeqCst), 2);
     });
 }
+
+#[test]
+fn a_client_that_takes_no_response_for_the_request_timeout_is_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = short_timeouts_server(&dir);
+    let mut filler = BlockingConnection::connect(&server.client_config()).unwrap();
+    fill(&mut filler, 0..64, 1);
+    let handles: Vec<u64> = (0..64).collect();
+
+    // Pipeline 64-page GETs and read nothing until the send blocks: the
+    // server's answers fill both socket buffers.
+    let mut raw = handshaken(&server);
+    raw.stream
+        .set_write_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut chunk = Vec::new();
+    'send: for id in 1..10_000u64 {
+        chunk.clear();
+        wire::encode_handles(&mut chunk, Opcode::Get, id, &handles);
+        let mut pos = 0;
+        while pos < chunk.len() {
+            match raw.stream.write(&chunk[pos..]) {
+                Ok(n) => pos += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    break 'send;
+                }
+                Err(e) => panic!("send failed early: {e}"),
+            }
+        }
+    }
+    // Stay silent past the request timeout (800 ms), reading nothing: the
+    // server gives up on the write and closes the connection. (Without a
+    // write timeout it would wait forever; the idle timeout cannot fire
+    // while a write is pending.)
+    let open = || {
+        runtime().block_on(async {
+            let mut admin = rmem_proto::admin::v1::server_admin_client::ServerAdminClient::connect(
+                format!("http://{}", server.grpc),
+            )
+            .await
+            .unwrap();
+            admin
+                .stats(rmem_proto::admin::v1::StatsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .connections_open
+        })
+    };
+    drop(filler);
+    assert!(
+        rmem_tests::wait_until(Duration::from_secs(10), || open() == 0),
+        "the server still holds the connection of a client that reads nothing"
+    );
+    // The client finds the connection gone once it reads what was sent.
+    raw.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match raw.stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+    // Others are served.
+    let mut other = BlockingConnection::connect(&server.client_config()).unwrap();
+    let mut out = vec![[0u8; wire::PAGE_SIZE]; 1];
+    other.get(&[1], &mut out).unwrap();
+}

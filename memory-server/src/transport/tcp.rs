@@ -170,9 +170,27 @@ impl Connection {
         let _ = self.stream.shutdown().await;
     }
 
+    /// Writes the pending responses. A client that takes none of them for
+    /// the request timeout is gone or stuck: the connection ends rather
+    /// than hold its slot (and its buffers) forever.
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.outbuf.is_empty() {
-            self.stream.write_all(&self.outbuf).await?;
+            let limit = self.timeouts.request;
+            let mut written = 0;
+            while written < self.outbuf.len() {
+                match tokio::time::timeout(limit, self.stream.write(&self.outbuf[written..])).await
+                {
+                    Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                    Ok(Ok(n)) => written += n,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the client took no response for the request timeout",
+                        ));
+                    }
+                }
+            }
             self.outbuf.clear();
         }
         Ok(())
