@@ -46,11 +46,7 @@ impl Subscriber for FreeInvalidated {
                     let Some(t) = store.tenant(&tenant) else {
                         continue;
                     };
-                    for h in first..first.saturating_add(pages) {
-                        if store.free(t, h) == rmem_proto::wire::PageStatus::Ok {
-                            freed += 1;
-                        }
-                    }
+                    freed += store.free_range(t, first, pages);
                 }
                 freed
             })
@@ -150,16 +146,8 @@ async fn reconcile(
             to_free.push((tenant, orphans));
         }
     }
-    for id in to_subscribe {
-        client
-            .intervals()
-            .subscribe(pb::SubscribeRequest {
-                interval_id: id,
-                member_id,
-            })
-            .await?;
-        done.subscribed += 1;
-    }
+    // Orphans first: once the server shows up as a subscriber again, what
+    // no interval covers is already gone.
     let store = store.clone();
     done.freed = tokio::task::spawn_blocking(move || {
         let mut freed = 0;
@@ -177,6 +165,24 @@ async fn reconcile(
     })
     .await
     .unwrap_or(0);
+    for id in to_subscribe {
+        let r = client
+            .intervals()
+            .subscribe(pb::SubscribeRequest {
+                interval_id: id,
+                member_id,
+            })
+            .await;
+        match r {
+            Ok(_) => done.subscribed += 1,
+            // Unregistered since the listing: its pages stay until the next
+            // reconcile (the next registration).
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                tracing::debug!(interval = id, "interval gone while reconciling");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(done)
 }
 

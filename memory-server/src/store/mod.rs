@@ -297,6 +297,27 @@ impl Store {
         out
     }
 
+    /// Frees every page of `tenant` with a handle in `first..first + n`;
+    /// returns how many were stored. The work is bounded by the smaller of
+    /// the range and the tenant's stored pages: a huge range (a whole
+    /// region unmapped) scans the index instead of probing every handle.
+    pub fn free_range(&self, tenant: &Tenant, first: u64, n: u64) -> u64 {
+        let end = first.saturating_add(n);
+        let handles: Vec<u64> = if n <= tenant.used() {
+            (first..end).collect()
+        } else {
+            self.index
+                .iter()
+                .filter(|e| e.key().tenant == tenant.id && (first..end).contains(&e.key().handle))
+                .map(|e| e.key().handle)
+                .collect()
+        };
+        handles
+            .into_iter()
+            .filter(|&h| self.free(tenant, h) == PageStatus::Ok)
+            .count() as u64
+    }
+
     /// Every tenant, including unconfigured ones found in a pool file.
     pub fn tenants(&self) -> impl Iterator<Item = &Arc<Tenant>> {
         self.tenants.values()

@@ -304,3 +304,21 @@ fn a_prefaulted_pool_is_committed_and_serves_pages() {
     assert_eq!(put(&s, &t, 1, &p), PageStatus::Ok);
     assert_eq!(get(&s, &t, 1).unwrap(), p);
 }
+
+#[test]
+fn free_range_probes_small_ranges_and_scans_for_huge_ones() {
+    let s = anon(64);
+    let t = s.tenant("a").unwrap().clone();
+    let p = [3u8; PAGE_SIZE];
+    for h in (1..10).chain([1000]) {
+        assert_eq!(put(&s, &t, h, &p), PageStatus::Ok);
+    }
+    // A range smaller than what is stored: probed handle by handle.
+    assert_eq!(s.free_range(&t, 0, 5), 4);
+    assert_eq!(get(&s, &t, 4), Err(PageStatus::NotFound));
+    assert!(get(&s, &t, 5).is_ok());
+    // A range far larger than what is stored: the index is scanned.
+    assert_eq!(s.free_range(&t, 0, 1 << 40), 6);
+    assert_eq!(t.used(), 0);
+    assert_eq!(s.free_range(&t, u64::MAX - 2, 100), 0);
+}
