@@ -1386,7 +1386,14 @@ fn a_client_that_takes_no_response_for_the_request_timeout_is_disconnected() {
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                     break 'send;
                 }
-                Err(e) => panic!("send failed early: {e}"),
+                // On a loaded machine the server may give up on us before
+                // our own send buffer fills: that is the outcome under test.
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) =>
+                {
+                    break 'send;
+                }
+                Err(e) => panic!("send failed: {e}"),
             }
         }
     }
