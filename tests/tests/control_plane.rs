@@ -437,7 +437,7 @@ fn read_retry_reports_an_invalidation_that_raced_a_populate() {
 
 #[test]
 fn an_expired_lease_marks_a_server_down_and_placement_avoids_it() {
-    let coord = Coordinator::start(&["--lease", "400ms"]);
+    let coord = Coordinator::start(&["--lease", "1500ms"]);
     runtime().block_on(async {
         let c = coord.client().await;
         let live = MemberSession::start(
@@ -468,7 +468,7 @@ fn an_expired_lease_marks_a_server_down_and_placement_avoids_it() {
                 .members
         };
         let mut down = false;
-        for _ in 0..100 {
+        for _ in 0..400 {
             let ms = members().await;
             let s = ms.iter().find(|m| m.id == silent.member_id).unwrap();
             if s.state == pb::MemberState::Down as i32 {
@@ -859,7 +859,7 @@ fn a_server_joins_and_frees_pages_of_an_invalidated_range_before_it_returns() {
     runtime().block_on(async {
         let c = coord.client().await;
         let mut used = 0;
-        for _ in 0..100 {
+        for _ in 0..400 {
             let s = c
                 .admin()
                 .status(pb::StatusRequest {})
