@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole rmem test suite: formatting, lints, every unit and integration
-# test, and a quick benchmark run that keeps the benchmark harness working.
+# test, the multi-host suite (network namespaces), the kernel-module suite in
+# a QEMU guest, and a quick benchmark run that keeps the benchmark harness
+# working.
 # Installs what it needs on a fresh Debian machine (root) before it starts.
 #
 #   bash tests/run.sh
@@ -55,9 +57,14 @@ cargo build --release --quiet -p rmem-agent -p rmem-bench
 step "the README's main job: rmem-agent demo, default flags (fails on any wrong byte)"
 ./target/release/rmem-agent demo
 
+step "kernel-module suite: Debian's stock kernel under QEMU, rmem.ko, rmem-vmtest (tests/vm/run.sh)"
+bash tests/vm/run.sh kmod 2>&1 | tee target/vm-output.txt
+
 step "rmem-bench --quick (keeps the benchmark harness working; figures are not judged)"
 ./target/release/rmem-bench --quick
 
-# One closing line for CI: sum of every test binary's result line.
+# One closing line for CI: sum of every test binary's result line and the
+# VM suite's "N passed, M failed".
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
-     END { printf "\nrmem: %d passed, %d failed\n", p, f }' target/test-output.txt
+     /^[0-9]+ passed, [0-9]+ failed/ { p += $1; f += $3 }
+     END { printf "\nrmem: %d passed, %d failed\n", p, f }' target/test-output.txt target/vm-output.txt

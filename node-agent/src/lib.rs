@@ -11,10 +11,12 @@
 //! - [`remote`]: a thread's reconnecting connection to a memory server.
 //! - [`cluster`]: membership in a cluster: placement from the coordinator,
 //!   intervals, invalidation on drop, moving pages off draining servers.
+//! - [`kmod`]: the kernel backend: `rmem.ko` through `/dev/rmem`.
 //! - [`demo`]: the `rmem-agent demo` workload and report.
 
 pub mod cluster;
 pub mod demo;
+pub mod kmod;
 pub mod mem;
 pub mod placement;
 pub mod policy;

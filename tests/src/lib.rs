@@ -33,7 +33,13 @@ pub fn target_dir() -> PathBuf {
 /// Path of workspace binary `name`. The first call in a test process runs
 /// `cargo build --workspace --bins` with the tests' profile (a no-op when
 /// they are current), so tests never run a stale binary.
+///
+/// With `RMEM_BIN_DIR` set (e.g. inside a VM guest, where there is no cargo)
+/// the binaries are taken from that directory as they are.
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("RMEM_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -1,0 +1,685 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! rmem: remote memory as device-private memory.
+//!
+//! Cold pages of attached processes move to `MEMORY_DEVICE_PRIVATE` pages
+//! whose contents live on rmem memory servers; a CPU touch faults them back
+//! (`migrate_to_ram`). The memory-management half is in `rmem_shim.c`; this
+//! file is the driver: `/dev/rmem`, its ioctls (`include/uapi/rmem.h`), the
+//! agent's request queue, attachments and eviction batches.
+//!
+//! Lock order (outermost first): `Shared::ctl` -> the target's `mmap_lock`
+//! (taken in C) -> `Shared::inner`. The fault path holds the `mmap_lock` and
+//! takes only `inner`, so `inner` is never held while taking `ctl` or any
+//! `mmap_lock`.
+
+use core::ffi::{c_int, c_ulong, c_void};
+use core::sync::atomic::{AtomicPtr, Ordering};
+use kernel::{
+    fs::File,
+    ioctl::{_IOC_SIZE, _IOR, _IOW, _IOWR},
+    miscdevice::{MiscDevice, MiscDeviceOptions, MiscDeviceRegistration},
+    new_condvar, new_mutex,
+    prelude::*,
+    sync::{CondVar, CondVarTimeoutResult, Mutex},
+    time::msecs_to_jiffies,
+    uaccess::{UserPtr, UserSlice},
+};
+
+module! {
+    type: RmemModule,
+    name: "rmem",
+    authors: ["rmem developers"],
+    description: "rmem: remote memory as device-private (HMM) memory",
+    license: "GPL",
+    params: {
+        capacity_mib: u64 {
+            default: 1024,
+            description: "Device-private capacity in MiB (grown in 64 MiB chunks)",
+        },
+        fault_timeout_ms: u32 {
+            default: 10000,
+            description: "How long a fault waits for the agent before SIGBUS",
+        },
+        evict_timeout_ms: u32 {
+            default: 10000,
+            description: "How long an eviction waits for the agent's commit before it is undone",
+        },
+    },
+}
+
+/// The C half (`rmem_shim.h`).
+mod shim {
+    use core::ffi::c_int;
+
+    #[repr(C)]
+    pub(crate) struct Att {
+        _opaque: [u8; 0],
+    }
+    #[repr(C)]
+    pub(crate) struct Batch {
+        _opaque: [u8; 0],
+    }
+
+    extern "C" {
+        pub(crate) fn rmem_pool_init(capacity_pages: core::ffi::c_ulong) -> c_int;
+        pub(crate) fn rmem_pool_exit();
+        pub(crate) fn rmem_pool_capacity() -> u64;
+        pub(crate) fn rmem_pool_in_use() -> u64;
+        pub(crate) fn rmem_pool_take_freed(out: *mut u64, max: u32) -> u32;
+        pub(crate) fn rmem_capable_admin() -> bool;
+        pub(crate) fn rmem_current_tgid() -> u32;
+        pub(crate) fn rmem_att_new(pid: i32, start: u64, len: u64, all: bool, err: *mut c_int)
+            -> *mut Att;
+        pub(crate) fn rmem_att_restore(a: *mut Att) -> core::ffi::c_long;
+        pub(crate) fn rmem_att_free(a: *mut Att);
+        pub(crate) fn rmem_evict_begin(
+            a: *mut Att,
+            start: u64,
+            max: u32,
+            data: u64,
+            addrs: u64,
+            timeout_ms: u32,
+            npages: *mut u32,
+            err: *mut c_int,
+        ) -> *mut Batch;
+        pub(crate) fn rmem_evict_commit(b: *mut Batch, handles: *const u64, status: *mut u8)
+            -> core::ffi::c_long;
+        pub(crate) fn rmem_batch_npages(b: *const Batch) -> u32;
+        pub(crate) fn rmem_batch_free(b: *mut Batch);
+    }
+}
+
+// ---- the ioctl interface: include/uapi/rmem.h ------------------------------
+
+const UAPI_VERSION: u32 = 1;
+const PAGE: usize = 4096;
+const MAX_BATCH: u32 = 512;
+const MAX_EVENTS: u32 = 256;
+const ATTACH_ALL: u32 = 1;
+const EVENT_FETCH: u32 = 1;
+const EVENT_FREED: u32 = 2;
+
+macro_rules! uapi_struct {
+    ($name:ident { $($field:ident: $ty:ty),* $(,)? }) => {
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct $name { $($field: $ty),* }
+        // SAFETY: plain integers, no padding (checked by the sizes below).
+        unsafe impl kernel::transmute::FromBytes for $name {}
+        // SAFETY: as above.
+        unsafe impl kernel::transmute::AsBytes for $name {}
+    };
+}
+
+uapi_struct!(Info {
+    version: u32, page_size: u32, capacity_pages: u64, pages_in_use: u64, faults: u64,
+    restored: u64, evicted: u64, fetch_timeouts: u64, attachments: u32, agent_pid: u32,
+});
+uapi_struct!(Attach { pid: i32, flags: u32, start: u64, len: u64, id: u64 });
+uapi_struct!(Detach { id: u64, restored: u64 });
+uapi_struct!(Evict {
+    id: u64, start: u64, max_pages: u32, npages: u32, batch: u64, data: u64, addrs: u64,
+});
+uapi_struct!(Commit { batch: u64, npages: u32, moved: u32, handles: u64, status: u64 });
+uapi_struct!(Event { kind: u32, pid: u32, id: u64, handle: u64, addr: u64 });
+uapi_struct!(Wait { max: u32, count: u32, timeout_ms: u32, pad: u32, events: u64 });
+uapi_struct!(Reply { id: u64, error: i32, pad: u32, data: u64 });
+
+const _: () = {
+    assert!(core::mem::size_of::<Info>() == 64);
+    assert!(core::mem::size_of::<Attach>() == 32);
+    assert!(core::mem::size_of::<Detach>() == 16);
+    assert!(core::mem::size_of::<Evict>() == 48);
+    assert!(core::mem::size_of::<Commit>() == 32);
+    assert!(core::mem::size_of::<Event>() == 32);
+    assert!(core::mem::size_of::<Wait>() == 24);
+    assert!(core::mem::size_of::<Reply>() == 24);
+};
+
+const MAGIC: u32 = b'R' as u32;
+const IOC_INFO: u32 = _IOR::<Info>(MAGIC, 0x00);
+const IOC_ATTACH: u32 = _IOWR::<Attach>(MAGIC, 0x01);
+const IOC_DETACH: u32 = _IOWR::<Detach>(MAGIC, 0x02);
+const IOC_EVICT_BEGIN: u32 = _IOWR::<Evict>(MAGIC, 0x03);
+const IOC_EVICT_COMMIT: u32 = _IOWR::<Commit>(MAGIC, 0x04);
+const IOC_EVICT_ABORT: u32 = _IOW::<u64>(MAGIC, 0x05);
+const IOC_WAIT: u32 = _IOWR::<Wait>(MAGIC, 0x06);
+const IOC_REPLY: u32 = _IOW::<Reply>(MAGIC, 0x07);
+
+// ---- shared state -----------------------------------------------------------
+
+/// A fault waiting for the agent.
+struct Request {
+    id: u64,
+    handle: u64,
+    tgid: u32,
+    addr: u64,
+    /// The fresh system page the reply is copied into (owned by the fault).
+    kaddr: *mut u8,
+    delivered: bool,
+    result: Option<i32>,
+}
+
+/// Fault requests and counters: what the fault path touches.
+struct Inner {
+    next_id: u64,
+    requests: KVec<Request>,
+    agent_tgid: u32,
+    faults: u64,
+    restored: u64,
+    evicted: u64,
+    fetch_timeouts: u64,
+}
+
+// SAFETY: `kaddr` points to a page owned by the waiting fault, which removes
+// its request under the lock before it lets the page go.
+unsafe impl Send for Inner {}
+
+/// Attachments and eviction batches: what the agent's control calls touch.
+struct Ctl {
+    next_id: u64,
+    atts: KVec<(u64, *mut shim::Att)>,
+    batches: KVec<(u64, *mut shim::Batch)>,
+}
+
+// SAFETY: the C objects are only used under the `ctl` lock or after being
+// removed from it by their single owner.
+unsafe impl Send for Ctl {}
+
+#[pin_data]
+struct Shared {
+    #[pin]
+    ctl: Mutex<Ctl>,
+    #[pin]
+    inner: Mutex<Inner>,
+    /// The agent waits here for requests and freed handles.
+    #[pin]
+    events: CondVar,
+    /// Faults wait here for replies.
+    #[pin]
+    replies: CondVar,
+}
+
+static SHARED: AtomicPtr<Shared> = AtomicPtr::new(core::ptr::null_mut());
+
+fn shared() -> &'static Shared {
+    // SAFETY: set before the pool and the device exist, cleared after both
+    // are gone; every caller runs in between.
+    unsafe { &*SHARED.load(Ordering::Acquire) }
+}
+
+fn errno(e: c_int) -> Error {
+    Error::from_errno(e)
+}
+
+/// Called by the fault path (C) with the target's mmap_lock held.
+#[no_mangle]
+extern "C" fn rmem_rs_fetch(
+    handle: u64,
+    tgid: u32,
+    addr: c_ulong,
+    kaddr: *mut c_void,
+    fault: bool,
+) -> c_int {
+    let s = shared();
+    let mut g = s.inner.lock();
+    let id = g.next_id;
+    g.next_id += 1;
+    let req = Request {
+        id,
+        handle,
+        tgid,
+        addr: addr as u64,
+        kaddr: kaddr.cast(),
+        delivered: false,
+        result: None,
+    };
+    if g.requests.push(req, GFP_KERNEL).is_err() {
+        return ENOMEM.to_errno();
+    }
+    s.events.notify_all();
+    let mut left = msecs_to_jiffies(*module_parameters::fault_timeout_ms.value());
+    loop {
+        let pos = g.requests.iter().position(|r| r.id == id);
+        if let Some(i) = pos {
+            if let Some(result) = g.requests[i].result {
+                let _ = g.requests.remove(i);
+                if result == 0 && fault {
+                    g.faults += 1;
+                } else if result == 0 {
+                    g.restored += 1;
+                }
+                return result;
+            }
+        }
+        let outcome = if left == 0 {
+            CondVarTimeoutResult::Timeout
+        } else {
+            s.replies.wait_interruptible_timeout(&mut g, left)
+        };
+        match outcome {
+            CondVarTimeoutResult::Woken { jiffies } => left = jiffies,
+            CondVarTimeoutResult::Timeout | CondVarTimeoutResult::Signal { .. } => {
+                let timed_out = matches!(outcome, CondVarTimeoutResult::Timeout);
+                if let Some(i) = g.requests.iter().position(|r| r.id == id) {
+                    if let Some(result) = g.requests[i].result {
+                        let _ = g.requests.remove(i);
+                        return result;
+                    }
+                    let _ = g.requests.remove(i);
+                }
+                if timed_out {
+                    g.fetch_timeouts += 1;
+                    return ETIMEDOUT.to_errno();
+                }
+                return EINTR.to_errno();
+            }
+        }
+    }
+}
+
+/// Called by the pool (C) when a remote page was freed; may be atomic.
+#[no_mangle]
+extern "C" fn rmem_rs_wake() {
+    shared().events.notify_all();
+}
+
+// ---- the module ---------------------------------------------------------------
+
+struct RmemModule {
+    misc: Option<Pin<KBox<MiscDeviceRegistration<Agent>>>>,
+    shared: Option<Pin<KBox<Shared>>>,
+}
+
+impl kernel::Module for RmemModule {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        let shared = KBox::pin_init(
+            try_pin_init!(Shared {
+                ctl <- new_mutex!(Ctl { next_id: 1, atts: KVec::new(), batches: KVec::new() }),
+                inner <- new_mutex!(Inner {
+                    next_id: 1,
+                    requests: KVec::new(),
+                    agent_tgid: 0,
+                    faults: 0,
+                    restored: 0,
+                    evicted: 0,
+                    fetch_timeouts: 0,
+                }),
+                events <- new_condvar!(),
+                replies <- new_condvar!(),
+            }),
+            GFP_KERNEL,
+        )?;
+        let ptr: *const Shared = &*shared;
+        SHARED.store(ptr.cast_mut(), Ordering::Release);
+        let capacity_pages = *module_parameters::capacity_mib.value() * (1 << 20) / PAGE as u64;
+        // SAFETY: called once, before the device exists.
+        let ret = unsafe { shim::rmem_pool_init(capacity_pages as c_ulong) };
+        if ret != 0 {
+            SHARED.store(core::ptr::null_mut(), Ordering::Release);
+            return Err(errno(ret));
+        }
+        let misc = match KBox::pin_init(
+            MiscDeviceRegistration::register(MiscDeviceOptions { name: c"rmem" }),
+            GFP_KERNEL,
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                // SAFETY: no device pages exist yet.
+                unsafe { shim::rmem_pool_exit() };
+                SHARED.store(core::ptr::null_mut(), Ordering::Release);
+                return Err(e);
+            }
+        };
+        pr_info!(
+            "rmem: loaded, uapi {}, capacity {} MiB\n",
+            UAPI_VERSION,
+            *module_parameters::capacity_mib.value()
+        );
+        Ok(RmemModule { misc: Some(misc), shared: Some(shared) })
+    }
+}
+
+impl Drop for RmemModule {
+    fn drop(&mut self) {
+        // No agent has the device open (it holds a module reference) and no
+        // device page is in use (each holds one too).
+        self.misc.take();
+        {
+            let s = shared();
+            let mut ctl = s.ctl.lock();
+            for (_, b) in ctl.batches.drain_all() {
+                // SAFETY: removed from the table, so we are its only owner.
+                unsafe { shim::rmem_batch_free(b) };
+            }
+            for (_, a) in ctl.atts.drain_all() {
+                // SAFETY: as above.
+                unsafe { shim::rmem_att_free(a) };
+            }
+        }
+        // SAFETY: nothing uses the pool any more.
+        unsafe { shim::rmem_pool_exit() };
+        SHARED.store(core::ptr::null_mut(), Ordering::Release);
+        self.shared.take();
+        pr_info!("rmem: unloaded\n");
+    }
+}
+
+// ---- /dev/rmem ------------------------------------------------------------------
+
+/// An open `/dev/rmem`: the agent.
+struct Agent {
+    tgid: u32,
+}
+
+#[vtable]
+impl MiscDevice for Agent {
+    type Ptr = KBox<Self>;
+
+    fn open(_file: &File, _misc: &MiscDeviceRegistration<Self>) -> Result<KBox<Self>> {
+        // SAFETY: plain C calls on the current task.
+        if !unsafe { shim::rmem_capable_admin() } {
+            return Err(EPERM);
+        }
+        // SAFETY: as above.
+        let tgid = unsafe { shim::rmem_current_tgid() };
+        let mut g = shared().inner.lock();
+        if g.agent_tgid != 0 && g.agent_tgid != tgid {
+            return Err(EBUSY);
+        }
+        g.agent_tgid = tgid;
+        drop(g);
+        Ok(KBox::new(Agent { tgid }, GFP_KERNEL)?)
+    }
+
+    fn release(agent: KBox<Self>, _file: &File) {
+        let s = shared();
+        // Pending evictions are undone: their pages stay in RAM.
+        let batches = {
+            let mut ctl = s.ctl.lock();
+            let mut v = KVec::new();
+            for b in ctl.batches.drain_all() {
+                let _ = v.push(b.1, GFP_KERNEL);
+            }
+            v
+        };
+        for b in batches {
+            // SAFETY: removed from the table, so we own it.
+            unsafe { shim::rmem_batch_free(b) };
+        }
+        // Requests the agent took but did not answer go to the next agent.
+        let mut g = s.inner.lock();
+        if g.agent_tgid == agent.tgid {
+            g.agent_tgid = 0;
+        }
+        for r in g.requests.iter_mut() {
+            r.delivered = false;
+        }
+    }
+
+    fn ioctl(_me: &Agent, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
+        let user = UserSlice::new(UserPtr::from_addr(arg), _IOC_SIZE(cmd));
+        match cmd {
+            IOC_INFO => info(user),
+            IOC_ATTACH => attach(user),
+            IOC_DETACH => detach(user),
+            IOC_EVICT_BEGIN => evict_begin(user),
+            IOC_EVICT_COMMIT => evict_commit(user),
+            IOC_EVICT_ABORT => evict_abort(user),
+            IOC_WAIT => wait(user),
+            IOC_REPLY => reply(user),
+            _ => Err(ENOTTY),
+        }
+    }
+}
+
+fn info(user: UserSlice) -> Result<isize> {
+    let s = shared();
+    let attachments = s.ctl.lock().atts.len() as u32;
+    let g = s.inner.lock();
+    let info = Info {
+        version: UAPI_VERSION,
+        page_size: PAGE as u32,
+        // SAFETY: plain reads of the pool's counters.
+        capacity_pages: unsafe { shim::rmem_pool_capacity() },
+        // SAFETY: as above.
+        pages_in_use: unsafe { shim::rmem_pool_in_use() },
+        faults: g.faults,
+        restored: g.restored,
+        evicted: g.evicted,
+        fetch_timeouts: g.fetch_timeouts,
+        attachments,
+        agent_pid: g.agent_tgid,
+    };
+    drop(g);
+    user.writer().write(&info)?;
+    Ok(0)
+}
+
+fn attach(user: UserSlice) -> Result<isize> {
+    let (mut r, mut w) = user.reader_writer();
+    let mut req: Attach = r.read()?;
+    if req.pid <= 0 || req.flags & !ATTACH_ALL != 0 {
+        return Err(EINVAL);
+    }
+    let mut ctl = shared().ctl.lock();
+    let mut err: c_int = 0;
+    // SAFETY: plain C call; the result is owned by the table below.
+    let a = unsafe {
+        shim::rmem_att_new(req.pid, req.start, req.len, req.flags & ATTACH_ALL != 0, &mut err)
+    };
+    if a.is_null() {
+        return Err(errno(err));
+    }
+    let id = ctl.next_id;
+    ctl.next_id += 1;
+    if let Err(e) = ctl.atts.push((id, a), GFP_KERNEL) {
+        // SAFETY: never published.
+        unsafe { shim::rmem_att_free(a) };
+        return Err(e.into());
+    }
+    req.id = id;
+    w.write(&req)?;
+    Ok(0)
+}
+
+fn detach(user: UserSlice) -> Result<isize> {
+    let (mut r, mut w) = user.reader_writer();
+    let mut req: Detach = r.read()?;
+    // `ctl` stays held while pages come back, so nothing evicts meanwhile;
+    // the replies come through `inner`, which this does not hold.
+    let mut ctl = shared().ctl.lock();
+    let i = ctl.atts.iter().position(|(id, _)| *id == req.id).ok_or(ENOENT)?;
+    let a = ctl.atts[i].1;
+    // SAFETY: `a` is in the table and we hold its lock.
+    let restored = unsafe { shim::rmem_att_restore(a) };
+    if restored < 0 {
+        return Err(errno(restored as c_int));
+    }
+    let _ = ctl.atts.remove(i);
+    drop(ctl);
+    // SAFETY: removed from the table, so we own it.
+    unsafe { shim::rmem_att_free(a) };
+    req.restored = restored as u64;
+    w.write(&req)?;
+    Ok(0)
+}
+
+fn evict_begin(user: UserSlice) -> Result<isize> {
+    let (mut r, mut w) = user.reader_writer();
+    let mut req: Evict = r.read()?;
+    if req.max_pages == 0 || req.max_pages > MAX_BATCH {
+        return Err(EINVAL);
+    }
+    let mut ctl = shared().ctl.lock();
+    let a = ctl.atts.iter().find(|(id, _)| *id == req.id).ok_or(ENOENT)?.1;
+    let (mut npages, mut err) = (0u32, 0 as c_int);
+    // SAFETY: `a` is in the table and we hold its lock; the user pointers are
+    // only used with copy_to_user.
+    let b = unsafe {
+        shim::rmem_evict_begin(
+            a,
+            req.start,
+            req.max_pages,
+            req.data,
+            req.addrs,
+            *module_parameters::evict_timeout_ms.value(),
+            &mut npages,
+            &mut err,
+        )
+    };
+    if err != 0 {
+        return Err(errno(err));
+    }
+    req.npages = npages;
+    req.batch = 0;
+    if !b.is_null() {
+        let id = ctl.next_id;
+        ctl.next_id += 1;
+        if let Err(e) = ctl.batches.push((id, b), GFP_KERNEL) {
+            // SAFETY: never published.
+            unsafe { shim::rmem_batch_free(b) };
+            return Err(e.into());
+        }
+        req.batch = id;
+    }
+    drop(ctl);
+    w.write(&req)?;
+    Ok(0)
+}
+
+fn take_batch(id: u64) -> Result<*mut shim::Batch> {
+    let mut ctl = shared().ctl.lock();
+    let i = ctl.batches.iter().position(|(b, _)| *b == id).ok_or(ENOENT)?;
+    Ok(ctl.batches.remove(i).map_err(|_| ENOENT)?.1)
+}
+
+fn evict_commit(user: UserSlice) -> Result<isize> {
+    let (mut r, mut w) = user.reader_writer();
+    let mut req: Commit = r.read()?;
+    if req.npages == 0 || req.npages > MAX_BATCH {
+        return Err(EINVAL);
+    }
+    let n = req.npages as usize;
+    let mut handles = KVec::<u64>::with_capacity(n, GFP_KERNEL)?;
+    let mut reader = UserSlice::new(UserPtr::from_addr(req.handles as usize), n * 8).reader();
+    for _ in 0..n {
+        let h: u64 = reader.read()?;
+        handles.push(h, GFP_KERNEL)?;
+    }
+    let b = take_batch(req.batch)?;
+    // SAFETY: removed from the table, so we own it.
+    if unsafe { shim::rmem_batch_npages(b) } != req.npages {
+        // SAFETY: as above; the pages go back.
+        unsafe { shim::rmem_batch_free(b) };
+        return Err(EINVAL);
+    }
+    let mut status = KVec::<u8>::with_capacity(n, GFP_KERNEL)?;
+    status.resize(n, 0, GFP_KERNEL)?;
+    // SAFETY: we own `b`; both arrays hold npages entries.
+    let moved = unsafe { shim::rmem_evict_commit(b, handles.as_ptr(), status.as_mut_ptr()) };
+    // SAFETY: we own `b`.
+    unsafe { shim::rmem_batch_free(b) };
+    if moved < 0 {
+        return Err(errno(moved as c_int));
+    }
+    shared().inner.lock().evicted += moved as u64;
+    UserSlice::new(UserPtr::from_addr(req.status as usize), n).writer().write_slice(&status)?;
+    req.moved = moved as u32;
+    w.write(&req)?;
+    Ok(0)
+}
+
+fn evict_abort(user: UserSlice) -> Result<isize> {
+    let id: u64 = user.reader().read()?;
+    let b = take_batch(id)?;
+    // SAFETY: removed from the table, so we own it; freeing undoes it.
+    unsafe { shim::rmem_batch_free(b) };
+    Ok(0)
+}
+
+fn wait(user: UserSlice) -> Result<isize> {
+    let (mut r, mut w) = user.reader_writer();
+    let mut req: Wait = r.read()?;
+    let max = req.max.min(MAX_EVENTS) as usize;
+    if max == 0 {
+        return Err(EINVAL);
+    }
+    let s = shared();
+    let mut events = KVec::<Event>::with_capacity(max, GFP_KERNEL)?;
+    let mut freed = KVec::<u64>::with_capacity(max, GFP_KERNEL)?;
+    freed.resize(max, 0, GFP_KERNEL)?;
+    let mut left = msecs_to_jiffies(req.timeout_ms);
+    // Freed pages wake us from atomic context without our lock, so a wake-up
+    // can slip in between the check and the sleep: sleep in short slices.
+    let slice = msecs_to_jiffies(20).max(1);
+    let mut g = s.inner.lock();
+    loop {
+        for q in g.requests.iter_mut() {
+            if events.len() == max {
+                break;
+            }
+            if !q.delivered && q.result.is_none() {
+                q.delivered = true;
+                events.push(
+                    Event { kind: EVENT_FETCH, pid: q.tgid, id: q.id, handle: q.handle, addr: q.addr },
+                    GFP_KERNEL,
+                )?;
+            }
+        }
+        let room = (max - events.len()) as u32;
+        // SAFETY: `freed` has room for `max` handles.
+        let n = unsafe { shim::rmem_pool_take_freed(freed.as_mut_ptr(), room) } as usize;
+        for h in &freed[..n] {
+            events.push(Event { kind: EVENT_FREED, handle: *h, ..Event::default() }, GFP_KERNEL)?;
+        }
+        if !events.is_empty() || left == 0 {
+            break;
+        }
+        let step = slice.min(left);
+        match s.events.wait_interruptible_timeout(&mut g, step) {
+            CondVarTimeoutResult::Signal { .. } => return Err(EINTR),
+            CondVarTimeoutResult::Timeout => left -= step,
+            CondVarTimeoutResult::Woken { jiffies } => left -= step - jiffies,
+        }
+    }
+    drop(g);
+    let mut out = UserSlice::new(
+        UserPtr::from_addr(req.events as usize),
+        events.len() * core::mem::size_of::<Event>(),
+    )
+    .writer();
+    for e in events.iter() {
+        out.write(e)?;
+    }
+    req.count = events.len() as u32;
+    w.write(&req)?;
+    Ok(0)
+}
+
+fn reply(user: UserSlice) -> Result<isize> {
+    let req: Reply = user.reader().read()?;
+    let s = shared();
+    let mut g = s.inner.lock();
+    let q = g
+        .requests
+        .iter_mut()
+        .find(|q| q.id == req.id && q.result.is_none())
+        .ok_or(ENOENT)?;
+    let result = if req.error == 0 {
+        // SAFETY: `kaddr` is the fault's fresh page, valid while its request
+        // is in the table, which cannot change while we hold the lock.
+        let page = unsafe { core::slice::from_raw_parts_mut(q.kaddr, PAGE) };
+        UserSlice::new(UserPtr::from_addr(req.data as usize), PAGE).reader().read_slice(page)?;
+        0
+    } else if (-4095..0).contains(&req.error) {
+        req.error
+    } else {
+        EIO.to_errno()
+    };
+    q.result = Some(result);
+    drop(g);
+    s.replies.notify_all();
+    Ok(0)
+}

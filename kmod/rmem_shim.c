@@ -1,0 +1,744 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * rmem_shim.c: the C half of rmem.ko.
+ *
+ * It owns the C-only structures, following lib/test_hmm.c, the kernel's
+ * reference device-private driver:
+ *  - the pool: MEMORY_DEVICE_PRIVATE pagemaps grown in 64 MiB chunks, a free
+ *    list of device pages, and per page the remote handle of its data;
+ *  - eviction (system page -> device page) and fault-back (device page ->
+ *    system page) with migrate_vma_setup / _pages / _finalize;
+ *  - one mmu_interval_notifier per attached address space.
+ * Everything that is protocol (the agent, requests, ioctls) is in Rust.
+ *
+ * Lock order (outermost first):
+ *   mmap_lock of the target mm
+ *     -> device page lock / source page locks (taken by migrate_vma_setup)
+ *       -> rmem_batch.lock -> rmem_att.lock -> pool.lock (spinlock, irqsave)
+ * pool.grow_lock is taken with no other lock of ours held.
+ * rmem_rs_fetch (Rust, sleeps) is called with the mmap_lock held for read and
+ * the device page locked, never with a lock of ours held.
+ */
+#include <linux/bitmap.h>
+#include <linux/capability.h>
+#include <linux/highmem.h>
+#include <linux/ioport.h>
+#include <linux/kernel.h>
+#include <linux/memremap.h>
+#include <linux/migrate.h>
+#include <linux/mm.h>
+#include <linux/mmu_notifier.h>
+#include <linux/module.h>
+#include <linux/pid.h>
+#include <linux/sched/mm.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+#include <linux/workqueue.h>
+
+#include "rmem_shim.h"
+
+#define RMEM_CHUNK_BYTES (64UL << 20)
+#define RMEM_CHUNK_PAGES (RMEM_CHUNK_BYTES >> PAGE_SHIFT)
+#define RMEM_NO_HANDLE (~0ULL)
+#define RMEM_RESTORE_STEP 64UL
+
+/* The pages' contents are reached through page_address(): no highmem. */
+static_assert(!IS_ENABLED(CONFIG_HIGHMEM));
+
+struct rmem_chunk {
+	struct dev_pagemap pagemap;
+	struct resource *res;
+	u64 *handles;		/* per page; RMEM_NO_HANDLE when free */
+};
+
+static struct {
+	struct mutex grow_lock;	/* chunks, nchunks */
+	spinlock_t lock;	/* free, freed, the counters, chunk handles */
+	struct page *free;	/* ready for use, linked via zone_device_data */
+	struct page *freed;	/* freed but not yet reported to the agent */
+	struct rmem_chunk **chunks;
+	unsigned int nchunks, max_chunks;
+	u64 in_use, freed_count;
+} pool;
+
+/* The pgmap owner: tells our own migrations from other mm events. */
+static char rmem_owner;
+
+static vm_fault_t rmem_migrate_to_ram(struct vm_fault *vmf);
+static void rmem_folio_free(struct folio *folio);
+
+static const struct dev_pagemap_ops rmem_pagemap_ops = {
+	.folio_free = rmem_folio_free,
+	.migrate_to_ram = rmem_migrate_to_ram,
+};
+
+static struct rmem_chunk *page_chunk(struct page *page)
+{
+	return container_of(page_pgmap(page), struct rmem_chunk, pagemap);
+}
+
+static unsigned long page_index_in_chunk(struct page *page)
+{
+	return page_to_pfn(page) - (page_chunk(page)->pagemap.range.start >> PAGE_SHIFT);
+}
+
+static u64 page_handle(struct page *page)
+{
+	return page_chunk(page)->handles[page_index_in_chunk(page)];
+}
+
+static void set_page_handle(struct page *page, u64 handle)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&pool.lock, flags);
+	page_chunk(page)->handles[page_index_in_chunk(page)] = handle;
+	spin_unlock_irqrestore(&pool.lock, flags);
+}
+
+/* ---- the pool of device-private pages ---------------------------------- */
+
+static int rmem_pool_grow(void)
+{
+	struct rmem_chunk *chunk;
+	unsigned long pfn, first, i;
+	unsigned long flags;
+	void *ptr;
+	int ret;
+
+	mutex_lock(&pool.grow_lock);
+	if (READ_ONCE(pool.free)) {	/* somebody else grew it meanwhile */
+		mutex_unlock(&pool.grow_lock);
+		return 0;
+	}
+	if (pool.nchunks == pool.max_chunks) {
+		mutex_unlock(&pool.grow_lock);
+		return -ENOSPC;
+	}
+	ret = -ENOMEM;
+	chunk = kzalloc_obj(*chunk);
+	if (!chunk)
+		goto out;
+	chunk->handles = kvmalloc_array(RMEM_CHUNK_PAGES, sizeof(u64), GFP_KERNEL);
+	if (!chunk->handles)
+		goto free_chunk;
+	for (i = 0; i < RMEM_CHUNK_PAGES; i++)
+		chunk->handles[i] = RMEM_NO_HANDLE;
+	chunk->res = request_free_mem_region(&iomem_resource, RMEM_CHUNK_BYTES, "rmem");
+	if (IS_ERR_OR_NULL(chunk->res)) {
+		ret = chunk->res ? PTR_ERR(chunk->res) : -ENOMEM;
+		goto free_handles;
+	}
+	chunk->pagemap.type = MEMORY_DEVICE_PRIVATE;
+	chunk->pagemap.range.start = chunk->res->start;
+	chunk->pagemap.range.end = chunk->res->end;
+	chunk->pagemap.nr_range = 1;
+	chunk->pagemap.ops = &rmem_pagemap_ops;
+	chunk->pagemap.owner = &rmem_owner;
+	ptr = memremap_pages(&chunk->pagemap, numa_node_id());
+	if (IS_ERR_OR_NULL(ptr)) {
+		ret = ptr ? PTR_ERR(ptr) : -EFAULT;
+		goto release;
+	}
+	first = chunk->pagemap.range.start >> PAGE_SHIFT;
+	spin_lock_irqsave(&pool.lock, flags);
+	for (pfn = first; pfn < first + RMEM_CHUNK_PAGES; pfn++) {
+		struct page *page = pfn_to_page(pfn);
+
+		page->zone_device_data = pool.free;
+		pool.free = page;
+	}
+	pool.chunks[pool.nchunks++] = chunk;
+	spin_unlock_irqrestore(&pool.lock, flags);
+	mutex_unlock(&pool.grow_lock);
+	pr_info("rmem: device-private chunk %u added (%lu MiB, pfns %#lx-%#lx)\n",
+		pool.nchunks, RMEM_CHUNK_BYTES >> 20, first, first + RMEM_CHUNK_PAGES);
+	return 0;
+
+release:
+	release_mem_region(chunk->pagemap.range.start, RMEM_CHUNK_BYTES);
+free_handles:
+	kvfree(chunk->handles);
+free_chunk:
+	kfree(chunk);
+out:
+	mutex_unlock(&pool.grow_lock);
+	return ret;
+}
+
+/* A locked device page with one reference and `handle`, or NULL. */
+static struct page *rmem_pool_alloc(u64 handle)
+{
+	struct page *page;
+	unsigned long flags;
+	int tries;
+
+	for (tries = 0; tries < 2; tries++) {
+		spin_lock_irqsave(&pool.lock, flags);
+		page = pool.free;
+		if (page) {
+			pool.free = page->zone_device_data;
+			page->zone_device_data = NULL;
+			pool.in_use++;
+			page_chunk(page)->handles[page_index_in_chunk(page)] = handle;
+		}
+		spin_unlock_irqrestore(&pool.lock, flags);
+		if (page) {
+			/* Device pages in use pin the module: rmmod waits for them. */
+			__module_get(THIS_MODULE);
+			zone_device_page_init(page, page_pgmap(page), 0);
+			return page;
+		}
+		if (rmem_pool_grow())
+			return NULL;
+	}
+	return NULL;
+}
+
+/* Called when the last reference to a device page goes; may be atomic. */
+static void rmem_folio_free(struct folio *folio)
+{
+	struct page *page = &folio->page;
+	unsigned long flags;
+	bool report;
+
+	spin_lock_irqsave(&pool.lock, flags);
+	report = page_handle(page) != RMEM_NO_HANDLE;
+	if (report) {
+		/* Reported to the agent first; reused only after that. */
+		page->zone_device_data = pool.freed;
+		pool.freed = page;
+		pool.freed_count++;
+	} else {
+		page->zone_device_data = pool.free;
+		pool.free = page;
+	}
+	pool.in_use--;
+	spin_unlock_irqrestore(&pool.lock, flags);
+	module_put(THIS_MODULE);
+	if (report)
+		rmem_rs_wake();
+}
+
+u32 rmem_pool_take_freed(u64 *out, u32 max)
+{
+	unsigned long flags;
+	u32 n = 0;
+
+	spin_lock_irqsave(&pool.lock, flags);
+	while (n < max && pool.freed) {
+		struct page *page = pool.freed;
+		struct rmem_chunk *chunk = page_chunk(page);
+		unsigned long idx = page_index_in_chunk(page);
+
+		pool.freed = page->zone_device_data;
+		pool.freed_count--;
+		out[n++] = chunk->handles[idx];
+		chunk->handles[idx] = RMEM_NO_HANDLE;
+		page->zone_device_data = pool.free;
+		pool.free = page;
+	}
+	spin_unlock_irqrestore(&pool.lock, flags);
+	return n;
+}
+
+u64 rmem_pool_capacity(void)
+{
+	return (u64)pool.max_chunks * RMEM_CHUNK_PAGES;
+}
+
+u64 rmem_pool_in_use(void)
+{
+	return READ_ONCE(pool.in_use);
+}
+
+int rmem_pool_init(unsigned long capacity_pages)
+{
+	mutex_init(&pool.grow_lock);
+	spin_lock_init(&pool.lock);
+	pool.max_chunks = max(1UL, DIV_ROUND_UP(capacity_pages, RMEM_CHUNK_PAGES));
+	pool.chunks = kcalloc(pool.max_chunks, sizeof(*pool.chunks), GFP_KERNEL);
+	if (!pool.chunks)
+		return -ENOMEM;
+	/* The first chunk up front: a module that cannot map any fails to load. */
+	return rmem_pool_grow();
+}
+
+void rmem_pool_exit(void)
+{
+	unsigned int i;
+
+	/* Every device page holds a module reference, so none is in use here. */
+	WARN_ON(pool.in_use);
+	for (i = 0; i < pool.nchunks; i++) {
+		struct rmem_chunk *chunk = pool.chunks[i];
+
+		memunmap_pages(&chunk->pagemap);
+		release_mem_region(chunk->pagemap.range.start, RMEM_CHUNK_BYTES);
+		kvfree(chunk->handles);
+		kfree(chunk);
+	}
+	kfree(pool.chunks);
+	pool.chunks = NULL;
+	pool.nchunks = 0;
+}
+
+bool rmem_capable_admin(void)
+{
+	return capable(CAP_SYS_ADMIN);
+}
+
+u32 rmem_current_tgid(void)
+{
+	return task_tgid_nr(current);
+}
+
+/* ---- fault-back --------------------------------------------------------- */
+
+/*
+ * Bring back the pages of args (set up with SELECT_DEVICE_PRIVATE) whose
+ * contents the agent delivers. Returns pages restored, or the first error
+ * when none could be; pages that fail stay remote.
+ */
+static long rmem_fetch_and_migrate(struct migrate_vma *args, u32 tgid, bool fault,
+				   int *first_err)
+{
+	unsigned long i;
+	long restored = 0;
+
+	for (i = 0; i < args->npages; i++) {
+		struct page *spage = migrate_pfn_to_page(args->src[i]);
+		unsigned long addr = args->start + (i << PAGE_SHIFT);
+		struct page *dpage;
+		int err;
+
+		args->dst[i] = 0;
+		if (!spage || !(args->src[i] & MIGRATE_PFN_MIGRATE))
+			continue;
+		if (page_pgmap(spage)->owner != &rmem_owner)
+			continue;
+		dpage = alloc_page_vma(GFP_HIGHUSER_MOVABLE, args->vma, addr);
+		if (!dpage) {
+			if (!*first_err)
+				*first_err = -ENOMEM;
+			continue;
+		}
+		lock_page(dpage);
+		err = rmem_rs_fetch(page_handle(spage), tgid, addr, page_address(dpage), fault);
+		if (err) {
+			unlock_page(dpage);
+			put_page(dpage);
+			if (!*first_err)
+				*first_err = err;
+			continue;
+		}
+		args->dst[i] = migrate_pfn(page_to_pfn(dpage)) |
+			       (args->src[i] & MIGRATE_PFN_WRITE);
+		restored++;
+	}
+	migrate_vma_pages(args);
+	migrate_vma_finalize(args);
+	return restored;
+}
+
+static vm_fault_t rmem_migrate_to_ram(struct vm_fault *vmf)
+{
+	unsigned long src = 0, dst = 0;
+	struct migrate_vma args = {
+		.vma = vmf->vma,
+		.start = ALIGN_DOWN(vmf->address, PAGE_SIZE),
+		.end = ALIGN_DOWN(vmf->address, PAGE_SIZE) + PAGE_SIZE,
+		.src = &src,
+		.dst = &dst,
+		.pgmap_owner = &rmem_owner,
+		.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+		.fault_page = vmf->page,
+	};
+	int err = 0;
+
+	if (migrate_vma_setup(&args))
+		return VM_FAULT_SIGBUS;
+	/* Called with vmf->page locked: nobody else migrates it meanwhile. */
+	rmem_fetch_and_migrate(&args, task_tgid_nr(current), true, &err);
+	if (err == -EINTR)
+		return 0;	/* a signal: the fault is retried after it */
+	if (err == -ENOMEM)
+		return VM_FAULT_OOM;
+	if (err) {
+		pr_err_ratelimited("rmem: fault at %#lx in pid %d: remote page unavailable (%d), sending SIGBUS\n",
+				   vmf->address, task_tgid_nr(current), err);
+		return VM_FAULT_SIGBUS;
+	}
+	return 0;
+}
+
+/* ---- attachments ------------------------------------------------------- */
+
+struct rmem_att {
+	struct mmu_interval_notifier notifier;
+	struct mutex lock;	/* the seed's "update lock": orders seq checks */
+	s32 pid;
+	u64 start, end;
+};
+
+static bool rmem_invalidate(struct mmu_interval_notifier *mni,
+			    const struct mmu_notifier_range *range,
+			    unsigned long cur_seq)
+{
+	struct rmem_att *a = container_of(mni, struct rmem_att, notifier);
+
+	/* Our own migrations do not invalidate anything we hold. */
+	if (range->event == MMU_NOTIFY_MIGRATE && range->owner == &rmem_owner)
+		return true;
+	if (mmu_notifier_range_blockable(range))
+		mutex_lock(&a->lock);
+	else if (!mutex_trylock(&a->lock))
+		return false;
+	mmu_interval_set_seq(mni, cur_seq);
+	mutex_unlock(&a->lock);
+	return true;
+}
+
+static const struct mmu_interval_notifier_ops rmem_notifier_ops = {
+	.invalidate = rmem_invalidate,
+};
+
+struct rmem_att *rmem_att_new(s32 pid, u64 start, u64 len, bool all, int *err)
+{
+	struct task_struct *task;
+	struct mm_struct *mm;
+	struct rmem_att *a;
+	struct pid *p;
+	int ret;
+
+	if (all) {
+		start = 0;
+		len = TASK_SIZE;
+	}
+	if (!len || !PAGE_ALIGNED(start) || !PAGE_ALIGNED(len) ||
+	    start + len < start || start + len > TASK_SIZE) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	/* The agent's own memory would deadlock its copies: never attach it. */
+	if (pid == task_tgid_nr(current)) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	p = find_get_pid(pid);
+	task = p ? get_pid_task(p, PIDTYPE_TGID) : NULL;
+	put_pid(p);
+	if (!task) {
+		*err = -ESRCH;
+		return NULL;
+	}
+	mm = get_task_mm(task);
+	put_task_struct(task);
+	if (!mm) {
+		*err = -ESRCH;
+		return NULL;
+	}
+	a = kzalloc_obj(*a);
+	if (!a) {
+		mmput(mm);
+		*err = -ENOMEM;
+		return NULL;
+	}
+	mutex_init(&a->lock);
+	a->pid = pid;
+	a->start = start;
+	a->end = start + len;
+	/* The notifier keeps the mm_struct (not the address space) alive. */
+	ret = mmu_interval_notifier_insert(&a->notifier, mm, start, len, &rmem_notifier_ops);
+	mmput(mm);
+	if (ret) {
+		kfree(a);
+		*err = ret;
+		return NULL;
+	}
+	return a;
+}
+
+s32 rmem_att_pid(const struct rmem_att *a)
+{
+	return a->pid;
+}
+
+long rmem_att_restore(struct rmem_att *a)
+{
+	struct mm_struct *mm = a->notifier.mm;
+	unsigned long src[RMEM_RESTORE_STEP], dst[RMEM_RESTORE_STEP];
+	struct vm_area_struct *vma;
+	unsigned long addr;
+	long restored = 0;
+	int err = 0;
+
+	if (!mmget_not_zero(mm))
+		return 0;	/* the address space is gone, and its pages with it */
+	mmap_read_lock(mm);
+	for (addr = a->start; addr < a->end && !err;) {
+		struct migrate_vma args = {};
+
+		vma = find_vma(mm, addr);
+		if (!vma || vma->vm_start >= a->end)
+			break;
+		addr = max_t(unsigned long, addr, vma->vm_start);
+		args.vma = vma;
+		args.start = addr;
+		args.end = min3(vma->vm_end, (unsigned long)a->end, addr + RMEM_RESTORE_STEP * PAGE_SIZE);
+		args.src = src;
+		args.dst = dst;
+		args.pgmap_owner = &rmem_owner;
+		args.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+		addr = args.end;
+		if (!vma_is_anonymous(vma))
+			continue;
+		if (migrate_vma_setup(&args))
+			continue;
+		restored += rmem_fetch_and_migrate(&args, a->pid, false, &err);
+		if (fatal_signal_pending(current) && !err)
+			err = -EINTR;
+	}
+	mmap_read_unlock(mm);
+	mmput(mm);
+	return err ? err : restored;
+}
+
+void rmem_att_free(struct rmem_att *a)
+{
+	mmu_interval_notifier_remove(&a->notifier);
+	kfree(a);
+}
+
+/* ---- eviction ---------------------------------------------------------- */
+
+enum rmem_batch_state { BATCH_PENDING, BATCH_DONE, BATCH_ABORTED };
+
+struct rmem_batch {
+	struct mutex lock;	/* state, args */
+	enum rmem_batch_state state;
+	struct delayed_work timeout;
+	struct rmem_att *att;
+	unsigned long seq;	/* mmu_interval_read_begin() after setup */
+	struct migrate_vma args;
+	unsigned long *taken;	/* bitmap: src entries set up for migration */
+	u32 npages;		/* pages taken */
+};
+
+static void rmem_batch_timeout(struct work_struct *work)
+{
+	struct rmem_batch *b = container_of(to_delayed_work(work), struct rmem_batch, timeout);
+
+	mutex_lock(&b->lock);
+	if (b->state == BATCH_PENDING)
+		pr_warn_ratelimited("rmem: the agent did not commit an eviction of %u pages in time; they stay in RAM\n",
+				    b->npages);
+	mutex_unlock(&b->lock);
+	rmem_evict_abort(b);
+}
+
+static bool taken(const struct rmem_batch *b, unsigned long i)
+{
+	return test_bit(i, b->taken);
+}
+
+struct rmem_batch *rmem_evict_begin(struct rmem_att *a, u64 start, u32 max,
+				    u64 data, u64 addrs, u32 timeout_ms,
+				    u32 *npages, int *err)
+{
+	struct mm_struct *mm = a->notifier.mm;
+	struct vm_area_struct *vma;
+	struct rmem_batch *b;
+	unsigned long i;
+	u32 n = 0;
+	int ret;
+
+	*npages = 0;
+	*err = 0;
+	if (!max || !PAGE_ALIGNED(start) || start < a->start || start >= a->end) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	b = kzalloc_obj(*b);
+	if (!b) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	mutex_init(&b->lock);
+	INIT_DELAYED_WORK(&b->timeout, rmem_batch_timeout);
+	b->att = a;
+	b->args.src = kvcalloc(max, sizeof(unsigned long), GFP_KERNEL);
+	b->args.dst = kvcalloc(max, sizeof(unsigned long), GFP_KERNEL);
+	b->taken = bitmap_zalloc(max, GFP_KERNEL);
+	if (!b->args.src || !b->args.dst || !b->taken) {
+		ret = -ENOMEM;
+		goto free;
+	}
+	if (!mmget_not_zero(mm)) {
+		ret = -ESRCH;
+		goto free;
+	}
+	mmap_read_lock(mm);
+	vma = vma_lookup(mm, start);
+	if (!vma || !vma_is_anonymous(vma)) {
+		mmap_read_unlock(mm);
+		mmput(mm);
+		ret = vma ? -EINVAL : -EFAULT;
+		goto free;
+	}
+	b->args.vma = vma;
+	b->args.start = start;
+	b->args.end = min3((unsigned long)start + ((unsigned long)max << PAGE_SHIFT),
+			   vma->vm_end, (unsigned long)a->end);
+	b->args.pgmap_owner = &rmem_owner;
+	b->args.flags = MIGRATE_VMA_SELECT_SYSTEM;
+	ret = migrate_vma_setup(&b->args);
+	/*
+	 * The sequence is read after setup: setup itself may split a huge page,
+	 * which invalidates the range; what counts is what happens after it.
+	 */
+	if (!ret)
+		b->seq = mmu_interval_read_begin(&a->notifier);
+	mmap_read_unlock(mm);
+	mmput(mm);
+	if (ret) {
+		b->args.vma = NULL;
+		goto free;
+	}
+	/*
+	 * The taken pages are locked and unmapped: their contents cannot change
+	 * until commit or abort. Copy them out for the agent.
+	 */
+	for (i = 0; i < b->args.npages; i++) {
+		struct page *page = migrate_pfn_to_page(b->args.src[i]);
+		u64 addr = b->args.start + (i << PAGE_SHIFT);
+
+		if (!page || !(b->args.src[i] & MIGRATE_PFN_MIGRATE))
+			continue;
+		__set_bit(i, b->taken);
+		if (copy_to_user(u64_to_user_ptr(data + (u64)n * PAGE_SIZE),
+				 page_address(page), PAGE_SIZE) ||
+		    copy_to_user(u64_to_user_ptr(addrs + (u64)n * sizeof(u64)), &addr, sizeof(addr))) {
+			migrate_vma_finalize(&b->args);
+			ret = -EFAULT;
+			goto free;
+		}
+		n++;
+	}
+	/* migrate_vma_pages() must not insert pages where nothing was mapped. */
+	b->args.vma = NULL;
+	if (!n) {
+		migrate_vma_finalize(&b->args);
+		ret = 0;
+		goto free;
+	}
+	b->npages = n;
+	b->state = BATCH_PENDING;
+	*npages = n;
+	schedule_delayed_work(&b->timeout, msecs_to_jiffies(timeout_ms));
+	return b;
+
+free:
+	kvfree(b->args.src);
+	kvfree(b->args.dst);
+	bitmap_free(b->taken);
+	kfree(b);
+	*err = ret;
+	return NULL;
+}
+
+u32 rmem_batch_npages(const struct rmem_batch *b)
+{
+	return b->npages;
+}
+
+long rmem_evict_commit(struct rmem_batch *b, const u64 *handles, u8 *status)
+{
+	struct rmem_att *a = b->att;
+	unsigned long i;
+	long moved = 0;
+	u32 n;
+
+	mutex_lock(&b->lock);
+	if (b->state != BATCH_PENDING) {
+		mutex_unlock(&b->lock);
+		return -ETIMEDOUT;
+	}
+	for (i = 0, n = 0; i < b->args.npages; i++) {
+		struct page *dpage;
+
+		b->args.dst[i] = 0;
+		if (!taken(b, i))
+			continue;
+		status[n] = 0;
+		if (handles[n] != RMEM_NO_HANDLE) {
+			dpage = rmem_pool_alloc(handles[n]);
+			if (dpage)
+				b->args.dst[i] = migrate_pfn(page_to_pfn(dpage)) |
+						 (b->args.src[i] & MIGRATE_PFN_WRITE);
+		}
+		n++;
+	}
+	/*
+	 * The seed's protocol: if the range was invalidated since begin (munmap,
+	 * fork, mprotect...), keep everything local; the agent frees the copies.
+	 */
+	mutex_lock(&a->lock);
+	if (mmu_interval_read_retry(&a->notifier, b->seq)) {
+		for (i = 0; i < b->args.npages; i++) {
+			struct page *dpage = migrate_pfn_to_page(b->args.dst[i]);
+
+			if (!dpage)
+				continue;
+			set_page_handle(dpage, RMEM_NO_HANDLE);
+			unlock_page(dpage);
+			put_page(dpage);
+			b->args.dst[i] = 0;
+		}
+	}
+	mutex_unlock(&a->lock);
+	migrate_vma_pages(&b->args);
+	for (i = 0, n = 0; i < b->args.npages; i++) {
+		struct page *dpage = migrate_pfn_to_page(b->args.dst[i]);
+
+		if (!taken(b, i))
+			continue;
+		if (dpage && !(b->args.src[i] & MIGRATE_PFN_MIGRATE)) {
+			/* Not migrated after all: the agent frees the copy itself. */
+			set_page_handle(dpage, RMEM_NO_HANDLE);
+		}
+		if (dpage && (b->args.src[i] & MIGRATE_PFN_MIGRATE)) {
+			status[n] = 1;
+			moved++;
+		}
+		n++;
+	}
+	migrate_vma_finalize(&b->args);
+	b->state = BATCH_DONE;
+	mutex_unlock(&b->lock);
+	return moved;
+}
+
+void rmem_evict_abort(struct rmem_batch *b)
+{
+	mutex_lock(&b->lock);
+	if (b->state == BATCH_PENDING) {
+		unsigned long i;
+
+		for (i = 0; i < b->args.npages; i++)
+			b->args.dst[i] = 0;
+		migrate_vma_finalize(&b->args);	/* restores the original pages */
+		b->state = BATCH_ABORTED;
+	}
+	mutex_unlock(&b->lock);
+}
+
+void rmem_batch_free(struct rmem_batch *b)
+{
+	cancel_delayed_work_sync(&b->timeout);
+	rmem_evict_abort(b);
+	kvfree(b->args.src);
+	kvfree(b->args.dst);
+	bitmap_free(b->taken);
+	kfree(b);
+}

@@ -1,0 +1,13 @@
+//! The kernel backend: drives `rmem.ko` through `/dev/rmem`.
+//!
+//! - [`uapi`]: the ioctl structures (mirror of `kmod/include/uapi/rmem.h`).
+//! - [`device`]: safe wrappers around the ioctls.
+//! - [`service`]: [`KernelAgent`], which serves the module's fetch requests
+//!   and freed handles from a memory server and evicts ranges on request.
+
+pub mod device;
+pub mod service;
+pub mod uapi;
+
+pub use device::{Device, FetchReply};
+pub use service::{KernelAgent, KernelConfig, KernelError, KernelStats};

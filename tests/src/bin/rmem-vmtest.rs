@@ -1,0 +1,682 @@
+//! The kernel-module suite, run inside a QEMU guest by `tests/vm/run.sh`.
+//!
+//! This process loads `rmem.ko`, starts an `rmem-server` on loopback and is
+//! the agent (a [`KernelAgent`]). The programs whose memory moves are
+//! unmodified children: this same binary in `--target` mode, which maps
+//! anonymous memory, fills it with known patterns and answers commands on
+//! stdin ("check 3", "write 4", "fork-check 4", ...). The cases follow the
+//! applicable ones of the kernel's `tools/testing/selftests/mm/hmm-tests.c`.
+//!
+//! Prints one line per case and `N passed, M failed`; exits 1 on a failure.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rmem_agent::kmod::{KernelAgent, KernelConfig};
+use rmem_client::{BlockingConnection, ClientConfig};
+use rmem_tests::{ServerProcess, pattern, wait_until};
+
+const PAGE: usize = 4096;
+/// The module's fault timeout for this suite: short, so the SIGBUS case is quick.
+const FAULT_TIMEOUT_MS: u32 = 3000;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--target") {
+        target::run();
+        return;
+    }
+    let module = args
+        .iter()
+        .position(|a| a == "--module")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "/rmem/rmem.ko".into());
+    let exe = std::env::current_exe().expect("own path");
+    // SAFETY: set before any thread exists.
+    unsafe { std::env::set_var("RMEM_BIN_DIR", exe.parent().expect("bin dir")) };
+
+    let mut suite = Suite::default();
+    suite.case("module loads and /dev/rmem appears", || {
+        run(&[
+            "insmod",
+            &module,
+            "capacity_mib=256",
+            &format!("fault_timeout_ms={FAULT_TIMEOUT_MS}"),
+            "evict_timeout_ms=3000",
+        ])?;
+        ensure(std::path::Path::new("/dev/rmem").exists(), "no /dev/rmem")
+    });
+    if suite.failed > 0 {
+        suite.finish();
+    }
+    let server = ServerProcess::start(&["--capacity", "128MiB", "--prefault"]);
+    let mut env = Env {
+        server,
+        agent: None,
+    };
+    env.start_agent();
+
+    suite.case("evicted pages leave the process and come back intact on read", || {
+        // Warm up: the agent's staging buffer is touched on its first full batch.
+        let mut warm = Target::spawn(512)?;
+        let watt = env.agent().attach(warm.pid(), None).map_err(|e| e.to_string())?;
+        env.agent().evict(watt, warm.addr, warm.len()).map_err(|e| e.to_string())?;
+        warm.cmd("exit")?;
+        env.detach(watt)?;
+        let mut t = Target::spawn(8192)?;
+        let att = env.agent().attach(t.pid(), None).map_err(|e| e.to_string())?;
+        // The server's pool is prefaulted, so storing pages takes no memory:
+        // what eviction frees shows in MemFree (device-private pages still
+        // count in the process's RSS, so /proc/PID/status cannot tell).
+        let free_before = mem_free_kib();
+        let moved = env.agent().evict(att, t.addr, t.len()).map_err(|e| e.to_string())?;
+        ensure(moved == 8192, format!("moved {moved} of 8192 pages"))?;
+        // Freed pages reach MemFree through per-CPU lists and counters: poll.
+        let mut free_after = 0;
+        let freed = wait_until(Duration::from_secs(5), || {
+            free_after = mem_free_kib();
+            free_after - free_before >= 24 * 1024
+        });
+        ensure(
+            freed,
+            format!("MemFree {free_before} -> {free_after} KiB: 32 MiB evicted, local memory not freed"),
+        )?;
+        ensure(env.stored() == 8192, format!("server holds {} pages", env.stored()))?;
+        ensure(env.in_use() == 8192, format!("{} device pages in use", env.in_use()))?;
+        t.cmd("check 1")?;
+        ensure(env.in_use() == 0, format!("{} device pages still in use", env.in_use()))?;
+        // The freed device pages tell the agent, which frees the server copies.
+        env.wait_stored(0)?;
+        t.cmd("exit")?;
+        env.detach(att)
+    });
+
+    suite.case(
+        "writes after eviction fault the page back and stick",
+        || {
+            let mut t = Target::spawn(128)?;
+            let att = env
+                .agent()
+                .attach(t.pid(), Some((t.addr, t.len())))
+                .map_err(|e| e.to_string())?;
+            env.agent()
+                .evict(att, t.addr, t.len())
+                .map_err(|e| e.to_string())?;
+            t.cmd("write 2")?;
+            t.cmd("check 2")?;
+            env.agent()
+                .evict(att, t.addr, t.len())
+                .map_err(|e| e.to_string())?;
+            t.cmd("check 2")?;
+            t.cmd("exit")?;
+            env.detach(att)
+        },
+    );
+
+    suite.case(
+        "a partial munmap of an evicted range frees exactly those remote pages",
+        || {
+            let (mut t, att) = env.evicted(256)?;
+            env.wait_stored(256)?;
+            t.cmd("unmap 64 64")?;
+            env.wait_stored(192)?;
+            ensure(
+                env.in_use() == 192,
+                format!("{} device pages in use", env.in_use()),
+            )?;
+            t.cmd("check-except 1 64 64")?;
+            t.cmd("exit")?;
+            env.detach(att)?;
+            env.wait_stored(0)
+        },
+    );
+
+    suite.case("exit of an evicted process frees its remote pages", || {
+        let (mut t, att) = env.evicted(256)?;
+        t.cmd("exit")?;
+        t.wait_exit()?;
+        env.wait_stored(0)?;
+        ensure(
+            env.in_use() == 0,
+            format!("{} device pages in use", env.in_use()),
+        )?;
+        env.detach(att)
+    });
+
+    suite.case(
+        "fork and copy-on-write on evicted pages keep both copies right",
+        || {
+            let (mut t, att) = env.evicted(64)?;
+            // The child reads version 1, writes 5 and checks it; then the parent
+            // checks it still has 1.
+            t.cmd("fork-check 1 5")?;
+            t.cmd("check 1")?;
+            t.cmd("exit")?;
+            env.detach(att)?;
+            env.wait_stored(0)
+        },
+    );
+
+    suite.case(
+        "many threads faulting the same evicted pages at once",
+        || {
+            let (mut t, att) = env.evicted(256)?;
+            let before = env.info().faults;
+            t.cmd("threads 4 1")?;
+            let faults = env.info().faults - before;
+            // Concurrent faults on one page wait for one fetch.
+            ensure(faults == 256, format!("{faults} fetches for 256 pages"))?;
+            t.cmd("exit")?;
+            env.detach(att)
+        },
+    );
+
+    suite.case("mremap moves evicted pages with their contents", || {
+        let (mut t, att) = env.evicted(128)?;
+        t.cmd("mremap")?;
+        t.cmd("check 1")?;
+        t.cmd("exit")?;
+        env.detach(att)
+    });
+
+    suite.case("detach brings every page back", || {
+        let (mut t, att) = env.evicted(128)?;
+        let before = env.info();
+        let restored = env.agent().detach(att).map_err(|e| e.to_string())?;
+        ensure(restored == 128, format!("restored {restored} of 128"))?;
+        let after = env.info();
+        ensure(
+            after.pages_in_use == 0,
+            format!("{} device pages in use", after.pages_in_use),
+        )?;
+        ensure(
+            after.faults == before.faults,
+            "detach went through CPU faults",
+        )?;
+        ensure(
+            after.restored - before.restored == 128,
+            "the module did not count 128 restored pages",
+        )?;
+        t.cmd("check 1")?;
+        env.wait_stored(0)?;
+        t.cmd("exit")
+    });
+
+    suite.case(
+        "a restarted agent serves the faults that waited for it",
+        || {
+            let (mut t, att) = env.evicted(64)?;
+            env.agent = None;
+            t.send("check 1")?;
+            std::thread::sleep(Duration::from_millis(500));
+            env.start_agent();
+            t.reply()?;
+            t.cmd("exit")?;
+            env.detach(att)
+        },
+    );
+
+    suite.case(
+        "with no agent a fault ends in SIGBUS after the timeout, not a hang",
+        || {
+            let (mut t, att) = env.evicted(16)?;
+            env.agent = None;
+            let start = Instant::now();
+            t.send("check 1")?;
+            let status = t.wait_exit()?;
+            let took = start.elapsed();
+            env.start_agent();
+            use std::os::unix::process::ExitStatusExt;
+            ensure(
+                status.signal() == Some(libc::SIGBUS),
+                format!("target ended with {status:?}"),
+            )?;
+            ensure(
+                took >= Duration::from_millis(u64::from(FAULT_TIMEOUT_MS) / 2),
+                format!("SIGBUS after only {took:?}"),
+            )?;
+            env.wait_stored(0)?;
+            env.detach(att)
+        },
+    );
+
+    suite.case("rmmod after detach leaves nothing behind", || {
+        let info = env.info();
+        ensure(
+            info.pages_in_use == 0,
+            format!("{} device pages in use", info.pages_in_use),
+        )?;
+        ensure(
+            info.attachments == 0,
+            format!("{} attachments left", info.attachments),
+        )?;
+        env.agent = None;
+        run(&["rmmod", "rmem"])?;
+        ensure(
+            !std::path::Path::new("/dev/rmem").exists(),
+            "/dev/rmem still there",
+        )?;
+        let log = std::process::Command::new("dmesg")
+            .output()
+            .map_err(|e| e.to_string())?;
+        let log = String::from_utf8_lossy(&log.stdout);
+        ensure(
+            !log.contains("WARNING:") && !log.contains("BUG:"),
+            format!("kernel warnings:\n{log}"),
+        )
+    });
+    drop(env);
+    suite.finish();
+}
+
+// ---- the harness ---------------------------------------------------------------
+
+#[derive(Default)]
+struct Suite {
+    passed: usize,
+    failed: usize,
+}
+
+impl Suite {
+    fn case(&mut self, name: &str, f: impl FnOnce() -> Result<(), String>) {
+        let start = Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+            .unwrap_or_else(|p| Err(format!("panicked: {p:?}")));
+        match result {
+            Ok(()) => {
+                self.passed += 1;
+                println!("ok     {name} ({:.1?})", start.elapsed());
+            }
+            Err(e) => {
+                self.failed += 1;
+                println!("FAILED {name} ({:.1?}): {e}", start.elapsed());
+            }
+        }
+    }
+
+    fn finish(&self) -> ! {
+        println!("{} passed, {} failed", self.passed, self.failed);
+        std::process::exit(i32::from(self.failed > 0));
+    }
+}
+
+fn mem_free_kib() -> i64 {
+    // Compaction drains the per-CPU free lists, which MemFree does not count.
+    let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
+    // The counters are folded from per-CPU deltas once a second; fold now.
+    let _ = std::fs::write("/proc/sys/vm/stat_refresh", "1");
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemFree:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(-1)
+}
+
+fn ensure(cond: bool, msg: impl Into<String>) -> Result<(), String> {
+    if cond { Ok(()) } else { Err(msg.into()) }
+}
+
+fn run(cmd: &[&str]) -> Result<(), String> {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", cmd[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+struct Env {
+    server: ServerProcess,
+    agent: Option<KernelAgent>,
+}
+
+impl Env {
+    fn start_agent(&mut self) {
+        let mut cfg = KernelConfig::new(self.server.client_config());
+        cfg.request_timeout = Duration::from_secs(2);
+        self.agent = Some(KernelAgent::start(cfg).expect("start the kernel agent"));
+    }
+
+    /// A new target with `pages` pages, attached and all of them evicted.
+    fn evicted(&self, pages: usize) -> Result<(Target, u64), String> {
+        let t = Target::spawn(pages)?;
+        let att = self
+            .agent()
+            .attach(t.pid(), None)
+            .map_err(|e| e.to_string())?;
+        let moved = self
+            .agent()
+            .evict(att, t.addr, t.len())
+            .map_err(|e| e.to_string())?;
+        ensure(moved == pages, format!("evicted {moved} of {pages} pages"))?;
+        Ok((t, att))
+    }
+
+    fn agent(&self) -> &KernelAgent {
+        self.agent.as_ref().expect("agent running")
+    }
+
+    fn info(&self) -> rmem_agent::kmod::uapi::Info {
+        self.agent().device().info().expect("RMEM_IOC_INFO")
+    }
+
+    fn in_use(&self) -> u64 {
+        self.info().pages_in_use
+    }
+
+    fn stored(&self) -> u64 {
+        let mut c = BlockingConnection::connect(&ClientConfig::new(self.server.data.to_string()))
+            .expect("connect to the server");
+        c.stat().expect("STAT").used_pages
+    }
+
+    fn wait_stored(&self, want: u64) -> Result<(), String> {
+        if wait_until(Duration::from_secs(10), || self.stored() == want) {
+            Ok(())
+        } else {
+            Err(format!(
+                "server holds {} pages, expected {want}",
+                self.stored()
+            ))
+        }
+    }
+
+    fn detach(&self, att: u64) -> Result<(), String> {
+        self.agent()
+            .detach(att)
+            .map(|_| ())
+            .map_err(|e| format!("detach: {e}"))
+    }
+}
+
+/// A child in `--target` mode.
+struct Target {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    addr: u64,
+    pages: usize,
+}
+
+impl Target {
+    fn spawn(pages: usize) -> Result<Self, String> {
+        let mut child = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+            .args(["--target", &pages.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut t = Self {
+            child,
+            stdin,
+            stdout,
+            addr: 0,
+            pages,
+        };
+        let first = t.reply()?;
+        t.addr = u64::from_str_radix(first.trim_start_matches("ready 0x"), 16)
+            .map_err(|_| format!("target said {first:?}"))?;
+        Ok(t)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn len(&self) -> u64 {
+        (self.pages * PAGE) as u64
+    }
+
+    fn send(&mut self, cmd: &str) -> Result<(), String> {
+        writeln!(self.stdin, "{cmd}")
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| format!("{cmd}: {e}"))
+    }
+
+    fn reply(&mut self) -> Result<String, String> {
+        let mut line = String::new();
+        match self.stdout.read_line(&mut line) {
+            Ok(0) => Err("the target died".into()),
+            Ok(_) => Ok(line.trim().to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn cmd(&mut self, cmd: &str) -> Result<(), String> {
+        self.send(cmd)?;
+        let r = self.reply()?;
+        ensure(r == "ok", format!("{cmd}: {r}"))
+    }
+
+    fn wait_exit(&mut self) -> Result<std::process::ExitStatus, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().map_err(|e| e.to_string())? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                return Err("the target did not exit".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The unmodified program: anonymous memory, patterns, commands on stdin.
+mod target {
+    use super::{PAGE, pattern};
+    use std::io::{BufRead, Write};
+
+    struct Mem {
+        addr: *mut u8,
+        pages: usize,
+        /// Pages unmapped by "unmap": not checked any more.
+        gone: Vec<bool>,
+    }
+
+    impl Mem {
+        fn page(&self, i: usize) -> &[u8] {
+            // SAFETY: i < pages, the mapping is ours and stays mapped unless
+            // marked gone (callers skip those).
+            unsafe { std::slice::from_raw_parts(self.addr.wrapping_add(i * PAGE), PAGE) }
+        }
+
+        fn set_page(&self, i: usize, contents: &[u8; PAGE]) {
+            // SAFETY: as in `page`; nothing else holds a reference into it.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    contents.as_ptr(),
+                    self.addr.wrapping_add(i * PAGE),
+                    PAGE,
+                )
+            };
+        }
+
+        fn write(&self, version: u64) {
+            for i in (0..self.pages).filter(|&i| !self.gone[i]) {
+                self.set_page(i, &pattern(i as u64, version));
+            }
+        }
+
+        fn check(&self, version: u64, range: std::ops::Range<usize>) -> Result<(), String> {
+            for i in range.filter(|&i| !self.gone[i]) {
+                if self.page(i) != pattern(i as u64, version) {
+                    return Err(format!("page {i} does not hold version {version}"));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    pub fn run() {
+        let pages: usize = std::env::args()
+            .nth(2)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(64);
+        // SAFETY: a fresh private anonymous mapping.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                pages * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED, "mmap");
+        let mut mem = Mem {
+            addr: addr.cast(),
+            pages,
+            gone: vec![false; pages],
+        };
+        mem.write(1);
+        let mut out = std::io::stdout();
+        writeln!(out, "ready {:#x}", mem.addr as u64).unwrap();
+        out.flush().unwrap();
+        for line in std::io::stdin().lock().lines() {
+            let line = line.unwrap();
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let n = |i: usize| -> u64 { w.get(i).and_then(|s| s.parse().ok()).unwrap_or(0) };
+            let result = match w.first().copied() {
+                Some("check") => mem.check(n(1), 0..pages),
+                Some("check-except") => {
+                    let (from, count) = (n(2) as usize, n(3) as usize);
+                    mem.check(n(1), 0..from)
+                        .and_then(|()| mem.check(n(1), from + count..pages))
+                }
+                Some("write") => {
+                    mem.write(n(1));
+                    Ok(())
+                }
+                Some("unmap") => {
+                    let (from, count) = (n(1) as usize, n(2) as usize);
+                    // SAFETY: a sub-range of our mapping.
+                    let rc = unsafe {
+                        libc::munmap(mem.addr.wrapping_add(from * PAGE).cast(), count * PAGE)
+                    };
+                    mem.gone[from..from + count]
+                        .iter_mut()
+                        .for_each(|g| *g = true);
+                    if rc == 0 {
+                        Ok(())
+                    } else {
+                        Err("munmap failed".into())
+                    }
+                }
+                Some("fork-check") => fork_check(&mem, n(1), n(2)),
+                Some("threads") => threads(&mem, n(1) as usize, n(2)),
+                Some("mremap") => {
+                    // Move the mapping: reserve a new place, then MREMAP_FIXED onto it.
+                    // SAFETY: a fresh reservation.
+                    let to = unsafe {
+                        libc::mmap(
+                            std::ptr::null_mut(),
+                            pages * PAGE,
+                            libc::PROT_NONE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        )
+                    };
+                    // SAFETY: moves our own mapping onto our own reservation.
+                    let moved = unsafe {
+                        libc::mremap(
+                            mem.addr.cast(),
+                            pages * PAGE,
+                            pages * PAGE,
+                            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                            to,
+                        )
+                    };
+                    if moved == libc::MAP_FAILED {
+                        Err("mremap failed".into())
+                    } else {
+                        mem.addr = moved.cast();
+                        Ok(())
+                    }
+                }
+                Some("exit") => {
+                    writeln!(out, "ok").unwrap();
+                    out.flush().unwrap();
+                    std::process::exit(0);
+                }
+                _ => Err(format!("unknown command {line:?}")),
+            };
+            match result {
+                Ok(()) => writeln!(out, "ok").unwrap(),
+                Err(e) => writeln!(out, "error: {e}").unwrap(),
+            }
+            out.flush().unwrap();
+        }
+    }
+
+    fn fork_check(mem: &Mem, old: u64, new: u64) -> Result<(), String> {
+        // SAFETY: the child only touches its copy of the mapping and exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let ok = mem.check(old, 0..mem.pages).is_ok() && {
+                mem.write(new);
+                mem.check(new, 0..mem.pages).is_ok()
+            };
+            // SAFETY: leaving the forked child without running destructors.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+            Ok(())
+        } else {
+            Err(format!("the forked child failed (status {status:#x})"))
+        }
+    }
+
+    fn threads(mem: &Mem, n: usize, version: u64) -> Result<(), String> {
+        let pages = mem.pages;
+        let addr = mem.addr as usize;
+        let gone = mem.gone.clone();
+        let handles: Vec<_> = (0..n.max(1))
+            .map(|t| {
+                let gone = gone.clone();
+                std::thread::spawn(move || {
+                    let m = Mem {
+                        addr: addr as *mut u8,
+                        pages,
+                        gone,
+                    };
+                    // Every thread reads every page, each from a different start.
+                    let start = t * pages / n.max(1);
+                    let order: Vec<usize> = (start..pages).chain(0..start).collect();
+                    for i in order {
+                        m.check(version, i..i + 1)?;
+                    }
+                    Ok::<(), String>(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| "a thread panicked".to_string())??;
+        }
+        Ok(())
+    }
+}
