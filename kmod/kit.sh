@@ -43,24 +43,21 @@ die() { printf 'kit: error: %s\n' "$*" >&2; exit 1; }
 pkghash=$(printf '%s' "$SUITE $PACKAGES" | sha256sum | cut -c1-12)
 CHROOT="$CACHE/chroot-$SUITE-$pkghash"
 
+# Runs a command in the chroot, with /proc and /dev mounted in a private
+# mount namespace: the mounts vanish with the command, so nothing is left
+# mounted and concurrent runs (two checkouts, CI) do not unmount each other's.
 in_chroot() {
-  # /proc and /dev for compilers and apt; undone by the trap below.
-  mountpoint -q "$CHROOT/proc" || mount -t proc proc "$CHROOT/proc"
-  mountpoint -q "$CHROOT/dev" || mount --bind /dev "$CHROOT/dev"
-  chroot "$CHROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"
+  unshare --mount --propagation private -- /bin/sh -c '
+    root=$1; shift
+    mount -t proc proc "$root/proc" && mount --bind /dev "$root/dev" &&
+      exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"
+  ' in_chroot "$CHROOT" "$@"
 }
-cleanup() {
-  for m in proc dev; do
-    if mountpoint -q "$CHROOT/$m" 2>/dev/null; then umount -l "$CHROOT/$m" || true; fi
-  done
-}
-trap cleanup EXIT
 
 step_chroot() {
   if [ -e "$CHROOT/.rmem-kit-done" ]; then return; fi
   command -v debootstrap >/dev/null || die "debootstrap not found (apt-get install debootstrap)"
   say "creating the $SUITE build chroot in $CHROOT (a few minutes; cached afterwards)"
-  cleanup
   rm -rf "$CHROOT"
   mkdir -p "$CACHE"
   debootstrap --variant=minbase "$SUITE" "$CHROOT" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1 ||
@@ -108,7 +105,7 @@ step_kernel() {
   [ -n "$common" ] && pkgs+=("$common")
   mkdir -p "$CHROOT/build/debs"
   rm -f "$CHROOT"/build/debs/*.deb
-  (cd "$CHROOT/build/debs" && chroot "$CHROOT" sh -c "cd /build/debs && apt-get -o Acquire::Check-Valid-Until=false -o APT::Sandbox::User=root -qq download ${pkgs[*]}") ||
+  in_chroot sh -c "cd /build/debs && apt-get -o Acquire::Check-Valid-Until=false -o APT::Sandbox::User=root -qq download ${pkgs[*]}" ||
     die "downloading ${pkgs[*]} failed"
   mv "$CHROOT"/build/debs/*.deb "$kdir/debs/"
   for d in "$kdir"/debs/*.deb; do
@@ -170,18 +167,27 @@ make_vars() {
 }
 
 step_module() {
-  local krel out
+  local krel out build
   krel=$(kernel_release)
   out="$REPO/target/kmod/$krel"
+  # A build directory of our own: two checkouts may build at once.
+  build="build/rmem-kmod-$$"
   say "building rmem.ko for $krel"
-  rm -rf "$CHROOT/build/rmem-kmod"
-  mkdir -p "$CHROOT/build/rmem-kmod" "$out"
-  cp -r "$REPO"/kmod/. "$CHROOT/build/rmem-kmod/"
-  in_chroot make -C /build/rmem-kmod KDIR="/build/linux-$krel" $(make_vars "$krel") >"$out/build.log" 2>&1 || {
+  rm -rf "${CHROOT:?}/$build"
+  mkdir -p "$CHROOT/$build" "$out"
+  cp -r "$REPO"/kmod/. "$CHROOT/$build/"
+  if ! in_chroot make -C "/$build" KDIR="/build/linux-$krel" $(make_vars "$krel") >"$out/build.log" 2>&1; then
+    rm -rf "${CHROOT:?}/$build"
     cat "$out/build.log" >&2
     die "building rmem.ko failed"
-  }
-  cp "$CHROOT/build/rmem-kmod/rmem.ko" "$out/rmem.ko"
+  fi
+  if grep -qE '^warning|: warning:' "$out/build.log"; then
+    rm -rf "${CHROOT:?}/$build"
+    cat "$out/build.log" >&2
+    die "rmem.ko builds with warnings"
+  fi
+  cp "$CHROOT/$build/rmem.ko" "$out/rmem.ko"
+  rm -rf "${CHROOT:?}/$build"
   say "built $out/rmem.ko"
 }
 
@@ -200,7 +206,7 @@ step_env() {
 what=all
 for a in "$@"; do
   case $a in
-    --refresh) cleanup; rm -rf "$CHROOT" ;;
+    --refresh) rm -rf "$CHROOT" ;;
     all | chroot | kernel | tree | module | env) what=$a ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$a' (see --help)" ;;

@@ -6,7 +6,7 @@
 //! whose contents live on rmem memory servers; a CPU touch faults them back
 //! (`migrate_to_ram`). The memory-management half is in `rmem_shim.c`; this
 //! file is the driver: `/dev/rmem`, its ioctls (`include/uapi/rmem.h`), the
-//! agent's request queue, attachments and eviction batches.
+//! agent's request queue and attachments.
 //!
 //! Lock order (outermost first): `Shared::ctl` -> the target's `mmap_lock`
 //! (taken in C) -> `Shared::inner`. The fault path holds the `mmap_lock` and
@@ -41,10 +41,6 @@ module! {
             default: 10000,
             description: "How long a fault waits for the agent before SIGBUS",
         },
-        evict_timeout_ms: u32 {
-            default: 10000,
-            description: "How long an eviction waits for the agent's commit before it is undone",
-        },
     },
 }
 
@@ -57,7 +53,7 @@ mod shim {
         _opaque: [u8; 0],
     }
     #[repr(C)]
-    pub(crate) struct Batch {
+    pub(crate) struct Fetch {
         _opaque: [u8; 0],
     }
 
@@ -73,20 +69,21 @@ mod shim {
             -> *mut Att;
         pub(crate) fn rmem_att_restore(a: *mut Att) -> core::ffi::c_long;
         pub(crate) fn rmem_att_free(a: *mut Att);
-        pub(crate) fn rmem_evict_begin(
+        pub(crate) fn rmem_evict_copy(a: *mut Att, start: u64, max: u32, data: u64, addrs: u64)
+            -> core::ffi::c_long;
+        pub(crate) fn rmem_evict_commit(
             a: *mut Att,
             start: u64,
             max: u32,
-            data: u64,
-            addrs: u64,
-            timeout_ms: u32,
-            npages: *mut u32,
-            err: *mut c_int,
-        ) -> *mut Batch;
-        pub(crate) fn rmem_evict_commit(b: *mut Batch, handles: *const u64, status: *mut u8)
-            -> core::ffi::c_long;
-        pub(crate) fn rmem_batch_npages(b: *const Batch) -> u32;
-        pub(crate) fn rmem_batch_free(b: *mut Batch);
+            n: u32,
+            addrs: *const u64,
+            handles: *const u64,
+            data: *const u8,
+            status: *mut u8,
+        ) -> core::ffi::c_long;
+        pub(crate) fn rmem_fetch_complete(f: *mut Fetch, result: c_int);
+        pub(crate) fn rmem_module_get() -> bool;
+        pub(crate) fn rmem_module_put();
     }
 }
 
@@ -118,10 +115,11 @@ uapi_struct!(Info {
 });
 uapi_struct!(Attach { pid: i32, flags: u32, start: u64, len: u64, id: u64 });
 uapi_struct!(Detach { id: u64, restored: u64 });
-uapi_struct!(Evict {
-    id: u64, start: u64, max_pages: u32, npages: u32, batch: u64, data: u64, addrs: u64,
+uapi_struct!(Evict { id: u64, start: u64, max_pages: u32, npages: u32, data: u64, addrs: u64 });
+uapi_struct!(Commit {
+    id: u64, start: u64, max_pages: u32, npages: u32, addrs: u64, handles: u64, data: u64,
+    status: u64, moved: u32, pad: u32,
 });
-uapi_struct!(Commit { batch: u64, npages: u32, moved: u32, handles: u64, status: u64 });
 uapi_struct!(Event { kind: u32, pid: u32, id: u64, handle: u64, addr: u64 });
 uapi_struct!(Wait { max: u32, count: u32, timeout_ms: u32, pad: u32, events: u64 });
 uapi_struct!(Reply { id: u64, error: i32, pad: u32, data: u64 });
@@ -130,8 +128,8 @@ const _: () = {
     assert!(core::mem::size_of::<Info>() == 64);
     assert!(core::mem::size_of::<Attach>() == 32);
     assert!(core::mem::size_of::<Detach>() == 16);
-    assert!(core::mem::size_of::<Evict>() == 48);
-    assert!(core::mem::size_of::<Commit>() == 32);
+    assert!(core::mem::size_of::<Evict>() == 40);
+    assert!(core::mem::size_of::<Commit>() == 64);
     assert!(core::mem::size_of::<Event>() == 32);
     assert!(core::mem::size_of::<Wait>() == 24);
     assert!(core::mem::size_of::<Reply>() == 24);
@@ -143,7 +141,6 @@ const IOC_ATTACH: u32 = _IOWR::<Attach>(MAGIC, 0x01);
 const IOC_DETACH: u32 = _IOWR::<Detach>(MAGIC, 0x02);
 const IOC_EVICT_BEGIN: u32 = _IOWR::<Evict>(MAGIC, 0x03);
 const IOC_EVICT_COMMIT: u32 = _IOWR::<Commit>(MAGIC, 0x04);
-const IOC_EVICT_ABORT: u32 = _IOW::<u64>(MAGIC, 0x05);
 const IOC_WAIT: u32 = _IOWR::<Wait>(MAGIC, 0x06);
 const IOC_REPLY: u32 = _IOW::<Reply>(MAGIC, 0x07);
 
@@ -157,8 +154,11 @@ struct Request {
     addr: u64,
     /// The fresh system page the reply is copied into (owned by the fault).
     kaddr: *mut u8,
+    /// What the fault waits on (C, on the fault's stack).
+    done: *mut shim::Fetch,
+    /// A CPU fault, or a detach bringing pages back.
+    fault: bool,
     delivered: bool,
-    result: Option<i32>,
 }
 
 /// Fault requests and counters: what the fault path touches.
@@ -172,15 +172,15 @@ struct Inner {
     fetch_timeouts: u64,
 }
 
-// SAFETY: `kaddr` points to a page owned by the waiting fault, which removes
-// its request under the lock before it lets the page go.
+// SAFETY: `kaddr` and `done` belong to the waiting fault, which withdraws its
+// request under the lock (rmem_rs_fetch_cancel) before it lets them go; a
+// reply completes `done` and removes the request under the same lock.
 unsafe impl Send for Inner {}
 
-/// Attachments and eviction batches: what the agent's control calls touch.
+/// Attachments: what the agent's control calls touch.
 struct Ctl {
     next_id: u64,
     atts: KVec<(u64, *mut shim::Att)>,
-    batches: KVec<(u64, *mut shim::Batch)>,
 }
 
 // SAFETY: the C objects are only used under the `ctl` lock or after being
@@ -196,9 +196,6 @@ struct Shared {
     /// The agent waits here for requests and freed handles.
     #[pin]
     events: CondVar,
-    /// Faults wait here for replies.
-    #[pin]
-    replies: CondVar,
 }
 
 static SHARED: AtomicPtr<Shared> = AtomicPtr::new(core::ptr::null_mut());
@@ -213,16 +210,21 @@ fn errno(e: c_int) -> Error {
     Error::from_errno(e)
 }
 
-/// Called by the fault path (C) with the target's mmap_lock held.
+/// Called by the fault path (C) with the target's mmap_lock held: queues a
+/// request for the agent. Returns its id (0 when out of memory).
 #[no_mangle]
-extern "C" fn rmem_rs_fetch(
+extern "C" fn rmem_rs_fetch_queue(
     handle: u64,
     tgid: u32,
     addr: c_ulong,
     kaddr: *mut c_void,
     fault: bool,
-) -> c_int {
+    done: *mut shim::Fetch,
+    timeout: *mut kernel::time::Jiffies,
+) -> u64 {
     let s = shared();
+    // SAFETY: `timeout` points to the caller's variable.
+    unsafe { *timeout = msecs_to_jiffies(*module_parameters::fault_timeout_ms.value()) };
     let mut g = s.inner.lock();
     let id = g.next_id;
     g.next_id += 1;
@@ -232,50 +234,32 @@ extern "C" fn rmem_rs_fetch(
         tgid,
         addr: addr as u64,
         kaddr: kaddr.cast(),
+        done,
+        fault,
         delivered: false,
-        result: None,
     };
     if g.requests.push(req, GFP_KERNEL).is_err() {
-        return ENOMEM.to_errno();
+        return 0;
     }
+    drop(g);
     s.events.notify_all();
-    let mut left = msecs_to_jiffies(*module_parameters::fault_timeout_ms.value());
-    loop {
-        let pos = g.requests.iter().position(|r| r.id == id);
-        if let Some(i) = pos {
-            if let Some(result) = g.requests[i].result {
-                let _ = g.requests.remove(i);
-                if result == 0 && fault {
-                    g.faults += 1;
-                } else if result == 0 {
-                    g.restored += 1;
-                }
-                return result;
+    id
+}
+
+/// Called by the fault path (C) when its wait ended without an answer:
+/// withdraws the request. Returns true if it was answered meanwhile.
+#[no_mangle]
+extern "C" fn rmem_rs_fetch_cancel(id: u64, timed_out: bool) -> bool {
+    let mut g = shared().inner.lock();
+    match g.requests.iter().position(|r| r.id == id) {
+        Some(i) => {
+            let _ = g.requests.remove(i);
+            if timed_out {
+                g.fetch_timeouts += 1;
             }
+            false
         }
-        let outcome = if left == 0 {
-            CondVarTimeoutResult::Timeout
-        } else {
-            s.replies.wait_interruptible_timeout(&mut g, left)
-        };
-        match outcome {
-            CondVarTimeoutResult::Woken { jiffies } => left = jiffies,
-            CondVarTimeoutResult::Timeout | CondVarTimeoutResult::Signal { .. } => {
-                let timed_out = matches!(outcome, CondVarTimeoutResult::Timeout);
-                if let Some(i) = g.requests.iter().position(|r| r.id == id) {
-                    if let Some(result) = g.requests[i].result {
-                        let _ = g.requests.remove(i);
-                        return result;
-                    }
-                    let _ = g.requests.remove(i);
-                }
-                if timed_out {
-                    g.fetch_timeouts += 1;
-                    return ETIMEDOUT.to_errno();
-                }
-                return EINTR.to_errno();
-            }
-        }
+        None => true,
     }
 }
 
@@ -296,7 +280,7 @@ impl kernel::Module for RmemModule {
     fn init(_module: &'static ThisModule) -> Result<Self> {
         let shared = KBox::pin_init(
             try_pin_init!(Shared {
-                ctl <- new_mutex!(Ctl { next_id: 1, atts: KVec::new(), batches: KVec::new() }),
+                ctl <- new_mutex!(Ctl { next_id: 1, atts: KVec::new() }),
                 inner <- new_mutex!(Inner {
                     next_id: 1,
                     requests: KVec::new(),
@@ -307,7 +291,6 @@ impl kernel::Module for RmemModule {
                     fetch_timeouts: 0,
                 }),
                 events <- new_condvar!(),
-                replies <- new_condvar!(),
             }),
             GFP_KERNEL,
         )?;
@@ -343,16 +326,12 @@ impl kernel::Module for RmemModule {
 
 impl Drop for RmemModule {
     fn drop(&mut self) {
-        // No agent has the device open (it holds a module reference) and no
-        // device page is in use (each holds one too).
+        // No agent has the device open and no device page is in use: each
+        // holds a module reference.
         self.misc.take();
         {
             let s = shared();
             let mut ctl = s.ctl.lock();
-            for (_, b) in ctl.batches.drain_all() {
-                // SAFETY: removed from the table, so we are its only owner.
-                unsafe { shim::rmem_batch_free(b) };
-            }
             for (_, a) in ctl.atts.drain_all() {
                 // SAFETY: as above.
                 unsafe { shim::rmem_att_free(a) };
@@ -385,37 +364,41 @@ impl MiscDevice for Agent {
         // SAFETY: as above.
         let tgid = unsafe { shim::rmem_current_tgid() };
         let mut g = shared().inner.lock();
-        if g.agent_tgid != 0 && g.agent_tgid != tgid {
+        if g.agent_tgid != 0 {
+            // One open file per agent: two would let one's release hand the
+            // device to a second agent while the other is still open.
             return Err(EBUSY);
         }
+        // SAFETY: plain C call; dropped in release.
+        if !unsafe { shim::rmem_module_get() } {
+            return Err(ENODEV);
+        }
+        let agent = match KBox::new(Agent { tgid }, GFP_KERNEL) {
+            Ok(a) => a,
+            Err(e) => {
+                // SAFETY: taken just above.
+                unsafe { shim::rmem_module_put() };
+                return Err(e.into());
+            }
+        };
         g.agent_tgid = tgid;
-        drop(g);
-        Ok(KBox::new(Agent { tgid }, GFP_KERNEL)?)
+        Ok(agent)
     }
 
     fn release(agent: KBox<Self>, _file: &File) {
-        let s = shared();
-        // Pending evictions are undone: their pages stay in RAM.
-        let batches = {
-            let mut ctl = s.ctl.lock();
-            let mut v = KVec::new();
-            for b in ctl.batches.drain_all() {
-                let _ = v.push(b.1, GFP_KERNEL);
-            }
-            v
-        };
-        for b in batches {
-            // SAFETY: removed from the table, so we own it.
-            unsafe { shim::rmem_batch_free(b) };
-        }
         // Requests the agent took but did not answer go to the next agent.
-        let mut g = s.inner.lock();
-        if g.agent_tgid == agent.tgid {
-            g.agent_tgid = 0;
+        {
+            let mut g = shared().inner.lock();
+            if g.agent_tgid == agent.tgid {
+                g.agent_tgid = 0;
+            }
+            for r in g.requests.iter_mut() {
+                r.delivered = false;
+            }
         }
-        for r in g.requests.iter_mut() {
-            r.delivered = false;
-        }
+        drop(agent);
+        // SAFETY: taken in open; the last thing this module's code does here.
+        unsafe { shim::rmem_module_put() };
     }
 
     fn ioctl(_me: &Agent, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
@@ -426,7 +409,6 @@ impl MiscDevice for Agent {
             IOC_DETACH => detach(user),
             IOC_EVICT_BEGIN => evict_begin(user),
             IOC_EVICT_COMMIT => evict_commit(user),
-            IOC_EVICT_ABORT => evict_abort(user),
             IOC_WAIT => wait(user),
             IOC_REPLY => reply(user),
             _ => Err(ENOTTY),
@@ -512,90 +494,83 @@ fn evict_begin(user: UserSlice) -> Result<isize> {
     if req.max_pages == 0 || req.max_pages > MAX_BATCH {
         return Err(EINVAL);
     }
-    let mut ctl = shared().ctl.lock();
+    let ctl = shared().ctl.lock();
     let a = ctl.atts.iter().find(|(id, _)| *id == req.id).ok_or(ENOENT)?.1;
-    let (mut npages, mut err) = (0u32, 0 as c_int);
-    // SAFETY: `a` is in the table and we hold its lock; the user pointers are
-    // only used with copy_to_user.
-    let b = unsafe {
-        shim::rmem_evict_begin(
-            a,
-            req.start,
-            req.max_pages,
-            req.data,
-            req.addrs,
-            *module_parameters::evict_timeout_ms.value(),
-            &mut npages,
-            &mut err,
-        )
-    };
-    if err != 0 {
-        return Err(errno(err));
-    }
-    req.npages = npages;
-    req.batch = 0;
-    if !b.is_null() {
-        let id = ctl.next_id;
-        ctl.next_id += 1;
-        if let Err(e) = ctl.batches.push((id, b), GFP_KERNEL) {
-            // SAFETY: never published.
-            unsafe { shim::rmem_batch_free(b) };
-            return Err(e.into());
-        }
-        req.batch = id;
-    }
+    // SAFETY: `a` is in the table and we hold its lock; the user pointers
+    // are only used with copy_to_user for max_pages entries.
+    let n = unsafe { shim::rmem_evict_copy(a, req.start, req.max_pages, req.data, req.addrs) };
     drop(ctl);
+    if n < 0 {
+        return Err(errno(n as c_int));
+    }
+    req.npages = n as u32;
     w.write(&req)?;
     Ok(0)
 }
 
-fn take_batch(id: u64) -> Result<*mut shim::Batch> {
-    let mut ctl = shared().ctl.lock();
-    let i = ctl.batches.iter().position(|(b, _)| *b == id).ok_or(ENOENT)?;
-    Ok(ctl.batches.remove(i).map_err(|_| ENOENT)?.1)
+/// Reads `n` values of `T` from user address `addr` into a new vector.
+fn read_vec<T: kernel::transmute::FromBytes + Copy>(addr: u64, n: usize) -> Result<KVVec<T>> {
+    let mut reader =
+        UserSlice::new(UserPtr::from_addr(addr as usize), n * core::mem::size_of::<T>()).reader();
+    let mut v = KVVec::with_capacity(n, GFP_KERNEL)?;
+    for _ in 0..n {
+        v.push(reader.read::<T>()?, GFP_KERNEL)?;
+    }
+    Ok(v)
 }
 
 fn evict_commit(user: UserSlice) -> Result<isize> {
     let (mut r, mut w) = user.reader_writer();
     let mut req: Commit = r.read()?;
-    if req.npages == 0 || req.npages > MAX_BATCH {
-        return Err(EINVAL);
-    }
     let n = req.npages as usize;
-    let mut handles = KVec::<u64>::with_capacity(n, GFP_KERNEL)?;
-    let mut reader = UserSlice::new(UserPtr::from_addr(req.handles as usize), n * 8).reader();
-    for _ in 0..n {
-        let h: u64 = reader.read()?;
-        handles.push(h, GFP_KERNEL)?;
-    }
-    let b = take_batch(req.batch)?;
-    // SAFETY: removed from the table, so we own it.
-    if unsafe { shim::rmem_batch_npages(b) } != req.npages {
-        // SAFETY: as above; the pages go back.
-        unsafe { shim::rmem_batch_free(b) };
+    if req.max_pages == 0 || req.max_pages > MAX_BATCH || n == 0 || req.npages > req.max_pages {
         return Err(EINVAL);
     }
-    let mut status = KVec::<u8>::with_capacity(n, GFP_KERNEL)?;
+    let addrs = read_vec::<u64>(req.addrs, n)?;
+    let end = req.start + u64::from(req.max_pages) * PAGE as u64;
+    let ascending = addrs.windows(2).all(|w| w[0] < w[1]);
+    if !ascending || addrs.iter().any(|&a| a % PAGE as u64 != 0 || a < req.start || a >= end) {
+        return Err(EINVAL);
+    }
+    let handles = read_vec::<u64>(req.handles, n)?;
+    // The acknowledged copies, compared with the pages before they move.
+    let mut data = KVVec::<u8>::with_capacity(n * PAGE, GFP_KERNEL)?;
+    data.resize(n * PAGE, 0, GFP_KERNEL)?;
+    UserSlice::new(UserPtr::from_addr(req.data as usize), n * PAGE).reader().read_slice(&mut data)?;
+    let mut status = KVVec::<u8>::with_capacity(n, GFP_KERNEL)?;
     status.resize(n, 0, GFP_KERNEL)?;
-    // SAFETY: we own `b`; both arrays hold npages entries.
-    let moved = unsafe { shim::rmem_evict_commit(b, handles.as_ptr(), status.as_mut_ptr()) };
-    // SAFETY: we own `b`.
-    unsafe { shim::rmem_batch_free(b) };
+    let ctl = shared().ctl.lock();
+    let a = ctl.atts.iter().find(|(id, _)| *id == req.id).ok_or(ENOENT)?.1;
+    // SAFETY: `a` is in the table and we hold its lock; every array holds
+    // `n` entries (`data` n pages).
+    let moved = unsafe {
+        shim::rmem_evict_commit(
+            a,
+            req.start,
+            req.max_pages,
+            req.npages,
+            addrs.as_ptr(),
+            handles.as_ptr(),
+            data.as_ptr(),
+            status.as_mut_ptr(),
+        )
+    };
+    drop(ctl);
     if moved < 0 {
         return Err(errno(moved as c_int));
     }
     shared().inner.lock().evicted += moved as u64;
-    UserSlice::new(UserPtr::from_addr(req.status as usize), n).writer().write_slice(&status)?;
+    // Pages have moved: from here on a bad status pointer must not turn into
+    // an error the agent would take for "nothing moved".
     req.moved = moved as u32;
-    w.write(&req)?;
-    Ok(0)
-}
-
-fn evict_abort(user: UserSlice) -> Result<isize> {
-    let id: u64 = user.reader().read()?;
-    let b = take_batch(id)?;
-    // SAFETY: removed from the table, so we own it; freeing undoes it.
-    unsafe { shim::rmem_batch_free(b) };
+    let status_ok = UserSlice::new(UserPtr::from_addr(req.status as usize), n)
+        .writer()
+        .write_slice(&status)
+        .is_ok();
+    let _ = w.write(&req);
+    if !status_ok {
+        pr_warn!("rmem: EVICT_COMMIT: cannot write the page statuses back to the agent\n");
+    }
     Ok(0)
 }
 
@@ -620,7 +595,7 @@ fn wait(user: UserSlice) -> Result<isize> {
             if events.len() == max {
                 break;
             }
-            if !q.delivered && q.result.is_none() {
+            if !q.delivered {
                 q.delivered = true;
                 events.push(
                     Event { kind: EVENT_FETCH, pid: q.tgid, id: q.id, handle: q.handle, addr: q.addr },
@@ -662,15 +637,12 @@ fn reply(user: UserSlice) -> Result<isize> {
     let req: Reply = user.reader().read()?;
     let s = shared();
     let mut g = s.inner.lock();
-    let q = g
-        .requests
-        .iter_mut()
-        .find(|q| q.id == req.id && q.result.is_none())
-        .ok_or(ENOENT)?;
+    let i = g.requests.iter().position(|q| q.id == req.id).ok_or(ENOENT)?;
+    let (kaddr, done, fault) = (g.requests[i].kaddr, g.requests[i].done, g.requests[i].fault);
     let result = if req.error == 0 {
         // SAFETY: `kaddr` is the fault's fresh page, valid while its request
         // is in the table, which cannot change while we hold the lock.
-        let page = unsafe { core::slice::from_raw_parts_mut(q.kaddr, PAGE) };
+        let page = unsafe { core::slice::from_raw_parts_mut(kaddr, PAGE) };
         UserSlice::new(UserPtr::from_addr(req.data as usize), PAGE).reader().read_slice(page)?;
         0
     } else if (-4095..0).contains(&req.error) {
@@ -678,8 +650,15 @@ fn reply(user: UserSlice) -> Result<isize> {
     } else {
         EIO.to_errno()
     };
-    q.result = Some(result);
+    let _ = g.requests.remove(i);
+    if result == 0 && fault {
+        g.faults += 1;
+    } else if result == 0 {
+        g.restored += 1;
+    }
+    // SAFETY: the request was in the table, so its fault is still waiting
+    // (a withdrawn request is gone from it); after this nothing touches it.
+    unsafe { shim::rmem_fetch_complete(done, result) };
     drop(g);
-    s.replies.notify_all();
     Ok(0)
 }

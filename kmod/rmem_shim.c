@@ -12,12 +12,14 @@
  * Everything that is protocol (the agent, requests, ioctls) is in Rust.
  *
  * Lock order (outermost first):
- *   mmap_lock of the target mm
+ *   the driver's ctl mutex (Rust) -> mmap_lock of the target mm
  *     -> device page lock / source page locks (taken by migrate_vma_setup)
- *       -> rmem_batch.lock -> rmem_att.lock -> pool.lock (spinlock, irqsave)
- * pool.grow_lock is taken with no other lock of ours held.
- * rmem_rs_fetch (Rust, sleeps) is called with the mmap_lock held for read and
- * the device page locked, never with a lock of ours held.
+ *       -> rmem_att.lock -> pool.lock (spinlock, irqsave)
+ * pool.grow_lock is taken with no page lock held (device pages for a commit
+ * are allocated before its setup).
+ * A fetch (rmem_fetch) sleeps with the target's mmap_lock held for read and
+ * the device page locked, never with a lock of ours held; the agent's reply
+ * takes only the driver's request-queue mutex.
  */
 #include <linux/bitmap.h>
 #include <linux/capability.h>
@@ -33,7 +35,6 @@
 #include <linux/sched/mm.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
-#include <linux/workqueue.h>
 
 #include "rmem_shim.h"
 
@@ -41,6 +42,7 @@
 #define RMEM_CHUNK_PAGES (RMEM_CHUNK_BYTES >> PAGE_SHIFT)
 #define RMEM_NO_HANDLE (~0ULL)
 #define RMEM_RESTORE_STEP 64UL
+#define RMEM_MAX_BATCH 512
 
 /* The pages' contents are reached through page_address(): no highmem. */
 static_assert(!IS_ENABLED(CONFIG_HIGHMEM));
@@ -254,6 +256,8 @@ u64 rmem_pool_in_use(void)
 
 int rmem_pool_init(unsigned long capacity_pages)
 {
+	int ret;
+
 	mutex_init(&pool.grow_lock);
 	spin_lock_init(&pool.lock);
 	pool.max_chunks = max(1UL, DIV_ROUND_UP(capacity_pages, RMEM_CHUNK_PAGES));
@@ -261,7 +265,12 @@ int rmem_pool_init(unsigned long capacity_pages)
 	if (!pool.chunks)
 		return -ENOMEM;
 	/* The first chunk up front: a module that cannot map any fails to load. */
-	return rmem_pool_grow();
+	ret = rmem_pool_grow();
+	if (ret) {
+		kfree(pool.chunks);
+		pool.chunks = NULL;
+	}
+	return ret;
 }
 
 void rmem_pool_exit(void)
@@ -293,12 +302,68 @@ u32 rmem_current_tgid(void)
 	return task_tgid_nr(current);
 }
 
+/*
+ * The Rust misc device leaves file_operations.owner unset, so an open
+ * /dev/rmem would not pin the module: the driver pins it itself.
+ */
+bool rmem_module_get(void)
+{
+	return try_module_get(THIS_MODULE);
+}
+
+void rmem_module_put(void)
+{
+	module_put(THIS_MODULE);
+}
+
 /* ---- fault-back --------------------------------------------------------- */
 
 /*
  * Bring back the pages of args (set up with SELECT_DEVICE_PRIVATE) whose
  * contents the agent delivers. Returns pages restored, or the first error
  * when none could be; pages that fail stay remote.
+ */
+struct rmem_fetch {
+	struct completion done;
+	int result;
+};
+
+void rmem_fetch_complete(struct rmem_fetch *f, int result)
+{
+	f->result = result;
+	complete(&f->done);
+}
+
+/*
+ * Ask the agent for `handle`'s contents, to be written to `kaddr`, and wait
+ * for them: killable (other signals do not cut a fetch short, or periodic
+ * signals would starve the task), bounded by the module's fault timeout.
+ */
+static int rmem_fetch(u64 handle, u32 tgid, unsigned long addr, void *kaddr, bool fault)
+{
+	struct rmem_fetch f;
+	unsigned long timeout = 0;
+	long left;
+	u64 id;
+
+	init_completion(&f.done);
+	f.result = -EIO;
+	id = rmem_rs_fetch_queue(handle, tgid, addr, kaddr, fault, &f, &timeout);
+	if (!id)
+		return -ENOMEM;
+	left = wait_for_completion_killable_timeout(&f.done, timeout);
+	if (left > 0)
+		return f.result;
+	/* Answered meanwhile? Then the result stands; else nobody touches f. */
+	if (rmem_rs_fetch_cancel(id, left == 0))
+		return f.result;
+	return left == 0 ? -ETIMEDOUT : -EINTR;
+}
+
+/*
+ * Bring back the pages of args (set up with SELECT_DEVICE_PRIVATE) whose
+ * contents the agent delivers. Returns pages restored; the first error goes
+ * to *first_err and the pages after it stay remote.
  */
 static long rmem_fetch_and_migrate(struct migrate_vma *args, u32 tgid, bool fault,
 				   int *first_err)
@@ -315,21 +380,19 @@ static long rmem_fetch_and_migrate(struct migrate_vma *args, u32 tgid, bool faul
 		args->dst[i] = 0;
 		if (!spage || !(args->src[i] & MIGRATE_PFN_MIGRATE))
 			continue;
-		if (page_pgmap(spage)->owner != &rmem_owner)
+		if (page_pgmap(spage)->owner != &rmem_owner || *first_err)
 			continue;
 		dpage = alloc_page_vma(GFP_HIGHUSER_MOVABLE, args->vma, addr);
 		if (!dpage) {
-			if (!*first_err)
-				*first_err = -ENOMEM;
+			*first_err = -ENOMEM;
 			continue;
 		}
 		lock_page(dpage);
-		err = rmem_rs_fetch(page_handle(spage), tgid, addr, page_address(dpage), fault);
+		err = rmem_fetch(page_handle(spage), tgid, addr, page_address(dpage), fault);
 		if (err) {
 			unlock_page(dpage);
 			put_page(dpage);
-			if (!*first_err)
-				*first_err = err;
+			*first_err = err;
 			continue;
 		}
 		args->dst[i] = migrate_pfn(page_to_pfn(dpage)) |
@@ -360,8 +423,8 @@ static vm_fault_t rmem_migrate_to_ram(struct vm_fault *vmf)
 		return VM_FAULT_SIGBUS;
 	/* Called with vmf->page locked: nobody else migrates it meanwhile. */
 	rmem_fetch_and_migrate(&args, task_tgid_nr(current), true, &err);
-	if (err == -EINTR)
-		return 0;	/* a signal: the fault is retried after it */
+	if (err == -EINTR)	/* a fatal signal: the task dies on its way out */
+		return (vmf->flags & FAULT_FLAG_USER) ? 0 : VM_FAULT_SIGBUS;
 	if (err == -ENOMEM)
 		return VM_FAULT_OOM;
 	if (err) {
@@ -420,11 +483,6 @@ struct rmem_att *rmem_att_new(s32 pid, u64 start, u64 len, bool all, int *err)
 		*err = -EINVAL;
 		return NULL;
 	}
-	/* The agent's own memory would deadlock its copies: never attach it. */
-	if (pid == task_tgid_nr(current)) {
-		*err = -EINVAL;
-		return NULL;
-	}
 	p = find_get_pid(pid);
 	task = p ? get_pid_task(p, PIDTYPE_TGID) : NULL;
 	put_pid(p);
@@ -436,6 +494,15 @@ struct rmem_att *rmem_att_new(s32 pid, u64 start, u64 len, bool all, int *err)
 	put_task_struct(task);
 	if (!mm) {
 		*err = -ESRCH;
+		return NULL;
+	}
+	/*
+	 * The agent's own memory (or memory it shares through CLONE_VM) would
+	 * deadlock its copies: never attach it.
+	 */
+	if (mm == current->mm) {
+		mmput(mm);
+		*err = -EINVAL;
 		return NULL;
 	}
 	a = kzalloc_obj(*a);
@@ -468,38 +535,44 @@ long rmem_att_restore(struct rmem_att *a)
 {
 	struct mm_struct *mm = a->notifier.mm;
 	unsigned long src[RMEM_RESTORE_STEP], dst[RMEM_RESTORE_STEP];
-	struct vm_area_struct *vma;
 	unsigned long addr;
 	long restored = 0;
 	int err = 0;
 
 	if (!mmget_not_zero(mm))
 		return 0;	/* the address space is gone, and its pages with it */
-	mmap_read_lock(mm);
+	/*
+	 * The mmap_lock is taken per step, so the target's own mmap/munmap
+	 * callers (and the faults queued behind them) are not held up for the
+	 * whole detach.
+	 */
 	for (addr = a->start; addr < a->end && !err;) {
 		struct migrate_vma args = {};
+		struct vm_area_struct *vma;
 
+		mmap_read_lock(mm);
 		vma = find_vma(mm, addr);
-		if (!vma || vma->vm_start >= a->end)
+		if (!vma || vma->vm_start >= a->end) {
+			mmap_read_unlock(mm);
 			break;
+		}
 		addr = max_t(unsigned long, addr, vma->vm_start);
 		args.vma = vma;
 		args.start = addr;
-		args.end = min3(vma->vm_end, (unsigned long)a->end, addr + RMEM_RESTORE_STEP * PAGE_SIZE);
+		args.end = min3(vma->vm_end, (unsigned long)a->end,
+				addr + RMEM_RESTORE_STEP * PAGE_SIZE);
 		args.src = src;
 		args.dst = dst;
 		args.pgmap_owner = &rmem_owner;
 		args.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
 		addr = args.end;
-		if (!vma_is_anonymous(vma))
-			continue;
-		if (migrate_vma_setup(&args))
-			continue;
-		restored += rmem_fetch_and_migrate(&args, a->pid, false, &err);
+		if (vma_is_anonymous(vma) && !migrate_vma_setup(&args))
+			restored += rmem_fetch_and_migrate(&args, a->pid, false, &err);
+		mmap_read_unlock(mm);
 		if (fatal_signal_pending(current) && !err)
 			err = -EINTR;
+		cond_resched();
 	}
-	mmap_read_unlock(mm);
 	mmput(mm);
 	return err ? err : restored;
 }
@@ -512,233 +585,194 @@ void rmem_att_free(struct rmem_att *a)
 
 /* ---- eviction ---------------------------------------------------------- */
 
-enum rmem_batch_state { BATCH_PENDING, BATCH_DONE, BATCH_ABORTED };
+/*
+ * Eviction is two calls with nothing pending in between, so no migration
+ * state outlives the mmap_lock (the source pages' anon_vma is only safe
+ * while it is held):
+ *  - rmem_evict_copy: migrate_vma_setup on system pages, copy the (now
+ *    stable) pages out to the agent, and put them straight back;
+ *  - rmem_evict_commit, after the server acknowledged the copies: set up
+ *    again and move only the pages whose contents still equal the
+ *    acknowledged copy to device pages carrying their handles. A page
+ *    written, unmapped or replaced in between stays in RAM, and the agent
+ *    frees its copy.
+ */
 
-struct rmem_batch {
-	struct mutex lock;	/* state, args */
-	enum rmem_batch_state state;
-	struct delayed_work timeout;
-	struct rmem_att *att;
-	unsigned long seq;	/* mmu_interval_read_begin() after setup */
-	struct migrate_vma args;
-	unsigned long *taken;	/* bitmap: src entries set up for migration */
-	u32 npages;		/* pages taken */
-};
-
-static void rmem_batch_timeout(struct work_struct *work)
+static int evict_setup(struct mm_struct *mm, struct migrate_vma *args,
+		       u64 start, u32 max, const struct rmem_att *a)
 {
-	struct rmem_batch *b = container_of(to_delayed_work(work), struct rmem_batch, timeout);
+	struct vm_area_struct *vma;
 
-	mutex_lock(&b->lock);
-	if (b->state == BATCH_PENDING)
-		pr_warn_ratelimited("rmem: the agent did not commit an eviction of %u pages in time; they stay in RAM\n",
-				    b->npages);
-	mutex_unlock(&b->lock);
-	rmem_evict_abort(b);
+	vma = vma_lookup(mm, start);
+	if (!vma)
+		return -EFAULT;
+	if (!vma_is_anonymous(vma))
+		return -EINVAL;
+	args->vma = vma;
+	args->start = start;
+	args->end = min3((unsigned long)start + ((unsigned long)max << PAGE_SHIFT),
+			 vma->vm_end, (unsigned long)a->end);
+	args->pgmap_owner = &rmem_owner;
+	args->flags = MIGRATE_VMA_SELECT_SYSTEM;
+	return migrate_vma_setup(args);
 }
 
-static bool taken(const struct rmem_batch *b, unsigned long i)
+static bool taken(const struct migrate_vma *args, unsigned long i)
 {
-	return test_bit(i, b->taken);
+	return migrate_pfn_to_page(args->src[i]) && (args->src[i] & MIGRATE_PFN_MIGRATE);
 }
 
-struct rmem_batch *rmem_evict_begin(struct rmem_att *a, u64 start, u32 max,
-				    u64 data, u64 addrs, u32 timeout_ms,
-				    u32 *npages, int *err)
+static int evict_check(const struct rmem_att *a, u64 start, u32 max)
+{
+	if (!max || max > RMEM_MAX_BATCH || !PAGE_ALIGNED(start) ||
+	    start < a->start || start >= a->end)
+		return -EINVAL;
+	return 0;
+}
+
+long rmem_evict_copy(struct rmem_att *a, u64 start, u32 max, u64 data, u64 addrs)
 {
 	struct mm_struct *mm = a->notifier.mm;
-	struct vm_area_struct *vma;
-	struct rmem_batch *b;
+	struct migrate_vma args = {};
 	unsigned long i;
-	u32 n = 0;
+	long n = 0;
 	int ret;
 
-	*npages = 0;
-	*err = 0;
-	if (!max || !PAGE_ALIGNED(start) || start < a->start || start >= a->end) {
-		*err = -EINVAL;
-		return NULL;
-	}
-	b = kzalloc_obj(*b);
-	if (!b) {
-		*err = -ENOMEM;
-		return NULL;
-	}
-	mutex_init(&b->lock);
-	INIT_DELAYED_WORK(&b->timeout, rmem_batch_timeout);
-	b->att = a;
-	b->args.src = kvcalloc(max, sizeof(unsigned long), GFP_KERNEL);
-	b->args.dst = kvcalloc(max, sizeof(unsigned long), GFP_KERNEL);
-	b->taken = bitmap_zalloc(max, GFP_KERNEL);
-	if (!b->args.src || !b->args.dst || !b->taken) {
-		ret = -ENOMEM;
+	ret = evict_check(a, start, max);
+	if (ret)
+		return ret;
+	args.src = kvcalloc(max, sizeof(unsigned long), GFP_KERNEL);
+	args.dst = kvcalloc(max, sizeof(unsigned long), GFP_KERNEL);
+	if (!args.src || !args.dst) {
+		n = -ENOMEM;
 		goto free;
 	}
 	if (!mmget_not_zero(mm)) {
-		ret = -ESRCH;
+		n = -ESRCH;
 		goto free;
 	}
 	mmap_read_lock(mm);
-	vma = vma_lookup(mm, start);
-	if (!vma || !vma_is_anonymous(vma)) {
-		mmap_read_unlock(mm);
-		mmput(mm);
-		ret = vma ? -EINVAL : -EFAULT;
-		goto free;
+	ret = evict_setup(mm, &args, start, max, a);
+	if (ret) {
+		n = ret;
+		goto unlock;
 	}
-	b->args.vma = vma;
-	b->args.start = start;
-	b->args.end = min3((unsigned long)start + ((unsigned long)max << PAGE_SHIFT),
-			   vma->vm_end, (unsigned long)a->end);
-	b->args.pgmap_owner = &rmem_owner;
-	b->args.flags = MIGRATE_VMA_SELECT_SYSTEM;
-	ret = migrate_vma_setup(&b->args);
 	/*
-	 * The sequence is read after setup: setup itself may split a huge page,
-	 * which invalidates the range; what counts is what happens after it.
+	 * The taken pages are locked and unmapped: copy a consistent snapshot.
+	 * The agent's buffer is in another mm (it never attaches itself), so
+	 * faulting it in takes no lock we hold.
 	 */
-	if (!ret)
-		b->seq = mmu_interval_read_begin(&a->notifier);
+	for (i = 0; i < args.npages; i++) {
+		u64 addr = args.start + (i << PAGE_SHIFT);
+
+		if (!taken(&args, i))
+			continue;
+		if (copy_to_user(u64_to_user_ptr(data + (u64)n * PAGE_SIZE),
+				 page_address(migrate_pfn_to_page(args.src[i])), PAGE_SIZE) ||
+		    copy_to_user(u64_to_user_ptr(addrs + (u64)n * sizeof(u64)), &addr, sizeof(addr))) {
+			n = -EFAULT;
+			break;
+		}
+		n++;
+	}
+	migrate_vma_finalize(&args);	/* no destinations: everything goes back */
+unlock:
 	mmap_read_unlock(mm);
 	mmput(mm);
-	if (ret) {
-		b->args.vma = NULL;
-		goto free;
-	}
-	/*
-	 * The taken pages are locked and unmapped: their contents cannot change
-	 * until commit or abort. Copy them out for the agent.
-	 */
-	for (i = 0; i < b->args.npages; i++) {
-		struct page *page = migrate_pfn_to_page(b->args.src[i]);
-		u64 addr = b->args.start + (i << PAGE_SHIFT);
-
-		if (!page || !(b->args.src[i] & MIGRATE_PFN_MIGRATE))
-			continue;
-		__set_bit(i, b->taken);
-		if (copy_to_user(u64_to_user_ptr(data + (u64)n * PAGE_SIZE),
-				 page_address(page), PAGE_SIZE) ||
-		    copy_to_user(u64_to_user_ptr(addrs + (u64)n * sizeof(u64)), &addr, sizeof(addr))) {
-			migrate_vma_finalize(&b->args);
-			ret = -EFAULT;
-			goto free;
-		}
-		n++;
-	}
-	/* migrate_vma_pages() must not insert pages where nothing was mapped. */
-	b->args.vma = NULL;
-	if (!n) {
-		migrate_vma_finalize(&b->args);
-		ret = 0;
-		goto free;
-	}
-	b->npages = n;
-	b->state = BATCH_PENDING;
-	*npages = n;
-	schedule_delayed_work(&b->timeout, msecs_to_jiffies(timeout_ms));
-	return b;
-
 free:
-	kvfree(b->args.src);
-	kvfree(b->args.dst);
-	bitmap_free(b->taken);
-	kfree(b);
-	*err = ret;
-	return NULL;
+	kvfree(args.src);
+	kvfree(args.dst);
+	return n;
 }
 
-u32 rmem_batch_npages(const struct rmem_batch *b)
+long rmem_evict_commit(struct rmem_att *a, u64 start, u32 max, u32 n,
+		       const u64 *addrs, const u64 *handles, const u8 *data, u8 *status)
 {
-	return b->npages;
-}
-
-long rmem_evict_commit(struct rmem_batch *b, const u64 *handles, u8 *status)
-{
-	struct rmem_att *a = b->att;
+	struct mm_struct *mm = a->notifier.mm;
+	struct migrate_vma args = {};
+	struct page **dpages;
+	u32 *slot;
 	unsigned long i;
 	long moved = 0;
-	u32 n;
+	u32 k;
+	int ret;
 
-	mutex_lock(&b->lock);
-	if (b->state != BATCH_PENDING) {
-		mutex_unlock(&b->lock);
-		return -ETIMEDOUT;
-	}
-	for (i = 0, n = 0; i < b->args.npages; i++) {
-		struct page *dpage;
-
-		b->args.dst[i] = 0;
-		if (!taken(b, i))
-			continue;
-		status[n] = 0;
-		if (handles[n] != RMEM_NO_HANDLE) {
-			dpage = rmem_pool_alloc(handles[n]);
-			if (dpage)
-				b->args.dst[i] = migrate_pfn(page_to_pfn(dpage)) |
-						 (b->args.src[i] & MIGRATE_PFN_WRITE);
-		}
-		n++;
+	ret = evict_check(a, start, max);
+	if (ret)
+		return ret;
+	memset(status, 0, n);
+	args.src = kvcalloc(max, sizeof(unsigned long), GFP_KERNEL);
+	args.dst = kvcalloc(max, sizeof(unsigned long), GFP_KERNEL);
+	slot = kvcalloc(max, sizeof(u32), GFP_KERNEL);
+	dpages = kvcalloc(n, sizeof(*dpages), GFP_KERNEL);
+	if (!args.src || !args.dst || !slot || !dpages) {
+		moved = -ENOMEM;
+		goto free;
 	}
 	/*
-	 * The seed's protocol: if the range was invalidated since begin (munmap,
-	 * fork, mprotect...), keep everything local; the agent frees the copies.
+	 * Device pages first, before any source page is locked: growing the
+	 * pool takes the memory-hotplug lock.
 	 */
-	mutex_lock(&a->lock);
-	if (mmu_interval_read_retry(&a->notifier, b->seq)) {
-		for (i = 0; i < b->args.npages; i++) {
-			struct page *dpage = migrate_pfn_to_page(b->args.dst[i]);
-
-			if (!dpage)
-				continue;
-			set_page_handle(dpage, RMEM_NO_HANDLE);
-			unlock_page(dpage);
-			put_page(dpage);
-			b->args.dst[i] = 0;
-		}
+	for (k = 0; k < n; k++)
+		if (handles[k] != RMEM_NO_HANDLE)
+			dpages[k] = rmem_pool_alloc(handles[k]);
+	if (!mmget_not_zero(mm)) {
+		moved = -ESRCH;
+		goto put;
 	}
-	mutex_unlock(&a->lock);
-	migrate_vma_pages(&b->args);
-	for (i = 0, n = 0; i < b->args.npages; i++) {
-		struct page *dpage = migrate_pfn_to_page(b->args.dst[i]);
+	mmap_read_lock(mm);
+	ret = evict_setup(mm, &args, start, max, a);
+	if (ret) {
+		moved = ret;
+		goto unlock;
+	}
+	for (i = 0, k = 0; i < args.npages; i++) {
+		u64 addr = args.start + (i << PAGE_SHIFT);
+		struct page *spage = migrate_pfn_to_page(args.src[i]);
 
-		if (!taken(b, i))
+		slot[i] = U32_MAX;
+		while (k < n && addrs[k] < addr)
+			k++;
+		if (k == n || addrs[k] != addr || !taken(&args, i) || !dpages[k])
 			continue;
-		if (dpage && !(b->args.src[i] & MIGRATE_PFN_MIGRATE)) {
-			/* Not migrated after all: the agent frees the copy itself. */
+		/* Only what the server holds may leave RAM. */
+		if (memcmp(page_address(spage), data + (size_t)k * PAGE_SIZE, PAGE_SIZE))
+			continue;
+		slot[i] = k;
+		args.dst[i] = migrate_pfn(page_to_pfn(dpages[k])) |
+			      (args.src[i] & MIGRATE_PFN_WRITE);
+		dpages[k] = NULL;	/* finalize owns it now */
+	}
+	migrate_vma_pages(&args);
+	for (i = 0; i < args.npages; i++) {
+		struct page *dpage = migrate_pfn_to_page(args.dst[i]);
+
+		if (!dpage)
+			continue;
+		if (args.src[i] & MIGRATE_PFN_MIGRATE) {
+			status[slot[i]] = 1;
+			moved++;
+		} else {
+			/* Not migrated after all: finalize frees it, unreported. */
 			set_page_handle(dpage, RMEM_NO_HANDLE);
 		}
-		if (dpage && (b->args.src[i] & MIGRATE_PFN_MIGRATE)) {
-			status[n] = 1;
-			moved++;
-		}
-		n++;
 	}
-	migrate_vma_finalize(&b->args);
-	b->state = BATCH_DONE;
-	mutex_unlock(&b->lock);
+	migrate_vma_finalize(&args);
+unlock:
+	mmap_read_unlock(mm);
+	mmput(mm);
+put:
+	for (k = 0; k < n; k++) {
+		if (!dpages[k])
+			continue;
+		set_page_handle(dpages[k], RMEM_NO_HANDLE);
+		unlock_page(dpages[k]);
+		put_page(dpages[k]);
+	}
+free:
+	kvfree(dpages);
+	kvfree(slot);
+	kvfree(args.src);
+	kvfree(args.dst);
 	return moved;
-}
-
-void rmem_evict_abort(struct rmem_batch *b)
-{
-	mutex_lock(&b->lock);
-	if (b->state == BATCH_PENDING) {
-		unsigned long i;
-
-		for (i = 0; i < b->args.npages; i++)
-			b->args.dst[i] = 0;
-		migrate_vma_finalize(&b->args);	/* restores the original pages */
-		b->state = BATCH_ABORTED;
-	}
-	mutex_unlock(&b->lock);
-}
-
-void rmem_batch_free(struct rmem_batch *b)
-{
-	cancel_delayed_work_sync(&b->timeout);
-	rmem_evict_abort(b);
-	kvfree(b->args.src);
-	kvfree(b->args.dst);
-	bitmap_free(b->taken);
-	kfree(b);
 }

@@ -12,18 +12,23 @@
 #include <linux/types.h>
 
 struct rmem_att;
-struct rmem_batch;
 
 /* Implemented in Rust, called from C. */
 
+struct rmem_fetch;
 /*
- * A CPU touched a remote page: ask the agent for the contents of `handle`
- * and wait until it wrote them to `kaddr` (PAGE_SIZE bytes). Sleeps.
- * `fault` tells a CPU fault from a detach bringing pages back.
- * Returns 0, -EINTR when a signal is pending (the fault is retried), or
- * another negative errno (the faulting task gets SIGBUS).
+ * Queue a request for the agent: the contents of `handle` go to `kaddr`
+ * (PAGE_SIZE bytes), then rmem_fetch_complete(f, 0). `fault` tells a CPU
+ * fault from a detach. Returns the request id (0: no memory) and the fault
+ * timeout in jiffies.
  */
-int rmem_rs_fetch(u64 handle, u32 tgid, unsigned long addr, void *kaddr, bool fault);
+u64 rmem_rs_fetch_queue(u64 handle, u32 tgid, unsigned long addr, void *kaddr,
+			bool fault, struct rmem_fetch *f, unsigned long *timeout);
+/*
+ * Withdraw request `id`; true if it was answered already (the result in f
+ * stands). After it returns nobody touches f or kaddr.
+ */
+bool rmem_rs_fetch_cancel(u64 id, bool timed_out);
 /* A remote page was freed (may be called in atomic context). */
 void rmem_rs_wake(void);
 
@@ -47,19 +52,20 @@ void rmem_att_free(struct rmem_att *a);
 s32 rmem_att_pid(const struct rmem_att *a);
 
 /*
- * Unmap and copy up to `max` present pages of [start, ...) within one VMA.
- * `data` and `addrs` are user pointers. Returns NULL with *npages = 0 when
- * nothing could be taken (not an error), NULL with *err set on failure.
+ * Copy up to `max` present pages of [start, ...) within one mapping to the
+ * user buffer `data`, their addresses to `addrs`; the pages stay mapped.
+ * Returns how many, or -errno.
  */
-struct rmem_batch *rmem_evict_begin(struct rmem_att *a, u64 start, u32 max,
-				    u64 data, u64 addrs, u32 timeout_ms,
-				    u32 *npages, int *err);
-u32 rmem_batch_npages(const struct rmem_batch *b);
-/* Moves the batch's pages to device memory; returns pages moved or -errno. */
-long rmem_evict_commit(struct rmem_batch *b, const u64 *handles, u8 *status);
-/* Puts the pages back (idempotent; also what the timeout does). */
-void rmem_evict_abort(struct rmem_batch *b);
-/* Aborts if still pending, stops the timeout and frees the batch. */
-void rmem_batch_free(struct rmem_batch *b);
+long rmem_evict_copy(struct rmem_att *a, u64 start, u32 max, u64 data, u64 addrs);
+/*
+ * Move the copied pages whose contents still equal `data` (kernel memory,
+ * n pages, at ascending `addrs`) to device pages holding `handles`;
+ * status[k] = 1 for each page moved. Returns pages moved or -errno.
+ */
+long rmem_evict_commit(struct rmem_att *a, u64 start, u32 max, u32 n,
+		       const u64 *addrs, const u64 *handles, const u8 *data, u8 *status);
+void rmem_fetch_complete(struct rmem_fetch *f, int result);
+bool rmem_module_get(void);
+void rmem_module_put(void);
 
 #endif /* RMEM_SHIM_H */

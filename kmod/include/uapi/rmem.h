@@ -9,12 +9,14 @@
  *
  * Protocol, one agent at a time (a second open gets EBUSY):
  *  - ATTACH a process (pid) and a range, or every mapping (RMEM_ATTACH_ALL).
- *  - EVICT_BEGIN unmaps up to max_pages present pages of [start, ...) and
- *    copies their contents into the agent's buffer. The pages are locked and
- *    unmapped (CPU accesses wait) until EVICT_COMMIT with one remote handle
- *    per page moves them to device-private memory, or EVICT_ABORT (or the
- *    evict_timeout_ms module parameter) puts them back. Commit only after the
- *    server acknowledged every page: a page is never freed before that.
+ *  - EVICT_BEGIN copies up to max_pages present pages of [start, ...)
+ *    (within one mapping) into the agent's buffer; they stay mapped. The
+ *    agent stores them, and once the server acknowledged every one,
+ *    EVICT_COMMIT (same start and max_pages, the same buffer, one remote
+ *    handle per page) moves to device-private memory each page whose
+ *    contents still equal the copy; status says which. Pages written or
+ *    unmapped in between stay in RAM and the agent frees their copies. No
+ *    state is kept between the two calls.
  *  - WAIT returns events: FETCH (a CPU touched a remote page; answer with
  *    REPLY carrying the page's contents, or a negative errno for SIGBUS) and
  *    FREED (the last mapping of a remote page went away: munmap, exit, a
@@ -63,18 +65,22 @@ struct rmem_evict {
 	__u64 id;		/* attachment */
 	__u64 start;		/* page-aligned */
 	__u32 max_pages;	/* at most RMEM_MAX_BATCH */
-	__u32 npages;		/* out: pages unmapped and copied */
-	__u64 batch;		/* out: for COMMIT or ABORT (0 if npages == 0) */
+	__u32 npages;		/* out: pages copied */
 	__u64 data;		/* user pointer: max_pages * RMEM_PAGE_SIZE bytes */
 	__u64 addrs;		/* user pointer: max_pages __u64, out: page addresses */
 };
 
 struct rmem_commit {
-	__u64 batch;
-	__u32 npages;		/* must equal the batch's npages */
-	__u32 moved;		/* out: pages now remote */
-	__u64 handles;		/* user pointer: npages __u64 */
+	__u64 id;		/* attachment */
+	__u64 start;		/* as in EVICT_BEGIN */
+	__u32 max_pages;	/* as in EVICT_BEGIN */
+	__u32 npages;		/* pages copied by EVICT_BEGIN */
+	__u64 addrs;		/* user pointer: npages __u64, ascending */
+	__u64 handles;		/* user pointer: npages __u64 (~0: keep local) */
+	__u64 data;		/* user pointer: the copies, npages pages */
 	__u64 status;		/* user pointer: npages __u8, out: 1 moved, 0 kept local */
+	__u32 moved;		/* out: pages now remote */
+	__u32 pad;
 };
 
 #define RMEM_EVENT_FETCH 1
@@ -109,7 +115,6 @@ struct rmem_reply {
 #define RMEM_IOC_DETACH		_IOWR(RMEM_IOC_MAGIC, 0x02, struct rmem_detach)
 #define RMEM_IOC_EVICT_BEGIN	_IOWR(RMEM_IOC_MAGIC, 0x03, struct rmem_evict)
 #define RMEM_IOC_EVICT_COMMIT	_IOWR(RMEM_IOC_MAGIC, 0x04, struct rmem_commit)
-#define RMEM_IOC_EVICT_ABORT	_IOW(RMEM_IOC_MAGIC, 0x05, __u64)
 #define RMEM_IOC_WAIT		_IOWR(RMEM_IOC_MAGIC, 0x06, struct rmem_wait)
 #define RMEM_IOC_REPLY		_IOW(RMEM_IOC_MAGIC, 0x07, struct rmem_reply)
 

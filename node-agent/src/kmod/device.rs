@@ -18,14 +18,6 @@ pub struct Device {
     file: File,
 }
 
-/// Pages unmapped and copied by [`Device::evict_begin`], waiting for a
-/// commit or an abort.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Batch {
-    pub id: u64,
-    pub npages: usize,
-}
-
 /// The answer to a fetch request.
 #[derive(Debug)]
 pub enum FetchReply<'a> {
@@ -113,15 +105,16 @@ impl Device {
         Ok(d.restored)
     }
 
-    /// Unmaps up to `addrs.len()` present pages from `start` (within one
-    /// mapping) and copies them into `data`; their addresses go to `addrs`.
+    /// Copies up to `addrs.len()` present pages from `start` (within one
+    /// mapping) into `data` and their addresses into `addrs`; the pages stay
+    /// mapped. Returns how many.
     pub fn evict_begin(
         &self,
         id: u64,
         start: u64,
         data: &mut [u8],
         addrs: &mut [u64],
-    ) -> io::Result<Option<Batch>> {
+    ) -> io::Result<usize> {
         let max = addrs.len().min(uapi::MAX_BATCH as usize);
         assert!(data.len() >= max * PAGE_SIZE, "room for every page");
         let mut e = uapi::Evict {
@@ -129,43 +122,45 @@ impl Device {
             start,
             max_pages: max as u32,
             npages: 0,
-            batch: 0,
             data: data.as_mut_ptr() as u64,
             addrs: addrs.as_mut_ptr() as u64,
         };
         self.ioctl(uapi::IOC_EVICT_BEGIN, &mut e)?;
-        Ok((e.npages > 0).then_some(Batch {
-            id: e.batch,
-            npages: e.npages as usize,
-        }))
+        Ok(e.npages as usize)
     }
 
-    /// Moves a batch's pages to device memory, page `i` holding `handles[i]`
-    /// (or [`uapi::NO_HANDLE`] to keep it local). `status[i]` tells whether
-    /// page `i` moved; the copies of pages that did not are the caller's to
-    /// free. Returns the pages moved.
+    /// After the server acknowledged the copies from [`Device::evict_begin`]
+    /// (same `start` and `max_pages`), moves each page still equal to its
+    /// copy to device memory, page `k` holding `handles[k]`.
+    /// `status[k]` tells whether page `k` moved; the copies of pages that did
+    /// not are the caller's to free. Returns the pages moved.
+    #[allow(clippy::too_many_arguments)]
     pub fn evict_commit(
         &self,
-        batch: Batch,
+        id: u64,
+        start: u64,
+        max_pages: usize,
+        addrs: &[u64],
         handles: &[u64],
+        data: &[u8],
         status: &mut [u8],
     ) -> io::Result<usize> {
-        assert!(handles.len() == batch.npages && status.len() == batch.npages);
+        let n = addrs.len();
+        assert!(handles.len() == n && status.len() == n && data.len() >= n * PAGE_SIZE);
         let mut c = uapi::Commit {
-            batch: batch.id,
-            npages: batch.npages as u32,
-            moved: 0,
+            id,
+            start,
+            max_pages: max_pages as u32,
+            npages: n as u32,
+            addrs: addrs.as_ptr() as u64,
             handles: handles.as_ptr() as u64,
+            data: data.as_ptr() as u64,
             status: status.as_mut_ptr() as u64,
+            moved: 0,
+            pad: 0,
         };
         self.ioctl(uapi::IOC_EVICT_COMMIT, &mut c)?;
         Ok(c.moved as usize)
-    }
-
-    /// Puts a batch's pages back where they were.
-    pub fn evict_abort(&self, batch: Batch) -> io::Result<()> {
-        let mut id = batch.id;
-        self.ioctl(uapi::IOC_EVICT_ABORT, &mut id)
     }
 
     /// Waits up to `timeout_ms` for events; returns how many were written.

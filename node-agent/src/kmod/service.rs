@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use rmem_client::{ClientConfig, ClientError, Page, PageStatus};
 
-use super::device::{Batch, Device, FetchReply};
+use super::device::{Device, FetchReply};
 use super::uapi::{self, Event, PAGE_SIZE};
 use crate::remote::{RemoteConn, thread_config};
 
@@ -139,34 +139,63 @@ impl KernelAgent {
         self.dev.detach(id)
     }
 
-    /// Moves the present pages of `[start, start + len)` (one mapping) to
-    /// the server. A page leaves RAM only after the server acknowledged it;
-    /// on any failure the batch is undone and its copies freed. Returns the
-    /// pages moved.
+    /// Moves the present pages of `[start, start + len)` to the server. A
+    /// page leaves RAM only after the server acknowledged its copy, and only
+    /// if it still equals that copy; the copies of pages that stay are
+    /// freed. Returns the pages moved.
     pub fn evict(&self, att: u64, start: u64, len: u64) -> Result<usize, KernelError> {
         let mut ev = self.evictor.lock().unwrap_or_else(|e| e.into_inner());
         let ev = &mut *ev;
-        let step = uapi::MAX_BATCH as u64 * PAGE_SIZE as u64;
+        let page = PAGE_SIZE as u64;
+        let end = start + len;
         let mut moved = 0;
         let mut addr = start;
-        while addr < start + len {
-            let pages =
-                ((start + len - addr) / PAGE_SIZE as u64).min(uapi::MAX_BATCH as u64) as usize;
-            let batch = self.dev.evict_begin(
+        let mut retried = false;
+        while addr < end {
+            let pages = ((end - addr) / page).min(uapi::MAX_BATCH as u64) as usize;
+            let n = match self.dev.evict_begin(
                 att,
                 addr,
                 &mut ev.data[..pages * PAGE_SIZE],
                 &mut ev.addrs[..pages],
-            )?;
-            addr += step.min(pages as u64 * PAGE_SIZE as u64);
-            let Some(batch) = batch else { continue };
-            moved += self.store_and_commit(ev, batch)?;
+            ) {
+                Ok(n) => n,
+                // Nothing mapped at `addr`: go on with the next page.
+                Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
+                    addr += page;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                addr += pages as u64 * page;
+                retried = false;
+                continue;
+            }
+            let now = self.store_and_commit(ev, att, addr, pages, n)?;
+            moved += now;
+            if now < n && !retried {
+                // A page can miss a migration for a moment (a per-CPU LRU
+                // batch holds it, a split races): try the range once more;
+                // what moved is device memory now and is not copied again.
+                retried = true;
+                continue;
+            }
+            retried = false;
+            // The copy stops at the end of a mapping: go on after its last page.
+            addr = ev.addrs[n - 1] + page;
         }
         Ok(moved)
     }
 
-    fn store_and_commit(&self, ev: &mut Evictor, batch: Batch) -> Result<usize, KernelError> {
-        let n = batch.npages;
+    fn store_and_commit(
+        &self,
+        ev: &mut Evictor,
+        att: u64,
+        start: u64,
+        max_pages: usize,
+        n: usize,
+    ) -> Result<usize, KernelError> {
         let first = self.next_handle.fetch_add(n as u64, Ordering::Relaxed);
         let handles: Vec<u64> = (first..first + n as u64).collect();
         let deadline = Instant::now() + self.cfg.request_timeout;
@@ -199,21 +228,27 @@ impl KernelAgent {
             Ok(())
         })();
         if let Err(e) = stored {
-            // Nothing leaves RAM: undo the batch, then drop what was stored.
-            let undo = self.dev.evict_abort(batch);
+            // Nothing left RAM: drop whatever was stored.
             let _ = free_all(
                 &mut ev.conn,
                 &handles,
                 Instant::now() + self.cfg.request_timeout,
             );
-            undo?;
             return Err(e);
         }
         let mut status = vec![0u8; n];
-        let moved = match self.dev.evict_commit(batch, &handles, &mut status) {
+        let moved = match self.dev.evict_commit(
+            att,
+            start,
+            max_pages,
+            &ev.addrs[..n],
+            &handles,
+            &ev.data[..n * PAGE_SIZE],
+            &mut status,
+        ) {
             Ok(m) => m,
             Err(e) => {
-                // Timed out in the module (pages back in RAM) or refused.
+                // Nothing moved (the module reports errors only before moving).
                 let _ = free_all(
                     &mut ev.conn,
                     &handles,

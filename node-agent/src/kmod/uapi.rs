@@ -60,7 +60,6 @@ pub struct Evict {
     pub start: u64,
     pub max_pages: u32,
     pub npages: u32,
-    pub batch: u64,
     pub data: u64,
     pub addrs: u64,
 }
@@ -69,11 +68,16 @@ pub struct Evict {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Commit {
-    pub batch: u64,
+    pub id: u64,
+    pub start: u64,
+    pub max_pages: u32,
     pub npages: u32,
-    pub moved: u32,
+    pub addrs: u64,
     pub handles: u64,
+    pub data: u64,
     pub status: u64,
+    pub moved: u32,
+    pub pad: u32,
 }
 
 /// `struct rmem_event`.
@@ -120,7 +124,6 @@ pub const IOC_ATTACH: u64 = ioc(IOC_READ | IOC_WRITE, 0x01, size_of::<Attach>())
 pub const IOC_DETACH: u64 = ioc(IOC_READ | IOC_WRITE, 0x02, size_of::<Detach>());
 pub const IOC_EVICT_BEGIN: u64 = ioc(IOC_READ | IOC_WRITE, 0x03, size_of::<Evict>());
 pub const IOC_EVICT_COMMIT: u64 = ioc(IOC_READ | IOC_WRITE, 0x04, size_of::<Commit>());
-pub const IOC_EVICT_ABORT: u64 = ioc(IOC_WRITE, 0x05, size_of::<u64>());
 pub const IOC_WAIT: u64 = ioc(IOC_READ | IOC_WRITE, 0x06, size_of::<Wait>());
 pub const IOC_REPLY: u64 = ioc(IOC_WRITE, 0x07, size_of::<Reply>());
 
@@ -135,8 +138,8 @@ mod tests {
         assert_eq!(size_of::<Info>(), 64);
         assert_eq!(size_of::<Attach>(), 32);
         assert_eq!(size_of::<Detach>(), 16);
-        assert_eq!(size_of::<Evict>(), 48);
-        assert_eq!(size_of::<Commit>(), 32);
+        assert_eq!(size_of::<Evict>(), 40);
+        assert_eq!(size_of::<Commit>(), 64);
         assert_eq!(size_of::<Event>(), 32);
         assert_eq!(size_of::<Wait>(), 24);
         assert_eq!(size_of::<Reply>(), 24);
@@ -146,7 +149,7 @@ mod tests {
     #[test]
     fn ioctl_numbers_follow_the_kernel_encoding() {
         assert_eq!(IOC_INFO, 0x8040_5200);
-        assert_eq!(IOC_EVICT_ABORT, 0x4008_5205);
+        assert_eq!(IOC_REPLY, 0x4018_5207);
         assert_eq!(IOC_ATTACH, 0xc020_5201);
     }
 }
