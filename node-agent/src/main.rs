@@ -28,6 +28,47 @@ enum Command {
     ///
     /// Example: rmem-agent demo --budget 64MiB --size 256MiB --json
     Demo(DemoArgs),
+    /// Keep an unmodified process's cold pages on a memory server through
+    /// the kernel module (/dev/rmem, rmem.ko).
+    ///
+    /// Attaches the process, finds cold regions with DAMON (not accessed
+    /// for --min-age) and evicts their pages; CPU accesses fault them back.
+    /// SIGINT or SIGTERM detach, which brings every page back, and exit.
+    /// Needs root (CAP_SYS_ADMIN) and the module loaded.
+    ///
+    /// Example: rmem-agent kernel --server mem1:7480 --pid 4242 --min-age 5s
+    Kernel(KernelArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct KernelArgs {
+    /// Data-plane address of the memory server.
+    #[arg(long)]
+    server: String,
+    /// The process to attach.
+    #[arg(long)]
+    pid: i32,
+    /// A region is cold once DAMON saw no access to it for this long.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    min_age: std::time::Duration,
+    /// Between two rounds of eviction.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    interval: std::time::Duration,
+    /// The module's device.
+    #[arg(long, default_value = "/dev/rmem")]
+    device: std::path::PathBuf,
+    /// Threads answering the module's fetch requests.
+    #[arg(long, default_value_t = 2)]
+    fault_threads: usize,
+    /// Tenant to log in as.
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    /// Credential of the tenant.
+    #[arg(long, env = "RMEM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print each round's status, and the final one, as JSON lines.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -150,6 +191,62 @@ fn main() -> ExitCode {
                     return code;
                 }
             }
+        }
+        Command::Kernel(k) => run_kernel(k),
+    }
+}
+
+fn run_kernel(k: KernelArgs) -> ExitCode {
+    use rmem_agent::kmod::daemon::{self, DaemonConfig};
+    use rmem_agent::kmod::{KernelConfig, damon::DamonConfig};
+    let client = rmem_client::ClientConfig::new(k.server)
+        .with_tenant(k.tenant, k.token.unwrap_or_default().into_bytes());
+    let mut kernel = KernelConfig::new(client);
+    kernel.device = k.device;
+    kernel.fault_threads = k.fault_threads;
+    let cfg = DaemonConfig {
+        kernel,
+        pid: k.pid,
+        damon: DamonConfig {
+            min_age: k.min_age,
+            ..DamonConfig::default()
+        },
+        interval: k.interval,
+    };
+    stop_after_round();
+    let json = k.json;
+    let result = daemon::run(&cfg, &STOP, |st| {
+        if json {
+            println!("{}", serde_json::to_string(st).expect("status serializes"));
+        } else {
+            eprintln!(
+                "rmem-agent kernel: pid {} round {}: {} KiB cold, {} pages evicted, {} fetched, {} freed",
+                st.pid,
+                st.rounds,
+                st.cold_bytes / 1024,
+                st.evicted_pages,
+                st.fetched_pages,
+                st.freed_pages
+            );
+        }
+    });
+    match result {
+        Ok(st) => {
+            if json {
+                println!("{}", serde_json::to_string(&st).expect("status serializes"));
+            } else {
+                eprintln!(
+                    "rmem-agent kernel: detached from pid {}{}: {} pages brought back",
+                    st.pid,
+                    if st.process_exited { " (exited)" } else { "" },
+                    st.restored_pages
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rmem-agent kernel: {e}");
+            ExitCode::FAILURE
         }
     }
 }

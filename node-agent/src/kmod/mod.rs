@@ -2,9 +2,13 @@
 //!
 //! - [`uapi`]: the ioctl structures (mirror of `kmod/include/uapi/rmem.h`).
 //! - [`device`]: safe wrappers around the ioctls.
+//! - [`damon`]: which pages are cold, from DAMON.
+//! - [`daemon`]: `rmem-agent kernel`, the loop that evicts them.
 //! - [`service`]: [`KernelAgent`], which serves the module's fetch requests
 //!   and freed handles from a memory server and evicts ranges on request.
 
+pub mod daemon;
+pub mod damon;
 pub mod device;
 pub mod service;
 pub mod uapi;

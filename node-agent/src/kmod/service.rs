@@ -50,6 +50,8 @@ pub enum KernelError {
     Device(#[from] io::Error),
     #[error("memory server: {0}")]
     Server(#[from] ClientError),
+    #[error("DAMON: {0}")]
+    Monitor(io::Error),
     #[error("memory server refused page {handle:#x}: {status:?}")]
     Refused { handle: u64, status: PageStatus },
 }

@@ -290,6 +290,72 @@ fn main() {
         },
     );
 
+    suite.case(
+        "rmem-agent kernel evicts a running program's cold pages (DAMON), keeps its hot ones",
+        || {
+            env.agent = None;
+            let result = (|| {
+                // Debian's kernel runs DAMON_STAT, which holds DAMON exclusively.
+                let _ = std::fs::write(rmem_agent::kmod::damon::DAMON_STAT_ENABLED, "N");
+                // DAMON sees a huge page as one: keep the hot 64 pages from
+                // making a whole 2 MiB hot.
+                let mut t = Target::spawn_with(1024, &["nohuge"])?;
+                t.cmd("hot 64")?;
+                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                let agent_bin = exe.with_file_name("rmem-agent");
+                let daemon = Command::new(agent_bin)
+                    .args([
+                        "kernel",
+                        "--server",
+                        &env.server.data.to_string(),
+                        "--pid",
+                        &t.pid().to_string(),
+                    ])
+                    .args(["--min-age", "1s", "--interval", "500ms", "--json"])
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| e.to_string())?;
+                let evicted = wait_until(Duration::from_secs(60), || env.stored() >= 800);
+                let remote = t.query("remote 0 1024")?;
+                let remote_hot = t.query("remote 0 64")?;
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+                let out = daemon.wait_with_output().map_err(|e| e.to_string())?;
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                ensure(
+                    evicted,
+                    format!(
+                        "the server holds {} pages, expected at least 800 of 1024 cold ones; agent said:\n{stdout}",
+                        env.stored()
+                    ),
+                )?;
+                ensure(
+                    out.status.success(),
+                    format!("rmem-agent kernel exited with {}", out.status),
+                )?;
+                ensure(remote >= 800, format!("{remote} of 1024 pages were remote"))?;
+                ensure(
+                    remote_hot <= 16,
+                    format!("{remote_hot} of the 64 hot pages were evicted"),
+                )?;
+                let last: serde_json::Value = stdout
+                    .lines()
+                    .last()
+                    .and_then(|l| serde_json::from_str(l).ok())
+                    .ok_or(format!("no final status in {stdout:?}"))?;
+                ensure(
+                    last["restored_pages"].as_u64().unwrap_or(0) >= 700,
+                    format!("final status {last}"),
+                )?;
+                t.cmd("check 1")?;
+                env.wait_stored(0)?;
+                t.cmd("exit")
+            })();
+            env.start_agent();
+            result
+        },
+    );
+
     suite.case("fault-back latency: the module against userfaultfd, same guest (report)", || {
         // Through the module: every first touch of an evicted page faults.
         let (mut t, att) = env.evicted(512)?;
@@ -541,8 +607,14 @@ struct Target {
 
 impl Target {
     fn spawn(pages: usize) -> Result<Self, String> {
+        Self::spawn_with(pages, &[])
+    }
+
+    /// With `["nohuge"]` the mapping gets MADV_NOHUGEPAGE.
+    fn spawn_with(pages: usize, opts: &[&str]) -> Result<Self, String> {
         let mut child = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
             .args(["--target", &pages.to_string()])
+            .args(opts)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -583,6 +655,15 @@ impl Target {
             Ok(_) => Ok(line.trim().to_string()),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// A command that answers "ok N".
+    fn query(&mut self, cmd: &str) -> Result<u64, String> {
+        self.send(cmd)?;
+        let r = self.reply()?;
+        r.strip_prefix("ok ")
+            .and_then(|v| v.parse().ok())
+            .ok_or(format!("{cmd}: {r}"))
     }
 
     fn cmd(&mut self, cmd: &str) -> Result<(), String> {
@@ -675,6 +756,10 @@ mod target {
             )
         };
         assert_ne!(addr, libc::MAP_FAILED, "mmap");
+        if std::env::args().nth(3).as_deref() == Some("nohuge") {
+            // SAFETY: advice on our own fresh mapping.
+            unsafe { libc::madvise(addr, pages * PAGE, libc::MADV_NOHUGEPAGE) };
+        }
         let mut mem = Mem {
             addr: addr.cast(),
             pages,
@@ -716,6 +801,30 @@ mod target {
                 }
                 Some("fork-check") => fork_check(&mem, n(1), n(2)),
                 Some("check-under-signals") => check_under_signals(&mem, n(1)),
+                Some("hot") => {
+                    // A thread that keeps reading the first N pages.
+                    let (addr, count) = (mem.addr as usize, n(1) as usize);
+                    std::thread::spawn(move || {
+                        loop {
+                            for i in 0..count {
+                                // SAFETY: inside the mapping, which lives until exit.
+                                let _ = unsafe {
+                                    std::ptr::read_volatile((addr + i * PAGE) as *const u8)
+                                };
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(2));
+                        }
+                    });
+                    Ok(())
+                }
+                Some("remote") => match remote_pages(&mem, n(1) as usize, n(2) as usize) {
+                    Ok(count) => {
+                        writeln!(out, "ok {count}").unwrap();
+                        out.flush().unwrap();
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
                 Some("timed-read") => match timed_read(&mem, n(1)) {
                     Ok((p50, p99)) => {
                         writeln!(out, "ok {p50:.1} {p99:.1}").unwrap();
@@ -783,6 +892,22 @@ mod target {
         }
         mem.check(version, 0..mem.pages)?;
         Ok(super::percentiles(samples))
+    }
+
+    /// How many of `count` pages from `from` are not in RAM: pagemap shows
+    /// device-private entries as swap entries (bit 62). Reading it does not
+    /// fault anything in.
+    fn remote_pages(mem: &Mem, from: usize, count: usize) -> Result<u64, String> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open("/proc/self/pagemap").map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; count * 8];
+        let first = (mem.addr as u64 / PAGE as u64 + from as u64) * 8;
+        f.read_exact_at(&mut buf, first)
+            .map_err(|e| e.to_string())?;
+        Ok(buf
+            .chunks_exact(8)
+            .filter(|e| u64::from_le_bytes((*e).try_into().expect("8 bytes")) & (1 << 62) != 0)
+            .count() as u64)
     }
 
     extern "C" fn on_alarm(_: libc::c_int) {}

@@ -1,0 +1,227 @@
+//! Which pages of an attached process are cold, from DAMON (the kernel's
+//! data-access monitor, virtual-address mode, sysfs interface).
+//!
+//! Debian's kernel has DAMON but no idle-page tracking; soft-dirty bits see
+//! only writes and the multi-generational LRU has no per-process interface.
+//! DAMON samples the accessed bits of the process's page tables and keeps,
+//! per region, how often it was accessed in the last aggregation interval
+//! (`nr_accesses`) and for how many intervals that has not changed (`age`).
+//! A `stat` scheme whose access pattern is "no accesses for at least
+//! `min_age`" makes DAMON list exactly the cold regions
+//! (`tried_regions`), which the agent then evicts.
+//!
+//! The agent owns the sysfs kdamonds while it runs: it refuses to start when
+//! another user has one configured, and turns its own off on drop.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// DAMON's sysfs root.
+pub const DAMON_ROOT: &str = "/sys/kernel/mm/damon/admin/kdamonds";
+/// DAMON_STAT (on by default in Debian's kernel) runs an exclusive kdamond
+/// that keeps every other DAMON user out.
+pub const DAMON_STAT_ENABLED: &str = "/sys/module/damon_stat/parameters/enabled";
+
+/// How DAMON samples.
+#[derive(Debug, Clone, Copy)]
+pub struct DamonConfig {
+    /// Between two checks of an accessed bit.
+    pub sample: Duration,
+    /// One aggregation: `nr_accesses` counts the samples that found the
+    /// region accessed within it.
+    pub aggregate: Duration,
+    /// A region is cold once unaccessed for this long.
+    pub min_age: Duration,
+}
+
+impl Default for DamonConfig {
+    fn default() -> Self {
+        Self {
+            sample: Duration::from_millis(5),
+            aggregate: Duration::from_millis(100),
+            min_age: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A running kdamond watching one process.
+#[derive(Debug)]
+pub struct Damon {
+    kdamond: PathBuf,
+}
+
+fn write(path: impl AsRef<Path>, value: impl std::fmt::Display) -> io::Result<()> {
+    let path = path.as_ref();
+    fs::write(path, value.to_string())
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+fn read_u64(path: impl AsRef<Path>) -> io::Result<u64> {
+    let path = path.as_ref();
+    let text = fs::read_to_string(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    text.trim()
+        .parse()
+        .map_err(|_| io::Error::other(format!("{}: not a number: {text:?}", path.display())))
+}
+
+impl Damon {
+    /// Starts monitoring process `pid`.
+    pub fn start(pid: i32, cfg: DamonConfig) -> io::Result<Self> {
+        let root = Path::new(DAMON_ROOT);
+        if !root.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{DAMON_ROOT} missing: the kernel lacks CONFIG_DAMON_SYSFS/CONFIG_DAMON_VADDR"
+                ),
+            ));
+        }
+        if read_u64(root.join("nr_kdamonds"))? != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{DAMON_ROOT}: another DAMON user has kdamonds configured"),
+            ));
+        }
+        let stat = Path::new(DAMON_STAT_ENABLED);
+        if fs::read_to_string(stat).is_ok_and(|v| v.trim() == "Y") {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "DAMON_STAT holds DAMON exclusively; turn it off first: echo N > {DAMON_STAT_ENABLED} \
+                     (or boot with damon_stat.enabled=0)"
+                ),
+            ));
+        }
+        write(root.join("nr_kdamonds"), 1)?;
+        // From here on, dropping `damon` (on any error too) undoes the setup.
+        let damon = Self {
+            kdamond: root.join("0"),
+        };
+        let kdamond = &damon.kdamond;
+        let ctx = kdamond.join("contexts/0");
+        write(kdamond.join("contexts/nr_contexts"), 1)?;
+        write(ctx.join("operations"), "vaddr")?;
+        let intervals = ctx.join("monitoring_attrs/intervals");
+        write(intervals.join("sample_us"), cfg.sample.as_micros())?;
+        write(intervals.join("aggr_us"), cfg.aggregate.as_micros())?;
+        write(ctx.join("targets/nr_targets"), 1)?;
+        write(ctx.join("targets/0/pid_target"), pid)?;
+        write(ctx.join("schemes/nr_schemes"), 1)?;
+        let scheme = ctx.join("schemes/0");
+        write(scheme.join("action"), "stat")?;
+        let pattern = scheme.join("access_pattern");
+        // Every bound is 0 until written: set both ends of each range.
+        write(pattern.join("sz/min"), 4096)?;
+        write(pattern.join("sz/max"), u64::MAX)?;
+        write(pattern.join("age/max"), u32::MAX)?;
+        write(pattern.join("nr_accesses/min"), 0)?;
+        write(pattern.join("nr_accesses/max"), 0)?;
+        let intervals_old = (cfg.min_age.as_micros() / cfg.aggregate.as_micros().max(1)).max(1);
+        write(pattern.join("age/min"), intervals_old)?;
+        write(kdamond.join("state"), "on")?;
+        Ok(damon)
+    }
+
+    /// The regions unaccessed for at least `min_age`, as `(start, end)`.
+    pub fn cold_regions(&self) -> io::Result<Vec<(u64, u64)>> {
+        write(self.kdamond.join("state"), "update_schemes_tried_regions")?;
+        let dir = self.kdamond.join("contexts/0/schemes/0/tried_regions");
+        let mut regions = Vec::new();
+        for entry in fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if !path.is_dir() {
+                continue;
+            }
+            regions.push((read_u64(path.join("start"))?, read_u64(path.join("end"))?));
+        }
+        regions.sort_unstable();
+        Ok(regions)
+    }
+}
+
+impl Drop for Damon {
+    fn drop(&mut self) {
+        let _ = write(self.kdamond.join("state"), "off");
+        let _ = write(Path::new(DAMON_ROOT).join("nr_kdamonds"), 0);
+    }
+}
+
+/// The private anonymous mappings of `pid` (what the module can evict), as
+/// `(start, end)`, from /proc/PID/maps.
+pub fn anonymous_mappings(pid: i32) -> io::Result<Vec<(u64, u64)>> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    Ok(maps.lines().filter_map(parse_anonymous).collect())
+}
+
+fn parse_anonymous(line: &str) -> Option<(u64, u64)> {
+    let mut f = line.split_whitespace();
+    let range = f.next()?;
+    let perms = f.next()?;
+    let (_offset, _dev, inode) = (f.next()?, f.next()?, f.next()?);
+    let path = f.next().unwrap_or("");
+    let anonymous = inode == "0" && (path.is_empty() || path == "[heap]" || path == "[stack]");
+    if !anonymous || !perms.starts_with("rw") || !perms.ends_with('p') {
+        return None;
+    }
+    let (a, b) = range.split_once('-')?;
+    Some((
+        u64::from_str_radix(a, 16).ok()?,
+        u64::from_str_radix(b, 16).ok()?,
+    ))
+}
+
+/// The parts of `regions` inside `mappings` (both sorted by start).
+pub fn intersect(regions: &[(u64, u64)], mappings: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(rs, re) in regions {
+        for &(ms, me) in mappings {
+            let (s, e) = (rs.max(ms), re.min(me));
+            if s < e {
+                out.push((s, e));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines_keep_private_writable_anonymous_memory() {
+        assert_eq!(
+            parse_anonymous("7f00000000-7f00010000 rw-p 00000000 00:00 0 "),
+            Some((0x7f00000000, 0x7f00010000))
+        );
+        assert_eq!(
+            parse_anonymous("55d0-55e0 rw-p 00000000 00:00 0 [heap]"),
+            Some((0x55d0, 0x55e0))
+        );
+        assert_eq!(
+            parse_anonymous("55d0-55e0 r--p 00000000 08:01 1234 /usr/bin/x"),
+            None
+        );
+        assert_eq!(
+            parse_anonymous("55d0-55e0 rw-s 00000000 00:05 99 /dev/zero"),
+            None
+        );
+        assert_eq!(
+            parse_anonymous("55d0-55e0 rw-p 00000000 00:00 0 [vvar]"),
+            None
+        );
+    }
+
+    #[test]
+    fn intersect_clips_regions_to_mappings() {
+        let regions = [(0x1000, 0x9000)];
+        let mappings = [(0x0, 0x2000), (0x4000, 0x5000), (0x8000, 0xa000)];
+        assert_eq!(
+            intersect(&regions, &mappings),
+            vec![(0x1000, 0x2000), (0x4000, 0x5000), (0x8000, 0x9000)]
+        );
+    }
+}
