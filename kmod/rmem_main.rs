@@ -166,6 +166,10 @@ struct Inner {
     next_id: u64,
     requests: KVec<Request>,
     agent_tgid: u32,
+    /// A fetch timed out with no agent open: later ones fail at once until
+    /// an agent opens the device (a dying process's core dump, or every
+    /// thread of it, would otherwise wait a full timeout per page).
+    agent_lost: bool,
     faults: u64,
     restored: u64,
     evicted: u64,
@@ -211,7 +215,8 @@ fn errno(e: c_int) -> Error {
 }
 
 /// Called by the fault path (C) with the target's mmap_lock held: queues a
-/// request for the agent. Returns its id (0 when out of memory).
+/// request for the agent. Returns its id, 0 when out of memory, or
+/// `u64::MAX` when the agent is known to be gone (fail without waiting).
 #[no_mangle]
 extern "C" fn rmem_rs_fetch_queue(
     handle: u64,
@@ -226,6 +231,10 @@ extern "C" fn rmem_rs_fetch_queue(
     // SAFETY: `timeout` points to the caller's variable.
     unsafe { *timeout = msecs_to_jiffies(*module_parameters::fault_timeout_ms.value()) };
     let mut g = s.inner.lock();
+    if g.agent_lost && g.agent_tgid == 0 {
+        g.fetch_timeouts += 1;
+        return u64::MAX;
+    }
     let id = g.next_id;
     g.next_id += 1;
     let req = Request {
@@ -256,6 +265,9 @@ extern "C" fn rmem_rs_fetch_cancel(id: u64, timed_out: bool) -> bool {
             let _ = g.requests.remove(i);
             if timed_out {
                 g.fetch_timeouts += 1;
+                if g.agent_tgid == 0 {
+                    g.agent_lost = true;
+                }
             }
             false
         }
@@ -285,6 +297,7 @@ impl kernel::Module for RmemModule {
                     next_id: 1,
                     requests: KVec::new(),
                     agent_tgid: 0,
+                    agent_lost: false,
                     faults: 0,
                     restored: 0,
                     evicted: 0,
@@ -382,6 +395,7 @@ impl MiscDevice for Agent {
             }
         };
         g.agent_tgid = tgid;
+        g.agent_lost = false;
         Ok(agent)
     }
 

@@ -349,6 +349,8 @@ static int rmem_fetch(u64 handle, u32 tgid, unsigned long addr, void *kaddr, boo
 	init_completion(&f.done);
 	f.result = -EIO;
 	id = rmem_rs_fetch_queue(handle, tgid, addr, kaddr, fault, &f, &timeout);
+	if (id == U64_MAX)
+		return -ETIMEDOUT;	/* no agent, and one fetch already timed out */
 	if (!id)
 		return -ENOMEM;
 	left = wait_for_completion_killable_timeout(&f.done, timeout);

@@ -19,8 +19,9 @@ struct rmem_fetch;
 /*
  * Queue a request for the agent: the contents of `handle` go to `kaddr`
  * (PAGE_SIZE bytes), then rmem_fetch_complete(f, 0). `fault` tells a CPU
- * fault from a detach. Returns the request id (0: no memory) and the fault
- * timeout in jiffies.
+ * fault from a detach. Returns the request id (0: no memory; U64_MAX: no
+ * agent, and a fetch already timed out: fail now) and the fault timeout in
+ * jiffies.
  */
 u64 rmem_rs_fetch_queue(u64 handle, u32 tgid, unsigned long addr, void *kaddr,
 			bool fault, struct rmem_fetch *f, unsigned long *timeout);
