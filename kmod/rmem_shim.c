@@ -14,7 +14,7 @@
  * Lock order (outermost first):
  *   the driver's ctl mutex (Rust) -> mmap_lock of the target mm
  *     -> device page lock / source page locks (taken by migrate_vma_setup)
- *       -> rmem_att.lock -> pool.lock (spinlock, irqsave)
+ *       -> pool.lock (spinlock, irqsave)
  * pool.grow_lock is taken with no page lock held (device pages for a commit
  * are allocated before its setup).
  * A fetch (rmem_fetch) sleeps with the target's mmap_lock held for read and
@@ -441,26 +441,22 @@ static vm_fault_t rmem_migrate_to_ram(struct vm_fault *vmf)
 
 struct rmem_att {
 	struct mmu_interval_notifier notifier;
-	struct mutex lock;	/* the seed's "update lock": orders seq checks */
 	s32 pid;
 	u64 start, end;
 };
 
+/*
+ * The notifier holds the mm_struct for the attachment; the module keeps no
+ * mirror of the page tables to update, so nothing reads a sequence number
+ * (no mmu_interval_read_begin/retry, hence no mmu_interval_set_seq and no
+ * update lock): unmap, exit and fork reach the module through folio_free,
+ * and a commit compares page contents, which catches the writes no
+ * notifier reports.
+ */
 static bool rmem_invalidate(struct mmu_interval_notifier *mni,
 			    const struct mmu_notifier_range *range,
 			    unsigned long cur_seq)
 {
-	struct rmem_att *a = container_of(mni, struct rmem_att, notifier);
-
-	/* Our own migrations do not invalidate anything we hold. */
-	if (range->event == MMU_NOTIFY_MIGRATE && range->owner == &rmem_owner)
-		return true;
-	if (mmu_notifier_range_blockable(range))
-		mutex_lock(&a->lock);
-	else if (!mutex_trylock(&a->lock))
-		return false;
-	mmu_interval_set_seq(mni, cur_seq);
-	mutex_unlock(&a->lock);
 	return true;
 }
 
@@ -513,7 +509,6 @@ struct rmem_att *rmem_att_new(s32 pid, u64 start, u64 len, bool all, int *err)
 		*err = -ENOMEM;
 		return NULL;
 	}
-	mutex_init(&a->lock);
 	a->pid = pid;
 	a->start = start;
 	a->end = start + len;
@@ -526,11 +521,6 @@ struct rmem_att *rmem_att_new(s32 pid, u64 start, u64 len, bool all, int *err)
 		return NULL;
 	}
 	return a;
-}
-
-s32 rmem_att_pid(const struct rmem_att *a)
-{
-	return a->pid;
 }
 
 long rmem_att_restore(struct rmem_att *a)

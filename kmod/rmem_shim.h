@@ -50,7 +50,6 @@ struct rmem_att *rmem_att_new(s32 pid, u64 start, u64 len, bool all, int *err);
 /* Bring every remote page of the attachment back; pages restored or -errno. */
 long rmem_att_restore(struct rmem_att *a);
 void rmem_att_free(struct rmem_att *a);
-s32 rmem_att_pid(const struct rmem_att *a);
 
 /*
  * Copy up to `max` present pages of [start, ...) within one mapping to the
