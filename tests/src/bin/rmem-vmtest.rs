@@ -321,8 +321,13 @@ fn main() {
                     .stdout(Stdio::piped())
                     .spawn()
                     .map_err(|e| e.to_string())?;
-                let evicted = wait_until(Duration::from_secs(60), || env.stored() >= 800);
-                let remote = t.query("remote 0 1024")?;
+                // The program's other anonymous memory (heap, stacks) is cold
+                // too: wait on its 1024 test pages, not on the server's count.
+                let mut remote = 0;
+                let evicted = wait_until(Duration::from_secs(60), || {
+                    remote = t.query("remote 0 1024").unwrap_or(0);
+                    remote >= 800
+                });
                 // A hot page DAMON misjudged comes back at its next touch: take
                 // the best of a few looks, not one instant.
                 let mut remote_hot = u64::MAX;
@@ -337,15 +342,13 @@ fn main() {
                 ensure(
                     evicted,
                     format!(
-                        "the server holds {} pages, expected at least 800 of 1024 cold ones; agent said:\n{stdout}",
-                        env.stored()
+                        "{remote} of 1024 pages remote, expected at least 800 cold ones; agent said:\n{stdout}"
                     ),
                 )?;
                 ensure(
                     out.status.success(),
                     format!("rmem-agent kernel exited with {}", out.status),
                 )?;
-                ensure(remote >= 800, format!("{remote} of 1024 pages were remote"))?;
                 ensure(
                     remote_hot <= 16,
                     format!("{remote_hot} of the 64 hot pages were evicted"),
