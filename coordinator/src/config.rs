@@ -144,11 +144,15 @@ impl CoordinatorConfig {
         if !self.ephemeral && self.state_dir.as_os_str().is_empty() {
             return Err(invalid("state_dir", "must not be empty (or set ephemeral)"));
         }
-        if self.token.is_some() && self.token_file.is_some() {
-            return Err(invalid("token", "give token or token_file, not both"));
-        }
+        // Validating twice (main, then Coordinator::start) must pass: the
+        // first pass has put the file's token into `token`, so a token equal
+        // to the file's is not a second source.
         if let Some(path) = &self.token_file {
-            self.token = Some(read_token("the cluster token", path)?);
+            let from_file = read_token("the cluster token", path)?;
+            if self.token.as_ref().is_some_and(|t| *t != from_file) {
+                return Err(invalid("token", "give token or token_file, not both"));
+            }
+            self.token = Some(from_file);
         }
         if self.token.as_deref() == Some("") {
             return Err(invalid("token", "must not be empty"));
@@ -165,14 +169,15 @@ impl CoordinatorConfig {
                     format!("`{}` appears twice", t.name),
                 ));
             }
-            if t.token.is_some() && t.token_file.is_some() {
-                return Err(invalid(
-                    field("token"),
-                    "give token or token_file, not both",
-                ));
-            }
             if let Some(path) = &t.token_file {
-                t.token = Some(read_token(&format!("tenant `{}`", t.name), path)?);
+                let from_file = read_token(&format!("tenant `{}`", t.name), path)?;
+                if t.token.as_ref().is_some_and(|tok| *tok != from_file) {
+                    return Err(invalid(
+                        field("token"),
+                        "give token or token_file, not both",
+                    ));
+                }
+                t.token = Some(from_file);
             }
             if let Some(q) = t.quota
                 && q.bytes() < 4096
@@ -223,6 +228,27 @@ mod tests {
         .unwrap();
         assert_eq!(c.lease, Duration::from_secs(3));
         assert_eq!(c.tenants[0].credential(), "secret");
+    }
+
+    #[test]
+    fn token_files_are_read_and_validating_again_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cluster, tenant) = (dir.path().join("cluster"), dir.path().join("tenant"));
+        std::fs::write(&cluster, "c-secret\n").unwrap();
+        std::fs::write(&tenant, "t-secret\n").unwrap();
+        let mut c = parse(&format!(
+            "token_file = {:?}\n[[tenant]]\nname = \"blue\"\ntoken_file = {:?}\n",
+            cluster, tenant
+        ))
+        .unwrap();
+        // main validates, then Coordinator::start validates its copy again.
+        c.validate().unwrap();
+        assert_eq!(c.token.as_deref(), Some("c-secret"));
+        assert_eq!(c.tenants[0].credential(), "t-secret");
+        // A different inline token beside the file is still two sources.
+        c.token = Some("other".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
     }
 
     #[test]
