@@ -7,6 +7,7 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/rmem/admin/v1/admin.proto",
+        "proto/rmem/agent/v1/agent.proto",
         "proto/rmem/control/v1/control.proto",
     ];
     for f in files {

@@ -181,6 +181,12 @@ impl ControlClient {
     pub fn admin(&self) -> ClusterAdminClient<Svc> {
         ClusterAdminClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
+
+    /// The channel itself, for services other than the coordinator's (the
+    /// standard gRPC health service, which every rmem daemon serves).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
 }
 
 /// What a member does with its events.

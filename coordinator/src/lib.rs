@@ -209,12 +209,6 @@ async fn serve(
     health.set_serving::<IntervalsServer<Service>>().await;
     health.set_serving::<InvalidationServer<Service>>().await;
     health.set_serving::<ClusterAdminServer<Service>>().await;
-    let reflection_v1 = rmem_proto::reflection()
-        .build_v1()
-        .expect("embedded descriptors are valid");
-    let reflection_v1alpha = rmem_proto::reflection()
-        .build_v1alpha()
-        .expect("embedded descriptors are valid");
     let stop = {
         let health = health.clone();
         async move {
@@ -224,10 +218,7 @@ async fn serve(
                 .await;
         }
     };
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+    rmem_proto::with_reflection(tonic::transport::Server::builder().add_service(health_service))
         .add_service(MembershipServer::with_interceptor(
             svc.clone(),
             auth.clone(),

@@ -1,5 +1,6 @@
 //! `rmemctl`: administer an rmem cluster through its coordinator.
 
+mod agent;
 mod table;
 mod views;
 
@@ -28,6 +29,7 @@ use crate::views::{
 ///   rmemctl intervals --agent 4
 ///   rmemctl invalidate --space node1/4242 --start 0x7f0000000000 --length 1GiB
 ///   rmemctl drain mem-03
+///   rmemctl attach --pid 4242          (on a compute node, as root)
 ///   rmemctl completions bash > /etc/bash_completion.d/rmemctl
 #[derive(Debug, Parser)]
 #[command(name = "rmemctl", version, verbatim_doc_comment)]
@@ -127,11 +129,67 @@ enum Command {
     },
     /// Cluster counters and every server's data-plane statistics.
     Stats,
+    /// Ask a daemon's gRPC health service (grpc.health.v1) whether it is
+    /// serving; exits 0 if so, 1 if not, 3 if unreachable. Works against
+    /// any rmem gRPC port: the coordinator's, or a server's admin port.
+    ///
+    /// Example: rmemctl --endpoint mem1:7481 health
+    Health {
+        /// The service to ask about (default: the whole daemon).
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+    /// Have this node's agent (rmem-agent serve) keep a process's cold
+    /// pages on the memory servers, through the kernel module.
+    ///
+    /// Example: rmemctl attach --pid 4242
+    Attach {
+        /// The process.
+        #[arg(long)]
+        pid: i32,
+        /// Start of the range to cover (default: the whole process).
+        #[arg(long, value_parser = parse_u64, requires = "length")]
+        start: Option<u64>,
+        /// Length of the range, e.g. 1GiB.
+        #[arg(long, value_parser = parse_size, requires = "start")]
+        length: Option<u64>,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// Bring every page of a process back from the memory servers and stop
+    /// managing it.
+    ///
+    /// Example: rmemctl detach --pid 4242
+    Detach {
+        /// The process.
+        #[arg(long)]
+        pid: i32,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// The processes this node's agent manages, with counters.
+    Attachments {
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// Where the node agent's admin socket is.
+#[derive(Debug, clap::Args)]
+struct AgentSocket {
+    /// The agent's admin socket.
+    #[arg(
+        long = "agent",
+        env = "RMEM_AGENT_SOCKET",
+        value_name = "PATH",
+        default_value = "/run/rmem/agent.sock"
+    )]
+    socket: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -184,6 +242,14 @@ enum CtlError {
     Token(#[from] rmem_common::config::ConfigError),
     #[error("cannot start the runtime")]
     Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Agent(#[from] agent::AgentError),
+    #[error("{endpoint}: {service} is {status}")]
+    NotServing {
+        endpoint: String,
+        service: String,
+        status: &'static str,
+    },
 }
 
 impl From<tonic::Status> for CtlError {
@@ -197,6 +263,7 @@ impl CtlError {
         match self {
             CtlError::Control(ControlError::Unreachable { .. }) => 3,
             CtlError::Control(ControlError::Endpoint { .. }) | CtlError::Token(_) => 2,
+            CtlError::Agent(e) => e.exit_code(),
             _ => 1,
         }
     }
@@ -408,6 +475,24 @@ fn stats_table(s: &StatsView) -> String {
     out
 }
 
+/// What `rmemctl health` prints.
+#[derive(Debug, Serialize)]
+struct HealthView {
+    endpoint: String,
+    service: String,
+    status: &'static str,
+}
+
+fn health_status(code: i32) -> &'static str {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    match ServingStatus::try_from(code) {
+        Ok(ServingStatus::Serving) => "serving",
+        Ok(ServingStatus::NotServing) => "not serving",
+        Ok(ServingStatus::ServiceUnknown) => "unknown to the daemon",
+        _ => "in an unknown state",
+    }
+}
+
 fn drain_request(server: &str) -> pb::DrainRequest {
     match server.parse::<u64>() {
         Ok(id) => pb::DrainRequest {
@@ -421,7 +506,82 @@ fn drain_request(server: &str) -> pb::DrainRequest {
     }
 }
 
+/// The commands that talk to the node agent, not the coordinator.
+async fn run_agent(command: Command, out: Output, timeout: Duration) -> Result<(), CtlError> {
+    match command {
+        Command::Attach {
+            pid,
+            start,
+            length,
+            agent,
+        } => {
+            let mut c = agent::connect(&agent.socket, timeout).await?;
+            let r = c
+                .attach(rmem_proto::agent::v1::AttachRequest {
+                    pid,
+                    start: start.unwrap_or(0),
+                    length: length.unwrap_or(0),
+                })
+                .await
+                .map_err(agent::AgentError::from)?
+                .into_inner();
+            let v: Option<agent::AttachmentView> = r.attachment.map(Into::into);
+            emit(out, &v, |v| {
+                v.as_ref().map(agent::attachment_line).unwrap_or_default()
+            });
+        }
+        Command::Detach { pid, agent } => {
+            let mut c = agent::connect(&agent.socket, timeout).await?;
+            let r = c
+                .detach(rmem_proto::agent::v1::DetachRequest { pid })
+                .await
+                .map_err(agent::AgentError::from)?
+                .into_inner();
+            #[derive(Serialize)]
+            struct Detached {
+                pid: i32,
+                restored_pages: u64,
+            }
+            emit(
+                out,
+                &Detached {
+                    pid,
+                    restored_pages: r.restored_pages,
+                },
+                |d| {
+                    format!(
+                        "detached pid {}: {} brought back\n",
+                        d.pid,
+                        pages(d.restored_pages)
+                    )
+                },
+            );
+        }
+        Command::Attachments { agent } => {
+            let mut c = agent::connect(&agent.socket, timeout).await?;
+            let r = c
+                .list(rmem_proto::agent::v1::ListRequest {})
+                .await
+                .map_err(agent::AgentError::from)?
+                .into_inner();
+            emit(
+                out,
+                &agent::AttachmentsView::from(r),
+                agent::attachments_table,
+            );
+        }
+        _ => unreachable!("only agent commands"),
+    }
+    Ok(())
+}
+
 async fn run(args: Args) -> Result<(), CtlError> {
+    if matches!(
+        args.command,
+        Command::Attach { .. } | Command::Detach { .. } | Command::Attachments { .. }
+    ) {
+        return run_agent(args.command, args.output, args.timeout).await;
+    }
     let token = match (&args.token_file, &args.token) {
         (Some(p), _) => Some(rmem_common::config::read_token("the cluster token", p)?),
         (None, t) => t.clone(),
@@ -430,6 +590,9 @@ async fn run(args: Args) -> Result<(), CtlError> {
     let out = args.output;
     match args.command {
         Command::Completions { .. } => unreachable!("handled before connecting"),
+        Command::Attach { .. } | Command::Detach { .. } | Command::Attachments { .. } => {
+            unreachable!("handled by run_agent")
+        }
         Command::Status => emit(out, &status(&c).await?, status_table),
         Command::Servers => emit(out, &list_members(&c, pb::Role::Server).await?, |m| {
             members_table(m, true)
@@ -552,6 +715,32 @@ async fn run(args: Args) -> Result<(), CtlError> {
             let v: Vec<MemberView> = r.server.into_iter().map(Into::into).collect();
             emit(out, &v, |m| members_table(m, true));
         }
+        Command::Health { service } => {
+            let r = tonic_health::pb::health_client::HealthClient::new(c.channel())
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.clone(),
+                })
+                .await?
+                .into_inner();
+            let status = health_status(r.status);
+            let view = HealthView {
+                endpoint: c.endpoint().to_string(),
+                service: service.clone(),
+                status,
+            };
+            emit(out, &view, |v| format!("{}: {}\n", v.endpoint, v.status));
+            if status != "serving" {
+                return Err(CtlError::NotServing {
+                    endpoint: view.endpoint,
+                    service: if service.is_empty() {
+                        "the daemon".into()
+                    } else {
+                        service
+                    },
+                    status,
+                });
+            }
+        }
         Command::Stats => {
             let cluster = status(&c).await?;
             let servers = list_members(&c, pb::Role::Server).await?;
@@ -604,6 +793,11 @@ fn main() -> ExitCode {
                 source = s.source();
             }
             eprintln!("{msg}");
+            if matches!(e, CtlError::Agent(agent::AgentError::Unreachable { .. })) {
+                eprintln!(
+                    "rmemctl: is rmem-agent serve running on this node? Set --agent or RMEM_AGENT_SOCKET."
+                );
+            }
             if matches!(e, CtlError::Control(ControlError::Unreachable { .. })) {
                 eprintln!(
                     "rmemctl: is rmem-coordinator running at {endpoint}? Set --endpoint or RMEM_ENDPOINT."

@@ -278,12 +278,6 @@ async fn serve_grpc(
     health
         .set_serving::<ServerAdminServer<AdminService>>()
         .await;
-    let reflection_v1 = rmem_proto::reflection()
-        .build_v1()
-        .expect("embedded descriptors are valid");
-    let reflection_v1alpha = rmem_proto::reflection()
-        .build_v1alpha()
-        .expect("embedded descriptors are valid");
     let incoming = tokio_stream_listener(listener);
     let stop = {
         let health = health.clone();
@@ -294,10 +288,7 @@ async fn serve_grpc(
                 .await;
         }
     };
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+    rmem_proto::with_reflection(tonic::transport::Server::builder().add_service(health_service))
         .add_service(admin.into_server())
         .serve_with_incoming_shutdown(incoming, stop)
         .await

@@ -38,6 +38,55 @@ enum Command {
     ///
     /// Example: rmem-agent kernel --server mem1:7480 --pid 4242 --min-age 5s
     Kernel(KernelArgs),
+    /// Run as the node's daemon for the kernel module: keep the cold pages
+    /// of the processes `rmemctl attach --pid N` names on a memory server.
+    ///
+    /// Serves rmem.agent.v1.AgentAdmin (attach, detach, list) and
+    /// grpc.health.v1 on a Unix socket (mode 0600). Settings come from
+    /// --config (/etc/rmem/agent.toml; see deploy/rmem-agent.toml), flags
+    /// override it. Tells systemd when ready (Type=notify). SIGINT or
+    /// SIGTERM detach every process (bringing every page back) and exit.
+    /// Needs root (CAP_SYS_ADMIN) and the module loaded.
+    ///
+    /// Example: rmem-agent serve --server mem1:7480
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(short, long, env = "RMEM_AGENT_CONFIG", value_name = "PATH")]
+    config: Option<std::path::PathBuf>,
+    /// Data-plane address of the memory server.
+    #[arg(long, value_name = "HOST:PORT")]
+    server: Option<String>,
+    /// Admin socket [default: /run/rmem/agent.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<std::path::PathBuf>,
+    /// The module's device [default: /dev/rmem].
+    #[arg(long, value_name = "PATH")]
+    device: Option<std::path::PathBuf>,
+    /// A region is cold once DAMON saw no access to it for this long [default: 2s].
+    #[arg(long, value_parser = parse_duration)]
+    min_age: Option<std::time::Duration>,
+    /// Between two rounds of eviction [default: 1s].
+    #[arg(long, value_parser = parse_duration)]
+    interval: Option<std::time::Duration>,
+    /// Threads answering the module's fetch requests [default: 2].
+    #[arg(long, value_name = "N")]
+    fault_threads: Option<usize>,
+    /// Tenant to log in as [default: default].
+    #[arg(long)]
+    tenant: Option<String>,
+    /// File holding the tenant's credential.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<std::path::PathBuf>,
+    /// Attach this process at start (repeatable).
+    #[arg(long, value_name = "PID")]
+    attach: Vec<i32>,
+    /// Validate the configuration, print it as TOML, and exit.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,7 +146,10 @@ struct DemoArgs {
         conflicts_with = "server"
     )]
     coordinator: Option<String>,
-    /// Cluster token (for --coordinator).
+    /// File holding the cluster token (for --coordinator; or set
+    /// RMEM_CLUSTER_TOKEN).
+    #[arg(long, value_name = "PATH", requires = "coordinator")]
+    cluster_token_file: Option<std::path::PathBuf>,
     #[arg(long, env = "RMEM_CLUSTER_TOKEN", hide_env_values = true, hide = true)]
     cluster_token: Option<String>,
     /// Tenant to log in as.
@@ -154,6 +206,16 @@ fn main() -> ExitCode {
     logging::init(args.log_format, "warn");
     match args.command {
         Command::Demo(d) => {
+            let cluster_token = match &d.cluster_token_file {
+                Some(p) => match rmem_common::config::read_token("the cluster token", p) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        eprintln!("rmem-agent demo: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => d.cluster_token,
+            };
             let cfg = DemoConfig {
                 budget: d.budget,
                 size: d.size.unwrap_or(ByteSize(d.budget.bytes() * 4)),
@@ -162,7 +224,7 @@ fn main() -> ExitCode {
                 server: d.server,
                 coordinator: d.coordinator,
                 cluster_name: d.name,
-                cluster_token: d.cluster_token,
+                cluster_token,
                 tenant: d.tenant,
                 token: d.token,
                 prefetch_max: d.prefetch,
@@ -193,6 +255,166 @@ fn main() -> ExitCode {
             }
         }
         Command::Kernel(k) => run_kernel(k),
+        Command::Serve(a) => run_serve(a),
+    }
+}
+
+fn serve_config(
+    a: &ServeArgs,
+) -> Result<rmem_agent::kmod::config::ServeConfig, rmem_common::config::ConfigError> {
+    use rmem_agent::kmod::config::ServeConfig;
+    let mut c = match &a.config {
+        Some(p) => ServeConfig::from_file(p)?,
+        None => ServeConfig::default(),
+    };
+    if let Some(v) = &a.server {
+        c.server = v.clone();
+    }
+    if let Some(v) = &a.socket {
+        c.socket = v.clone();
+    }
+    if let Some(v) = &a.device {
+        c.device = v.clone();
+    }
+    if let Some(v) = a.min_age {
+        c.min_age = v;
+    }
+    if let Some(v) = a.interval {
+        c.interval = v;
+    }
+    if let Some(v) = a.fault_threads {
+        c.fault_threads = v;
+    }
+    if let Some(v) = &a.tenant {
+        c.tenant = v.clone();
+    }
+    if let Some(v) = &a.token_file {
+        c.token = None;
+        c.token_file = Some(v.clone());
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+/// Prints an error and its sources on one line.
+fn report(context: &str, e: &dyn std::error::Error) {
+    let mut msg = format!("{context}: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    eprintln!("{msg}");
+}
+
+fn run_serve(a: ServeArgs) -> ExitCode {
+    use rmem_agent::kmod::admin::{self, AdminService};
+    use rmem_agent::kmod::daemon::{self, DaemonConfig, Supervisor};
+    use rmem_agent::kmod::{KernelConfig, damon::DamonConfig};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let cfg = match serve_config(&a) {
+        Ok(c) => c,
+        Err(e) => {
+            report("rmem-agent serve", &e);
+            return ExitCode::from(2);
+        }
+    };
+    if a.check_config {
+        let mut shown = cfg.clone();
+        shown.token = shown.token.map(|_| "<hidden>".into());
+        print!("{}", toml::to_string(&shown).expect("config serializes"));
+        return ExitCode::SUCCESS;
+    }
+    let client = rmem_client::ClientConfig::new(cfg.server.clone()).with_tenant(
+        cfg.tenant.clone(),
+        cfg.token.clone().unwrap_or_default().into_bytes(),
+    );
+    let mut kernel = KernelConfig::new(client);
+    kernel.device = cfg.device.clone();
+    kernel.fault_threads = cfg.fault_threads;
+    kernel.request_timeout = cfg.request_timeout;
+    let dcfg = DaemonConfig {
+        kernel,
+        damon: DamonConfig {
+            min_age: cfg.min_age,
+            ..DamonConfig::default()
+        },
+        interval: cfg.interval,
+    };
+    let sup = match Supervisor::start(&dcfg) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            report("rmem-agent serve", &e);
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            report("rmem-agent serve: cannot start the runtime", &e);
+            return ExitCode::FAILURE;
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let result: Result<(), String> = rt.block_on(async {
+        let stop_signal = rmem_common::shutdown::stop_signal();
+        for &pid in &a.attach {
+            let sup = sup.clone();
+            tokio::task::spawn_blocking(move || sup.attach(pid, None))
+                .await
+                .expect("attach task")
+                .map_err(|e| format!("--attach {pid}: {e}"))?;
+        }
+        let listener = admin::bind(&cfg.socket).map_err(|e| format!("admin socket: {e}"))?;
+        let rounds = {
+            let (sup, stop, interval) = (sup.clone(), stop.clone(), cfg.interval);
+            std::thread::Builder::new()
+                .name("rmem-rounds".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        daemon::pause(interval, &stop);
+                        for s in sup.round() {
+                            tracing::info!(
+                                pid = s.pid,
+                                restored = s.restored_pages,
+                                "detached an exited process"
+                            );
+                        }
+                    }
+                })
+                .map_err(|e| format!("cannot start the eviction thread: {e}"))?
+        };
+        tracing::info!(socket = %cfg.socket.display(), server = %cfg.server, "agent ready");
+        rmem_common::notify::ready();
+        let served = admin::serve(listener, AdminService::new(sup.clone()), async {
+            let sig = stop_signal.await;
+            tracing::info!(signal = %sig, "stopping: detaching every process");
+        })
+        .await;
+        rmem_common::notify::stopping();
+        stop.store(true, Ordering::Relaxed);
+        let _ = rounds.join();
+        served.map_err(|e| format!("admin API: {e}"))
+    });
+    let _ = std::fs::remove_file(&cfg.socket);
+    let done = sup.detach_all();
+    let restored: u64 = done.iter().map(|s| s.restored_pages).sum();
+    eprintln!(
+        "rmem-agent serve: detached {} processes, {restored} pages brought back",
+        done.len()
+    );
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rmem-agent serve: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -206,7 +428,6 @@ fn run_kernel(k: KernelArgs) -> ExitCode {
     kernel.fault_threads = k.fault_threads;
     let cfg = DaemonConfig {
         kernel,
-        pid: k.pid,
         damon: DamonConfig {
             min_age: k.min_age,
             ..DamonConfig::default()
@@ -215,7 +436,7 @@ fn run_kernel(k: KernelArgs) -> ExitCode {
     };
     stop_after_round();
     let json = k.json;
-    let result = daemon::run(&cfg, &STOP, |st| {
+    let result = daemon::run(&cfg, k.pid, &STOP, |st| {
         if json {
             println!("{}", serde_json::to_string(st).expect("status serializes"));
         } else {

@@ -40,19 +40,19 @@ eval "$(bash kmod/kit.sh env)"
 [ -f "$KO" ] || die "no $KO"
 
 say "building the guest's binaries (release)"
-cargo build --release --quiet -p rmem-server -p rmem-agent -p rmem-tests --bins
+cargo build --release --quiet -p rmem-server -p rmem-agent -p rmemctl -p rmem-tests --bins
 
 out=$REPO/target/vm
 rm -rf "$out"
 mkdir -p "$out/root"/{bin,sbin,dev,proc,sys,tmp,lib,lib64,etc,rmem}
 root=$out/root
 cp /bin/busybox "$root/bin/busybox"
-for b in rmem-server rmem-agent rmem-vmtest; do
+for b in rmem-server rmem-agent rmemctl rmem-vmtest; do
   cp "target/release/$b" "$root/bin/$b"
 done
 cp "$KO" "$root/rmem/rmem.ko"
 # The binaries link glibc dynamically: bring the libraries they load.
-for lib in $(ldd target/release/rmem-server target/release/rmem-agent target/release/rmem-vmtest |
+for lib in $(ldd target/release/rmem-server target/release/rmem-agent target/release/rmemctl target/release/rmem-vmtest |
   awk '/=>/ { print $3 } /ld-linux/ { print $1 }' | sort -u); do
   mkdir -p "$root$(dirname "$lib")"
   cp -L "$lib" "$root$lib"

@@ -46,10 +46,19 @@ impl Default for DamonConfig {
     }
 }
 
-/// A running kdamond watching one process.
+/// Running kdamonds, one per watched process (a DAMON context's
+/// `tried_regions` do not say which target a region belongs to, so each
+/// process gets its own kdamond).
+///
+/// DAMON's sysfs accepts a new `nr_kdamonds` only while every kdamond is
+/// off, so changing the set of processes stops all of them, lays them out
+/// again and starts them: the processes' access history (region ages)
+/// starts over. Attaching and detaching are rare operator actions.
 #[derive(Debug)]
 pub struct Damon {
-    kdamond: PathBuf,
+    cfg: DamonConfig,
+    /// Watched processes; `pids[i]` is kdamond `i`.
+    pids: Vec<i32>,
 }
 
 fn write(path: impl AsRef<Path>, value: impl std::fmt::Display) -> io::Result<()> {
@@ -67,9 +76,14 @@ fn read_u64(path: impl AsRef<Path>) -> io::Result<u64> {
         .map_err(|_| io::Error::other(format!("{}: not a number: {text:?}", path.display())))
 }
 
+fn kdamond(i: usize) -> PathBuf {
+    Path::new(DAMON_ROOT).join(i.to_string())
+}
+
 impl Damon {
-    /// Starts monitoring process `pid`.
-    pub fn start(pid: i32, cfg: DamonConfig) -> io::Result<Self> {
+    /// Takes DAMON over, watching no process yet. Fails if DAMON is missing
+    /// or another user (DAMON_STAT among them) holds it.
+    pub fn new(cfg: DamonConfig) -> io::Result<Self> {
         let root = Path::new(DAMON_ROOT);
         if !root.exists() {
             return Err(io::Error::new(
@@ -95,12 +109,61 @@ impl Damon {
                 ),
             ));
         }
-        write(root.join("nr_kdamonds"), 1)?;
-        // From here on, dropping `damon` (on any error too) undoes the setup.
-        let damon = Self {
-            kdamond: root.join("0"),
-        };
-        let kdamond = &damon.kdamond;
+        Ok(Self {
+            cfg,
+            pids: Vec::new(),
+        })
+    }
+
+    /// Takes DAMON over and starts watching process `pid`.
+    pub fn start(pid: i32, cfg: DamonConfig) -> io::Result<Self> {
+        let mut damon = Self::new(cfg)?;
+        damon.watch(&[pid])?;
+        Ok(damon)
+    }
+
+    /// The processes watched, in kdamond order.
+    pub fn pids(&self) -> &[i32] {
+        &self.pids
+    }
+
+    /// Watches exactly `pids` from now on (restarting every kdamond). On
+    /// error nothing is watched.
+    pub fn watch(&mut self, pids: &[i32]) -> io::Result<()> {
+        self.stop_all();
+        let r = self.start_all(pids);
+        if r.is_err() {
+            self.stop_all();
+        }
+        r
+    }
+
+    fn stop_all(&mut self) {
+        for i in 0..self.pids.len() {
+            let _ = write(kdamond(i).join("state"), "off");
+        }
+        self.pids.clear();
+        let _ = write(Path::new(DAMON_ROOT).join("nr_kdamonds"), 0);
+    }
+
+    fn start_all(&mut self, pids: &[i32]) -> io::Result<()> {
+        if pids.is_empty() {
+            return Ok(());
+        }
+        write(Path::new(DAMON_ROOT).join("nr_kdamonds"), pids.len())?;
+        // From here on `stop_all` (on error, or on drop) turns them off.
+        self.pids = pids.to_vec();
+        for (i, &pid) in pids.iter().enumerate() {
+            self.configure(&kdamond(i), pid)?;
+        }
+        for i in 0..pids.len() {
+            write(kdamond(i).join("state"), "on")?;
+        }
+        Ok(())
+    }
+
+    fn configure(&self, kdamond: &Path, pid: i32) -> io::Result<()> {
+        let cfg = &self.cfg;
         let ctx = kdamond.join("contexts/0");
         write(kdamond.join("contexts/nr_contexts"), 1)?;
         write(ctx.join("operations"), "vaddr")?;
@@ -120,15 +183,18 @@ impl Damon {
         write(pattern.join("nr_accesses/min"), 0)?;
         write(pattern.join("nr_accesses/max"), 0)?;
         let intervals_old = (cfg.min_age.as_micros() / cfg.aggregate.as_micros().max(1)).max(1);
-        write(pattern.join("age/min"), intervals_old)?;
-        write(kdamond.join("state"), "on")?;
-        Ok(damon)
+        write(pattern.join("age/min"), intervals_old)
     }
 
-    /// The regions unaccessed for at least `min_age`, as `(start, end)`.
-    pub fn cold_regions(&self) -> io::Result<Vec<(u64, u64)>> {
-        write(self.kdamond.join("state"), "update_schemes_tried_regions")?;
-        let dir = self.kdamond.join("contexts/0/schemes/0/tried_regions");
+    /// The regions of `pid` unaccessed for at least `min_age`, as
+    /// `(start, end)`; `NotFound` if `pid` is not watched.
+    pub fn cold_regions(&self, pid: i32) -> io::Result<Vec<(u64, u64)>> {
+        let i = self.pids.iter().position(|&p| p == pid).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("pid {pid} is not watched"))
+        })?;
+        let kdamond = kdamond(i);
+        write(kdamond.join("state"), "update_schemes_tried_regions")?;
+        let dir = kdamond.join("contexts/0/schemes/0/tried_regions");
         let mut regions = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
@@ -144,8 +210,7 @@ impl Damon {
 
 impl Drop for Damon {
     fn drop(&mut self) {
-        let _ = write(self.kdamond.join("state"), "off");
-        let _ = write(Path::new(DAMON_ROOT).join("nr_kdamonds"), 0);
+        self.stop_all();
     }
 }
 

@@ -3,10 +3,15 @@
 //! - [`uapi`]: the ioctl structures (mirror of `kmod/include/uapi/rmem.h`).
 //! - [`device`]: safe wrappers around the ioctls.
 //! - [`damon`]: which pages are cold, from DAMON.
-//! - [`daemon`]: `rmem-agent kernel`, the loop that evicts them.
+//! - [`daemon`]: the [`Supervisor`](daemon::Supervisor): attached processes
+//!   and the loop that evicts their cold pages (`rmem-agent kernel|serve`).
+//! - [`admin`]: `rmem-agent serve`'s gRPC admin API on a Unix socket.
+//! - [`config`]: `rmem-agent serve`'s configuration.
 //! - [`service`]: [`KernelAgent`], which serves the module's fetch requests
 //!   and freed handles from a memory server and evicts ranges on request.
 
+pub mod admin;
+pub mod config;
 pub mod daemon;
 pub mod damon;
 pub mod device;

@@ -126,6 +126,11 @@ impl KernelAgent {
         &self.dev
     }
 
+    /// The memory server's address.
+    pub fn server(&self) -> &str {
+        &self.cfg.server.addr
+    }
+
     /// Counters since start.
     pub fn stats(&self) -> &KernelStats {
         &self.stats

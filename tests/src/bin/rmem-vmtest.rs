@@ -371,6 +371,146 @@ fn main() {
         },
     );
 
+    suite.case(
+        "rmem-agent serve: rmemctl attaches, lists and detaches running programs",
+        || {
+            // `serve` opens /dev/rmem itself: one agent at a time.
+            env.agent = None;
+            let result = (|| {
+                let _ = std::fs::write(rmem_agent::kmod::damon::DAMON_STAT_ENABLED, "N");
+                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                std::fs::create_dir_all("/run/rmem-test").map_err(|e| e.to_string())?;
+                let sock = "/run/rmem-test/agent.sock";
+                let mut a = Target::spawn_with(1024, &["nohuge"])?;
+                let mut b = Target::spawn_with(1024, &["nohuge"])?;
+                let mut c = Target::spawn_with(64, &["nohuge"])?;
+                let log_path = "/tmp/rmem-agent-serve.log";
+                let log = std::fs::File::create(log_path).map_err(|e| e.to_string())?;
+                let mut daemon = Reaped(
+                    Command::new(exe.with_file_name("rmem-agent"))
+                        .args(["serve", "--server", &env.server.data.to_string()])
+                        .args(["--socket", sock, "--min-age", "1s", "--interval", "500ms"])
+                        .args(["--attach", &c.pid().to_string()])
+                        .stderr(log)
+                        .spawn()
+                        .map_err(|e| e.to_string())?,
+                );
+                let agent_log = || std::fs::read_to_string(log_path).unwrap_or_default();
+                let checks = (|| -> Result<(), String> {
+                    let ctl = |args: &[&str]| -> Result<String, String> {
+                        let out = Command::new(exe.with_file_name("rmemctl"))
+                            .args(["--output", "json"])
+                            .args(args)
+                            .args(["--agent", sock])
+                            .output()
+                            .map_err(|e| e.to_string())?;
+                        if out.status.success() {
+                            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+                        } else {
+                            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+                        }
+                    };
+                    let listed = |ctl: &dyn Fn(&[&str]) -> Result<String, String>| {
+                        ctl(&["attachments"])
+                            .ok()
+                            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                            .map(|v| v["attachments"].as_array().cloned().unwrap_or_default())
+                            .unwrap_or_default()
+                    };
+                    ensure(
+                        wait_until(Duration::from_secs(10), || listed(&ctl).len() == 1),
+                        format!(
+                            "the agent did not list the process given with --attach: {:?}",
+                            ctl(&["attachments"])
+                        ),
+                    )?;
+                    for t in [&a, &b] {
+                        ctl(&["attach", "--pid", &t.pid().to_string()])?;
+                    }
+                    let again = ctl(&["attach", "--pid", &a.pid().to_string()]);
+                    ensure(
+                        again
+                            .as_ref()
+                            .is_err_and(|e| e.contains("already attached")),
+                        format!("attaching twice: {again:?}"),
+                    )?;
+                    let missing = ctl(&["attach", "--pid", "999999"]);
+                    ensure(
+                        missing
+                            .as_ref()
+                            .is_err_and(|e| e.contains("no process 999999")),
+                        format!("attaching a missing process: {missing:?}"),
+                    )?;
+                    // An attached process that exits is dropped by the next round.
+                    c.cmd("exit")?;
+                    ensure(
+                        wait_until(Duration::from_secs(10), || listed(&ctl).len() == 2),
+                        format!("after an exit the agent lists {:?}", listed(&ctl)),
+                    )?;
+                    let mut remote = (0, 0);
+                    let cold = wait_until(Duration::from_secs(60), || {
+                        remote = (
+                            a.query("remote 0 1024").unwrap_or(0),
+                            b.query("remote 0 1024").unwrap_or(0),
+                        );
+                        remote.0 >= 800 && remote.1 >= 800
+                    });
+                    ensure(
+                        cold,
+                        format!("{remote:?} of 1024 pages remote, expected 800 each"),
+                    )?;
+                    let list = listed(&ctl);
+                    ensure(
+                        list.len() == 2
+                            && list
+                                .iter()
+                                .all(|x| x["evicted_pages"].as_u64().unwrap_or(0) >= 800),
+                        format!("rmemctl attachments: {list:?}"),
+                    )?;
+                    let detached: serde_json::Value =
+                        serde_json::from_str(&ctl(&["detach", "--pid", &a.pid().to_string()])?)
+                            .map_err(|e| e.to_string())?;
+                    ensure(
+                        detached["restored_pages"].as_u64().unwrap_or(0) >= 800,
+                        format!("rmemctl detach: {detached}"),
+                    )?;
+                    ensure(
+                        a.query("remote 0 1024")? == 0,
+                        "detached pages still remote",
+                    )?;
+                    a.cmd("check 1")?;
+                    ensure(
+                        b.query("remote 0 1024")? >= 800,
+                        "the other process's pages came back",
+                    )?;
+                    // SIGTERM: every remaining process is detached, every page back.
+                    // SAFETY: signalling our own child.
+                    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+                    let status = daemon.0.wait().map_err(|e| e.to_string())?;
+                    ensure(
+                        status.success(),
+                        format!("rmem-agent serve exited with {status}"),
+                    )?;
+                    ensure(
+                        b.query("remote 0 1024")? == 0,
+                        "pages still remote after the agent stopped",
+                    )?;
+                    b.cmd("check 1")?;
+                    ensure(
+                        !std::path::Path::new(sock).exists(),
+                        "the admin socket was left behind",
+                    )?;
+                    env.wait_stored(0)?;
+                    a.cmd("exit")?;
+                    b.cmd("exit")
+                })();
+                checks.map_err(|e| format!("{e}\nrmem-agent serve said:\n{}", agent_log()))
+            })();
+            env.start_agent();
+            result
+        },
+    );
+
     suite.case("fault-back latency: the module against userfaultfd, same guest (report)", || {
         // Through the module: every first touch of an evicted page faults.
         let (mut t, att) = env.evicted(512)?;
@@ -544,6 +684,19 @@ fn run(cmd: &[&str]) -> Result<(), String> {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         ))
+    }
+}
+
+/// A child process killed (if still running) and reaped on drop, so a
+/// failed case does not leave a daemon holding /dev/rmem.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
     }
 }
 

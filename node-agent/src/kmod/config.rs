@@ -1,0 +1,148 @@
+//! `rmem-agent serve`'s configuration (`/etc/rmem/agent.toml`; see
+//! `deploy/rmem-agent.toml`, which documents every field).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rmem_common::config::{ConfigError, from_toml_file, invalid, read_token};
+use serde::{Deserialize, Serialize};
+
+/// Everything `rmem-agent serve` runs with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// Data-plane address (`host:port`) of the memory server holding the
+    /// evicted pages.
+    pub server: String,
+    /// Tenant to log in as.
+    pub tenant: String,
+    /// The tenant's credential, inline. Prefer `token_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// File holding the tenant's credential.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// The admin socket (`rmemctl attach|detach|attachments`).
+    pub socket: PathBuf,
+    /// The module's device.
+    pub device: PathBuf,
+    /// Threads answering the module's fetch requests.
+    pub fault_threads: usize,
+    /// A region is cold once DAMON saw no access to it for this long.
+    #[serde(with = "humantime_serde")]
+    pub min_age: Duration,
+    /// Between two rounds of eviction.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Longest one request to the server may take; a fault waiting longer
+    /// gets SIGBUS, an eviction is undone (keep it below the module's
+    /// `fault_timeout_ms`).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            server: String::new(),
+            tenant: "default".into(),
+            token: None,
+            token_file: None,
+            socket: super::admin::DEFAULT_SOCKET.into(),
+            device: super::device::DEVICE_PATH.into(),
+            fault_threads: 2,
+            min_age: Duration::from_secs(2),
+            interval: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        from_toml_file(path)
+    }
+
+    /// Checks every field; reads `token_file` into `token` (validating
+    /// again afterwards passes).
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        if self.server.is_empty() {
+            return Err(invalid("server", "required: the memory server's host:port"));
+        }
+        if self.tenant.is_empty() || self.tenant.len() > 64 {
+            return Err(invalid("tenant", "must be 1 to 64 bytes"));
+        }
+        if let Some(path) = &self.token_file {
+            let from_file = read_token("the tenant credential", path)?;
+            if self.token.as_ref().is_some_and(|t| *t != from_file) {
+                return Err(invalid("token", "give token or token_file, not both"));
+            }
+            self.token = Some(from_file);
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err(invalid("socket", "must not be empty"));
+        }
+        if !(1..=64).contains(&self.fault_threads) {
+            return Err(invalid("fault_threads", "must be between 1 and 64"));
+        }
+        let ms = Duration::from_millis;
+        if !(ms(100)..=Duration::from_secs(86400)).contains(&self.min_age) {
+            return Err(invalid("min_age", "must be between 100ms and 1d"));
+        }
+        if !(ms(100)..=Duration::from_secs(3600)).contains(&self.interval) {
+            return Err(invalid("interval", "must be between 100ms and 1h"));
+        }
+        if !(ms(10)..=Duration::from_secs(600)).contains(&self.request_timeout) {
+            return Err(invalid("request_timeout", "must be between 10ms and 10min"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ServeConfig, String> {
+        let mut c: ServeConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let text = include_str!("../../../deploy/rmem-agent.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.min_age, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (text, field) in [
+            ("", "server"),
+            ("server = \"m:7480\"\nfault_threads = 0", "fault_threads"),
+            ("server = \"m:7480\"\nmin_age = \"1ms\"", "min_age"),
+            ("server = \"m:7480\"\ninterval = \"2h\"", "interval"),
+            ("server = \"m:7480\"\ntenant = \"\"", "tenant"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(&format!("`{field}`")), "{text}: {err}");
+        }
+        assert!(
+            parse("server = \"m:7480\"\nbogus = 1")
+                .unwrap_err()
+                .contains("bogus")
+        );
+    }
+
+    #[test]
+    fn a_token_file_is_read_and_validating_again_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let mut c = parse(&format!("server = \"m:7480\"\ntoken_file = {path:?}")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.token.as_deref(), Some("s3cret"));
+    }
+}
