@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole rmem test suite: formatting, lints, every unit and integration
 # test, the multi-host suite (network namespaces), the kernel-module suite in
-# a QEMU guest, and a quick benchmark run that keeps the benchmark harness
-# working.
+# a QEMU guest, the container suite (images and a compose cluster), the
+# Kubernetes manifests' offline validation, and a quick benchmark run that
+# keeps the benchmark harness working.
 # Installs what it needs on a fresh Debian machine (root) before it starts.
 #
 #   bash tests/run.sh
@@ -60,11 +61,18 @@ step "the README's main job: rmem-agent demo, default flags (fails on any wrong 
 step "kernel-module suite: Debian's stock kernel under QEMU, rmem.ko, rmem-vmtest (tests/vm/run.sh)"
 bash tests/vm/run.sh kmod 2>&1 | tee target/vm-output.txt
 
+step "container suite: images from deploy/container, a compose cluster, a server restarted mid-workload (tests/container/run.sh)"
+bash tests/container/run.sh 2>&1 | tee target/container-output.txt
+
+step "Kubernetes manifests: offline schema and reference checks (tests/k8s/validate.sh)"
+bash tests/k8s/validate.sh 2>&1 | tee target/k8s-output.txt
+
 step "rmem-bench --quick (keeps the benchmark harness working; figures are not judged)"
 ./target/release/rmem-bench --quick
 
 # One closing line for CI: sum of every test binary's result line and the
-# VM suite's "N passed, M failed".
+# VM, container and Kubernetes suites' "N passed, M failed".
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
      /^[0-9]+ passed, [0-9]+ failed/ { p += $1; f += $3 }
-     END { printf "\nrmem: %d passed, %d failed\n", p, f }' target/test-output.txt target/vm-output.txt
+     END { printf "\nrmem: %d passed, %d failed\n", p, f }' target/test-output.txt target/vm-output.txt \
+  target/container-output.txt target/k8s-output.txt

@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# Container suite: builds rmem's images from deploy/container/Containerfile
+# (with no registry: the build stage runs in an image made by
+# deploy/container/builder-image.sh, the runtime images are FROM scratch),
+# starts deploy/container/compose.yaml (a coordinator, three memory servers
+# with file-backed pools, an agent running the verifying demo workload),
+# stops and restarts one server in the middle of the workload, checks that
+# every page read back was correct, and tears everything down.
+#
+#   bash tests/container/run.sh
+#
+# Prints "N passed, M failed" and exits non-zero on any failure. Needs root,
+# a running Docker engine, docker-compose and /dev/userfaultfd.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$REPO"
+
+say() { printf 'container-suite: %s\n' "$*" >&2; }
+die() { printf 'container-suite: error: %s\n' "$*" >&2; exit 1; }
+
+passed=0
+failed=0
+ok() { passed=$((passed + 1)); printf 'ok     %s\n' "$1"; }
+bad() { failed=$((failed + 1)); printf 'FAILED %s\n' "$1"; [ -z "${2:-}" ] || printf '       %s\n' "$2"; }
+
+docker info >/dev/null 2>&1 || die "no Docker engine answers (is dockerd running?)"
+if ! command -v docker-compose >/dev/null; then
+  say "installing docker-compose"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+fi
+[ -c /dev/userfaultfd ] || die "/dev/userfaultfd is missing (Linux 6.1 or later); the agent container needs it"
+command -v python3 >/dev/null || die "python3 is needed to read the daemons' JSON"
+
+builder=$(bash deploy/container/builder-image.sh)
+
+work=$(mktemp -d)
+project="rmemci$$"
+export RMEM_TAG="ci-$$"
+export RMEM_BUILDER="$builder"
+export RMEM_CLUSTER_TOKEN_FILE="$work/cluster-token"
+# Rounds of about a second each, so a restart lands in the middle of one.
+export RMEM_AGENT_ARGS="--repeat 0 --size 48MiB --budget 4MiB --ops 100000 --fault-timeout 60s --json"
+head -c 24 /dev/urandom | base64 >"$RMEM_CLUSTER_TOKEN_FILE"
+chmod 0644 "$RMEM_CLUSTER_TOKEN_FILE" # read by the daemons' user, 65532
+
+dc() { docker-compose -p "$project" -f deploy/container/compose.yaml "$@"; }
+cleanup() {
+  dc logs --no-color >"$REPO/target/container-logs.txt" 2>&1 || true
+  dc down -v --remove-orphans >/dev/null 2>&1 || true
+  for role in server coordinator agent; do docker rmi "rmem-$role:$RMEM_TAG" >/dev/null 2>&1 || true; done
+  # Build-stage layers of earlier runs: kept a week as a cache, then dropped.
+  docker image prune -f --filter until=168h >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+mkdir -p target
+trap cleanup EXIT
+
+say "building the images (the build stage compiles the workspace: a few minutes)"
+t0=$(date +%s)
+if dc build >"$REPO/target/container-build.txt" 2>&1; then
+  ok "images build from the Containerfile with no registry ($(($(date +%s) - t0)) s)"
+else
+  tail -30 "$REPO/target/container-build.txt"
+  bad "images build" "see target/container-build.txt"
+  echo "$passed passed, $failed failed"
+  exit 1
+fi
+
+# Each runtime image: small, not root, with a gRPC health check where the
+# daemon serves gRPC.
+for role in server coordinator agent; do
+  img="rmem-$role:$RMEM_TAG"
+  size=$(docker image inspect -f '{{.Size}}' "$img")
+  user=$(docker image inspect -f '{{.Config.User}}' "$img")
+  health=$(docker image inspect -f '{{if .Config.Healthcheck}}{{join .Config.Healthcheck.Test " "}}{{end}}' "$img")
+  if [ "$size" -lt $((64 << 20)) ] && [ "$user" = "65532:65532" ]; then
+    ok "$img: $((size >> 20)) MiB, runs as $user"
+  else
+    bad "$img is small and not root" "size $size, user '$user'"
+  fi
+  if [ "$role" != agent ]; then
+    case "$health" in
+    *"rmemctl --endpoint 127.0.0.1:74"*" health") ok "$img: health check through grpc.health.v1" ;;
+    *) bad "$img has a gRPC health check" "got '$health'" ;;
+    esac
+  fi
+done
+
+say "starting the cluster"
+if ! dc up -d >"$work/up.txt" 2>&1; then
+  cat "$work/up.txt"
+  bad "the compose cluster starts" "docker-compose up failed"
+  echo "$passed passed, $failed failed"
+  exit 1
+fi
+
+health_of() { docker inspect -f '{{.State.Health.Status}}' "$(dc ps -q "$1")" 2>/dev/null; }
+wait_for() { # SECONDS DESCRIPTION COMMAND...
+  local limit=$1 what=$2
+  shift 2
+  local end=$(($(date +%s) + limit))
+  local r=0
+  until "$@" || { r=$?; [ "$r" -eq 2 ]; }; do
+    if [ "$(date +%s)" -ge "$end" ]; then
+      say "timed out after ${limit}s waiting for $what"
+      return 1
+    fi
+    sleep 1
+  done
+  # 2: the condition gave up (what it waited on is gone).
+  [ "$r" -ne 2 ]
+}
+server_healthy() { [ "$(health_of "$1")" = healthy ]; }
+all_healthy() {
+  for s in coordinator server-1 server-2 server-3; do [ "$(health_of "$s")" = healthy ] || return 1; done
+}
+ctl() { dc exec -T coordinator rmemctl --token-file /run/secrets/cluster-token "$@"; }
+
+if wait_for 120 "every daemon to be healthy" all_healthy; then
+  ok "coordinator and three servers report healthy"
+else
+  bad "coordinator and three servers report healthy" "$(dc ps 2>&1 | tail -6)"
+fi
+
+servers_up() {
+  ctl servers --output json 2>/dev/null |
+    python3 -c 'import json,sys; print(sum(1 for m in json.load(sys.stdin) if m["state"] == "up"))'
+}
+if [ "$(servers_up)" = 3 ]; then
+  ok "three servers joined the coordinator (rmemctl servers)"
+else
+  bad "three servers joined the coordinator" "$(ctl servers 2>&1)"
+fi
+
+# Rounds the agent has reported, and how many of them verified every byte.
+rounds() { dc logs --no-color agent 2>/dev/null | grep -c '"verify_ok":' || true; }
+rounds_ok() { dc logs --no-color agent 2>/dev/null | grep -c '"verify_ok":true' || true; }
+used_on() { # NAME: pages the server holds
+  ctl stats --output json 2>/dev/null | python3 -c '
+import json, sys
+for s in json.load(sys.stdin)["servers"]:
+    if s["name"] == sys.argv[1]:
+        print(s["used_pages"])' "$1"
+}
+server2_holds_pages() { [ "$(used_on server-2)" -gt 0 ] 2>/dev/null; }
+agent_running() { [ "$(docker inspect -f '{{.State.Running}}' "$(dc ps -q agent)" 2>/dev/null)" = true ]; }
+# True once the agent reported N rounds; stops the wait (false, with a
+# line) if the agent has exited instead.
+rounds_at_least() {
+  [ "$(rounds)" -ge "$1" ] && return 0
+  if ! agent_running; then
+    say "the agent exited: $(dc logs --no-color --tail 1 agent 2>&1 | tail -1)"
+    return 2
+  fi
+  return 1
+}
+
+if wait_for 120 "the agent's first round" rounds_at_least 1; then
+  ok "the agent container runs the demo workload against the cluster"
+else
+  bad "the agent container runs the demo workload" "$(dc logs --no-color --tail 20 agent 2>&1)"
+fi
+
+if wait_for 60 "server-2 to hold pages" server2_holds_pages; then
+  before=$(rounds)
+  say "server-2 holds $(used_on server-2) pages; stopping it in the middle of round $((before + 1))"
+  dc stop -t 30 server-2 >/dev/null 2>&1
+  sleep 3
+  dc start server-2 >/dev/null 2>&1
+  if wait_for 120 "server-2 to be healthy again" server_healthy server-2; then
+    ok "server-2 stopped and started again with its pool volume"
+  else
+    bad "server-2 restarts" "$(dc logs --no-color --tail 20 server-2 2>&1)"
+  fi
+  if wait_for 180 "two more rounds after the restart" rounds_at_least $((before + 2)); then
+    ok "the workload carried on through the restart ($(rounds) rounds so far)"
+  else
+    bad "the workload carries on after the restart" "$(dc logs --no-color --tail 20 agent 2>&1)"
+  fi
+else
+  bad "server-2 holds pages before its restart" "$(ctl stats 2>&1 | tail -12)"
+fi
+
+say "stopping the agent (SIGTERM ends it after the current round)"
+dc stop -t 120 agent >/dev/null 2>&1
+code=$(docker inspect -f '{{.State.ExitCode}}' "$(dc ps -q agent)")
+total=$(rounds)
+good=$(rounds_ok)
+if [ "$code" = 0 ] && [ "$total" -ge 3 ] && [ "$total" = "$good" ]; then
+  ok "every page read back was correct: $good of $total rounds verified, agent exited 0"
+else
+  bad "every page read back was correct" "exit code $code, $good of $total rounds verified"
+  dc logs --no-color --tail 30 agent 2>&1 | sed 's/^/       /'
+fi
+
+all_freed() {
+  ctl stats --output json 2>/dev/null |
+    python3 -c 'import json,sys; s=json.load(sys.stdin)["servers"]; sys.exit(0 if len(s) == 3 and all(x["used_pages"] == 0 and not x.get("error") for x in s) else 1)'
+}
+if wait_for 60 "the servers to free the agent's pages" all_freed; then
+  ok "the servers hold no pages once the agent is gone"
+else
+  bad "the servers free the agent's pages" "$(ctl stats 2>&1 | tail -12)"
+fi
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
