@@ -5,6 +5,8 @@
 # Kubernetes manifests' offline validation, and a quick benchmark run that
 # keeps the benchmark harness working.
 # Installs what it needs on a fresh Debian machine (root) before it starts.
+# The quick benchmark turns swap on (zram, a loop-device file) for its
+# kernel baselines and off again.
 #
 #   bash tests/run.sh
 set -euo pipefail
@@ -22,6 +24,8 @@ fi
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# fonts-dejavu-core: the text of rmem-bench's plots.
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     step "installing ${need[*]}"
@@ -67,8 +71,8 @@ bash tests/container/run.sh 2>&1 | tee target/container-output.txt
 step "Kubernetes manifests: offline schema and reference checks (tests/k8s/validate.sh)"
 bash tests/k8s/validate.sh 2>&1 | tee target/k8s-output.txt
 
-step "rmem-bench --quick (keeps the benchmark harness working; figures are not judged)"
-./target/release/rmem-bench --quick
+step "rmem-bench --quick (keeps the benchmark harness working, kernel swap baselines and plots included; figures are not judged)"
+./target/release/rmem-bench --quick --plots target/bench-plots
 
 # One closing line for CI: sum of every test binary's result line and the
 # VM, container and Kubernetes suites' "N passed, M failed".

@@ -1,14 +1,20 @@
 //! `rmem-bench`: how close rmem comes to what this machine allows.
 //!
 //! One run measures the limits (raw TCP round trip and stream, memcpy), the
-//! memory server's data plane, and the userspace fault and eviction paths,
-//! against an embedded server on loopback or a running one, and prints a
-//! table (or one JSON document) with the ratios that matter.
+//! memory server's data plane, the userspace fault and eviction paths, and
+//! four workloads at four local-memory fractions on rmem and on kernel swap
+//! (zram, a file), against an embedded server on loopback or a running
+//! one, and prints tables (or one JSON document) with the ratios that
+//! matter, and PNG plots with --plots.
 
 mod dataplane;
 mod limits;
+mod matrix;
+mod plot;
 mod region;
 mod report;
+mod swap;
+mod workloads;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -47,9 +53,34 @@ struct Args {
     /// Size of the benchmark region [default: 512MiB, 32MiB with --quick].
     #[arg(long)]
     region_size: Option<ByteSize>,
+    /// Working set of the workloads [default: 256MiB, 64MiB with --quick].
+    #[arg(long)]
+    working_set: Option<ByteSize>,
+    /// Longest timed phase of one workload cell, e.g. 2s [default: 2s,
+    /// 150ms with --quick].
+    #[arg(long, value_parser = parse_duration)]
+    cell_time: Option<Duration>,
+    /// Skip the kernel swap baselines (they need root, and turn swap on
+    /// and off while they run).
+    #[arg(long)]
+    no_swap: bool,
+    /// Directory for the swap file of the swap-file baseline (on the disk
+    /// to compare with).
+    #[arg(long, default_value = "/var/tmp", value_name = "DIR")]
+    swap_dir: std::path::PathBuf,
+    /// Write PNG plots (slowdown.png, fault-latency.png) into this directory.
+    #[arg(long, value_name = "DIR")]
+    plots: Option<std::path::PathBuf>,
     /// Log format on stderr; RUST_LOG sets the level (default: warn).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Internal: run one workload as a kernel-swap child process.
+    #[arg(long, hide = true, value_name = "SPEC")]
+    child: Option<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// Why a benchmark could not finish.
@@ -69,6 +100,18 @@ pub enum BenchError {
     Verify { page: usize },
     #[error("invalid `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("{system}: {errors} reads of the {workload} workload found wrong contents")]
+    Workload {
+        workload: &'static str,
+        system: String,
+        errors: u64,
+    },
+    #[error("{system}: the workload process failed")]
+    Swap {
+        system: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Latency percentiles in microseconds.
@@ -103,6 +146,7 @@ struct Plan {
     limits: limits::Effort,
     dataplane: dataplane::Effort,
     region: region::Effort,
+    matrix: matrix::Effort,
 }
 
 impl Plan {
@@ -117,6 +161,27 @@ impl Plan {
                 reason: "must be a multiple of 4 KiB and at least 1 MiB".into(),
             });
         }
+        let working_set = args
+            .working_set
+            .map(|s| s.bytes())
+            .unwrap_or(if args.quick { 64 << 20 } else { 256 << 20 });
+        if working_set < (4 << 20) || !working_set.is_multiple_of(rmem_client::PAGE_SIZE as u64) {
+            return Err(BenchError::Invalid {
+                field: "working-set",
+                reason: "must be a multiple of 4 KiB and at least 4 MiB".into(),
+            });
+        }
+        let matrix = matrix::Effort {
+            pages: (working_set / rmem_client::PAGE_SIZE as u64) as usize,
+            ops: if args.quick { 200_000 } else { 20_000_000 },
+            budget: args.cell_time.unwrap_or(if args.quick {
+                Duration::from_millis(150)
+            } else {
+                Duration::from_secs(2)
+            }),
+            swap_dir: args.swap_dir.clone(),
+            swap: !args.no_swap,
+        };
         Ok(if args.quick {
             Plan {
                 limits: limits::Effort {
@@ -133,6 +198,7 @@ impl Plan {
                     budget: size / 8,
                     random_reads: 1_000,
                 },
+                matrix,
             }
         } else {
             Plan {
@@ -150,6 +216,7 @@ impl Plan {
                     budget: size / 8,
                     random_reads: 20_000,
                 },
+                matrix,
             }
         })
     }
@@ -171,7 +238,9 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
                 listen: "127.0.0.1:0".parse().expect("valid address"),
                 grpc: "127.0.0.1:0".parse().expect("valid address"),
                 capacity: ByteSize(
-                    plan.region.size * 2 + (plan.dataplane.pages as u64 * 4096) + (16 << 20),
+                    (plan.region.size * 2).max((plan.matrix.pages * 4096) as u64)
+                        + (plan.dataplane.pages as u64 * 4096)
+                        + (16 << 20),
                 ),
                 prefault: true,
                 ..Default::default()
@@ -198,6 +267,7 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
     drop(raw);
     progress("limits: raw TCP stream, memcpy");
     let limits = limits::measure(plan.limits, &rtt)?;
+    let workloads = matrix::measure(&client, &plan.matrix, &progress)?;
     Ok(report::Report::new(
         report::Setup {
             quick: args.quick,
@@ -209,14 +279,37 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
         limits,
         dataplane,
         rmem,
+        workloads,
     ))
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     logging::init(args.log_format, "warn");
+    if let Some(spec) = &args.child {
+        return match swap::child_main(spec) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rmem-bench --child: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&args) {
         Ok(r) => {
+            if let Some(dir) = &args.plots {
+                match plot::write(&r, dir) {
+                    Ok(files) => {
+                        for f in files {
+                            eprintln!("rmem-bench: wrote {}", f.display());
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("rmem-bench: no plots: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             if args.json {
                 println!(
                     "{}",

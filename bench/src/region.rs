@@ -37,6 +37,21 @@ pub struct RegionFigures {
     pub prefetch_hit_rate: f64,
     pub pages_evicted: u64,
     pub pages_fetched: u64,
+    /// The fault latency's distribution: `[µs, fraction of faults at or
+    /// below it]`, for the latency plot.
+    pub fault_cdf_us: Vec<[f64; 2]>,
+}
+
+/// Points of `h`'s cumulative distribution, in microseconds.
+fn cdf_us(h: &Histogram) -> Vec<[f64; 2]> {
+    if h.count() == 0 {
+        return Vec::new();
+    }
+    let mut qs: Vec<f64> = (1..100).map(|i| f64::from(i) / 100.0).collect();
+    qs.extend([0.995, 0.999, 0.9995, 0.9999, 1.0]);
+    qs.into_iter()
+        .map(|q| [h.quantile(q) as f64 / 1000.0, q])
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -179,6 +194,7 @@ pub fn measure(
         },
         pages_evicted: after_reads.pages_evicted + scanned.pages_evicted,
         pages_fetched: after_reads.faults_remote + scanned.faults_remote + scanned.prefetch_issued,
+        fault_cdf_us: cdf_us(&faults),
     })
 }
 

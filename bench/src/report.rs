@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::Latency;
 use crate::dataplane::DataPlane;
 use crate::limits::Limits;
+use crate::matrix::Workloads;
 use crate::region::RegionFigures;
 
 /// What was run, and where.
@@ -51,6 +52,15 @@ pub struct Ratios {
     pub evict_over_stream: f64,
     /// Prefetched sequential scan over the raw stream (goal >= 0.5).
     pub seq_scan_over_stream: f64,
+    /// Zipfian at 50% local on rmem: slowdown against all-local (goal
+    /// <= 1.3).
+    pub zipf_50_slowdown: f64,
+    /// Zipfian at 50% local: rmem's operations per second over swap on a
+    /// file's (goal > 1; 0 when not measured).
+    pub zipf_50_over_swap_file: f64,
+    /// Zipfian at 50% local: swap on zram's operations per second over
+    /// rmem's (goal <= 1.5; 0 when not measured).
+    pub zipf_50_zram_over_rmem: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -60,6 +70,7 @@ pub struct Report {
     pub limits: Limits,
     pub dataplane: DataPlane,
     pub rmem: RegionFigures,
+    pub workloads: Workloads,
     pub ratios: Ratios,
 }
 
@@ -68,15 +79,36 @@ fn ratio(a: f64, b: f64) -> f64 {
 }
 
 impl Report {
-    pub fn new(setup: Setup, limits: Limits, dataplane: DataPlane, rmem: RegionFigures) -> Self {
+    pub fn new(
+        setup: Setup,
+        limits: Limits,
+        dataplane: DataPlane,
+        rmem: RegionFigures,
+        workloads: Workloads,
+    ) -> Self {
         let rtt = limits.tcp_rtt_4k_us;
         let near_faults = rmem.rtt_between_faults_us;
+        let zipf50 = |system: &str| {
+            workloads
+                .cells
+                .iter()
+                .find(|c| c.name == "zipf" && c.system == system && c.local_fraction == 0.5)
+                .map_or(0.0, |c| c.ops_per_s)
+        };
         let ratios = Ratios {
             fault_p50_over_rtt_p50: ratio(rmem.fault_us.p50, near_faults.p50),
             fault_p99_over_rtt_p99: ratio(rmem.fault_us.p99, near_faults.p99),
             get_p50_over_rtt_p50: ratio(dataplane.get_qd1_us.p50, rtt.p50),
             evict_over_stream: ratio(rmem.evict_mib_s, limits.tcp_stream_mib_s),
             seq_scan_over_stream: ratio(rmem.seq_scan_mib_s, limits.tcp_stream_mib_s),
+            zipf_50_slowdown: workloads
+                .cells
+                .iter()
+                .find(|c| c.name == "zipf" && c.system == "rmem" && c.local_fraction == 0.5)
+                .and_then(|c| c.slowdown)
+                .unwrap_or(0.0),
+            zipf_50_over_swap_file: ratio(zipf50("rmem"), zipf50("swap-file")),
+            zipf_50_zram_over_rmem: ratio(zipf50("swap-zram"), zipf50("rmem")),
         };
         Self {
             setup,
@@ -84,8 +116,81 @@ impl Report {
             limits,
             dataplane,
             rmem,
+            workloads,
             ratios,
         }
+    }
+}
+
+fn optional(v: f64) -> String {
+    if v > 0.0 {
+        format!("{v:.2}")
+    } else {
+        "not measured".into()
+    }
+}
+
+/// Operations per second and slowdown per workload, system and local
+/// fraction.
+fn workloads_table(w: &Workloads) -> String {
+    let mut out = format!(
+        "Workloads on a {} MiB working set: operations per second (slowdown against all-local)\n\n",
+        w.working_set_bytes >> 20
+    );
+    out.push_str("| workload | system | 25% local | 50% local | 75% local | 100% local |\n");
+    out.push_str("|---|---|---|---|---|---|\n");
+    let mut systems: Vec<&str> = Vec::new();
+    for c in &w.cells {
+        if !systems.contains(&c.system.as_str()) {
+            systems.push(&c.system);
+        }
+    }
+    for name in crate::workloads::ALL.map(|w| w.name()) {
+        for system in &systems {
+            let mut row = format!("| {name} | {system} |");
+            for f in crate::matrix::FRACTIONS {
+                let cell = w.cells.iter().find(|c| {
+                    c.name == name
+                        && c.system == *system
+                        && (c.local_fraction == f || (*system == "local" && f == 1.0))
+                });
+                match cell {
+                    Some(c) => match c.slowdown {
+                        Some(x) => row.push_str(&format!(" {} ({x:.2}x) |", ops(c.ops_per_s))),
+                        None => row.push_str(&format!(" {} |", c.outcome)),
+                    },
+                    None => row.push_str(" |"),
+                }
+            }
+            out.push_str(&row);
+            out.push('\n');
+        }
+    }
+    for s in &w.skipped {
+        out.push_str(&format!("\n{} not measured: {}\n", s.system, s.reason));
+    }
+    if w.oom_kills > 0 {
+        out.push_str(&format!(
+            "\n{} swap runs were OOM-killed by their memory cgroup (swap-out could not keep up; each cell is tried twice)\n",
+            w.oom_kills
+        ));
+    }
+    if !w.other_swaps.is_empty() {
+        out.push_str(&format!(
+            "\nswap already on during the run (lower priority): {}\n",
+            w.other_swaps.join(", ")
+        ));
+    }
+    out
+}
+
+fn ops(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
     }
 }
 
@@ -175,6 +280,19 @@ pub fn render(r: &Report) -> String {
         "scan / stream (>= 0.5)",
         format!("{:.2}", g.seq_scan_over_stream),
     );
+    row(
+        "zipf at 50% local: slowdown (<= 1.3)",
+        format!("{:.2}", g.zipf_50_slowdown),
+    );
+    row(
+        "zipf at 50% local: rmem / swap-file (> 1)",
+        optional(g.zipf_50_over_swap_file),
+    );
+    row(
+        "zipf at 50% local: swap-zram / rmem (<= 1.5)",
+        optional(g.zipf_50_zram_over_rmem),
+    );
+
     out.push_str(&format!(
         "\n{} CPUs, kernel {}, server {}{}, region {} MiB, budget {} MiB{}\n",
         r.machine.cpus,
@@ -189,5 +307,7 @@ pub fn render(r: &Report) -> String {
         r.setup.budget_bytes >> 20,
         if r.setup.quick { ", --quick" } else { "" },
     ));
+    out.push('\n');
+    out.push_str(&workloads_table(&r.workloads));
     out
 }

@@ -166,27 +166,41 @@ fn resolve_resident(inner: &Inner, i: usize, s: State, fault: Fault) -> State {
     next
 }
 
+/// Retries `op` while the kernel answers EAGAIN: the address space is
+/// changing under us (userfaultfd's `mmap_changing`, e.g. a fork or an
+/// unmap elsewhere in the process), which passes in microseconds.
+fn retry_eagain<T>(mut op: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    const TRIES: u32 = 10_000;
+    for n in 0.. {
+        match op() {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && n < TRIES => {
+                if n < 16 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            r => return r,
+        }
+    }
+    unreachable!("the loop returns")
+}
+
 /// Installs `data` at page `i` (which this thread owns) and wakes waiters.
 /// False when the page could not be installed (the caller poisons it, so
 /// the access fails with SIGBUS instead of faulting forever).
 fn install(inner: &Inner, i: usize, data: &Page, write_protect: bool) -> bool {
-    for _ in 0..3 {
-        match inner.uffd.copy(inner.page_addr(i), data, write_protect) {
-            Ok(Resolve::Done) => return true,
-            Ok(Resolve::Exists) => {
-                inner.wake(i);
-                return true;
-            }
-            // The address space is changing under us; try again.
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
-            Err(e) => {
-                tracing::error!(page = i, error = %e, "UFFDIO_COPY failed");
-                return false;
-            }
+    match retry_eagain(|| inner.uffd.copy(inner.page_addr(i), data, write_protect)) {
+        Ok(Resolve::Done) => true,
+        Ok(Resolve::Exists) => {
+            inner.wake(i);
+            true
+        }
+        Err(e) => {
+            tracing::error!(page = i, error = %e, "UFFDIO_COPY failed");
+            false
         }
     }
-    tracing::error!(page = i, "UFFDIO_COPY kept failing with EAGAIN");
-    false
 }
 
 /// Publishes the final state of a page this thread owned and wakes anyone
@@ -200,10 +214,11 @@ fn finish(inner: &Inner, i: usize, new: State) {
 
 /// Maps a page that is in the memfd (resolves a minor fault).
 fn map_cached(inner: &Inner, i: usize, write_protect: bool) {
-    match inner
-        .uffd
-        .continue_(inner.page_addr(i), PAGE_SIZE as u64, write_protect)
-    {
+    match retry_eagain(|| {
+        inner
+            .uffd
+            .continue_(inner.page_addr(i), PAGE_SIZE as u64, write_protect)
+    }) {
         Ok(Resolve::Done) => {}
         Ok(Resolve::Exists) => inner.wake(i),
         Err(e) => {
