@@ -67,11 +67,18 @@ pub struct Skipped {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// What the matrix measured: the cells, and how.
+#[derive(Debug, Clone)]
 pub struct Workloads {
+    pub cells: Vec<Cell>,
+    pub setup: WorkloadSetup,
+}
+
+/// How the cells were measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadSetup {
     pub working_set_bytes: u64,
     pub child_allowance_bytes: u64,
-    pub cells: Vec<Cell>,
     pub skipped: Vec<Skipped>,
     /// Swap that was already on before the run (it took part too, at a
     /// lower priority than the benchmark's).
@@ -237,11 +244,13 @@ pub fn measure(
         drop(dev);
     }
     Ok(Workloads {
-        working_set_bytes: (e.pages * PAGE) as u64,
-        child_allowance_bytes: CHILD_ALLOWANCE,
         cells,
-        skipped,
-        other_swaps,
-        oom_kills,
+        setup: WorkloadSetup {
+            working_set_bytes: (e.pages * PAGE) as u64,
+            child_allowance_bytes: CHILD_ALLOWANCE,
+            skipped,
+            other_swaps,
+            oom_kills,
+        },
     })
 }

@@ -54,7 +54,11 @@ pub fn write(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut written = Vec::new();
     let path = dir.join("slowdown.png");
-    slowdown(&report.workloads, &path)?;
+    slowdown(
+        &report.workloads,
+        report.workload_setup.working_set_bytes,
+        &path,
+    )?;
     written.push(path);
     let path = dir.join("fault-latency.png");
     fault_latency(report, &path)?;
@@ -62,21 +66,20 @@ pub fn write(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(written)
 }
 
-fn slowdown(w: &crate::matrix::Workloads, path: &Path) -> Result<(), String> {
+fn slowdown(cells: &[crate::matrix::Cell], working_set: u64, path: &Path) -> Result<(), String> {
     let root = BitMapBackend::new(path, (1400, 1000)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let root = root
         .titled(
             &format!(
                 "Slowdown against all-local, working set {} MiB",
-                w.working_set_bytes >> 20
+                working_set >> 20
             ),
             ("sans-serif", 26),
         )
         .map_err(err)?;
     let systems: Vec<&str> = {
-        let mut s: Vec<&str> = w
-            .cells
+        let mut s: Vec<&str> = cells
             .iter()
             .map(|c| c.system.as_str())
             .filter(|s| *s != "local")
@@ -91,7 +94,7 @@ fn slowdown(w: &crate::matrix::Workloads, path: &Path) -> Result<(), String> {
         .iter()
         .zip(crate::workloads::ALL.map(|w| w.name()))
     {
-        let cells: Vec<_> = w.cells.iter().filter(|c| c.name == name).collect();
+        let cells: Vec<_> = cells.iter().filter(|c| c.name == name).collect();
         let top = cells
             .iter()
             .filter_map(|c| c.slowdown)

@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::Latency;
 use crate::dataplane::DataPlane;
 use crate::limits::Limits;
-use crate::matrix::Workloads;
+use crate::matrix::{Cell, WorkloadSetup, Workloads};
 use crate::region::RegionFigures;
 
 /// What was run, and where.
@@ -70,7 +70,10 @@ pub struct Report {
     pub limits: Limits,
     pub dataplane: DataPlane,
     pub rmem: RegionFigures,
-    pub workloads: Workloads,
+    /// Every workload cell: `{name, system, local_fraction, ops_per_s,
+    /// slowdown, ...}`.
+    pub workloads: Vec<Cell>,
+    pub workload_setup: WorkloadSetup,
     pub ratios: Ratios,
 }
 
@@ -116,7 +119,8 @@ impl Report {
             limits,
             dataplane,
             rmem,
-            workloads,
+            workloads: workloads.cells,
+            workload_setup: workloads.setup,
             ratios,
         }
     }
@@ -132,7 +136,7 @@ fn optional(v: f64) -> String {
 
 /// Operations per second and slowdown per workload, system and local
 /// fraction.
-fn workloads_table(w: &Workloads) -> String {
+fn workloads_table(cells: &[Cell], w: &WorkloadSetup) -> String {
     let mut out = format!(
         "Workloads on a {} MiB working set: operations per second (slowdown against all-local)\n\n",
         w.working_set_bytes >> 20
@@ -140,7 +144,7 @@ fn workloads_table(w: &Workloads) -> String {
     out.push_str("| workload | system | 25% local | 50% local | 75% local | 100% local |\n");
     out.push_str("|---|---|---|---|---|---|\n");
     let mut systems: Vec<&str> = Vec::new();
-    for c in &w.cells {
+    for c in cells {
         if !systems.contains(&c.system.as_str()) {
             systems.push(&c.system);
         }
@@ -149,7 +153,7 @@ fn workloads_table(w: &Workloads) -> String {
         for system in &systems {
             let mut row = format!("| {name} | {system} |");
             for f in crate::matrix::FRACTIONS {
-                let cell = w.cells.iter().find(|c| {
+                let cell = cells.iter().find(|c| {
                     c.name == name
                         && c.system == *system
                         && (c.local_fraction == f || (*system == "local" && f == 1.0))
@@ -308,6 +312,6 @@ pub fn render(r: &Report) -> String {
         if r.setup.quick { ", --quick" } else { "" },
     ));
     out.push('\n');
-    out.push_str(&workloads_table(&r.workloads));
+    out.push_str(&workloads_table(&r.workloads, &r.workload_setup));
     out
 }
