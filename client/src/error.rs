@@ -46,6 +46,17 @@ pub enum ClientError {
     },
     #[error("the connection to {addr} is closed")]
     Closed { addr: String },
+    #[error("{addr} does not offer RDMA (start it with --rdma)")]
+    RdmaNotOffered { addr: String },
+    #[error("this build has no RDMA support (build with the `rdma` feature)")]
+    RdmaNotBuilt,
+    #[cfg(feature = "rdma")]
+    #[error("RDMA with {addr} failed")]
+    Rdma {
+        addr: String,
+        #[source]
+        source: rmem_verbs::VerbsError,
+    },
 }
 
 impl ClientError {
@@ -61,9 +72,19 @@ impl ClientError {
                 code,
                 ErrorCode::ShuttingDown | ErrorCode::Busy | ErrorCode::Timeout
             ),
+            // A queue pair in error or a lost completion: a new connection
+            // brings a new queue pair. Setting one up that failed will fail
+            // again (no device, locked-memory limit).
+            #[cfg(feature = "rdma")]
+            ClientError::Rdma { source, .. } => matches!(
+                source,
+                rmem_verbs::VerbsError::Completion { .. } | rmem_verbs::VerbsError::Timeout(_)
+            ),
             ClientError::Protocol { .. }
             | ClientError::Page { .. }
-            | ClientError::BatchTooLarge { .. } => false,
+            | ClientError::BatchTooLarge { .. }
+            | ClientError::RdmaNotOffered { .. }
+            | ClientError::RdmaNotBuilt => false,
         }
     }
 }

@@ -90,10 +90,14 @@ pub async fn serve(
         if let Err(e) = tune(&stream) {
             tracing::debug!(%peer, error = %e, "cannot set socket options");
         }
+        let mut session = Session::new(shared.clone());
+        if let Ok(local) = stream.local_addr() {
+            session.set_local_ip(local.ip());
+        }
         let conn = Connection {
             stream,
             peer,
-            session: Session::new(shared.clone()),
+            session,
             inbuf: BytesMut::with_capacity(READ_CHUNK),
             outbuf: Vec::with_capacity(READ_CHUNK),
             timeouts,
