@@ -32,6 +32,9 @@ pub struct BlockingConnection {
     next_id: u64,
     hello: HelloOk,
     statuses: Vec<PageStatus>,
+    /// RDMA connections' record of where pages are: a PUT or FREE here
+    /// makes it stale, so those handles are forgotten.
+    locations: std::sync::Arc<crate::LocationCache>,
 }
 
 impl BlockingConnection {
@@ -77,6 +80,7 @@ impl BlockingConnection {
                 server_id: 0,
             },
             statuses: Vec::new(),
+            locations: cfg.locations.clone(),
         };
         conn.send()?;
         let header = conn.receive(frame::HANDSHAKE_MAX_FRAME)?;
@@ -137,6 +141,11 @@ impl BlockingConnection {
         let n = match request {
             Locate::Staged(puts) => {
                 frame::check_batch("PUT", puts.len(), self.hello.limits.max_batch_pages)?;
+                // Forgotten until the answer says where the new copies are
+                // (if it never comes, no stale location is left behind).
+                for p in puts {
+                    self.locations.remove(&p.handle);
+                }
                 wire::encode_put_staged(&mut self.out, id, puts);
                 puts.len()
             }
@@ -259,6 +268,9 @@ impl BlockingConnection {
     /// Stores pages; returns one status per page.
     pub fn put(&mut self, pages: &[(u64, &Page)]) -> Result<Vec<PageStatus>, ClientError> {
         frame::check_batch("PUT", pages.len(), self.hello.limits.max_batch_pages)?;
+        for (h, _) in pages {
+            self.locations.remove(h);
+        }
         let id = self.id();
         wire::encode_put(&mut self.out, id, pages.iter().map(|&(h, p)| (h, p)));
         let header = self.call(id)?;
@@ -299,6 +311,9 @@ impl BlockingConnection {
     /// Frees pages; returns one status per page.
     pub fn free(&mut self, handles: &[u64]) -> Result<Vec<PageStatus>, ClientError> {
         frame::check_batch("FREE", handles.len(), self.hello.limits.max_batch_pages)?;
+        for h in handles {
+            self.locations.remove(h);
+        }
         let id = self.id();
         wire::encode_handles(&mut self.out, Opcode::Free, id, handles);
         let header = self.call(id)?;

@@ -105,6 +105,9 @@ impl ClientConfig {
     ) -> Self {
         self.tenant = tenant.into();
         self.credential = credential.into();
+        // Handles name pages per tenant: another tenant's locations are not
+        // these.
+        self.locations = Default::default();
         self
     }
 }

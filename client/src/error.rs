@@ -72,13 +72,17 @@ impl ClientError {
                 code,
                 ErrorCode::ShuttingDown | ErrorCode::Busy | ErrorCode::Timeout
             ),
-            // A queue pair in error or a lost completion: a new connection
-            // brings a new queue pair. Setting one up that failed will fail
-            // again (no device, locked-memory limit).
+            // A queue pair in error, a refused post or a lost completion: a
+            // new connection brings a new queue pair. What a new one would
+            // meet again (no device, no port for the address, the
+            // locked-memory limit) is not retried.
             #[cfg(feature = "rdma")]
-            ClientError::Rdma { source, .. } => matches!(
+            ClientError::Rdma { source, .. } => !matches!(
                 source,
-                rmem_verbs::VerbsError::Completion { .. } | rmem_verbs::VerbsError::Timeout(_)
+                rmem_verbs::VerbsError::NoDevices
+                    | rmem_verbs::VerbsError::NoPortForAddress { .. }
+                    | rmem_verbs::VerbsError::NoSuchDevice(_)
+                    | rmem_verbs::VerbsError::MemlockLimit { .. }
             ),
             ClientError::Protocol { .. }
             | ClientError::Page { .. }

@@ -16,7 +16,12 @@ pub(crate) struct Loc {
 /// clones of one [`ClientConfig`](crate::ClientConfig). Cleared when the
 /// server's pool identity changes (a server restarted without a pool
 /// file). A location may go stale (the page freed and its slot reused):
-/// the reader checks the bytes against the checksum and locates again.
+/// the reader checks the bytes against the checksum and locates again
+/// (the server poisons freed slots, so a stale location fails the check).
+/// Every PUT or FREE through any connection made from the configuration
+/// forgets the handles it touches; a configuration for another tenant
+/// ([`ClientConfig::with_tenant`](crate::ClientConfig::with_tenant)) gets
+/// a cache of its own.
 #[derive(Debug, Default)]
 pub struct LocationCache {
     server_id: AtomicU64,
@@ -38,7 +43,6 @@ impl LocationCache {
         self.map.insert(handle, loc);
     }
 
-    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
     pub(crate) fn remove(&self, handle: &u64) {
         self.map.remove(handle);
     }
@@ -46,6 +50,12 @@ impl LocationCache {
     #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
     pub(crate) fn get(&self, handle: u64) -> Option<Loc> {
         self.map.get(&handle).map(|l| *l)
+    }
+
+    /// Forgets every location.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn clear(&self) {
+        self.map.clear();
     }
 
     /// Number of pages whose location is known.

@@ -149,20 +149,16 @@ impl RdmaConnection {
         }
         self.next_wr += 1;
         let wr = self.next_wr;
-        let addr = self.tcp.addr().to_string();
-        self.qp
-            .post(write, wr, &self.transfers)
-            .map_err(|e| verbs(&addr, e))?;
+        let tcp = &self.tcp;
+        let fail = |e| verbs(tcp.addr(), e);
+        self.qp.post(write, wr, &self.transfers).map_err(fail)?;
         let deadline = Instant::now() + self.timeout;
-        let c = self
-            .qp
-            .cq()
-            .next(self.spin, deadline)
-            .map_err(|e| verbs(&addr, e))?;
-        c.check().map_err(|e| verbs(&addr, e))?;
+        let c = self.qp.cq().next(self.spin, deadline).map_err(fail)?;
+        c.check().map_err(fail)?;
         if c.wr_id != wr {
-            // A stale completion: the queue's bookkeeping is off; start over.
-            return Err(verbs(&addr, VerbsError::Timeout(Duration::ZERO)));
+            // A completion of an earlier, abandoned transfer: the queue's
+            // bookkeeping is off, so this connection is done for.
+            return Err(fail(VerbsError::Unexpected("a stale completion")));
         }
         Ok(())
     }
@@ -195,7 +191,9 @@ impl RdmaConnection {
             self.tcp
                 .locate(Locate::Staged(&self.staged), &mut self.locations)?;
             for (put, loc) in self.staged.iter().zip(&self.locations) {
-                if loc.status == PageStatus::Ok {
+                // Address 0: the server cannot serve this page over RDMA;
+                // GETs of it go over TCP.
+                if loc.status == PageStatus::Ok && loc.addr != 0 {
                     self.cache.insert(
                         put.handle,
                         Loc {
@@ -259,6 +257,13 @@ impl RdmaConnection {
             let i = self.pending[k];
             let loc = self.locations[k];
             if loc.status == PageStatus::Ok {
+                if loc.addr == 0 {
+                    // Not reachable over RDMA: stays pending for the TCP GET.
+                    self.cache.remove(&handles[i]);
+                    self.pending[keep] = i;
+                    keep += 1;
+                    continue;
+                }
                 self.cache.insert(
                     handles[i],
                     Loc {
@@ -301,10 +306,15 @@ impl RdmaConnection {
             self.expect.push(Some(loc.crc));
         }
         if let Err(e) = self.transfer(false) {
-            // The connection is done for; forget these locations in case
-            // one of them is what the server refused.
-            for &i in &self.pending {
-                self.cache.remove(&handles[i]);
+            // The connection is done for. A refused rkey or address means
+            // locations are stale (a restarted server registers its pool
+            // anew): forget them all; otherwise just this batch's.
+            if matches!(&e, ClientError::Rdma { source, .. } if source.is_remote_access()) {
+                self.cache.clear();
+            } else {
+                for &i in &self.pending {
+                    self.cache.remove(&handles[i]);
+                }
             }
             return Err(e);
         }
@@ -370,5 +380,11 @@ impl RdmaConnection {
     pub fn break_queue_pair(&mut self) -> Result<(), ClientError> {
         let addr = self.tcp.addr().to_string();
         self.qp.set_error().map_err(|e| verbs(&addr, e))
+    }
+
+    /// A handle that breaks the queue pair from another thread, in the
+    /// middle of a transfer (for tests of recovery).
+    pub fn breaker(&self) -> rmem_verbs::QpBreaker {
+        self.qp.breaker()
     }
 }

@@ -104,12 +104,25 @@ impl DataConnection {
         match Self::rdma(tcp, cfg) {
             Ok(c) => Ok(c),
             Err(ClientError::RdmaNotBuilt) => BlockingConnection::connect(cfg).map(Self::Tcp),
-            Err(e) if e.is_retryable() && !matches!(e, ClientError::Rejected { .. }) => Err(e),
-            Err(e) => {
-                tracing::warn!(addr = %cfg.addr, error = %e, "RDMA unavailable; using TCP");
-                BlockingConnection::connect(cfg).map(Self::Tcp)
-            }
+            // Setting up RDMA failed (no device reaches the server, the
+            // locked-memory limit, the server could not make a queue pair):
+            // TCP still works. Network errors are the caller's to retry.
+            Err(
+                e @ (ClientError::RdmaNotOffered { .. }
+                | ClientError::Rejected {
+                    code: rmem_proto::wire::ErrorCode::RdmaUnavailable,
+                    ..
+                }),
+            ) => Self::fall_back(cfg, &e),
+            #[cfg(feature = "rdma")]
+            Err(e @ ClientError::Rdma { .. }) => Self::fall_back(cfg, &e),
+            Err(e) => Err(e),
         }
+    }
+
+    fn fall_back(cfg: &ClientConfig, e: &ClientError) -> Result<Self, ClientError> {
+        tracing::warn!(addr = %cfg.addr, error = %rmem_common::error_chain(e), "RDMA unavailable; using TCP");
+        BlockingConnection::connect(cfg).map(Self::Tcp)
     }
 
     /// Which transport this connection uses.

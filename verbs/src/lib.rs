@@ -30,7 +30,7 @@ use std::io;
 pub use cq::{Completion, Cq};
 pub use device::Context;
 pub use mr::{Access, Buffer, Mr, Pd};
-pub use qp::{Endpoint, Qp, QpCaps, Transfer};
+pub use qp::{Endpoint, Qp, QpBreaker, QpCaps, Transfer};
 
 /// What went wrong in a verbs call.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,8 @@ pub enum VerbsError {
     },
     #[error("no RDMA completion within {0:?}")]
     Timeout(std::time::Duration),
+    #[error("unexpected: {0}")]
+    Unexpected(&'static str),
 }
 
 impl VerbsError {

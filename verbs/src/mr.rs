@@ -58,8 +58,12 @@ impl Drop for Pd {
 /// What a memory region lets the local device and remote peers do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// Peers may RDMA READ it (a server's page pool).
+    /// Peers may RDMA READ it (a server's file-backed page pool).
     RemoteRead,
+    /// Peers may RDMA READ it; registered writable so anonymous memory is
+    /// pinned as its own pages, not the shared zero page (a server's
+    /// anonymous page pool).
+    RemoteReadPinned,
     /// Peers may RDMA WRITE it (a server's staging buffer).
     RemoteWrite,
     /// Only the local device writes it (a client's READ target and WRITE source).
@@ -71,6 +75,7 @@ impl Access {
         use sys::ibv_access_flags as f;
         let bits = match self {
             Access::RemoteRead => f::IBV_ACCESS_REMOTE_READ.0,
+            Access::RemoteReadPinned => f::IBV_ACCESS_REMOTE_READ.0 | f::IBV_ACCESS_LOCAL_WRITE.0,
             Access::RemoteWrite => f::IBV_ACCESS_LOCAL_WRITE.0 | f::IBV_ACCESS_REMOTE_WRITE.0,
             Access::Local => f::IBV_ACCESS_LOCAL_WRITE.0,
         };
@@ -213,6 +218,11 @@ impl Buffer {
     /// The registered region.
     pub fn mr(&self) -> &Mr {
         &self.mr
+    }
+
+    /// The first byte, for reads of memory a peer may be writing.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.map.as_ptr()
     }
 
     /// The bytes.

@@ -2,7 +2,7 @@
 //! [`Endpoint`].
 
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rdma_sys as sys;
 
@@ -34,6 +34,8 @@ pub struct Transfer {
 /// A reliable-connected queue pair with its own completion queue.
 pub struct Qp {
     qp: NonNull<sys::ibv_qp>,
+    /// The same queue pair for [`QpBreaker`]s; emptied when it is destroyed.
+    shared: Arc<Mutex<Option<QpPtr>>>,
     // Dropped after the queue pair (Drop destroys `qp` first).
     cq: Cq,
     pd: Arc<Pd>,
@@ -41,6 +43,53 @@ pub struct Qp {
     psn: u32,
     sges: Vec<sys::ibv_sge>,
     wrs: Vec<sys::ibv_send_wr>,
+}
+
+/// A queue pair pointer that may cross threads (see [`QpBreaker`]).
+struct QpPtr(NonNull<sys::ibv_qp>);
+
+// SAFETY: ibv_modify_qp may be called from any thread, also while another
+// thread posts to or polls the same queue pair; the pointer is only used
+// under the mutex that Qp's Drop takes before destroying the queue pair.
+unsafe impl Send for QpPtr {}
+
+/// Moves a queue pair to the error state from any thread, as a failing link
+/// or a dying peer would, also while a transfer is in flight (for tests of
+/// recovery). Outliving its queue pair is harmless: it then does nothing.
+#[derive(Clone)]
+pub struct QpBreaker(Arc<Mutex<Option<QpPtr>>>);
+
+impl std::fmt::Debug for QpBreaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QpBreaker").finish_non_exhaustive()
+    }
+}
+
+/// Moves `qp` to the error state.
+fn modify_to_error(qp: NonNull<sys::ibv_qp>) -> Result<(), VerbsError> {
+    use sys::ibv_qp_attr_mask as m;
+    // SAFETY: plain data; zero is a valid start.
+    let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
+    attr.qp_state = sys::ibv_qp_state::IBV_QPS_ERR;
+    // SAFETY: the caller holds a live queue pair; only the state changes.
+    let ret = unsafe { sys::ibv_modify_qp(qp.as_ptr(), &mut attr, m::IBV_QP_STATE.0 as i32) };
+    if ret != 0 {
+        return Err(VerbsError::call("ibv_modify_qp(ERR)", ret));
+    }
+    Ok(())
+}
+
+impl QpBreaker {
+    /// Moves the queue pair to the error state: every outstanding and
+    /// later work request completes with an error. False when the queue
+    /// pair is already gone.
+    pub fn break_now(&self) -> Result<bool, VerbsError> {
+        let guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*guard {
+            Some(qp) => modify_to_error(qp.0).map(|()| true),
+            None => Ok(false),
+        }
+    }
 }
 
 impl std::fmt::Debug for Qp {
@@ -86,6 +135,7 @@ impl Qp {
         let qp = NonNull::new(raw).ok_or_else(|| VerbsError::call("ibv_create_qp", 0))?;
         let mut me = Self {
             qp,
+            shared: Arc::new(Mutex::new(Some(QpPtr(qp)))),
             cq,
             pd: pd.clone(),
             caps,
@@ -141,6 +191,7 @@ impl Qp {
             psn: self.psn,
             lid: ctx.lid(),
             mtu: ctx.mtu(),
+            max_rd_atomic: responder_depth(ctx),
         }
     }
 
@@ -148,14 +199,17 @@ impl Qp {
     pub fn connect(&mut self, peer: &Endpoint) -> Result<(), VerbsError> {
         use sys::ibv_qp_attr_mask as m;
         let ctx = self.pd.context().clone();
-        let rd_atomic = ctx.max_rd_atomic().min(16);
+        // As responder we take what we announced; as initiator we keep
+        // within what the peer announced.
+        let responder = responder_depth(&ctx);
+        let initiator = ctx.max_rd_atomic().min(peer.max_rd_atomic).clamp(1, 16);
         // SAFETY: plain data; zero is a valid start.
         let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
         attr.qp_state = sys::ibv_qp_state::IBV_QPS_RTR;
         attr.path_mtu = u32::from(ctx.mtu().min(peer.mtu).max(1));
         attr.dest_qp_num = peer.qpn;
         attr.rq_psn = peer.psn;
-        attr.max_dest_rd_atomic = rd_atomic;
+        attr.max_dest_rd_atomic = responder;
         attr.min_rnr_timer = 12;
         attr.ah_attr.is_global = 1;
         attr.ah_attr.grh.dgid.raw = peer.gid;
@@ -180,7 +234,7 @@ impl Qp {
         attr.retry_cnt = RETRY_COUNT;
         attr.rnr_retry = 7;
         attr.sq_psn = self.psn;
-        attr.max_rd_atomic = rd_atomic;
+        attr.max_rd_atomic = initiator;
         let mask = m::IBV_QP_STATE.0
             | m::IBV_QP_TIMEOUT.0
             | m::IBV_QP_RETRY_CNT.0
@@ -194,11 +248,13 @@ impl Qp {
     /// request completes with a flush error and the peer's operations on
     /// it fail. Used to tear a connection down on purpose.
     pub fn set_error(&mut self) -> Result<(), VerbsError> {
-        use sys::ibv_qp_attr_mask as m;
-        // SAFETY: plain data; zero is a valid start.
-        let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
-        attr.qp_state = sys::ibv_qp_state::IBV_QPS_ERR;
-        self.modify(&mut attr, m::IBV_QP_STATE.0, "ibv_modify_qp(ERR)")
+        modify_to_error(self.qp)
+    }
+
+    /// A handle that moves this queue pair to the error state from any
+    /// thread.
+    pub fn breaker(&self) -> QpBreaker {
+        QpBreaker(self.shared.clone())
     }
 
     /// Posts READs (`write = false`) or WRITEs as one chain; only the last
@@ -272,6 +328,11 @@ impl Qp {
 
 impl Drop for Qp {
     fn drop(&mut self) {
+        // No breaker may use the pointer from here on.
+        self.shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         // SAFETY: created once, destroyed once, before its queue and domain.
         let ret = unsafe { sys::ibv_destroy_qp(self.qp.as_ptr()) };
         if ret != 0 {
@@ -281,6 +342,11 @@ impl Drop for Qp {
             );
         }
     }
+}
+
+/// RDMA READs a queue pair of `ctx` accepts in flight as responder.
+fn responder_depth(ctx: &crate::Context) -> u8 {
+    ctx.max_rd_atomic().clamp(1, 16)
 }
 
 /// A random 24-bit packet sequence number.

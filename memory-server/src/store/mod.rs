@@ -653,6 +653,9 @@ impl Store {
     /// Gives an unpublished slot back to its extent, clearing its entry
     /// first so a crash cannot resurrect it.
     fn release_slot(&self, slot: u32) {
+        // SAFETY: the slot has just been unpublished (or never was); no
+        // reader of the store can reach it and this thread owns it.
+        unsafe { self.pool.poison(slot) };
         if self.pool.persistent() {
             // SAFETY: the slot has just been unpublished (or never was); no
             // reader can reach it and this thread is its only owner.

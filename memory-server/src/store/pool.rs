@@ -23,6 +23,9 @@ use rmem_proto::wire::{PAGE_SIZE, Page};
 use super::extent::{EXTENT_PAGES, extent_len};
 use super::layout::{ENTRY_LEN, Superblock};
 
+/// What a freed slot is filled with (not zero: a zero page is a real page).
+pub const POISON: u8 = 0xA5;
+
 /// A mapped page pool.
 #[derive(Debug)]
 pub struct Pool {
@@ -181,6 +184,22 @@ impl Pool {
         // caller accesses (the function's contract); data cannot overlap the
         // mapping's private slot because it is a different, live page.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, PAGE_SIZE) };
+    }
+
+    /// Overwrites `slot` with [`POISON`] bytes, so its old contents can
+    /// never be read again: not by another tenant whose extent it later
+    /// joins, and not by a one-sided reader holding a stale location (the
+    /// bytes fail any real page's checksum).
+    ///
+    /// # Safety
+    /// As for [`Pool::write_page`]: the caller owns the unpublished slot.
+    /// (A remote RDMA READ through a stale location may still read it
+    /// meanwhile; it checks the checksum and discards what it read.)
+    pub unsafe fn poison(&self, slot: u32) {
+        let dst = self.page_ptr(slot);
+        // SAFETY: dst points at PAGE_SIZE bytes of the mapping owned by the
+        // caller (the function's contract).
+        unsafe { std::ptr::write_bytes(dst, POISON, PAGE_SIZE) };
     }
 
     /// Copies `slot` into `out`.

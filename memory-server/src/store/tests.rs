@@ -863,3 +863,31 @@ fn a_mixed_extent_with_no_room_to_split_stays_shared_and_loses_nothing() {
     assert_eq!(put(&s, &y, 1, &page_of(1)), PageStatus::Ok);
     assert_eq!(s.extent_owner(0), Some(y.id));
 }
+
+/// Freed and replaced slots are poisoned: their old bytes can neither be
+/// read by another tenant whose extent they join nor pass a stale
+/// reader's checksum.
+#[test]
+fn freed_and_replaced_slots_are_poisoned() {
+    let s = anon_with(2 * EXTENT_PAGES, &xyz());
+    let x = tenant(&s, "x");
+    let slot_bytes = |slot: u32| {
+        let addr = s.slot_addr(slot) as *const u8;
+        // SAFETY: the slot is inside the live pool mapping; the test is
+        // single-threaded, so nothing writes it meanwhile.
+        unsafe { std::slice::from_raw_parts(addr, PAGE_SIZE) }.to_vec()
+    };
+    assert_eq!(put(&s, &x, 1, &page_of(1)), PageStatus::Ok);
+    let first = s.locate(&x, 1).unwrap();
+    assert_eq!(slot_bytes(first.slot), page_of(1));
+    // Overwritten: the new copy is elsewhere, the old slot is poison.
+    assert_eq!(put(&s, &x, 1, &page_of(2)), PageStatus::Ok);
+    let second = s.locate(&x, 1).unwrap();
+    assert_ne!(second.slot, first.slot);
+    assert!(slot_bytes(first.slot).iter().all(|&b| b == pool::POISON));
+    assert_ne!(page_crc(&slot_bytes(first.slot)), first.crc);
+    // Freed: poison too.
+    assert_eq!(s.free(&x, 1), PageStatus::Ok);
+    assert!(slot_bytes(second.slot).iter().all(|&b| b == pool::POISON));
+    assert_eq!(get(&s, &x, 1), Err(PageStatus::NotFound));
+}

@@ -52,11 +52,13 @@ pub enum RdmaError {
 /// RDMA state shared by every connection of a server.
 #[derive(Debug)]
 pub struct RdmaServer {
+    // Field order is drop order: regions before the pool they cover (the
+    // store) and before their domains and device.
+    regions: DashMap<(u32, u32), Mr>,
+    pds: DashMap<u32, Arc<Pd>>,
+    ctx: OnceLock<Arc<Context>>,
     store: Arc<Store>,
     device: Option<String>,
-    ctx: OnceLock<Arc<Context>>,
-    pds: DashMap<u32, Arc<Pd>>,
-    regions: DashMap<(u32, u32), Mr>,
 }
 
 /// One connection's queue pair and staging buffer.
@@ -72,11 +74,11 @@ impl RdmaServer {
     /// address clients connect to.
     pub fn new(store: Arc<Store>, device: Option<String>) -> Result<Arc<Self>, RdmaError> {
         let me = Arc::new(Self {
+            regions: DashMap::new(),
+            pds: DashMap::new(),
+            ctx: OnceLock::new(),
             store: store.clone(),
             device,
-            ctx: OnceLock::new(),
-            pds: DashMap::new(),
-            regions: DashMap::new(),
         });
         store
             .set_extent_listener(Arc::new(Listener(Arc::downgrade(&me))))
@@ -187,11 +189,19 @@ impl RdmaServer {
         // Registered while the store guarantees the tenant owns the extent
         // (its release waits), and published before that guarantee ends,
         // so the release that follows finds and drops it.
+        // An anonymous pool is registered writable (locally) so the kernel
+        // pins its real pages, not the shared zero page of untouched slots;
+        // a file's pages are pinned read-only, which the kernel allows.
+        let access = if self.store.persistent() {
+            Access::RemoteRead
+        } else {
+            Access::RemoteReadPinned
+        };
         let registered = self.store.while_owned(tenant, extent, |ptr, len| {
             // SAFETY: the pool mapping lives as long as the store, which
             // this server holds, and is never remapped; the region is
             // dropped when the extent is released or with the server.
-            match unsafe { Mr::register(&pd, ptr, len, Access::RemoteRead) } {
+            match unsafe { Mr::register(&pd, ptr, len, access) } {
                 Ok(mr) => Some(self.regions.entry((tenant, extent)).or_insert(mr).rkey()),
                 Err(e) => {
                     tracing::error!(tenant, extent, error = %e, "cannot register pool memory for RDMA; pages go over TCP");
@@ -213,13 +223,27 @@ impl RdmaServer {
 }
 
 impl RdmaSession {
-    /// Page `index` of the staging buffer, if in range.
-    pub fn staged(&self, index: u32) -> Option<&[u8; PAGE_SIZE]> {
-        let i = index as usize;
-        self.staging
-            .as_slice()
-            .get(i * PAGE_SIZE..(i + 1) * PAGE_SIZE)
-            .map(|p| p.try_into().expect("page-sized"))
+    /// Page `index` of the staging buffer as a byte range, if in range.
+    pub fn staged(&self, index: u32) -> Option<std::ops::Range<usize>> {
+        let start = (index as usize).checked_mul(PAGE_SIZE)?;
+        let end = start + PAGE_SIZE;
+        (end <= self.staging.mr().len()).then_some(start..end)
+    }
+
+    /// Copies page `index` of the staging buffer (checked with
+    /// [`RdmaSession::staged`]) into `out`. The client may be writing the
+    /// buffer by RDMA meanwhile, so the bytes are copied with volatile
+    /// reads: whatever they are, the caller checks them against the
+    /// checksum.
+    pub fn copy_staged(&self, index: u32, out: &mut [u8; PAGE_SIZE]) {
+        let range = self.staged(index).expect("index checked by the caller");
+        let src = self.staging.as_ptr().wrapping_add(range.start);
+        for (i, b) in out.iter_mut().enumerate() {
+            // SAFETY: `src + i` is inside the registered buffer (range
+            // checked above), which lives as long as self; a volatile read
+            // of memory a device may write is defined for u8.
+            *b = unsafe { std::ptr::read_volatile(src.wrapping_add(i)) };
+        }
     }
 }
 

@@ -93,6 +93,15 @@ impl Session {
         }
     }
 
+    /// Whether this connection has a queue pair (its client may be busy
+    /// over RDMA while sending nothing here).
+    pub fn has_rdma(&self) -> bool {
+        #[cfg(feature = "rdma")]
+        return self.rdma.is_some();
+        #[cfg(not(feature = "rdma"))]
+        false
+    }
+
     /// Records the address the client connected to.
     pub fn set_local_ip(&mut self, ip: IpAddr) {
         self.local_ip = Some(ip);
@@ -387,17 +396,23 @@ impl RdmaRequests<'_> {
         id: u64,
         out: &mut Vec<u8>,
     ) -> Result<u64, Fatal> {
+        // Every index first: a bad frame stores nothing.
+        if let Some(bad) = puts.iter().find(|p| self.session.staged(p.index).is_none()) {
+            return Err(Fatal::new(
+                ErrorCode::BadFrame,
+                id,
+                format!("staging index {} is out of range", bad.index),
+            ));
+        }
         let mut errors = 0;
         let mut locations = Vec::with_capacity(puts.len());
+        let mut page = [0u8; wire::PAGE_SIZE];
         for put in puts.iter() {
-            let Some(page) = self.session.staged(put.index) else {
-                return Err(Fatal::new(
-                    ErrorCode::BadFrame,
-                    id,
-                    format!("staging index {} is out of range", put.index),
-                ));
-            };
-            let status = store.put(tenant, put.handle, put.crc, page);
+            // Copied out first: the client could WRITE the staging buffer
+            // again meanwhile, and the checksum must hold for the bytes
+            // stored, not for bytes that change under the check.
+            self.session.copy_staged(put.index, &mut page);
+            let status = store.put(tenant, put.handle, put.crc, &page);
             locations.push(if status == PageStatus::Ok {
                 self.server.locate(tenant, put.handle)
             } else {

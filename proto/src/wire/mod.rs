@@ -25,7 +25,7 @@
 //! and stays open as its control channel.
 //!
 //! ```text
-//! RDMA_CONNECT  endpoint = gid[16] qpn:u32 psn:u32 lid:u16 mtu:u8 reserved:u8
+//! RDMA_CONNECT  endpoint = gid[16] qpn:u32 psn:u32 lid:u16 mtu:u8 max_rd_atomic:u8
 //! RDMA_ACCEPT   endpoint  staging_addr:u64  staging_rkey:u32  staging_pages:u32
 //! PUT_STAGED    count:u32  reserved:u32  count × { handle:u64 crc32c:u32 staging_index:u32 }
 //! LOCATE        count:u32  reserved:u32  count × handle:u64

@@ -24,6 +24,9 @@ pub struct RdmaEndpoint {
     pub lid: u16,
     /// The port's active MTU, as the verbs enum (1 = 256 … 5 = 4096).
     pub mtu: u8,
+    /// RDMA READs this side accepts in flight as a responder; the peer
+    /// keeps its own outstanding READs within it.
+    pub max_rd_atomic: u8,
 }
 
 /// A buffer of the server's that the client may RDMA WRITE into.
@@ -147,19 +150,17 @@ fn put_endpoint(p: &mut Vec<u8>, e: &RdmaEndpoint) {
     p.extend_from_slice(&e.psn.to_le_bytes());
     p.extend_from_slice(&e.lid.to_le_bytes());
     p.push(e.mtu);
-    p.push(0);
+    p.push(e.max_rd_atomic);
 }
 
 fn get_endpoint(b: &[u8]) -> Result<RdmaEndpoint, DecodeError> {
-    if b[27] != 0 {
-        return Err(DecodeError::ReservedBits);
-    }
     Ok(RdmaEndpoint {
         gid: b[0..16].try_into().expect("16 bytes"),
         qpn: u32_at(b, 16),
         psn: u32_at(b, 20),
         lid: u16_at(b, 24),
         mtu: b[26],
+        max_rd_atomic: b[27],
     })
 }
 
@@ -250,6 +251,7 @@ mod tests {
             psn: 0xabcdef,
             lid: 3,
             mtu: 3,
+            max_rd_atomic: 16,
         };
         let mut buf = Vec::new();
         encode_rdma_connect(&mut buf, 9, &endpoint);

@@ -114,7 +114,12 @@ fn main() {
             }
             driver(&ips);
         }
-        _ => usage("--role node|driver is required"),
+        Some("memlock-probe") => {
+            let need =
+                |name: &str| flag(name).unwrap_or_else(|| usage(&format!("{name} is required")));
+            rmem::memlock_probe(&need("--server"), &need("--tenant"), &need("--token"));
+        }
+        _ => usage("--role node|driver|memlock-probe is required"),
     }
 }
 

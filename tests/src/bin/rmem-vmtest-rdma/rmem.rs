@@ -9,6 +9,8 @@
 //! Under TCG one RDMA operation between guests takes milliseconds: counts
 //! are small, and the latency figures are only good as ratios.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rmem_client::{
@@ -82,6 +84,46 @@ fn start_server(node: &Node, name: &str, args: &[&str]) -> Result<(), String> {
             node.log(name).unwrap_or_default()
         ),
     )
+}
+
+/// Runs `op` on `c` in a thread, again and again until it reports an
+/// error (at most 20 times), while this thread breaks the queue pair as
+/// soon as the first call is under way. Returns the connection and the
+/// error `op` saw (`None`: every call succeeded).
+fn broken_mid_transfer(
+    mut c: RdmaConnection,
+    op: impl Fn(&mut RdmaConnection) -> Result<Option<ClientError>, String> + Send + 'static,
+) -> Result<(RdmaConnection, Option<ClientError>), String> {
+    let breaker = c.breaker();
+    let started = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let started = started.clone();
+        std::thread::spawn(move || {
+            let mut seen = None;
+            for _ in 0..20 {
+                started.store(true, Ordering::Release);
+                match op(&mut c) {
+                    Ok(None) => {}
+                    Ok(Some(e)) => {
+                        seen = Some(e);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok((c, seen))
+        })
+    };
+    ensure(
+        wait_until(Duration::from_secs(60), || started.load(Ordering::Acquire)),
+        "the transfer did not start",
+    )?;
+    breaker
+        .break_now()
+        .map_err(|e| rmem_common::error_chain(&e))?;
+    worker
+        .join()
+        .map_err(|_| "the transfer thread panicked".to_string())?
 }
 
 /// `s` without terminal colour sequences (`ESC [ ... m`).
@@ -296,6 +338,107 @@ pub fn cases(suite: &mut Suite, nodes: &[Node], reference: Reference) {
     );
 
     suite.case(
+        "a queue pair broken in the middle of 256-page transfers: retryable errors, no wrong or torn page",
+        || {
+            let handles: Vec<u64> = (5000..5256).collect();
+            let mut c = RdmaConnection::connect(&alice).map_err(err)?;
+            put_all(&mut c, 5000..5256, 1)?;
+
+            // A GET of 256 pages (one chain of READs) broken while in flight.
+            let (c, outcome) = broken_mid_transfer(c, {
+                let handles = handles.clone();
+                move |c: &mut RdmaConnection| {
+                    let mut out = vec![[0u8; PAGE_SIZE]; handles.len()];
+                    match c.get(&handles, &mut out) {
+                        Ok(st) => {
+                            for ((h, page), s) in handles.iter().zip(&out).zip(st) {
+                                if *s != PageStatus::Ok || *page != pattern(*h, 1) {
+                                    return Err(format!("page {h} came back {s} or wrong"));
+                                }
+                            }
+                            Ok(None)
+                        }
+                        Err(e) => Ok(Some(e)),
+                    }
+                }
+            })?;
+            drop(c);
+            let e = outcome.ok_or("the GETs never saw the broken queue pair")?;
+            ensure(e.is_retryable(), format!("not retryable: {}", err(e)))?;
+
+            // A PUT of 256 new versions broken while in flight: pages whose
+            // commit went through are new, the rest old, none torn.
+            let c = RdmaConnection::connect(&alice).map_err(err)?;
+            let (c, outcome) = broken_mid_transfer(c, {
+                let handles = handles.clone();
+                move |c: &mut RdmaConnection| {
+                    let pages: Vec<_> = handles.iter().map(|&h| (h, pattern(h, 2))).collect();
+                    let refs: Vec<(u64, &rmem_client::Page)> =
+                        pages.iter().map(|(h, p)| (*h, p)).collect();
+                    match c.put(&refs) {
+                        Ok(st) if st.iter().all(|s| *s == PageStatus::Ok) => Ok(None),
+                        Ok(st) => Err(format!("PUT statuses {st:?}")),
+                        Err(e) => Ok(Some(e)),
+                    }
+                }
+            })?;
+            drop(c);
+            let put_failed = outcome.is_some();
+            let mut c = RdmaConnection::connect(&alice).map_err(err)?;
+            let mut out = vec![[0u8; PAGE_SIZE]; handles.len()];
+            let st = c.get(&handles, &mut out).map_err(err)?.to_vec();
+            let mut new = 0;
+            for ((h, page), s) in handles.iter().zip(&out).zip(st) {
+                ensure(s == PageStatus::Ok, format!("page {h}: {s}"))?;
+                if *page == pattern(*h, 2) {
+                    new += 1;
+                } else {
+                    ensure(*page == pattern(*h, 1), format!("page {h} is torn or wrong"))?;
+                }
+            }
+            ensure(
+                put_failed || new == handles.len(),
+                "a PUT reported done but not every page is new",
+            )?;
+            println!("broken PUT: {new} of {} pages committed before the break", handles.len());
+            Ok(())
+        },
+    );
+
+    suite.case(
+        "a locked-memory limit too small gets a message saying what to raise",
+        || {
+            n3.exec_ok(
+                &["sh", "-c", "chmod 0666 /dev/infiniband/*"],
+                Duration::from_secs(10),
+            )?;
+            let out = n3.exec(
+                &[
+                    "rmem-vmtest-rdma",
+                    "--role",
+                    "memlock-probe",
+                    "--server",
+                    &addr_a,
+                    "--tenant",
+                    "alice",
+                    "--token",
+                    "alice-secret",
+                ],
+                Duration::from_secs(120),
+            )?;
+            ensure(
+                out.success() && out.stdout.contains("ulimit -l"),
+                format!(
+                    "probe ended with {}: {}{}",
+                    out.status, out.stdout, out.stderr
+                ),
+            )?;
+            println!("memlock message: {}", out.stdout.trim());
+            Ok(())
+        },
+    );
+
+    suite.case(
         "rmem GET/PUT latency over RDMA and TCP against ib_read_lat/ib_write_lat",
         || {
             const N: usize = 30;
@@ -486,4 +629,39 @@ pub fn cases(suite: &mut Suite, nodes: &[Node], reference: Reference) {
             result
         },
     );
+}
+
+/// As nobody (uid 65534) with a 64 KiB locked-memory limit, tries to set up
+/// an RDMA connection; prints the error and exits 0 if it is the
+/// locked-memory one, 1 otherwise.
+pub fn memlock_probe(addr: &str, tenant: &str, token: &str) -> ! {
+    let limit = libc::rlimit {
+        rlim_cur: 64 << 10,
+        rlim_max: 64 << 10,
+    };
+    // SAFETY: `limit` is a valid rlimit; lowering a limit has no other
+    // precondition.
+    let set = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+    // SAFETY: dropping to an unprivileged group, then user; no preconditions.
+    let gid = unsafe { libc::setgid(65534) };
+    // SAFETY: as above.
+    let uid = unsafe { libc::setuid(65534) };
+    if set != 0 || gid != 0 || uid != 0 {
+        println!(
+            "cannot drop privileges: {}",
+            std::io::Error::last_os_error()
+        );
+        std::process::exit(1);
+    }
+    match RdmaConnection::connect(&rdma_config(addr, tenant, token)) {
+        Ok(_) => {
+            println!("connected despite a 64 KiB locked-memory limit");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            let msg = err(e);
+            println!("{msg}");
+            std::process::exit(i32::from(!msg.contains("locked-memory limit")));
+        }
+    }
 }
