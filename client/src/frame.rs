@@ -46,7 +46,7 @@ pub fn decode<'a>(
     }
 }
 
-pub fn unexpected(addr: &str, opcode: Opcode) -> ClientError {
+fn unexpected(addr: &str, opcode: Opcode) -> ClientError {
     ClientError::Protocol {
         addr: addr.to_string(),
         source: wire::DecodeError::Unexpected(opcode),

@@ -12,14 +12,11 @@ pub enum Op {
     Get,
     Free,
     Stat,
-    /// LOCATE over the RDMA data plane (the READs themselves never reach
-    /// the server's CPU, so they are not counted here).
-    Locate,
 }
 
 impl Op {
     /// Every operation, in a stable order.
-    pub const ALL: [Op; 5] = [Op::Put, Op::Get, Op::Free, Op::Stat, Op::Locate];
+    pub const ALL: [Op; 4] = [Op::Put, Op::Get, Op::Free, Op::Stat];
 
     /// Stable lower-case name.
     pub fn as_str(self) -> &'static str {
@@ -28,7 +25,6 @@ impl Op {
             Op::Get => "get",
             Op::Free => "free",
             Op::Stat => "stat",
-            Op::Locate => "locate",
         }
     }
 }
@@ -47,7 +43,7 @@ pub struct OpMetrics {
 /// Every counter of a server.
 #[derive(Debug)]
 pub struct Metrics {
-    ops: [OpMetrics; 5],
+    ops: [OpMetrics; 4],
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
     pub protocol_errors: AtomicU64,

@@ -1,17 +1,16 @@
-//! A thread's own connection to a memory server (TCP or RDMA, as its
-//! configuration asks), reconnected with backoff
+//! A thread's own connection to a memory server, reconnected with backoff
 //! until a deadline. Fault handlers and the evictor each own one, so the
 //! thread that needs a page sends the request and reads the answer itself.
 
 use std::time::{Duration, Instant};
 
-use rmem_client::{ClientConfig, ClientError, DataConnection, Page, PageStatus, PageTransport};
+use rmem_client::{BlockingConnection, ClientConfig, ClientError, Page, PageStatus};
 
 /// A reconnecting blocking connection.
 #[derive(Debug)]
 pub struct RemoteConn {
     cfg: ClientConfig,
-    conn: Option<DataConnection>,
+    conn: Option<BlockingConnection>,
 }
 
 impl RemoteConn {
@@ -28,15 +27,17 @@ impl RemoteConn {
     fn with<T>(
         &mut self,
         deadline: Instant,
-        mut op: impl FnMut(&mut DataConnection) -> Result<T, ClientError>,
+        mut op: impl FnMut(&mut BlockingConnection) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
         let mut delay = self.cfg.backoff_initial;
         loop {
             let result = match &mut self.conn {
                 Some(c) => op(c),
-                None => match DataConnection::connect(&self.cfg) {
+                None => match BlockingConnection::connect(&self.cfg) {
                     Ok(c) => {
-                        tracing::debug!(addr = %self.cfg.addr, transport = %c.transport(), "connected");
+                        if self.conn.is_none() {
+                            tracing::debug!(addr = %self.cfg.addr, "connected");
+                        }
                         op(self.conn.insert(c))
                     }
                     Err(e) => Err(e),
