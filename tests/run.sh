@@ -26,6 +26,12 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # fonts-dejavu-core: the text of rmem-bench's plots.
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+# The `rdma` feature: rdma-core's headers and libraries (rdma-sys links
+# libibverbs and librdmacm), libclang for its bindgen, pkg-config to find them.
+[ -e /usr/include/infiniband/verbs.h ] || need+=(libibverbs-dev)
+[ -e /usr/include/rdma/rdma_cma.h ] || need+=(librdmacm-dev)
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need+=(libclang-dev)
+command -v pkg-config >/dev/null || need+=(pkg-config)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     step "installing ${need[*]}"
@@ -40,21 +46,22 @@ fi
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
+step "cargo clippy --all-targets -- -D warnings (default features, then with rdma)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
 
-step "cargo build --workspace --bins"
-cargo build --workspace --bins --quiet
+step "cargo build --workspace --bins (with rdma)"
+cargo build --workspace --bins --all-features --quiet
 
-step "cargo test --workspace"
-cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
+step "cargo test --workspace (with rdma: the host has no RDMA device, so TCP paths and codecs run here; RDMA runs in the soft-RoCE suite)"
+cargo test --workspace --all-features --quiet 2>&1 | tee target/test-output.txt
 
 step "multi-host suite: coordinator, 3 servers, 3 agents in network namespaces (root)"
 if [ "$(id -u)" -ne 0 ]; then
   echo "tests/run.sh: the multi-host suite needs root (network namespaces)" >&2
   exit 1
 fi
-cargo test --quiet -p rmem-tests --test netns -- --ignored 2>&1 | tee -a target/test-output.txt
+cargo test --quiet --all-features -p rmem-tests --test netns -- --ignored 2>&1 | tee -a target/test-output.txt
 
 step "cargo build --release (the README's main job and the benchmark run optimised)"
 cargo build --release --quiet -p rmem-agent -p rmem-bench
@@ -64,6 +71,9 @@ step "the README's main job: rmem-agent demo, default flags (fails on any wrong 
 
 step "kernel-module suite: Debian's stock kernel under QEMU, rmem.ko, rmem-vmtest (tests/vm/run.sh)"
 bash tests/vm/run.sh kmod 2>&1 | tee target/vm-output.txt
+
+step "soft-RoCE suite: three guests with rxe, rmem's RDMA data plane against perftest (tests/vm/run.sh rdma)"
+bash tests/vm/run.sh rdma 2>&1 | tee target/vm-rdma-output.txt
 
 step "container suite: images from deploy/container, a compose cluster, a server restarted mid-workload (tests/container/run.sh)"
 bash tests/container/run.sh 2>&1 | tee target/container-output.txt
@@ -78,5 +88,5 @@ step "rmem-bench --quick (keeps the benchmark harness working, kernel swap basel
 # VM, container and Kubernetes suites' "N passed, M failed".
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
      /^[0-9]+ passed, [0-9]+ failed/ { p += $1; f += $3 }
-     END { printf "\nrmem: %d passed, %d failed\n", p, f }' target/test-output.txt target/vm-output.txt \
+     END { printf "\nrmem: %d passed, %d failed\n", p, f }' target/test-output.txt target/vm-output.txt target/vm-rdma-output.txt \
   target/container-output.txt target/k8s-output.txt

@@ -12,6 +12,15 @@ use rmem_proto::wire::{
 
 use crate::{ClientConfig, ClientError, frame};
 
+/// What a PUT_STAGED or LOCATE asks about.
+#[derive(Debug, Clone, Copy)]
+pub enum Locate<'a> {
+    /// Pages written into the staging buffer, to be stored.
+    Staged(&'a [wire::StagedPut]),
+    /// Stored pages, to be found.
+    Handles(&'a [u64]),
+}
+
 /// One synchronous connection to a memory server.
 #[derive(Debug)]
 pub struct BlockingConnection {
@@ -23,6 +32,9 @@ pub struct BlockingConnection {
     next_id: u64,
     hello: HelloOk,
     statuses: Vec<PageStatus>,
+    /// RDMA connections' record of where pages are: a PUT or FREE here
+    /// makes it stale, so those handles are forgotten.
+    locations: std::sync::Arc<crate::LocationCache>,
 }
 
 impl BlockingConnection {
@@ -62,11 +74,13 @@ impl BlockingConnection {
             next_id: 1,
             hello: HelloOk {
                 version: 0,
+                flags: 0,
                 page_size: 0,
                 limits: Limits::for_batch(1),
                 server_id: 0,
             },
             statuses: Vec::new(),
+            locations: cfg.locations.clone(),
         };
         conn.send()?;
         let header = conn.receive(frame::HANDSHAKE_MAX_FRAME)?;
@@ -87,6 +101,78 @@ impl BlockingConnection {
     /// The server's pool identity.
     pub fn server_id(&self) -> u64 {
         self.hello.server_id
+    }
+
+    /// Whether the server offered RDMA in its HELLO_OK.
+    pub fn offers_rdma(&self) -> bool {
+        self.hello.flags & wire::HELLO_RDMA != 0
+    }
+
+    /// This side's and the server's IP addresses.
+    pub fn ips(&self) -> Result<(std::net::IpAddr, std::net::IpAddr), ClientError> {
+        let s = self.reader.get_ref();
+        let local = s.local_addr().map_err(|e| self.io(e))?;
+        let peer = s.peer_addr().map_err(|e| self.io(e))?;
+        Ok((local.ip(), peer.ip()))
+    }
+
+    /// Sends RDMA_CONNECT with this side's queue pair; returns the server's.
+    pub fn rdma_connect(
+        &mut self,
+        endpoint: &wire::RdmaEndpoint,
+    ) -> Result<wire::RdmaAccept, ClientError> {
+        let id = self.id();
+        wire::encode_rdma_connect(&mut self.out, id, endpoint);
+        let header = self.call(id)?;
+        match self.response(&header)? {
+            Response::RdmaAccept(a) => Ok(a),
+            _ => Err(frame::unexpected(&self.addr, header.opcode)),
+        }
+    }
+
+    /// Sends PUT_STAGED (pages already written to the staging buffer) or
+    /// LOCATE; `locations` receives one entry per page.
+    pub fn locate(
+        &mut self,
+        request: Locate<'_>,
+        locations: &mut Vec<wire::Location>,
+    ) -> Result<(), ClientError> {
+        let id = self.id();
+        let n = match request {
+            Locate::Staged(puts) => {
+                frame::check_batch("PUT", puts.len(), self.hello.limits.max_batch_pages)?;
+                // Forgotten until the answer says where the new copies are
+                // (if it never comes, no stale location is left behind).
+                for p in puts {
+                    self.locations.remove(&p.handle);
+                }
+                wire::encode_put_staged(&mut self.out, id, puts);
+                puts.len()
+            }
+            Locate::Handles(handles) => {
+                frame::check_batch("LOCATE", handles.len(), self.hello.limits.max_batch_pages)?;
+                wire::encode_handles(&mut self.out, Opcode::Locate, id, handles);
+                handles.len()
+            }
+        };
+        let header = self.call(id)?;
+        match self.response(&header)? {
+            Response::Located(l) if l.len() == n => {
+                locations.clear();
+                locations.extend(l.iter());
+                Ok(())
+            }
+            _ => Err(frame::unexpected(&self.addr, header.opcode)),
+        }
+    }
+
+    fn response(&self, header: &FrameHeader) -> Result<Response<'_>, ClientError> {
+        frame::decode(
+            &self.addr,
+            header,
+            &self.payload,
+            self.hello.limits.max_batch_pages,
+        )
     }
 
     fn io(&self, source: std::io::Error) -> ClientError {
@@ -182,6 +268,9 @@ impl BlockingConnection {
     /// Stores pages; returns one status per page.
     pub fn put(&mut self, pages: &[(u64, &Page)]) -> Result<Vec<PageStatus>, ClientError> {
         frame::check_batch("PUT", pages.len(), self.hello.limits.max_batch_pages)?;
+        for (h, _) in pages {
+            self.locations.remove(h);
+        }
         let id = self.id();
         wire::encode_put(&mut self.out, id, pages.iter().map(|&(h, p)| (h, p)));
         let header = self.call(id)?;
@@ -222,6 +311,9 @@ impl BlockingConnection {
     /// Frees pages; returns one status per page.
     pub fn free(&mut self, handles: &[u64]) -> Result<Vec<PageStatus>, ClientError> {
         frame::check_batch("FREE", handles.len(), self.hello.limits.max_batch_pages)?;
+        for h in handles {
+            self.locations.remove(h);
+        }
         let id = self.id();
         wire::encode_handles(&mut self.out, Opcode::Free, id, handles);
         let header = self.call(id)?;

@@ -25,6 +25,56 @@ pub struct ClientConfig {
     /// microseconds save the thread wake-up (tens of microseconds on a VM)
     /// when replies come fast, at the price of a busy core meanwhile.
     pub spin: Duration,
+    /// Which data-plane transport to use.
+    pub transport: Transport,
+    /// The RDMA device to use (e.g. `mlx5_0`); by default the one whose
+    /// port has the address the TCP connection leaves from.
+    pub rdma_device: Option<String>,
+    /// Where this server's pages are, for RDMA READs; shared by every
+    /// connection made from clones of this configuration.
+    pub locations: std::sync::Arc<crate::LocationCache>,
+}
+
+/// The data-plane transport of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// RDMA when the server offers it and a local device reaches it (and
+    /// this build has RDMA support), TCP otherwise.
+    #[default]
+    Auto,
+    /// TCP only.
+    Tcp,
+    /// RDMA or fail.
+    Rdma,
+}
+
+impl Transport {
+    /// A short stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::Tcp => "tcp",
+            Transport::Rdma => "rdma",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Transport::Auto),
+            "tcp" => Ok(Transport::Tcp),
+            "rdma" => Ok(Transport::Rdma),
+            other => Err(format!("unknown transport '{other}' (auto, tcp, rdma)")),
+        }
+    }
 }
 
 impl ClientConfig {
@@ -41,6 +91,9 @@ impl ClientConfig {
             backoff_initial: Duration::from_millis(20),
             backoff_max: Duration::from_secs(1),
             spin: Duration::ZERO,
+            transport: Transport::Auto,
+            rdma_device: None,
+            locations: Default::default(),
         }
     }
 
@@ -52,6 +105,9 @@ impl ClientConfig {
     ) -> Self {
         self.tenant = tenant.into();
         self.credential = credential.into();
+        // Handles name pages per tenant: another tenant's locations are not
+        // these.
+        self.locations = Default::default();
         self
     }
 }

@@ -46,6 +46,17 @@ pub enum ClientError {
     },
     #[error("the connection to {addr} is closed")]
     Closed { addr: String },
+    #[error("{addr} does not offer RDMA (start it with --rdma)")]
+    RdmaNotOffered { addr: String },
+    #[error("this build has no RDMA support (build with the `rdma` feature)")]
+    RdmaNotBuilt,
+    #[cfg(feature = "rdma")]
+    #[error("RDMA with {addr} failed")]
+    Rdma {
+        addr: String,
+        #[source]
+        source: rmem_verbs::VerbsError,
+    },
 }
 
 impl ClientError {
@@ -61,9 +72,23 @@ impl ClientError {
                 code,
                 ErrorCode::ShuttingDown | ErrorCode::Busy | ErrorCode::Timeout
             ),
+            // A queue pair in error, a refused post or a lost completion: a
+            // new connection brings a new queue pair. What a new one would
+            // meet again (no device, no port for the address, the
+            // locked-memory limit) is not retried.
+            #[cfg(feature = "rdma")]
+            ClientError::Rdma { source, .. } => !matches!(
+                source,
+                rmem_verbs::VerbsError::NoDevices
+                    | rmem_verbs::VerbsError::NoPortForAddress { .. }
+                    | rmem_verbs::VerbsError::NoSuchDevice(_)
+                    | rmem_verbs::VerbsError::MemlockLimit { .. }
+            ),
             ClientError::Protocol { .. }
             | ClientError::Page { .. }
-            | ClientError::BatchTooLarge { .. } => false,
+            | ClientError::BatchTooLarge { .. }
+            | ClientError::RdmaNotOffered { .. }
+            | ClientError::RdmaNotBuilt => false,
         }
     }
 }

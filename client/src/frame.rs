@@ -46,7 +46,7 @@ pub fn decode<'a>(
     }
 }
 
-fn unexpected(addr: &str, opcode: Opcode) -> ClientError {
+pub fn unexpected(addr: &str, opcode: Opcode) -> ClientError {
     ClientError::Protocol {
         addr: addr.to_string(),
         source: wire::DecodeError::Unexpected(opcode),

@@ -8,6 +8,9 @@
 //!   pipelined and answered out of order by request id.
 //! - [`Client`]: a pool of [`Connection`]s with request timeouts, retries
 //!   and reconnection with exponential backoff.
+//! - [`DataConnection`]: a blocking connection over TCP or RDMA (feature
+//!   `rdma`: one-sided READs for GET, WRITEs plus a checked commit for
+//!   PUT), behind the one [`PageTransport`] interface.
 //!
 //! - [`control`]: the coordinator's gRPC control plane (membership,
 //!   placement, intervals, invalidation) and a member session.
@@ -21,11 +24,19 @@ mod conn;
 pub mod control;
 mod error;
 mod frame;
+mod locations;
 mod pool;
+#[cfg(feature = "rdma")]
+mod rdma;
+mod transport;
 
-pub use blocking::BlockingConnection;
-pub use config::ClientConfig;
+pub use blocking::{BlockingConnection, Locate};
+pub use config::{ClientConfig, Transport};
 pub use conn::Connection;
 pub use error::ClientError;
+pub use locations::LocationCache;
 pub use pool::Client;
+#[cfg(feature = "rdma")]
+pub use rdma::RdmaConnection;
 pub use rmem_proto::wire::{PAGE_SIZE, Page, PageStatus, Stat};
+pub use transport::{DataConnection, PageTransport};

@@ -16,3 +16,16 @@ pub mod size;
 
 pub use histogram::{Histogram, Percentiles};
 pub use size::ByteSize;
+
+/// An error and its sources, joined by `": "` (what a log line or an
+/// ERROR frame should say).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}

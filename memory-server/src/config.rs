@@ -97,6 +97,15 @@ pub struct ServerConfig {
     /// capacity at once, no page fault on a slot's first PUT (first PUTs
     /// about twice as fast).
     pub prefault: bool,
+    /// Offer the RDMA data plane (one-sided READs for GET, WRITEs plus a
+    /// checked commit for PUT) beside TCP. Needs a build with the `rdma`
+    /// feature, an RDMA device with the address clients connect to, and a
+    /// locked-memory limit large enough for the pool.
+    pub rdma: bool,
+    /// The RDMA device to use (e.g. `mlx5_0`, `rxe0`); by default the one
+    /// whose port has the address a client connected to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdma_device: Option<String>,
     /// Most pages in one request.
     pub max_batch_pages: u32,
     /// Most simultaneous client connections.
@@ -139,6 +148,8 @@ impl Default for ServerConfig {
             pool_file: None,
             durability: Durability::default(),
             prefault: false,
+            rdma: false,
+            rdma_device: None,
             max_batch_pages: rmem_proto::wire::DEFAULT_MAX_BATCH_PAGES,
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(10),
@@ -198,6 +209,15 @@ impl ServerConfig {
                 "prefault",
                 "applies to an anonymous pool (a pool file is committed as it is written)",
             ));
+        }
+        if self.rdma && !cfg!(feature = "rdma") {
+            return Err(invalid(
+                "rdma",
+                "this build has no RDMA support (build with `--features rdma`)",
+            ));
+        }
+        if self.rdma_device.is_some() && !self.rdma {
+            return Err(invalid("rdma_device", "needs `rdma = true`"));
         }
         if self.durability == Durability::Sync && self.pool_file.is_none() {
             return Err(invalid(

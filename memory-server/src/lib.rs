@@ -1,7 +1,7 @@
 //! rmem memory server: stores 4 KiB pages for compute nodes in a memory pool
 //! and serves them over the data-plane protocol of [`rmem_proto::wire`].
 //!
-//! - [`store`]: the pool, the index, free list and quotas.
+//! - [`store`]: the pool, per-tenant extents, the index and quotas.
 //! - [`transport`]: the TCP data plane and per-client sessions.
 //! - [`admin`]: the gRPC admin endpoint (stats, health, reflection).
 //! - [`config`]: typed, validated configuration.
@@ -55,6 +55,9 @@ pub enum ServerError {
     Grpc(#[source] tonic::transport::Error),
     #[error("cannot join the cluster")]
     Cluster(#[source] rmem_client::control::ControlError),
+    #[cfg(feature = "rdma")]
+    #[error("cannot set up RDMA")]
+    Rdma(#[source] transport::rdma::RdmaError),
 }
 
 /// A running memory server.
@@ -118,7 +121,23 @@ impl Server {
             store: store.clone(),
             metrics: metrics.clone(),
             limits: Limits::for_batch(config.max_batch_pages),
+            #[cfg(feature = "rdma")]
+            rdma: config
+                .rdma
+                .then(|| {
+                    transport::rdma::RdmaServer::new(store.clone(), config.rdma_device.clone())
+                })
+                .transpose()
+                .map_err(ServerError::Rdma)?,
         });
+        #[cfg(feature = "rdma")]
+        if let Some(rdma) = &shared.rdma
+            && !config.listen.ip().is_unspecified()
+        {
+            // A specific address: open its device now, so a missing device
+            // or address fails the start instead of every client.
+            rdma.open(config.listen.ip()).map_err(ServerError::Rdma)?;
+        }
         let shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
         let accept = tokio::spawn(tcp::serve(
@@ -246,6 +265,8 @@ fn log_recovery(store: &Store, config: &ServerConfig) {
         pages_recovered,
         stale_duplicates,
         corrupt_dropped,
+        relocated,
+        shared_extents,
     } = store.recovery();
     let path = config.pool_file.as_ref().map(|p| p.display().to_string());
     if created {
@@ -257,6 +278,8 @@ fn log_recovery(store: &Store, config: &ServerConfig) {
             pages_recovered,
             stale_duplicates,
             corrupt_dropped,
+            relocated,
+            shared_extents,
             "recovered pool file"
         );
     }
@@ -264,6 +287,12 @@ fn log_recovery(store: &Store, config: &ServerConfig) {
         tracing::warn!(
             corrupt_dropped,
             "pages that failed their checksum after an unclean stop were dropped"
+        );
+    }
+    if shared_extents > 0 {
+        tracing::error!(
+            shared_extents,
+            "extents still hold several tenants' pages (no room to move them apart); they are never registered for RDMA"
         );
     }
 }

@@ -49,6 +49,14 @@ struct Args {
     /// slot's first PUT; RSS is at capacity from the start).
     #[arg(long)]
     prefault: bool,
+    /// Offer the RDMA data plane beside TCP (builds with the `rdma`
+    /// feature; clients set up queue pairs over their TCP connection).
+    #[arg(long)]
+    rdma: bool,
+    /// RDMA device to use [default: the one with the address clients
+    /// connect to].
+    #[arg(long, value_name = "NAME")]
+    rdma_device: Option<String>,
     /// Most simultaneous client connections [default: 4096].
     #[arg(long, value_name = "N")]
     max_connections: Option<u32>,
@@ -139,6 +147,12 @@ fn effective_config(args: &Args) -> Result<(ServerConfig, Option<String>), Confi
     }
     if args.prefault {
         cfg.prefault = true;
+    }
+    if args.rdma {
+        cfg.rdma = true;
+    }
+    if let Some(d) = &args.rdma_device {
+        cfg.rdma_device = Some(d.clone());
     }
     let cluster = &mut cfg.cluster;
     for (field, arg) in [

@@ -12,11 +12,14 @@ pub enum Op {
     Get,
     Free,
     Stat,
+    /// LOCATE over the RDMA data plane (the READs themselves never reach
+    /// the server's CPU, so they are not counted here).
+    Locate,
 }
 
 impl Op {
     /// Every operation, in a stable order.
-    pub const ALL: [Op; 4] = [Op::Put, Op::Get, Op::Free, Op::Stat];
+    pub const ALL: [Op; 5] = [Op::Put, Op::Get, Op::Free, Op::Stat, Op::Locate];
 
     /// Stable lower-case name.
     pub fn as_str(self) -> &'static str {
@@ -25,6 +28,7 @@ impl Op {
             Op::Get => "get",
             Op::Free => "free",
             Op::Stat => "stat",
+            Op::Locate => "locate",
         }
     }
 }
@@ -43,7 +47,7 @@ pub struct OpMetrics {
 /// Every counter of a server.
 #[derive(Debug)]
 pub struct Metrics {
-    ops: [OpMetrics; 4],
+    ops: [OpMetrics; 5],
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
     pub protocol_errors: AtomicU64,

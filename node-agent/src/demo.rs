@@ -42,6 +42,10 @@ pub struct DemoConfig {
     pub cluster_name: Option<String>,
     pub tenant: String,
     pub token: Option<String>,
+    /// Data-plane transport to the server.
+    pub transport: rmem_client::Transport,
+    /// RDMA device to use.
+    pub rdma_device: Option<String>,
     pub prefetch_max: usize,
     /// Threads serving the region's faults.
     pub fault_threads: usize,
@@ -66,6 +70,8 @@ impl Default for DemoConfig {
             cluster_name: None,
             tenant: "default".into(),
             token: None,
+            transport: rmem_client::Transport::Auto,
+            rdma_device: None,
             prefetch_max: 32,
             fault_threads: RegionConfig::default().fault_threads,
             fault_timeout: Duration::from_secs(10),
@@ -323,10 +329,12 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
                 (None, Some(e)) => e.data_addr().to_string(),
                 (None, None) => unreachable!("embedded server exists when no --server is given"),
             };
-            let client = ClientConfig::new(addr.clone()).with_tenant(
+            let mut client = ClientConfig::new(addr.clone()).with_tenant(
                 cfg.tenant.clone(),
                 cfg.token.clone().unwrap_or_default().into_bytes(),
             );
+            client.transport = cfg.transport;
+            client.rdma_device = cfg.rdma_device.clone();
             (RemoteRegion::new(region_cfg, client)?, None, addr)
         }
     };

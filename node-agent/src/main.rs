@@ -158,6 +158,13 @@ struct DemoArgs {
     /// Credential of the tenant.
     #[arg(long, env = "RMEM_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Data-plane transport to --server: `auto` (RDMA when the server
+    /// offers it and a local device reaches it, else TCP), `tcp`, `rdma`.
+    #[arg(long, default_value = "auto")]
+    transport: rmem_client::Transport,
+    /// RDMA device to use [default: the one that reaches the server].
+    #[arg(long, value_name = "NAME")]
+    rdma_device: Option<String>,
     /// Most pages fetched ahead of a sequential or strided stream (0: off).
     #[arg(long, default_value_t = 32)]
     prefetch: usize,
@@ -227,6 +234,8 @@ fn main() -> ExitCode {
                 cluster_token,
                 tenant: d.tenant,
                 token: d.token,
+                transport: d.transport,
+                rdma_device: d.rdma_device,
                 prefetch_max: d.prefetch,
                 fault_timeout: d.fault_timeout,
                 fault_threads: d.fault_threads,

@@ -1,16 +1,17 @@
-//! A thread's own connection to a memory server, reconnected with backoff
+//! A thread's own connection to a memory server (TCP or RDMA, as its
+//! configuration asks), reconnected with backoff
 //! until a deadline. Fault handlers and the evictor each own one, so the
 //! thread that needs a page sends the request and reads the answer itself.
 
 use std::time::{Duration, Instant};
 
-use rmem_client::{BlockingConnection, ClientConfig, ClientError, Page, PageStatus};
+use rmem_client::{ClientConfig, ClientError, DataConnection, Page, PageStatus, PageTransport};
 
 /// A reconnecting blocking connection.
 #[derive(Debug)]
 pub struct RemoteConn {
     cfg: ClientConfig,
-    conn: Option<BlockingConnection>,
+    conn: Option<DataConnection>,
 }
 
 impl RemoteConn {
@@ -27,17 +28,15 @@ impl RemoteConn {
     fn with<T>(
         &mut self,
         deadline: Instant,
-        mut op: impl FnMut(&mut BlockingConnection) -> Result<T, ClientError>,
+        mut op: impl FnMut(&mut DataConnection) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
         let mut delay = self.cfg.backoff_initial;
         loop {
             let result = match &mut self.conn {
                 Some(c) => op(c),
-                None => match BlockingConnection::connect(&self.cfg) {
+                None => match DataConnection::connect(&self.cfg) {
                     Ok(c) => {
-                        if self.conn.is_none() {
-                            tracing::debug!(addr = %self.cfg.addr, "connected");
-                        }
+                        tracing::debug!(addr = %self.cfg.addr, transport = %c.transport(), "connected");
                         op(self.conn.insert(c))
                     }
                     Err(e) => Err(e),

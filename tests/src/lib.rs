@@ -8,8 +8,10 @@
 //! - [`wait_until`] polls a condition with a deadline instead of sleeping.
 //! - [`netns`]: hosts with their own network stacks (network namespaces on
 //!   a private bridge) whose links can be cut.
+//! - [`suite`]: the case runner of the suites that run inside QEMU guests.
 
 pub mod netns;
+pub mod suite;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -145,7 +145,7 @@ fn quota_and_capacity_exhaustion_overwrite_nothing() {
     let cfg = write_config(
         &dir,
         r#"
-        capacity = "64KiB"   # 16 pages
+        capacity = "4MiB"    # 1024 pages: two extents of 512
         [[tenant]]
         name = "small"
         id = 1
@@ -171,12 +171,23 @@ fn quota_and_capacity_exhaustion_overwrite_nothing() {
     let quota = small.stat().unwrap();
     assert_eq!((quota.tenant_used_pages, quota.tenant_quota_pages), (4, 4));
 
-    // The other tenant fills the pool: 12 pages left.
-    let pages: Vec<_> = (0..14).map(|h| (h, pattern(h + 100, 1))).collect();
-    let refs: Vec<_> = pages.iter().map(|(h, p)| (*h, p)).collect();
-    let st = big.put(&refs).unwrap();
-    assert_eq!(st.iter().filter(|s| **s == PageStatus::Ok).count(), 12);
-    assert_eq!(&st[12..], [PageStatus::NoSpace; 2]);
+    // The other tenant fills the other extent; the free slots of small's
+    // extent are small's alone.
+    let mut stored = 0;
+    for first in (0..520u64).step_by(256) {
+        let pages: Vec<_> = (first..(first + 256).min(520))
+            .map(|h| (h, pattern(h + 100, 1)))
+            .collect();
+        let refs: Vec<_> = pages.iter().map(|(h, p)| (*h, p)).collect();
+        let st = big.put(&refs).unwrap();
+        stored += st.iter().filter(|s| **s == PageStatus::Ok).count();
+        assert!(
+            st.iter()
+                .all(|s| matches!(s, PageStatus::Ok | PageStatus::NoSpace)),
+            "{st:?}"
+        );
+    }
+    assert_eq!(stored, 512);
 
     // Nothing anyone stored was overwritten.
     let mut out = vec![[0u8; wire::PAGE_SIZE]; 4];
@@ -186,14 +197,23 @@ fn quota_and_capacity_exhaustion_overwrite_nothing() {
         assert!(*p == pattern(h as u64, 1));
     }
     let mut out = vec![[0u8; wire::PAGE_SIZE]; 12];
-    let hs: Vec<u64> = (0..12).collect();
+    let hs: Vec<u64> = (500..512).collect();
     assert_eq!(big.get(&hs, &mut out).unwrap(), [PageStatus::Ok; 12]);
-    for (h, p) in out.iter().enumerate() {
-        assert!(*p == pattern(h as u64 + 100, 1));
+    for (h, p) in hs.iter().zip(&out) {
+        assert!(*p == pattern(h + 100, 1));
     }
-    // Freeing makes room again.
+    // Freeing one of small's pages leaves room for small only; once small
+    // holds nothing, its empty extent goes to whoever needs one.
     assert_eq!(small.free(&[0]).unwrap(), [PageStatus::Ok]);
-    assert_eq!(big.put(&[(50, &pattern(50, 1))]).unwrap(), [PageStatus::Ok]);
+    assert_eq!(
+        big.put(&[(600, &pattern(600, 1))]).unwrap(),
+        [PageStatus::NoSpace]
+    );
+    assert_eq!(small.free(&[1, 2, 3]).unwrap(), [PageStatus::Ok; 3]);
+    assert_eq!(
+        big.put(&[(600, &pattern(600, 1))]).unwrap(),
+        [PageStatus::Ok]
+    );
 }
 
 fn fill(conn: &mut BlockingConnection, handles: std::ops::Range<u64>, version: u64) {
@@ -1281,6 +1301,7 @@ fn fake_server(
                             &mut out,
                             &wire::HelloOk {
                                 version: wire::PROTOCOL_VERSION,
+                                flags: 0,
                                 page_size: wire::PAGE_SIZE as u32,
                                 limits: wire::Limits::for_batch(256),
                                 server_id: 42,
@@ -1438,4 +1459,71 @@ fn a_client_that_takes_no_response_for_the_request_timeout_is_disconnected() {
     let mut other = BlockingConnection::connect(&server.client_config()).unwrap();
     let mut out = vec![[0u8; wire::PAGE_SIZE]; 1];
     other.get(&[1], &mut out).unwrap();
+}
+
+/// RDMA frames on a server that does not offer RDMA (this host has no RDMA
+/// device; the soft-RoCE suite covers the working path): clear errors, no
+/// page touched, and clients asking for RDMA fall back or fail cleanly.
+#[test]
+fn rdma_requests_without_rdma_get_clear_errors() {
+    let server = ServerProcess::start(&["--capacity", "4MiB"]);
+    let mut good = BlockingConnection::connect(&server.client_config()).unwrap();
+    assert!(
+        !good.offers_rdma(),
+        "a server without --rdma offers TCP only"
+    );
+    good.put(&[(7, &pattern(7, 1))]).unwrap();
+
+    // RDMA_CONNECT: refused with rdma_unavailable, connection closed.
+    let mut raw = handshaken(&server);
+    let mut buf = Vec::new();
+    wire::encode_rdma_connect(&mut buf, 1, &wire::RdmaEndpoint::default());
+    raw.stream.write_all(&buf).unwrap();
+    raw.expect_error(ErrorCode::RdmaUnavailable);
+
+    // PUT_STAGED and LOCATE before any queue pair: bad_frame.
+    for frame in [
+        {
+            let mut b = Vec::new();
+            wire::encode_put_staged(
+                &mut b,
+                2,
+                &[wire::StagedPut {
+                    handle: 7,
+                    crc: 0,
+                    index: 0,
+                }],
+            );
+            b
+        },
+        {
+            let mut b = Vec::new();
+            wire::encode_handles(&mut b, Opcode::Locate, 3, &[7]);
+            b
+        },
+    ] {
+        let mut raw = handshaken(&server);
+        raw.stream.write_all(&frame).unwrap();
+        let msg = raw.expect_error(ErrorCode::BadFrame);
+        assert!(msg.contains("RDMA_CONNECT"), "{msg}");
+    }
+
+    // `rdma` insists and fails without retrying; `auto` uses TCP.
+    let mut cfg = server.client_config();
+    cfg.transport = rmem_client::Transport::Rdma;
+    match rmem_client::DataConnection::connect(&cfg) {
+        Err(e @ ClientError::RdmaNotOffered { .. }) => assert!(!e.is_retryable()),
+        other => panic!("expected RdmaNotOffered, got {other:?}"),
+    }
+    cfg.transport = rmem_client::Transport::Auto;
+    let mut auto = rmem_client::DataConnection::connect(&cfg).unwrap();
+    assert_eq!(auto.transport(), rmem_client::Transport::Tcp);
+    use rmem_client::PageTransport as _;
+    let mut out = [[0u8; wire::PAGE_SIZE]];
+    assert_eq!(auto.get(&[7], &mut out).unwrap(), &[PageStatus::Ok]);
+    assert_eq!(
+        out[0],
+        pattern(7, 1),
+        "the page survived every refused frame"
+    );
 }

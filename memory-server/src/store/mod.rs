@@ -1,5 +1,6 @@
-//! The page store: a [`pool::Pool`] of slots, an index from (tenant, handle)
-//! to slot, a lock-free free list, and per-tenant quotas.
+//! The page store: a [`pool::Pool`] of slots grouped into per-tenant
+//! extents, an index from (tenant, handle) to slot, and per-tenant
+//! quotas.
 //!
 //! A PUT never overwrites a published page in place: it fills a fresh slot,
 //! publishes it in the index (the newest sequence number wins a race), and
@@ -7,7 +8,33 @@
 //! its index entry's shard lock, so a slot cannot be freed and reused under
 //! it. The result: a GET returns either the old or the new contents of a
 //! page, never a mix and never another page's bytes.
+//!
+//! Every slot a tenant's page lives in belongs to an extent
+//! ([`EXTENT_PAGES`] slots) owned by that tenant alone, so the RDMA
+//! transport can register one memory region per tenant and extent. A
+//! consequence: a tenant's partly filled extents are not usable by other
+//! tenants, so a PUT gets [`PageStatus::NoSpace`] when the tenant's own
+//! extents are full and no free extent is left (not even another tenant's
+//! cached empty one), although other tenants' extents may still have free
+//! slots. The capacity a tenant can reach is rounded to whole extents.
+//!
+//! # Lock order
+//!
+//! 1. An index shard lock (inside the `DashMap`): held by a GET while it
+//!    copies a page and by a PUT or FREE while it publishes or unpublishes
+//!    one. Nothing else is locked while it is held: PUT and FREE drop the
+//!    index entry before they give a slot back.
+//! 2. A tenant's allocation lock (one mutex per tenant, in
+//!    `extent::Extents`): held for a few bitmap and set updates while
+//!    taking or giving back a slot. Never two tenants' at once, and never
+//!    while page data is copied.
+//! 3. The shared-extent lock: taken alone.
+//!
+//! The global pool of free extents is a lock-free queue. The
+//! [`ExtentListener`] is called with no lock held, after the extent has left
+//! its tenant and before it is pushed to the global pool.
 
+mod extent;
 pub mod layout;
 pub mod pool;
 pub mod tenant;
@@ -17,11 +44,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crossbeam_queue::ArrayQueue;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use rmem_proto::wire::{Page, PageStatus, page_crc};
 
+pub use self::extent::{EXTENT_PAGES, ExtentListener};
+use self::extent::{Extents, Stray, extent_of};
 use self::layout::{SlotEntry, Superblock};
 use self::pool::Pool;
 pub use self::tenant::Tenant;
@@ -55,7 +83,7 @@ pub struct TenantSpec {
     pub quota_pages: Option<u64>,
 }
 
-/// Why a store could not be opened or flushed.
+/// Why a store could not be opened, flushed or configured.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot map an anonymous pool of {pages} pages")]
@@ -80,6 +108,8 @@ pub enum StoreError {
     },
     #[error("cannot flush the pool file")]
     Flush(#[source] std::io::Error),
+    #[error("an extent listener is already set")]
+    ListenerAlreadySet,
 }
 
 /// What an open found in a pool file.
@@ -90,6 +120,22 @@ pub struct Recovery {
     pub pages_recovered: u64,
     pub stale_duplicates: u64,
     pub corrupt_dropped: u64,
+    /// Pages moved out of an extent that held several tenants' pages (a
+    /// pool file written before extents existed).
+    pub relocated: u64,
+    /// Extents left holding several tenants' pages for want of room to move
+    /// them; they are never registered for RDMA.
+    pub shared_extents: u64,
+}
+
+/// Where a stored page is, for a one-sided RDMA READ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Located {
+    pub slot: u32,
+    /// The extent holding `slot`.
+    pub extent: u32,
+    /// CRC32C of the page's data.
+    pub crc: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -112,7 +158,7 @@ type Index = DashMap<Key, Slot, foldhash::fast::RandomState>;
 pub struct Store {
     pool: Pool,
     index: Index,
-    free: ArrayQueue<u32>,
+    extents: Extents,
     tenants: HashMap<u32, Arc<Tenant>>,
     by_name: HashMap<String, Arc<Tenant>>,
     seq: AtomicU64,
@@ -180,8 +226,9 @@ impl Store {
             by_name.insert(t.name.clone(), tenant);
         }
 
+        let (extents, _) = Extents::new(pool.slots(), tenant_map.keys().copied(), Vec::new());
         let mut store = Self {
-            free: ArrayQueue::new(pool.slots().max(1) as usize),
+            extents,
             pool,
             index: Index::with_hasher(foldhash::fast::RandomState::default()),
             tenants: tenant_map,
@@ -192,21 +239,16 @@ impl Store {
             recovery: recovery_base,
         };
         if store.pool.persistent() {
-            store.rebuild(!clean);
-        } else {
-            for slot in 0..store.pool.slots() {
-                store
-                    .free
-                    .push(slot)
-                    .expect("free list sized for every slot");
-            }
+            store.rebuild(!clean)?;
         }
         Ok(store)
     }
 
     /// Rebuilds the index from the slot table. With `verify`, every live
     /// page is checked against its checksum (after an unclean shutdown).
-    fn rebuild(&mut self, verify: bool) {
+    /// Each extent goes to the tenant owning most of its pages; the other
+    /// tenants' pages in it are moved out (see [`Store::relocate`]).
+    fn rebuild(&mut self, verify: bool) -> Result<(), StoreError> {
         let mut max_seq = 0;
         let mut stale = Vec::new();
         for slot in 0..self.pool.slots() {
@@ -250,10 +292,10 @@ impl Store {
             // SAFETY: the slot is not in the index; open is single-threaded.
             unsafe { self.pool.write_entry(slot, &[0; layout::ENTRY_LEN]) };
         }
-        let mut live = vec![false; self.pool.slots() as usize];
+        let mut live = Vec::with_capacity(self.index.len());
         for item in self.index.iter() {
-            live[item.value().slot as usize] = true;
             let tenant = item.key().tenant;
+            live.push((item.value().slot, tenant));
             self.tenants
                 .entry(tenant)
                 .or_insert_with(|| {
@@ -268,15 +310,72 @@ impl Store {
                 })
                 .force_reserve();
         }
-        for (slot, used) in live.iter().enumerate() {
-            if !used {
-                self.free
-                    .push(slot as u32)
-                    .expect("free list sized for every slot");
-            }
-        }
+        let (extents, strays) = Extents::new(self.pool.slots(), self.tenants.keys().copied(), live);
+        self.extents = extents;
         self.recovery.pages_recovered = self.index.len() as u64;
         self.seq.store(max_seq + 1, Ordering::Relaxed);
+        self.relocate(strays)?;
+        self.recovery.shared_extents = self.extents.shared_count();
+        Ok(())
+    }
+
+    /// Moves each stray page (one found in an extent given to another
+    /// tenant) into a slot of its own tenant's extents, in the crash-safe
+    /// order: the data and the new entry (with a newer sequence number) are
+    /// written and flushed, then the old entry is cleared. A page with no
+    /// room to go stays where it is and its extent is marked shared.
+    fn relocate(&mut self, strays: Vec<Stray>) -> Result<(), StoreError> {
+        let mut moved = Vec::new();
+        for Stray { slot, tenant } in strays {
+            let extent = extent_of(slot);
+            if self.extents.is_shared(extent) {
+                continue;
+            }
+            // SAFETY: open is single-threaded; nothing else touches the pool.
+            let raw = unsafe { self.pool.read_entry(slot) };
+            let Some(old) = SlotEntry::decode(&raw) else {
+                continue;
+            };
+            let Some(to) = self.extents.alloc(tenant) else {
+                tracing::error!(
+                    extent,
+                    tenant,
+                    "no room to move a page out of another tenant's extent: the extent stays shared and is never registered for RDMA"
+                );
+                self.extents.share(extent);
+                continue;
+            };
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: `slot` is live and nothing writes it during open.
+            let page = unsafe { self.pool.page(slot) };
+            // SAFETY: `to` was just allocated, is not published, and differs
+            // from `slot`; open is single-threaded.
+            unsafe { self.pool.write_page(to, page) };
+            let entry = SlotEntry { seq, ..old };
+            // SAFETY: as above, `to` is owned exclusively.
+            unsafe { self.pool.write_entry(to, &entry.encode()) };
+            let key = Key {
+                tenant: old.tenant,
+                handle: old.handle,
+            };
+            let new = Slot {
+                slot: to,
+                seq,
+                crc: old.crc,
+            };
+            moved.push((key, slot, new));
+        }
+        if moved.is_empty() {
+            return Ok(());
+        }
+        // Every copy is in the file before any original's entry is cleared.
+        self.pool.flush().map_err(StoreError::Flush)?;
+        for &(key, from, new) in &moved {
+            self.index.insert(key, new);
+            self.release_slot(from);
+        }
+        self.recovery.relocated = moved.len() as u64;
+        Ok(())
     }
 
     /// The tenant with this name.
@@ -335,7 +434,90 @@ impl Store {
 
     /// Number of slots in use.
     pub fn used_pages(&self) -> u64 {
-        self.capacity_pages() - self.free.len() as u64
+        self.extents.used()
+    }
+
+    /// Number of extents ([`EXTENT_PAGES`] slots each, the last one possibly
+    /// shorter).
+    pub fn extent_count(&self) -> u32 {
+        self.extents.count()
+    }
+
+    /// The tenant id owning `extent`: every page in it is that tenant's.
+    /// `None` for an unowned extent, or a shared one (several tenants' pages
+    /// left by an old pool file) that must never be registered for RDMA.
+    pub fn extent_owner(&self, extent: u32) -> Option<u32> {
+        self.extents.owner(extent)
+    }
+
+    /// Runs `f` with `extent`'s page data (address, length) if `tenant`
+    /// owns the extent, which cannot change hands until `f` returns: the
+    /// RDMA transport registers a tenant's memory region inside it, so a
+    /// region is never registered for an extent another tenant holds.
+    /// `None` when the tenant does not own the extent.
+    pub fn while_owned<R>(
+        &self,
+        tenant: u32,
+        extent: u32,
+        f: impl FnOnce(*mut u8, usize) -> R,
+    ) -> Option<R> {
+        if extent >= self.extents.count() {
+            return None;
+        }
+        self.extents.while_owned(tenant, extent, || {
+            let (ptr, len) = self.pool.extent_memory(extent);
+            f(ptr, len)
+        })
+    }
+
+    /// Number of extents `tenant` owns, the one empty extent it may keep
+    /// cached included.
+    pub fn tenant_extents(&self, tenant: &Tenant) -> u64 {
+        self.extents.owned_by(tenant.id)
+    }
+
+    /// Address and length of `extent`'s page data in the mapping, to
+    /// register as an RDMA memory region. See [`Pool::extent_memory`].
+    ///
+    /// # Panics
+    /// If `extent` is not below [`Store::extent_count`].
+    pub fn extent_memory(&self, extent: u32) -> (*mut u8, usize) {
+        self.pool.extent_memory(extent)
+    }
+
+    /// Address of `slot`'s data, the remote address of an RDMA READ of it.
+    ///
+    /// # Panics
+    /// If `slot` is not below [`Store::capacity_pages`].
+    pub fn slot_addr(&self, slot: u32) -> u64 {
+        self.pool.slot_addr(slot)
+    }
+
+    /// Sets the listener told when an extent leaves a tenant; once, after
+    /// open. Releases before it is set are not reported.
+    pub fn set_extent_listener(&self, listener: Arc<dyn ExtentListener>) -> Result<(), StoreError> {
+        if self.extents.set_listener(listener) {
+            Ok(())
+        } else {
+            Err(StoreError::ListenerAlreadySet)
+        }
+    }
+
+    /// Where `tenant`'s page `handle` is stored right now. A snapshot: the
+    /// page may be replaced or freed (and its slot reused by the same
+    /// tenant) as soon as this returns, so a one-sided reader must check the
+    /// data against `crc`.
+    pub fn locate(&self, tenant: &Tenant, handle: u64) -> Option<Located> {
+        let key = Key {
+            tenant: tenant.id,
+            handle,
+        };
+        let entry = self.index.get(&key)?;
+        Some(Located {
+            slot: entry.slot,
+            extent: extent_of(entry.slot),
+            crc: entry.crc,
+        })
     }
 
     /// Whether pages survive a restart.
@@ -369,15 +551,15 @@ impl Store {
         if !reserved && !self.index.contains_key(&key) {
             return PageStatus::QuotaExceeded;
         }
-        let Some(slot) = self.free.pop() else {
+        let Some(slot) = self.extents.alloc(tenant.id) else {
             if reserved {
                 tenant.release();
             }
             return PageStatus::NoSpace;
         };
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: `slot` came off the free list and is not published, so
-        // this thread owns it exclusively.
+        // SAFETY: `slot` was just allocated and is not published, so this
+        // thread owns it exclusively.
         unsafe { self.pool.write_page(slot, data) };
         if self.pool.persistent() {
             let entry = SlotEntry {
@@ -468,17 +650,18 @@ impl Store {
         }
     }
 
-    /// Returns an unpublished slot to the free list, clearing its entry first
-    /// so a crash cannot resurrect it.
+    /// Gives an unpublished slot back to its extent, clearing its entry
+    /// first so a crash cannot resurrect it.
     fn release_slot(&self, slot: u32) {
+        // SAFETY: the slot has just been unpublished (or never was); no
+        // reader of the store can reach it and this thread owns it.
+        unsafe { self.pool.poison(slot) };
         if self.pool.persistent() {
             // SAFETY: the slot has just been unpublished (or never was); no
             // reader can reach it and this thread is its only owner.
             unsafe { self.pool.write_entry(slot, &[0; layout::ENTRY_LEN]) };
         }
-        self.free
-            .push(slot)
-            .expect("a freed slot always fits back on the free list");
+        self.extents.release(slot);
     }
 
     /// Flushes a file-backed pool and marks it cleanly closed. Call once no

@@ -4,9 +4,14 @@
 //!
 //! This is the only module that touches the mapping through raw pointers.
 //! Its contract with [`super::Store`]: a slot is written only by the one
-//! holder that took it from the free list and has not yet published it in
-//! the index, and it is read only while it is published (the reader holds
-//! the index entry's lock, so it cannot be unpublished and reused meanwhile).
+//! holder that allocated it and has not yet published it in the index, and
+//! it is read only while it is published (the reader holds the index entry's
+//! lock, so it cannot be unpublished and reused meanwhile).
+//!
+//! It also hands out raw addresses of page data for RDMA
+//! ([`Pool::extent_memory`], [`Pool::slot_addr`]): they stay valid for as
+//! long as the pool lives, and what the network card reads there follows
+//! the same rules (the transport checks the page's CRC on arrival).
 
 use std::fs::OpenOptions;
 use std::io;
@@ -15,7 +20,11 @@ use std::path::Path;
 use memmap2::{MmapOptions, MmapRaw};
 use rmem_proto::wire::{PAGE_SIZE, Page};
 
+use super::extent::{EXTENT_PAGES, extent_len};
 use super::layout::{ENTRY_LEN, Superblock};
+
+/// What a freed slot is filled with (not zero: a zero page is a real page).
+pub const POISON: u8 = 0xA5;
 
 /// A mapped page pool.
 #[derive(Debug)]
@@ -127,6 +136,29 @@ impl Pool {
         }
     }
 
+    /// Start and length in bytes of `extent`'s page data: its slots are
+    /// contiguous in the mapping, so this is one range to register as an
+    /// RDMA memory region. The pointer stays valid while the pool lives;
+    /// the pool itself never dereferences it.
+    ///
+    /// # Panics
+    /// If `extent` holds no slot of this pool.
+    pub fn extent_memory(&self, extent: u32) -> (*mut u8, usize) {
+        let len = extent_len(self.slots, extent);
+        assert!(len > 0, "extent {extent} out of range");
+        let first = extent * EXTENT_PAGES;
+        (self.page_ptr(first), len as usize * PAGE_SIZE)
+    }
+
+    /// Address of `slot`'s data as an integer (the remote address of an
+    /// RDMA READ; it carries no provenance and is never dereferenced here).
+    ///
+    /// # Panics
+    /// If `slot` is out of range.
+    pub fn slot_addr(&self, slot: u32) -> u64 {
+        self.page_ptr(slot).addr() as u64
+    }
+
     fn entry_ptr(&self, slot: u32) -> *mut u8 {
         assert!(
             self.persistent && slot < self.slots,
@@ -144,14 +176,30 @@ impl Pool {
     /// Copies `data` into `slot`.
     ///
     /// # Safety
-    /// The caller owns `slot` exclusively: it took it from the free list and
-    /// has not published it, so nobody reads or writes it concurrently.
+    /// The caller owns `slot` exclusively: it allocated it and has not
+    /// published it, so nobody reads or writes it concurrently.
     pub unsafe fn write_page(&self, slot: u32, data: &Page) {
         let dst = self.page_ptr(slot);
         // SAFETY: dst points at PAGE_SIZE bytes of the mapping that only this
         // caller accesses (the function's contract); data cannot overlap the
         // mapping's private slot because it is a different, live page.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, PAGE_SIZE) };
+    }
+
+    /// Overwrites `slot` with [`POISON`] bytes, so its old contents can
+    /// never be read again: not by another tenant whose extent it later
+    /// joins, and not by a one-sided reader holding a stale location (the
+    /// bytes fail any real page's checksum).
+    ///
+    /// # Safety
+    /// As for [`Pool::write_page`]: the caller owns the unpublished slot.
+    /// (A remote RDMA READ through a stale location may still read it
+    /// meanwhile; it checks the checksum and discards what it read.)
+    pub unsafe fn poison(&self, slot: u32) {
+        let dst = self.page_ptr(slot);
+        // SAFETY: dst points at PAGE_SIZE bytes of the mapping owned by the
+        // caller (the function's contract).
+        unsafe { std::ptr::write_bytes(dst, POISON, PAGE_SIZE) };
     }
 
     /// Copies `slot` into `out`.

@@ -2,5 +2,7 @@
 //! [`rmem_proto::wire`] with the same semantics; requests are executed by
 //! [`session::Session`], which is independent of the transport.
 
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod session;
 pub mod tcp;

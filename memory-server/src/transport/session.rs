@@ -1,6 +1,7 @@
 //! One client's session: handshake state and request execution, independent
 //! of how the bytes arrive.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,6 +19,9 @@ pub struct Shared {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// RDMA, when the server offers it.
+    #[cfg(feature = "rdma")]
+    pub rdma: Option<Arc<super::rdma::RdmaServer>>,
 }
 
 impl Shared {
@@ -25,6 +29,15 @@ impl Shared {
     /// blocks).
     pub fn store_syncs(&self) -> bool {
         self.store.syncs_writes()
+    }
+
+    /// The HELLO_OK flags: what this server offers beyond TCP.
+    fn hello_flags(&self) -> u16 {
+        #[cfg(feature = "rdma")]
+        if self.rdma.is_some() {
+            return wire::HELLO_RDMA;
+        }
+        0
     }
 }
 
@@ -56,6 +69,12 @@ pub struct Session {
     shared: Arc<Shared>,
     tenant: Option<Arc<Tenant>>,
     statuses: Vec<PageStatus>,
+    /// The address the client reached this server at (RDMA uses the
+    /// device port that has it).
+    local_ip: Option<IpAddr>,
+    /// This connection's queue pair, once RDMA_CONNECT succeeded.
+    #[cfg(feature = "rdma")]
+    rdma: Option<super::rdma::RdmaSession>,
 }
 
 /// Largest HELLO payload: fixed part, tenant name and credential.
@@ -68,7 +87,24 @@ impl Session {
             shared,
             tenant: None,
             statuses: Vec::new(),
+            local_ip: None,
+            #[cfg(feature = "rdma")]
+            rdma: None,
         }
+    }
+
+    /// Whether this connection has a queue pair (its client may be busy
+    /// over RDMA while sending nothing here).
+    pub fn has_rdma(&self) -> bool {
+        #[cfg(feature = "rdma")]
+        return self.rdma.is_some();
+        #[cfg(not(feature = "rdma"))]
+        false
+    }
+
+    /// Records the address the client connected to.
+    pub fn set_local_ip(&mut self, ip: IpAddr) {
+        self.local_ip = Some(ip);
     }
 
     /// What every session of the server shares.
@@ -191,8 +227,92 @@ impl Session {
                 wire::encode_stat_ok(out, id, &stat);
                 metrics.record(Op::Stat, 0, 0, started);
             }
+            Request::RdmaConnect(peer) => self.rdma_connect(&tenant, &peer, id, out)?,
+            Request::PutStaged(puts) => {
+                let rdma = self.rdma_session(id)?;
+                let errors = rdma.put_staged(store, &tenant, &puts, id, out)?;
+                metrics.record(Op::Put, puts.len() as u64, errors, started);
+            }
+            Request::Locate(handles) => {
+                let rdma = self.rdma_session(id)?;
+                let errors = rdma.locate(&tenant, &handles, id, out);
+                metrics.record(Op::Locate, handles.len() as u64, errors, started);
+            }
         }
         Ok(())
+    }
+
+    #[cfg(feature = "rdma")]
+    fn rdma_connect(
+        &mut self,
+        tenant: &Tenant,
+        peer: &wire::RdmaEndpoint,
+        id: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Fatal> {
+        let Some(server) = self.shared.rdma.clone() else {
+            return Err(Fatal::new(
+                ErrorCode::RdmaUnavailable,
+                id,
+                "RDMA is not enabled on this server (--rdma)",
+            ));
+        };
+        if self.rdma.is_some() {
+            return Err(Fatal::new(
+                ErrorCode::BadFrame,
+                id,
+                "RDMA is already set up on this connection",
+            ));
+        }
+        let Some(ip) = self.local_ip else {
+            return Err(Fatal::new(
+                ErrorCode::RdmaUnavailable,
+                id,
+                "RDMA needs a TCP connection",
+            ));
+        };
+        match server.accept(tenant, ip, peer) {
+            Ok((session, accept)) => {
+                tracing::debug!(tenant = %tenant.name, peer_qpn = peer.qpn, qpn = accept.endpoint.qpn, "RDMA queue pair connected");
+                self.rdma = Some(session);
+                wire::encode_rdma_accept(out, id, &accept);
+                Ok(())
+            }
+            Err(e) => {
+                let message = rmem_common::error_chain(&e);
+                tracing::warn!(tenant = %tenant.name, error = %message, "cannot set up RDMA for a client");
+                Err(Fatal::new(ErrorCode::RdmaUnavailable, id, message))
+            }
+        }
+    }
+
+    #[cfg(not(feature = "rdma"))]
+    fn rdma_connect(
+        &mut self,
+        _: &Tenant,
+        _: &wire::RdmaEndpoint,
+        id: u64,
+        _: &mut Vec<u8>,
+    ) -> Result<(), Fatal> {
+        Err(Fatal::new(
+            ErrorCode::RdmaUnavailable,
+            id,
+            "this server was built without RDMA support",
+        ))
+    }
+
+    /// The connection's RDMA state, or the error for a request that needs
+    /// it before RDMA_CONNECT.
+    fn rdma_session(&self, id: u64) -> Result<RdmaRequests<'_>, Fatal> {
+        #[cfg(feature = "rdma")]
+        if let (Some(server), Some(session)) = (&self.shared.rdma, &self.rdma) {
+            return Ok(RdmaRequests { server, session });
+        }
+        Err(Fatal::new(
+            ErrorCode::BadFrame,
+            id,
+            "PUT_STAGED and LOCATE need RDMA_CONNECT first",
+        ))
     }
 
     fn hello(&mut self, hello: &Hello<'_>, out: &mut Vec<u8>) -> Result<(), Fatal> {
@@ -215,6 +335,7 @@ impl Session {
                     out,
                     &HelloOk {
                         version: PROTOCOL_VERSION,
+                        flags: self.shared.hello_flags(),
                         page_size: PAGE_SIZE as u32,
                         limits: self.shared.limits,
                         server_id: self.shared.store.server_id(),
@@ -242,8 +363,103 @@ impl Session {
 fn page_count(request: &Request<'_>) -> u64 {
     match request {
         Request::Put(batch) => batch.len() as u64,
-        Request::Get(handles) | Request::Free(handles) => handles.len() as u64,
-        Request::Hello(_) | Request::Stat => 0,
+        Request::PutStaged(puts) => puts.len() as u64,
+        Request::Get(handles) | Request::Free(handles) | Request::Locate(handles) => {
+            handles.len() as u64
+        }
+        Request::Hello(_) | Request::Stat | Request::RdmaConnect(_) => 0,
+    }
+}
+
+/// PUT_STAGED and LOCATE on a connection with a queue pair.
+struct RdmaRequests<'a> {
+    #[cfg(feature = "rdma")]
+    server: &'a super::rdma::RdmaServer,
+    #[cfg(feature = "rdma")]
+    session: &'a super::rdma::RdmaSession,
+    #[cfg(not(feature = "rdma"))]
+    _never: std::convert::Infallible,
+    #[cfg(not(feature = "rdma"))]
+    _life: std::marker::PhantomData<&'a ()>,
+}
+
+#[cfg(feature = "rdma")]
+impl RdmaRequests<'_> {
+    /// Stores the staged pages (each checked against its checksum, like a
+    /// TCP PUT) and answers with where they now are. Returns the number of
+    /// pages not stored.
+    fn put_staged(
+        &self,
+        store: &Store,
+        tenant: &Tenant,
+        puts: &wire::StagedPuts<'_>,
+        id: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, Fatal> {
+        // Every index first: a bad frame stores nothing.
+        if let Some(bad) = puts.iter().find(|p| self.session.staged(p.index).is_none()) {
+            return Err(Fatal::new(
+                ErrorCode::BadFrame,
+                id,
+                format!("staging index {} is out of range", bad.index),
+            ));
+        }
+        let mut errors = 0;
+        let mut locations = Vec::with_capacity(puts.len());
+        let mut page = [0u8; wire::PAGE_SIZE];
+        for put in puts.iter() {
+            // Copied out first: the client could WRITE the staging buffer
+            // again meanwhile, and the checksum must hold for the bytes
+            // stored, not for bytes that change under the check.
+            self.session.copy_staged(put.index, &mut page);
+            let status = store.put(tenant, put.handle, put.crc, &page);
+            locations.push(if status == PageStatus::Ok {
+                self.server.locate(tenant, put.handle)
+            } else {
+                errors += 1;
+                wire::Location::missing(status)
+            });
+        }
+        wire::encode_located(out, id, locations.into_iter());
+        Ok(errors)
+    }
+
+    /// Answers a LOCATE; returns the number of pages not found.
+    fn locate(
+        &self,
+        tenant: &Tenant,
+        handles: &wire::Handles<'_>,
+        id: u64,
+        out: &mut Vec<u8>,
+    ) -> u64 {
+        let mut errors = 0;
+        let locations = handles.iter().map(|h| {
+            let l = self.server.locate(tenant, h);
+            if l.status != PageStatus::Ok {
+                errors += 1;
+            }
+            l
+        });
+        wire::encode_located(out, id, locations);
+        errors
+    }
+}
+
+#[cfg(not(feature = "rdma"))]
+impl RdmaRequests<'_> {
+    fn put_staged(
+        &self,
+        _: &Store,
+        _: &Tenant,
+        _: &wire::StagedPuts<'_>,
+        _: u64,
+        _: &mut Vec<u8>,
+    ) -> Result<u64, Fatal> {
+        match self._never {}
+    }
+
+    fn locate(&self, _: &Tenant, _: &wire::Handles<'_>, _: u64, _: &mut Vec<u8>) -> u64 {
+        match self._never {}
     }
 }
 
@@ -359,6 +575,8 @@ mod tests {
             store: Arc::new(store),
             metrics: Arc::new(Metrics::default()),
             limits: Limits::for_batch(256),
+            #[cfg(feature = "rdma")]
+            rdma: None,
         }))
     }
 

@@ -32,6 +32,10 @@ use super::session::{Fatal, Session, Shared};
 /// Responses are written once this many bytes are pending, even if more
 /// complete requests are buffered.
 pub const FLUSH_AT: usize = 1 << 20;
+/// How often a quiet RDMA session's loop wakes; such a session is never
+/// closed for being idle (TCP keepalive finds a dead client).
+const RDMA_QUIET_CHECK: Duration = Duration::from_secs(3600);
+
 /// Bytes read per syscall when no frame is partially received.
 const READ_CHUNK: usize = 64 << 10;
 /// While draining for shutdown, a connection keeps reading as long as its
@@ -90,10 +94,14 @@ pub async fn serve(
         if let Err(e) = tune(&stream) {
             tracing::debug!(%peer, error = %e, "cannot set socket options");
         }
+        let mut session = Session::new(shared.clone());
+        if let Ok(local) = stream.local_addr() {
+            session.set_local_ip(local.ip());
+        }
         let conn = Connection {
             stream,
             peer,
-            session: Session::new(shared.clone()),
+            session,
             inbuf: BytesMut::with_capacity(READ_CHUNK),
             outbuf: Vec::with_capacity(READ_CHUNK),
             timeouts,
@@ -268,6 +276,11 @@ impl Connection {
                 ((now + DRAIN_QUIET).min(until), "drain")
             } else if self.session.tenant().is_none() {
                 (handshake_deadline, "handshake")
+            } else if self.inbuf.is_empty() && self.session.has_rdma() {
+                // GETs over the queue pair send nothing here: a quiet
+                // control channel is not an idle client. TCP keepalive
+                // still finds a dead one.
+                (now + RDMA_QUIET_CHECK, "rdma-quiet")
             } else if self.inbuf.is_empty() {
                 (now + self.timeouts.idle, "idle")
             } else {
@@ -293,6 +306,9 @@ impl Connection {
                         );
                         let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
                         return End::Drained;
+                    }
+                    if what == "rdma-quiet" {
+                        continue;
                     }
                     return End::Fatal(Fatal {
                         code: ErrorCode::Timeout,

@@ -5,6 +5,9 @@
 //! the caller's memory. Encoders append to a `Vec<u8>` the caller reuses.
 
 use super::header::{DecodeError, ErrorCode, FrameHeader, HEADER_LEN, Limits, Opcode, PageStatus};
+use super::rdma::{
+    LOCATION_LEN, Locations, RdmaAccept, RdmaEndpoint, StagedPuts, decode_accept, decode_endpoint,
+};
 use super::{
     BATCH_PREFIX_LEN, GET_ENTRY_LEN, MAGIC, MAX_CREDENTIAL_LEN, MAX_TENANT_LEN, PAGE_SIZE,
     PUT_ENTRY_LEN, page_crc,
@@ -12,6 +15,9 @@ use super::{
 
 /// A page's bytes.
 pub type Page = [u8; PAGE_SIZE];
+
+/// HELLO_OK flag: the server accepts RDMA_CONNECT on this connection.
+pub const HELLO_RDMA: u16 = 1;
 
 /// The client's opening message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +32,8 @@ pub struct Hello<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HelloOk {
     pub version: u16,
+    /// What the server offers beyond TCP ([`HELLO_RDMA`]).
+    pub flags: u16,
     pub page_size: u32,
     pub limits: Limits,
     pub server_id: u64,
@@ -236,6 +244,9 @@ pub enum Request<'a> {
     Get(Handles<'a>),
     Free(Handles<'a>),
     Stat,
+    RdmaConnect(RdmaEndpoint),
+    PutStaged(StagedPuts<'a>),
+    Locate(Handles<'a>),
 }
 
 /// A decoded response (server to client).
@@ -246,20 +257,22 @@ pub enum Response<'a> {
     GetOk(GetBatch<'a>),
     FreeOk(Statuses<'a>),
     StatOk(Stat),
+    RdmaAccept(RdmaAccept),
+    Located(Locations<'a>),
     Error(ErrorFrame<'a>),
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
+pub(super) fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes(b[at..at + 2].try_into().expect("2 bytes"))
 }
-fn u32_at(b: &[u8], at: usize) -> u32 {
+pub(super) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
-fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(super) fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn exact(opcode: Opcode, payload: &[u8], want: usize) -> Result<(), DecodeError> {
+pub(super) fn exact(opcode: Opcode, payload: &[u8], want: usize) -> Result<(), DecodeError> {
     if payload.len() == want {
         Ok(())
     } else {
@@ -334,6 +347,20 @@ impl<'a> Request<'a> {
                 exact(Opcode::Stat, payload, 0)?;
                 Request::Stat
             }
+            Opcode::RdmaConnect => Request::RdmaConnect(decode_endpoint(payload)?),
+            Opcode::PutStaged => {
+                let (_, bytes) = batch(
+                    Opcode::PutStaged,
+                    payload,
+                    max_batch,
+                    Some(StagedPuts::ENTRY_LEN),
+                )?;
+                Request::PutStaged(StagedPuts::new(bytes))
+            }
+            Opcode::Locate => {
+                let (_, bytes) = batch(Opcode::Locate, payload, max_batch, Some(8))?;
+                Request::Locate(Handles { bytes })
+            }
             other => return Err(DecodeError::Unexpected(other)),
         })
     }
@@ -383,11 +410,13 @@ impl<'a> Response<'a> {
         Ok(match header.opcode {
             Opcode::HelloOk => {
                 exact(Opcode::HelloOk, payload, 24)?;
-                if u16_at(payload, 2) != 0 {
+                let flags = u16_at(payload, 2);
+                if flags & !HELLO_RDMA != 0 {
                     return Err(DecodeError::ReservedBits);
                 }
                 Response::HelloOk(HelloOk {
                     version: u16_at(payload, 0),
+                    flags,
                     page_size: u32_at(payload, 4),
                     limits: Limits {
                         max_batch_pages: u32_at(payload, 8),
@@ -434,6 +463,11 @@ impl<'a> Response<'a> {
                     tenant_used_pages: u64_at(payload, 16),
                     tenant_quota_pages: u64_at(payload, 24),
                 })
+            }
+            Opcode::RdmaAccept => Response::RdmaAccept(decode_accept(payload)?),
+            Opcode::Located => {
+                let (_, bytes) = batch(Opcode::Located, payload, max_batch, Some(LOCATION_LEN))?;
+                Response::Located(Locations::new(bytes)?)
             }
             Opcode::Error => {
                 if payload.len() < 4 {
@@ -518,7 +552,7 @@ pub fn encode_hello_ok(buf: &mut Vec<u8>, ok: &HelloOk) {
     let mut w = FrameWriter::begin(buf, Opcode::HelloOk, 0);
     let p = w.payload();
     p.extend_from_slice(&ok.version.to_le_bytes());
-    p.extend_from_slice(&0u16.to_le_bytes());
+    p.extend_from_slice(&ok.flags.to_le_bytes());
     p.extend_from_slice(&ok.page_size.to_le_bytes());
     p.extend_from_slice(&ok.limits.max_batch_pages.to_le_bytes());
     p.extend_from_slice(&ok.limits.max_frame_bytes.to_le_bytes());
@@ -526,7 +560,7 @@ pub fn encode_hello_ok(buf: &mut Vec<u8>, ok: &HelloOk) {
     w.finish();
 }
 
-fn batch_prefix(p: &mut Vec<u8>, count: usize) {
+pub(super) fn batch_prefix(p: &mut Vec<u8>, count: usize) {
     p.extend_from_slice(&(count as u32).to_le_bytes());
     p.extend_from_slice(&0u32.to_le_bytes());
 }
@@ -550,9 +584,12 @@ pub fn encode_put<'p>(
     w.finish();
 }
 
-/// Appends a GET or FREE of `handles`.
+/// Appends a GET, FREE or LOCATE of `handles`.
 pub fn encode_handles(buf: &mut Vec<u8>, opcode: Opcode, request_id: u64, handles: &[u64]) {
-    debug_assert!(matches!(opcode, Opcode::Get | Opcode::Free));
+    debug_assert!(matches!(
+        opcode,
+        Opcode::Get | Opcode::Free | Opcode::Locate
+    ));
     let mut w = FrameWriter::begin(buf, opcode, request_id);
     let p = w.payload();
     batch_prefix(p, handles.len());

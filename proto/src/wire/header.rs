@@ -14,11 +14,16 @@ pub enum Opcode {
     Get = 0x03,
     Free = 0x04,
     Stat = 0x05,
+    RdmaConnect = 0x06,
+    PutStaged = 0x07,
+    Locate = 0x08,
     HelloOk = 0x81,
     PutOk = 0x82,
     GetOk = 0x83,
     FreeOk = 0x84,
     StatOk = 0x85,
+    RdmaAccept = 0x86,
+    Located = 0x87,
     Error = 0xFF,
 }
 
@@ -31,11 +36,16 @@ impl Opcode {
             0x03 => Self::Get,
             0x04 => Self::Free,
             0x05 => Self::Stat,
+            0x06 => Self::RdmaConnect,
+            0x07 => Self::PutStaged,
+            0x08 => Self::Locate,
             0x81 => Self::HelloOk,
             0x82 => Self::PutOk,
             0x83 => Self::GetOk,
             0x84 => Self::FreeOk,
             0x85 => Self::StatOk,
+            0x86 => Self::RdmaAccept,
+            0x87 => Self::Located,
             0xFF => Self::Error,
             _ => return None,
         })
@@ -158,6 +168,8 @@ pub enum ErrorCode {
     Timeout = 8,
     /// The server has too many connections.
     Busy = 9,
+    /// RDMA was asked for but this server cannot set it up; use TCP.
+    RdmaUnavailable = 10,
     /// Anything else.
     Internal = 100,
 }
@@ -175,6 +187,7 @@ impl ErrorCode {
             7 => Self::ShuttingDown,
             8 => Self::Timeout,
             9 => Self::Busy,
+            10 => Self::RdmaUnavailable,
             _ => Self::Internal,
         }
     }
@@ -191,6 +204,7 @@ impl ErrorCode {
             Self::ShuttingDown => "shutting_down",
             Self::Timeout => "timeout",
             Self::Busy => "busy",
+            Self::RdmaUnavailable => "rdma_unavailable",
             Self::Internal => "internal",
         }
     }

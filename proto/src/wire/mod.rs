@@ -7,8 +7,8 @@
 //! header   len:u32  opcode:u8  flags:u8(0)  reserved:u16(0)  request_id:u64
 //! HELLO    magic "RMEM"  version:u16  flags:u16(0)  node_id:u64
 //!          tenant_len:u8  reserved:u8  cred_len:u16  tenant  credential
-//! HELLO_OK version:u16  reserved:u16  page_size:u32  max_batch_pages:u32
-//!          max_frame_bytes:u32  server_id:u64
+//! HELLO_OK version:u16  flags:u16  page_size:u32  max_batch_pages:u32
+//!          max_frame_bytes:u32  server_id:u64      (flags bit 0: RDMA offered)
 //! PUT      count:u32  reserved:u32  count × { handle:u64 crc32c:u32 reserved:u32 data[4096] }
 //! GET      count:u32  reserved:u32  count × handle:u64
 //! FREE     count:u32  reserved:u32  count × handle:u64
@@ -19,6 +19,24 @@
 //! STAT_OK  capacity_pages:u64  used_pages:u64  tenant_used_pages:u64  tenant_quota_pages:u64
 //! ERROR    code:u16  msg_len:u16  msg (UTF-8)
 //! ```
+//!
+//! RDMA (`docs/ARCHITECTURE.md` has the design): the TCP
+//! connection, once authenticated, sets up a reliable-connected queue pair
+//! and stays open as its control channel.
+//!
+//! ```text
+//! RDMA_CONNECT  endpoint = gid[16] qpn:u32 psn:u32 lid:u16 mtu:u8 max_rd_atomic:u8
+//! RDMA_ACCEPT   endpoint  staging_addr:u64  staging_rkey:u32  staging_pages:u32
+//! PUT_STAGED    count:u32  reserved:u32  count × { handle:u64 crc32c:u32 staging_index:u32 }
+//! LOCATE        count:u32  reserved:u32  count × handle:u64
+//! LOCATED       count:u32  reserved:u32  count × { status:u8 reserved[3] crc32c:u32
+//!                                                  addr:u64 rkey:u32 reserved:u32 }
+//! ```
+//!
+//! PUT_STAGED and LOCATE are answered by LOCATED: for each page its status
+//! and, when OK, where its bytes are (an address and the rkey of the
+//! tenant's memory region holding it), so the client can fetch it with a
+//! one-sided RDMA READ and check it against the checksum.
 //!
 //! A connection starts with HELLO / HELLO_OK. After that the client may send
 //! any number of requests without waiting (pipelining); each response carries
@@ -34,9 +52,11 @@
 
 mod codec;
 mod header;
+mod rdma;
 
 pub use codec::*;
 pub use header::*;
+pub use rdma::*;
 
 /// Size of one page, the unit everything moves in.
 pub const PAGE_SIZE: usize = 4096;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use rmem_agent::kmod::{KernelAgent, KernelConfig};
 use rmem_client::{BlockingConnection, ClientConfig};
+use rmem_tests::suite::{Suite, ensure, percentiles};
 use rmem_tests::{ServerProcess, pattern, wait_until};
 
 const PAGE: usize = 4096;
@@ -577,42 +578,6 @@ fn main() {
 
 // ---- the harness ---------------------------------------------------------------
 
-#[derive(Default)]
-struct Suite {
-    passed: usize,
-    failed: usize,
-}
-
-impl Suite {
-    fn case(&mut self, name: &str, f: impl FnOnce() -> Result<(), String>) {
-        let start = Instant::now();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-            .unwrap_or_else(|p| Err(format!("panicked: {p:?}")));
-        match result {
-            Ok(()) => {
-                self.passed += 1;
-                println!("ok     {name} ({:.1?})", start.elapsed());
-            }
-            Err(e) => {
-                self.failed += 1;
-                println!("FAILED {name} ({:.1?}): {e}", start.elapsed());
-            }
-        }
-    }
-
-    fn finish(&self) -> ! {
-        println!("{} passed, {} failed", self.passed, self.failed);
-        std::process::exit(i32::from(self.failed > 0));
-    }
-}
-
-/// p50 and p99 in µs of `samples` (µs).
-fn percentiles(mut samples: Vec<f64>) -> (f64, f64) {
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
-    (at(0.5), at(0.99))
-}
-
 /// Fault-back latency of the userspace path on the same server: first
 /// touches of evicted pages of a `RemoteRegion`.
 fn uffd_fault_latency(env: &Env) -> Result<(f64, f64), String> {
@@ -665,10 +630,6 @@ fn mem_free_kib() -> i64 {
         .find_map(|l| l.strip_prefix("MemFree:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(-1)
-}
-
-fn ensure(cond: bool, msg: impl Into<String>) -> Result<(), String> {
-    if cond { Ok(()) } else { Err(msg.into()) }
 }
 
 fn run(cmd: &[&str]) -> Result<(), String> {
@@ -1059,7 +1020,7 @@ mod target {
             samples.push(start.elapsed().as_secs_f64() * 1e6);
         }
         mem.check(version, 0..mem.pages)?;
-        Ok(super::percentiles(samples))
+        Ok(rmem_tests::suite::percentiles(samples))
     }
 
     /// How many of `count` pages from `from` are not in RAM: pagemap shows

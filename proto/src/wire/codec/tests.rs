@@ -137,6 +137,7 @@ fn statuses_stat_and_error_round_trip() {
 fn hello_ok_round_trip() {
     let mut buf = Vec::new();
     let ok = HelloOk {
+        flags: 0,
         version: 1,
         page_size: 4096,
         limits: Limits::for_batch(64),
@@ -254,6 +255,7 @@ fn corpus() -> Vec<Vec<u8>> {
     encode_hello_ok(
         &mut b,
         &HelloOk {
+            flags: 0,
             version: 1,
             page_size: 4096,
             limits: Limits::default(),

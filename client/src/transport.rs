@@ -1,0 +1,171 @@
+//! One interface for every data-plane operation, whatever carries it.
+//!
+//! [`PageTransport`] is what the agent's fault handlers and evictor call;
+//! [`DataConnection`] is a connection over TCP ([`BlockingConnection`]) or
+//! RDMA (`RdmaConnection`, with the `rdma` feature), chosen per server by
+//! [`ClientConfig::transport`]: `auto` takes RDMA when the server offers it
+//! and a local device reaches the server, TCP otherwise; `rdma` insists.
+
+use rmem_proto::wire::{Limits, Page, PageStatus, Stat};
+
+use crate::{BlockingConnection, ClientConfig, ClientError, Transport};
+
+/// The data-plane operations, with the same meaning on every transport.
+pub trait PageTransport {
+    /// Stores pages; one status per page. `ok` means the server holds
+    /// exactly these bytes (checked against their checksum).
+    fn put(&mut self, pages: &[(u64, &Page)]) -> Result<Vec<PageStatus>, ClientError>;
+    /// Fetches pages into `out` (one slot per handle), each checked
+    /// against its checksum; one status per page.
+    fn get(&mut self, handles: &[u64], out: &mut [Page]) -> Result<&[PageStatus], ClientError>;
+    /// Frees pages; one status per page.
+    fn free(&mut self, handles: &[u64]) -> Result<Vec<PageStatus>, ClientError>;
+    /// The server's usage as seen by this tenant.
+    fn stat(&mut self) -> Result<Stat, ClientError>;
+    /// Limits the server announced.
+    fn limits(&self) -> Limits;
+    /// The server's pool identity.
+    fn server_id(&self) -> u64;
+    /// The server's address.
+    fn addr(&self) -> &str;
+}
+
+/// Implements [`PageTransport`] with a connection's own methods of the
+/// same names.
+macro_rules! page_transport {
+    ($t:ty) => {
+        impl PageTransport for $t {
+            fn put(&mut self, pages: &[(u64, &Page)]) -> Result<Vec<PageStatus>, ClientError> {
+                <$t>::put(self, pages)
+            }
+            fn get(
+                &mut self,
+                handles: &[u64],
+                out: &mut [Page],
+            ) -> Result<&[PageStatus], ClientError> {
+                <$t>::get(self, handles, out)
+            }
+            fn free(&mut self, handles: &[u64]) -> Result<Vec<PageStatus>, ClientError> {
+                <$t>::free(self, handles)
+            }
+            fn stat(&mut self) -> Result<Stat, ClientError> {
+                <$t>::stat(self)
+            }
+            fn limits(&self) -> Limits {
+                <$t>::limits(self)
+            }
+            fn server_id(&self) -> u64 {
+                <$t>::server_id(self)
+            }
+            fn addr(&self) -> &str {
+                <$t>::addr(self)
+            }
+        }
+    };
+}
+
+page_transport!(BlockingConnection);
+#[cfg(feature = "rdma")]
+page_transport!(crate::RdmaConnection);
+
+/// A connection over whichever transport was chosen.
+#[derive(Debug)]
+pub enum DataConnection {
+    Tcp(BlockingConnection),
+    #[cfg(feature = "rdma")]
+    Rdma(Box<crate::RdmaConnection>),
+}
+
+impl DataConnection {
+    /// Connects with the transport `cfg` asks for.
+    pub fn connect(cfg: &ClientConfig) -> Result<Self, ClientError> {
+        let tcp = BlockingConnection::connect(cfg)?;
+        match cfg.transport {
+            Transport::Tcp => Ok(Self::Tcp(tcp)),
+            Transport::Rdma => Self::rdma(tcp, cfg),
+            Transport::Auto if !tcp.offers_rdma() => Ok(Self::Tcp(tcp)),
+            Transport::Auto => Self::auto(tcp, cfg),
+        }
+    }
+
+    #[cfg(feature = "rdma")]
+    fn rdma(tcp: BlockingConnection, cfg: &ClientConfig) -> Result<Self, ClientError> {
+        crate::RdmaConnection::upgrade(tcp, cfg).map(|c| Self::Rdma(Box::new(c)))
+    }
+
+    #[cfg(not(feature = "rdma"))]
+    fn rdma(_: BlockingConnection, _: &ClientConfig) -> Result<Self, ClientError> {
+        Err(ClientError::RdmaNotBuilt)
+    }
+
+    /// RDMA if it can be set up, else TCP on a fresh connection (a failed
+    /// setup may leave the first one in an unknown state).
+    fn auto(tcp: BlockingConnection, cfg: &ClientConfig) -> Result<Self, ClientError> {
+        match Self::rdma(tcp, cfg) {
+            Ok(c) => Ok(c),
+            Err(ClientError::RdmaNotBuilt) => BlockingConnection::connect(cfg).map(Self::Tcp),
+            // Setting up RDMA failed (no device reaches the server, the
+            // locked-memory limit, the server could not make a queue pair):
+            // TCP still works. Network errors are the caller's to retry.
+            Err(
+                e @ (ClientError::RdmaNotOffered { .. }
+                | ClientError::Rejected {
+                    code: rmem_proto::wire::ErrorCode::RdmaUnavailable,
+                    ..
+                }),
+            ) => Self::fall_back(cfg, &e),
+            #[cfg(feature = "rdma")]
+            Err(e @ ClientError::Rdma { .. }) => Self::fall_back(cfg, &e),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn fall_back(cfg: &ClientConfig, e: &ClientError) -> Result<Self, ClientError> {
+        tracing::warn!(addr = %cfg.addr, error = %rmem_common::error_chain(e), "RDMA unavailable; using TCP");
+        BlockingConnection::connect(cfg).map(Self::Tcp)
+    }
+
+    /// Which transport this connection uses.
+    pub fn transport(&self) -> Transport {
+        match self {
+            Self::Tcp(_) => Transport::Tcp,
+            #[cfg(feature = "rdma")]
+            Self::Rdma(_) => Transport::Rdma,
+        }
+    }
+}
+
+/// Forwards a call to the connection inside.
+macro_rules! each {
+    ($self:ident, $c:ident => $e:expr) => {
+        match $self {
+            DataConnection::Tcp($c) => $e,
+            #[cfg(feature = "rdma")]
+            DataConnection::Rdma($c) => $e,
+        }
+    };
+}
+
+impl PageTransport for DataConnection {
+    fn put(&mut self, pages: &[(u64, &Page)]) -> Result<Vec<PageStatus>, ClientError> {
+        each!(self, c => c.put(pages))
+    }
+    fn get(&mut self, handles: &[u64], out: &mut [Page]) -> Result<&[PageStatus], ClientError> {
+        each!(self, c => c.get(handles, out))
+    }
+    fn free(&mut self, handles: &[u64]) -> Result<Vec<PageStatus>, ClientError> {
+        each!(self, c => c.free(handles))
+    }
+    fn stat(&mut self) -> Result<Stat, ClientError> {
+        each!(self, c => c.stat())
+    }
+    fn limits(&self) -> Limits {
+        each!(self, c => c.limits())
+    }
+    fn server_id(&self) -> u64 {
+        each!(self, c => c.server_id())
+    }
+    fn addr(&self) -> &str {
+        each!(self, c => c.addr())
+    }
+}
