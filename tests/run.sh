@@ -66,6 +66,9 @@ cargo test --quiet --all-features -p rmem-tests --test netns -- --ignored 2>&1 |
 step "cargo build --release (the README's main job and the benchmark run optimised)"
 cargo build --release --quiet -p rmem-agent -p rmem-bench
 
+step "unit tests of the data path built optimised (a miscompile of the store's slot bookkeeping once showed only in release builds)"
+cargo test --release --quiet -p rmem-server -p rmem-client -p rmem-proto --lib 2>&1 | tee -a target/test-output.txt
+
 step "the README's main job: rmem-agent demo, default flags (fails on any wrong byte)"
 ./target/release/rmem-agent demo
 
