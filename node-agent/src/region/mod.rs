@@ -184,8 +184,13 @@ impl Inner {
         (self.budget_pages / 16).clamp(4, self.cfg.evict_batch.max(4))
     }
 
-    /// Residency above which the evictor starts.
+    /// Residency above which the evictor starts. A region whose every page
+    /// fits in its budget never needs it: its headroom would only make the
+    /// evictor churn pages of a working set that fits.
     pub(crate) fn high_mark(&self) -> usize {
+        if self.states.len() <= self.budget_pages {
+            return usize::MAX;
+        }
         self.budget_pages.saturating_sub(self.headroom()).max(1)
     }
 
