@@ -126,21 +126,12 @@ fn slowdown(cells: &[crate::matrix::Cell], working_set: u64, path: &Path) -> Res
                 .draw_series(LineSeries::new(points.clone(), color.stroke_width(3)))
                 .map_err(err)?
                 .label(*system)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-                });
+                .legend(swatch(color, 3));
             chart
                 .draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled())))
                 .map_err(err)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(("sans-serif", 16))
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.85))
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     }
     root.present().map_err(err)
 }
@@ -180,7 +171,7 @@ fn fault_latency(report: &Report, path: &Path) -> Result<(), String> {
             "fault p50 {:.1} µs, p99 {:.1} µs ({} faults)",
             report.rmem.fault_us.p50, report.rmem.fault_us.p99, report.rmem.fault_us.count
         ))
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], blue.stroke_width(3)));
+        .legend(swatch(blue, 3));
     let red = Palette99::pick(1).to_rgba();
     for (v, what) in [(rtt.p50, "p50"), (rtt.p99, "p99")] {
         if v > lo && v < hi {
@@ -191,18 +182,29 @@ fn fault_latency(report: &Report, path: &Path) -> Result<(), String> {
                 ))
                 .map_err(err)?
                 .label(format!("raw 4 KiB TCP round trip {what}: {v:.1} µs"))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 24, y)], red.stroke_width(2))
-                });
+                .legend(swatch(red, 2));
         }
     }
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
+    root.present().map_err(err)
+}
+
+/// A legend entry's sample: a short line in the series' colour and width.
+fn swatch(color: RGBAColor, width: u32) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(width))
+}
+
+/// Draws the legend box of `chart` at `position`.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<(), String> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(position)
         .label_font(("sans-serif", 16))
         .border_style(BLACK)
         .background_style(WHITE.mix(0.85))
         .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
+        .map_err(err)
 }

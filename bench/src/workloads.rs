@@ -132,14 +132,19 @@ fn value_of(key: u64) -> u64 {
 /// The odd multiplier of the slot hash, and its inverse modulo 2^64.
 const SPREAD: u64 = 0x9E37_79B9_7F4A_7C15;
 
-fn inverse(a: u64) -> u64 {
+const fn inverse(a: u64) -> u64 {
     // Newton's iteration doubles the correct low bits each step.
     let mut x = a;
-    for _ in 0..6 {
+    let mut i = 0;
+    while i < 6 {
         x = x.wrapping_mul(2u64.wrapping_sub(a.wrapping_mul(x)));
+        i += 1;
     }
     x
 }
+
+/// `SPREAD`'s multiplicative inverse modulo 2^64, computed once at build.
+const UNSPREAD: u64 = inverse(SPREAD);
 
 /// A hash table of `slots` (a power of two) slots with linear probing.
 /// The slot hash, key times an odd constant modulo `slots`, is a bijection
@@ -171,7 +176,7 @@ impl<'m> Table<'m> {
 
     /// The key whose home is `slot`.
     fn key_at(&self, slot: usize) -> u64 {
-        (slot as u64).wrapping_mul(inverse(SPREAD)) & (self.slots as u64 - 1)
+        (slot as u64).wrapping_mul(UNSPREAD) & (self.slots as u64 - 1)
     }
 
     /// Inserts or overwrites `key`.
@@ -363,7 +368,7 @@ mod tests {
 
     #[test]
     fn the_slot_hash_is_a_bijection_and_init_places_every_key_home() {
-        assert_eq!(SPREAD.wrapping_mul(inverse(SPREAD)), 1);
+        assert_eq!(SPREAD.wrapping_mul(UNSPREAD), 1);
         let pages = 8;
         let mut buf = vec![0u64; pages * WORDS];
         // SAFETY: `buf` is pages * PAGE bytes, 8-byte aligned, ours alone.
