@@ -138,6 +138,13 @@ impl Server {
             // or address fails the start instead of every client.
             rdma.open(config.listen.ip()).map_err(ServerError::Rdma)?;
         }
+        // What the data plane offers, as the coordinator lists it.
+        #[cfg_attr(not(feature = "rdma"), allow(unused_mut))]
+        let mut transports = vec!["tcp"];
+        #[cfg(feature = "rdma")]
+        if shared.rdma.is_some() {
+            transports.push("rdma");
+        }
         let shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
         let accept = tokio::spawn(tcp::serve(
@@ -163,8 +170,14 @@ impl Server {
         let membership = if config.cluster.is_standalone() {
             None
         } else {
-            match membership::Membership::join(&config.cluster, store.clone(), data_addr, grpc_addr)
-                .await
+            match membership::Membership::join(
+                &config.cluster,
+                store.clone(),
+                data_addr,
+                grpc_addr,
+                &transports,
+            )
+            .await
             {
                 Ok(m) => Some(m),
                 Err(e) => {
@@ -176,6 +189,7 @@ impl Server {
         tracing::info!(
             data = %data_addr, grpc = %grpc_addr,
             capacity_pages = store.capacity_pages(), persistent = store.persistent(),
+            transports = %transports.join(","),
             server_id = format_args!("{:016x}", store.server_id()),
             "memory server ready"
         );

@@ -220,6 +220,7 @@ impl Membership {
         store: Arc<Store>,
         data: SocketAddr,
         grpc: SocketAddr,
+        transports: &[&str],
     ) -> Result<Self, ControlError> {
         let endpoint = cfg.coordinator.as_deref().unwrap_or_default();
         let token = match &cfg.token_file {
@@ -242,7 +243,7 @@ impl Membership {
             data_addr: reachable(cfg.advertise.as_deref(), data),
             grpc_addr: reachable(cfg.grpc_advertise.as_deref(), grpc),
             capacity_pages: store.capacity_pages(),
-            transports: vec!["tcp".into()],
+            transports: transports.iter().map(|t| t.to_string()).collect(),
         };
         let session = MemberSession::start(
             client.clone(),

@@ -47,6 +47,12 @@ pub fn bin(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+        // The daemons this test build was made with: with RDMA when the
+        // tests have it (`cargo test --all-features`), so the binaries are
+        // the ones already built rather than rebuilt without it.
+        if cfg!(feature = "rdma") {
+            cmd.arg("--all-features");
+        }
         if target_dir().ends_with("release") {
             cmd.arg("--release");
         }

@@ -186,6 +186,65 @@ fn a_region_gets_its_capacity_from_the_cluster_and_frees_it_through_invalidation
     assert_eq!(st["agents_up"], 0);
 }
 
+/// Servers tell the coordinator which data-plane transports they offer
+/// (RDMA only when started with `--rdma` in a build that has it), and
+/// `rmemctl servers` lists them.
+#[test]
+fn servers_advertise_their_transports_and_rmemctl_lists_them() {
+    let coord = Coordinator::start(&[]);
+    let endpoint = coord.addr.to_string();
+    #[cfg_attr(not(feature = "rdma"), allow(unused_mut))]
+    let mut expect = vec![("plain", vec!["tcp"])];
+    let _plain = ServerProcess::start(&[
+        "--capacity",
+        "8MiB",
+        "--coordinator",
+        &endpoint,
+        "--name",
+        "plain",
+    ]);
+    // A wildcard address: the RDMA device is opened on the first client's
+    // connection, so this host (no device) can start it.
+    #[cfg(feature = "rdma")]
+    let _verbs = ServerProcess::start(&[
+        "--capacity",
+        "8MiB",
+        "--coordinator",
+        &endpoint,
+        "--name",
+        "verbs",
+        "--rdma",
+        "--listen",
+        "0.0.0.0:0",
+    ]);
+    #[cfg(feature = "rdma")]
+    expect.push(("verbs", vec!["tcp", "rdma"]));
+    let servers = rmemctl_json(&coord, &["servers"]);
+    let mut seen: Vec<(String, Vec<String>)> = servers
+        .as_array()
+        .expect("a list of servers")
+        .iter()
+        .map(|s| {
+            let transports = s["transports"].as_array().expect("transports");
+            (
+                s["name"].as_str().unwrap().to_string(),
+                transports
+                    .iter()
+                    .map(|t| t.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        expect
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t.into_iter().map(String::from).collect()))
+            .collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn draining_a_server_moves_its_pages_and_every_page_reads_back() {
     let (coord, servers) = cluster(3);

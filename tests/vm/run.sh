@@ -51,6 +51,11 @@ install_host_packages() {
     [ -e /etc/libibverbs.d/rxe.driver ] || need+=(ibverbs-providers)
     command -v ibv_devinfo >/dev/null || need+=(ibverbs-utils)
     command -v ib_read_lat >/dev/null || need+=(perftest)
+    # Building with the `rdma` feature (as tests/run.sh installs them).
+    [ -e /usr/include/infiniband/verbs.h ] || need+=(libibverbs-dev)
+    [ -e /usr/include/rdma/rdma_cma.h ] || need+=(librdmacm-dev)
+    ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need+=(libclang-dev)
+    command -v pkg-config >/dev/null || need+=(pkg-config)
   fi
   if [ ${#need[@]} -gt 0 ]; then
     say "installing ${need[*]}"

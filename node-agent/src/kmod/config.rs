@@ -39,6 +39,29 @@ pub struct ServeConfig {
     /// `fault_timeout_ms`).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Data-plane transport to the server: `auto` (RDMA when the server
+    /// offers it, this build has it and a local device reaches the server;
+    /// TCP otherwise), `tcp`, or `rdma` (or fail).
+    #[serde(with = "transport_name")]
+    pub transport: rmem_client::Transport,
+    /// RDMA device to use (e.g. `mlx5_0`, `rxe0`); default: the one whose
+    /// address reaches the server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdma_device: Option<String>,
+}
+
+/// `Transport` as its short name in TOML.
+mod transport_name {
+    use rmem_client::Transport;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(t: &Transport, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(t.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Transport, D::Error> {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
 }
 
 impl Default for ServeConfig {
@@ -54,6 +77,8 @@ impl Default for ServeConfig {
             min_age: Duration::from_secs(2),
             interval: Duration::from_secs(1),
             request_timeout: Duration::from_secs(5),
+            transport: rmem_client::Transport::Auto,
+            rdma_device: None,
         }
     }
 }
@@ -96,6 +121,16 @@ impl ServeConfig {
         if !(ms(10)..=Duration::from_secs(600)).contains(&self.request_timeout) {
             return Err(invalid("request_timeout", "must be between 10ms and 10min"));
         }
+        if self
+            .rdma_device
+            .as_ref()
+            .is_some_and(|d| d.is_empty() || d.len() > 64 || d.contains('/'))
+        {
+            return Err(invalid(
+                "rdma_device",
+                "must be a device name such as mlx5_0",
+            ));
+        }
         Ok(())
     }
 }
@@ -125,6 +160,7 @@ mod tests {
             ("server = \"m:7480\"\nmin_age = \"1ms\"", "min_age"),
             ("server = \"m:7480\"\ninterval = \"2h\"", "interval"),
             ("server = \"m:7480\"\ntenant = \"\"", "tenant"),
+            ("server = \"m:7480\"\nrdma_device = \"../x\"", "rdma_device"),
         ] {
             let err = parse(text).unwrap_err();
             assert!(err.contains(&format!("`{field}`")), "{text}: {err}");
@@ -133,6 +169,19 @@ mod tests {
             parse("server = \"m:7480\"\nbogus = 1")
                 .unwrap_err()
                 .contains("bogus")
+        );
+    }
+
+    #[test]
+    fn the_transport_reads_and_prints_as_its_name() {
+        let c = parse("server = \"m:7480\"\ntransport = \"tcp\"").unwrap();
+        assert_eq!(c.transport, rmem_client::Transport::Tcp);
+        assert!(toml::to_string(&c).unwrap().contains("transport = \"tcp\""));
+        let err = parse("server = \"m:7480\"\ntransport = \"udp\"").unwrap_err();
+        assert!(err.contains("unknown transport 'udp'"), "{err}");
+        assert_eq!(
+            parse("server = \"m:7480\"").unwrap().transport,
+            rmem_client::Transport::Auto
         );
     }
 
