@@ -98,6 +98,9 @@ pub struct AttachmentView {
     pub evict_errors: u64,
     pub last_error: String,
     pub attached_seconds: f64,
+    /// 0: no budget.
+    pub budget_bytes: u64,
+    pub local_bytes: u64,
 }
 
 impl From<pb::Attachment> for AttachmentView {
@@ -113,6 +116,8 @@ impl From<pb::Attachment> for AttachmentView {
             evict_errors: a.evict_errors,
             last_error: a.last_error,
             attached_seconds: a.attached_seconds,
+            budget_bytes: a.budget_bytes,
+            local_bytes: a.local_bytes,
         }
     }
 }
@@ -139,6 +144,19 @@ impl From<pb::ListResponse> for AttachmentsView {
     }
 }
 
+/// "LOCAL/BUDGET" of a process with a budget, "-" without one.
+fn budget(a: &AttachmentView) -> String {
+    if a.budget_bytes == 0 {
+        "-".into()
+    } else {
+        format!(
+            "{}/{}",
+            pages(a.local_bytes / 4096),
+            pages(a.budget_bytes / 4096)
+        )
+    }
+}
+
 fn range(a: &AttachmentView) -> String {
     if a.length == 0 {
         "all".into()
@@ -149,7 +167,15 @@ fn range(a: &AttachmentView) -> String {
 
 pub fn attachments_table(v: &AttachmentsView) -> String {
     let mut t = Table::new(&[
-        "PID", "COMMAND", "RANGE", "ROUNDS", "COLD", "EVICTED", "ERRORS", "AGE",
+        "PID",
+        "COMMAND",
+        "RANGE",
+        "ROUNDS",
+        "COLD",
+        "EVICTED",
+        "LOCAL/BUDGET",
+        "ERRORS",
+        "AGE",
     ]);
     for a in &v.attachments {
         t.row(vec![
@@ -159,6 +185,7 @@ pub fn attachments_table(v: &AttachmentsView) -> String {
             a.rounds.to_string(),
             pages(a.cold_bytes / 4096),
             pages(a.evicted_pages),
+            budget(a),
             a.evict_errors.to_string(),
             format!("{:.0}s", a.attached_seconds),
         ]);
@@ -175,9 +202,14 @@ pub fn attachments_table(v: &AttachmentsView) -> String {
 
 pub fn attachment_line(a: &AttachmentView) -> String {
     format!(
-        "attached pid {} ({}), range {}\n",
+        "attached pid {} ({}), range {}, budget {}\n",
         a.pid,
         a.command,
-        range(a)
+        range(a),
+        if a.budget_bytes == 0 {
+            "none".to_string()
+        } else {
+            pages(a.budget_bytes / 4096)
+        }
     )
 }

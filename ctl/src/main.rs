@@ -21,7 +21,9 @@ use crate::views::{
 };
 
 /// Administer an rmem cluster: members, placements, intervals and
-/// invalidations, through the coordinator's gRPC API.
+/// invalidations through the coordinator's gRPC API (--endpoint); and, on a
+/// compute node, the processes its kernel agent manages, through the
+/// agent's local socket (attach, detach, attachments; --agent).
 ///
 /// Examples:
 ///   rmemctl status
@@ -29,7 +31,7 @@ use crate::views::{
 ///   rmemctl intervals --agent 4
 ///   rmemctl invalidate --space node1/4242 --start 0x7f0000000000 --length 1GiB
 ///   rmemctl drain mem-03
-///   rmemctl attach --pid 4242          (on a compute node, as root)
+///   rmemctl attach --pid 4242 --budget 512MiB   (on a compute node, as root)
 ///   rmemctl completions bash > /etc/bash_completion.d/rmemctl
 #[derive(Debug, Parser)]
 #[command(name = "rmemctl", version, verbatim_doc_comment)]
@@ -153,6 +155,11 @@ enum Command {
         /// Length of the range, e.g. 1GiB.
         #[arg(long, value_parser = parse_size, requires = "start")]
         length: Option<u64>,
+        /// Most of its anonymous memory kept in RAM, e.g. 512MiB (at least
+        /// 1MiB): over it, its coldest pages are evicted even before they
+        /// count as cold [default: no budget, cold pages only].
+        #[arg(long, value_parser = parse_size)]
+        budget: Option<u64>,
         #[command(flatten)]
         agent: AgentSocket,
     },
@@ -513,6 +520,7 @@ async fn run_agent(command: Command, out: Output, timeout: Duration) -> Result<(
             pid,
             start,
             length,
+            budget,
             agent,
         } => {
             let mut c = agent::connect(&agent.socket, timeout).await?;
@@ -521,6 +529,7 @@ async fn run_agent(command: Command, out: Output, timeout: Duration) -> Result<(
                     pid,
                     start: start.unwrap_or(0),
                     length: length.unwrap_or(0),
+                    budget_bytes: budget.unwrap_or(0),
                 })
                 .await
                 .map_err(agent::AgentError::from)?

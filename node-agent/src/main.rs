@@ -81,6 +81,12 @@ struct ServeArgs {
     /// File holding the tenant's credential.
     #[arg(long, value_name = "PATH")]
     token_file: Option<std::path::PathBuf>,
+    /// Data-plane transport: auto, tcp or rdma [default: auto].
+    #[arg(long)]
+    transport: Option<rmem_client::Transport>,
+    /// RDMA device to use [default: the one that reaches the server].
+    #[arg(long, value_name = "NAME")]
+    rdma_device: Option<String>,
     /// Attach this process at start (repeatable).
     #[arg(long, value_name = "PID")]
     attach: Vec<i32>,
@@ -115,6 +121,18 @@ struct KernelArgs {
     /// Credential of the tenant.
     #[arg(long, env = "RMEM_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Most of the process's anonymous memory kept in RAM, e.g. 256MiB
+    /// (at least 1MiB): over it, its coldest pages are evicted even before
+    /// they count as cold [default: no budget, cold pages only].
+    #[arg(long)]
+    budget: Option<ByteSize>,
+    /// Data-plane transport: `auto` (RDMA when the server offers it and
+    /// a local device reaches it, else TCP), `tcp`, `rdma`.
+    #[arg(long, default_value = "auto")]
+    transport: rmem_client::Transport,
+    /// RDMA device to use [default: the one that reaches the server].
+    #[arg(long, value_name = "NAME")]
+    rdma_device: Option<String>,
     /// Print each round's status, and the final one, as JSON lines.
     #[arg(long)]
     json: bool,
@@ -301,6 +319,12 @@ fn serve_config(
         c.token = None;
         c.token_file = Some(v.clone());
     }
+    if let Some(v) = a.transport {
+        c.transport = v;
+    }
+    if let Some(v) = &a.rdma_device {
+        c.rdma_device = Some(v.clone());
+    }
     c.validate()?;
     Ok(c)
 }
@@ -336,10 +360,12 @@ fn run_serve(a: ServeArgs) -> ExitCode {
         print!("{}", toml::to_string(&shown).expect("config serializes"));
         return ExitCode::SUCCESS;
     }
-    let client = rmem_client::ClientConfig::new(cfg.server.clone()).with_tenant(
+    let mut client = rmem_client::ClientConfig::new(cfg.server.clone()).with_tenant(
         cfg.tenant.clone(),
         cfg.token.clone().unwrap_or_default().into_bytes(),
     );
+    client.transport = cfg.transport;
+    client.rdma_device = cfg.rdma_device.clone();
     let mut kernel = KernelConfig::new(client);
     kernel.device = cfg.device.clone();
     kernel.fault_threads = cfg.fault_threads;
@@ -375,7 +401,7 @@ fn run_serve(a: ServeArgs) -> ExitCode {
         let stop_signal = rmem_common::shutdown::stop_signal();
         for &pid in &a.attach {
             let sup = sup.clone();
-            tokio::task::spawn_blocking(move || sup.attach(pid, None))
+            tokio::task::spawn_blocking(move || sup.attach(pid, None, None))
                 .await
                 .expect("attach task")
                 .map_err(|e| format!("--attach {pid}: {e}"))?;
@@ -430,8 +456,10 @@ fn run_serve(a: ServeArgs) -> ExitCode {
 fn run_kernel(k: KernelArgs) -> ExitCode {
     use rmem_agent::kmod::daemon::{self, DaemonConfig};
     use rmem_agent::kmod::{KernelConfig, damon::DamonConfig};
-    let client = rmem_client::ClientConfig::new(k.server)
+    let mut client = rmem_client::ClientConfig::new(k.server)
         .with_tenant(k.tenant, k.token.unwrap_or_default().into_bytes());
+    client.transport = k.transport;
+    client.rdma_device = k.rdma_device;
     let mut kernel = KernelConfig::new(client);
     kernel.device = k.device;
     kernel.fault_threads = k.fault_threads;
@@ -443,20 +471,25 @@ fn run_kernel(k: KernelArgs) -> ExitCode {
         },
         interval: k.interval,
     };
+    let budget = k.budget.map(|b| b.bytes());
+    if budget.is_some_and(|b| b < rmem_agent::kmod::admin::MIN_BUDGET) {
+        eprintln!("rmem-agent kernel: --budget must be at least 1MiB");
+        return ExitCode::from(2);
+    }
     stop_after_round();
     let json = k.json;
-    let result = daemon::run(&cfg, k.pid, &STOP, |st| {
+    let result = daemon::run(&cfg, k.pid, budget, &STOP, |st| {
         if json {
             println!("{}", serde_json::to_string(st).expect("status serializes"));
         } else {
             eprintln!(
                 "rmem-agent kernel: pid {} round {}: {} KiB cold, {} pages evicted, {} fetched, {} freed",
-                st.pid,
-                st.rounds,
-                st.cold_bytes / 1024,
-                st.evicted_pages,
-                st.fetched_pages,
-                st.freed_pages
+                st.process.pid,
+                st.process.rounds,
+                st.process.cold_bytes / 1024,
+                st.process.evicted_pages,
+                st.agent.fetched_pages,
+                st.agent.freed_pages
             );
         }
     });
@@ -467,9 +500,13 @@ fn run_kernel(k: KernelArgs) -> ExitCode {
             } else {
                 eprintln!(
                     "rmem-agent kernel: detached from pid {}{}: {} pages brought back",
-                    st.pid,
-                    if st.process_exited { " (exited)" } else { "" },
-                    st.restored_pages
+                    st.process.pid,
+                    if st.process.process_exited {
+                        " (exited)"
+                    } else {
+                        ""
+                    },
+                    st.process.restored_pages
                 );
             }
             ExitCode::SUCCESS

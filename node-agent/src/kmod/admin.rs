@@ -26,6 +26,10 @@ pub struct AdminService {
     sup: Arc<Supervisor>,
 }
 
+/// The smallest budget accepted: less would evict pages the process is
+/// touching right now, over and over.
+pub const MIN_BUDGET: u64 = 1 << 20;
+
 fn view(s: &DaemonStatus) -> pb::Attachment {
     pb::Attachment {
         pid: s.pid,
@@ -38,6 +42,8 @@ fn view(s: &DaemonStatus) -> pb::Attachment {
         evict_errors: s.evict_errors,
         last_error: s.last_error.clone().unwrap_or_default(),
         attached_seconds: s.attached_seconds,
+        budget_bytes: s.budget_bytes,
+        local_bytes: s.local_bytes,
     }
 }
 
@@ -89,7 +95,15 @@ impl AgentAdmin for AdminService {
                 "start without length: give both, or neither for the whole process",
             ));
         }
-        let st = self.blocking(move |s| s.attach(r.pid, range)).await?;
+        let budget = (r.budget_bytes != 0).then_some(r.budget_bytes);
+        if budget.is_some_and(|b| b < MIN_BUDGET) {
+            return Err(Status::invalid_argument(format!(
+                "budget_bytes: at least {MIN_BUDGET} (1 MiB), or 0 for none"
+            )));
+        }
+        let st = self
+            .blocking(move |s| s.attach(r.pid, range, budget))
+            .await?;
         Ok(Response::new(pb::AttachResponse {
             attachment: Some(view(&st)),
         }))
@@ -110,14 +124,14 @@ impl AgentAdmin for AdminService {
         &self,
         _req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        let (list, (fetched, freed, kept), server) = self
+        let (list, totals, server) = self
             .blocking(|s| Ok((s.list(), s.totals(), s.server().to_string())))
             .await?;
         Ok(Response::new(pb::ListResponse {
             attachments: list.iter().map(view).collect(),
-            fetched_pages: fetched,
-            freed_pages: freed,
-            kept_local_pages: kept,
+            fetched_pages: totals.fetched_pages,
+            freed_pages: totals.freed_pages,
+            kept_local_pages: totals.kept_local_pages,
             server,
         }))
     }

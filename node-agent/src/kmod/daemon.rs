@@ -4,7 +4,9 @@
 //! fetch requests) and DAMON. Processes are attached and detached while it
 //! runs; every round it asks DAMON, per process, for the regions not
 //! accessed for `min_age`, clips them to the process's private anonymous
-//! mappings and evicts them. A process that exits is dropped at the next
+//! mappings and evicts them. A process attached with a budget that still
+//! holds more than it in RAM then gives up its coldest regions until it is
+//! within it (see [`super::budget`]). A process that exits is dropped at the next
 //! round. Detaching brings every page of the process back.
 //!
 //! `rmem-agent kernel --pid N` runs it for one process ([`run`]);
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::budget;
 use super::damon::{self, Damon, DamonConfig};
 use super::service::{KernelAgent, KernelConfig, KernelError};
 
@@ -42,11 +45,12 @@ pub struct DaemonStatus {
     pub rounds: u64,
     pub cold_bytes: u64,
     pub evicted_pages: u64,
-    /// Agent-wide counters (the module does not say which process a fetch
-    /// or free belongs to).
-    pub fetched_pages: u64,
-    pub freed_pages: u64,
-    pub kept_local_pages: u64,
+    /// Most bytes of its anonymous memory kept in RAM; 0: no budget (only
+    /// cold pages are evicted).
+    pub budget_bytes: u64,
+    /// Bytes of its private anonymous memory in RAM at the last round
+    /// (measured only for a process with a budget).
+    pub local_bytes: u64,
     /// Pages brought back by the detach.
     pub restored_pages: u64,
     pub process_exited: bool,
@@ -54,6 +58,15 @@ pub struct DaemonStatus {
     pub evict_errors: u64,
     pub last_error: Option<String>,
     pub attached_seconds: f64,
+}
+
+/// Agent-wide counters: the module does not say which process a fetch or
+/// a free belongs to, so these are not per process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct AgentTotals {
+    pub fetched_pages: u64,
+    pub freed_pages: u64,
+    pub kept_local_pages: u64,
 }
 
 /// Why attaching or detaching failed.
@@ -138,11 +151,13 @@ impl Supervisor {
     }
 
     /// Attaches `pid` (`range` `(start, length)`, or the whole address
-    /// space) and starts watching it.
+    /// space) and starts watching it; with a `budget` (bytes), at most that
+    /// much of its anonymous memory stays in RAM.
     pub fn attach(
         &self,
         pid: i32,
         range: Option<(u64, u64)>,
+        budget: Option<u64>,
     ) -> Result<DaemonStatus, SupervisorError> {
         if pid <= 0 {
             return Err(SupervisorError::NoProcess(pid));
@@ -176,6 +191,7 @@ impl Supervisor {
             command,
             start,
             length,
+            budget_bytes: budget.unwrap_or(0),
             ..DaemonStatus::default()
         };
         inner.procs.insert(
@@ -215,7 +231,7 @@ impl Supervisor {
     fn finish(&self, mut p: Proc) -> Result<DaemonStatus, SupervisorError> {
         let restored = self.agent.detach(p.att).map_err(KernelError::from)?;
         p.status.restored_pages = restored;
-        self.fill(&mut p.status, p.since);
+        p.status.attached_seconds = p.since.elapsed().as_secs_f64();
         tracing::info!(pid = p.status.pid, restored, "detached; every page is back");
         Ok(p.status)
     }
@@ -244,7 +260,7 @@ impl Supervisor {
             .values()
             .map(|p| {
                 let mut s = p.status.clone();
-                self.fill(&mut s, p.since);
+                s.attached_seconds = p.since.elapsed().as_secs_f64();
                 s
             })
             .collect()
@@ -255,26 +271,19 @@ impl Supervisor {
         self.agent.server()
     }
 
-    /// Agent-wide counters: fetched, freed, kept local.
-    pub fn totals(&self) -> (u64, u64, u64) {
+    /// Agent-wide counters.
+    pub fn totals(&self) -> AgentTotals {
         let s = self.agent.stats();
-        (
-            s.fetched.load(Ordering::Relaxed),
-            s.freed.load(Ordering::Relaxed),
-            s.kept_local.load(Ordering::Relaxed),
-        )
+        AgentTotals {
+            fetched_pages: s.fetched.load(Ordering::Relaxed),
+            freed_pages: s.freed.load(Ordering::Relaxed),
+            kept_local_pages: s.kept_local.load(Ordering::Relaxed),
+        }
     }
 
-    fn fill(&self, status: &mut DaemonStatus, since: Instant) {
-        let (fetched, freed, kept) = self.totals();
-        status.fetched_pages = fetched;
-        status.freed_pages = freed;
-        status.kept_local_pages = kept;
-        status.attached_seconds = since.elapsed().as_secs_f64();
-    }
-
-    /// One round: evicts every attached process's cold pages. Processes
-    /// that exited are detached and returned.
+    /// One round: evicts every attached process's cold pages, then, for a
+    /// process over its budget, its coldest pages until it is within it.
+    /// Processes that exited are detached and returned.
     pub fn round(&self) -> Vec<DaemonStatus> {
         // The work list under the lock; evictions without it, so attach,
         // detach and list answer during a long round.
@@ -290,6 +299,11 @@ impl Supervisor {
                         continue;
                     }
                 };
+                // An attached range limits what may be evicted.
+                let maps = match (p.status.start, p.status.length) {
+                    (_, 0) => maps,
+                    (start, len) => damon::intersect(&[(start, start + len)], &maps),
+                };
                 let cold = match inner.damon.cold_regions(pid) {
                     Ok(c) => damon::intersect(&c, &maps),
                     Err(e) => {
@@ -297,7 +311,20 @@ impl Supervisor {
                         Vec::new()
                     }
                 };
-                work.push((pid, p.att, cold));
+                let budget = (p.status.budget_bytes > 0).then(|| Budget {
+                    pages: p.status.budget_bytes / PAGE,
+                    regions: inner.damon.regions_coldest_first(pid).unwrap_or_else(|e| {
+                        tracing::warn!(pid, error = %e, "DAMON gave no regions for the budget");
+                        Vec::new()
+                    }),
+                });
+                work.push(Work {
+                    pid,
+                    att: p.att,
+                    maps,
+                    cold,
+                    budget,
+                });
             }
             let gone: Vec<Proc> = gone
                 .iter()
@@ -319,41 +346,123 @@ impl Supervisor {
                 Err(e) => tracing::warn!(error = %e, "detach of an exited process failed"),
             }
         }
-        for (pid, att, cold) in work {
-            let cold_bytes = cold.iter().map(|(s, e)| e - s).sum();
-            let (mut evicted, mut errors, mut last) = (0u64, 0u64, None);
-            for (s, e) in cold {
-                match self.agent.evict(att, s, e - s) {
-                    Ok(n) => evicted += n as u64,
-                    Err(err) => {
-                        // Unmapped meanwhile, the process is gone or was
-                        // detached meanwhile: not worth a warning.
-                        let quiet = matches!(&err, KernelError::Device(io)
-                            if matches!(io.raw_os_error(), Some(libc::EFAULT | libc::ESRCH | libc::ENOENT)));
-                        if !quiet {
-                            tracing::warn!(pid, error = %err, start = s, end = e,
-                                "eviction failed; the pages stay local");
-                        }
-                        errors += 1;
-                        last = Some(format!("{s:#x}-{e:#x}: {err}"));
-                    }
-                }
+        for w in work {
+            let mut done = Done::default();
+            let cold_bytes = w.cold.iter().map(|(s, e)| e - s).sum();
+            for &(s, e) in &w.cold {
+                self.evict(&w, s, e, &mut done);
             }
+            let local = w
+                .budget
+                .as_ref()
+                .and_then(|b| self.keep_within(&w, b, &mut done));
             let mut inner = self.lock();
             // Detached meanwhile: its counters went with it.
-            if let Some(p) = inner.procs.get_mut(&pid).filter(|p| p.att == att) {
+            if let Some(p) = inner.procs.get_mut(&w.pid).filter(|p| p.att == w.att) {
                 let st = &mut p.status;
                 st.rounds += 1;
                 st.cold_bytes = cold_bytes;
-                st.evicted_pages += evicted;
-                st.evict_errors += errors;
-                if last.is_some() {
-                    st.last_error = last;
+                st.evicted_pages += done.evicted;
+                st.evict_errors += done.errors;
+                if let Some(pages) = local {
+                    st.local_bytes = pages * PAGE;
+                }
+                if done.last_error.is_some() {
+                    st.last_error = done.last_error;
                 }
             }
         }
         exited
     }
+
+    /// Evicts `[s, e)` of `w`'s process; the pages moved.
+    fn evict(&self, w: &Work, s: u64, e: u64, done: &mut Done) -> u64 {
+        match self.agent.evict(w.att, s, e - s) {
+            Ok(n) => {
+                done.evicted += n as u64;
+                n as u64
+            }
+            Err(err) => {
+                // Unmapped meanwhile, the process is gone or was detached
+                // meanwhile: not worth a warning.
+                let quiet = matches!(&err, KernelError::Device(io)
+                    if matches!(io.raw_os_error(), Some(libc::EFAULT | libc::ESRCH | libc::ENOENT)));
+                if !quiet {
+                    tracing::warn!(pid = w.pid, error = %err, start = s, end = e,
+                        "eviction failed; the pages stay local");
+                }
+                done.errors += 1;
+                done.last_error = Some(format!("{s:#x}-{e:#x}: {err}"));
+                0
+            }
+        }
+    }
+
+    /// Brings `w`'s process within its budget: measures what it holds in
+    /// RAM and evicts its coldest regions, a budget's excess at a time,
+    /// until enough moved. The pages it holds afterwards (`None` if they
+    /// could not be measured).
+    fn keep_within(&self, w: &Work, b: &Budget, done: &mut Done) -> Option<u64> {
+        let resident = match budget::resident_pages(w.pid, &w.maps) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(pid = w.pid, error = %e, "cannot read what the process holds in RAM");
+                return None;
+            }
+        };
+        let excess = resident.saturating_sub(b.pages);
+        if excess == 0 {
+            return Some(resident);
+        }
+        let mut moved = 0;
+        'victims: for (s, e) in budget::victims(&b.regions, &w.maps, excess) {
+            let mut at = s;
+            while at < e {
+                let left = excess.saturating_sub(moved);
+                if left == 0 {
+                    break 'victims;
+                }
+                let to = e.min(at + left * PAGE);
+                moved += self.evict(w, at, to, done);
+                at = to;
+            }
+        }
+        tracing::debug!(
+            pid = w.pid,
+            resident,
+            budget_pages = b.pages,
+            moved,
+            "budget round"
+        );
+        Some(resident.saturating_sub(moved))
+    }
+}
+
+const PAGE: u64 = super::uapi::PAGE_SIZE as u64;
+
+/// One process's work in a round.
+struct Work {
+    pid: i32,
+    att: u64,
+    /// Its private anonymous mappings (within the attached range).
+    maps: Vec<(u64, u64)>,
+    /// DAMON's cold regions within them.
+    cold: Vec<(u64, u64)>,
+    budget: Option<Budget>,
+}
+
+/// A process's budget, and its regions coldest first.
+struct Budget {
+    pages: u64,
+    regions: Vec<damon::Region>,
+}
+
+/// What a round did to one process.
+#[derive(Default)]
+struct Done {
+    evicted: u64,
+    errors: u64,
+    last_error: Option<String>,
 }
 
 /// Sleeps `d` in short steps, returning early once `stop` is set.
@@ -364,28 +473,44 @@ pub fn pause(d: Duration, stop: &AtomicBool) {
     }
 }
 
-/// `rmem-agent kernel`: attaches `pid` and runs rounds until `stop` is set
-/// or the process exits, then detaches; `progress` sees each round.
+/// What `rmem-agent kernel` reports: its one process's status beside the
+/// agent's totals (one flat JSON object).
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelReport {
+    #[serde(flatten)]
+    pub process: DaemonStatus,
+    #[serde(flatten)]
+    pub agent: AgentTotals,
+}
+
+/// `rmem-agent kernel`: attaches `pid` (with `budget` bytes, if any) and
+/// runs rounds until `stop` is set or the process exits, then detaches;
+/// `progress` sees each round.
 pub fn run(
     cfg: &DaemonConfig,
     pid: i32,
+    budget: Option<u64>,
     stop: &AtomicBool,
-    mut progress: impl FnMut(&DaemonStatus),
-) -> Result<DaemonStatus, SupervisorError> {
+    mut progress: impl FnMut(&KernelReport),
+) -> Result<KernelReport, SupervisorError> {
     let sup = Supervisor::start(cfg)?;
-    sup.attach(pid, None)?;
+    sup.attach(pid, None, budget)?;
+    let report = |process| KernelReport {
+        process,
+        agent: sup.totals(),
+    };
     while !stop.load(Ordering::Relaxed) {
         pause(cfg.interval, stop);
         if let Some(done) = sup.round().into_iter().find(|s| s.pid == pid) {
-            return Ok(done);
+            return Ok(report(done));
         }
         if let Some(s) = sup.list().into_iter().find(|s| s.pid == pid) {
-            progress(&s);
+            progress(&report(s));
         }
     }
     // Detach even after an error: every page comes back while the fault
     // threads still run.
-    sup.detach(pid)
+    sup.detach(pid).map(report)
 }
 
 #[cfg(test)]

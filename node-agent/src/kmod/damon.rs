@@ -10,6 +10,10 @@
 //! `min_age`" makes DAMON list exactly the cold regions
 //! (`tried_regions`), which the agent then evicts.
 //!
+//! A second `stat` scheme matches every region, so the agent also learns
+//! each region's `nr_accesses` and `age`: a process over its memory budget
+//! gives up its coldest regions first (see [`super::budget`]).
+//!
 //! The agent owns the sysfs kdamonds while it runs: it refuses to start when
 //! another user has one configured, and turns its own off on drop.
 
@@ -45,6 +49,21 @@ impl Default for DamonConfig {
         }
     }
 }
+
+/// A region DAMON monitors, with its access pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub start: u64,
+    pub end: u64,
+    /// Samples that found it accessed in the last aggregation interval.
+    pub nr_accesses: u64,
+    /// Aggregation intervals its access pattern has kept.
+    pub age: u64,
+}
+
+/// The scheme listing the cold regions, and the one listing every region.
+const COLD_SCHEME: usize = 0;
+const ALL_SCHEME: usize = 1;
 
 /// Running kdamonds, one per watched process (a DAMON context's
 /// `tried_regions` do not say which target a region belongs to, so each
@@ -172,40 +191,97 @@ impl Damon {
         write(intervals.join("aggr_us"), cfg.aggregate.as_micros())?;
         write(ctx.join("targets/nr_targets"), 1)?;
         write(ctx.join("targets/0/pid_target"), pid)?;
-        write(ctx.join("schemes/nr_schemes"), 1)?;
-        let scheme = ctx.join("schemes/0");
-        write(scheme.join("action"), "stat")?;
-        let pattern = scheme.join("access_pattern");
-        // Every bound is 0 until written: set both ends of each range.
-        write(pattern.join("sz/min"), 4096)?;
-        write(pattern.join("sz/max"), u64::MAX)?;
-        write(pattern.join("age/max"), u32::MAX)?;
-        write(pattern.join("nr_accesses/min"), 0)?;
-        write(pattern.join("nr_accesses/max"), 0)?;
+        write(ctx.join("schemes/nr_schemes"), 2)?;
         let intervals_old = (cfg.min_age.as_micros() / cfg.aggregate.as_micros().max(1)).max(1);
-        write(pattern.join("age/min"), intervals_old)
+        // Cold: no access for at least `min_age`.
+        stat_scheme(
+            &ctx,
+            COLD_SCHEME,
+            (0, 0),
+            (intervals_old as u64, u32::MAX.into()),
+        )?;
+        // Everything, for the budget's coldest-first order.
+        stat_scheme(&ctx, ALL_SCHEME, (0, u32::MAX.into()), (0, u32::MAX.into()))
     }
 
-    /// The regions of `pid` unaccessed for at least `min_age`, as
-    /// `(start, end)`; `NotFound` if `pid` is not watched.
-    pub fn cold_regions(&self, pid: i32) -> io::Result<Vec<(u64, u64)>> {
+    /// Asks `pid`'s kdamond to list what its schemes matched now; the
+    /// kdamond's directory. `NotFound` if `pid` is not watched.
+    fn refresh(&self, pid: i32) -> io::Result<PathBuf> {
         let i = self.pids.iter().position(|&p| p == pid).ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotFound, format!("pid {pid} is not watched"))
         })?;
         let kdamond = kdamond(i);
         write(kdamond.join("state"), "update_schemes_tried_regions")?;
-        let dir = kdamond.join("contexts/0/schemes/0/tried_regions");
-        let mut regions = Vec::new();
-        for entry in fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if !path.is_dir() {
-                continue;
-            }
-            regions.push((read_u64(path.join("start"))?, read_u64(path.join("end"))?));
-        }
+        Ok(kdamond)
+    }
+
+    /// The regions of `pid` unaccessed for at least `min_age`, as
+    /// `(start, end)`; `NotFound` if `pid` is not watched.
+    pub fn cold_regions(&self, pid: i32) -> io::Result<Vec<(u64, u64)>> {
+        let kdamond = self.refresh(pid)?;
+        let mut regions: Vec<(u64, u64)> = tried_regions(&kdamond, COLD_SCHEME)?
+            .iter()
+            .map(|r| (r.start, r.end))
+            .collect();
         regions.sort_unstable();
         Ok(regions)
     }
+
+    /// Every region of `pid` with its access pattern, coldest first (no
+    /// access, oldest pattern first; then fewest accesses).
+    pub fn regions_coldest_first(&self, pid: i32) -> io::Result<Vec<Region>> {
+        let kdamond = self.refresh(pid)?;
+        let mut regions = tried_regions(&kdamond, ALL_SCHEME)?;
+        coldest_first(&mut regions);
+        Ok(regions)
+    }
+}
+
+/// Configures scheme `i` of context `ctx` as a `stat` scheme matching
+/// regions with `nr_accesses` and `age` in the given inclusive ranges.
+fn stat_scheme(ctx: &Path, i: usize, nr_accesses: (u64, u64), age: (u64, u64)) -> io::Result<()> {
+    let scheme = ctx.join(format!("schemes/{i}"));
+    write(scheme.join("action"), "stat")?;
+    let pattern = scheme.join("access_pattern");
+    // Every bound is 0 until written: set both ends of each range.
+    write(pattern.join("sz/min"), 4096)?;
+    write(pattern.join("sz/max"), u64::MAX)?;
+    write(pattern.join("nr_accesses/min"), nr_accesses.0)?;
+    write(pattern.join("nr_accesses/max"), nr_accesses.1)?;
+    write(pattern.join("age/min"), age.0)?;
+    write(pattern.join("age/max"), age.1)
+}
+
+/// What scheme `i` of `kdamond` matched at its last refresh.
+fn tried_regions(kdamond: &Path, i: usize) -> io::Result<Vec<Region>> {
+    let dir = kdamond.join(format!("contexts/0/schemes/{i}/tried_regions"));
+    let mut regions = Vec::new();
+    for entry in fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if !path.is_dir() {
+            continue;
+        }
+        regions.push(Region {
+            start: read_u64(path.join("start"))?,
+            end: read_u64(path.join("end"))?,
+            nr_accesses: read_u64(path.join("nr_accesses"))?,
+            age: read_u64(path.join("age"))?,
+        });
+    }
+    Ok(regions)
+}
+
+/// Orders regions coldest first: unaccessed ones before accessed ones,
+/// among the unaccessed the longest unaccessed first, among the accessed
+/// the least accessed first (then the most stable pattern).
+pub fn coldest_first(regions: &mut [Region]) {
+    regions.sort_by_key(|r| {
+        (
+            r.nr_accesses,
+            std::cmp::Reverse(if r.nr_accesses == 0 { r.age } else { 0 }),
+            r.start,
+        )
+    });
 }
 
 impl Drop for Damon {
@@ -278,6 +354,25 @@ mod tests {
             parse_anonymous("55d0-55e0 rw-p 00000000 00:00 0 [vvar]"),
             None
         );
+    }
+
+    #[test]
+    fn the_coldest_regions_come_first() {
+        let r = |start, nr_accesses, age| Region {
+            start,
+            end: start + 0x1000,
+            nr_accesses,
+            age,
+        };
+        let mut regions = vec![
+            r(0x1000, 3, 9),
+            r(0x2000, 0, 5),
+            r(0x3000, 0, 50),
+            r(0x4000, 1, 2),
+        ];
+        coldest_first(&mut regions);
+        let order: Vec<u64> = regions.iter().map(|r| r.start).collect();
+        assert_eq!(order, vec![0x3000, 0x2000, 0x4000, 0x1000]);
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! - [`uapi`]: the ioctl structures (mirror of `kmod/include/uapi/rmem.h`).
 //! - [`device`]: safe wrappers around the ioctls.
 //! - [`damon`]: which pages are cold, from DAMON.
+//! - [`budget`]: a process's memory budget: what is in RAM, and which
+//!   regions go first when it holds too much.
 //! - [`daemon`]: the [`Supervisor`](daemon::Supervisor): attached processes
 //!   and the loop that evicts their cold pages (`rmem-agent kernel|serve`).
 //! - [`admin`]: `rmem-agent serve`'s gRPC admin API on a Unix socket.
@@ -11,6 +13,7 @@
 //!   and freed handles from a memory server and evicts ranges on request.
 
 pub mod admin;
+pub mod budget;
 pub mod config;
 pub mod daemon;
 pub mod damon;

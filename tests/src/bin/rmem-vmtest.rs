@@ -300,65 +300,13 @@ fn main() {
     suite.case(
         "rmem-agent kernel evicts a running program's cold pages (DAMON), keeps its hot ones",
         || {
-            env.agent = None;
-            let result = (|| {
-                // Debian's kernel runs DAMON_STAT, which holds DAMON exclusively.
-                let _ = std::fs::write(rmem_agent::kmod::damon::DAMON_STAT_ENABLED, "N");
-                // DAMON sees a huge page as one: keep the hot 64 pages from
-                // making a whole 2 MiB hot.
-                let mut t = Target::spawn_with(1024, &["nohuge"])?;
-                t.cmd("hot 64")?;
-                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-                let agent_bin = exe.with_file_name("rmem-agent");
-                let daemon = Command::new(agent_bin)
-                    .args([
-                        "kernel",
-                        "--server",
-                        &env.server.data.to_string(),
-                        "--pid",
-                        &t.pid().to_string(),
-                    ])
-                    .args(["--min-age", "1s", "--interval", "500ms", "--json"])
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .map_err(|e| e.to_string())?;
+            env.without_agent(|env| {
                 // The program's other anonymous memory (heap, stacks) is cold
-                // too: wait on its 1024 test pages, not on the server's count.
-                let mut remote = 0;
-                let evicted = wait_until(Duration::from_secs(60), || {
-                    remote = t.query("remote 0 1024").unwrap_or(0);
-                    remote >= 800
-                });
-                // A hot page DAMON misjudged comes back at its next touch: take
-                // the best of a few looks, not one instant.
-                let mut remote_hot = u64::MAX;
-                for _ in 0..5 {
-                    remote_hot = remote_hot.min(t.query("remote 0 64")?);
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                // SAFETY: signalling our own child.
-                unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-                let out = daemon.wait_with_output().map_err(|e| e.to_string())?;
-                let stdout = String::from_utf8_lossy(&out.stdout);
-                ensure(
-                    evicted,
-                    format!(
-                        "{remote} of 1024 pages remote, expected at least 800 cold ones; agent said:\n{stdout}"
-                    ),
-                )?;
-                ensure(
-                    out.status.success(),
-                    format!("rmem-agent kernel exited with {}", out.status),
-                )?;
-                ensure(
-                    remote_hot <= 16,
-                    format!("{remote_hot} of the 64 hot pages were evicted"),
-                )?;
-                let last: serde_json::Value = stdout
-                    .lines()
-                    .last()
-                    .and_then(|l| serde_json::from_str(l).ok())
-                    .ok_or(format!("no final status in {stdout:?}"))?;
+                // too: the run waits on its 1024 test pages, not on the
+                // server's count.
+                let (mut t, lines) =
+                    kernel_run(env, 1024, &["--min-age", "1s", "--interval", "500ms"], 800)?;
+                let last = lines.last().ok_or("no final status")?;
                 ensure(
                     last["restored_pages"].as_u64().unwrap_or(0) >= 700,
                     format!("final status {last}"),
@@ -366,9 +314,32 @@ fn main() {
                 t.cmd("check 1")?;
                 env.wait_stored(0)?;
                 t.cmd("exit")
-            })();
-            env.start_agent();
-            result
+            })
+        },
+    );
+
+    suite.case(
+        "a budget keeps a program's memory in RAM under it, coldest pages first (rmem-agent kernel --budget)",
+        || {
+            env.without_agent(|env| {
+                // Nothing is cold for an hour: whatever leaves RAM leaves
+                // it for the budget (3 MiB = 768 pages, heap and stacks
+                // included).
+                let args = ["--min-age", "1h", "--interval", "300ms", "--budget", "3MiB"];
+                let (mut t, lines) = kernel_run(env, 2048, &args, 2048 - 768)?;
+                let within = lines.iter().any(|v| {
+                    v["budget_bytes"] == 3 << 20
+                        && v["rounds"].as_u64().unwrap_or(0) > 0
+                        && v["local_bytes"].as_u64().is_some_and(|b| b <= 3 << 20)
+                });
+                ensure(
+                    within,
+                    format!("no round reported local_bytes within the budget: {lines:?}"),
+                )?;
+                t.cmd("check 1")?;
+                env.wait_stored(0)?;
+                t.cmd("exit")
+            })
         },
     );
 
@@ -661,12 +632,83 @@ impl Drop for Reaped {
     }
 }
 
+/// Runs `rmem-agent kernel --json` with `args` on a new target of `pages`
+/// pages whose first 64 are hot, until `want` of them are remote (a minute
+/// at most), then stops it with SIGTERM. Checks that enough went, that
+/// the hot pages stayed, and that the agent exited cleanly; returns the
+/// target and the agent's JSON lines.
+fn kernel_run(
+    env: &Env,
+    pages: usize,
+    args: &[&str],
+    want: u64,
+) -> Result<(Target, Vec<serde_json::Value>), String> {
+    // Debian's kernel runs DAMON_STAT, which holds DAMON exclusively.
+    let _ = std::fs::write(rmem_agent::kmod::damon::DAMON_STAT_ENABLED, "N");
+    // DAMON sees a huge page as one: keep the hot 64 pages from making a
+    // whole 2 MiB hot.
+    let mut t = Target::spawn_with(pages, &["nohuge"])?;
+    t.cmd("hot 64")?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let daemon = Command::new(exe.with_file_name("rmem-agent"))
+        .args(["kernel", "--server", &env.server.data.to_string()])
+        .args(["--pid", &t.pid().to_string(), "--json"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut remote = 0;
+    let evicted = wait_until(Duration::from_secs(60), || {
+        remote = t.query(&format!("remote 0 {pages}")).unwrap_or(0);
+        remote >= want
+    });
+    // A hot page misjudged comes back at its next touch: take the best of
+    // a few looks, not one instant.
+    let mut remote_hot = u64::MAX;
+    for _ in 0..5 {
+        remote_hot = remote_hot.min(t.query("remote 0 64")?);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let out = daemon.wait_with_output().map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure(
+        evicted,
+        format!(
+            "{remote} of {pages} pages remote, expected at least {want}; agent said:\n{stdout}"
+        ),
+    )?;
+    ensure(
+        out.status.success(),
+        format!("rmem-agent kernel exited with {}", out.status),
+    )?;
+    ensure(
+        remote_hot <= 16,
+        format!("{remote_hot} of the 64 hot pages were evicted"),
+    )?;
+    let lines = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    Ok((t, lines))
+}
+
 struct Env {
     server: ServerProcess,
     agent: Option<KernelAgent>,
 }
 
 impl Env {
+    /// Runs `f` with this process's kernel agent stopped (`f` runs its
+    /// own), starting it again afterwards.
+    fn without_agent(&mut self, f: impl FnOnce(&Self) -> Result<(), String>) -> Result<(), String> {
+        self.agent = None;
+        let result = f(self);
+        self.start_agent();
+        result
+    }
+
     fn start_agent(&mut self) {
         let mut cfg = KernelConfig::new(self.server.client_config());
         cfg.request_timeout = Duration::from_secs(2);
