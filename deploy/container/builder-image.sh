@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Makes the image the Containerfile's build stage runs in, without a registry:
-# a Debian root filesystem from debootstrap (with gcc and CA certificates)
-# plus this machine's Rust toolchain (cargo, rustc and the standard library,
-# nothing else), imported into Docker as one layer.
+# a Debian root filesystem from debootstrap (with gcc, CA certificates and
+# what the `rdma` features need to build: rdma-core's -dev packages, which
+# bring the verbs providers, libclang for bindgen and pkg-config) plus this
+# machine's Rust toolchain (cargo, rustc and the standard library, nothing
+# else), imported into Docker as one layer. The Containerfile's build stage
+# then installs nothing.
 #
 #   deploy/container/builder-image.sh            # prints the image's name
 #
@@ -24,7 +27,9 @@ set -euo pipefail
 CACHE=${RMEM_KIT_CACHE:-/var/cache/rmem-kit}
 SUITE=${RMEM_BUILDER_SUITE:-bookworm}
 MIRROR=${RMEM_KIT_MIRROR:-http://deb.debian.org/debian}
-PACKAGES="gcc,libc6-dev,ca-certificates"
+# libclang-dev: bindgen (run by rdma-sys) loads libclang and its builtin
+# headers from llvm's directory, where it finds them without LIBCLANG_PATH.
+PACKAGES="gcc,libc6-dev,ca-certificates,pkg-config,libibverbs-dev,librdmacm-dev,libclang-dev"
 
 say() { printf 'builder-image: %s\n' "$*" >&2; }
 die() { printf 'builder-image: error: %s\n' "$*" >&2; exit 1; }

@@ -2,10 +2,13 @@
 # Container suite: builds rmem's images from deploy/container/Containerfile
 # (with no registry: the build stage runs in an image made by
 # deploy/container/builder-image.sh, the runtime images are FROM scratch),
-# starts deploy/container/compose.yaml (a coordinator, three memory servers
-# with file-backed pools, an agent running the verifying demo workload),
-# stops and restarts one server in the middle of the workload, checks that
-# every page read back was correct, and tears everything down.
+# checks that they carry RDMA support (rdma-core, every verbs provider and
+# its libraries; a server run with --rdma, no device present, stops with
+# rmem's no-device error), starts deploy/container/compose.yaml (a
+# coordinator, three memory servers with file-backed pools, an agent running
+# the verifying demo workload), stops and restarts one server in the middle
+# of the workload, checks that every page read back was correct, and tears
+# everything down.
 #
 #   bash tests/container/run.sh
 #
@@ -86,6 +89,62 @@ for role in server coordinator agent; do
     esac
   fi
 done
+
+# RDMA support (the images are built with the rdma features): rdma-core's
+# libraries, the verbs providers libibverbs dlopens and their .driver files
+# are in the image, every provider's libraries resolve in it, and a server
+# asked for RDMA gets as far as looking for a device.
+simg="rmem-server:$RMEM_TAG"
+cid=$(docker create "$simg")
+docker export "$cid" | tar -t | sed 's,^\./,,' >"$work/server-files.txt"
+docker rm -v "$cid" >/dev/null # and its anonymous /var/lib/rmem volume
+has_file() { grep -Eq "$1" "$work/server-files.txt"; }
+providers=$(grep -E '/libibverbs/lib[^/]+-rdmav[0-9]+\.so$' "$work/server-files.txt" || true)
+if has_file '(^|/)libibverbs\.so\.1$' && has_file '/libibverbs/librxe-rdmav[0-9]+\.so$' &&
+  has_file '^etc/libibverbs\.d/rxe\.driver$'; then
+  ok "$simg carries libibverbs, $(grep -c . <<<"$providers") verbs providers (rxe among them) and their .driver files"
+else
+  bad "$simg carries libibverbs, the rxe provider and rxe.driver" \
+    "$(grep -E 'ibverbs|rdma' "$work/server-files.txt" | tr '\n' ' ')"
+fi
+# The image's own loader lists what each file links ("not found" for a
+# library missing from the image).
+in_image() { # IMAGE ARGS...
+  docker run --rm --network none --entrypoint /lib64/ld-linux-x86-64.so.2 "$@" 2>&1
+}
+for role in server agent; do
+  links=$(in_image "rmem-$role:$RMEM_TAG" --list "/usr/local/bin/rmem-$role") || true
+  if grep -q 'libibverbs\.so\.1 => /' <<<"$links" && ! grep -q 'not found' <<<"$links"; then
+    ok "rmem-$role is built with RDMA: it links libibverbs, and every library it links is in its image"
+  else
+    bad "rmem-$role links libibverbs and finds its libraries" "$(tr '\n' ' ' <<<"$links")"
+  fi
+done
+unresolved=
+for p in $providers; do
+  plist=$(in_image "$simg" --list "/$p") && ! grep -q 'not found' <<<"$plist" ||
+    unresolved="$unresolved $p: $(grep 'not found' <<<"$plist" | tr '\n' ' ')"
+done
+if [ -n "$providers" ] && [ -z "$unresolved" ]; then
+  ok "every verbs provider's libraries are in $simg"
+else
+  bad "every verbs provider's libraries are in $simg" "${unresolved:-no providers}"
+fi
+# No RDMA device exists here: with --rdma and a specific listen address the
+# server opens its device at start, so it must stop with rmem's error saying
+# so (not a loader error, nor "no RDMA support" from a TCP-only build).
+# Locked memory plays no part before a device opens, and an engine may not be
+# allowed to raise it (--ulimit memlock=-1), so the default limit stays.
+rdma_out=$(timeout 120 docker run --rm --name "$project-rdma" --network none \
+  "$simg" --rdma --listen 127.0.0.1:7480 --grpc 127.0.0.1:7481 --capacity 16MiB 2>&1) && rdma_code=0 || rdma_code=$?
+docker rm -f "$project-rdma" >/dev/null 2>&1 || true
+if [ "$rdma_code" = 1 ] &&
+  grep -Eq 'cannot open an RDMA device for 127\.0\.0\.1: no (RDMA device found|active RDMA port)' <<<"$rdma_out"; then
+  ok "rmem-server --rdma in a container without RDMA devices: $(grep -Eo 'no RDMA device found|no active RDMA port[^(]*' <<<"$rdma_out" | head -1)"
+else
+  bad "rmem-server --rdma fails with rmem's no-device error" \
+    "exit $rdma_code: $(tail -3 <<<"$rdma_out" | tr '\n' ' ')"
+fi
 
 say "starting the cluster"
 if ! dc up -d >"$work/up.txt" 2>&1; then
