@@ -41,6 +41,10 @@ module! {
             default: 10000,
             description: "How long a fault waits for the agent before SIGBUS",
         },
+        prefetch_max: u32 {
+            default: 16,
+            description: "Most pages a fault in a sequential scan brings back ahead of itself (0: none, at most 64)",
+        },
     },
 }
 
@@ -84,12 +88,14 @@ mod shim {
         pub(crate) fn rmem_fetch_complete(f: *mut Fetch, result: c_int);
         pub(crate) fn rmem_module_get() -> bool;
         pub(crate) fn rmem_module_put();
+        pub(crate) fn rmem_set_prefetch_max(pages: u32);
+        pub(crate) fn rmem_prefetched_pages() -> u64;
     }
 }
 
 // ---- the ioctl interface: include/uapi/rmem.h ------------------------------
 
-const UAPI_VERSION: u32 = 1;
+const UAPI_VERSION: u32 = 2;
 const PAGE: usize = 4096;
 const MAX_BATCH: u32 = 512;
 const MAX_EVENTS: u32 = 256;
@@ -112,6 +118,7 @@ macro_rules! uapi_struct {
 uapi_struct!(Info {
     version: u32, page_size: u32, capacity_pages: u64, pages_in_use: u64, faults: u64,
     restored: u64, evicted: u64, fetch_timeouts: u64, attachments: u32, agent_pid: u32,
+    prefetched: u64,
 });
 uapi_struct!(Attach { pid: i32, flags: u32, start: u64, len: u64, id: u64 });
 uapi_struct!(Detach { id: u64, restored: u64 });
@@ -125,7 +132,7 @@ uapi_struct!(Wait { max: u32, count: u32, timeout_ms: u32, pad: u32, events: u64
 uapi_struct!(Reply { id: u64, error: i32, pad: u32, data: u64 });
 
 const _: () = {
-    assert!(core::mem::size_of::<Info>() == 64);
+    assert!(core::mem::size_of::<Info>() == 72);
     assert!(core::mem::size_of::<Attach>() == 32);
     assert!(core::mem::size_of::<Detach>() == 16);
     assert!(core::mem::size_of::<Evict>() == 40);
@@ -309,6 +316,8 @@ impl kernel::Module for RmemModule {
         )?;
         let ptr: *const Shared = &*shared;
         SHARED.store(ptr.cast_mut(), Ordering::Release);
+        // SAFETY: a plain store of an integer the C half clamps.
+        unsafe { shim::rmem_set_prefetch_max(*module_parameters::prefetch_max.value()) };
         let capacity_pages = *module_parameters::capacity_mib.value() * (1 << 20) / PAGE as u64;
         // SAFETY: called once, before the device exists.
         let ret = unsafe { shim::rmem_pool_init(capacity_pages as c_ulong) };
@@ -329,9 +338,10 @@ impl kernel::Module for RmemModule {
             }
         };
         pr_info!(
-            "rmem: loaded, uapi {}, capacity {} MiB\n",
+            "rmem: loaded, uapi {}, capacity {} MiB, prefetch up to {} pages\n",
             UAPI_VERSION,
-            *module_parameters::capacity_mib.value()
+            *module_parameters::capacity_mib.value(),
+            (*module_parameters::prefetch_max.value()).min(64)
         );
         Ok(RmemModule { misc: Some(misc), shared: Some(shared) })
     }
@@ -447,6 +457,8 @@ fn info(user: UserSlice) -> Result<isize> {
         fetch_timeouts: g.fetch_timeouts,
         attachments,
         agent_pid: g.agent_tgid,
+        // SAFETY: a plain read of an atomic counter.
+        prefetched: unsafe { shim::rmem_prefetched_pages() },
     };
     drop(g);
     user.writer().write(&info)?;

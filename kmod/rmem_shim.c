@@ -23,9 +23,11 @@
  */
 #include <linux/bitmap.h>
 #include <linux/capability.h>
+#include <linux/hash.h>
 #include <linux/highmem.h>
 #include <linux/ioport.h>
 #include <linux/kernel.h>
+#include <linux/log2.h>
 #include <linux/memremap.h>
 #include <linux/migrate.h>
 #include <linux/mm.h>
@@ -335,96 +337,221 @@ void rmem_fetch_complete(struct rmem_fetch *f, int result)
 }
 
 /*
- * Ask the agent for `handle`'s contents, to be written to `kaddr`, and wait
- * for them: killable (other signals do not cut a fetch short, or periodic
- * signals would starve the task), bounded by the module's fault timeout.
- */
-static int rmem_fetch(u64 handle, u32 tgid, unsigned long addr, void *kaddr, bool fault)
-{
-	struct rmem_fetch f;
-	unsigned long timeout = 0;
-	long left;
-	u64 id;
-
-	init_completion(&f.done);
-	f.result = -EIO;
-	id = rmem_rs_fetch_queue(handle, tgid, addr, kaddr, fault, &f, &timeout);
-	if (id == U64_MAX)
-		return -ETIMEDOUT;	/* no agent, and one fetch already timed out */
-	if (!id)
-		return -ENOMEM;
-	left = wait_for_completion_killable_timeout(&f.done, timeout);
-	if (left > 0)
-		return f.result;
-	/* Answered meanwhile? Then the result stands; else nobody touches f. */
-	if (rmem_rs_fetch_cancel(id, left == 0))
-		return f.result;
-	return left == 0 ? -ETIMEDOUT : -EINTR;
-}
-
-/*
  * Bring back the pages of args (set up with SELECT_DEVICE_PRIVATE) whose
- * contents the agent delivers. Returns pages restored; the first error goes
- * to *first_err and the pages after it stay remote.
+ * contents the agent delivers. Every request is queued before the first
+ * wait, so the agent sees them together (it fetches them in one batch).
+ * Waits are killable (other signals do not cut a fetch short, or periodic
+ * signals would starve the task) and bounded by the module's fault timeout.
+ *
+ * Returns pages restored. When `only_first` (a fault with prefetch), the
+ * error of page 0 alone goes to *first_err: a neighbour that fails just
+ * stays remote. Otherwise the first error goes to *first_err. A fatal
+ * signal (-EINTR) withdraws every request still waiting.
  */
 static long rmem_fetch_and_migrate(struct migrate_vma *args, u32 tgid, bool fault,
-				   int *first_err)
+				   bool only_first, int *first_err)
 {
-	unsigned long i;
+	struct rmem_fetch one, *f;
+	u64 one_id, *ids;
+	unsigned long i, deadline = 0, timeout = 0;
 	long restored = 0;
+	bool dying = false;
 
+	if (args->npages == 1) {
+		f = &one;
+		ids = &one_id;
+	} else {
+		f = kmalloc_array(args->npages, sizeof(*f), GFP_KERNEL | __GFP_NOWARN);
+		ids = kmalloc_array(args->npages, sizeof(*ids), GFP_KERNEL | __GFP_NOWARN);
+		if (!f || !ids) {
+			kfree(f);
+			kfree(ids);
+			*first_err = -ENOMEM;
+			for (i = 0; i < args->npages; i++)
+				args->dst[i] = 0;
+			migrate_vma_pages(args);
+			migrate_vma_finalize(args);
+			return 0;
+		}
+	}
+	/* Queue: a device page of ours gets a fresh system page and a request. */
 	for (i = 0; i < args->npages; i++) {
 		struct page *spage = migrate_pfn_to_page(args->src[i]);
 		unsigned long addr = args->start + (i << PAGE_SHIFT);
 		struct page *dpage;
-		int err;
 
 		args->dst[i] = 0;
+		ids[i] = 0;
 		if (!spage || !(args->src[i] & MIGRATE_PFN_MIGRATE))
 			continue;
-		if (page_pgmap(spage)->owner != &rmem_owner || *first_err)
+		if (page_pgmap(spage)->owner != &rmem_owner)
 			continue;
 		dpage = alloc_page_vma(GFP_HIGHUSER_MOVABLE, args->vma, addr);
 		if (!dpage) {
-			*first_err = -ENOMEM;
+			if (!*first_err && (!only_first || i == 0))
+				*first_err = -ENOMEM;
 			continue;
 		}
 		lock_page(dpage);
-		err = rmem_fetch(page_handle(spage), tgid, addr, page_address(dpage), fault);
+		init_completion(&f[i].done);
+		f[i].result = -EIO;
+		ids[i] = rmem_rs_fetch_queue(page_handle(spage), tgid, addr, page_address(dpage),
+					     fault, &f[i], &timeout);
+		if (ids[i] == 0 || ids[i] == U64_MAX) {
+			if (!*first_err && (!only_first || i == 0))
+				*first_err = ids[i] ? -ETIMEDOUT : -ENOMEM;
+			ids[i] = 0;
+			unlock_page(dpage);
+			put_page(dpage);
+			continue;
+		}
+		if (!deadline)
+			deadline = jiffies + timeout;
+		args->dst[i] = migrate_pfn(page_to_pfn(dpage));
+	}
+	/* Wait for each answer; a page without one stays remote. */
+	for (i = 0; i < args->npages; i++) {
+		struct page *dpage;
+		long left = 0;
+		int err;
+
+		if (!ids[i])
+			continue;
+		if (!dying) {
+			long wait = (long)(deadline - jiffies);
+
+			left = wait_for_completion_killable_timeout(&f[i].done, max(wait, 1L));
+		}
+		if (left > 0) {
+			err = f[i].result;
+		} else if (rmem_rs_fetch_cancel(ids[i], left == 0 && !dying)) {
+			err = f[i].result;	/* answered meanwhile: it stands */
+		} else {
+			err = (left == 0 && !dying) ? -ETIMEDOUT : -EINTR;
+			if (err == -EINTR)
+				dying = true;
+		}
+		dpage = migrate_pfn_to_page(args->dst[i]);
 		if (err) {
 			unlock_page(dpage);
 			put_page(dpage);
-			*first_err = err;
+			args->dst[i] = 0;
+			if (!*first_err && (!only_first || i == 0 || err == -EINTR))
+				*first_err = err;
 			continue;
 		}
-		args->dst[i] = migrate_pfn(page_to_pfn(dpage)) |
-			       (args->src[i] & MIGRATE_PFN_WRITE);
+		args->dst[i] |= args->src[i] & MIGRATE_PFN_WRITE;
 		restored++;
 	}
 	migrate_vma_pages(args);
 	migrate_vma_finalize(args);
+	if (f != &one) {
+		kfree(f);
+		kfree(ids);
+	}
 	return restored;
+}
+
+/* ---- prefetch: a sequential detector per address space ---------------- */
+
+/* Most pages brought back ahead of a fault (the prefetch_max parameter). */
+static unsigned int rmem_prefetch_max;
+static atomic64_t rmem_prefetched;
+
+/*
+ * The last faults of a few address spaces: where the next fault of a
+ * sequential scan lands (the page after what the last fault brought back)
+ * and the window it used. A scan's windows double from 2 up to
+ * prefetch_max; any other fault resets its window to 0. A slot shared by
+ * two address spaces only costs a window; a stale mm pointer is compared,
+ * never followed.
+ */
+#define RMEM_RA_SLOTS 64
+static struct rmem_ra {
+	const struct mm_struct *mm;
+	unsigned long next;
+	unsigned int window;
+} rmem_ra[RMEM_RA_SLOTS];
+static DEFINE_SPINLOCK(rmem_ra_lock);
+
+/* Pages to bring back after the one faulting at `addr`. */
+static unsigned int rmem_ra_window(const struct mm_struct *mm, unsigned long addr,
+				   unsigned long vma_end)
+{
+	struct rmem_ra *ra = &rmem_ra[hash_ptr((void *)mm, ilog2(RMEM_RA_SLOTS))];
+	unsigned int cap = READ_ONCE(rmem_prefetch_max), window = 0;
+
+	if (!cap)
+		return 0;
+	spin_lock(&rmem_ra_lock);
+	if (ra->mm == mm && ra->next == addr)
+		window = min(max(ra->window * 2, 2U), cap);
+	window = min_t(unsigned long, window, (vma_end - addr - PAGE_SIZE) >> PAGE_SHIFT);
+	ra->mm = mm;
+	ra->window = window;
+	ra->next = addr + ((unsigned long)window + 1) * PAGE_SIZE;
+	spin_unlock(&rmem_ra_lock);
+	return window;
+}
+
+void rmem_set_prefetch_max(u32 pages)
+{
+	WRITE_ONCE(rmem_prefetch_max, min_t(u32, pages, RMEM_PREFETCH_LIMIT));
+}
+
+u64 rmem_prefetched_pages(void)
+{
+	return atomic64_read(&rmem_prefetched);
 }
 
 static vm_fault_t rmem_migrate_to_ram(struct vm_fault *vmf)
 {
-	unsigned long src = 0, dst = 0;
+	unsigned long addr = ALIGN_DOWN(vmf->address, PAGE_SIZE);
+	unsigned long one_src = 0, one_dst = 0, *src = &one_src, *dst = &one_dst;
+	unsigned int window = rmem_ra_window(vmf->vma->vm_mm, addr, vmf->vma->vm_end);
 	struct migrate_vma args = {
 		.vma = vmf->vma,
-		.start = ALIGN_DOWN(vmf->address, PAGE_SIZE),
-		.end = ALIGN_DOWN(vmf->address, PAGE_SIZE) + PAGE_SIZE,
-		.src = &src,
-		.dst = &dst,
+		.start = addr,
 		.pgmap_owner = &rmem_owner,
 		.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
 		.fault_page = vmf->page,
 	};
+	long restored;
 	int err = 0;
 
-	if (migrate_vma_setup(&args))
+	if (window) {
+		src = kcalloc(window + 1, sizeof(*src), GFP_KERNEL | __GFP_NOWARN);
+		dst = kcalloc(window + 1, sizeof(*dst), GFP_KERNEL | __GFP_NOWARN);
+		if (!src || !dst) {
+			kfree(src);
+			kfree(dst);
+			src = &one_src;
+			dst = &one_dst;
+			window = 0;
+		}
+	}
+	args.end = addr + ((unsigned long)window + 1) * PAGE_SIZE;
+	args.src = src;
+	args.dst = dst;
+	if (migrate_vma_setup(&args)) {
+		err = -EFAULT;
+		goto out;
+	}
+	/*
+	 * Called with vmf->page locked: nobody else migrates it meanwhile. Its
+	 * neighbours are taken only if their locks were free, and only device
+	 * pages of ours are selected, so page 0 is the faulting one.
+	 */
+	restored = rmem_fetch_and_migrate(&args, task_tgid_nr(current), true, true, &err);
+	if (restored > 1)
+		atomic64_add(restored - 1, &rmem_prefetched);
+out:
+	if (src != &one_src) {
+		kfree(src);
+		kfree(dst);
+	}
+	if (err == -EFAULT)
 		return VM_FAULT_SIGBUS;
-	/* Called with vmf->page locked: nobody else migrates it meanwhile. */
-	rmem_fetch_and_migrate(&args, task_tgid_nr(current), true, &err);
 	if (err == -EINTR)	/* a fatal signal: the task dies on its way out */
 		return (vmf->flags & FAULT_FLAG_USER) ? 0 : VM_FAULT_SIGBUS;
 	if (err == -ENOMEM)
@@ -559,7 +686,7 @@ long rmem_att_restore(struct rmem_att *a)
 		args.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
 		addr = args.end;
 		if (vma_is_anonymous(vma) && !migrate_vma_setup(&args))
-			restored += rmem_fetch_and_migrate(&args, a->pid, false, &err);
+			restored += rmem_fetch_and_migrate(&args, a->pid, false, false, &err);
 		mmap_read_unlock(mm);
 		if (fatal_signal_pending(current) && !err)
 			err = -EINTR;

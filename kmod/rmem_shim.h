@@ -65,6 +65,11 @@ long rmem_evict_copy(struct rmem_att *a, u64 start, u32 max, u64 data, u64 addrs
 long rmem_evict_commit(struct rmem_att *a, u64 start, u32 max, u32 n,
 		       const u64 *addrs, const u64 *handles, const u8 *data, u8 *status);
 void rmem_fetch_complete(struct rmem_fetch *f, int result);
+/* Most pages a fault brings back ahead of itself (0: none). */
+#define RMEM_PREFETCH_LIMIT 64
+void rmem_set_prefetch_max(u32 pages);
+/* Pages brought back ahead of a fault so far. */
+u64 rmem_prefetched_pages(void);
 bool rmem_module_get(void);
 void rmem_module_put(void);
 

@@ -47,22 +47,17 @@ pub fn resident_pages(pid: i32, mappings: &[(u64, u64)]) -> io::Result<u64> {
     Ok(present)
 }
 
-/// The ranges to evict to bring a process `excess` pages under its budget:
-/// `regions` (coldest first) clipped to `mappings` (sorted), taken in that
-/// order until their pages add up to `excess`. Pages in them may already be
-/// remote, so the caller evicts them in order and stops once enough moved.
-pub fn victims(regions: &[Region], mappings: &[(u64, u64)], excess: u64) -> Vec<(u64, u64)> {
+/// The order in which a process over its budget gives up memory:
+/// `regions` (coldest first) clipped to `mappings`. Many of them may be
+/// remote already; the caller skips those ([`resident_pages`] of the range
+/// is 0) and stops once enough moved.
+pub fn victims(regions: &[Region], mappings: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
-    let mut wanted = excess;
     for r in regions {
         for &(ms, me) in mappings {
-            if wanted == 0 {
-                return out;
-            }
             let (s, e) = (r.start.max(ms), r.end.min(me));
             if s < e {
                 out.push((s, e));
-                wanted = wanted.saturating_sub((e - s) / PAGE);
             }
         }
     }
@@ -83,25 +78,18 @@ mod tests {
     }
 
     #[test]
-    fn victims_follow_the_given_order_clip_to_mappings_and_stop_at_the_excess() {
+    fn victims_follow_the_given_order_and_clip_to_mappings() {
         let regions = [
             region(0x10000, 0x14000),
             region(0x0, 0x4000),
             region(0x20000, 0x30000),
+            region(0x50000, 0x60000),
         ];
         let mappings = [(0x0, 0x2000), (0x11000, 0x40000)];
-        // 3 pages from the first region (clipped), then 2 from the second.
         assert_eq!(
-            victims(&regions, &mappings, 5),
-            vec![(0x11000, 0x14000), (0x0, 0x2000)]
+            victims(&regions, &mappings),
+            vec![(0x11000, 0x14000), (0x0, 0x2000), (0x20000, 0x30000)]
         );
-        // A region that overshoots is taken whole; nothing after it.
-        assert_eq!(
-            victims(&regions, &mappings, 4),
-            victims(&regions, &mappings, 5)
-        );
-        assert_eq!(victims(&regions, &mappings, 0), vec![]);
-        assert_eq!(victims(&regions, &mappings, 1000).len(), 3);
     }
 
     #[test]

@@ -415,7 +415,12 @@ impl Supervisor {
             return Some(resident);
         }
         let mut moved = 0;
-        'victims: for (s, e) in budget::victims(&b.regions, &w.maps, excess) {
+        'victims: for (s, e) in budget::victims(&b.regions, &w.maps) {
+            // The coldest regions are mostly remote already: skip what has
+            // nothing in RAM (one pagemap read) rather than walk it.
+            if budget::resident_pages(w.pid, &[(s, e)]).unwrap_or(1) == 0 {
+                continue;
+            }
             let mut at = s;
             while at < e {
                 let left = excess.saturating_sub(moved);

@@ -306,6 +306,8 @@ fn free_all(conn: &mut RemoteConn, handles: &[u64], deadline: Instant) -> Result
 }
 
 /// One fault thread: wait for events, answer fetches, free freed handles.
+/// The fetches one wait returns (a fault and the neighbours it brings back
+/// with it, or several faults) go to the server as one batch.
 fn serve(
     dev: &Device,
     mut conn: RemoteConn,
@@ -314,8 +316,10 @@ fn serve(
     timeout: Duration,
 ) {
     let mut events = vec![Event::default(); 64];
-    let mut page: Vec<Page> = vec![[0u8; PAGE_SIZE]];
+    let mut pages: Vec<Page> = vec![[0u8; PAGE_SIZE]; events.len()];
     let mut statuses = Vec::new();
+    let mut fetches: Vec<Event> = Vec::new();
+    let mut handles: Vec<u64> = Vec::new();
     let mut freed = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let n = match dev.wait(&mut events, 100) {
@@ -327,36 +331,25 @@ fn serve(
             }
         };
         freed.clear();
+        fetches.clear();
         for e in &events[..n] {
             match e.kind {
-                uapi::EVENT_FETCH => {
-                    let got = conn.get(
-                        &[e.handle],
-                        &mut page,
-                        &mut statuses,
-                        Instant::now() + timeout,
-                    );
-                    let reply = match (&got, statuses.first()) {
-                        (Ok(()), Some(PageStatus::Ok)) => FetchReply::Page(&page[0]),
-                        _ => {
-                            tracing::error!(handle = e.handle, pid = e.pid, addr = e.addr, result = ?got, status = ?statuses.first(),
-                                "cannot fetch a remote page; the faulting task gets SIGBUS");
-                            stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                            FetchReply::Error(libc::EIO)
-                        }
-                    };
-                    match dev.reply(e.id, reply) {
-                        Ok(()) => {
-                            stats.fetched.fetch_add(1, Ordering::Relaxed);
-                        }
-                        // The fault gave up (signal or timeout) meanwhile.
-                        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
-                        Err(err) => tracing::error!(error = %err, "replying to the module failed"),
-                    }
-                }
+                uapi::EVENT_FETCH => fetches.push(*e),
                 uapi::EVENT_FREED => freed.push(e.handle),
                 kind => tracing::warn!(kind, "unknown event from the module"),
             }
+        }
+        if !fetches.is_empty() {
+            answer_fetches(
+                dev,
+                &mut conn,
+                &fetches,
+                &mut handles,
+                &mut pages,
+                &mut statuses,
+                stats,
+                timeout,
+            );
         }
         if !freed.is_empty() {
             // Handles are never reused, so a FREE that fails only leaks.
@@ -367,6 +360,51 @@ fn serve(
                 Err(e) => {
                     tracing::warn!(error = %e, pages = freed.len(), "freeing remote pages failed; they leak on the server")
                 }
+            }
+        }
+    }
+}
+
+/// Fetches the pages of `fetches` (in batches the server accepts) and
+/// answers each request: its page, or EIO (the faulting task gets SIGBUS).
+#[allow(clippy::too_many_arguments)]
+fn answer_fetches(
+    dev: &Device,
+    conn: &mut RemoteConn,
+    fetches: &[Event],
+    handles: &mut Vec<u64>,
+    pages: &mut [Page],
+    statuses: &mut Vec<PageStatus>,
+    stats: &KernelStats,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    let max = conn
+        .max_batch(deadline)
+        .map_or(1, |m| m.max(1) as usize)
+        .min(pages.len());
+    for batch in fetches.chunks(max) {
+        handles.clear();
+        handles.extend(batch.iter().map(|e| e.handle));
+        let got = conn.get(handles, &mut pages[..batch.len()], statuses, deadline);
+        for (i, e) in batch.iter().enumerate() {
+            let status = statuses.get(i).copied();
+            let reply = match (&got, status) {
+                (Ok(()), Some(PageStatus::Ok)) => FetchReply::Page(&pages[i]),
+                _ => {
+                    tracing::error!(handle = e.handle, pid = e.pid, addr = e.addr, result = ?got, ?status,
+                        "cannot fetch a remote page; the faulting task gets SIGBUS");
+                    stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    FetchReply::Error(libc::EIO)
+                }
+            };
+            match dev.reply(e.id, reply) {
+                Ok(()) => {
+                    stats.fetched.fetch_add(1, Ordering::Relaxed);
+                }
+                // The fault gave up (signal or timeout) meanwhile.
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(err) => tracing::error!(error = %err, "replying to the module failed"),
             }
         }
     }

@@ -3,7 +3,7 @@
 //! the sizes and a test in `tests/` parses the header.
 
 /// The interface version this agent speaks.
-pub const UAPI_VERSION: u32 = 1;
+pub const UAPI_VERSION: u32 = 2;
 /// Bytes per page moved through the module.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages one eviction may take.
@@ -31,6 +31,8 @@ pub struct Info {
     pub fetch_timeouts: u64,
     pub attachments: u32,
     pub agent_pid: u32,
+    /// Of `faults`, pages brought back ahead of a fault (sequential scans).
+    pub prefetched: u64,
 }
 
 /// `struct rmem_attach`.
@@ -135,7 +137,7 @@ mod tests {
     /// explicit padding): the module checks the same numbers at build time.
     #[test]
     fn layouts_match_the_header() {
-        assert_eq!(size_of::<Info>(), 64);
+        assert_eq!(size_of::<Info>(), 72);
         assert_eq!(size_of::<Attach>(), 32);
         assert_eq!(size_of::<Detach>(), 16);
         assert_eq!(size_of::<Evict>(), 40);
@@ -148,7 +150,7 @@ mod tests {
     /// `_IOR('R', 0, struct rmem_info)` as the kernel's macros compute it.
     #[test]
     fn ioctl_numbers_follow_the_kernel_encoding() {
-        assert_eq!(IOC_INFO, 0x8040_5200);
+        assert_eq!(IOC_INFO, 0x8048_5200);
         assert_eq!(IOC_REPLY, 0x4018_5207);
         assert_eq!(IOC_ATTACH, 0xc020_5201);
     }

@@ -483,10 +483,53 @@ fn main() {
         },
     );
 
+    suite.case(
+        "a sequential scan of evicted pages brings their neighbours back with each fault (prefetch)",
+        || {
+            let timed = |t: &mut Target, cmd: &str| -> Result<f64, String> {
+                t.send(cmd)?;
+                let r = t.reply()?;
+                r.strip_prefix("ok ")
+                    .and_then(|v| v.split_whitespace().nth(2))
+                    .and_then(|v| v.parse().ok())
+                    .ok_or(format!("{cmd}: {r}"))
+            };
+            // In order: after two faults the windows grow to the module's
+            // 16 pages, so most pages arrive ahead of their fault.
+            let (mut t, att) = env.evicted(1024)?;
+            let before = env.info();
+            let seq_mean = timed(&mut t, "timed-read 1")?;
+            let after = env.info();
+            let (faults, seq_ahead) = (after.faults - before.faults, after.prefetched - before.prefetched);
+            ensure(
+                faults == 1024 && seq_ahead >= 800,
+                format!("{faults} pages faulted back, {seq_ahead} of them ahead of a fault; expected 1024 and at least 800"),
+            )?;
+            ensure(env.in_use() == 0, format!("{} device pages still in use", env.in_use()))?;
+            t.cmd("exit")?;
+            env.detach(att)?;
+            // Scattered: no neighbour is fetched for nothing.
+            let (mut t, att) = env.evicted(512)?;
+            let before = env.info();
+            let scattered_mean = timed(&mut t, "timed-read-scattered 1")?;
+            let after = env.info();
+            let ahead = after.prefetched - before.prefetched;
+            ensure(ahead <= 8, format!("{ahead} pages prefetched on scattered reads"))?;
+            t.cmd("exit")?;
+            env.detach(att)?;
+            println!(
+                "prefetch: first reads in order {seq_mean:.0} us a page on average ({seq_ahead} of 1024 pages ahead of their fault), scattered {scattered_mean:.0} us, {:.1}x faster in order (TCG: ratios only)",
+                scattered_mean / seq_mean.max(0.001)
+            );
+            Ok(())
+        },
+    );
+
     suite.case("fault-back latency: the module against userfaultfd, same guest (report)", || {
-        // Through the module: every first touch of an evicted page faults.
+        // Through the module: every first touch of an evicted page faults
+        // (scattered, so no prefetch hides a fault).
         let (mut t, att) = env.evicted(512)?;
-        t.send("timed-read 1")?;
+        t.send("timed-read-scattered 1")?;
         let r = t.reply()?;
         let module: Vec<f64> = r
             .strip_prefix("ok ")
@@ -996,14 +1039,16 @@ mod target {
                     }
                     Err(e) => Err(e),
                 },
-                Some("timed-read") => match timed_read(&mem, n(1)) {
-                    Ok((p50, p99)) => {
-                        writeln!(out, "ok {p50:.1} {p99:.1}").unwrap();
-                        out.flush().unwrap();
-                        continue;
+                Some(c @ ("timed-read" | "timed-read-scattered")) => {
+                    match timed_read(&mem, n(1), c == "timed-read") {
+                        Ok((p50, p99, mean)) => {
+                            writeln!(out, "ok {p50:.1} {p99:.1} {mean:.1}").unwrap();
+                            out.flush().unwrap();
+                            continue;
+                        }
+                        Err(e) => Err(e),
                     }
-                    Err(e) => Err(e),
-                },
+                }
                 Some("threads") => threads(&mem, n(1) as usize, n(2)),
                 Some("mremap") => {
                     // Move the mapping: reserve a new place, then MREMAP_FIXED onto it.
@@ -1052,9 +1097,14 @@ mod target {
 
     /// Times the first touch of every page (each one faults when evicted),
     /// then checks the contents; p50 and p99 in µs.
-    fn timed_read(mem: &Mem, version: u64) -> Result<(f64, f64), String> {
+    /// Times the first read of every page, in order or scattered (each
+    /// page 239 pages after the previous one, modulo the size: no two
+    /// reads in a row touch neighbours, so the module sees no sequential
+    /// scan), then checks every page.
+    fn timed_read(mem: &Mem, version: u64, in_order: bool) -> Result<(f64, f64, f64), String> {
         let mut samples = Vec::with_capacity(mem.pages);
-        for i in 0..mem.pages {
+        for k in 0..mem.pages {
+            let i = if in_order { k } else { k * 239 % mem.pages };
             let p = mem.addr.wrapping_add(i * PAGE);
             let start = std::time::Instant::now();
             // SAFETY: inside our mapping; volatile so the touch happens here.
@@ -1062,7 +1112,9 @@ mod target {
             samples.push(start.elapsed().as_secs_f64() * 1e6);
         }
         mem.check(version, 0..mem.pages)?;
-        Ok(rmem_tests::suite::percentiles(samples))
+        let mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
+        let (p50, p99) = rmem_tests::suite::percentiles(samples);
+        Ok((p50, p99, mean))
     }
 
     /// How many of `count` pages from `from` are not in RAM: pagemap shows
