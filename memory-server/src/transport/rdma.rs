@@ -198,10 +198,13 @@ impl RdmaServer {
             Access::RemoteReadPinned
         };
         let registered = self.store.while_owned(tenant, extent, |ptr, len| {
-            // SAFETY: the pool mapping lives as long as the store, which
-            // this server holds, and is never remapped; the region is
-            // dropped when the extent is released or with the server.
-            match unsafe { Mr::register(&pd, ptr, len, access) } {
+            let register = || {
+                // SAFETY: the pool mapping lives as long as the store, which
+                // this server holds, and is never remapped; the region is
+                // dropped when the extent is released or with the server.
+                unsafe { Mr::register(&pd, ptr, len, access) }
+            };
+            match off_worker(register) {
                 Ok(mr) => Some(self.regions.entry((tenant, extent)).or_insert(mr).rkey()),
                 Err(e) => {
                     tracing::error!(tenant, extent, error = %e, "cannot register pool memory for RDMA; pages go over TCP");
@@ -219,6 +222,16 @@ impl RdmaServer {
     /// Number of registered pool regions (for stats).
     pub fn regions(&self) -> usize {
         self.regions.len()
+    }
+}
+
+/// Runs `f`, which blocks for a while (pinning 2 MiB of pages for a
+/// memory region), telling a multi-threaded tokio runtime first so it moves
+/// this worker's other tasks elsewhere; elsewhere it just runs `f`.
+fn off_worker<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
