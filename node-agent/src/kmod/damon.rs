@@ -273,7 +273,7 @@ fn tried_regions(kdamond: &Path, i: usize) -> io::Result<Vec<Region>> {
 
 /// Orders regions coldest first: unaccessed ones before accessed ones,
 /// among the unaccessed the longest unaccessed first, among the accessed
-/// the least accessed first (then the most stable pattern).
+/// the least accessed first; ties by address.
 pub fn coldest_first(regions: &mut [Region]) {
     regions.sort_by_key(|r| {
         (
