@@ -29,6 +29,8 @@ use crate::state::{
 const MAX_NAME: usize = 256;
 /// Most subscribers named in one registration.
 const MAX_SUBSCRIBERS: usize = 1024;
+/// Most extra ranges (`InvalidateRequest::more`) in one invalidation.
+const MAX_SPANS: usize = 4096;
 
 fn check_name(field: &'static str, s: &str, allow_empty: bool) -> Result<(), CoordError> {
     if s.is_empty() && !allow_empty {
@@ -623,33 +625,53 @@ impl Cluster {
     /// subscribers that hold no lease (they could not acknowledge).
     pub fn begin_invalidation(&mut self, req: &pb::InvalidateRequest) -> Result<Begun, CoordError> {
         check_name("address_space", &req.address_space, false)?;
-        let end = check_range(req.start, req.length)?;
+        if req.more.len() > MAX_SPANS {
+            return Err(CoordError::invalid(
+                "more",
+                format!("at most {MAX_SPANS} ranges in one invalidation"),
+            ));
+        }
+        let mut spans = Vec::with_capacity(1 + req.more.len());
+        for (start, length) in std::iter::once((req.start, req.length))
+            .chain(req.more.iter().map(|s| (s.start, s.length)))
+        {
+            spans.push((start, check_range(start, length)?));
+        }
+        let end = spans[0].1;
         let reason = pb::Reason::try_from(req.reason)
             .map_err(|_| CoordError::invalid("reason", format!("unknown reason {}", req.reason)))?;
         let id = self.next_invalidation;
         self.next_invalidation += 1;
         self.counters.invalidations += 1;
-        let touched = self
-            .intervals
-            .overlapping(&req.address_space, req.start, end);
+        // Each touched interval's sequence moves once, whatever the number
+        // of its ranges the invalidation names.
+        let mut touched = Vec::new();
         let mut per_member: BTreeMap<u64, Vec<pb::InvalidatedRange>> = BTreeMap::new();
-        let mut seqs = Vec::with_capacity(touched.len());
-        for &iv_id in &touched {
-            let iv = self.intervals.get_mut(iv_id)?;
-            iv.seq += 1;
-            iv.in_flight += 1;
-            seqs.push((iv_id, iv.seq));
-            let (s, e) = iv.clip(req.start, end);
-            let range = pb::InvalidatedRange {
-                interval_id: iv_id,
-                start: s,
-                length: e - s,
-                seq: iv.seq,
-                tenant: iv.rec.tenant.clone(),
-                first_handle: iv.rec.handle_base + (s - iv.rec.start) / PAGE,
-            };
-            for &m in iv.subscribers.iter().filter(|&&m| m != req.origin) {
-                per_member.entry(m).or_default().push(range.clone());
+        let mut seqs = Vec::new();
+        for &(start, span_end) in &spans {
+            for iv_id in self
+                .intervals
+                .overlapping(&req.address_space, start, span_end)
+            {
+                let iv = self.intervals.get_mut(iv_id)?;
+                if !touched.contains(&iv_id) {
+                    touched.push(iv_id);
+                    iv.seq += 1;
+                    iv.in_flight += 1;
+                    seqs.push((iv_id, iv.seq));
+                }
+                let (s, e) = iv.clip(start, span_end);
+                let range = pb::InvalidatedRange {
+                    interval_id: iv_id,
+                    start: s,
+                    length: e - s,
+                    seq: iv.seq,
+                    tenant: iv.rec.tenant.clone(),
+                    first_handle: iv.rec.handle_base + (s - iv.rec.start) / PAGE,
+                };
+                for &m in iv.subscribers.iter().filter(|&&m| m != req.origin) {
+                    per_member.entry(m).or_default().push(range.clone());
+                }
             }
         }
         let mut waiting = BTreeSet::new();
@@ -678,7 +700,7 @@ impl Cluster {
         for m in lapsed {
             self.fence(m, id);
         }
-        tracing::debug!(invalidation = id, space = %req.address_space, start = req.start, end, intervals = seqs.len(), "invalidation begun");
+        tracing::debug!(invalidation = id, space = %req.address_space, start = req.start, end, ranges = spans.len(), intervals = seqs.len(), "invalidation begun");
         Ok(Begun {
             id,
             intervals: seqs,

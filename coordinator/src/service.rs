@@ -321,6 +321,7 @@ pub async fn reap(shared: &Arc<Shared>, member: u64) {
                     reason: pb::Reason::Exit as i32,
                     deadline_ms: 0,
                     origin: member,
+                    more: Vec::new(),
                 },
             )
         })

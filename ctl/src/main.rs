@@ -693,6 +693,7 @@ async fn run(args: Args) -> Result<(), CtlError> {
                     deadline_ms: deadline
                         .map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32),
                     origin: 0,
+                    more: Vec::new(),
                 })
                 .await?
                 .into_inner();

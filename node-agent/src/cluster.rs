@@ -90,10 +90,23 @@ struct RegionLink {
     grants: Vec<GrantInfo>,
 }
 
+/// Called with a draining server's member id, on a thread of its own.
+pub(crate) type DrainHandler = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// State shared with the member session's subscriber.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Shared {
     regions: Mutex<Vec<RegionLink>>,
+    /// What else holds pages on servers (the kernel agent).
+    on_drain: Mutex<Option<DrainHandler>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("regions", &self.regions)
+            .finish_non_exhaustive()
+    }
 }
 
 /// This process's membership in a cluster.
@@ -105,9 +118,16 @@ pub struct Cluster {
     name: String,
     tenant: String,
     shared: Arc<Shared>,
+    /// Whether dropping the link leaves the cluster (deregisters, so the
+    /// coordinator reclaims this agent's intervals and grants at once).
+    /// Cleared while pages elsewhere still need them (the kernel module
+    /// holds pages of attached processes): the lease then lapses and the
+    /// coordinator reclaims them only after its reap delay, which leaves
+    /// a restarted agent time to take them over.
+    leave_on_drop: std::sync::atomic::AtomicBool,
 }
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "node".into())
@@ -136,6 +156,22 @@ impl Subscriber for Events {
         notice: &'a pb::DrainNotice,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
+            let handler = self
+                .shared
+                .on_drain
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(handler) = handler {
+                // It blocks on this link's runtime: not on a runtime thread.
+                let server = notice.server_id;
+                let spawned = std::thread::Builder::new()
+                    .name("rmem-drain".into())
+                    .spawn(move || handler(server));
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start moving pages off a draining server");
+                }
+            }
             let agent = self.member.load(std::sync::atomic::Ordering::Acquire);
             if let Err(e) = drain(&self.shared, &self.client, agent, &self.tenant, notice).await {
                 tracing::error!(server = notice.server_id, error = %e, "cannot move pages off a draining server");
@@ -151,7 +187,7 @@ impl Subscriber for Events {
 }
 
 /// Server connection settings for a grant.
-fn server_config(g: &pb::Grant) -> ClientConfig {
+pub(crate) fn server_config(g: &pb::Grant) -> ClientConfig {
     ClientConfig::new(g.data_addr.clone())
         .with_tenant(g.tenant.clone(), g.credential.clone().into_bytes())
 }
@@ -302,7 +338,185 @@ impl Cluster {
             name,
             tenant: cfg.tenant.clone(),
             shared,
+            leave_on_drop: std::sync::atomic::AtomicBool::new(true),
         }))
+    }
+
+    /// Calls `handler` (on a thread of its own) when a server holding this
+    /// member's pages is drained.
+    pub(crate) fn on_drain(&self, handler: DrainHandler) {
+        *self
+            .shared
+            .on_drain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(handler);
+    }
+
+    /// Removes `member` from the subscribers of `interval`.
+    pub(crate) fn unsubscribe(&self, interval: u64, member: u64) -> Result<(), ClusterError> {
+        self.runtime
+            .block_on(self.client.intervals().unsubscribe(pb::UnsubscribeRequest {
+                interval_id: interval,
+                member_id: member,
+            }))
+            .map_err(ControlError::from)?;
+        Ok(())
+    }
+
+    /// Whether dropping this link leaves the cluster (see the field).
+    pub fn set_leave_on_drop(&self, leave: bool) {
+        self.leave_on_drop
+            .store(leave, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// New grants for `pages` pages (one or more pieces, on one or more
+    /// servers).
+    pub(crate) fn allocate(&self, pages: u64) -> Result<Vec<pb::Grant>, ClusterError> {
+        Ok(self
+            .runtime
+            .block_on(self.client.placement().allocate(pb::AllocateRequest {
+                agent_id: self.member_id(),
+                tenant: self.tenant.clone(),
+                pages,
+            }))
+            .map_err(ControlError::from)?
+            .into_inner()
+            .grants)
+    }
+
+    /// The grants this member holds (from earlier incarnations too).
+    pub(crate) fn own_grants(&self) -> Result<Vec<pb::Grant>, ClusterError> {
+        Ok(self
+            .runtime
+            .block_on(self.client.placement().list_grants(pb::ListGrantsRequest {
+                agent_id: self.member_id(),
+                server_id: 0,
+            }))
+            .map_err(ControlError::from)?
+            .into_inner()
+            .grants)
+    }
+
+    /// The intervals this member registered (in earlier incarnations too).
+    pub(crate) fn own_intervals(&self) -> Result<Vec<pb::Interval>, ClusterError> {
+        let me = self.member_id();
+        Ok(self
+            .runtime
+            .block_on(self.client.intervals().list(pb::ListIntervalsRequest {
+                member_id: me,
+                address_space: String::new(),
+            }))
+            .map_err(ControlError::from)?
+            .into_inner()
+            .intervals
+            .into_iter()
+            .filter(|iv| iv.owner == me)
+            .collect())
+    }
+
+    /// Registers `[0, pages * 4096)` of address space `space`, page k
+    /// standing for handle `handle_base + k`; returns its id.
+    pub(crate) fn register_space(
+        &self,
+        space: &str,
+        pages: u64,
+        handle_base: u64,
+    ) -> Result<u64, ClusterError> {
+        Ok(self
+            .runtime
+            .block_on(
+                self.client
+                    .intervals()
+                    .register(pb::RegisterIntervalRequest {
+                        address_space: space.to_string(),
+                        start: 0,
+                        length: pages * 4096,
+                        tenant: self.tenant.clone(),
+                        handle_base,
+                        owner: self.member_id(),
+                        subscribers: Vec::new(),
+                    }),
+            )
+            .map_err(ControlError::from)?
+            .into_inner()
+            .interval_id)
+    }
+
+    /// Adds server `member` to the subscribers of `interval`.
+    pub(crate) fn subscribe(&self, interval: u64, member: u64) -> Result<(), ClusterError> {
+        self.runtime
+            .block_on(self.client.intervals().subscribe(pb::SubscribeRequest {
+                interval_id: interval,
+                member_id: member,
+            }))
+            .map_err(ControlError::from)?;
+        Ok(())
+    }
+
+    pub(crate) fn unregister(&self, interval: u64) -> Result<(), ClusterError> {
+        self.runtime
+            .block_on(
+                self.client
+                    .intervals()
+                    .unregister(pb::UnregisterIntervalRequest {
+                        interval_id: interval,
+                    }),
+            )
+            .map_err(ControlError::from)?;
+        Ok(())
+    }
+
+    /// Invalidates byte ranges `(start, length)` of `space` as one
+    /// invalidation (reason `unmap`, this agent as origin): the servers
+    /// holding those pages free them before this returns. False if it did
+    /// not complete (the caller frees what it can directly).
+    pub(crate) fn invalidate_spans(&self, space: &str, spans: &[(u64, u64)]) -> bool {
+        let Some((&(start, length), more)) = spans.split_first() else {
+            return true;
+        };
+        let r = self.runtime.block_on(
+            self.client
+                .invalidation()
+                .invalidate(pb::InvalidateRequest {
+                    address_space: space.to_string(),
+                    start,
+                    length,
+                    reason: pb::Reason::Unmap as i32,
+                    deadline_ms: 0,
+                    origin: self.member_id(),
+                    more: more
+                        .iter()
+                        .map(|&(start, length)| pb::Span { start, length })
+                        .collect(),
+                }),
+        );
+        match r {
+            Ok(r) => r.into_inner().complete,
+            Err(e) => {
+                tracing::warn!(error = %ControlError::from(e), space, "cannot invalidate freed pages");
+                false
+            }
+        }
+    }
+
+    /// Returns grants by id.
+    pub(crate) fn release_grants(&self, ids: &[u64]) {
+        self.runtime.block_on(async {
+            for &id in ids {
+                if let Err(e) = self
+                    .client
+                    .placement()
+                    .release(pb::ReleaseRequest { grant_id: id, pages: 0 })
+                    .await
+                {
+                    tracing::warn!(grant = id, error = %ControlError::from(e), "cannot release a grant");
+                }
+            }
+        });
     }
 
     pub fn member_id(&self) -> u64 {
@@ -409,6 +623,7 @@ impl Cluster {
                 reason: pb::Reason::Unmap as i32,
                 deadline_ms: 0,
                 origin: self.member_id(),
+                more: Vec::new(),
             },
         ));
         match r {
@@ -445,6 +660,7 @@ impl Cluster {
                     reason: pb::Reason::Unmap as i32,
                     deadline_ms: 0,
                     origin: self.member_id(),
+                    more: Vec::new(),
                 })
                 .await;
             let complete = match r {
@@ -469,26 +685,27 @@ impl Cluster {
     }
 
     pub(crate) fn release(&self, grants: &[GrantInfo]) {
-        self.runtime.block_on(async {
-            for g in grants {
-                if let Err(e) = self
-                    .client
-                    .placement()
-                    .release(pb::ReleaseRequest { grant_id: g.id, pages: 0 })
-                    .await
-                {
-                    tracing::warn!(grant = g.id, error = %ControlError::from(e), "cannot release a grant");
-                }
-            }
-        });
+        let ids: Vec<u64> = grants.iter().map(|g| g.id).collect();
+        self.release_grants(&ids);
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if let Some(session) = self.session.take()
-            && let Err(e) = self.runtime.block_on(session.leave())
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        if !self
+            .leave_on_drop
+            .load(std::sync::atomic::Ordering::Relaxed)
         {
+            tracing::warn!(
+                "staying a member until the lease lapses: pages elsewhere still need this agent's intervals"
+            );
+            drop(session);
+            return;
+        }
+        if let Err(e) = self.runtime.block_on(session.leave()) {
             tracing::warn!(error = %e, "cannot leave the cluster cleanly");
         }
     }

@@ -28,8 +28,9 @@ enum Command {
     ///
     /// Example: rmem-agent demo --budget 64MiB --size 256MiB --json
     Demo(DemoArgs),
-    /// Keep an unmodified process's cold pages on a memory server through
-    /// the kernel module (/dev/rmem, rmem.ko).
+    /// Keep an unmodified process's cold pages on a memory server (or on a
+    /// cluster's servers, --coordinator) through the kernel module
+    /// (/dev/rmem, rmem.ko).
     ///
     /// Attaches the process, finds cold regions with DAMON (not accessed
     /// for --min-age) and evicts their pages; CPU accesses fault them back.
@@ -39,7 +40,8 @@ enum Command {
     /// Example: rmem-agent kernel --server mem1:7480 --pid 4242 --min-age 5s
     Kernel(KernelArgs),
     /// Run as the node's daemon for the kernel module: keep the cold pages
-    /// of the processes `rmemctl attach --pid N` names on a memory server.
+    /// of the processes `rmemctl attach --pid N` names on a memory server
+    /// (--server) or on the servers a cluster grants (--coordinator).
     ///
     /// Serves rmem.agent.v1.AgentAdmin (attach, detach, list) and
     /// grpc.health.v1 on a Unix socket (mode 0600). Settings come from
@@ -60,6 +62,17 @@ struct ServeArgs {
     /// Data-plane address of the memory server.
     #[arg(long, value_name = "HOST:PORT")]
     server: Option<String>,
+    /// Keep the pages on the servers this cluster's coordinator grants
+    /// instead of on --server.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "server")]
+    coordinator: Option<String>,
+    /// File holding the cluster token (or set RMEM_CLUSTER_TOKEN).
+    #[arg(long, value_name = "PATH")]
+    cluster_token_file: Option<std::path::PathBuf>,
+    /// Member name in the cluster; keep it stable across restarts
+    /// [default: HOST/kmod].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
     /// Admin socket [default: /run/rmem/agent.sock].
     #[arg(long, value_name = "PATH")]
     socket: Option<std::path::PathBuf>,
@@ -98,8 +111,26 @@ struct ServeArgs {
 #[derive(Debug, clap::Args)]
 struct KernelArgs {
     /// Data-plane address of the memory server.
-    #[arg(long)]
-    server: String,
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        required_unless_present = "coordinator"
+    )]
+    server: Option<String>,
+    /// Keep the pages on the servers this cluster's coordinator grants
+    /// instead of on --server; frees go through its invalidations.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "server")]
+    coordinator: Option<String>,
+    /// File holding the cluster token (for --coordinator; or set
+    /// RMEM_CLUSTER_TOKEN).
+    #[arg(long, value_name = "PATH", requires = "coordinator")]
+    cluster_token_file: Option<std::path::PathBuf>,
+    #[arg(long, env = "RMEM_CLUSTER_TOKEN", hide_env_values = true, hide = true)]
+    cluster_token: Option<String>,
+    /// Member name in the cluster; keep it stable across restarts, so a
+    /// restarted agent takes over its intervals [default: HOST/kmod].
+    #[arg(long, value_name = "NAME", requires = "coordinator")]
+    name: Option<String>,
     /// The process to attach.
     #[arg(long)]
     pid: i32,
@@ -222,6 +253,18 @@ fn stop_after_round() {
     }
 }
 
+/// The cluster token: read from `file` when given, else `inline` (the
+/// RMEM_CLUSTER_TOKEN variable).
+fn cluster_token(
+    file: Option<&std::path::Path>,
+    inline: Option<String>,
+) -> Result<Option<String>, rmem_common::config::ConfigError> {
+    match file {
+        Some(p) => rmem_common::config::read_token("the cluster token", p).map(Some),
+        None => Ok(inline),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
@@ -231,16 +274,14 @@ fn main() -> ExitCode {
     logging::init(args.log_format, "warn");
     match args.command {
         Command::Demo(d) => {
-            let cluster_token = match &d.cluster_token_file {
-                Some(p) => match rmem_common::config::read_token("the cluster token", p) {
-                    Ok(t) => Some(t),
+            let cluster_token =
+                match cluster_token(d.cluster_token_file.as_deref(), d.cluster_token) {
+                    Ok(t) => t,
                     Err(e) => {
                         eprintln!("rmem-agent demo: {e}");
                         return ExitCode::from(2);
                     }
-                },
-                None => d.cluster_token,
-            };
+                };
             let cfg = DemoConfig {
                 budget: d.budget,
                 size: d.size.unwrap_or(ByteSize(d.budget.bytes() * 4)),
@@ -296,6 +337,24 @@ fn serve_config(
     };
     if let Some(v) = &a.server {
         c.server = v.clone();
+        c.coordinator = None;
+    }
+    if let Some(v) = &a.coordinator {
+        c.coordinator = Some(v.clone());
+        c.server.clear();
+    }
+    if let Some(v) = &a.cluster_token_file {
+        c.cluster_token = None;
+        c.cluster_token_file = Some(v.clone());
+    } else if let Ok(t) = std::env::var("RMEM_CLUSTER_TOKEN")
+        && c.cluster_token.is_none()
+        && c.cluster_token_file.is_none()
+        && c.coordinator.is_some()
+    {
+        c.cluster_token = Some(t);
+    }
+    if let Some(v) = &a.name {
+        c.name = Some(v.clone());
     }
     if let Some(v) = &a.socket {
         c.socket = v.clone();
@@ -343,7 +402,7 @@ fn report(context: &str, e: &dyn std::error::Error) {
 fn run_serve(a: ServeArgs) -> ExitCode {
     use rmem_agent::kmod::admin::{self, AdminService};
     use rmem_agent::kmod::daemon::{self, DaemonConfig, Supervisor};
-    use rmem_agent::kmod::{KernelConfig, damon::DamonConfig};
+    use rmem_agent::kmod::damon::DamonConfig;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -357,16 +416,27 @@ fn run_serve(a: ServeArgs) -> ExitCode {
     if a.check_config {
         let mut shown = cfg.clone();
         shown.token = shown.token.map(|_| "<hidden>".into());
+        shown.cluster_token = shown.cluster_token.map(|_| "<hidden>".into());
         print!("{}", toml::to_string(&shown).expect("config serializes"));
         return ExitCode::SUCCESS;
     }
-    let mut client = rmem_client::ClientConfig::new(cfg.server.clone()).with_tenant(
-        cfg.tenant.clone(),
-        cfg.token.clone().unwrap_or_default().into_bytes(),
-    );
-    client.transport = cfg.transport;
-    client.rdma_device = cfg.rdma_device.clone();
-    let mut kernel = KernelConfig::new(client);
+    let home = Home {
+        server: (!cfg.server.is_empty()).then(|| cfg.server.clone()),
+        coordinator: cfg.coordinator.clone(),
+        cluster_token: cfg.cluster_token.clone(),
+        name: cfg.name.clone(),
+        tenant: cfg.tenant.clone(),
+        token: cfg.token.clone(),
+        transport: cfg.transport,
+        rdma_device: cfg.rdma_device.clone(),
+    };
+    let mut kernel = match home.kernel_config() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("rmem-agent serve: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     kernel.device = cfg.device.clone();
     kernel.fault_threads = cfg.fault_threads;
     kernel.request_timeout = cfg.request_timeout;
@@ -425,7 +495,7 @@ fn run_serve(a: ServeArgs) -> ExitCode {
                 })
                 .map_err(|e| format!("cannot start the eviction thread: {e}"))?
         };
-        tracing::info!(socket = %cfg.socket.display(), server = %cfg.server, "agent ready");
+        tracing::info!(socket = %cfg.socket.display(), pages = %sup.server(), "agent ready");
         rmem_common::notify::ready();
         let served = admin::serve(listener, AdminService::new(sup.clone()), async {
             let sig = stop_signal.await;
@@ -453,14 +523,77 @@ fn run_serve(a: ServeArgs) -> ExitCode {
     }
 }
 
+/// Where the kernel agent keeps pages, as the flags or file say.
+struct Home {
+    server: Option<String>,
+    coordinator: Option<String>,
+    cluster_token: Option<String>,
+    name: Option<String>,
+    tenant: String,
+    token: Option<String>,
+    transport: rmem_client::Transport,
+    rdma_device: Option<String>,
+}
+
+impl Home {
+    /// The kernel agent's configuration; joins the cluster when there is one.
+    fn kernel_config(self) -> Result<rmem_agent::kmod::KernelConfig, String> {
+        use rmem_agent::cluster::{Cluster, ClusterConfig};
+        use rmem_agent::kmod::KernelConfig;
+        if let Some(coordinator) = self.coordinator {
+            let mut cc = ClusterConfig::new(coordinator);
+            cc.token = self.cluster_token;
+            cc.tenant = self.tenant;
+            cc.name = Some(
+                self.name
+                    .unwrap_or_else(|| format!("{}/kmod", rmem_agent::cluster::hostname())),
+            );
+            let cluster = Cluster::connect(&cc).map_err(|e| {
+                let mut msg = format!("cannot join the cluster: {e}");
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    msg.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                msg
+            })?;
+            return Ok(KernelConfig::in_cluster(cluster));
+        }
+        let mut client = rmem_client::ClientConfig::new(self.server.unwrap_or_default())
+            .with_tenant(self.tenant, self.token.unwrap_or_default().into_bytes());
+        client.transport = self.transport;
+        client.rdma_device = self.rdma_device;
+        Ok(KernelConfig::new(client))
+    }
+}
+
 fn run_kernel(k: KernelArgs) -> ExitCode {
     use rmem_agent::kmod::daemon::{self, DaemonConfig};
-    use rmem_agent::kmod::{KernelConfig, damon::DamonConfig};
-    let mut client = rmem_client::ClientConfig::new(k.server)
-        .with_tenant(k.tenant, k.token.unwrap_or_default().into_bytes());
-    client.transport = k.transport;
-    client.rdma_device = k.rdma_device;
-    let mut kernel = KernelConfig::new(client);
+    use rmem_agent::kmod::damon::DamonConfig;
+    let cluster_token = match cluster_token(k.cluster_token_file.as_deref(), k.cluster_token) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("rmem-agent kernel: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let home = Home {
+        server: k.server,
+        coordinator: k.coordinator,
+        cluster_token,
+        name: k.name,
+        tenant: k.tenant,
+        token: k.token,
+        transport: k.transport,
+        rdma_device: k.rdma_device,
+    };
+    let mut kernel = match home.kernel_config() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("rmem-agent kernel: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     kernel.device = k.device;
     kernel.fault_threads = k.fault_threads;
     let cfg = DaemonConfig {

@@ -41,11 +41,78 @@ impl Segment {
     }
 }
 
+/// Servers by index (0..=255), as pages and connections name them.
+/// Servers are added while they are in use, never removed or reordered, so
+/// an index stays valid.
+#[derive(Debug, Default)]
+pub struct Servers {
+    list: RwLock<Vec<ClientConfig>>,
+}
+
+impl Servers {
+    pub fn new(list: Vec<ClientConfig>) -> Result<Self, PlacementError> {
+        if list.len() > MAX_SERVERS {
+            return Err(PlacementError::TooManyServers);
+        }
+        Ok(Self {
+            list: RwLock::new(list),
+        })
+    }
+
+    /// Connection settings of server `index`.
+    pub fn get(&self, index: u8) -> Option<ClientConfig> {
+        self.list
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(usize::from(index))
+            .cloned()
+    }
+
+    /// Number of servers known.
+    pub fn len(&self) -> usize {
+        self.list.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds a server (or finds it by address); returns its index.
+    pub fn add(&self, cfg: ClientConfig) -> Result<u8, PlacementError> {
+        let mut list = self.list.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = list.iter().position(|s| s.addr == cfg.addr) {
+            return Ok(i as u8);
+        }
+        if list.len() >= MAX_SERVERS {
+            return Err(PlacementError::TooManyServers);
+        }
+        list.push(cfg);
+        Ok((list.len() - 1) as u8)
+    }
+
+    /// Address of server `index`, for logs.
+    pub fn addr(&self, index: u8) -> String {
+        self.get(index).map(|s| s.addr).unwrap_or_default()
+    }
+}
+
+impl AsRef<Servers> for Servers {
+    fn as_ref(&self) -> &Servers {
+        self
+    }
+}
+
 /// A region's servers and segments.
 #[derive(Debug)]
 pub struct Placement {
-    servers: RwLock<Vec<ClientConfig>>,
+    servers: Servers,
     segments: Vec<Segment>,
+}
+
+impl AsRef<Servers> for Placement {
+    fn as_ref(&self) -> &Servers {
+        &self.servers
+    }
 }
 
 /// Why a placement is not usable.
@@ -63,7 +130,9 @@ impl Placement {
     /// Every page on one server.
     pub fn single(server: ClientConfig, pages: usize) -> Self {
         Self {
-            servers: RwLock::new(vec![server]),
+            servers: Servers {
+                list: RwLock::new(vec![server]),
+            },
             segments: vec![Segment {
                 first: 0,
                 pages,
@@ -79,9 +148,7 @@ impl Placement {
         segments: &[(usize, u8)],
         pages: usize,
     ) -> Result<Self, PlacementError> {
-        if servers.len() > MAX_SERVERS {
-            return Err(PlacementError::TooManyServers);
-        }
+        let servers = Servers::new(servers)?;
         let mut first = 0;
         let mut out = Vec::with_capacity(segments.len());
         for &(n, s) in segments {
@@ -105,7 +172,7 @@ impl Placement {
             return Err(PlacementError::Coverage { pages });
         }
         Ok(Self {
-            servers: RwLock::new(servers),
+            servers,
             segments: out,
         })
     }
@@ -127,39 +194,27 @@ impl Placement {
 
     /// Connection settings of server `index`.
     pub fn server(&self, index: u8) -> Option<ClientConfig> {
-        self.servers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(usize::from(index))
-            .cloned()
+        self.servers.get(index)
     }
 
     /// Number of servers known.
     pub fn server_count(&self) -> usize {
-        self.servers.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.servers.len()
     }
 
     /// Adds a server (or finds it by address); returns its index.
     pub fn add_server(&self, cfg: ClientConfig) -> Result<u8, PlacementError> {
-        let mut servers = self.servers.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = servers.iter().position(|s| s.addr == cfg.addr) {
-            return Ok(i as u8);
-        }
-        if servers.len() >= MAX_SERVERS {
-            return Err(PlacementError::TooManyServers);
-        }
-        servers.push(cfg);
-        Ok((servers.len() - 1) as u8)
+        self.servers.add(cfg)
     }
 
     /// Address of server `index`, for logs.
     pub fn addr(&self, index: u8) -> String {
-        self.server(index).map(|s| s.addr).unwrap_or_default()
+        self.servers.addr(index)
     }
 }
 
-/// A thread's connections, one per server of its region, opened on first
-/// use.
+/// A thread's connections, one per server of a table (a region's
+/// placement, the kernel agent's servers), opened on first use.
 #[derive(Debug)]
 pub struct Remotes {
     conns: Vec<Option<RemoteConn>>,
@@ -178,14 +233,14 @@ impl Remotes {
         }
     }
 
-    /// The connection to server `index` of `placement`.
-    pub fn get(&mut self, placement: &Placement, index: u8) -> Option<&mut RemoteConn> {
+    /// The connection to server `index` of `servers`.
+    pub fn get(&mut self, servers: &impl AsRef<Servers>, index: u8) -> Option<&mut RemoteConn> {
         let i = usize::from(index);
         if i >= self.conns.len() {
             self.conns.resize_with(i + 1, || None);
         }
         if self.conns[i].is_none() {
-            let mut cfg = thread_config(&placement.server(index)?, self.timeout);
+            let mut cfg = thread_config(&servers.as_ref().get(index)?, self.timeout);
             cfg.spin = self.spin;
             self.conns[i] = Some(RemoteConn::new(cfg));
         }

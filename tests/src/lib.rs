@@ -277,9 +277,53 @@ impl ServerProcess {
         }
     }
 
+    /// Starts a server of `capacity` that joins the cluster of
+    /// `coordinator` as `name`.
+    pub fn join(coordinator: &str, name: &str, capacity: &str) -> Self {
+        Self::start(&[
+            "--capacity",
+            capacity,
+            "--coordinator",
+            coordinator,
+            "--name",
+            name,
+        ])
+    }
+
     /// Client settings for this server.
     pub fn client_config(&self) -> rmem_client::ClientConfig {
         rmem_client::ClientConfig::new(self.data.to_string())
+    }
+}
+
+/// A running `rmem-coordinator` (ephemeral state, loopback).
+#[derive(Debug)]
+pub struct CoordinatorProcess {
+    pub daemon: Daemon,
+    pub addr: SocketAddr,
+}
+
+impl CoordinatorProcess {
+    /// Starts `rmem-coordinator --ephemeral` on an ephemeral loopback port
+    /// with extra `args` and waits until it is ready.
+    pub fn start(args: &[&str]) -> Self {
+        let mut all = vec![
+            "--log-format",
+            "json",
+            "--listen",
+            "127.0.0.1:0",
+            "--ephemeral",
+        ];
+        all.extend_from_slice(args);
+        let daemon = Daemon::spawn("rmem-coordinator", &all);
+        let ready = daemon
+            .wait_for_log("coordinator ready", Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("coordinator did not start:\n{}", daemon.log_text()));
+        let addr = ready["fields"]["addr"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {ready}"));
+        Self { daemon, addr }
     }
 }
 

@@ -26,22 +26,10 @@ impl Coordinator {
     }
 
     fn start(args: &[&str]) -> Self {
-        let mut all = vec![
-            "--log-format",
-            "json",
-            "--listen",
-            "127.0.0.1:0",
-            "--ephemeral",
-        ];
-        all.extend_from_slice(args);
-        let daemon = Daemon::spawn("rmem-coordinator", &all);
-        let ready = daemon
-            .wait_for_log("coordinator ready", Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("coordinator did not start:\n{}", daemon.log_text()));
-        let addr = ready["fields"]["addr"].as_str().unwrap().parse().unwrap();
+        let p = rmem_tests::CoordinatorProcess::start(args);
         Self {
-            _daemon: Some(daemon),
-            addr,
+            _daemon: Some(p.daemon),
+            addr: p.addr,
         }
     }
 }
@@ -51,16 +39,7 @@ fn cluster(n: usize) -> (Coordinator, Vec<ServerProcess>) {
     let coord = Coordinator::start(&["--placement-chunk", "1MiB", "--lease", "2s"]);
     let endpoint = coord.addr.to_string();
     let servers: Vec<ServerProcess> = (0..n)
-        .map(|i| {
-            ServerProcess::start(&[
-                "--capacity",
-                "64MiB",
-                "--coordinator",
-                &endpoint,
-                "--name",
-                &format!("mem-{i}"),
-            ])
-        })
+        .map(|i| ServerProcess::join(&endpoint, &format!("mem-{i}"), "64MiB"))
         .collect();
     (coord, servers)
 }

@@ -156,6 +156,7 @@ async fn invalidate(
             reason: pb::Reason::Clear as i32,
             deadline_ms,
             origin: 0,
+            more: Vec::new(),
         })
         .await
         .unwrap()
@@ -561,6 +562,7 @@ fn a_restarted_coordinator_keeps_its_registrations() {
                 reason: pb::Reason::Unmap as i32,
                 deadline_ms: 1_000,
                 origin: a.member_id,
+                more: Vec::new(),
             })
             .await
             .unwrap()
@@ -831,6 +833,7 @@ fn a_server_joins_and_frees_pages_of_an_invalidated_range_before_it_returns() {
                 reason: pb::Reason::Unmap as i32,
                 deadline_ms: 5_000,
                 origin: a.member_id,
+                more: Vec::new(),
             })
             .await
             .unwrap()

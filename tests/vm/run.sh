@@ -129,18 +129,18 @@ suite_kmod() {
   [ -f "$KO" ] || die "no $KO"
 
   say "building the guest's binaries (release)"
-  cargo build --release --quiet -p rmem-server -p rmem-agent -p rmemctl -p rmem-tests --bins
+  cargo build --release --quiet -p rmem-server -p rmem-coordinator -p rmem-agent -p rmemctl -p rmem-tests --bins
 
   local out=$REPO/target/vm root b
   root=$out/root
   rm -rf "$out"
   new_root "$root"
-  for b in rmem-server rmem-agent rmemctl rmem-vmtest; do
+  for b in rmem-server rmem-coordinator rmem-agent rmemctl rmem-vmtest; do
     cp "target/release/$b" "$root/bin/$b"
   done
   cp "$KO" "$root/rmem/rmem.ko"
   # The binaries link glibc dynamically: bring the libraries they load.
-  add_libs "$root" target/release/rmem-server target/release/rmem-agent target/release/rmemctl target/release/rmem-vmtest
+  add_libs "$root" target/release/rmem-server target/release/rmem-coordinator target/release/rmem-agent target/release/rmemctl target/release/rmem-vmtest
   cat >"$root/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin

@@ -234,6 +234,66 @@ fn an_invalidation_reaches_every_subscriber_once_with_its_ranges() {
 }
 
 #[test]
+fn one_invalidation_carries_many_ranges_and_moves_each_sequence_once() {
+    let mut c = cluster();
+    let a = c.register(&agent("a")).unwrap().id;
+    let s = c.register(&server("s", 100)).unwrap().id;
+    let (i1, seq1) = c.register_interval(&interval("p", 0, 8, a, &[s])).unwrap();
+    let (i2, seq2) = c.register_interval(&interval("p", 8, 8, a, &[s])).unwrap();
+    // Pages 1, 3..5 of i1 and 9 of i2, and a range nothing covers.
+    let mut req = invalidate("p", 1, 1);
+    req.origin = a;
+    req.more = [(3, 2), (9, 1), (40, 1)]
+        .iter()
+        .map(|&(start, pages)| pb::Span {
+            start: start * PAGE,
+            length: pages * PAGE,
+        })
+        .collect();
+    let begun = c.begin_invalidation(&req).unwrap();
+    assert_eq!(begun.intervals, vec![(i1, seq1 + 1), (i2, seq2 + 1)]);
+    let evs = events(&c, s);
+    assert_eq!(evs.len(), 1, "one event for all the ranges");
+    let Event::Invalidation(ev) = &evs[0] else {
+        panic!()
+    };
+    let ranges: Vec<_> = ev
+        .ranges
+        .iter()
+        .map(|r| {
+            (
+                r.interval_id,
+                r.start / PAGE,
+                r.length / PAGE,
+                r.first_handle,
+            )
+        })
+        .collect();
+    assert_eq!(
+        ranges,
+        vec![(i1, 1, 1, 1001), (i1, 3, 2, 1003), (i2, 9, 1, 1001)]
+    );
+    c.ack(s, begun.id).unwrap();
+    let mut done = begun.done;
+    assert!(done.try_recv().is_ok());
+
+    let mut bad = invalidate("p", 0, 1);
+    bad.more = vec![pb::Span {
+        start: 1,
+        length: PAGE,
+    }];
+    assert!(matches!(
+        c.begin_invalidation(&bad),
+        Err(CoordError::Invalid { .. })
+    ));
+    bad.more = vec![pb::Span::default(); MAX_SPANS + 1];
+    assert!(matches!(
+        c.begin_invalidation(&bad),
+        Err(CoordError::Invalid { .. })
+    ));
+}
+
+#[test]
 fn a_subscriber_that_does_not_answer_is_fenced() {
     let mut c = cluster();
     let a = c.register(&agent("a")).unwrap().id;

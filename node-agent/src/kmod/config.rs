@@ -12,8 +12,23 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
     /// Data-plane address (`host:port`) of the memory server holding the
-    /// evicted pages.
+    /// evicted pages. Give this or `coordinator`.
     pub server: String,
+    /// A cluster's coordinator (`host:port`): pages go to the servers it
+    /// grants, and frees go through its invalidations. Give this or
+    /// `server`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
+    /// File holding the cluster token (with `coordinator`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// The cluster token, inline. Prefer `cluster_token_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_token: Option<String>,
+    /// Member name in the cluster; keep it stable, so a restarted agent
+    /// takes over its intervals. Default `<hostname>/kmod`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Tenant to log in as.
     pub tenant: String,
     /// The tenant's credential, inline. Prefer `token_file`.
@@ -68,6 +83,10 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             server: String::new(),
+            coordinator: None,
+            cluster_token_file: None,
+            cluster_token: None,
+            name: None,
             tenant: "default".into(),
             token: None,
             token_file: None,
@@ -92,8 +111,45 @@ impl ServeConfig {
     /// Checks every field; reads `token_file` into `token` (validating
     /// again afterwards passes).
     pub fn validate(&mut self) -> Result<(), ConfigError> {
-        if self.server.is_empty() {
-            return Err(invalid("server", "required: the memory server's host:port"));
+        match (self.server.is_empty(), &self.coordinator) {
+            (true, None) => {
+                return Err(invalid(
+                    "server",
+                    "required: the memory server's host:port (or give coordinator)",
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(invalid(
+                    "coordinator",
+                    "give server or coordinator, not both",
+                ));
+            }
+            (true, Some(c)) if c.is_empty() => {
+                return Err(invalid("coordinator", "must be host:port"));
+            }
+            _ => {}
+        }
+        if self.coordinator.is_none()
+            && (self.cluster_token.is_some() || self.cluster_token_file.is_some())
+        {
+            return Err(invalid("cluster_token", "only with coordinator"));
+        }
+        if let Some(path) = &self.cluster_token_file {
+            let from_file = read_token("the cluster token", path)?;
+            if self.cluster_token.as_ref().is_some_and(|t| *t != from_file) {
+                return Err(invalid(
+                    "cluster_token",
+                    "give cluster_token or cluster_token_file, not both",
+                ));
+            }
+            self.cluster_token = Some(from_file);
+        }
+        if self
+            .name
+            .as_ref()
+            .is_some_and(|n| n.is_empty() || n.len() > 128)
+        {
+            return Err(invalid("name", "must be 1 to 128 bytes"));
         }
         if self.tenant.is_empty() || self.tenant.len() > 64 {
             return Err(invalid("tenant", "must be 1 to 64 bytes"));
@@ -161,6 +217,16 @@ mod tests {
             ("server = \"m:7480\"\ninterval = \"2h\"", "interval"),
             ("server = \"m:7480\"\ntenant = \"\"", "tenant"),
             ("server = \"m:7480\"\nrdma_device = \"../x\"", "rdma_device"),
+            (
+                "server = \"m:7480\"\ncoordinator = \"c:7470\"",
+                "coordinator",
+            ),
+            ("coordinator = \"\"", "coordinator"),
+            (
+                "server = \"m:7480\"\ncluster_token = \"t\"",
+                "cluster_token",
+            ),
+            ("coordinator = \"c:7470\"\nname = \"\"", "name"),
         ] {
             let err = parse(text).unwrap_err();
             assert!(err.contains(&format!("`{field}`")), "{text}: {err}");

@@ -267,7 +267,7 @@ impl Supervisor {
     }
 
     /// The server the pages go to.
-    pub fn server(&self) -> &str {
+    pub fn server(&self) -> String {
         self.agent.server()
     }
 

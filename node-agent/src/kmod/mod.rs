@@ -9,6 +9,8 @@
 //!   and the loop that evicts their cold pages (`rmem-agent kernel|serve`).
 //! - [`admin`]: `rmem-agent serve`'s gRPC admin API on a Unix socket.
 //! - [`config`]: `rmem-agent serve`'s configuration.
+//! - [`homes`]: where pages go (one server, or a cluster's granted
+//!   servers), handles, and the interval that frees them.
 //! - [`service`]: [`KernelAgent`], which serves the module's fetch requests
 //!   and freed handles from a memory server and evicts ranges on request.
 
@@ -18,6 +20,7 @@ pub mod config;
 pub mod daemon;
 pub mod damon;
 pub mod device;
+pub mod homes;
 pub mod service;
 pub mod uapi;
 

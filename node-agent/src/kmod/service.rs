@@ -1,10 +1,10 @@
 //! The kernel backend's agent: serves the module's fetch requests and freed
-//! handles from a memory server, and moves pages out on request.
+//! handles from memory servers, and moves pages out on request.
 //!
-//! Handles are never reused: each agent start draws a random 24-bit epoch for
-//! the top bits and counts up below it, so a late FREE of an old handle can
-//! never hit a page stored later under the same handle.
+//! Where pages go (one server, or a cluster's granted servers) and how
+//! handles are chosen is [`super::homes`]'s business.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,16 +14,18 @@ use std::time::{Duration, Instant};
 use rmem_client::{ClientConfig, ClientError, Page, PageStatus};
 
 use super::device::{Device, FetchReply};
+use super::homes::{Home, Homes};
 use super::uapi::{self, Event, PAGE_SIZE};
-use crate::remote::{RemoteConn, thread_config};
+use crate::cluster::{Cluster, ClusterError};
+use crate::placement::Remotes;
 
 /// How the kernel agent runs.
 #[derive(Debug, Clone)]
 pub struct KernelConfig {
     /// `/dev/rmem`.
     pub device: std::path::PathBuf,
-    /// The memory server holding the pages.
-    pub server: ClientConfig,
+    /// Where the pages go.
+    pub home: Home,
     /// Threads answering the module's requests.
     pub fault_threads: usize,
     /// Longest a server request may take before a fault gets SIGBUS or an
@@ -32,11 +34,20 @@ pub struct KernelConfig {
 }
 
 impl KernelConfig {
-    /// Defaults for `server`.
+    /// Defaults, pages on `server`.
     pub fn new(server: ClientConfig) -> Self {
+        Self::with_home(Home::Server(server))
+    }
+
+    /// Defaults, pages on the servers `cluster` grants.
+    pub fn in_cluster(cluster: Arc<Cluster>) -> Self {
+        Self::with_home(Home::Cluster(cluster))
+    }
+
+    fn with_home(home: Home) -> Self {
         Self {
             device: super::device::DEVICE_PATH.into(),
-            server,
+            home,
             fault_threads: 2,
             request_timeout: Duration::from_secs(5),
         }
@@ -50,10 +61,14 @@ pub enum KernelError {
     Device(#[from] io::Error),
     #[error("memory server: {0}")]
     Server(#[from] ClientError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] ClusterError),
     #[error("DAMON: {0}")]
     Monitor(io::Error),
     #[error("memory server refused page {handle:#x}: {status:?}")]
     Refused { handle: u64, status: PageStatus },
+    #[error("no server {0} in the agent's table")]
+    UnknownServer(u8),
 }
 
 /// Counters since start.
@@ -62,6 +77,9 @@ pub struct KernelStats {
     pub fetched: AtomicU64,
     pub fetch_errors: AtomicU64,
     pub freed: AtomicU64,
+    /// Of `freed`, those freed through the cluster's invalidations (the
+    /// rest went to their servers directly).
+    pub invalidated: AtomicU64,
     pub evicted: AtomicU64,
     pub kept_local: AtomicU64,
 }
@@ -72,6 +90,7 @@ pub struct KernelStats {
 pub struct KernelAgent {
     dev: Arc<Device>,
     cfg: KernelConfig,
+    homes: Arc<Homes>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     next_handle: AtomicU64,
@@ -81,7 +100,7 @@ pub struct KernelAgent {
 
 #[derive(Debug)]
 struct Evictor {
-    conn: RemoteConn,
+    remotes: Remotes,
     data: Vec<u8>,
     addrs: Vec<u64>,
 }
@@ -90,32 +109,45 @@ impl KernelAgent {
     /// Opens the device and starts the threads that serve it.
     pub fn start(cfg: KernelConfig) -> Result<Self, KernelError> {
         let dev = Arc::new(Device::open(&cfg.device)?);
+        let in_use = dev.info()?.pages_in_use;
+        let homes = Arc::new(Homes::new(cfg.home.clone(), in_use)?);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(KernelStats::default());
-        let conn_cfg = thread_config(&cfg.server, cfg.request_timeout);
         let mut threads = Vec::new();
         for i in 0..cfg.fault_threads.max(1) {
-            let (dev, stop, stats) = (dev.clone(), stop.clone(), stats.clone());
-            let conn = RemoteConn::new(conn_cfg.clone());
+            let (dev, homes, stop, stats) =
+                (dev.clone(), homes.clone(), stop.clone(), stats.clone());
+            let remotes = Remotes::new(cfg.request_timeout, Duration::ZERO);
             let timeout = cfg.request_timeout;
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("rmem-kfault-{i}"))
-                    .spawn(move || serve(&dev, conn, &stop, &stats, timeout))?,
+                    .spawn(move || serve(&dev, &homes, remotes, &stop, &stats, timeout))?,
             );
         }
-        let epoch = u64::from(rand::random::<u32>() & 0xff_ffff);
+        if let Some(cluster) = homes.cluster() {
+            // Pages on a server being drained move elsewhere.
+            let weak = Arc::downgrade(&homes);
+            let timeout = cfg.request_timeout;
+            cluster.on_drain(Arc::new(move |member| {
+                if let Some(homes) = weak.upgrade() {
+                    let mut remotes = Remotes::new(timeout, Duration::ZERO);
+                    homes.drain(&mut remotes, member, timeout);
+                }
+            }));
+        }
         let max = uapi::MAX_BATCH as usize;
         Ok(Self {
             dev,
             stop,
             threads,
-            next_handle: AtomicU64::new(epoch << 40),
+            next_handle: AtomicU64::new(homes.base()),
             evictor: Mutex::new(Evictor {
-                conn: RemoteConn::new(conn_cfg),
+                remotes: Remotes::new(cfg.request_timeout, Duration::ZERO),
                 data: vec![0; max * PAGE_SIZE],
                 addrs: vec![0; max],
             }),
+            homes,
             stats,
             cfg,
         })
@@ -126,9 +158,15 @@ impl KernelAgent {
         &self.dev
     }
 
-    /// The memory server's address.
-    pub fn server(&self) -> &str {
-        &self.cfg.server.addr
+    /// Where the pages go: the memory server's address, or the cluster's
+    /// coordinator.
+    pub fn server(&self) -> String {
+        self.homes.describe()
+    }
+
+    /// Where the pages are.
+    pub fn homes(&self) -> &Homes {
+        &self.homes
     }
 
     /// Counters since start.
@@ -205,42 +243,55 @@ impl KernelAgent {
     ) -> Result<usize, KernelError> {
         let first = self.next_handle.fetch_add(n as u64, Ordering::Relaxed);
         let handles: Vec<u64> = (first..first + n as u64).collect();
+        let pieces = self.homes.place(first, n)?;
         let deadline = Instant::now() + self.cfg.request_timeout;
         let stored = (|| -> Result<(), KernelError> {
-            let max = ev.conn.max_batch(deadline)?.max(1) as usize;
-            for (k, chunk) in handles.chunks(max).enumerate() {
-                let pages: Vec<(u64, &Page)> = chunk
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &h)| {
-                        let i = k * max + j;
-                        let page: &Page = ev.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
-                            .try_into()
-                            .expect("page-sized slice");
-                        (h, page)
-                    })
-                    .collect();
-                let statuses = ev.conn.put(&pages, deadline)?;
-                if let Some((i, s)) = statuses
-                    .iter()
-                    .enumerate()
-                    .find(|(_, s)| **s != PageStatus::Ok)
-                {
-                    return Err(KernelError::Refused {
-                        handle: chunk[i],
-                        status: *s,
-                    });
+            for piece in &pieces {
+                let conn = ev
+                    .remotes
+                    .get(self.homes.servers(), piece.server)
+                    .ok_or(KernelError::UnknownServer(piece.server))?;
+                let max = conn.max_batch(deadline)?.max(1) as usize;
+                let at = (piece.first - first) as usize;
+                let range = at..at + piece.count;
+                for (k, chunk) in handles[range.clone()].chunks(max).enumerate() {
+                    let pages: Vec<(u64, &Page)> = chunk
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &h)| {
+                            let i = range.start + k * max + j;
+                            let page: &Page = ev.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                                .try_into()
+                                .expect("page-sized slice");
+                            (h, page)
+                        })
+                        .collect();
+                    let statuses = conn.put(&pages, deadline)?;
+                    if let Some((i, s)) = statuses
+                        .iter()
+                        .enumerate()
+                        .find(|(_, s)| **s != PageStatus::Ok)
+                    {
+                        return Err(KernelError::Refused {
+                            handle: chunk[i],
+                            status: *s,
+                        });
+                    }
                 }
             }
             Ok(())
         })();
+        self.homes.stored(&pieces);
+        let discard = |ev: &mut Evictor, handles: &[u64]| {
+            self.homes.discard(
+                &mut ev.remotes,
+                handles,
+                Instant::now() + self.cfg.request_timeout,
+            )
+        };
         if let Err(e) = stored {
             // Nothing left RAM: drop whatever was stored.
-            let _ = free_all(
-                &mut ev.conn,
-                &handles,
-                Instant::now() + self.cfg.request_timeout,
-            );
+            let _ = discard(ev, &handles);
             return Err(e);
         }
         let mut status = vec![0u8; n];
@@ -256,11 +307,7 @@ impl KernelAgent {
             Ok(m) => m,
             Err(e) => {
                 // Nothing moved (the module reports errors only before moving).
-                let _ = free_all(
-                    &mut ev.conn,
-                    &handles,
-                    Instant::now() + self.cfg.request_timeout,
-                );
+                let _ = discard(ev, &handles);
                 return Err(e.into());
             }
         };
@@ -274,11 +321,7 @@ impl KernelAgent {
             self.stats
                 .kept_local
                 .fetch_add(stay.len() as u64, Ordering::Relaxed);
-            free_all(
-                &mut ev.conn,
-                &stay,
-                Instant::now() + self.cfg.request_timeout,
-            )?;
+            discard(ev, &stay)?;
         }
         self.stats
             .evicted
@@ -293,33 +336,31 @@ impl Drop for KernelAgent {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // Device pages left (of processes still attached) keep their
+        // handles' intervals and grants for the next agent.
+        let in_use = self.dev.info().map_or(u64::MAX, |i| i.pages_in_use);
+        self.homes.close(in_use);
     }
-}
-
-/// FREE in batches the server accepts.
-fn free_all(conn: &mut RemoteConn, handles: &[u64], deadline: Instant) -> Result<(), ClientError> {
-    let max = conn.max_batch(deadline)?.max(1) as usize;
-    for chunk in handles.chunks(max) {
-        conn.free(chunk, deadline)?;
-    }
-    Ok(())
 }
 
 /// One fault thread: wait for events, answer fetches, free freed handles.
 /// The fetches one wait returns (a fault and the neighbours it brings back
-/// with it, or several faults) go to the server as one batch.
+/// with it, or several faults) go to their servers as one batch each.
 fn serve(
     dev: &Device,
-    mut conn: RemoteConn,
+    homes: &Homes,
+    mut remotes: Remotes,
     stop: &AtomicBool,
     stats: &KernelStats,
     timeout: Duration,
 ) {
     let mut events = vec![Event::default(); 64];
-    let mut pages: Vec<Page> = vec![[0u8; PAGE_SIZE]; events.len()];
-    let mut statuses = Vec::new();
+    let mut fetch = Fetcher {
+        pages: vec![[0u8; PAGE_SIZE]; events.len()],
+        statuses: Vec::new(),
+        handles: Vec::new(),
+    };
     let mut fetches: Vec<Event> = Vec::new();
-    let mut handles: Vec<u64> = Vec::new();
     let mut freed = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let n = match dev.wait(&mut events, 100) {
@@ -340,22 +381,16 @@ fn serve(
             }
         }
         if !fetches.is_empty() {
-            answer_fetches(
-                dev,
-                &mut conn,
-                &fetches,
-                &mut handles,
-                &mut pages,
-                &mut statuses,
-                stats,
-                timeout,
-            );
+            fetch.answer(dev, homes, &mut remotes, &fetches, stats, timeout);
         }
         if !freed.is_empty() {
-            // Handles are never reused, so a FREE that fails only leaks.
-            match free_all(&mut conn, &freed, Instant::now() + timeout) {
-                Ok(_) => {
+            // Handles are never reused, so a free that fails only leaks.
+            match homes.release(&mut remotes, &freed, Instant::now() + timeout) {
+                Ok(through_cluster) => {
                     stats.freed.fetch_add(freed.len() as u64, Ordering::Relaxed);
+                    stats
+                        .invalidated
+                        .fetch_add(through_cluster as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, pages = freed.len(), "freeing remote pages failed; they leak on the server")
@@ -365,47 +400,142 @@ fn serve(
     }
 }
 
-/// Fetches the pages of `fetches` (in batches the server accepts) and
-/// answers each request: its page, or EIO (the faulting task gets SIGBUS).
-#[allow(clippy::too_many_arguments)]
-fn answer_fetches(
-    dev: &Device,
-    conn: &mut RemoteConn,
-    fetches: &[Event],
-    handles: &mut Vec<u64>,
-    pages: &mut [Page],
-    statuses: &mut Vec<PageStatus>,
-    stats: &KernelStats,
-    timeout: Duration,
-) {
-    let deadline = Instant::now() + timeout;
-    let max = conn
-        .max_batch(deadline)
-        .map_or(1, |m| m.max(1) as usize)
-        .min(pages.len());
-    for batch in fetches.chunks(max) {
-        handles.clear();
-        handles.extend(batch.iter().map(|e| e.handle));
-        let got = conn.get(handles, &mut pages[..batch.len()], statuses, deadline);
-        for (i, e) in batch.iter().enumerate() {
-            let status = statuses.get(i).copied();
-            let reply = match (&got, status) {
-                (Ok(()), Some(PageStatus::Ok)) => FetchReply::Page(&pages[i]),
-                _ => {
-                    tracing::error!(handle = e.handle, pid = e.pid, addr = e.addr, result = ?got, ?status,
-                        "cannot fetch a remote page; the faulting task gets SIGBUS");
-                    stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                    FetchReply::Error(libc::EIO)
-                }
-            };
-            match dev.reply(e.id, reply) {
-                Ok(()) => {
-                    stats.fetched.fetch_add(1, Ordering::Relaxed);
-                }
-                // The fault gave up (signal or timeout) meanwhile.
-                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(err) => tracing::error!(error = %err, "replying to the module failed"),
+/// A fault thread's buffers for fetching.
+struct Fetcher {
+    pages: Vec<Page>,
+    statuses: Vec<PageStatus>,
+    handles: Vec<u64>,
+}
+
+impl Fetcher {
+    /// Fetches the pages of `fetches` (grouped by server, in batches the
+    /// server accepts) and answers each request: its page, or EIO (the
+    /// faulting task gets SIGBUS). A handle the book does not place (one of
+    /// an earlier agent run) is asked of each known server in turn.
+    fn answer(
+        &mut self,
+        dev: &Device,
+        homes: &Homes,
+        remotes: &mut Remotes,
+        fetches: &[Event],
+        stats: &KernelStats,
+        timeout: Duration,
+    ) {
+        let deadline = Instant::now() + timeout;
+        let mut by_server: BTreeMap<u8, Vec<Event>> = BTreeMap::new();
+        let mut unplaced = Vec::new();
+        for e in fetches {
+            match homes.server_of(e.handle) {
+                Some(s) => by_server.entry(s).or_default().push(*e),
+                None => unplaced.push(*e),
             }
         }
+        for (server, events) in by_server {
+            let failed = self.fetch_from(dev, homes, remotes, server, &events, stats, deadline);
+            for e in failed {
+                // The run may have moved meanwhile (its server was drained):
+                // ask where it is now.
+                match homes.server_of(e.handle).filter(|&s| s != server) {
+                    Some(now) => {
+                        let again =
+                            self.fetch_from(dev, homes, remotes, now, &[e], stats, deadline);
+                        if !again.is_empty() {
+                            give_up(dev, homes, now, &e, stats);
+                        }
+                    }
+                    None => give_up(dev, homes, server, &e, stats),
+                }
+            }
+        }
+        for e in unplaced {
+            let found = homes.candidates().find(|&server| {
+                self.fetch_from(dev, homes, remotes, server, &[e], stats, deadline)
+                    .is_empty()
+            });
+            match found {
+                Some(server) => homes.learn(e.handle, server),
+                None => {
+                    tracing::error!(
+                        handle = e.handle,
+                        pid = e.pid,
+                        addr = e.addr,
+                        "no server holds a remote page; the faulting task gets SIGBUS"
+                    );
+                    reply(dev, &e, None, stats);
+                }
+            }
+        }
+    }
+
+    /// Fetches `events` from `server` and answers those found; returns the
+    /// others (not found, or the server failed).
+    #[allow(clippy::too_many_arguments)]
+    fn fetch_from(
+        &mut self,
+        dev: &Device,
+        homes: &Homes,
+        remotes: &mut Remotes,
+        server: u8,
+        events: &[Event],
+        stats: &KernelStats,
+        deadline: Instant,
+    ) -> Vec<Event> {
+        let Some(conn) = remotes.get(homes.servers(), server) else {
+            return events.to_vec();
+        };
+        let max = conn
+            .max_batch(deadline)
+            .map_or(1, |m| m.max(1) as usize)
+            .min(self.pages.len());
+        let mut failed = Vec::new();
+        for batch in events.chunks(max) {
+            self.handles.clear();
+            self.handles.extend(batch.iter().map(|e| e.handle));
+            let got = conn.get(
+                &self.handles,
+                &mut self.pages[..batch.len()],
+                &mut self.statuses,
+                deadline,
+            );
+            if let Err(e) = &got {
+                tracing::warn!(server = %homes.servers().addr(server), error = %e, "fetching remote pages failed");
+            }
+            for (i, e) in batch.iter().enumerate() {
+                if got.is_ok() && self.statuses.get(i) == Some(&PageStatus::Ok) {
+                    reply(dev, e, Some(&self.pages[i]), stats);
+                } else {
+                    failed.push(*e);
+                }
+            }
+        }
+        failed
+    }
+}
+
+/// Answers a fetch its server could not serve with EIO, and says so.
+fn give_up(dev: &Device, homes: &Homes, server: u8, e: &Event, stats: &KernelStats) {
+    tracing::error!(handle = e.handle, pid = e.pid, addr = e.addr, server = %homes.servers().addr(server),
+        "cannot fetch a remote page; the faulting task gets SIGBUS");
+    reply(dev, e, None, stats);
+}
+
+/// Answers one fetch: its page, or EIO.
+fn reply(dev: &Device, e: &Event, page: Option<&Page>, stats: &KernelStats) {
+    let r = match page {
+        Some(p) => FetchReply::Page(p),
+        None => {
+            stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+            FetchReply::Error(libc::EIO)
+        }
+    };
+    match dev.reply(e.id, r) {
+        Ok(()) => {
+            if page.is_some() {
+                stats.fetched.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // The fault gave up (signal or timeout) meanwhile.
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(err) => tracing::error!(error = %err, "replying to the module failed"),
     }
 }

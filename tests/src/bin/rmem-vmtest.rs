@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rmem_agent::kmod::{KernelAgent, KernelConfig};
 use rmem_client::{BlockingConnection, ClientConfig};
 use rmem_tests::suite::{Suite, ensure, percentiles};
-use rmem_tests::{ServerProcess, pattern, wait_until};
+use rmem_tests::{CoordinatorProcess, ServerProcess, pattern, wait_until};
 
 const PAGE: usize = 4096;
 /// The module's fault timeout for this suite: short, so the SIGBUS case is quick.
@@ -554,6 +554,11 @@ fn main() {
     });
 
     suite.case(
+        "in a cluster: pages spread over the granted servers, move off a drained one, are freed through invalidations, and a restarted agent takes over",
+        || env.without_agent(cluster_case),
+    );
+
+    suite.case(
         "rmmod fails while the agent is open, then leaves nothing behind",
         || {
             let info = env.info();
@@ -588,6 +593,127 @@ fn main() {
     );
     drop(env);
     suite.finish();
+}
+
+/// The kernel agent on a cluster: a coordinator and two servers in this
+/// guest, the agent a member (`vm/kmod`) placing its pages through grants.
+fn cluster_case(_env: &Env) -> Result<(), String> {
+    use rmem_agent::cluster::{Cluster, ClusterConfig};
+    use std::sync::atomic::Ordering;
+    let coord = CoordinatorProcess::start(&["--placement-chunk", "1MiB", "--lease", "2s"]);
+    let endpoint = coord.addr.to_string();
+    let servers: Vec<ServerProcess> = ["mem-a", "mem-b"]
+        .iter()
+        .map(|name| ServerProcess::join(&endpoint, name, "64MiB"))
+        .collect();
+    let used = |s: &ServerProcess| -> u64 {
+        BlockingConnection::connect(&ClientConfig::new(s.data.to_string()))
+            .and_then(|mut c| c.stat())
+            .map_or(u64::MAX, |st| st.used_pages)
+    };
+    let all_used = || servers.iter().map(used).collect::<Vec<u64>>();
+    let start = || -> Result<KernelAgent, String> {
+        let mut cc = ClusterConfig::new(endpoint.clone());
+        cc.name = Some("vm/kmod".into());
+        let cluster = Cluster::connect(&cc).map_err(|e| e.to_string())?;
+        let mut cfg = KernelConfig::in_cluster(cluster);
+        cfg.request_timeout = Duration::from_secs(2);
+        KernelAgent::start(cfg).map_err(|e| e.to_string())
+    };
+    let emptied = |what: &str| -> Result<(), String> {
+        ensure(
+            wait_until(Duration::from_secs(10), || all_used() == [0, 0]),
+            format!("{what}: servers still hold {:?} pages", all_used()),
+        )
+    };
+
+    let agent = start()?;
+    let mut t = Target::spawn(1024)?;
+    let att = agent.attach(t.pid(), None).map_err(|e| e.to_string())?;
+    let moved = agent
+        .evict(att, t.addr, t.len())
+        .map_err(|e| e.to_string())?;
+    ensure(moved == 1024, format!("evicted {moved} of 1024 pages"))?;
+    let spread = all_used();
+    println!("cluster: 1024 evicted pages on the two servers: {spread:?}");
+    ensure(
+        spread.iter().sum::<u64>() == 1024 && spread.iter().all(|&n| n > 0),
+        format!("pages not spread over both servers: {spread:?}"),
+    )?;
+    // Draining server A moves its pages to B while they stay remote.
+    let out = std::process::Command::new(rmem_tests::bin("rmemctl"))
+        .args(["--endpoint", &endpoint, "drain", "mem-a"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    ensure(
+        out.status.success(),
+        format!("rmemctl drain: {}", String::from_utf8_lossy(&out.stderr)),
+    )?;
+    ensure(
+        wait_until(Duration::from_secs(20), || all_used() == [0, 1024]),
+        format!(
+            "after draining mem-a the servers hold {:?} pages",
+            all_used()
+        ),
+    )?;
+    ensure(
+        agent
+            .device()
+            .info()
+            .map_err(|e| e.to_string())?
+            .pages_in_use
+            == 1024,
+        "pages came back during the drain",
+    )?;
+    // Reading brings every page back; the old copies die with their
+    // device pages and are invalidated through the coordinator.
+    t.cmd("check 1")?;
+    emptied("after every page came back")?;
+    let invalidated = agent.stats().invalidated.load(Ordering::Relaxed);
+    ensure(
+        invalidated == 1024,
+        format!("{invalidated} of 1024 frees went through invalidations"),
+    )?;
+    // Exit frees what is remote.
+    let moved = agent
+        .evict(att, t.addr, t.len())
+        .map_err(|e| e.to_string())?;
+    ensure(
+        moved == 1024,
+        format!("evicted {moved} of 1024 pages again"),
+    )?;
+    t.cmd("exit")?;
+    t.wait_exit()?;
+    emptied("after the process exited")?;
+    agent.detach(att).map_err(|e| e.to_string())?;
+
+    // An agent that stops while the module holds pages keeps its handle
+    // space; the next run (same member name) serves those pages.
+    let mut t = Target::spawn(256)?;
+    let att = agent.attach(t.pid(), None).map_err(|e| e.to_string())?;
+    let moved = agent
+        .evict(att, t.addr, t.len())
+        .map_err(|e| e.to_string())?;
+    ensure(moved == 256, format!("evicted {moved} of 256 pages"))?;
+    drop(agent);
+    let agent = start()?;
+    t.cmd("check 1")?;
+    emptied("after the restarted agent brought the pages back")?;
+    t.cmd("exit")?;
+    t.wait_exit()?;
+    agent.detach(att).map_err(|e| e.to_string())?;
+    drop(agent);
+    // With nothing left in the module the agent retired its spaces and
+    // returned its grants on the way out.
+    let out = std::process::Command::new(rmem_tests::bin("rmemctl"))
+        .args(["--endpoint", &endpoint, "--output", "json", "intervals"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure(
+        out.status.success() && !text.contains("vm/kmod"),
+        format!("intervals left after the agent stopped: {text}"),
+    )
 }
 
 // ---- the harness ---------------------------------------------------------------
