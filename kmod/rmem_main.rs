@@ -9,9 +9,10 @@
 //! agent's request queue and attachments.
 //!
 //! Lock order (outermost first): `Shared::ctl` -> the target's `mmap_lock`
-//! (taken in C) -> `Shared::inner`. The fault path holds the `mmap_lock` and
-//! takes only `inner`, so `inner` is never held while taking `ctl` or any
-//! `mmap_lock`.
+//! (taken in C) -> `Shared::inner`. The fault path takes only `inner`, with
+//! the `mmap_lock` held (queueing requests, and waiting on a retry) or not
+//! (a first try waits with it dropped, see `rmem_shim.c`), so `inner` is
+//! never held while taking `ctl` or any `mmap_lock`.
 
 use core::ffi::{c_int, c_ulong, c_void};
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -90,12 +91,13 @@ mod shim {
         pub(crate) fn rmem_module_put();
         pub(crate) fn rmem_set_prefetch_max(pages: u32);
         pub(crate) fn rmem_prefetched_pages() -> u64;
+        pub(crate) fn rmem_retried_faults() -> u64;
     }
 }
 
 // ---- the ioctl interface: include/uapi/rmem.h ------------------------------
 
-const UAPI_VERSION: u32 = 2;
+const UAPI_VERSION: u32 = 3;
 const PAGE: usize = 4096;
 const MAX_BATCH: u32 = 512;
 const MAX_EVENTS: u32 = 256;
@@ -118,7 +120,7 @@ macro_rules! uapi_struct {
 uapi_struct!(Info {
     version: u32, page_size: u32, capacity_pages: u64, pages_in_use: u64, faults: u64,
     restored: u64, evicted: u64, fetch_timeouts: u64, attachments: u32, agent_pid: u32,
-    prefetched: u64,
+    prefetched: u64, retried: u64,
 });
 uapi_struct!(Attach { pid: i32, flags: u32, start: u64, len: u64, id: u64 });
 uapi_struct!(Detach { id: u64, restored: u64 });
@@ -132,7 +134,7 @@ uapi_struct!(Wait { max: u32, count: u32, timeout_ms: u32, pad: u32, events: u64
 uapi_struct!(Reply { id: u64, error: i32, pad: u32, data: u64 });
 
 const _: () = {
-    assert!(core::mem::size_of::<Info>() == 72);
+    assert!(core::mem::size_of::<Info>() == 80);
     assert!(core::mem::size_of::<Attach>() == 32);
     assert!(core::mem::size_of::<Detach>() == 16);
     assert!(core::mem::size_of::<Evict>() == 40);
@@ -221,8 +223,8 @@ fn errno(e: c_int) -> Error {
     Error::from_errno(e)
 }
 
-/// Called by the fault path (C) with the target's mmap_lock held: queues a
-/// request for the agent. Returns its id, 0 when out of memory, or
+/// Called by the fault path (C) with the target's mmap_lock held (a first
+/// try drops it only after queueing): queues a request for the agent. Returns its id, 0 when out of memory, or
 /// `u64::MAX` when the agent is known to be gone (fail without waiting).
 #[no_mangle]
 extern "C" fn rmem_rs_fetch_queue(
@@ -459,6 +461,8 @@ fn info(user: UserSlice) -> Result<isize> {
         agent_pid: g.agent_tgid,
         // SAFETY: a plain read of an atomic counter.
         prefetched: unsafe { shim::rmem_prefetched_pages() },
+        // SAFETY: as above.
+        retried: unsafe { shim::rmem_retried_faults() },
     };
     drop(g);
     user.writer().write(&info)?;

@@ -17,9 +17,30 @@
  *       -> pool.lock (spinlock, irqsave)
  * pool.grow_lock is taken with no page lock held (device pages for a commit
  * are allocated before its setup).
- * A fetch (rmem_fetch) sleeps with the target's mmap_lock held for read and
- * the device page locked, never with a lock of ours held; the agent's reply
- * takes only the driver's request-queue mutex.
+ *
+ * Fetches sleep with the device pages they bring back locked, never with a
+ * lock of ours held; the agent's reply takes only the driver's request-queue
+ * mutex. Whether the target's mmap_lock is held meanwhile depends on the
+ * fault:
+ *  - a first try (FAULT_FLAG_ALLOW_RETRY, neither TRIED nor RETRY_NOWAIT)
+ *    does not migrate: it queues the fetches, drops the mmap_lock
+ *    (release_fault_lock), waits, leaves each fetched page in its device
+ *    page's staging slot and returns VM_FAULT_RETRY, like swap-in. The
+ *    target's mmap/munmap/mprotect go on while the agent answers;
+ *  - the retry, a fault that finds its page staged, and a fault that may not
+ *    drop the lock (TRIED, RETRY_NOWAIT, no ALLOW_RETRY) migrate with the
+ *    mmap_lock held for read; only pages without a staged copy are fetched
+ *    then, and those waits hold the mmap_lock as before. So do detach
+ *    restores.
+ * With the mmap_lock dropped, a first try holds its device pages locked and
+ * referenced, and takes nothing after that but pool.lock and the request
+ * queue's mutex; it never takes the mmap_lock again before it unlocked them
+ * (the arch code retakes it after do_swap_page's unlock_page). Under the
+ * mmap_lock, device page locks are only trylocked (do_swap_page,
+ * migrate_vma_setup) or waited for by a fault (which then retries), and no
+ * writer of the mmap_lock (munmap, mremap, mprotect, fork) locks a device
+ * page, so nothing waits in a cycle. Another fault on one of those pages
+ * sleeps on its lock with its own mmap_lock held for read, as it did before.
  */
 #include <linux/bitmap.h>
 #include <linux/capability.h>
@@ -53,11 +74,20 @@ struct rmem_chunk {
 	struct dev_pagemap pagemap;
 	struct resource *res;
 	u64 *handles;		/* per page; RMEM_NO_HANDLE when free */
+	/*
+	 * Per page, what a first try of a fault left for the next migration
+	 * of it (rmem_stage): a system page holding its contents, an ERR_PTR
+	 * (the fetch of the page that faulted failed: its retry fails alike,
+	 * at once), or NULL. Under pool.lock; written only by the holder of
+	 * the device page's lock and a reference, so the page cannot be freed
+	 * under a writer, and emptied by folio_free.
+	 */
+	struct page **staged;
 };
 
 static struct {
 	struct mutex grow_lock;	/* chunks, nchunks */
-	spinlock_t lock;	/* free, freed, the counters, chunk handles */
+	spinlock_t lock;	/* free, freed, the counters, chunk handles, staged */
 	struct page *free;	/* ready for use, linked via zone_device_data */
 	struct page *freed;	/* freed but not yet reported to the agent */
 	struct rmem_chunk **chunks;
@@ -100,6 +130,60 @@ static void set_page_handle(struct page *page, u64 handle)
 	spin_unlock_irqrestore(&pool.lock, flags);
 }
 
+/* What a first try left for `page`, without taking it (the caller holds its lock). */
+static struct page *page_staged(struct page *page)
+{
+	unsigned long flags;
+	struct page *staged;
+
+	spin_lock_irqsave(&pool.lock, flags);
+	staged = page_chunk(page)->staged[page_index_in_chunk(page)];
+	spin_unlock_irqrestore(&pool.lock, flags);
+	return staged;
+}
+
+/*
+ * Takes what a first try left for device page `page` (a system page, now
+ * the caller's, unlocked with one reference; an ERR_PTR; or NULL). The
+ * caller holds the page's lock.
+ */
+static struct page *take_staged(struct page *page)
+{
+	struct page **slot;
+	unsigned long flags;
+	struct page *staged;
+
+	spin_lock_irqsave(&pool.lock, flags);
+	slot = &page_chunk(page)->staged[page_index_in_chunk(page)];
+	staged = *slot;
+	*slot = NULL;
+	spin_unlock_irqrestore(&pool.lock, flags);
+	return staged;
+}
+
+/*
+ * Leaves `staged` (a system page with `page`'s contents, or an ERR_PTR) for
+ * the next migration of `page`. The caller holds the page's lock and a
+ * reference, so folio_free cannot run before this and frees it after. A
+ * page already staged stays (the slot holds the first copy; a second one is
+ * freed), and a copy beats an error.
+ */
+static void set_staged(struct page *page, struct page *staged)
+{
+	struct page **slot, *drop = staged;
+	unsigned long flags;
+
+	spin_lock_irqsave(&pool.lock, flags);
+	slot = &page_chunk(page)->staged[page_index_in_chunk(page)];
+	if (!*slot || (IS_ERR(*slot) && !IS_ERR(staged))) {
+		drop = NULL;
+		*slot = staged;
+	}
+	spin_unlock_irqrestore(&pool.lock, flags);
+	if (!IS_ERR_OR_NULL(drop))
+		put_page(drop);
+}
+
 /* ---- the pool of device-private pages ---------------------------------- */
 
 static int rmem_pool_grow(void)
@@ -128,6 +212,9 @@ static int rmem_pool_grow(void)
 		goto free_chunk;
 	for (i = 0; i < RMEM_CHUNK_PAGES; i++)
 		chunk->handles[i] = RMEM_NO_HANDLE;
+	chunk->staged = kvcalloc(RMEM_CHUNK_PAGES, sizeof(*chunk->staged), GFP_KERNEL);
+	if (!chunk->staged)
+		goto free_handles;
 	chunk->res = request_free_mem_region(&iomem_resource, RMEM_CHUNK_BYTES, "rmem");
 	if (IS_ERR_OR_NULL(chunk->res)) {
 		ret = chunk->res ? PTR_ERR(chunk->res) : -ENOMEM;
@@ -162,6 +249,7 @@ static int rmem_pool_grow(void)
 release:
 	release_mem_region(chunk->pagemap.range.start, RMEM_CHUNK_BYTES);
 free_handles:
+	kvfree(chunk->staged);
 	kvfree(chunk->handles);
 free_chunk:
 	kfree(chunk);
@@ -199,14 +287,23 @@ static struct page *rmem_pool_alloc(u64 handle)
 	return NULL;
 }
 
-/* Called when the last reference to a device page goes; may be atomic. */
+/*
+ * Called when the last reference to a device page goes; may be atomic.
+ * A copy staged for it (the range was unmapped, or the task died, between a
+ * first try and its retry) goes too: dropping an order-0 system page is
+ * fine in atomic context.
+ */
 static void rmem_folio_free(struct folio *folio)
 {
 	struct page *page = &folio->page;
+	struct page **slot, *staged;
 	unsigned long flags;
 	bool report;
 
 	spin_lock_irqsave(&pool.lock, flags);
+	slot = &page_chunk(page)->staged[page_index_in_chunk(page)];
+	staged = *slot;
+	*slot = NULL;
 	report = page_handle(page) != RMEM_NO_HANDLE;
 	if (report) {
 		/* Reported to the agent first; reused only after that. */
@@ -219,6 +316,8 @@ static void rmem_folio_free(struct folio *folio)
 	}
 	pool.in_use--;
 	spin_unlock_irqrestore(&pool.lock, flags);
+	if (!IS_ERR_OR_NULL(staged))
+		put_page(staged);
 	module_put(THIS_MODULE);
 	if (report)
 		rmem_rs_wake();
@@ -286,6 +385,7 @@ void rmem_pool_exit(void)
 
 		memunmap_pages(&chunk->pagemap);
 		release_mem_region(chunk->pagemap.range.start, RMEM_CHUNK_BYTES);
+		kvfree(chunk->staged);
 		kvfree(chunk->handles);
 		kfree(chunk);
 	}
@@ -320,11 +420,6 @@ void rmem_module_put(void)
 
 /* ---- fault-back --------------------------------------------------------- */
 
-/*
- * Bring back the pages of args (set up with SELECT_DEVICE_PRIVATE) whose
- * contents the agent delivers. Returns pages restored, or the first error
- * when none could be; pages that fail stay remote.
- */
 struct rmem_fetch {
 	struct completion done;
 	int result;
@@ -337,11 +432,100 @@ void rmem_fetch_complete(struct rmem_fetch *f, int result)
 }
 
 /*
- * Bring back the pages of args (set up with SELECT_DEVICE_PRIVATE) whose
- * contents the agent delivers. Every request is queued before the first
- * wait, so the agent sees them together (it fetches them in one batch).
- * Waits are killable (other signals do not cut a fetch short, or periodic
- * signals would starve the task) and bounded by the module's fault timeout.
+ * A batch of fetches: every request is queued before the first wait, so the
+ * agent sees them together (it fetches them in one batch). Waits are
+ * killable (other signals do not cut a fetch short, or periodic signals
+ * would starve the task) and bounded by the module's fault timeout from
+ * the first request queued.
+ */
+struct rmem_batch {
+	struct rmem_fetch one, *f;
+	u64 one_id, *ids;	/* per fetch; 0: none queued */
+	unsigned long deadline, timeout;
+	bool dying;		/* a fatal signal came: withdraw the rest */
+};
+
+static int rmem_batch_init(struct rmem_batch *b, unsigned long n)
+{
+	b->deadline = 0;
+	b->timeout = 0;
+	b->dying = false;
+	if (n == 1) {
+		b->f = &b->one;
+		b->ids = &b->one_id;
+	} else {
+		b->f = kmalloc_array(n, sizeof(*b->f), GFP_KERNEL | __GFP_NOWARN);
+		b->ids = kcalloc(n, sizeof(*b->ids), GFP_KERNEL | __GFP_NOWARN);
+		if (!b->f || !b->ids) {
+			kfree(b->f);
+			kfree(b->ids);
+			return -ENOMEM;
+		}
+	}
+	b->ids[0] = 0;
+	return 0;
+}
+
+static void rmem_batch_free(struct rmem_batch *b)
+{
+	if (b->f != &b->one) {
+		kfree(b->f);
+		kfree(b->ids);
+	}
+}
+
+/*
+ * Queues fetch i: the contents of `handle` go to `dpage`. Returns 0, or
+ * -ENOMEM, or -ETIMEDOUT when the agent is known to be gone.
+ */
+static int rmem_batch_queue(struct rmem_batch *b, unsigned long i, u64 handle, u32 tgid,
+			    unsigned long addr, struct page *dpage, bool fault)
+{
+	u64 id;
+
+	init_completion(&b->f[i].done);
+	b->f[i].result = -EIO;
+	id = rmem_rs_fetch_queue(handle, tgid, addr, page_address(dpage), fault, &b->f[i],
+				 &b->timeout);
+	if (id == 0 || id == U64_MAX)
+		return id ? -ETIMEDOUT : -ENOMEM;
+	b->ids[i] = id;
+	if (!b->deadline)
+		b->deadline = jiffies + b->timeout;
+	return 0;
+}
+
+/*
+ * Waits for queued fetch i; its result. -EINTR: a fatal signal, after
+ * which every later wait withdraws its request at once.
+ */
+static int rmem_batch_wait(struct rmem_batch *b, unsigned long i)
+{
+	long left = 0;
+
+	if (!b->dying) {
+		long wait = (long)(b->deadline - jiffies);
+
+		left = wait_for_completion_killable_timeout(&b->f[i].done, max(wait, 1L));
+	}
+	if (left > 0)
+		return b->f[i].result;
+	if (rmem_rs_fetch_cancel(b->ids[i], left == 0 && !b->dying))
+		return b->f[i].result;	/* answered meanwhile: it stands */
+	if (left == 0 && !b->dying)
+		return -ETIMEDOUT;
+	b->dying = true;
+	return -EINTR;
+}
+
+/*
+ * Bring back the pages of args (set up with SELECT_DEVICE_PRIVATE). A page
+ * a first try staged moves with its staged copy, without a fetch; the
+ * others are fetched (with the caller's mmap_lock held) unless
+ * `fetch_rest` is false, which leaves every page after page 0 that has no
+ * staged copy remote (a retry does not wait again for neighbours its first
+ * try could not get). A staged error is no use here (the fault path
+ * handles its own page's before): it is dropped and the page fetched anew.
  *
  * Returns pages restored. When `only_first` (a fault with prefetch), the
  * error of page 0 alone goes to *first_err: a neighbour that fails just
@@ -349,88 +533,69 @@ void rmem_fetch_complete(struct rmem_fetch *f, int result)
  * signal (-EINTR) withdraws every request still waiting.
  */
 static long rmem_fetch_and_migrate(struct migrate_vma *args, u32 tgid, bool fault,
-				   bool only_first, int *first_err)
+				   bool only_first, bool fetch_rest, int *first_err)
 {
-	struct rmem_fetch one, *f;
-	u64 one_id, *ids;
-	unsigned long i, deadline = 0, timeout = 0;
+	struct rmem_batch b;
+	unsigned long i;
 	long restored = 0;
-	bool dying = false;
+	int err;
 
-	if (args->npages == 1) {
-		f = &one;
-		ids = &one_id;
-	} else {
-		f = kmalloc_array(args->npages, sizeof(*f), GFP_KERNEL | __GFP_NOWARN);
-		ids = kmalloc_array(args->npages, sizeof(*ids), GFP_KERNEL | __GFP_NOWARN);
-		if (!f || !ids) {
-			kfree(f);
-			kfree(ids);
-			*first_err = -ENOMEM;
-			for (i = 0; i < args->npages; i++)
-				args->dst[i] = 0;
-			migrate_vma_pages(args);
-			migrate_vma_finalize(args);
-			return 0;
-		}
+	if (rmem_batch_init(&b, args->npages)) {
+		*first_err = -ENOMEM;
+		for (i = 0; i < args->npages; i++)
+			args->dst[i] = 0;
+		migrate_vma_pages(args);
+		migrate_vma_finalize(args);
+		return 0;
 	}
 	/* Queue: a device page of ours gets a fresh system page and a request. */
 	for (i = 0; i < args->npages; i++) {
 		struct page *spage = migrate_pfn_to_page(args->src[i]);
 		unsigned long addr = args->start + (i << PAGE_SHIFT);
+		bool report = !*first_err && (!only_first || i == 0);
 		struct page *dpage;
 
 		args->dst[i] = 0;
-		ids[i] = 0;
+		b.ids[i] = 0;
 		if (!spage || !(args->src[i] & MIGRATE_PFN_MIGRATE))
 			continue;
 		if (page_pgmap(spage)->owner != &rmem_owner)
 			continue;
+		/* spage is locked (by setup, or the fault): its slot is ours. */
+		dpage = take_staged(spage);
+		if (!IS_ERR_OR_NULL(dpage)) {
+			lock_page(dpage);
+			args->dst[i] = migrate_pfn(page_to_pfn(dpage)) |
+				       (args->src[i] & MIGRATE_PFN_WRITE);
+			restored++;
+			continue;
+		}
+		if (i > 0 && !fetch_rest)
+			continue;
 		dpage = alloc_page_vma(GFP_HIGHUSER_MOVABLE, args->vma, addr);
 		if (!dpage) {
-			if (!*first_err && (!only_first || i == 0))
+			if (report)
 				*first_err = -ENOMEM;
 			continue;
 		}
 		lock_page(dpage);
-		init_completion(&f[i].done);
-		f[i].result = -EIO;
-		ids[i] = rmem_rs_fetch_queue(page_handle(spage), tgid, addr, page_address(dpage),
-					     fault, &f[i], &timeout);
-		if (ids[i] == 0 || ids[i] == U64_MAX) {
-			if (!*first_err && (!only_first || i == 0))
-				*first_err = ids[i] ? -ETIMEDOUT : -ENOMEM;
-			ids[i] = 0;
+		err = rmem_batch_queue(&b, i, page_handle(spage), tgid, addr, dpage, fault);
+		if (err) {
+			if (report)
+				*first_err = err;
 			unlock_page(dpage);
 			put_page(dpage);
 			continue;
 		}
-		if (!deadline)
-			deadline = jiffies + timeout;
 		args->dst[i] = migrate_pfn(page_to_pfn(dpage));
 	}
 	/* Wait for each answer; a page without one stays remote. */
 	for (i = 0; i < args->npages; i++) {
 		struct page *dpage;
-		long left = 0;
-		int err;
 
-		if (!ids[i])
+		if (!b.ids[i])
 			continue;
-		if (!dying) {
-			long wait = (long)(deadline - jiffies);
-
-			left = wait_for_completion_killable_timeout(&f[i].done, max(wait, 1L));
-		}
-		if (left > 0) {
-			err = f[i].result;
-		} else if (rmem_rs_fetch_cancel(ids[i], left == 0 && !dying)) {
-			err = f[i].result;	/* answered meanwhile: it stands */
-		} else {
-			err = (left == 0 && !dying) ? -ETIMEDOUT : -EINTR;
-			if (err == -EINTR)
-				dying = true;
-		}
+		err = rmem_batch_wait(&b, i);
 		dpage = migrate_pfn_to_page(args->dst[i]);
 		if (err) {
 			unlock_page(dpage);
@@ -444,11 +609,25 @@ static long rmem_fetch_and_migrate(struct migrate_vma *args, u32 tgid, bool faul
 		restored++;
 	}
 	migrate_vma_pages(args);
-	migrate_vma_finalize(args);
-	if (f != &one) {
-		kfree(f);
-		kfree(ids);
+	/*
+	 * A page that could not move after all (a reference someone took
+	 * meanwhile, such as another migration's collect trying its lock)
+	 * keeps its contents staged instead of losing them, so its next
+	 * fault does not fetch it again. It is still locked and referenced
+	 * by the migration, as set_staged wants.
+	 */
+	for (i = 0; i < args->npages; i++) {
+		struct page *dpage = migrate_pfn_to_page(args->dst[i]);
+
+		if (!dpage || (args->src[i] & MIGRATE_PFN_MIGRATE))
+			continue;
+		args->dst[i] = 0;
+		restored--;
+		unlock_page(dpage);
+		set_staged(migrate_pfn_to_page(args->src[i]), dpage);
 	}
+	migrate_vma_finalize(args);
+	rmem_batch_free(&b);
 	return restored;
 }
 
@@ -457,19 +636,24 @@ static long rmem_fetch_and_migrate(struct migrate_vma *args, u32 tgid, bool faul
 /* Most pages brought back ahead of a fault (the prefetch_max parameter). */
 static unsigned int rmem_prefetch_max;
 static atomic64_t rmem_prefetched;
+/* Faults that dropped the mmap_lock while their pages were fetched. */
+static atomic64_t rmem_retried;
 
 /*
  * The last faults of a few address spaces: where the next fault of a
- * sequential scan lands (the page after what the last fault brought back)
- * and the window it used. A scan's windows double from 2 up to
- * prefetch_max; any other fault resets its window to 0. A slot shared by
- * two address spaces only costs a window; a stale mm pointer is compared,
- * never followed.
+ * sequential scan lands (the page after what the last fault brought back),
+ * the window it used and where that fault was. A scan's windows double
+ * from 2 up to prefetch_max; any other fault resets its window to 0, but
+ * the same fault again (the retry of a first try that dropped the
+ * mmap_lock, or the fault again after a signal) gets the same window and
+ * leaves the slot as it is: it moves the pages its first try staged. A slot
+ * shared by two address spaces only costs a window; a stale mm pointer is
+ * compared, never followed.
  */
 #define RMEM_RA_SLOTS 64
 static struct rmem_ra {
 	const struct mm_struct *mm;
-	unsigned long next;
+	unsigned long last, next;
 	unsigned int window;
 } rmem_ra[RMEM_RA_SLOTS];
 static DEFINE_SPINLOCK(rmem_ra_lock);
@@ -480,14 +664,21 @@ static unsigned int rmem_ra_window(const struct mm_struct *mm, unsigned long add
 {
 	struct rmem_ra *ra = &rmem_ra[hash_ptr((void *)mm, ilog2(RMEM_RA_SLOTS))];
 	unsigned int cap = READ_ONCE(rmem_prefetch_max), window = 0;
+	unsigned long room = (vma_end - addr - PAGE_SIZE) >> PAGE_SHIFT;
 
 	if (!cap)
 		return 0;
 	spin_lock(&rmem_ra_lock);
+	if (ra->mm == mm && ra->last == addr) {
+		window = min_t(unsigned long, ra->window, room);
+		spin_unlock(&rmem_ra_lock);
+		return window;
+	}
 	if (ra->mm == mm && ra->next == addr)
 		window = min(max(ra->window * 2, 2U), cap);
-	window = min_t(unsigned long, window, (vma_end - addr - PAGE_SIZE) >> PAGE_SHIFT);
+	window = min_t(unsigned long, window, room);
 	ra->mm = mm;
+	ra->last = addr;
 	ra->window = window;
 	ra->next = addr + ((unsigned long)window + 1) * PAGE_SIZE;
 	spin_unlock(&rmem_ra_lock);
@@ -504,11 +695,177 @@ u64 rmem_prefetched_pages(void)
 	return atomic64_read(&rmem_prefetched);
 }
 
+u64 rmem_retried_faults(void)
+{
+	return atomic64_read(&rmem_retried);
+}
+
+/* What a fault that could not bring its page back returns. */
+static vm_fault_t rmem_fault_error(struct vm_fault *vmf, int err)
+{
+	if (err == -EFAULT)
+		return VM_FAULT_SIGBUS;
+	if (err == -EINTR)	/* a fatal signal: the task dies on its way out */
+		return (vmf->flags & FAULT_FLAG_USER) ? 0 : VM_FAULT_SIGBUS;
+	if (err == -ENOMEM)
+		return VM_FAULT_OOM;
+	pr_err_ratelimited("rmem: fault at %#lx in pid %d: remote page unavailable (%d), sending SIGBUS\n",
+			   vmf->address, task_tgid_nr(current), err);
+	return VM_FAULT_SIGBUS;
+}
+
+/* A device page a first try fetches: its fresh system page and address. */
+struct rmem_staging {
+	struct page *page, *dpage;
+	unsigned long addr;
+};
+
+/*
+ * The window's neighbours of a first try (pages 1..window after `addr`),
+ * into st[1..]; returns how many. They are found by a migration over them
+ * that is abandoned at once (no destinations: finalize puts their entries
+ * back), which is what takes them safely under the mmap_lock; each gets a
+ * reference before that and is locked again with trylock after. One taken
+ * meanwhile, or already staged, is left out.
+ */
+static unsigned long rmem_stage_neighbours(struct vm_fault *vmf, unsigned long addr,
+					   unsigned int window, struct rmem_staging *st)
+{
+	struct migrate_vma args = {
+		.vma = vmf->vma,
+		.start = addr + PAGE_SIZE,
+		.end = addr + ((unsigned long)window + 1) * PAGE_SIZE,
+		.pgmap_owner = &rmem_owner,
+		.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+	};
+	unsigned long i, n = 1, k;
+
+	args.src = kcalloc(window, sizeof(*args.src), GFP_KERNEL | __GFP_NOWARN);
+	args.dst = kcalloc(window, sizeof(*args.dst), GFP_KERNEL | __GFP_NOWARN);
+	if (!args.src || !args.dst || migrate_vma_setup(&args))
+		goto out;
+	for (i = 0; i < args.npages; i++) {
+		struct page *page = migrate_pfn_to_page(args.src[i]);
+
+		if (!page || !(args.src[i] & MIGRATE_PFN_MIGRATE) ||
+		    page_pgmap(page)->owner != &rmem_owner)
+			continue;
+		get_page(page);
+		st[n].page = page;
+		st[n].addr = args.start + (i << PAGE_SHIFT);
+		n++;
+	}
+	migrate_vma_finalize(&args);	/* no destinations: everything goes back */
+	for (i = 1, k = 1; i < n; i++) {
+		struct page *page = st[i].page;
+
+		if (!trylock_page(page)) {
+			put_page(page);
+			continue;
+		}
+		if (!IS_ERR_OR_NULL(page_staged(page))) {
+			unlock_page(page);
+			put_page(page);
+			continue;
+		}
+		st[k++] = st[i];
+	}
+	n = k;
+out:
+	kfree(args.src);
+	kfree(args.dst);
+	return n - 1;
+}
+
+/*
+ * The first try of a fault (see the top of the file): fetch the faulting
+ * page and its window's neighbours with the mmap_lock dropped and stage
+ * them; the retry migrates them without waiting. Called with vmf->page
+ * locked and referenced by do_swap_page and nothing staged for it.
+ *
+ * Returns VM_FAULT_RETRY with the mmap_lock released (after which vmf->vma
+ * is not touched: it may be gone), or, when not even the faulting page's
+ * request could be queued, the fault's error with the lock still held.
+ * When the faulting page's fetch fails its error is staged, so the retry
+ * ends the same way without a second wait; a fatal signal stages nothing
+ * (the arch code sees it and does not retry).
+ */
+static vm_fault_t rmem_stage(struct vm_fault *vmf, unsigned long addr, unsigned int window)
+{
+	struct rmem_staging one, *st = &one;
+	u32 tgid = task_tgid_nr(current);
+	struct rmem_batch b;
+	unsigned long i, n;
+	int err;
+
+	if (window) {
+		st = kcalloc(window + 1, sizeof(*st), GFP_KERNEL | __GFP_NOWARN);
+		if (!st) {
+			st = &one;
+			window = 0;
+		}
+	}
+	st[0].page = vmf->page;
+	st[0].addr = addr;
+	n = 1 + (window ? rmem_stage_neighbours(vmf, addr, window, st) : 0);
+	if (rmem_batch_init(&b, n)) {
+		err = -ENOMEM;
+		goto fail;
+	}
+	/* The faulting page first: without its request there is no point. */
+	for (i = 0; i < n; i++) {
+		st[i].dpage = alloc_page_vma(GFP_HIGHUSER_MOVABLE, vmf->vma, st[i].addr);
+		err = st[i].dpage ? 0 : -ENOMEM;
+		if (!err)
+			err = rmem_batch_queue(&b, i, page_handle(st[i].page), tgid, st[i].addr,
+					       st[i].dpage, true);
+		if (err && st[i].dpage) {
+			put_page(st[i].dpage);
+			st[i].dpage = NULL;
+		}
+		if (err && i == 0) {
+			rmem_batch_free(&b);
+			goto fail;
+		}
+	}
+	release_fault_lock(vmf);
+	atomic64_inc(&rmem_retried);
+	for (i = 0; i < n; i++) {
+		if (!b.ids[i])
+			continue;
+		err = rmem_batch_wait(&b, i);
+		if (!err)
+			set_staged(st[i].page, st[i].dpage);
+		else
+			put_page(st[i].dpage);
+		if (err && err != -EINTR && i == 0)
+			set_staged(st[i].page, ERR_PTR(err));
+	}
+	rmem_batch_free(&b);
+	/* The neighbours' locks and references; do_swap_page drops page 0's. */
+	for (i = 1; i < n; i++) {
+		unlock_page(st[i].page);
+		put_page(st[i].page);
+	}
+	if (st != &one)
+		kfree(st);
+	return VM_FAULT_RETRY;
+
+fail:
+	for (i = 1; i < n; i++) {
+		unlock_page(st[i].page);
+		put_page(st[i].page);
+	}
+	if (st != &one)
+		kfree(st);
+	return rmem_fault_error(vmf, err);
+}
+
 static vm_fault_t rmem_migrate_to_ram(struct vm_fault *vmf)
 {
 	unsigned long addr = ALIGN_DOWN(vmf->address, PAGE_SIZE);
 	unsigned long one_src = 0, one_dst = 0, *src = &one_src, *dst = &one_dst;
-	unsigned int window = rmem_ra_window(vmf->vma->vm_mm, addr, vmf->vma->vm_end);
+	struct page *staged = page_staged(vmf->page);
 	struct migrate_vma args = {
 		.vma = vmf->vma,
 		.start = addr,
@@ -516,9 +873,19 @@ static vm_fault_t rmem_migrate_to_ram(struct vm_fault *vmf)
 		.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
 		.fault_page = vmf->page,
 	};
+	unsigned int window;
 	long restored;
 	int err = 0;
 
+	/* Its first try's fetch failed: the same outcome, without a second wait. */
+	if (IS_ERR(staged)) {
+		take_staged(vmf->page);
+		return rmem_fault_error(vmf, PTR_ERR(staged));
+	}
+	window = rmem_ra_window(vmf->vma->vm_mm, addr, vmf->vma->vm_end);
+	if (!staged && fault_flag_allow_retry_first(vmf->flags) &&
+	    !(vmf->flags & FAULT_FLAG_RETRY_NOWAIT))
+		return rmem_stage(vmf, addr, window);
 	if (window) {
 		src = kcalloc(window + 1, sizeof(*src), GFP_KERNEL | __GFP_NOWARN);
 		dst = kcalloc(window + 1, sizeof(*dst), GFP_KERNEL | __GFP_NOWARN);
@@ -540,9 +907,11 @@ static vm_fault_t rmem_migrate_to_ram(struct vm_fault *vmf)
 	/*
 	 * Called with vmf->page locked: nobody else migrates it meanwhile. Its
 	 * neighbours are taken only if their locks were free, and only device
-	 * pages of ours are selected, so page 0 is the faulting one.
+	 * pages of ours are selected, so page 0 is the faulting one. When it
+	 * was staged, neighbours its first try could not stage stay remote.
 	 */
-	restored = rmem_fetch_and_migrate(&args, task_tgid_nr(current), true, true, &err);
+	restored = rmem_fetch_and_migrate(&args, task_tgid_nr(current), true, true, !staged,
+					  &err);
 	if (restored > 1)
 		atomic64_add(restored - 1, &rmem_prefetched);
 out:
@@ -550,18 +919,7 @@ out:
 		kfree(src);
 		kfree(dst);
 	}
-	if (err == -EFAULT)
-		return VM_FAULT_SIGBUS;
-	if (err == -EINTR)	/* a fatal signal: the task dies on its way out */
-		return (vmf->flags & FAULT_FLAG_USER) ? 0 : VM_FAULT_SIGBUS;
-	if (err == -ENOMEM)
-		return VM_FAULT_OOM;
-	if (err) {
-		pr_err_ratelimited("rmem: fault at %#lx in pid %d: remote page unavailable (%d), sending SIGBUS\n",
-				   vmf->address, task_tgid_nr(current), err);
-		return VM_FAULT_SIGBUS;
-	}
-	return 0;
+	return err ? rmem_fault_error(vmf, err) : 0;
 }
 
 /* ---- attachments ------------------------------------------------------- */
@@ -686,7 +1044,8 @@ long rmem_att_restore(struct rmem_att *a)
 		args.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
 		addr = args.end;
 		if (vma_is_anonymous(vma) && !migrate_vma_setup(&args))
-			restored += rmem_fetch_and_migrate(&args, a->pid, false, false, &err);
+			restored += rmem_fetch_and_migrate(&args, a->pid, false, false, true,
+							   &err);
 		mmap_read_unlock(mm);
 		if (fatal_signal_pending(current) && !err)
 			err = -EINTR;

@@ -70,6 +70,8 @@ void rmem_fetch_complete(struct rmem_fetch *f, int result);
 void rmem_set_prefetch_max(u32 pages);
 /* Pages brought back ahead of a fault so far. */
 u64 rmem_prefetched_pages(void);
+/* Faults that dropped the mmap_lock while their pages were fetched. */
+u64 rmem_retried_faults(void);
 bool rmem_module_get(void);
 void rmem_module_put(void);
 

@@ -29,7 +29,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define RMEM_UAPI_VERSION 2
+#define RMEM_UAPI_VERSION 3
 #define RMEM_PAGE_SIZE 4096
 #define RMEM_MAX_BATCH 512
 
@@ -45,6 +45,7 @@ struct rmem_info {
 	__u32 attachments;
 	__u32 agent_pid;	/* the agent that has /dev/rmem open, or 0 */
 	__u64 prefetched;	/* of `faults`, pages brought back ahead of a fault */
+	__u64 retried;		/* faults that dropped the mmap_lock while fetching */
 };
 
 #define RMEM_ATTACH_ALL (1u << 0)	/* every mapping; start and len ignored */

@@ -31,6 +31,10 @@ pub struct KernelConfig {
     /// Longest a server request may take before a fault gets SIGBUS or an
     /// eviction is undone (keep it below the module's fault_timeout_ms).
     pub request_timeout: Duration,
+    /// Fault injection for tests: how long each batch of fetches waits
+    /// before going to the server, to play a slow network or server.
+    /// Zero (the default) in normal use.
+    pub fetch_delay: Duration,
 }
 
 impl KernelConfig {
@@ -50,6 +54,7 @@ impl KernelConfig {
             home,
             fault_threads: 2,
             request_timeout: Duration::from_secs(5),
+            fetch_delay: Duration::ZERO,
         }
     }
 }
@@ -118,11 +123,11 @@ impl KernelAgent {
             let (dev, homes, stop, stats) =
                 (dev.clone(), homes.clone(), stop.clone(), stats.clone());
             let remotes = Remotes::new(cfg.request_timeout, Duration::ZERO);
-            let timeout = cfg.request_timeout;
+            let (timeout, delay) = (cfg.request_timeout, cfg.fetch_delay);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("rmem-kfault-{i}"))
-                    .spawn(move || serve(&dev, &homes, remotes, &stop, &stats, timeout))?,
+                    .spawn(move || serve(&dev, &homes, remotes, &stop, &stats, timeout, delay))?,
             );
         }
         if let Some(cluster) = homes.cluster() {
@@ -353,12 +358,14 @@ fn serve(
     stop: &AtomicBool,
     stats: &KernelStats,
     timeout: Duration,
+    delay: Duration,
 ) {
     let mut events = vec![Event::default(); 64];
     let mut fetch = Fetcher {
         pages: vec![[0u8; PAGE_SIZE]; events.len()],
         statuses: Vec::new(),
         handles: Vec::new(),
+        delay,
     };
     let mut fetches: Vec<Event> = Vec::new();
     let mut freed = Vec::new();
@@ -405,6 +412,8 @@ struct Fetcher {
     pages: Vec<Page>,
     statuses: Vec<PageStatus>,
     handles: Vec<u64>,
+    /// `KernelConfig::fetch_delay`.
+    delay: Duration,
 }
 
 impl Fetcher {
@@ -421,6 +430,9 @@ impl Fetcher {
         stats: &KernelStats,
         timeout: Duration,
     ) {
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
         let deadline = Instant::now() + timeout;
         let mut by_server: BTreeMap<u8, Vec<Event>> = BTreeMap::new();
         let mut unplaced = Vec::new();

@@ -3,7 +3,7 @@
 //! the sizes and a test in `tests/` parses the header.
 
 /// The interface version this agent speaks.
-pub const UAPI_VERSION: u32 = 2;
+pub const UAPI_VERSION: u32 = 3;
 /// Bytes per page moved through the module.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages one eviction may take.
@@ -33,6 +33,9 @@ pub struct Info {
     pub agent_pid: u32,
     /// Of `faults`, pages brought back ahead of a fault (sequential scans).
     pub prefetched: u64,
+    /// Faults that dropped the target's `mmap_lock` while their pages were
+    /// fetched (a first try staging them; its retry migrates them).
+    pub retried: u64,
 }
 
 /// `struct rmem_attach`.
@@ -137,7 +140,7 @@ mod tests {
     /// explicit padding): the module checks the same numbers at build time.
     #[test]
     fn layouts_match_the_header() {
-        assert_eq!(size_of::<Info>(), 72);
+        assert_eq!(size_of::<Info>(), 80);
         assert_eq!(size_of::<Attach>(), 32);
         assert_eq!(size_of::<Detach>(), 16);
         assert_eq!(size_of::<Evict>(), 40);
@@ -150,7 +153,7 @@ mod tests {
     /// `_IOR('R', 0, struct rmem_info)` as the kernel's macros compute it.
     #[test]
     fn ioctl_numbers_follow_the_kernel_encoding() {
-        assert_eq!(IOC_INFO, 0x8048_5200);
+        assert_eq!(IOC_INFO, 0x8050_5200);
         assert_eq!(IOC_REPLY, 0x4018_5207);
         assert_eq!(IOC_ATTACH, 0xc020_5201);
     }

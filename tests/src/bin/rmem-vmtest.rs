@@ -21,6 +21,9 @@ use rmem_tests::{CoordinatorProcess, ServerProcess, pattern, wait_until};
 const PAGE: usize = 4096;
 /// The module's fault timeout for this suite: short, so the SIGBUS case is quick.
 const FAULT_TIMEOUT_MS: u32 = 3000;
+/// The agent's injected delay per batch of fetches in the slow-agent case:
+/// half the fault timeout.
+const SLOW_FETCH_MS: u64 = 1500;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -264,6 +267,69 @@ fn main() {
             t.reply()?;
             t.cmd("exit")?;
             env.detach(att)
+        },
+    );
+
+    suite.case(
+        "a fault waiting for a slow agent does not hold up the program's mmap/munmap (mmap_lock dropped)",
+        || {
+            let (mut t, att) = env.evicted(16)?;
+            env.agent = None;
+            env.start_agent_with(Duration::from_millis(SLOW_FETCH_MS));
+            let result = (|| {
+                let before = env.info();
+                // One thread reads evicted page 3 while another maps and
+                // unmaps a page in a loop: "ok LOOPS LONGEST_US READ_US".
+                t.send("mmap-during-read 3 1")?;
+                let r = t.reply()?;
+                let v: Vec<u64> = r
+                    .strip_prefix("ok ")
+                    .ok_or(format!("mmap-during-read: {r}"))?
+                    .split_whitespace()
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                let [loops, longest_us, read_us] = v[..] else {
+                    return Err(format!("mmap-during-read: {r}"));
+                };
+                let after = env.info();
+                let delay_us = SLOW_FETCH_MS * 1000;
+                println!(
+                    "slow agent: the read took {} ms; meanwhile {loops} mmap+munmap, the longest {} us",
+                    read_us / 1000,
+                    longest_us
+                );
+                // Otherwise the fault did not wait for the agent at all.
+                ensure(
+                    read_us >= delay_us / 2,
+                    format!("the read took only {read_us} us with a {delay_us} us agent"),
+                )?;
+                ensure(
+                    longest_us < delay_us / 3 && loops >= 20,
+                    format!(
+                        "while the fault waited, {loops} mmap+munmap ran and one took {longest_us} us: the fault held the mmap_lock"
+                    ),
+                )?;
+                ensure(
+                    after.retried > before.retried,
+                    "no fault dropped the mmap_lock (RMEM_IOC_INFO retried)",
+                )?;
+                // The first try's fetch serves its retry: one fetch for the page
+                // (plus any neighbours, which the retry moves as prefetched).
+                let (fetched, ahead) = (
+                    after.faults - before.faults,
+                    after.prefetched - before.prefetched,
+                );
+                ensure(
+                    fetched.checked_sub(ahead) == Some(1),
+                    format!("{fetched} fetches ({ahead} ahead of a fault) for one page"),
+                )?;
+                t.cmd("exit")
+            })();
+            env.agent = None;
+            env.start_agent();
+            // Detached whatever happened, so a failure does not spill over.
+            let detached = env.detach(att);
+            result.and(detached)
         },
     );
 
@@ -879,8 +945,15 @@ impl Env {
     }
 
     fn start_agent(&mut self) {
+        self.start_agent_with(Duration::ZERO);
+    }
+
+    /// An agent that waits `fetch_delay` before each batch of fetches (a
+    /// slow network, injected).
+    fn start_agent_with(&mut self, fetch_delay: Duration) {
         let mut cfg = KernelConfig::new(self.server.client_config());
         cfg.request_timeout = Duration::from_secs(2);
+        cfg.fetch_delay = fetch_delay;
         self.agent = Some(KernelAgent::start(cfg).expect("start the kernel agent"));
     }
 
@@ -1176,6 +1249,14 @@ mod target {
                     }
                 }
                 Some("threads") => threads(&mem, n(1) as usize, n(2)),
+                Some("mmap-during-read") => match mmap_during_read(&mem, n(1) as usize, n(2)) {
+                    Ok((loops, longest, read)) => {
+                        writeln!(out, "ok {loops} {longest} {read}").unwrap();
+                        out.flush().unwrap();
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
                 Some("mremap") => {
                     // Move the mapping: reserve a new place, then MREMAP_FIXED onto it.
                     // SAFETY: a fresh reservation.
@@ -1309,6 +1390,64 @@ mod target {
         } else {
             Err(format!("the forked child failed (status {status:#x})"))
         }
+    }
+
+    /// Reads page `i` (evicted: the read faults) while another thread maps
+    /// and unmaps one anonymous page in a loop, which takes the mmap_lock
+    /// for writing each time. Returns the loops completed during the read,
+    /// the longest single mmap+munmap (µs, over the whole run) and how long
+    /// the read took (µs); checks the page's contents.
+    fn mmap_during_read(mem: &Mem, i: usize, version: u64) -> Result<(u64, u64, u64), String> {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::time::{Duration, Instant};
+        if i >= mem.pages {
+            return Err(format!("no page {i}"));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let loops = Arc::new(AtomicU64::new(0));
+        let mapper = {
+            let (stop, loops) = (stop.clone(), loops.clone());
+            std::thread::spawn(move || {
+                let mut longest = Duration::ZERO;
+                while !stop.load(Ordering::Relaxed) {
+                    let start = Instant::now();
+                    // SAFETY: a fresh private anonymous page, unmapped at once.
+                    let p = unsafe {
+                        libc::mmap(
+                            std::ptr::null_mut(),
+                            PAGE,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        )
+                    };
+                    if p == libc::MAP_FAILED {
+                        return Err("mmap failed".to_string());
+                    }
+                    // SAFETY: the page just mapped.
+                    unsafe { libc::munmap(p, PAGE) };
+                    longest = longest.max(start.elapsed());
+                    loops.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(longest)
+            })
+        };
+        // Let the loop get going before the fault starts.
+        std::thread::sleep(Duration::from_millis(50));
+        let before = loops.load(Ordering::Relaxed);
+        let start = Instant::now();
+        // SAFETY: inside our mapping; volatile so the touch happens here.
+        let _ = unsafe { std::ptr::read_volatile(mem.addr.wrapping_add(i * PAGE)) };
+        let read = start.elapsed();
+        let during = loops.load(Ordering::Relaxed) - before;
+        stop.store(true, Ordering::Relaxed);
+        let longest = mapper
+            .join()
+            .map_err(|_| "the mapping thread panicked".to_string())??;
+        mem.check(version, i..i + 1)?;
+        Ok((during, longest.as_micros() as u64, read.as_micros() as u64))
     }
 
     fn threads(mem: &Mem, n: usize, version: u64) -> Result<(), String> {
