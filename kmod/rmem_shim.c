@@ -16,7 +16,8 @@
  *     -> device page lock / source page locks (taken by migrate_vma_setup)
  *       -> pool.lock (spinlock, irqsave)
  * pool.grow_lock is taken with no page lock held (device pages for a commit
- * are allocated before its setup).
+ * are allocated before its setup). A prefetch slot's lock (rmem_ra) is taken
+ * alone: nothing nests in it.
  *
  * Fetches sleep with the device pages they bring back locked, never with a
  * lock of ours held; the agent's reply takes only the driver's request-queue
@@ -648,15 +649,18 @@ static atomic64_t rmem_retried;
  * mmap_lock, or the fault again after a signal) gets the same window and
  * leaves the slot as it is: it moves the pages its first try staged. A slot
  * shared by two address spaces only costs a window; a stale mm pointer is
- * compared, never followed.
+ * compared, never followed. Each slot has its own lock and cache line, so
+ * faults of different address spaces on many CPUs do not contend here.
  */
 #define RMEM_RA_SLOTS 64
 static struct rmem_ra {
+	spinlock_t lock;
 	const struct mm_struct *mm;
 	unsigned long last, next;
 	unsigned int window;
-} rmem_ra[RMEM_RA_SLOTS];
-static DEFINE_SPINLOCK(rmem_ra_lock);
+} ____cacheline_aligned_in_smp rmem_ra[RMEM_RA_SLOTS] = {
+	[0 ... RMEM_RA_SLOTS - 1] = { .lock = __SPIN_LOCK_UNLOCKED(rmem_ra.lock) },
+};
 
 /* Pages to bring back after the one faulting at `addr`. */
 static unsigned int rmem_ra_window(const struct mm_struct *mm, unsigned long addr,
@@ -668,10 +672,10 @@ static unsigned int rmem_ra_window(const struct mm_struct *mm, unsigned long add
 
 	if (!cap)
 		return 0;
-	spin_lock(&rmem_ra_lock);
+	spin_lock(&ra->lock);
 	if (ra->mm == mm && ra->last == addr) {
 		window = min_t(unsigned long, ra->window, room);
-		spin_unlock(&rmem_ra_lock);
+		spin_unlock(&ra->lock);
 		return window;
 	}
 	if (ra->mm == mm && ra->next == addr)
@@ -681,7 +685,7 @@ static unsigned int rmem_ra_window(const struct mm_struct *mm, unsigned long add
 	ra->last = addr;
 	ra->window = window;
 	ra->next = addr + ((unsigned long)window + 1) * PAGE_SIZE;
-	spin_unlock(&rmem_ra_lock);
+	spin_unlock(&ra->lock);
 	return window;
 }
 

@@ -9,7 +9,9 @@
 //! What is in RAM is read from `/proc/PID/pagemap` (bit 63, present):
 //! evicted pages are device-private entries there, shown as swap entries,
 //! whereas RSS still counts them. Reading it costs 8 bytes per page of
-//! anonymous memory per round (2 MiB per GiB) and faults nothing in.
+//! anonymous memory per round (2 MiB per GiB), once: the present bits are
+//! kept ([`Residency`]) to skip victims already remote. It faults nothing
+//! in.
 
 use std::fs::File;
 use std::io;
@@ -24,33 +26,72 @@ const CHUNK_PAGES: u64 = 64 * 1024;
 /// Pagemap bit 63: the page is present in RAM.
 const PRESENT: u64 = 1 << 63;
 
-/// Pages of `mappings` (`(start, end)`, page-aligned) that are in RAM in
-/// process `pid`.
-pub fn resident_pages(pid: i32, mappings: &[(u64, u64)]) -> io::Result<u64> {
-    let f = File::open(format!("/proc/{pid}/pagemap"))?;
-    let mut buf = vec![0u8; (CHUNK_PAGES * 8) as usize];
-    let mut present = 0;
-    for &(start, end) in mappings {
-        let mut page = start / PAGE;
-        let last = end / PAGE;
-        while page < last {
-            let n = (last - page).min(CHUNK_PAGES);
-            let bytes = &mut buf[..(n * 8) as usize];
-            f.read_exact_at(bytes, page * 8)?;
-            present += bytes
-                .chunks_exact(8)
-                .filter(|e| u64::from_le_bytes((*e).try_into().expect("8 bytes")) & PRESENT != 0)
-                .count() as u64;
-            page += n;
+/// Which pages of a process's mappings were in RAM when read: one bit per
+/// page, so a budget round reads pagemap once and then asks about any
+/// range of it (4 KiB of bits per 128 MiB of memory).
+#[derive(Debug, Default)]
+pub struct Residency {
+    /// (first page, end page, index of the first page's bit), sorted.
+    spans: Vec<(u64, u64, u64)>,
+    bits: Vec<u64>,
+    /// Pages present in all of them.
+    pub present: u64,
+}
+
+impl Residency {
+    /// Reads `/proc/PID/pagemap` over `mappings` (`(start, end)`,
+    /// page-aligned, sorted, not overlapping).
+    pub fn read(pid: i32, mappings: &[(u64, u64)]) -> io::Result<Self> {
+        let f = File::open(format!("/proc/{pid}/pagemap"))?;
+        let mut buf = vec![0u8; (CHUNK_PAGES * 8) as usize];
+        let total: u64 = mappings.iter().map(|(s, e)| (e - s) / PAGE).sum();
+        let mut r = Self {
+            spans: Vec::with_capacity(mappings.len()),
+            bits: vec![0; total.div_ceil(64) as usize],
+            present: 0,
+        };
+        let mut bit = 0u64;
+        for &(start, end) in mappings {
+            let (first, last) = (start / PAGE, end / PAGE);
+            r.spans.push((first, last, bit));
+            let mut page = first;
+            while page < last {
+                let n = (last - page).min(CHUNK_PAGES);
+                let bytes = &mut buf[..(n * 8) as usize];
+                f.read_exact_at(bytes, page * 8)?;
+                for e in bytes.chunks_exact(8) {
+                    if u64::from_le_bytes(e.try_into().expect("8 bytes")) & PRESENT != 0 {
+                        r.bits[(bit / 64) as usize] |= 1 << (bit % 64);
+                        r.present += 1;
+                    }
+                    bit += 1;
+                }
+                page += n;
+            }
         }
+        Ok(r)
     }
-    Ok(present)
+
+    /// Pages of `[start, end)` that were present (pages outside the
+    /// mappings read count as not present).
+    pub fn present_in(&self, start: u64, end: u64) -> u64 {
+        let (first, last) = (start / PAGE, end.div_ceil(PAGE));
+        let mut n = 0;
+        for &(s, e, at) in &self.spans {
+            let (from, to) = (first.max(s), last.min(e));
+            for p in from..to {
+                let bit = at + (p - s);
+                n += (self.bits[(bit / 64) as usize] >> (bit % 64)) & 1;
+            }
+        }
+        n
+    }
 }
 
 /// The order in which a process over its budget gives up memory:
 /// `regions` (coldest first) clipped to `mappings`. Many of them may be
-/// remote already; the caller skips those ([`resident_pages`] of the range
-/// is 0) and stops once enough moved.
+/// remote already; the caller skips those ([`Residency::present_in`] of
+/// the range is 0) and stops once enough moved.
 pub fn victims(regions: &[Region], mappings: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for r in regions {
@@ -110,14 +151,20 @@ mod tests {
         let start = p as u64;
         let range = [(start, start + (pages * PAGE_SIZE) as u64)];
         let pid = std::process::id() as i32;
-        assert_eq!(resident_pages(pid, &range).unwrap(), 0);
+        assert_eq!(Residency::read(pid, &range).unwrap().present, 0);
         for i in 0..5 {
             // SAFETY: `i * PAGE_SIZE` is inside the mapping above.
             let byte = unsafe { p.cast::<u8>().add(i * PAGE_SIZE) };
             // SAFETY: a writable page of our own mapping; touching it.
             unsafe { byte.write_volatile(1) };
         }
-        assert_eq!(resident_pages(pid, &range).unwrap(), 5);
+        let r = Residency::read(pid, &range).unwrap();
+        assert_eq!(r.present, 5);
+        let page = PAGE_SIZE as u64;
+        assert_eq!(r.present_in(start, start + 5 * page), 5);
+        assert_eq!(r.present_in(start + 4 * page, start + 16 * page), 1);
+        assert_eq!(r.present_in(start + 5 * page, start + 16 * page), 0);
+        assert_eq!(r.present_in(start - 8 * page, start + 2 * page), 2);
         // SAFETY: the mapping made above, no longer used.
         unsafe { libc::munmap(p, pages * PAGE_SIZE) };
     }

@@ -403,22 +403,23 @@ impl Supervisor {
     /// until enough moved. The pages it holds afterwards (`None` if they
     /// could not be measured).
     fn keep_within(&self, w: &Work, b: &Budget, done: &mut Done) -> Option<u64> {
-        let resident = match budget::resident_pages(w.pid, &w.maps) {
-            Ok(n) => n,
+        let residency = match budget::Residency::read(w.pid, &w.maps) {
+            Ok(r) => r,
             Err(e) => {
                 tracing::warn!(pid = w.pid, error = %e, "cannot read what the process holds in RAM");
                 return None;
             }
         };
+        let resident = residency.present;
         let excess = resident.saturating_sub(b.pages);
         if excess == 0 {
             return Some(resident);
         }
         let mut moved = 0;
         'victims: for (s, e) in budget::victims(&b.regions, &w.maps) {
-            // The coldest regions are mostly remote already: skip what has
-            // nothing in RAM (one pagemap read) rather than walk it.
-            if budget::resident_pages(w.pid, &[(s, e)]).unwrap_or(1) == 0 {
+            // The coldest regions are mostly remote already: skip what had
+            // nothing in RAM at the round's start rather than walk it.
+            if residency.present_in(s, e) == 0 {
                 continue;
             }
             let mut at = s;
