@@ -672,13 +672,17 @@ impl Homes {
             }
         }
         let need = found.len() as u64;
+        if need == 0 {
+            // Nothing of it is left there (freed meanwhile).
+            return Ok(0);
+        }
         // A grant elsewhere with room for them.
         let pick = |book: &mut Book| {
             book.grants
                 .iter()
                 .enumerate()
-                .filter(|(_, g)| !g.draining && g.pages - g.used.min(g.pages) >= need)
-                .max_by_key(|(_, g)| g.pages - g.used)
+                .filter(|(_, g)| !g.draining && g.pages.saturating_sub(g.used) >= need)
+                .max_by_key(|(_, g)| g.pages.saturating_sub(g.used))
                 .map(|(k, g)| (k, g.server))
         };
         let mut target = pick(&mut Self::book(link));
