@@ -10,9 +10,9 @@
 //!
 //! **In a cluster** ([`Home::Cluster`]):
 //! - *Placement.* Capacity is granted by the coordinator in pieces of
-//!   [`GRANT_PAGES`] (or more), as evictions need it. A batch being evicted is
-//!   cut into pieces, each on the grant with the most room left, so pages
-//!   spread over the granted servers; a table of runs (first handle, pages,
+//!   [`GRANT_PAGES`] (or more), as evictions need it. Batches being evicted
+//!   take turns over the grants with room (a batch larger than a grant's
+//!   room is cut into pieces), so pages spread over the granted servers; a table of runs (first handle, pages,
 //!   server) says where each handle went, and a fault reads it to know
 //!   which server to ask.
 //! - *Interval.* Because handles are not addresses, the agent registers its
@@ -109,6 +109,8 @@ struct Book {
     runs: BTreeMap<u64, Run>,
     /// Server members subscribed to this run's interval.
     subscribed: BTreeSet<u64>,
+    /// The grant the next batch tries first.
+    turn: usize,
 }
 
 #[derive(Debug)]
@@ -305,15 +307,18 @@ impl Homes {
             {
                 let mut book = Self::book(link);
                 while left > 0 {
-                    let Some((k, g)) = book
-                        .grants
-                        .iter_mut()
-                        .enumerate()
-                        .filter(|(_, g)| g.used < g.pages && !g.draining)
-                        .max_by_key(|(k, g)| (g.pages - g.used, std::cmp::Reverse(*k)))
-                    else {
+                    // Batches take turns over the grants with room, so
+                    // pages spread over their servers whatever the sizes
+                    // of the pieces the coordinator granted.
+                    let n = book.grants.len();
+                    let start = book.turn;
+                    let Some(k) = (0..n).map(|i| (start + i) % n).find(|&k| {
+                        book.grants[k].used < book.grants[k].pages && !book.grants[k].draining
+                    }) else {
                         break;
                     };
+                    book.turn = k + 1;
+                    let g = &mut book.grants[k];
                     let take = left.min(g.pages - g.used);
                     g.used += take;
                     pieces.push(Piece {

@@ -678,6 +678,20 @@ fn cluster_case(_env: &Env) -> Result<(), String> {
             .map_or(u64::MAX, |st| st.used_pages)
     };
     let all_used = || servers.iter().map(used).collect::<Vec<u64>>();
+    // Both servers are members before the agent asks for capacity.
+    let members = || {
+        Command::new(rmem_tests::bin("rmemctl"))
+            .args(["--endpoint", &endpoint, "--output", "json", "servers"])
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    ensure(
+        wait_until(Duration::from_secs(10), || members() == 2),
+        format!("{} of 2 servers joined the coordinator", members()),
+    )?;
     let start = || -> Result<KernelAgent, String> {
         let mut cc = ClusterConfig::new(endpoint.clone());
         cc.name = Some("vm/kmod".into());
