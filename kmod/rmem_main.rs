@@ -92,12 +92,18 @@ mod shim {
         pub(crate) fn rmem_set_prefetch_max(pages: u32);
         pub(crate) fn rmem_prefetched_pages() -> u64;
         pub(crate) fn rmem_retried_faults() -> u64;
+        pub(crate) fn rmem_stuck_faults() -> u64;
+        pub(crate) fn rmem_skipped_pages(why: u32) -> u64;
     }
+    /// `rmem_skipped_pages` reasons (`rmem_shim.h`).
+    pub(crate) const SKIP_KSM: u32 = 0;
+    pub(crate) const SKIP_LOCKED: u32 = 1;
+    pub(crate) const SKIP_MAPPING: u32 = 2;
 }
 
 // ---- the ioctl interface: include/uapi/rmem.h ------------------------------
 
-const UAPI_VERSION: u32 = 3;
+const UAPI_VERSION: u32 = 4;
 const PAGE: usize = 4096;
 const MAX_BATCH: u32 = 512;
 const MAX_EVENTS: u32 = 256;
@@ -120,7 +126,8 @@ macro_rules! uapi_struct {
 uapi_struct!(Info {
     version: u32, page_size: u32, capacity_pages: u64, pages_in_use: u64, faults: u64,
     restored: u64, evicted: u64, fetch_timeouts: u64, attachments: u32, agent_pid: u32,
-    prefetched: u64, retried: u64,
+    prefetched: u64, retried: u64, skipped_ksm: u64, skipped_locked: u64, skipped_mappings: u64,
+    stuck_faults: u64,
 });
 uapi_struct!(Attach { pid: i32, flags: u32, start: u64, len: u64, id: u64 });
 uapi_struct!(Detach { id: u64, restored: u64 });
@@ -134,7 +141,7 @@ uapi_struct!(Wait { max: u32, count: u32, timeout_ms: u32, pad: u32, events: u64
 uapi_struct!(Reply { id: u64, error: i32, pad: u32, data: u64 });
 
 const _: () = {
-    assert!(core::mem::size_of::<Info>() == 80);
+    assert!(core::mem::size_of::<Info>() == 112);
     assert!(core::mem::size_of::<Attach>() == 32);
     assert!(core::mem::size_of::<Detach>() == 16);
     assert!(core::mem::size_of::<Evict>() == 40);
@@ -264,6 +271,12 @@ extern "C" fn rmem_rs_fetch_queue(
     id
 }
 
+/// Called by the fault path (C): the fault timeout in jiffies.
+#[no_mangle]
+extern "C" fn rmem_rs_fault_timeout() -> kernel::time::Jiffies {
+    msecs_to_jiffies(*module_parameters::fault_timeout_ms.value())
+}
+
 /// Called by the fault path (C) when its wait ended without an answer:
 /// withdraws the request. Returns true if it was answered meanwhile.
 #[no_mangle]
@@ -340,7 +353,7 @@ impl kernel::Module for RmemModule {
             }
         };
         pr_info!(
-            "rmem: loaded, uapi {}, capacity {} MiB, prefetch up to {} pages\n",
+            "loaded, uapi {}, capacity {} MiB, prefetch up to {} pages\n",
             UAPI_VERSION,
             *module_parameters::capacity_mib.value(),
             (*module_parameters::prefetch_max.value()).min(64)
@@ -366,7 +379,7 @@ impl Drop for RmemModule {
         unsafe { shim::rmem_pool_exit() };
         SHARED.store(core::ptr::null_mut(), Ordering::Release);
         self.shared.take();
-        pr_info!("rmem: unloaded\n");
+        pr_info!("unloaded\n");
     }
 }
 
@@ -463,6 +476,14 @@ fn info(user: UserSlice) -> Result<isize> {
         prefetched: unsafe { shim::rmem_prefetched_pages() },
         // SAFETY: as above.
         retried: unsafe { shim::rmem_retried_faults() },
+        // SAFETY: as above.
+        skipped_ksm: unsafe { shim::rmem_skipped_pages(shim::SKIP_KSM) },
+        // SAFETY: as above.
+        skipped_locked: unsafe { shim::rmem_skipped_pages(shim::SKIP_LOCKED) },
+        // SAFETY: as above.
+        skipped_mappings: unsafe { shim::rmem_skipped_pages(shim::SKIP_MAPPING) },
+        // SAFETY: as above.
+        stuck_faults: unsafe { shim::rmem_stuck_faults() },
     };
     drop(g);
     user.writer().write(&info)?;
@@ -599,7 +620,7 @@ fn evict_commit(user: UserSlice) -> Result<isize> {
         .is_ok();
     let _ = w.write(&req);
     if !status_ok {
-        pr_warn!("rmem: EVICT_COMMIT: cannot write the page statuses back to the agent\n");
+        pr_warn!("EVICT_COMMIT: cannot write the page statuses back to the agent\n");
     }
     Ok(0)
 }

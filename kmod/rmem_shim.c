@@ -59,6 +59,7 @@
 #include <linux/sched/mm.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
+#include <linux/userfaultfd_k.h>
 
 #include "rmem_shim.h"
 
@@ -84,6 +85,14 @@ struct rmem_chunk {
 	 * under a writer, and emptied by folio_free.
 	 */
 	struct page **staged;
+	/*
+	 * Per page, when a fault first found it could not move the page back
+	 * although nothing failed (the kernel kept refusing the migration),
+	 * in jiffies; 0 when not stuck. Bounds such faults by the fault
+	 * timeout instead of letting them retry forever. Under pool.lock;
+	 * cleared by folio_free.
+	 */
+	unsigned long *stuck;
 };
 
 static struct {
@@ -214,7 +223,8 @@ static int rmem_pool_grow(void)
 	for (i = 0; i < RMEM_CHUNK_PAGES; i++)
 		chunk->handles[i] = RMEM_NO_HANDLE;
 	chunk->staged = kvcalloc(RMEM_CHUNK_PAGES, sizeof(*chunk->staged), GFP_KERNEL);
-	if (!chunk->staged)
+	chunk->stuck = kvcalloc(RMEM_CHUNK_PAGES, sizeof(*chunk->stuck), GFP_KERNEL);
+	if (!chunk->staged || !chunk->stuck)
 		goto free_handles;
 	chunk->res = request_free_mem_region(&iomem_resource, RMEM_CHUNK_BYTES, "rmem");
 	if (IS_ERR_OR_NULL(chunk->res)) {
@@ -250,6 +260,7 @@ static int rmem_pool_grow(void)
 release:
 	release_mem_region(chunk->pagemap.range.start, RMEM_CHUNK_BYTES);
 free_handles:
+	kvfree(chunk->stuck);
 	kvfree(chunk->staged);
 	kvfree(chunk->handles);
 free_chunk:
@@ -305,6 +316,7 @@ static void rmem_folio_free(struct folio *folio)
 	slot = &page_chunk(page)->staged[page_index_in_chunk(page)];
 	staged = *slot;
 	*slot = NULL;
+	page_chunk(page)->stuck[page_index_in_chunk(page)] = 0;
 	report = page_handle(page) != RMEM_NO_HANDLE;
 	if (report) {
 		/* Reported to the agent first; reused only after that. */
@@ -386,6 +398,7 @@ void rmem_pool_exit(void)
 
 		memunmap_pages(&chunk->pagemap);
 		release_mem_region(chunk->pagemap.range.start, RMEM_CHUNK_BYTES);
+		kvfree(chunk->stuck);
 		kvfree(chunk->staged);
 		kvfree(chunk->handles);
 		kfree(chunk);
@@ -704,11 +717,53 @@ u64 rmem_retried_faults(void)
 	return atomic64_read(&rmem_retried);
 }
 
+/* Faults that ended because their page could not move back in time. */
+static atomic64_t rmem_stuck;
+
+u64 rmem_stuck_faults(void)
+{
+	return atomic64_read(&rmem_stuck);
+}
+
+/*
+ * The fault on device page `page` could not move it back although nothing
+ * failed: the kernel refused the migration (a reference or a mapping it
+ * cannot handle). Returning at once would spin: the CPU faults again at
+ * once, forever, at 100% CPU. The first such fault notes when; each one
+ * after it waits a tick; once the fault timeout has passed the fault
+ * fails (-ETIME: SIGBUS). A note older than twice the timeout belongs to
+ * an earlier episode that ended without the page moving (the task was
+ * killed, the range unmapped and mapped again): it starts over.
+ */
+static int rmem_fault_stuck(struct page *page)
+{
+	unsigned long timeout = rmem_rs_fault_timeout(), now = jiffies, flags, *since;
+	bool expired;
+
+	spin_lock_irqsave(&pool.lock, flags);
+	since = &page_chunk(page)->stuck[page_index_in_chunk(page)];
+	if (!*since || time_after(now, *since + 2 * timeout))
+		*since = now ? now : 1;
+	expired = time_after(now, *since + timeout);
+	spin_unlock_irqrestore(&pool.lock, flags);
+	if (expired) {
+		atomic64_inc(&rmem_stuck);
+		return -ETIME;
+	}
+	schedule_timeout_killable(1);
+	return 0;
+}
+
 /* What a fault that could not bring its page back returns. */
 static vm_fault_t rmem_fault_error(struct vm_fault *vmf, int err)
 {
 	if (err == -EFAULT)
 		return VM_FAULT_SIGBUS;
+	if (err == -ETIME) {
+		pr_err_ratelimited("rmem: fault at %#lx in pid %d: the kernel did not let the page move back within the fault timeout, sending SIGBUS\n",
+				   vmf->address, task_tgid_nr(current));
+		return VM_FAULT_SIGBUS;
+	}
 	if (err == -EINTR)	/* a fatal signal: the task dies on its way out */
 		return (vmf->flags & FAULT_FLAG_USER) ? 0 : VM_FAULT_SIGBUS;
 	if (err == -ENOMEM)
@@ -918,6 +973,9 @@ static vm_fault_t rmem_migrate_to_ram(struct vm_fault *vmf)
 					  &err);
 	if (restored > 1)
 		atomic64_add(restored - 1, &rmem_prefetched);
+	/* Page 0 did not move and nothing failed: never spin on it. */
+	if (!err && !(migrate_pfn_to_page(args.dst[0]) && (args.src[0] & MIGRATE_PFN_MIGRATE)))
+		err = rmem_fault_stuck(vmf->page);
 out:
 	if (src != &one_src) {
 		kfree(src);
@@ -1080,28 +1138,94 @@ void rmem_att_free(struct rmem_att *a)
  *    frees its copy.
  */
 
+/*
+ * What eviction takes, and what it leaves in RAM (docs/ARCHITECTURE.md has
+ * the table). Per mapping:
+ *  - private anonymous memory is evicted, including VM_MERGEABLE (KSM
+ *    candidates: see the per-page rule below), VM_DONTCOPY and
+ *    VM_WIPEONFORK (fork handles device-private entries like swap entries)
+ *    and transparent huge pages (migrate_vma splits them);
+ *  - mlocked mappings (VM_LOCKED, also MCL_ONFAULT) stay: the program
+ *    asked for them to stay in RAM, and the kernel never swaps them either;
+ *  - userfaultfd-registered ranges stay: their faults belong to another
+ *    handler, and write-protect markers do not survive device-private
+ *    entries;
+ *  - anything not private anonymous stays: shared anonymous memory (shmem),
+ *    files, hugetlb, memfd_secret (not in the direct map), VM_IO and
+ *    VM_PFNMAP/VM_MIXEDMAP ranges.
+ * Per page:
+ *  - a KSM page stays: migrating it would move KSM's stable-tree node to a
+ *    device-private page that every sharer (and ksmd's memcmp) then
+ *    touches;
+ *  - a pinned page (O_DIRECT, RDMA, vfio) stays: migrate_vma's reference
+ *    check refuses it, and so does the zero page (no contents to keep).
+ * Skipped pages are counted by reason (RMEM_IOC_INFO).
+ */
+static atomic64_t rmem_skipped[RMEM_SKIP_KINDS];
+
+u64 rmem_skipped_pages(u32 why)
+{
+	return why < RMEM_SKIP_KINDS ? atomic64_read(&rmem_skipped[why]) : 0;
+}
+
+/* Why eviction leaves all of `vma` in RAM, or -1 when it may take it. */
+static int vma_skip(struct vm_area_struct *vma)
+{
+	if (!vma_is_anonymous(vma) ||
+	    (vma->vm_flags & (VM_SHARED | VM_IO | VM_PFNMAP | VM_MIXEDMAP | VM_HUGETLB)) ||
+	    userfaultfd_armed(vma))
+		return RMEM_SKIP_MAPPING;
+	if (vma->vm_flags & VM_LOCKED)
+		return RMEM_SKIP_LOCKED;
+	return -1;
+}
+
+/*
+ * Sets up a migration of system pages of [start, start + max pages) within
+ * one mapping. -EFAULT: nothing mapped at start; -EACCES: a mapping that
+ * eviction never takes (its pages are counted as skipped).
+ */
 static int evict_setup(struct mm_struct *mm, struct migrate_vma *args,
 		       u64 start, u32 max, const struct rmem_att *a)
 {
 	struct vm_area_struct *vma;
+	int skip;
 
 	vma = vma_lookup(mm, start);
 	if (!vma)
 		return -EFAULT;
-	if (!vma_is_anonymous(vma))
-		return -EINVAL;
 	args->vma = vma;
 	args->start = start;
 	args->end = min3((unsigned long)start + ((unsigned long)max << PAGE_SHIFT),
 			 vma->vm_end, (unsigned long)a->end);
+	skip = vma_skip(vma);
+	if (skip >= 0) {
+		atomic64_add((args->end - args->start) >> PAGE_SHIFT, &rmem_skipped[skip]);
+		return -EACCES;
+	}
 	args->pgmap_owner = &rmem_owner;
 	args->flags = MIGRATE_VMA_SELECT_SYSTEM;
 	return migrate_vma_setup(args);
 }
 
-static bool taken(const struct migrate_vma *args, unsigned long i)
+/*
+ * Whether page i of a set-up eviction is ours to move: selected by the
+ * migration (locked and unmapped) and not a KSM page. A page ksmd merges
+ * between copy and commit is a KSM page at the commit, whose setup holds
+ * its lock, so ksmd cannot merge it under the check.
+ */
+static bool taken(const struct migrate_vma *args, unsigned long i, bool count)
 {
-	return migrate_pfn_to_page(args->src[i]) && (args->src[i] & MIGRATE_PFN_MIGRATE);
+	struct page *page = migrate_pfn_to_page(args->src[i]);
+
+	if (!page || !(args->src[i] & MIGRATE_PFN_MIGRATE))
+		return false;
+	if (folio_test_ksm(page_folio(page))) {
+		if (count)
+			atomic64_inc(&rmem_skipped[RMEM_SKIP_KSM]);
+		return false;
+	}
+	return true;
 }
 
 static int evict_check(const struct rmem_att *a, u64 start, u32 max)
@@ -1147,7 +1271,7 @@ long rmem_evict_copy(struct rmem_att *a, u64 start, u32 max, u64 data, u64 addrs
 	for (i = 0; i < args.npages; i++) {
 		u64 addr = args.start + (i << PAGE_SHIFT);
 
-		if (!taken(&args, i))
+		if (!taken(&args, i, true))
 			continue;
 		if (copy_to_user(u64_to_user_ptr(data + (u64)n * PAGE_SIZE),
 				 page_address(migrate_pfn_to_page(args.src[i])), PAGE_SIZE) ||
@@ -1215,7 +1339,7 @@ long rmem_evict_commit(struct rmem_att *a, u64 start, u32 max, u32 n,
 		slot[i] = U32_MAX;
 		while (k < n && addrs[k] < addr)
 			k++;
-		if (k == n || addrs[k] != addr || !taken(&args, i) || !dpages[k])
+		if (k == n || addrs[k] != addr || !taken(&args, i, false) || !dpages[k])
 			continue;
 		/* Only what the server holds may leave RAM. */
 		if (memcmp(page_address(spage), data + (size_t)k * PAGE_SIZE, PAGE_SIZE))

@@ -32,6 +32,8 @@ u64 rmem_rs_fetch_queue(u64 handle, u32 tgid, unsigned long addr, void *kaddr,
 bool rmem_rs_fetch_cancel(u64 id, bool timed_out);
 /* A remote page was freed (may be called in atomic context). */
 void rmem_rs_wake(void);
+/* The fault timeout (the fault_timeout_ms parameter), in jiffies. */
+unsigned long rmem_rs_fault_timeout(void);
 
 /* Implemented in C, called from Rust. */
 
@@ -72,6 +74,14 @@ void rmem_set_prefetch_max(u32 pages);
 u64 rmem_prefetched_pages(void);
 /* Faults that dropped the mmap_lock while their pages were fetched. */
 u64 rmem_retried_faults(void);
+/* Faults that failed because their page could not move back in time. */
+u64 rmem_stuck_faults(void);
+/* Pages eviction left in RAM, by why (enum rmem_skip). */
+u64 rmem_skipped_pages(u32 why);
+#define RMEM_SKIP_KSM 0
+#define RMEM_SKIP_LOCKED 1
+#define RMEM_SKIP_MAPPING 2
+#define RMEM_SKIP_KINDS 3
 bool rmem_module_get(void);
 void rmem_module_put(void);
 

@@ -100,7 +100,9 @@ pub struct AttachmentView {
     pub attached_seconds: f64,
     /// 0: no budget.
     pub budget_bytes: u64,
+    /// Its private anonymous memory in RAM and remote at the last round.
     pub local_bytes: u64,
+    pub remote_bytes: u64,
 }
 
 impl From<pb::Attachment> for AttachmentView {
@@ -118,6 +120,7 @@ impl From<pb::Attachment> for AttachmentView {
             attached_seconds: a.attached_seconds,
             budget_bytes: a.budget_bytes,
             local_bytes: a.local_bytes,
+            remote_bytes: a.remote_bytes,
         }
     }
 }
@@ -129,6 +132,15 @@ pub struct AttachmentsView {
     pub fetched_pages: u64,
     pub freed_pages: u64,
     pub kept_local_pages: u64,
+    /// Summed over the attachments.
+    pub local_bytes: u64,
+    pub remote_bytes: u64,
+    /// The module's: pages eviction left in RAM, by reason, and faults
+    /// ended because their page could not move back.
+    pub skipped_ksm_pages: u64,
+    pub skipped_locked_pages: u64,
+    pub skipped_mapping_pages: u64,
+    pub stuck_faults: u64,
     pub attachments: Vec<AttachmentView>,
 }
 
@@ -139,6 +151,12 @@ impl From<pb::ListResponse> for AttachmentsView {
             fetched_pages: r.fetched_pages,
             freed_pages: r.freed_pages,
             kept_local_pages: r.kept_local_pages,
+            local_bytes: r.local_bytes,
+            remote_bytes: r.remote_bytes,
+            skipped_ksm_pages: r.skipped_ksm_pages,
+            skipped_locked_pages: r.skipped_locked_pages,
+            skipped_mapping_pages: r.skipped_mapping_pages,
+            stuck_faults: r.stuck_faults,
             attachments: r.attachments.into_iter().map(Into::into).collect(),
         }
     }
@@ -173,6 +191,8 @@ pub fn attachments_table(v: &AttachmentsView) -> String {
         "ROUNDS",
         "COLD",
         "EVICTED",
+        "LOCAL",
+        "REMOTE",
         "LOCAL/BUDGET",
         "ERRORS",
         "AGE",
@@ -185,17 +205,26 @@ pub fn attachments_table(v: &AttachmentsView) -> String {
             a.rounds.to_string(),
             pages(a.cold_bytes / 4096),
             pages(a.evicted_pages),
+            pages(a.local_bytes / 4096),
+            pages(a.remote_bytes / 4096),
             budget(a),
             a.evict_errors.to_string(),
             format!("{:.0}s", a.attached_seconds),
         ]);
     }
     format!(
-        "server {}: {} fetched, {} freed, {} kept local\n{}",
+        "server {}: {} fetched, {} freed, {} kept local; {} local, {} remote in all\n\
+         left in RAM by eviction: {} KSM, {} mlocked, {} other mappings; {} stuck faults\n{}",
         v.server,
         pages(v.fetched_pages),
         pages(v.freed_pages),
         pages(v.kept_local_pages),
+        pages(v.local_bytes / 4096),
+        pages(v.remote_bytes / 4096),
+        pages(v.skipped_ksm_pages),
+        pages(v.skipped_locked_pages),
+        pages(v.skipped_mapping_pages),
+        v.stuck_faults,
         t.render()
     )
 }

@@ -511,8 +511,9 @@ fn run_serve(a: ServeArgs) -> ExitCode {
     let done = sup.detach_all();
     let restored: u64 = done.iter().map(|s| s.restored_pages).sum();
     eprintln!(
-        "rmem-agent serve: detached {} processes, {restored} pages brought back",
-        done.len()
+        "rmem-agent serve: detached {} process{}, {restored} pages brought back",
+        done.len(),
+        if done.len() == 1 { "" } else { "es" }
     );
     match result {
         Ok(()) => ExitCode::SUCCESS,

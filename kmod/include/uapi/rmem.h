@@ -29,7 +29,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define RMEM_UAPI_VERSION 3
+#define RMEM_UAPI_VERSION 4
 #define RMEM_PAGE_SIZE 4096
 #define RMEM_MAX_BATCH 512
 
@@ -46,6 +46,10 @@ struct rmem_info {
 	__u32 agent_pid;	/* the agent that has /dev/rmem open, or 0 */
 	__u64 prefetched;	/* of `faults`, pages brought back ahead of a fault */
 	__u64 retried;		/* faults that dropped the mmap_lock while fetching */
+	__u64 skipped_ksm;	/* pages eviction left in RAM: KSM-merged */
+	__u64 skipped_locked;	/* pages eviction left in RAM: mlocked mappings */
+	__u64 skipped_mappings;	/* pages eviction left in RAM: other mappings it never takes */
+	__u64 stuck_faults;	/* faults whose page could not move for fault_timeout_ms: SIGBUS */
 };
 
 #define RMEM_ATTACH_ALL (1u << 0)	/* every mapping; start and len ignored */

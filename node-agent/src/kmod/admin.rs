@@ -44,6 +44,7 @@ fn view(s: &DaemonStatus) -> pb::Attachment {
         attached_seconds: s.attached_seconds,
         budget_bytes: s.budget_bytes,
         local_bytes: s.local_bytes,
+        remote_bytes: s.remote_bytes,
     }
 }
 
@@ -133,6 +134,12 @@ impl AgentAdmin for AdminService {
             freed_pages: totals.freed_pages,
             kept_local_pages: totals.kept_local_pages,
             server,
+            skipped_ksm_pages: totals.skipped_ksm_pages,
+            skipped_locked_pages: totals.skipped_locked_pages,
+            skipped_mapping_pages: totals.skipped_mapping_pages,
+            stuck_faults: totals.stuck_faults,
+            local_bytes: list.iter().map(|s| s.local_bytes).sum(),
+            remote_bytes: list.iter().map(|s| s.remote_bytes).sum(),
         }))
     }
 }

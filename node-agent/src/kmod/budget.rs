@@ -25,6 +25,9 @@ const PAGE: u64 = PAGE_SIZE as u64;
 const CHUNK_PAGES: u64 = 64 * 1024;
 /// Pagemap bit 63: the page is present in RAM.
 const PRESENT: u64 = 1 << 63;
+/// Pagemap bit 62: a swap entry, which is how a device-private (remote)
+/// page shows (so does a page in swap, on a node that also swaps).
+const SWAPPED: u64 = 1 << 62;
 
 /// Which pages of a process's mappings were in RAM when read: one bit per
 /// page, so a budget round reads pagemap once and then asks about any
@@ -36,6 +39,9 @@ pub struct Residency {
     bits: Vec<u64>,
     /// Pages present in all of them.
     pub present: u64,
+    /// Pages of them that are remote: device-private entries (or, on a
+    /// node that also swaps, in swap).
+    pub remote: u64,
 }
 
 impl Residency {
@@ -49,6 +55,7 @@ impl Residency {
             spans: Vec::with_capacity(mappings.len()),
             bits: vec![0; total.div_ceil(64) as usize],
             present: 0,
+            remote: 0,
         };
         let mut bit = 0u64;
         for &(start, end) in mappings {
@@ -60,9 +67,12 @@ impl Residency {
                 let bytes = &mut buf[..(n * 8) as usize];
                 f.read_exact_at(bytes, page * 8)?;
                 for e in bytes.chunks_exact(8) {
-                    if u64::from_le_bytes(e.try_into().expect("8 bytes")) & PRESENT != 0 {
+                    let entry = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                    if entry & PRESENT != 0 {
                         r.bits[(bit / 64) as usize] |= 1 << (bit % 64);
                         r.present += 1;
+                    } else if entry & SWAPPED != 0 {
+                        r.remote += 1;
                     }
                     bit += 1;
                 }
@@ -89,9 +99,12 @@ impl Residency {
 }
 
 /// The order in which a process over its budget gives up memory:
-/// `regions` (coldest first) clipped to `mappings`. Many of them may be
-/// remote already; the caller skips those ([`Residency::present_in`] of
-/// the range is 0) and stops once enough moved.
+/// `regions` (coldest first) clipped to `mappings`, then the parts of
+/// `mappings` no region covers: memory mapped since DAMON last looked at
+/// the process, whose temperature it does not know yet (a program attached
+/// at its start maps most of its memory then). Many of them may be remote
+/// already; the caller skips those ([`Residency::present_in`] of the range
+/// is 0) and stops once enough moved.
 pub fn victims(regions: &[Region], mappings: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for r in regions {
@@ -100,6 +113,23 @@ pub fn victims(regions: &[Region], mappings: &[(u64, u64)]) -> Vec<(u64, u64)> {
             if s < e {
                 out.push((s, e));
             }
+        }
+    }
+    let mut known: Vec<(u64, u64)> = regions.iter().map(|r| (r.start, r.end)).collect();
+    known.sort_unstable();
+    for &(ms, me) in mappings {
+        let mut at = ms;
+        for &(rs, re) in &known {
+            if re <= at || rs >= me {
+                continue;
+            }
+            if rs > at {
+                out.push((at, rs));
+            }
+            at = at.max(re);
+        }
+        if at < me {
+            out.push((at, me));
         }
     }
     out
@@ -129,8 +159,17 @@ mod tests {
         let mappings = [(0x0, 0x2000), (0x11000, 0x40000)];
         assert_eq!(
             victims(&regions, &mappings),
-            vec![(0x11000, 0x14000), (0x0, 0x2000), (0x20000, 0x30000)]
+            vec![
+                (0x11000, 0x14000),
+                (0x0, 0x2000),
+                (0x20000, 0x30000),
+                // What DAMON has not seen yet comes last.
+                (0x14000, 0x20000),
+                (0x30000, 0x40000),
+            ]
         );
+        // A process DAMON has no region of yet: all of its mappings.
+        assert_eq!(victims(&[], &mappings), mappings.to_vec());
     }
 
     #[test]

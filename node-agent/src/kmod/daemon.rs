@@ -48,9 +48,10 @@ pub struct DaemonStatus {
     /// Most bytes of its anonymous memory kept in RAM; 0: no budget (only
     /// cold pages are evicted).
     pub budget_bytes: u64,
-    /// Bytes of its private anonymous memory in RAM at the last round
-    /// (measured only for a process with a budget).
+    /// Bytes of its private anonymous memory in RAM and remote at the
+    /// last round, from /proc/PID/pagemap (RSS counts remote pages too).
     pub local_bytes: u64,
+    pub remote_bytes: u64,
     /// Pages brought back by the detach.
     pub restored_pages: u64,
     pub process_exited: bool,
@@ -67,6 +68,11 @@ pub struct AgentTotals {
     pub fetched_pages: u64,
     pub freed_pages: u64,
     pub kept_local_pages: u64,
+    /// The module's counters (zero if it could not be asked).
+    pub skipped_ksm_pages: u64,
+    pub skipped_locked_pages: u64,
+    pub skipped_mapping_pages: u64,
+    pub stuck_faults: u64,
 }
 
 /// Why attaching or detaching failed.
@@ -274,10 +280,15 @@ impl Supervisor {
     /// Agent-wide counters.
     pub fn totals(&self) -> AgentTotals {
         let s = self.agent.stats();
+        let info = self.agent.device().info().unwrap_or_default();
         AgentTotals {
             fetched_pages: s.fetched.load(Ordering::Relaxed),
             freed_pages: s.freed.load(Ordering::Relaxed),
             kept_local_pages: s.kept_local.load(Ordering::Relaxed),
+            skipped_ksm_pages: info.skipped_ksm,
+            skipped_locked_pages: info.skipped_locked,
+            skipped_mapping_pages: info.skipped_mappings,
+            stuck_faults: info.stuck_faults,
         }
     }
 
@@ -352,10 +363,26 @@ impl Supervisor {
             for &(s, e) in &w.cold {
                 self.evict(&w, s, e, &mut done);
             }
-            let local = w
-                .budget
-                .as_ref()
-                .and_then(|b| self.keep_within(&w, b, &mut done));
+            let residency = match budget::Residency::read(w.pid, &w.maps) {
+                Ok(r) => Some(r),
+                // It exited since the round began: the next round detaches it.
+                Err(e) if !alive(w.pid) => {
+                    tracing::debug!(pid = w.pid, error = %e, "process gone before its pagemap was read");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(pid = w.pid, error = %e, "cannot read what the process holds in RAM");
+                    None
+                }
+            };
+            // (local, remote) pages after this round.
+            let held = residency.map(|r| match &w.budget {
+                Some(b) => {
+                    let moved = self.keep_within(&w, b, &r, &mut done);
+                    (r.present.saturating_sub(moved), r.remote + moved)
+                }
+                None => (r.present, r.remote),
+            });
             let mut inner = self.lock();
             // Detached meanwhile: its counters went with it.
             if let Some(p) = inner.procs.get_mut(&w.pid).filter(|p| p.att == w.att) {
@@ -364,8 +391,9 @@ impl Supervisor {
                 st.cold_bytes = cold_bytes;
                 st.evicted_pages += done.evicted;
                 st.evict_errors += done.errors;
-                if let Some(pages) = local {
-                    st.local_bytes = pages * PAGE;
+                if let Some((local, remote)) = held {
+                    st.local_bytes = local * PAGE;
+                    st.remote_bytes = remote * PAGE;
                 }
                 if done.last_error.is_some() {
                     st.last_error = done.last_error;
@@ -398,22 +426,20 @@ impl Supervisor {
         }
     }
 
-    /// Brings `w`'s process within its budget: measures what it holds in
-    /// RAM and evicts its coldest regions, a budget's excess at a time,
-    /// until enough moved. The pages it holds afterwards (`None` if they
-    /// could not be measured).
-    fn keep_within(&self, w: &Work, b: &Budget, done: &mut Done) -> Option<u64> {
-        let residency = match budget::Residency::read(w.pid, &w.maps) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(pid = w.pid, error = %e, "cannot read what the process holds in RAM");
-                return None;
-            }
-        };
+    /// Brings `w`'s process within its budget: from what it holds in RAM
+    /// (`residency`, read this round), evicts its coldest regions, a
+    /// budget's excess at a time, until enough moved. The pages moved.
+    fn keep_within(
+        &self,
+        w: &Work,
+        b: &Budget,
+        residency: &budget::Residency,
+        done: &mut Done,
+    ) -> u64 {
         let resident = residency.present;
         let excess = resident.saturating_sub(b.pages);
         if excess == 0 {
-            return Some(resident);
+            return 0;
         }
         let mut moved = 0;
         'victims: for (s, e) in budget::victims(&b.regions, &w.maps) {
@@ -440,7 +466,7 @@ impl Supervisor {
             moved,
             "budget round"
         );
-        Some(resident.saturating_sub(moved))
+        moved
     }
 }
 

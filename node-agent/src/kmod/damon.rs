@@ -38,6 +38,12 @@ pub struct DamonConfig {
     pub aggregate: Duration,
     /// A region is cold once unaccessed for this long.
     pub min_age: Duration,
+    /// How often DAMON looks at the process's mappings again (its
+    /// operations update interval). The kernel's default, 60 s, leaves
+    /// every mapping made after attach unmonitored, so unevicted, for up to
+    /// a minute: a program attached at its start kept all of its memory
+    /// local for that long. Looking costs a walk of the process's VMAs.
+    pub update: Duration,
 }
 
 impl Default for DamonConfig {
@@ -46,6 +52,7 @@ impl Default for DamonConfig {
             sample: Duration::from_millis(5),
             aggregate: Duration::from_millis(100),
             min_age: Duration::from_secs(2),
+            update: Duration::from_secs(1),
         }
     }
 }
@@ -189,6 +196,7 @@ impl Damon {
         let intervals = ctx.join("monitoring_attrs/intervals");
         write(intervals.join("sample_us"), cfg.sample.as_micros())?;
         write(intervals.join("aggr_us"), cfg.aggregate.as_micros())?;
+        write(intervals.join("update_us"), cfg.update.as_micros())?;
         write(ctx.join("targets/nr_targets"), 1)?;
         write(ctx.join("targets/0/pid_target"), pid)?;
         write(ctx.join("schemes/nr_schemes"), 2)?;

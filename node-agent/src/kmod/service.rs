@@ -215,6 +215,14 @@ impl KernelAgent {
                     addr += page;
                     continue;
                 }
+                // A mapping the module never evicts (mlocked,
+                // userfaultfd-registered, not private anonymous): it counts
+                // the batch's pages as skipped; go on after them.
+                Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                    addr += pages as u64 * page;
+                    retried = false;
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
             if n == 0 {

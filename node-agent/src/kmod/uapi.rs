@@ -3,7 +3,7 @@
 //! the sizes and a test in `tests/` parses the header.
 
 /// The interface version this agent speaks.
-pub const UAPI_VERSION: u32 = 3;
+pub const UAPI_VERSION: u32 = 4;
 /// Bytes per page moved through the module.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages one eviction may take.
@@ -36,6 +36,18 @@ pub struct Info {
     /// Faults that dropped the target's `mmap_lock` while their pages were
     /// fetched (a first try staging them; its retry migrates them).
     pub retried: u64,
+    /// Pages eviction left in RAM because they were KSM-merged (shared
+    /// with other mappings through KSM's stable tree).
+    pub skipped_ksm: u64,
+    /// Pages eviction left in RAM because their mapping is mlocked.
+    pub skipped_locked: u64,
+    /// Pages eviction left in RAM because their mapping is one it never
+    /// takes (userfaultfd-registered, I/O or PFN maps, not private
+    /// anonymous memory).
+    pub skipped_mappings: u64,
+    /// Faults that ended in SIGBUS because their page could not move back
+    /// for `fault_timeout_ms` (the kernel kept refusing the migration).
+    pub stuck_faults: u64,
 }
 
 /// `struct rmem_attach`.
@@ -140,7 +152,7 @@ mod tests {
     /// explicit padding): the module checks the same numbers at build time.
     #[test]
     fn layouts_match_the_header() {
-        assert_eq!(size_of::<Info>(), 80);
+        assert_eq!(size_of::<Info>(), 112);
         assert_eq!(size_of::<Attach>(), 32);
         assert_eq!(size_of::<Detach>(), 16);
         assert_eq!(size_of::<Evict>(), 40);
@@ -153,7 +165,7 @@ mod tests {
     /// `_IOR('R', 0, struct rmem_info)` as the kernel's macros compute it.
     #[test]
     fn ioctl_numbers_follow_the_kernel_encoding() {
-        assert_eq!(IOC_INFO, 0x8050_5200);
+        assert_eq!(IOC_INFO, 0x8070_5200);
         assert_eq!(IOC_REPLY, 0x4018_5207);
         assert_eq!(IOC_ATTACH, 0xc020_5201);
     }
