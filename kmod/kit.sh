@@ -11,8 +11,12 @@
 #   tree    unpack the source with Debian's .config and prepare it for
 #           out-of-tree Rust modules (make prepare modules_prepare), because
 #           Debian's headers package lacks the Rust build outputs.
-#   module  build kmod/ against that tree: target/kmod/<release>/rmem.ko
-#   env     print KREL, VMLINUZ, MODULES_DIR, KDIR, KO as shell assignments
+#   module  build kmod/ against that tree: target/kmod/<release>/rmem.ko,
+#           and the kernel's own mm selftests the VM suite runs attached
+#           (ksm_functional_tests, cow, mlock2-tests; static, from the same
+#           source): target/kmod/<release>/selftests/
+#   env     print KREL, VMLINUZ, MODULES_DIR, KDIR, KO, SELFTESTS as shell
+#           assignments
 #   all     every step above (the default); finished steps are skipped.
 #
 # Everything heavy lives in a cache outside the repo, keyed by versions, so a
@@ -189,6 +193,35 @@ step_module() {
   cp "$CHROOT/$build/rmem.ko" "$out/rmem.ko"
   rm -rf "${CHROOT:?}/$build"
   say "built $out/rmem.ko"
+  step_selftests "$krel" "$out/selftests"
+}
+
+# The kernel's own mm selftests the VM suite runs on attached processes,
+# built static from the kernel's source tree into $2 (skipped when there).
+# Their Makefile needs the whole kselftest framework and probes for
+# liburing; each test is one file with vm_util.c and hugepage_settings.c,
+# and an empty local_config.h turns the liburing parts off.
+SELFTESTS="ksm_functional_tests cow mlock2-tests"
+step_selftests() {
+  local krel=$1 out=$2 t tree="/build/linux-$1" tmp="build/rmem-selftests-$$"
+  local missing=0
+  for t in $SELFTESTS; do [ -x "$out/$t" ] || missing=1; done
+  [ "$missing" = 1 ] || return 0
+  say "building the kernel's mm selftests ($SELFTESTS)"
+  mkdir -p "$out" "$CHROOT/$tmp"
+  : >"$CHROOT/$tmp/local_config.h"
+  for t in $SELFTESTS; do
+    if ! in_chroot sh -c "cd $tree && gcc -static -O2 -I /$tmp -I tools/testing/selftests \
+        -I tools/include/uapi -I tools/include -o /$tmp/$t \
+        tools/testing/selftests/mm/$t.c tools/testing/selftests/mm/vm_util.c \
+        tools/testing/selftests/mm/hugepage_settings.c" >"$out/build-$t.log" 2>&1; then
+      rm -rf "${CHROOT:?}/$tmp"
+      cat "$out/build-$t.log" >&2
+      die "building the selftest $t failed"
+    fi
+    cp "$CHROOT/$tmp/$t" "$out/$t"
+  done
+  rm -rf "${CHROOT:?}/$tmp"
 }
 
 step_env() {
@@ -201,6 +234,7 @@ step_env() {
   echo "MODULES_DIR=$mods"
   echo "KDIR=$CHROOT/build/linux-$krel"
   echo "KO=$REPO/target/kmod/$krel/rmem.ko"
+  echo "SELFTESTS=$REPO/target/kmod/$krel/selftests"
 }
 
 what=all

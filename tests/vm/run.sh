@@ -139,6 +139,9 @@ suite_kmod() {
     cp "target/release/$b" "$root/bin/$b"
   done
   cp "$KO" "$root/rmem/rmem.ko"
+  # The kernel's own mm selftests (static), run on attached processes.
+  cp -r "$SELFTESTS" "$root/rmem/selftests"
+  rm -f "$root/rmem/selftests/"*.log
   # The binaries link glibc dynamically: bring the libraries they load.
   add_libs "$root" target/release/rmem-server target/release/rmem-coordinator target/release/rmem-agent target/release/rmemctl target/release/rmem-vmtest
   cat >"$root/init" <<'EOF'
