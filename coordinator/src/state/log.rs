@@ -2,10 +2,13 @@
 //!
 //! Each record is `u32 length | u32 CRC32C of the body | body (JSON)`,
 //! little-endian, and is flushed to disk (`fdatasync`) before the change it
-//! describes is acknowledged. A crash can leave a torn record at the end:
-//! on load it is detected by its length or checksum, logged, and cut off
-//! (it was never acknowledged). A bad record anywhere else is corruption
-//! and stops the coordinator rather than silently losing registrations.
+//! describes is acknowledged. A crash can leave a damaged tail: a torn
+//! record, or zeros or garbage in blocks the file system allocated but did
+//! not write. On load, damage with no valid record after it is such a
+//! tail: it is saved beside the log (`NAME.damaged-SECONDS`), logged as an
+//! error, and cut off (nothing in it was acknowledged). Damage followed by
+//! a valid record is corruption and stops the coordinator rather than
+//! silently losing registrations.
 //!
 //! Compaction writes a snapshot to `NAME.tmp`, syncs it, renames it over
 //! the log and syncs the directory, so the log is always either the old or
@@ -77,60 +80,71 @@ struct Parsed {
     torn: Option<String>,
 }
 
+/// The record at the start of `rest`, with its size, if one is there
+/// whole: a length within bounds and not zero (no record is empty), the
+/// body's checksum, and a body that decodes. Why not, otherwise.
+fn record_at(rest: &[u8]) -> Result<(Record, usize), String> {
+    if rest.len() < 8 {
+        return Err(format!("{} stray bytes", rest.len()));
+    }
+    let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+    if len == 0 {
+        return Err("a record of length 0 (zero-filled?)".into());
+    }
+    if len > MAX_RECORD {
+        return Err(format!("length {len} exceeds {MAX_RECORD}"));
+    }
+    if rest.len() < 8 + len {
+        return Err(format!("record of {len} bytes cut short"));
+    }
+    let body = &rest[8..8 + len];
+    if crc32c::crc32c(body) != crc {
+        return Err("checksum mismatch".into());
+    }
+    let record = serde_json::from_slice(body).map_err(|e| format!("undecodable body: {e}"))?;
+    Ok((record, 8 + len))
+}
+
+/// Where in `bytes`, from `from` on, a whole valid record starts, if
+/// anywhere. Random bytes rarely pass the length bound (1 in 4096) and
+/// almost never the checksum, so this is a scan, not a search of lengths.
+fn next_record(bytes: &[u8], from: usize) -> Option<usize> {
+    (from..bytes.len().saturating_sub(8)).find(|&at| record_at(&bytes[at..]).is_ok())
+}
+
+/// Parses a log image. Damage with no whole record after it is a damaged
+/// tail: a torn last write, or the zeros or garbage a crash leaves in
+/// blocks the file system had allocated but not written. Nothing in it was
+/// acknowledged, so it is cut off (as etcd's WAL repair does). Damage
+/// followed by a valid record is corruption: cutting there would silently
+/// drop acknowledged registrations, so it is an error.
 fn parse(bytes: &[u8], path: &Path) -> Result<Parsed, StateError> {
     let mut records = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
-        let rest = &bytes[at..];
-        let torn = |reason: String| Parsed {
-            records: Vec::new(),
-            good_len: at,
-            torn: Some(reason),
-        };
-        if rest.len() < 8 {
-            return Ok(Parsed {
-                records,
-                ..torn(format!("{} stray bytes", rest.len()))
-            });
-        }
-        let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
-        if len > MAX_RECORD || rest.len() < 8 + len {
-            // Only a torn tail may be short; a huge length mid-file is damage
-            // that the checksum of the next record would not explain.
-            if len <= MAX_RECORD {
+        match record_at(&bytes[at..]) {
+            Ok((record, size)) => {
+                records.push(record);
+                at += size;
+            }
+            Err(reason) => {
+                if let Some(next) = next_record(bytes, at + 1) {
+                    return Err(StateError::Corrupt {
+                        path: path.display().to_string(),
+                        index: records.len(),
+                        reason: format!(
+                            "{reason} at byte {at}, yet a valid record follows at byte {next}"
+                        ),
+                    });
+                }
                 return Ok(Parsed {
                     records,
-                    ..torn(format!("record of {len} bytes cut short"))
+                    good_len: at,
+                    torn: Some(format!("{reason} at byte {at}")),
                 });
             }
-            return Err(StateError::Corrupt {
-                path: path.display().to_string(),
-                index: records.len(),
-                reason: format!("length {len} exceeds {MAX_RECORD}"),
-            });
         }
-        let body = &rest[8..8 + len];
-        if crc32c::crc32c(body) != crc {
-            if at + 8 + len == bytes.len() {
-                return Ok(Parsed {
-                    records,
-                    ..torn("checksum mismatch in the last record".into())
-                });
-            }
-            return Err(StateError::Corrupt {
-                path: path.display().to_string(),
-                index: records.len(),
-                reason: "checksum mismatch".into(),
-            });
-        }
-        let record = serde_json::from_slice(body).map_err(|e| StateError::Corrupt {
-            path: path.display().to_string(),
-            index: records.len(),
-            reason: e.to_string(),
-        })?;
-        records.push(record);
-        at += 8 + len;
     }
     Ok(Parsed {
         records,
@@ -146,9 +160,21 @@ impl StateStore for FileLog {
         f.read_to_end(&mut bytes).map_err(|e| io(&self.path, e))?;
         let parsed = parse(&bytes, &self.path)?;
         if let Some(reason) = parsed.torn {
-            tracing::warn!(
-                path = %self.path.display(), kept = parsed.records.len(), %reason,
-                "cutting a torn record off the end of the state log (it was never acknowledged)"
+            // The cut bytes go to a file beside the log first, for a look.
+            let mut kept = self.path.as_os_str().to_owned();
+            kept.push(format!(
+                ".damaged-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            ));
+            let kept = PathBuf::from(kept);
+            std::fs::write(&kept, &bytes[parsed.good_len..]).map_err(|e| io(&kept, e))?;
+            tracing::error!(
+                path = %self.path.display(), kept_records = parsed.records.len(),
+                cut_bytes = bytes.len() - parsed.good_len, saved_to = %kept.display(), %reason,
+                "the state log ends in damage with no valid record after it (a torn write or \
+                 a crash's zeros or garbage, never acknowledged): cutting it off"
             );
             self.file
                 .set_len(parsed.good_len as u64)
@@ -265,6 +291,62 @@ mod tests {
             let mut log = FileLog::open(&path).unwrap();
             assert_eq!(log.load().unwrap(), vec![grant(1), grant(2), grant(4)]);
         }
+    }
+
+    #[test]
+    fn a_zero_filled_or_garbage_tail_is_cut_off_and_kept_aside() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+        let mut garbage = vec![0u8; 64 * 1024];
+        rng.fill(&mut garbage[..]);
+        for (what, tail) in [("zeros", vec![0u8; 8192]), ("garbage", garbage)] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state.log");
+            let mut log = FileLog::open(&path).unwrap();
+            for id in 1..=3 {
+                log.append(&grant(id)).unwrap();
+            }
+            drop(log);
+            let good = std::fs::read(&path).unwrap();
+            let mut damaged = good.clone();
+            damaged.extend_from_slice(&tail);
+            std::fs::write(&path, &damaged).unwrap();
+            let mut log = FileLog::open(&path).unwrap();
+            let want: Vec<Record> = (1..=3).map(grant).collect();
+            assert_eq!(log.load().unwrap(), want, "{what}");
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                good,
+                "{what}: cut to the last record"
+            );
+            let saved: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.to_string_lossy().contains(".damaged-"))
+                .collect();
+            assert_eq!(saved.len(), 1, "{what}: {saved:?}");
+            assert_eq!(std::fs::read(&saved[0]).unwrap(), tail, "{what}");
+            log.append(&grant(4)).unwrap();
+            drop(log);
+            let mut log = FileLog::open(&path).unwrap();
+            assert_eq!(log.load().unwrap().len(), 4, "{what}: appends go on");
+        }
+    }
+
+    #[test]
+    fn garbage_followed_by_a_valid_record_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.log");
+        let mut log = FileLog::open(&path).unwrap();
+        log.append(&grant(1)).unwrap();
+        drop(log);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(&[0xAB; 100]);
+        encode(&grant(2), &mut bytes);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = FileLog::open(&path).unwrap().load().unwrap_err();
+        assert!(matches!(err, StateError::Corrupt { index: 1, .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
     }
 
     #[test]
