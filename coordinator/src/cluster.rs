@@ -48,6 +48,45 @@ fn check_name(field: &'static str, s: &str, allow_empty: bool) -> Result<(), Coo
     Ok(())
 }
 
+/// Most pages one server may lend: 2^40 pages, 4 PiB. Anything more is a
+/// mistake or an attack (a server claiming 2^64-1 pages would draw every
+/// grant to itself).
+const MAX_CAPACITY_PAGES: u64 = 1 << 40;
+
+/// Checks that `s` is an address members can dial: `HOST:PORT`, where HOST
+/// is an IPv4 address, a bracketed IPv6 address or a DNS name, and PORT is
+/// 1 to 65535.
+fn check_addr(field: &'static str, s: &str, allow_empty: bool) -> Result<(), CoordError> {
+    check_name(field, s, allow_empty)?;
+    if s.is_empty()
+        || s.parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.port() != 0)
+    {
+        return Ok(());
+    }
+    let bad = |why: &str| CoordError::invalid(field, format!("`{s}` is not HOST:PORT: {why}"));
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => {}
+        _ => return Err(bad("the port must be 1 to 65535")),
+    }
+    let dns_name = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if dns_name {
+        Ok(())
+    } else {
+        Err(bad("the host is neither an IP address nor a DNS name"))
+    }
+}
+
 /// What an invalidation started with.
 #[derive(Debug)]
 pub struct Begun {
@@ -273,12 +312,18 @@ impl Cluster {
             _ => return Err(CoordError::invalid("role", "must be server or agent")),
         };
         check_name("name", &req.name, false)?;
-        check_name("data_addr", &req.data_addr, role == RoleRecord::Agent)?;
-        check_name("grpc_addr", &req.grpc_addr, true)?;
+        check_addr("data_addr", &req.data_addr, role == RoleRecord::Agent)?;
+        check_addr("grpc_addr", &req.grpc_addr, true)?;
         if role == RoleRecord::Server && req.capacity_pages == 0 {
             return Err(CoordError::invalid(
                 "capacity_pages",
                 "a server must lend at least one page",
+            ));
+        }
+        if req.capacity_pages > MAX_CAPACITY_PAGES {
+            return Err(CoordError::invalid(
+                "capacity_pages",
+                format!("at most {MAX_CAPACITY_PAGES} pages (4 PiB)"),
             ));
         }
         if req.transports.len() > 8 {

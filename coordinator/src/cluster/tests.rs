@@ -140,10 +140,50 @@ fn registration_arguments_are_checked() {
             name: "a\nb".into(),
             ..agent("x")
         },
-    ];
+        server("x", u64::MAX),
+        server("x", (1 << 40) + 1),
+    ]
+    .into_iter()
+    .chain(
+        [
+            "x",
+            "x:",
+            "x:0",
+            "x:65536",
+            ":7480",
+            "not an address:7480",
+            "a..b:7480",
+            "-x:7480",
+            "[::1:7480",
+            "1.2.3.4:http",
+        ]
+        .map(|a| pb::RegisterRequest {
+            data_addr: a.into(),
+            ..server("x", 1)
+        }),
+    )
+    .chain(std::iter::once(pb::RegisterRequest {
+        grpc_addr: "nowhere".into(),
+        ..agent("x")
+    }));
     for r in bad {
         let e = c.register(&r).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{r:?}: {e}");
+    }
+    for (i, a) in [
+        "10.0.0.2:7480",
+        "[::1]:7480",
+        "server-1.rmem.svc:7480",
+        "s_1:1",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = pb::RegisterRequest {
+            data_addr: a.into(),
+            ..server(&format!("ok{i}"), 1 << 40)
+        };
+        c.register(&r).unwrap_or_else(|e| panic!("{a}: {e}"));
     }
 }
 
