@@ -72,6 +72,12 @@
 /* The pages' contents are reached through page_address(): no highmem. */
 static_assert(!IS_ENABLED(CONFIG_HIGHMEM));
 
+/* A device page whose fault-backs the kernel refuses (rmem_fault_stuck). */
+struct rmem_stuck {
+	unsigned long since;	/* jiffies of the episode's first; 0: none */
+	unsigned long last;	/* jiffies of its latest */
+};
+
 struct rmem_chunk {
 	struct dev_pagemap pagemap;
 	struct resource *res;
@@ -92,7 +98,7 @@ struct rmem_chunk {
 	 * timeout instead of letting them retry forever. Under pool.lock;
 	 * cleared by folio_free.
 	 */
-	unsigned long *stuck;
+	struct rmem_stuck *stuck;
 };
 
 static struct {
@@ -316,7 +322,7 @@ static void rmem_folio_free(struct folio *folio)
 	slot = &page_chunk(page)->staged[page_index_in_chunk(page)];
 	staged = *slot;
 	*slot = NULL;
-	page_chunk(page)->stuck[page_index_in_chunk(page)] = 0;
+	page_chunk(page)->stuck[page_index_in_chunk(page)].since = 0;
 	report = page_handle(page) != RMEM_NO_HANDLE;
 	if (report) {
 		/* Reported to the agent first; reused only after that. */
@@ -726,29 +732,59 @@ u64 rmem_stuck_faults(void)
 }
 
 /*
- * The fault on device page `page` could not move it back although nothing
- * failed: the kernel refused the migration (a reference or a mapping it
- * cannot handle). Returning at once would spin: the CPU faults again at
- * once, forever, at 100% CPU. The first such fault notes when; each one
- * after it waits a tick; once the fault timeout has passed the fault
- * fails (-ETIME: SIGBUS). A note older than twice the timeout belongs to
- * an earlier episode that ended without the page moving (the task was
- * killed, the range unmapped and mapped again): it starts over.
+ * Testing only: every fault-back takes an extra reference on its device
+ * page, so the kernel's own check (migrate_vma_check_page) refuses to move
+ * it and the stuck path below runs as it would for a real refusal. Off by
+ * default; only root may flip it at run time (the VM suite does). A C
+ * parameter: the Rust module! parameters are read-only.
  */
-static int rmem_fault_stuck(struct page *page)
+static bool rmem_inject_stuck;
+module_param_named(inject_stuck_faults, rmem_inject_stuck, bool, 0600);
+MODULE_PARM_DESC(inject_stuck_faults,
+		 "Testing only: the kernel refuses every fault-back (an extra page reference)");
+
+static vm_fault_t rmem_fault_error(struct vm_fault *vmf, int err);
+
+/*
+ * The fault on vmf->page could not move it back although nothing failed:
+ * the kernel refused the migration (a reference or a mapping it cannot
+ * handle). Returning at once would spin: the CPU faults again at once,
+ * forever, at 100% CPU. The first such fault of an episode notes when;
+ * each one after it waits a tick, and once the fault timeout has passed
+ * since the first the fault fails (SIGBUS, counted, logged). An attempt
+ * more than a second after the previous one starts a new episode (the
+ * last one ended without the page moving: the task was killed, the range
+ * unmapped). The wait follows the kernel's convention for faults that
+ * must wait (__folio_lock_or_retry): with ALLOW_RETRY it drops the
+ * mmap_lock first and returns VM_FAULT_RETRY; with RETRY_NOWAIT it does
+ * not wait at all; a task with a fatal signal does not wait either.
+ */
+static vm_fault_t rmem_fault_stuck(struct vm_fault *vmf)
 {
-	unsigned long timeout = rmem_rs_fault_timeout(), now = jiffies, flags, *since;
+	unsigned long timeout = max(rmem_rs_fault_timeout(), 1UL), now = jiffies, flags;
+	struct page *page = vmf->page;
+	struct rmem_stuck *st;
 	bool expired;
 
+	if (fatal_signal_pending(current))
+		return rmem_fault_error(vmf, -EINTR);
 	spin_lock_irqsave(&pool.lock, flags);
-	since = &page_chunk(page)->stuck[page_index_in_chunk(page)];
-	if (!*since || time_after(now, *since + 2 * timeout))
-		*since = now ? now : 1;
-	expired = time_after(now, *since + timeout);
+	st = &page_chunk(page)->stuck[page_index_in_chunk(page)];
+	if (!st->since || time_after(now, st->last + HZ))
+		st->since = now ? now : 1;
+	st->last = now;
+	expired = time_after(now, st->since + timeout);
 	spin_unlock_irqrestore(&pool.lock, flags);
 	if (expired) {
 		atomic64_inc(&rmem_stuck);
-		return -ETIME;
+		return rmem_fault_error(vmf, -ETIME);
+	}
+	if (vmf->flags & FAULT_FLAG_RETRY_NOWAIT)
+		return VM_FAULT_RETRY;
+	if (vmf->flags & FAULT_FLAG_ALLOW_RETRY) {
+		release_fault_lock(vmf);
+		schedule_timeout_killable(1);
+		return VM_FAULT_RETRY;
 	}
 	schedule_timeout_killable(1);
 	return 0;
@@ -932,6 +968,7 @@ static vm_fault_t rmem_migrate_to_ram(struct vm_fault *vmf)
 		.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
 		.fault_page = vmf->page,
 	};
+	bool inject = READ_ONCE(rmem_inject_stuck), moved = false;
 	unsigned int window;
 	long restored;
 	int err = 0;
@@ -959,6 +996,8 @@ static vm_fault_t rmem_migrate_to_ram(struct vm_fault *vmf)
 	args.end = addr + ((unsigned long)window + 1) * PAGE_SIZE;
 	args.src = src;
 	args.dst = dst;
+	if (inject)
+		get_page(vmf->page);
 	if (migrate_vma_setup(&args)) {
 		err = -EFAULT;
 		goto out;
@@ -973,15 +1012,18 @@ static vm_fault_t rmem_migrate_to_ram(struct vm_fault *vmf)
 					  &err);
 	if (restored > 1)
 		atomic64_add(restored - 1, &rmem_prefetched);
-	/* Page 0 did not move and nothing failed: never spin on it. */
-	if (!err && !(migrate_pfn_to_page(args.dst[0]) && (args.src[0] & MIGRATE_PFN_MIGRATE)))
-		err = rmem_fault_stuck(vmf->page);
+	moved = migrate_pfn_to_page(args.dst[0]) && (args.src[0] & MIGRATE_PFN_MIGRATE);
 out:
+	if (inject)
+		put_page(vmf->page);
 	if (src != &one_src) {
 		kfree(src);
 		kfree(dst);
 	}
-	return err ? rmem_fault_error(vmf, err) : 0;
+	if (err)
+		return rmem_fault_error(vmf, err);
+	/* Page 0 did not move and nothing failed: never spin on it. */
+	return moved ? 0 : rmem_fault_stuck(vmf);
 }
 
 /* ---- attachments ------------------------------------------------------- */
@@ -1141,22 +1183,26 @@ void rmem_att_free(struct rmem_att *a)
 /*
  * What eviction takes, and what it leaves in RAM (docs/ARCHITECTURE.md has
  * the table). Per mapping:
- *  - private anonymous memory is evicted, including VM_MERGEABLE (KSM
- *    candidates: see the per-page rule below), VM_DONTCOPY and
+ *  - private anonymous memory is evicted, including VM_DONTCOPY and
  *    VM_WIPEONFORK (fork handles device-private entries like swap entries)
  *    and transparent huge pages (migrate_vma splits them);
+ *  - mergeable mappings (VM_MERGEABLE: MADV_MERGEABLE, PR_SET_MEMORY_MERGE)
+ *    stay, merged pages or not: they are KSM's to deduplicate, and a page
+ *    moved out is one ksmd can no longer merge (the program's KSM
+ *    behaviour, its ksm_merging_pages and the kernel's KSM tests, would
+ *    change with rmem's timing). After MADV_UNMERGEABLE they move;
  *  - mlocked mappings (VM_LOCKED, also MCL_ONFAULT) stay: the program
  *    asked for them to stay in RAM, and the kernel never swaps them either;
- *  - userfaultfd-registered ranges stay: their faults belong to another
- *    handler, and write-protect markers do not survive device-private
- *    entries;
+ *  - userfaultfd-registered ranges stay: their faults (missing, minor,
+ *    write-protect) belong to another handler, which expects its pages in
+ *    RAM and its own protocol, not a device's;
  *  - anything not private anonymous stays: shared anonymous memory (shmem),
- *    files, hugetlb, memfd_secret (not in the direct map), VM_IO and
- *    VM_PFNMAP/VM_MIXEDMAP ranges.
+ *    files, hugetlb, memfd_secret (not in the direct map), and VM_SPECIAL
+ *    ranges (VM_IO, VM_PFNMAP, VM_MIXEDMAP, VM_DONTEXPAND).
  * Per page:
- *  - a KSM page stays: migrating it would move KSM's stable-tree node to a
- *    device-private page that every sharer (and ksmd's memcmp) then
- *    touches;
+ *  - a KSM page stays, wherever it is mapped: migrating it would move
+ *    KSM's stable-tree node to a device-private page that every sharer
+ *    (and ksmd's memcmp) then touches;
  *  - a pinned page (O_DIRECT, RDMA, vfio) stays: migrate_vma's reference
  *    check refuses it, and so does the zero page (no contents to keep).
  * Skipped pages are counted by reason (RMEM_IOC_INFO).
@@ -1172,11 +1218,13 @@ u64 rmem_skipped_pages(u32 why)
 static int vma_skip(struct vm_area_struct *vma)
 {
 	if (!vma_is_anonymous(vma) ||
-	    (vma->vm_flags & (VM_SHARED | VM_IO | VM_PFNMAP | VM_MIXEDMAP | VM_HUGETLB)) ||
+	    (vma->vm_flags & (VM_SHARED | VM_SPECIAL | VM_HUGETLB)) ||
 	    userfaultfd_armed(vma))
 		return RMEM_SKIP_MAPPING;
 	if (vma->vm_flags & VM_LOCKED)
 		return RMEM_SKIP_LOCKED;
+	if (vma->vm_flags & VM_MERGEABLE)
+		return RMEM_SKIP_KSM;
 	return -1;
 }
 

@@ -46,7 +46,7 @@ struct rmem_info {
 	__u32 agent_pid;	/* the agent that has /dev/rmem open, or 0 */
 	__u64 prefetched;	/* of `faults`, pages brought back ahead of a fault */
 	__u64 retried;		/* faults that dropped the mmap_lock while fetching */
-	__u64 skipped_ksm;	/* pages eviction left in RAM: KSM-merged */
+	__u64 skipped_ksm;	/* pages eviction left in RAM: KSM's (merged, or mergeable) */
 	__u64 skipped_locked;	/* pages eviction left in RAM: mlocked mappings */
 	__u64 skipped_mappings;	/* pages eviction left in RAM: other mappings it never takes */
 	__u64 stuck_faults;	/* faults whose page could not move for fault_timeout_ms: SIGBUS */

@@ -318,6 +318,12 @@ impl KernelAgent {
             &mut status,
         ) {
             Ok(m) => m,
+            // The mapping became one the module never evicts (mlocked,
+            // say) since the copy: nothing moved, and that is no error.
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                discard(ev, &handles)?;
+                return Ok(0);
+            }
             Err(e) => {
                 // Nothing moved (the module reports errors only before moving).
                 let _ = discard(ev, &handles);
@@ -377,9 +383,15 @@ fn serve(
     };
     let mut fetches: Vec<Event> = Vec::new();
     let mut freed = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        let n = match dev.wait(&mut events, 100) {
+    loop {
+        // Once stopping, what is already queued is still answered and
+        // freed (a detach just before the stop frees its device pages, and
+        // their handles would otherwise leak on the servers), then it ends.
+        let stopping = stop.load(Ordering::Relaxed);
+        let n = match dev.wait(&mut events, if stopping { 0 } else { 100 }) {
+            Ok(0) if stopping => return,
             Ok(n) => n,
+            Err(_) if stopping => return,
             Err(e) => {
                 tracing::error!(error = %e, "waiting on /dev/rmem failed");
                 std::thread::sleep(Duration::from_millis(100));

@@ -36,8 +36,8 @@ pub struct Info {
     /// Faults that dropped the target's `mmap_lock` while their pages were
     /// fetched (a first try staging them; its retry migrates them).
     pub retried: u64,
-    /// Pages eviction left in RAM because they were KSM-merged (shared
-    /// with other mappings through KSM's stable tree).
+    /// Pages eviction left in RAM because they are KSM's: merged (shared
+    /// through KSM's stable tree) or in a mergeable mapping.
     pub skipped_ksm: u64,
     /// Pages eviction left in RAM because their mapping is mlocked.
     pub skipped_locked: u64,

@@ -376,6 +376,11 @@ fn main() {
     );
 
     suite.case(
+        "a fault the kernel will not let finish ends in SIGBUS within the fault timeout, without spinning",
+        || stuck_fault_case(&env),
+    );
+
+    suite.case(
         "rmem-agent kernel evicts a running program's cold pages (DAMON), keeps its hot ones",
         || {
             env.without_agent(|env| {
@@ -632,7 +637,7 @@ fn main() {
     });
 
     suite.case(
-        "KSM: merged pages stay in RAM, the rest moves; sharers attached or not, a forked child and MADV_UNMERGEABLE see the same contents",
+        "KSM: a mergeable mapping stays in RAM, merged or not; sharers attached or not see the same contents; after MADV_UNMERGEABLE it moves, fork included",
         || ksm_case(&env),
     );
 
@@ -932,24 +937,28 @@ fn ksm_case(env: &Env) -> Result<(), String> {
         .agent()
         .attach(b.pid(), None)
         .map_err(|e| e.to_string())?;
+    // A mergeable mapping is KSM's: nothing in it moves, merged or not.
     let before = env.info();
-    let moved_a = ksm_evict(env, a, att_a)?;
-    let moved_b = ksm_evict(env, b, att_b)?;
+    let ksm_before = ksm_flags(a.pid(), a.addr, KSM_PAGES)?;
+    ksm_evict_none(env, a, att_a)?;
+    ksm_evict_none(env, b, att_b)?;
     let skipped = env.info().skipped_ksm - before.skipped_ksm;
     println!(
-        "KSM: of {KSM_PAGES} pages each, {moved_a} and {moved_b} moved, the rest left as KSM pages (skipped_ksm +{skipped})"
+        "KSM: of {KSM_PAGES} pages each in two mergeable mappings, none moved (skipped_ksm +{skipped})"
     );
-    ensure(skipped > 0, "RMEM_IOC_INFO skipped_ksm did not grow")?;
+    ensure(
+        skipped >= 2 * KSM_PAGES as u64,
+        format!("RMEM_IOC_INFO skipped_ksm grew by {skipped}"),
+    )?;
+    ensure(
+        ksm_flags(a.pid(), a.addr, KSM_PAGES)? == ksm_before,
+        "the KSM pages changed with the eviction",
+    )?;
     // The sharer that is not attached, then the attached ones.
     c.cmd("check 1")?;
     b.cmd("check 1")?;
-    // The child reads (faults evicted pages, shares KSM pages), writes
-    // version 5 (copy-on-write of both kinds) and checks; the parent
-    // still has version 1.
-    a.cmd("fork-check 1 5")?;
-    a.cmd("check 1")?;
-    // Unmerge over a range holding device-private entries and KSM pages.
-    ksm_evict(env, a, att_a)?;
+    // Unmerged (VM_MERGEABLE cleared), all of it moves: former KSM pages
+    // included.
     a.cmd("unmerge")?;
     let left = ksm_flags(a.pid(), a.addr, KSM_PAGES)?
         .iter()
@@ -959,8 +968,6 @@ fn ksm_case(env: &Env) -> Result<(), String> {
         left == 0,
         format!("{left} KSM pages left after MADV_UNMERGEABLE"),
     )?;
-    a.cmd("check 1")?;
-    // Nothing is shared any more: all of it moves.
     let moved = env
         .agent()
         .evict(att_a, a.addr, a.len())
@@ -969,6 +976,9 @@ fn ksm_case(env: &Env) -> Result<(), String> {
         moved == KSM_PAGES,
         format!("after unmerging, evicted {moved} of {KSM_PAGES} pages"),
     )?;
+    // The child reads (faults evicted pages back), writes version 5
+    // (copy-on-write) and checks; the parent still has version 1.
+    a.cmd("fork-check 1 5")?;
     a.cmd("check 1")?;
     b.cmd("check 1")?;
     c.cmd("check 1")?;
@@ -982,40 +992,18 @@ fn ksm_case(env: &Env) -> Result<(), String> {
     no_kernel_problems()
 }
 
-/// Evicts all of a KSM target and checks the split: every page either
-/// left RAM (all the distinct ones among them) or is a KSM page in RAM.
-/// Returns the pages moved.
-fn ksm_evict(env: &Env, t: &mut Target, att: u64) -> Result<usize, String> {
+/// Evicts all of a target whose mapping is mergeable (KSM's) and checks
+/// that nothing left RAM.
+fn ksm_evict_none(env: &Env, t: &mut Target, att: u64) -> Result<(), String> {
     let moved = env
         .agent()
         .evict(att, t.addr, t.len())
         .map_err(|e| e.to_string())?;
-    let map = pagemap(t.pid(), t.addr, KSM_PAGES)?;
-    let ksm = ksm_flags(t.pid(), t.addr, KSM_PAGES)?;
-    let remote = |i: usize| map[i] & PM_SWAP != 0;
-    let (n_remote, n_ksm) = (
-        (0..KSM_PAGES).filter(|&i| remote(i)).count(),
-        ksm.iter().filter(|&&k| k).count(),
-    );
+    let remote = t.query(&format!("remote 0 {KSM_PAGES}"))?;
     ensure(
-        moved < KSM_PAGES && n_ksm > 0,
-        format!(
-            "evicted {moved} of {KSM_PAGES} pages, {n_ksm} KSM pages left: the KSM pages moved"
-        ),
-    )?;
-    ensure(
-        n_remote + n_ksm == KSM_PAGES,
-        format!("{n_remote} pages remote and {n_ksm} KSM pages in RAM of {KSM_PAGES}"),
-    )?;
-    let stayed: Vec<usize> = (0..KSM_PAGES)
-        .step_by(KSM_EVERY)
-        .filter(|&i| !remote(i))
-        .collect();
-    ensure(
-        stayed.is_empty(),
-        format!("distinct (not merged) pages {stayed:?} stayed in RAM"),
-    )?;
-    Ok(moved)
+        moved == 0 && remote == 0,
+        format!("evicted {moved} of {KSM_PAGES} pages of a mergeable mapping, {remote} remote"),
+    )
 }
 
 /// The other order: pages evicted first, then MADV_MERGEABLE, and ksmd
@@ -1552,6 +1540,64 @@ fn budget_from_start_case(env: &Env) -> Result<(), String> {
     no_kernel_problems()
 }
 
+/// A fault whose page the kernel will not move back (the module's
+/// `inject_stuck_faults` parameter makes every fault-back act so): the
+/// program must get SIGBUS after about the fault timeout, having slept
+/// rather than spun meanwhile, with a kernel log line and the module's
+/// `stuck_faults` counted; its pages are freed when it dies.
+fn stuck_fault_case(env: &Env) -> Result<(), String> {
+    const PARAM: &str = "/sys/module/rmem/parameters/inject_stuck_faults";
+    use std::os::unix::process::ExitStatusExt;
+    let (mut t, att) = env.evicted(16)?;
+    let before = env.info().stuck_faults;
+    let cpu = || {
+        // SAFETY: getrusage fills the struct it is given.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        tv(u.ru_utime) + tv(u.ru_stime)
+    };
+    std::fs::write(PARAM, "1").map_err(|e| format!("{PARAM}: {e}"))?;
+    let (cpu_before, start) = (cpu(), Instant::now());
+    let ended = t.send("check 1").and_then(|()| t.wait_exit());
+    let (took, cpu_used) = (start.elapsed(), cpu() - cpu_before);
+    std::fs::write(PARAM, "0").map_err(|e| format!("{PARAM}: {e}"))?;
+    let status = ended?;
+    ensure(
+        status.signal() == Some(libc::SIGBUS),
+        format!("target ended with {status:?}"),
+    )?;
+    let timeout = Duration::from_millis(u64::from(FAULT_TIMEOUT_MS));
+    ensure(
+        took >= timeout && took < timeout * 2,
+        format!("SIGBUS after {took:?}, fault timeout {timeout:?}"),
+    )?;
+    ensure(
+        cpu_used < took / 4,
+        format!("the stuck fault used {cpu_used:?} of CPU in {took:?}: it spun"),
+    )?;
+    // Rust's runtime catches the first SIGBUS (its stack-overflow handler),
+    // finds no guard page, restores the default action and returns: the
+    // access faults once more and fails at once (the page's note expired).
+    let stuck = env.info().stuck_faults - before;
+    ensure(
+        (1..=2).contains(&stuck),
+        format!("stuck_faults grew by {stuck}"),
+    )?;
+    let log = Command::new("dmesg").output().map_err(|e| e.to_string())?;
+    ensure(
+        String::from_utf8_lossy(&log.stdout).contains("did not let the page move back"),
+        "no kernel log line for the stuck fault",
+    )?;
+    println!(
+        "stuck fault: SIGBUS after {took:.1?} (timeout {timeout:?}), {cpu_used:.1?} of CPU meanwhile"
+    );
+    env.wait_stored(0)?;
+    env.detach(att)?;
+    no_kernel_problems()
+}
+
 /// Where `tests/vm/run.sh` puts the kernel's mm selftests (`kmod/kit.sh`
 /// builds them from the kernel's own source tree).
 const SELFTESTS_DIR: &str = "/rmem/selftests";
@@ -1779,8 +1825,6 @@ fn no_kernel_problems() -> Result<(), String> {
 
 /// pagemap: the page is in RAM (bits 0-54 its PFN, shown to root).
 const PM_PRESENT: u64 = 1 << 63;
-/// pagemap: a swap entry, which is how device-private entries show.
-const PM_SWAP: u64 = 1 << 62;
 
 /// The pagemap entries of `pages` pages from `addr` in process `pid`.
 fn pagemap(pid: i32, addr: u64, pages: usize) -> Result<Vec<u64>, String> {
