@@ -76,7 +76,7 @@ u64 rmem_prefetched_pages(void);
 u64 rmem_retried_faults(void);
 /* Faults that failed because their page could not move back in time. */
 u64 rmem_stuck_faults(void);
-/* Pages eviction left in RAM, by why (enum rmem_skip). */
+/* Pages eviction left in RAM, by why (RMEM_SKIP_*). */
 u64 rmem_skipped_pages(u32 why);
 #define RMEM_SKIP_KSM 0
 #define RMEM_SKIP_LOCKED 1
