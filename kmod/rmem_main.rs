@@ -39,7 +39,7 @@ module! {
             description: "Device-private capacity in MiB (grown in 64 MiB chunks)",
         },
         fault_timeout_ms: u32 {
-            default: 10000,
+            default: 70000,
             description: "How long a fault waits for the agent before SIGBUS",
         },
         prefetch_max: u32 {

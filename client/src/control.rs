@@ -214,10 +214,23 @@ pub trait Subscriber: Send + Sync + 'static {
         Box::pin(async {})
     }
 
-    /// The member registered (again) as `member_id`.
-    fn registered(&self, _member_id: u64) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    /// The member registered (again).
+    fn registered<'a>(
+        &'a self,
+        _reg: &'a Registration,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async {})
     }
+}
+
+/// What a registration answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub member_id: u64,
+    /// The coordinator's cluster identity (see `RegisterResponse`).
+    pub cluster_id: String,
+    /// The coordinator's epoch at the registration.
+    pub epoch: u64,
 }
 
 /// Identity and counters of a running session.
@@ -233,6 +246,9 @@ pub struct SessionState {
     pub live: AtomicBool,
     /// Lease length the coordinator granted, ms.
     pub lease_ms: AtomicU64,
+    /// Highest epoch seen from the coordinator of the current registration
+    /// (registrations and heartbeats).
+    pub epoch: AtomicU64,
 }
 
 /// A registered member, kept alive in the background.
@@ -312,7 +328,16 @@ async fn register(
         .store(u64::from(r.lease_ttl_ms), Ordering::Release);
     state.registrations.fetch_add(1, Ordering::Relaxed);
     state.live.store(true, Ordering::Release);
-    subscriber.registered(r.member_id).await;
+    // This coordinator's epoch, not the highest of any coordinator: one
+    // that lost its state starts again from 1.
+    state.epoch.store(r.epoch, Ordering::Release);
+    subscriber
+        .registered(&Registration {
+            member_id: r.member_id,
+            cluster_id: r.cluster_id,
+            epoch: r.epoch,
+        })
+        .await;
     tracing::info!(member = r.member_id, incarnation = r.incarnation, name = %req.name, "registered with the coordinator");
     Ok(())
 }
@@ -414,7 +439,9 @@ async fn serve(client: &ControlClient, state: &SessionState, subscriber: &dyn Su
                 .await;
             match r {
                 Ok(r) => {
-                    let lease_ms = u64::from(r.into_inner().lease_ttl_ms);
+                    let r = r.into_inner();
+                    state.epoch.fetch_max(r.epoch, Ordering::AcqRel);
+                    let lease_ms = u64::from(r.lease_ttl_ms);
                     state.lease_ms.store(lease_ms, Ordering::Release);
                     every = every_for(lease_ms);
                 }

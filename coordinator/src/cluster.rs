@@ -117,6 +117,8 @@ pub struct Cluster {
     compact_after: usize,
     tenants: BTreeMap<String, TenantConfig>,
     store: Box<dyn StateStore>,
+    /// See [`Record::Identity`]; 32 hex digits.
+    cluster_id: String,
     epoch: u64,
     /// Next ids: member, interval, grant.
     next_member: u64,
@@ -148,6 +150,7 @@ impl Cluster {
                 .map(|t| (t.name.clone(), t.clone()))
                 .collect(),
             store,
+            cluster_id: String::new(),
             epoch: 0,
             next_member: 1,
             next_interval: 1,
@@ -165,12 +168,19 @@ impl Cluster {
         for r in &records {
             c.apply(r, now);
         }
+        if c.cluster_id.is_empty() {
+            let id: u128 = rand::Rng::random(&mut c.rng);
+            c.commit(Record::Identity {
+                cluster_id: format!("{id:032x}"),
+            })?;
+        }
         let epoch = c.epoch + 1;
         c.commit(Record::Epoch { epoch })?;
         // Every interval starts the new epoch's sequence: a sequence read
         // before the restart (any epoch before) is never current again.
         c.intervals.restart_sequences(epoch);
         tracing::info!(
+            cluster = %c.cluster_id,
             epoch,
             records = replayed,
             members = c.members.iter().count(),
@@ -186,6 +196,10 @@ impl Cluster {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
     }
 
     pub fn lease(&self) -> Duration {
@@ -205,6 +219,7 @@ impl Cluster {
     /// Applies one record to the model (live or replayed).
     fn apply(&mut self, record: &Record, now: Instant) {
         match record {
+            Record::Identity { cluster_id } => self.cluster_id.clone_from(cluster_id),
             Record::Epoch { epoch } => {
                 self.epoch = *epoch;
                 self.intervals.set_epoch(*epoch);
@@ -269,6 +284,9 @@ impl Cluster {
     /// The same state in as few records as possible.
     fn snapshot(&self) -> Vec<Record> {
         let mut out = vec![
+            Record::Identity {
+                cluster_id: self.cluster_id.clone(),
+            },
             Record::Epoch { epoch: self.epoch },
             Record::IdFloors {
                 member: self.next_member,

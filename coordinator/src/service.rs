@@ -113,6 +113,8 @@ impl Membership for Service {
             } else {
                 pb::MemberState::Up
             } as i32,
+            cluster_id: c.cluster_id().to_string(),
+            epoch: c.epoch(),
         })
     }
 
@@ -127,6 +129,7 @@ impl Membership for Service {
             } else {
                 pb::MemberState::Up
             } as i32,
+            epoch: c.epoch(),
         })
     }
 
@@ -451,6 +454,7 @@ impl ClusterAdmin for Service {
         let mut s = pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             epoch: c.epoch(),
+            cluster_id: c.cluster_id().to_string(),
             intervals: c.intervals.len() as u64,
             invalidations_total: c.counters.invalidations,
             invalidations_in_flight: c.fanout.pending.len() as u64,

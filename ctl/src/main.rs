@@ -347,6 +347,7 @@ fn status_table(s: &StatusView) -> String {
         "coordinator",
         format!("{} (v{}, epoch {})", s.endpoint, s.version, s.epoch),
     );
+    line("cluster", s.cluster_id.clone());
     line(
         "servers",
         format!(
@@ -404,6 +405,8 @@ async fn server_stats(m: &MemberView, timeout: Duration) -> ServerStatsView {
         error: None,
         capacity_pages: 0,
         used_pages: 0,
+        cluster_id: String::new(),
+        coordinator_unknown: false,
         ops: Vec::new(),
     };
     let fetch = async {
@@ -424,6 +427,8 @@ async fn server_stats(m: &MemberView, timeout: Duration) -> ServerStatsView {
         Ok(Ok(s)) => {
             view.capacity_pages = s.capacity_pages;
             view.used_pages = s.used_pages;
+            view.cluster_id = s.cluster_id;
+            view.coordinator_unknown = s.coordinator_unknown;
             view.ops = s
                 .ops
                 .into_iter()
@@ -479,6 +484,12 @@ fn stats_table(s: &StatsView) -> String {
         }
     }
     out.push_str(&t.render());
+    for sv in s.servers.iter().filter(|sv| sv.coordinator_unknown) {
+        out.push_str(&format!(
+            "warning: server {} ({}) holds {} pages of cluster {}, which this coordinator does not know (it lost its state?): the server frees none of them on its word\n",
+            sv.id, sv.name, sv.used_pages, sv.cluster_id
+        ));
+    }
     out
 }
 

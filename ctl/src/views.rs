@@ -120,6 +120,7 @@ impl From<pb::Grant> for GrantView {
 pub struct StatusView {
     pub endpoint: String,
     pub version: String,
+    pub cluster_id: String,
     pub epoch: u64,
     pub servers_up: u32,
     pub servers_draining: u32,
@@ -141,6 +142,7 @@ impl StatusView {
         Self {
             endpoint: endpoint.to_string(),
             version: s.version,
+            cluster_id: s.cluster_id,
             epoch: s.epoch,
             servers_up: s.servers_up,
             servers_draining: s.servers_draining,
@@ -190,6 +192,11 @@ pub struct ServerStatsView {
     pub error: Option<String>,
     pub capacity_pages: u64,
     pub used_pages: u64,
+    /// The cluster the server's pages belong to.
+    pub cluster_id: String,
+    /// The coordinator does not know the server's pages: it frees none on
+    /// its word.
+    pub coordinator_unknown: bool,
     pub ops: Vec<OpView>,
 }
 

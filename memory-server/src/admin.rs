@@ -79,6 +79,12 @@ impl AdminService {
             protocol_errors: m.protocol_errors.load(Ordering::Relaxed),
             auth_failures: m.auth_failures.load(Ordering::Relaxed),
             uptime_seconds: m.started.elapsed().as_secs_f64(),
+            cluster_id: self
+                .store
+                .cluster_view()
+                .map(|v| format!("{:032x}", v.id))
+                .unwrap_or_default(),
+            coordinator_unknown: self.store.coordinator_unknown(),
         }
     }
 }

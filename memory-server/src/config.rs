@@ -76,6 +76,17 @@ pub struct ClusterConfig {
     /// File holding the cluster token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// When the coordinator does not know the pages stored here (it lost
+    /// its state, was restored from an older copy, or is another
+    /// cluster's), the server frees none of them on its word. After this
+    /// long it accepts the coordinator's view and frees what no interval
+    /// covers [default: never; the agents holding the pages free them].
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub adopt_unknown_after: Option<std::time::Duration>,
 }
 
 /// Everything `rmem-server` runs with.

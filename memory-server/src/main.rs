@@ -90,6 +90,11 @@ struct Args {
     /// Admin gRPC address to advertise [default: as for --advertise].
     #[arg(long, value_name = "HOST:PORT")]
     grpc_advertise: Option<String>,
+    /// When the coordinator does not know the pages stored here (it lost
+    /// its state or is another cluster's), accept its view after this long
+    /// and free what none of its intervals covers [default: never].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    adopt_unknown_after: Option<std::time::Duration>,
     /// File holding the cluster token (or set RMEM_CLUSTER_TOKEN).
     #[arg(long, value_name = "PATH")]
     cluster_token_file: Option<PathBuf>,
@@ -165,6 +170,9 @@ fn effective_config(args: &Args) -> Result<(ServerConfig, Option<String>), Confi
         if arg.is_some() {
             *field = arg.clone();
         }
+    }
+    if args.adopt_unknown_after.is_some() {
+        cluster.adopt_unknown_after = args.adopt_unknown_after;
     }
     if args.cluster_token_file.is_some() {
         cluster.token_file = args.cluster_token_file.clone();

@@ -4,26 +4,100 @@
 //! dropped), acknowledging only once they are gone. On every registration
 //! (first, or again after a lost lease or a fence) it reconciles its store
 //! with the registry (see [`reconcile`]).
+//!
+//! A server never mass-deletes because the control plane forgot. The
+//! coordinator names its cluster (an identity drawn when its state was
+//! created) and its epoch in every registration; the server records them
+//! with its pages (in the pool file when there is one) and frees pages on a
+//! registry's word only when that registry is the one the pages were
+//! stored under, no older than the newest epoch seen (see [`judge`]). A
+//! coordinator that lost its state, was restored from an older copy, or
+//! belongs to another cluster frees nothing here but what it invalidates
+//! itself; the pages are served to, and freed by, the agents that hold
+//! them, until the store is empty or `adopt_unknown_after` passes.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use rmem_client::control::{ControlClient, ControlError, MemberSession, Subscriber};
+use rmem_client::control::{
+    ControlClient, ControlError, MemberSession, Registration, SessionState, Subscriber,
+};
 use rmem_proto::control::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterConfig;
-use crate::store::Store;
+use crate::store::{ClusterView, Store};
+
+/// Whether the coordinator a server registered with knows its pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Standing {
+    /// It does: reconcile frees what none of its intervals covers, and
+    /// the view is recorded with the pages.
+    Known(ClusterView),
+    /// It cannot know some pages stored here: free nothing on its word.
+    /// `new` is what the server records once it accepts this coordinator.
+    Unknown {
+        why: String,
+        new: Option<ClusterView>,
+    },
+}
+
+/// Judges a registration answering `cluster_id` at `epoch`, for a store
+/// holding `used` pages stored under `known`.
+fn judge(known: Option<ClusterView>, cluster_id: &str, epoch: u64, used: u64) -> Standing {
+    let Some(id) = ClusterView::parse_id(cluster_id) else {
+        return Standing::Unknown {
+            why: format!(
+                "the coordinator names no cluster identity (`{cluster_id}`): it is older than this server"
+            ),
+            new: None,
+        };
+    };
+    let new = ClusterView {
+        id,
+        epoch: known
+            .filter(|k| k.id == id)
+            .map_or(epoch, |k| k.epoch.max(epoch)),
+    };
+    match known {
+        // Nothing to protect, or pages from before identities existed.
+        _ if used == 0 => Standing::Known(new),
+        None => Standing::Known(new),
+        Some(k) if k.id != id => Standing::Unknown {
+            why: format!(
+                "the coordinator is cluster {id:032x} but the {used} pages here were stored for cluster {k}: it lost its state, or this server joined another cluster"
+            ),
+            new: Some(new),
+        },
+        Some(k) if epoch < k.epoch => Standing::Unknown {
+            why: format!(
+                "the coordinator's state is at epoch {epoch}, older than epoch {} this server saw: it was restored from an older copy",
+                k.epoch
+            ),
+            new: Some(new),
+        },
+        Some(_) => Standing::Known(new),
+    }
+}
+
+/// Since when, and why, the current coordinator is not trusted to free.
+#[derive(Debug)]
+struct Distrust {
+    since: Instant,
+    new: Option<ClusterView>,
+}
 
 /// Frees invalidated pages; reconciles the store with the registry on
 /// every registration.
 struct FreeInvalidated {
     store: Arc<Store>,
     client: ControlClient,
+    adopt_after: Option<Duration>,
+    distrust: Mutex<Option<Distrust>>,
 }
 
 impl Subscriber for FreeInvalidated {
@@ -61,20 +135,115 @@ impl Subscriber for FreeInvalidated {
         })
     }
 
-    fn registered(&self, member_id: u64) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn registered<'a>(
+        &'a self,
+        reg: &'a Registration,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            match reconcile(&self.store, &self.client, member_id).await {
-                Ok(r) if r.freed > 0 || r.subscribed > 0 => tracing::info!(
-                    freed = r.freed,
-                    subscribed = r.subscribed,
-                    "reconciled stored pages with the cluster's intervals"
-                ),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot reconcile stored pages with the cluster")
+            let standing = judge(
+                self.store.cluster_view(),
+                &reg.cluster_id,
+                reg.epoch,
+                self.store.used_pages(),
+            );
+            let free = match standing {
+                Standing::Known(view) => {
+                    self.trust(view);
+                    true
+                }
+                Standing::Unknown { why, new } => {
+                    tracing::error!(
+                        pages = self.store.used_pages(),
+                        reason = %why,
+                        adopt_after = ?self.adopt_after,
+                        note = "the agents holding the pages still read and free them",
+                        "the coordinator does not know the pages stored here: freeing none on its word"
+                    );
+                    let mut d = self.distrust.lock().unwrap_or_else(|e| e.into_inner());
+                    let since = d.as_ref().map_or_else(Instant::now, |d| d.since);
+                    *d = Some(Distrust { since, new });
+                    self.store.set_coordinator_unknown(true);
+                    false
+                }
+            };
+            self.reconcile(reg.member_id, free).await;
+        })
+    }
+}
+
+impl FreeInvalidated {
+    /// Records `view` with the pages and trusts the coordinator again.
+    fn trust(&self, view: ClusterView) {
+        if let Err(e) = self.store.set_cluster_view(view) {
+            tracing::error!(error = %e, "cannot record the cluster's identity in the pool file");
+        }
+        self.distrust
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.store.set_coordinator_unknown(false);
+    }
+
+    async fn reconcile(&self, member_id: u64, free: bool) {
+        match reconcile(&self.store, &self.client, member_id, free).await {
+            Ok(r) if r.freed > 0 || r.subscribed > 0 => tracing::info!(
+                freed = r.freed,
+                subscribed = r.subscribed,
+                "reconciled stored pages with the cluster's intervals"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reconcile stored pages with the cluster")
+            }
+        }
+    }
+
+    /// Runs every few hundred ms: records newer epochs the heartbeats
+    /// brought, and ends a distrust once nothing is left to protect or
+    /// `adopt_after` passed.
+    async fn tick(&self, session: &SessionState) {
+        let epoch = session.epoch.load(Ordering::Acquire);
+        let ended = {
+            let d = self.distrust.lock().unwrap_or_else(|e| e.into_inner());
+            match &*d {
+                None => {
+                    if let Some(v) = self.store.cluster_view().filter(|v| epoch > v.epoch) {
+                        drop(d);
+                        self.trust(ClusterView { epoch, ..v });
+                    }
+                    return;
+                }
+                Some(Distrust { new: None, .. }) => return,
+                Some(Distrust {
+                    since,
+                    new: Some(new),
+                }) => {
+                    let empty = self.store.used_pages() == 0;
+                    let waited = self.adopt_after.is_some_and(|a| since.elapsed() >= a);
+                    (empty || waited).then_some((*new, empty))
                 }
             }
-        })
+        };
+        if let Some((new, empty)) = ended {
+            let new = ClusterView {
+                epoch: new.epoch.max(epoch),
+                ..new
+            };
+            if empty {
+                tracing::info!(cluster = %new, "no page is left from before: trusting this coordinator");
+            } else {
+                tracing::warn!(
+                    cluster = %new,
+                    pages = self.store.used_pages(),
+                    "adopt_unknown_after passed: trusting this coordinator; pages none of its intervals covers are freed"
+                );
+            }
+            self.trust(new);
+            if !empty {
+                self.reconcile(session.member_id.load(Ordering::Acquire), true)
+                    .await;
+            }
+        }
     }
 }
 
@@ -96,10 +265,14 @@ struct Reconciled {
 /// an interval registered before it, which the listing then shows. In a
 /// cluster every page belongs to a registered interval; pages written by
 /// clients outside the cluster's agents do not survive a reconcile.
+///
+/// Without `free`, only the subscriptions are renewed (the coordinator
+/// does not know every page here, see [`judge`]).
 async fn reconcile(
     store: &Arc<Store>,
     client: &ControlClient,
     member_id: u64,
+    free: bool,
 ) -> Result<Reconciled, ControlError> {
     let scan = store.clone();
     let candidates: Vec<(String, Vec<u64>)> = tokio::task::spawn_blocking(move || {
@@ -142,7 +315,7 @@ async fn reconcile(
                 _ => orphans.push(h),
             }
         }
-        if !orphans.is_empty() {
+        if free && !orphans.is_empty() {
             to_free.push((tenant, orphans));
         }
     }
@@ -245,15 +418,13 @@ impl Membership {
             capacity_pages: store.capacity_pages(),
             transports: transports.iter().map(|t| t.to_string()).collect(),
         };
-        let session = MemberSession::start(
-            client.clone(),
-            req,
-            Arc::new(FreeInvalidated {
-                store: store.clone(),
-                client,
-            }),
-        )
-        .await?;
+        let events = Arc::new(FreeInvalidated {
+            store: store.clone(),
+            client: client.clone(),
+            adopt_after: cfg.adopt_unknown_after,
+            distrust: Mutex::new(None),
+        });
+        let session = MemberSession::start(client, req, events.clone()).await?;
         let stop = CancellationToken::new();
         let state = session.state.clone();
         let done = stop.clone();
@@ -262,6 +433,7 @@ impl Membership {
                 state
                     .used_pages
                     .store(store.used_pages(), Ordering::Relaxed);
+                events.tick(&state).await;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                     _ = done.cancelled() => return,
@@ -286,5 +458,67 @@ impl Membership {
         if let Err(e) = self.session.leave().await {
             tracing::warn!(error = %e, "could not deregister from the coordinator");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0000000000000000000000000000000a";
+    const B: &str = "0000000000000000000000000000000b";
+
+    fn view(id: u128, epoch: u64) -> Option<ClusterView> {
+        Some(ClusterView { id, epoch })
+    }
+
+    #[test]
+    fn the_coordinator_the_pages_were_stored_under_is_trusted() {
+        assert_eq!(
+            judge(view(0xa, 3), A, 4, 100),
+            Standing::Known(ClusterView { id: 0xa, epoch: 4 })
+        );
+        // A re-registration within the same run.
+        assert_eq!(
+            judge(view(0xa, 4), A, 4, 100),
+            Standing::Known(ClusterView { id: 0xa, epoch: 4 })
+        );
+        // The first registration, and a pool file from before identities.
+        assert_eq!(
+            judge(None, A, 1, 100),
+            Standing::Known(ClusterView { id: 0xa, epoch: 1 })
+        );
+    }
+
+    #[test]
+    fn a_coordinator_that_forgot_the_pages_frees_none_of_them() {
+        let Standing::Unknown { why, new } = judge(view(0xa, 7), B, 1, 100) else {
+            panic!("another cluster's coordinator was trusted");
+        };
+        assert!(why.contains("lost its state"), "{why}");
+        assert_eq!(new, view(0xb, 1));
+        // Restored from an older copy: same identity, older epoch.
+        let Standing::Unknown { why, new } = judge(view(0xa, 7), A, 5, 100) else {
+            panic!("an older state was trusted");
+        };
+        assert!(why.contains("older copy"), "{why}");
+        assert_eq!(new, view(0xa, 7));
+        // An identity that is not one.
+        assert!(matches!(
+            judge(view(0xa, 7), "", 9, 100),
+            Standing::Unknown { new: None, .. }
+        ));
+    }
+
+    #[test]
+    fn with_no_page_stored_any_coordinator_is_trusted() {
+        assert_eq!(
+            judge(view(0xa, 7), B, 1, 0),
+            Standing::Known(ClusterView { id: 0xb, epoch: 1 })
+        );
+        assert_eq!(
+            judge(view(0xa, 7), A, 2, 0),
+            Standing::Known(ClusterView { id: 0xa, epoch: 7 })
+        );
     }
 }

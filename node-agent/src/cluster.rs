@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rmem_client::ClientConfig;
-use rmem_client::control::{ControlClient, ControlError, MemberSession, Subscriber};
+use rmem_client::control::{ControlClient, ControlError, MemberSession, Registration, Subscriber};
 use rmem_proto::control::v1 as pb;
 
 use crate::placement::{Placement, PlacementError};
@@ -179,9 +179,12 @@ impl Subscriber for Events {
         })
     }
 
-    fn registered(&self, member_id: u64) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn registered<'a>(
+        &'a self,
+        reg: &'a Registration,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         self.member
-            .store(member_id, std::sync::atomic::Ordering::Release);
+            .store(reg.member_id, std::sync::atomic::Ordering::Release);
         Box::pin(async {})
     }
 }

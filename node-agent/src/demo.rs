@@ -74,7 +74,7 @@ impl Default for DemoConfig {
             rdma_device: None,
             prefetch_max: 32,
             fault_threads: RegionConfig::default().fault_threads,
-            fault_timeout: Duration::from_secs(10),
+            fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
             seed: 1,
             progress: false,
         }

@@ -88,6 +88,10 @@ struct ServeArgs {
     /// Threads answering the module's fetch requests [default: 2].
     #[arg(long, value_name = "N")]
     fault_threads: Option<usize>,
+    /// How long a fault waits for a server that does not answer before the
+    /// faulting task gets SIGBUS [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    fault_timeout: Option<std::time::Duration>,
     /// Tenant to log in as [default: default].
     #[arg(long)]
     tenant: Option<String>,
@@ -146,6 +150,10 @@ struct KernelArgs {
     /// Threads answering the module's fetch requests.
     #[arg(long, default_value_t = 2)]
     fault_threads: usize,
+    /// How long a fault waits for a server that does not answer before the
+    /// faulting task gets SIGBUS.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    fault_timeout: std::time::Duration,
     /// Tenant to log in as.
     #[arg(long, default_value = "default")]
     tenant: String,
@@ -221,9 +229,10 @@ struct DemoArgs {
     /// are served in parallel).
     #[arg(long, default_value_t = 2)]
     fault_threads: usize,
-    /// How long a fault waits for an unreachable server; past it the
-    /// faulting thread gets SIGBUS (e.g. 500ms, 10s).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    /// How long a fault waits for a server that does not answer; past it
+    /// the faulting thread gets SIGBUS. Longer than any stall a server
+    /// should survive (see docs/ARCHITECTURE.md, "Stalled or lost").
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
     fault_timeout: std::time::Duration,
     /// Print the report as one JSON object.
     #[arg(long)]
@@ -371,6 +380,9 @@ fn serve_config(
     if let Some(v) = a.fault_threads {
         c.fault_threads = v;
     }
+    if let Some(v) = a.fault_timeout {
+        c.fault_timeout = v;
+    }
     if let Some(v) = &a.tenant {
         c.tenant = v.clone();
     }
@@ -440,6 +452,7 @@ fn run_serve(a: ServeArgs) -> ExitCode {
     kernel.device = cfg.device.clone();
     kernel.fault_threads = cfg.fault_threads;
     kernel.request_timeout = cfg.request_timeout;
+    kernel.fault_timeout = cfg.fault_timeout;
     let dcfg = DaemonConfig {
         kernel,
         damon: DamonConfig {
@@ -597,6 +610,7 @@ fn run_kernel(k: KernelArgs) -> ExitCode {
     };
     kernel.device = k.device;
     kernel.fault_threads = k.fault_threads;
+    kernel.fault_timeout = k.fault_timeout;
     let cfg = DaemonConfig {
         kernel,
         damon: DamonConfig {

@@ -7,6 +7,20 @@ use std::time::{Duration, Instant};
 
 use rmem_client::{ClientConfig, ClientError, DataConnection, Page, PageStatus, PageTransport};
 
+/// How long a fault waits, by default, for a server that does not answer
+/// before the faulting thread gets SIGBUS (both paths).
+///
+/// A server that stops answering may be stalled (SIGSTOP, a pause, a
+/// network blip) or lost, and the two look the same until it answers
+/// again. A stall is not a loss: a server keeps its pages across a lapsed
+/// lease (it registers again and keeps every page the registry still
+/// covers), so the wait must outlast any stall an operator expects a
+/// server to come back from. One minute is six default leases (10 s) and
+/// the coordinator's default reap delay for agents (60 s or three
+/// leases); a server silent for longer is treated as lost. With
+/// redundancy a fault will not wait on one server at all.
+pub const DEFAULT_FAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A reconnecting blocking connection.
 #[derive(Debug)]
 pub struct RemoteConn {

@@ -305,15 +305,13 @@ pub struct CoordinatorProcess {
 
 impl CoordinatorProcess {
     /// Starts `rmem-coordinator --ephemeral` on an ephemeral loopback port
-    /// with extra `args` and waits until it is ready.
+    /// (unless `args` give `--listen`) with extra `args` and waits until it
+    /// is ready.
     pub fn start(args: &[&str]) -> Self {
-        let mut all = vec![
-            "--log-format",
-            "json",
-            "--listen",
-            "127.0.0.1:0",
-            "--ephemeral",
-        ];
+        let mut all = vec!["--log-format", "json", "--ephemeral"];
+        if !args.contains(&"--listen") {
+            all.extend(["--listen", "127.0.0.1:0"]);
+        }
         all.extend_from_slice(args);
         let daemon = Daemon::spawn("rmem-coordinator", &all);
         let ready = daemon

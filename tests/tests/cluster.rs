@@ -551,3 +551,169 @@ fn a_fenced_server_reconciles_its_pages_when_it_registers_again() {
     drop(kept);
     assert_eq!(used(std::slice::from_ref(&mem)), [0]);
 }
+
+#[test]
+fn a_coordinator_that_lost_its_state_never_makes_a_server_free_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let pool = pool.to_str().unwrap();
+    let first =
+        rmem_tests::CoordinatorProcess::start(&["--placement-chunk", "1MiB", "--lease", "1s"]);
+    let endpoint = first.addr.to_string();
+    let server_args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--capacity",
+            "64MiB",
+            "--pool-file",
+            pool,
+            "--coordinator",
+            &endpoint,
+            "--name",
+            "mem",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let args = server_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut mem = ServerProcess::start(&args);
+    let agent = Cluster::connect(&ClusterConfig::new(endpoint.clone())).unwrap();
+    let r = region(&agent, 2048, 128);
+    let m = Pages { r: &r };
+    for p in 0..r.pages() {
+        m.write(p, 1);
+    }
+    let stored = used(std::slice::from_ref(&mem))[0];
+    assert!(stored > 1800, "{stored} pages stored");
+
+    // The coordinator comes back without its state (`--ephemeral`, as a
+    // lost volume would): another cluster identity, no intervals.
+    drop(first);
+    let second = rmem_tests::CoordinatorProcess::start(&[
+        "--placement-chunk",
+        "1MiB",
+        "--lease",
+        "1s",
+        "--listen",
+        &endpoint,
+    ]);
+    // The reconcile of the registration is done once the server is listed.
+    let coord = Coordinator::at(second.addr);
+    assert!(wait_until(Duration::from_secs(30), || {
+        rmemctl_json(&coord, &["servers"]).as_array().unwrap().len() == 1
+    }));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        used(std::slice::from_ref(&mem)),
+        [stored],
+        "pages were freed"
+    );
+    for p in 0..r.pages() {
+        assert!(m.check(p, 1), "page {p} lost after the coordinator forgot");
+    }
+    assert!(
+        mem.daemon
+            .find_log(
+                "the coordinator does not know the pages stored here: freeing none on its word"
+            )
+            .is_some(),
+        "the server did not say why it keeps its pages:\n{}",
+        mem.daemon.log_text()
+    );
+    let stats = rmemctl_json(&coord, &["stats"]);
+    assert_eq!(
+        stats["servers"][0]["coordinator_unknown"], true,
+        "rmemctl stats does not show it: {stats}"
+    );
+    assert_ne!(
+        stats["servers"][0]["cluster_id"],
+        rmemctl_json(&coord, &["status"])["cluster_id"]
+    );
+
+    // The region goes; the new coordinator never knew its interval, so
+    // its pages stay (a leak, never a loss). A server restarted on the same
+    // pool file still knows which cluster they belong to, and frees them
+    // only once told to accept the new coordinator's view.
+    drop(r);
+    mem.daemon.terminate(Duration::from_secs(10));
+    let args = server_args(&["--adopt-unknown-after", "2s"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mem = ServerProcess::start(&args);
+    assert!(
+        mem.daemon
+            .wait_for_log(
+                "the coordinator does not know the pages stored here: freeing none on its word",
+                Duration::from_secs(30)
+            )
+            .is_some(),
+        "the pool file did not keep the cluster's identity:\n{}",
+        mem.daemon.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || used(std::slice::from_ref(&mem))
+            == [0]),
+        "pages of no interval were not freed after adopt_unknown_after: {:?}\n{}",
+        used(std::slice::from_ref(&mem)),
+        mem.daemon.log_text()
+    );
+    drop(agent);
+}
+
+#[test]
+fn a_server_stalled_past_its_lease_costs_a_wait_not_the_program() {
+    // The case: a 12 s stall, past the server's lease (2 s here),
+    // used to outlast the fault timeout (then 10 s) and give SIGBUS.
+    let (coord, servers) = cluster(1);
+    let agent = Cluster::connect(&ClusterConfig::new(coord.addr.to_string())).unwrap();
+    let r = RemoteRegion::in_cluster(
+        RegionConfig {
+            size: (512 * PAGE_SIZE) as u64,
+            budget: (64 * PAGE_SIZE) as u64,
+            // The default wait, as every agent has it.
+            ..RegionConfig::default()
+        },
+        &agent,
+    )
+    .unwrap();
+    let m = Pages { r: &r };
+    for p in 0..r.pages() {
+        m.write(p, 7);
+    }
+    let mem = &servers[0];
+    mem.daemon.signal(libc::SIGSTOP);
+    let stalled = std::time::Instant::now();
+    let pid = mem.daemon.process_id().unwrap();
+    let resume = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(12));
+        // SAFETY: kill(2) on the server's pid, which the test still owns.
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    });
+    // Every page reads back right: the faults on evicted pages wait for the
+    // server to come back.
+    for p in 0..r.pages() {
+        assert!(m.check(p, 7), "page {p}");
+    }
+    resume.join().unwrap();
+    assert!(
+        stalled.elapsed() >= Duration::from_secs(12),
+        "no fault waited on the stalled server"
+    );
+    // The server lost its lease meanwhile and registered again.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            rmemctl_json(&coord, &["servers"])[0]["state"] == "up"
+        }),
+        "{}",
+        rmemctl_json(&coord, &["servers"])
+    );
+    assert!(
+        mem.daemon
+            .find_log("membership lost: dropping mirrors and registering again")
+            .is_some(),
+        "the stall did not outlast the lease:\n{}",
+        mem.daemon.log_text()
+    );
+}

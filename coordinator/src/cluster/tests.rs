@@ -508,8 +508,18 @@ fn state_survives_a_restart_with_a_new_epoch() {
         c.finish_invalidation(b.id).unwrap();
         (a, s, iv, seq0, gone, c.epoch())
     };
+    let identity = open(&config).cluster_id().to_string();
+    assert_eq!(identity.len(), 32, "{identity}");
     let mut c = open(&config);
-    assert_eq!(c.epoch(), epoch + 1);
+    assert_eq!(c.epoch(), epoch + 2);
+    assert_eq!(c.cluster_id(), identity, "the identity survives restarts");
+    // A state created afresh is another cluster.
+    let other = Cluster::open(
+        &config,
+        Box::new(FileLog::open(&dir.path().join("other.log")).unwrap()),
+    )
+    .unwrap();
+    assert_ne!(other.cluster_id(), identity);
     let restored = c.intervals.get(iv).unwrap();
     assert_eq!(
         restored.subscribers.iter().copied().collect::<Vec<_>>(),
@@ -539,4 +549,5 @@ fn state_survives_a_restart_with_a_new_epoch() {
     assert_eq!(c.intervals.get(iv).unwrap().subscribers.len(), 2);
     assert_eq!(c.grants.tenant_pages("default"), 40);
     assert_eq!(c.members.get(3).unwrap().liveness, Liveness::Fenced);
+    assert_eq!(c.cluster_id(), identity, "compaction keeps the identity");
 }

@@ -64,6 +64,14 @@ pub struct GrantRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Record {
+    /// The cluster's identity, drawn once when the state is created and
+    /// first in every snapshot. Members compare it across registrations: a
+    /// coordinator whose state was lost (or that belongs to another
+    /// cluster) has another identity, and servers free nothing on its word
+    /// that it never knew.
+    Identity {
+        cluster_id: String,
+    },
     /// The coordinator started; sequence numbers and invalidation ids of
     /// this run are prefixed with the epoch, so none repeats one handed out
     /// before a restart.

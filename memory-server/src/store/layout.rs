@@ -14,6 +14,10 @@
 //! open, the newest entry (highest sequence) of a (tenant, handle) wins and
 //! older duplicates are freed.
 //!
+//! Bytes 64..104 of the superblock page hold the [`ClusterView`]: which
+//! cluster the stored pages belong to (the coordinator's identity and the
+//! highest epoch seen), written on its own whenever it changes.
+//!
 //! The superblock's `clean` flag is set only by an orderly shutdown after a
 //! full flush; when it is not set, the open verifies every live page against
 //! its checksum and drops the ones that fail.
@@ -86,6 +90,65 @@ impl Superblock {
     }
 }
 
+/// Offset of the [`ClusterView`] in the superblock page.
+pub const VIEW_OFFSET: usize = 64;
+/// Bytes of an encoded [`ClusterView`].
+pub const VIEW_LEN: usize = 40;
+// The superblock's own bytes (0..64) and the view do not overlap, and the
+// view is inside the superblock page.
+const _: () = assert!(VIEW_OFFSET >= 64 && VIEW_OFFSET + VIEW_LEN <= PAGE_SIZE);
+const VIEW_MAGIC: [u8; 8] = *b"RMEMCLST";
+
+/// The cluster a server's pages belong to: the coordinator's identity
+/// (`RegisterResponse.cluster_id`, 32 hex digits) and the highest epoch the
+/// server saw from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterView {
+    pub id: u128,
+    pub epoch: u64,
+}
+
+impl ClusterView {
+    /// Parses a coordinator's `cluster_id`.
+    pub fn parse_id(s: &str) -> Option<u128> {
+        (s.len() == 32)
+            .then(|| u128::from_str_radix(s, 16).ok())
+            .flatten()
+    }
+
+    pub fn encode(&self) -> [u8; VIEW_LEN] {
+        let mut b = [0u8; VIEW_LEN];
+        b[0..8].copy_from_slice(&VIEW_MAGIC);
+        b[8..24].copy_from_slice(&self.id.to_le_bytes());
+        b[24..32].copy_from_slice(&self.epoch.to_le_bytes());
+        let crc = rmem_proto::wire::page_crc(&b[..32]);
+        b[32..36].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// `None` when no view was ever written (or it is damaged: then the
+    /// server treats its pages as it does a pool file from before views).
+    pub fn decode(b: &[u8; VIEW_LEN]) -> Option<Self> {
+        if b[0..8] != VIEW_MAGIC {
+            return None;
+        }
+        let crc = u32::from_le_bytes(b[32..36].try_into().expect("4 bytes"));
+        if rmem_proto::wire::page_crc(&b[..32]) != crc {
+            return None;
+        }
+        Some(Self {
+            id: u128::from_le_bytes(b[8..24].try_into().expect("16 bytes")),
+            epoch: u64::from_le_bytes(b[24..32].try_into().expect("8 bytes")),
+        })
+    }
+}
+
+impl std::fmt::Display for ClusterView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x} (epoch {})", self.id, self.epoch)
+    }
+}
+
 /// A live slot-table entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotEntry {
@@ -144,6 +207,28 @@ mod tests {
         page[17] ^= 1;
         assert!(Superblock::decode(&page).is_err());
         assert!(Superblock::decode(&[0u8; 64]).is_err());
+    }
+
+    #[test]
+    fn cluster_view_round_trip_and_damage() {
+        let v = ClusterView {
+            id: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+            epoch: 9,
+        };
+        let mut b = v.encode();
+        assert_eq!(ClusterView::decode(&b), Some(v));
+        assert_eq!(
+            ClusterView::parse_id("0123456789abcdef0011223344556677"),
+            Some(v.id)
+        );
+        assert_eq!(ClusterView::parse_id("12"), None);
+        assert_eq!(
+            ClusterView::parse_id("0123456789abcdef001122334455667z"),
+            None
+        );
+        b[30] ^= 1;
+        assert_eq!(ClusterView::decode(&b), None);
+        assert_eq!(ClusterView::decode(&[0u8; VIEW_LEN]), None);
     }
 
     #[test]

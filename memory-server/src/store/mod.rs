@@ -50,6 +50,7 @@ use rmem_proto::wire::{Page, PageStatus, page_crc};
 
 pub use self::extent::{EXTENT_PAGES, ExtentListener};
 use self::extent::{Extents, Stray, extent_of};
+pub use self::layout::ClusterView;
 use self::layout::{SlotEntry, Superblock};
 use self::pool::Pool;
 pub use self::tenant::Tenant;
@@ -165,6 +166,12 @@ pub struct Store {
     server_id: u64,
     sync_writes: bool,
     recovery: Recovery,
+    /// Which cluster the stored pages belong to (kept in the pool file
+    /// when there is one); see `crate::membership`.
+    view: std::sync::Mutex<Option<ClusterView>>,
+    /// Whether the coordinator of the current registration does not know
+    /// the stored pages (runtime only; set by `crate::membership`).
+    coordinator_unknown: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -237,7 +244,10 @@ impl Store {
             server_id,
             sync_writes: opts.sync_writes,
             recovery: recovery_base,
+            view: std::sync::Mutex::new(None),
+            coordinator_unknown: std::sync::atomic::AtomicBool::new(false),
         };
+        *store.view.get_mut().unwrap_or_else(|e| e.into_inner()) = store.pool.read_view();
         if store.pool.persistent() {
             store.rebuild(!clean)?;
         }
@@ -662,6 +672,31 @@ impl Store {
             unsafe { self.pool.write_entry(slot, &[0; layout::ENTRY_LEN]) };
         }
         self.extents.release(slot);
+    }
+
+    /// The cluster the stored pages belong to, if one was recorded.
+    pub fn cluster_view(&self) -> Option<ClusterView> {
+        *self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the cluster the stored pages belong to (in the pool file
+    /// first, when there is one).
+    pub fn set_cluster_view(&self, view: ClusterView) -> Result<(), StoreError> {
+        let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        if *v != Some(view) {
+            self.pool.write_view(&view).map_err(StoreError::Flush)?;
+            *v = Some(view);
+        }
+        Ok(())
+    }
+
+    /// Whether the current coordinator does not know the stored pages.
+    pub fn coordinator_unknown(&self) -> bool {
+        self.coordinator_unknown.load(Ordering::Acquire)
+    }
+
+    pub fn set_coordinator_unknown(&self, unknown: bool) {
+        self.coordinator_unknown.store(unknown, Ordering::Release);
     }
 
     /// Flushes a file-backed pool and marks it cleanly closed. Call once no

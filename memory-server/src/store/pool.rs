@@ -21,7 +21,7 @@ use memmap2::{MmapOptions, MmapRaw};
 use rmem_proto::wire::{PAGE_SIZE, Page};
 
 use super::extent::{EXTENT_PAGES, extent_len};
-use super::layout::{ENTRY_LEN, Superblock};
+use super::layout::{ClusterView, ENTRY_LEN, Superblock, VIEW_LEN, VIEW_OFFSET};
 
 /// What a freed slot is filled with (not zero: a zero page is a real page).
 pub const POISON: u8 = 0xA5;
@@ -257,6 +257,35 @@ impl Pool {
         // SAFETY: the superblock occupies the first bytes of a persistent
         // mapping; only open and shutdown (one thread, no traffic) write it.
         unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), self.map.as_mut_ptr(), page.len()) };
+        self.map.flush_range(0, PAGE_SIZE)
+    }
+
+    /// The cluster view stored in the superblock page, if any.
+    pub fn read_view(&self) -> Option<ClusterView> {
+        if !self.persistent {
+            return None;
+        }
+        let mut b = [0u8; VIEW_LEN];
+        // The view's bytes lie inside the superblock page of a persistent
+        // mapping.
+        let src = self.map.as_ptr().wrapping_add(VIEW_OFFSET);
+        // SAFETY: `src` points at VIEW_LEN mapped bytes; only `write_view`
+        // writes them, and the store serializes its calls with reads under
+        // one lock.
+        unsafe { std::ptr::copy_nonoverlapping(src, b.as_mut_ptr(), VIEW_LEN) };
+        ClusterView::decode(&b)
+    }
+
+    /// Writes the cluster view and flushes it (no-op for an anonymous pool).
+    pub fn write_view(&self, view: &ClusterView) -> io::Result<()> {
+        if !self.persistent {
+            return Ok(());
+        }
+        let b = view.encode();
+        let dst = self.map.as_mut_ptr().wrapping_add(VIEW_OFFSET);
+        // SAFETY: as in `read_view`; the superblock's own bytes (0..64) are
+        // not touched.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), dst, VIEW_LEN) };
         self.map.flush_range(0, PAGE_SIZE)
     }
 

@@ -49,11 +49,15 @@ pub struct ServeConfig {
     /// Between two rounds of eviction.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// Longest one request to the server may take; a fault waiting longer
-    /// gets SIGBUS, an eviction is undone (keep it below the module's
-    /// `fault_timeout_ms`).
+    /// Longest one request to the server may take; an eviction whose
+    /// request fails is undone, a fetch tries again within `fault_timeout`.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How long a fault waits for a server that does not answer before
+    /// the faulting task gets SIGBUS: longer than any stall a server should
+    /// survive (keep it below the module's `fault_timeout_ms`).
+    #[serde(with = "humantime_serde")]
+    pub fault_timeout: Duration,
     /// Data-plane transport to the server: `auto` (RDMA when the server
     /// offers it, this build has it and a local device reaches the server;
     /// TCP otherwise), `tcp`, or `rdma` (or fail).
@@ -96,6 +100,7 @@ impl Default for ServeConfig {
             min_age: Duration::from_secs(2),
             interval: Duration::from_secs(1),
             request_timeout: Duration::from_secs(5),
+            fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
             transport: rmem_client::Transport::Auto,
             rdma_device: None,
         }
@@ -176,6 +181,9 @@ impl ServeConfig {
         }
         if !(ms(10)..=Duration::from_secs(600)).contains(&self.request_timeout) {
             return Err(invalid("request_timeout", "must be between 10ms and 10min"));
+        }
+        if !(ms(100)..=Duration::from_secs(600)).contains(&self.fault_timeout) {
+            return Err(invalid("fault_timeout", "must be between 100ms and 10min"));
         }
         if self
             .rdma_device

@@ -28,9 +28,15 @@ pub struct KernelConfig {
     pub home: Home,
     /// Threads answering the module's requests.
     pub fault_threads: usize,
-    /// Longest a server request may take before a fault gets SIGBUS or an
-    /// eviction is undone (keep it below the module's fault_timeout_ms).
+    /// Longest one server request may take (a request that times out is
+    /// tried again, within `fault_timeout` for a fetch); an eviction whose
+    /// request fails is undone.
     pub request_timeout: Duration,
+    /// How long a fetch keeps trying a server that does not answer before
+    /// the faulting task gets SIGBUS (see
+    /// [`crate::remote::DEFAULT_FAULT_TIMEOUT`]); keep it below the
+    /// module's `fault_timeout_ms`, which bounds the fault in the kernel.
+    pub fault_timeout: Duration,
     /// Fault injection for tests: how long each batch of fetches waits
     /// before going to the server, to play a slow network or server.
     /// Zero (the default) in normal use.
@@ -54,6 +60,7 @@ impl KernelConfig {
             home,
             fault_threads: 2,
             request_timeout: Duration::from_secs(5),
+            fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
             fetch_delay: Duration::ZERO,
         }
     }
@@ -114,6 +121,7 @@ impl KernelAgent {
     /// Opens the device and starts the threads that serve it.
     pub fn start(cfg: KernelConfig) -> Result<Self, KernelError> {
         let dev = Arc::new(Device::open(&cfg.device)?);
+        warn_if_module_gives_up_first(cfg.fault_timeout);
         let in_use = dev.info()?.pages_in_use;
         let homes = Arc::new(Homes::new(cfg.home.clone(), in_use)?);
         let stop = Arc::new(AtomicBool::new(false));
@@ -123,11 +131,12 @@ impl KernelAgent {
             let (dev, homes, stop, stats) =
                 (dev.clone(), homes.clone(), stop.clone(), stats.clone());
             let remotes = Remotes::new(cfg.request_timeout, Duration::ZERO);
-            let (timeout, delay) = (cfg.request_timeout, cfg.fetch_delay);
+            let timeouts = (cfg.request_timeout, cfg.fault_timeout);
+            let delay = cfg.fetch_delay;
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("rmem-kfault-{i}"))
-                    .spawn(move || serve(&dev, &homes, remotes, &stop, &stats, timeout, delay))?,
+                    .spawn(move || serve(&dev, &homes, remotes, &stop, &stats, timeouts, delay))?,
             );
         }
         if let Some(cluster) = homes.cluster() {
@@ -365,13 +374,33 @@ impl Drop for KernelAgent {
 /// One fault thread: wait for events, answer fetches, free freed handles.
 /// The fetches one wait returns (a fault and the neighbours it brings back
 /// with it, or several faults) go to their servers as one batch each.
+/// The module's own bound on a fault (`fault_timeout_ms`) ends a fault the
+/// agent is still fetching for: say so when it is the shorter one.
+fn warn_if_module_gives_up_first(fault_timeout: Duration) {
+    let param = "/sys/module/rmem/parameters/fault_timeout_ms";
+    let Some(module) = std::fs::read_to_string(param)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+    else {
+        return;
+    };
+    if module <= fault_timeout {
+        tracing::warn!(
+            module = ?module,
+            agent = ?fault_timeout,
+            "the module's fault_timeout_ms is not longer than the agent's fault_timeout: a fault waiting on a stalled server gets SIGBUS after the module's; load rmem.ko with a longer fault_timeout_ms"
+        );
+    }
+}
+
 fn serve(
     dev: &Device,
     homes: &Homes,
     mut remotes: Remotes,
     stop: &AtomicBool,
     stats: &KernelStats,
-    timeout: Duration,
+    (timeout, fault_timeout): (Duration, Duration),
     delay: Duration,
 ) {
     let mut events = vec![Event::default(); 64];
@@ -408,7 +437,7 @@ fn serve(
             }
         }
         if !fetches.is_empty() {
-            fetch.answer(dev, homes, &mut remotes, &fetches, stats, timeout);
+            fetch.answer(dev, homes, &mut remotes, &fetches, stats, fault_timeout);
         }
         if !freed.is_empty() {
             // Handles are never reused, so a free that fails only leaks.

@@ -62,7 +62,7 @@ impl Default for RegionConfig {
             size: 64 << 20,
             budget: 16 << 20,
             fault_threads: 2,
-            fault_timeout: Duration::from_secs(10),
+            fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
             evict_batch: 64,
             prefetch_max: 32,
             spin: Duration::from_micros(50),

@@ -753,6 +753,8 @@ fn cluster_case(_env: &Env) -> Result<(), String> {
         let cluster = Cluster::connect(&cc).map_err(|e| e.to_string())?;
         let mut cfg = KernelConfig::in_cluster(cluster);
         cfg.request_timeout = Duration::from_secs(2);
+        // Below the module's fault_timeout_ms here (FAULT_TIMEOUT_MS).
+        cfg.fault_timeout = Duration::from_secs(2);
         KernelAgent::start(cfg).map_err(|e| e.to_string())
     };
     let emptied = |what: &str| -> Result<(), String> {
@@ -2438,6 +2440,8 @@ impl Env {
     fn start_agent_with(&mut self, fetch_delay: Duration) {
         let mut cfg = KernelConfig::new(self.server.client_config());
         cfg.request_timeout = Duration::from_secs(2);
+        // Below the module's fault_timeout_ms here (FAULT_TIMEOUT_MS).
+        cfg.fault_timeout = Duration::from_secs(2);
         cfg.fetch_delay = fetch_delay;
         self.agent = Some(KernelAgent::start(cfg).expect("start the kernel agent"));
     }
