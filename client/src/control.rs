@@ -189,6 +189,79 @@ impl ControlClient {
     }
 }
 
+/// Whether a failed control call may succeed if tried again: the
+/// coordinator was not reached or not ready (restarting, failing over).
+/// Configuration errors (a bad endpoint, a wrong token, an invalid
+/// registration) are not: retrying them only hides them.
+pub fn retryable(e: &ControlError) -> bool {
+    matches!(
+        e,
+        ControlError::Unreachable { .. }
+            | ControlError::Rpc {
+                code: tonic::Code::Unavailable | tonic::Code::DeadlineExceeded,
+                ..
+            }
+    )
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or `within` has
+/// passed, waiting between tries (100 ms doubling up to 5 s) and saying
+/// each time why.
+pub async fn retrying<T, F, Fut>(
+    what: &str,
+    within: Duration,
+    mut attempt: F,
+) -> Result<T, ControlError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ControlError>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Err(e) if retryable(&e) && tokio::time::Instant::now() + pause < deadline => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                tracing::warn!(
+                    error = %e,
+                    retry_in = ?pause,
+                    gives_up_in = ?left,
+                    "{what}: the coordinator is not reachable; trying again"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Connects to the coordinator at `endpoint` and registers `req` with the
+/// subscriber `make` builds on the connection, trying again while the
+/// coordinator cannot be reached, for at most `within` (a member started
+/// while the control plane restarts rides it out).
+pub async fn join<S: Subscriber>(
+    endpoint: &str,
+    token: Option<&str>,
+    within: Duration,
+    req: pb::RegisterRequest,
+    make: impl FnOnce(ControlClient) -> Arc<S>,
+) -> Result<(ControlClient, MemberSession, Arc<S>), ControlError> {
+    let deadline = tokio::time::Instant::now() + within;
+    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+    let per_try = |left: Duration| Duration::from_secs(5).min(left.max(Duration::from_millis(100)));
+    let client = retrying("joining the cluster", left(), || {
+        ControlClient::connect(endpoint, token, per_try(left()))
+    })
+    .await?;
+    let subscriber = make(client.clone());
+    let session = retrying("joining the cluster", left(), || {
+        MemberSession::start(client.clone(), req.clone(), subscriber.clone())
+    })
+    .await?;
+    Ok((client, session, subscriber))
+}
+
 /// What a member does with its events.
 pub trait Subscriber: Send + Sync + 'static {
     /// Drops every local copy of the invalidated range (a server frees the
@@ -249,6 +322,18 @@ pub struct SessionState {
     /// Highest epoch seen from the coordinator of the current registration
     /// (registrations and heartbeats).
     pub epoch: AtomicU64,
+    /// The cluster identity of the current registration, sent with every
+    /// session request (see `HeartbeatRequest.cluster_id`).
+    pub cluster_id: std::sync::Mutex<String>,
+}
+
+impl SessionState {
+    fn cluster_id(&self) -> String {
+        self.cluster_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// A registered member, kept alive in the background.
@@ -297,6 +382,7 @@ impl MemberSession {
             .deregister(pb::DeregisterRequest {
                 member_id: self.state.member_id.load(Ordering::Acquire),
                 incarnation: self.state.incarnation.load(Ordering::Acquire),
+                cluster_id: self.state.cluster_id(),
             })
             .await?;
         Ok(())
@@ -331,6 +417,8 @@ async fn register(
     // This coordinator's epoch, not the highest of any coordinator: one
     // that lost its state starts again from 1.
     state.epoch.store(r.epoch, Ordering::Release);
+    r.cluster_id
+        .clone_into(&mut state.cluster_id.lock().unwrap_or_else(|e| e.into_inner()));
     subscriber
         .registered(&Registration {
             member_id: r.member_id,
@@ -422,6 +510,7 @@ fn lost(e: ControlError) -> Lost {
 async fn serve(client: &ControlClient, state: &SessionState, subscriber: &dyn Subscriber) -> Lost {
     let member_id = state.member_id.load(Ordering::Acquire);
     let incarnation = state.incarnation.load(Ordering::Acquire);
+    let cluster_id = state.cluster_id();
     // Three heartbeats per lease.
     let every_for =
         |lease_ms: u64| Duration::from_millis(lease_ms / 3).max(Duration::from_millis(20));
@@ -435,6 +524,7 @@ async fn serve(client: &ControlClient, state: &SessionState, subscriber: &dyn Su
                     member_id,
                     incarnation,
                     used_pages: state.used_pages.load(Ordering::Relaxed),
+                    cluster_id: cluster_id.clone(),
                 })
                 .await;
             match r {
@@ -455,6 +545,7 @@ async fn serve(client: &ControlClient, state: &SessionState, subscriber: &dyn Su
             .watch(pb::WatchRequest {
                 member_id,
                 incarnation,
+                cluster_id: cluster_id.clone(),
             })
             .await
         {

@@ -593,6 +593,9 @@ impl Cluster {
     ) -> Result<(u64, u64), CoordError> {
         check_name("address_space", &req.address_space, false)?;
         check_name("tenant", &req.tenant, false)?;
+        // Servers free an interval's pages in its tenant: the tenant must be
+        // one of this cluster's.
+        self.tenant(&req.tenant)?;
         let end = check_range(req.start, req.length)?;
         let pages = req.length / PAGE;
         if req.handle_base.checked_add(pages).is_none() {

@@ -10,6 +10,14 @@ pub enum CoordError {
     Invalid { field: &'static str, reason: String },
     #[error("unknown member {0}")]
     UnknownMember(u64),
+    #[error(
+        "member {member} registered with cluster {theirs}, this coordinator is cluster {ours} (it lost its state or is another cluster's); register again"
+    )]
+    OtherCluster {
+        member: u64,
+        theirs: String,
+        ours: String,
+    },
     #[error("unknown interval {0}")]
     UnknownInterval(u64),
     #[error("unknown grant {0}")]
@@ -57,6 +65,7 @@ impl CoordError {
         match self {
             Self::Invalid { .. } => Code::InvalidArgument,
             Self::UnknownMember(_)
+            | Self::OtherCluster { .. }
             | Self::UnknownInterval(_)
             | Self::UnknownGrant(_)
             | Self::UnknownTenant(_)
@@ -79,6 +88,7 @@ impl CoordError {
         match self {
             Self::Invalid { .. } => "invalid_argument",
             Self::UnknownMember(_) => "unknown_member",
+            Self::OtherCluster { .. } => "other_cluster",
             Self::UnknownInterval(_) => "unknown_interval",
             Self::UnknownGrant(_) => "unknown_grant",
             Self::UnknownTenant(_) => "unknown_tenant",

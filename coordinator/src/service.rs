@@ -95,6 +95,21 @@ fn member_pb(c: &Cluster, m: &Member, allocated: u64) -> pb::Member {
     }
 }
 
+/// A member's session request names the cluster it registered with: one
+/// of another identity (this coordinator lost its state) must not pass
+/// for a member whose id and incarnation happen to match.
+fn same_cluster(c: &Cluster, member: u64, theirs: &str) -> Result<(), CoordError> {
+    if theirs.is_empty() || theirs == c.cluster_id() {
+        Ok(())
+    } else {
+        Err(CoordError::OtherCluster {
+            member,
+            theirs: theirs.to_string(),
+            ours: c.cluster_id().to_string(),
+        })
+    }
+}
+
 fn lease_ms(c: &Cluster) -> u32 {
     c.lease().as_millis().min(u128::from(u32::MAX)) as u32
 }
@@ -121,6 +136,7 @@ impl Membership for Service {
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Res<pb::HeartbeatResponse> {
         let r = r.into_inner();
         let mut c = self.shared.lock();
+        same_cluster(&c, r.member_id, &r.cluster_id)?;
         let draining = c.heartbeat(r.member_id, r.incarnation, r.used_pages)?;
         ok(pb::HeartbeatResponse {
             lease_ttl_ms: lease_ms(&c),
@@ -135,7 +151,9 @@ impl Membership for Service {
 
     async fn deregister(&self, r: Request<pb::DeregisterRequest>) -> Res<pb::DeregisterResponse> {
         let r = r.into_inner();
-        self.shared.lock().deregister(r.member_id, r.incarnation)?;
+        let mut c = self.shared.lock();
+        same_cluster(&c, r.member_id, &r.cluster_id)?;
+        c.deregister(r.member_id, r.incarnation)?;
         ok(pb::DeregisterResponse {})
     }
 
@@ -401,6 +419,7 @@ impl Invalidation for Service {
         let member = r.member_id;
         let (generation, notify, mut cursor) = {
             let mut c = self.shared.lock();
+            same_cluster(&c, member, &r.cluster_id)?;
             let generation = c.open_watch(member, r.incarnation)?;
             let mb = c.fanout.mailbox(member);
             (generation, mb.notify.clone(), mb.oldest())

@@ -407,6 +407,7 @@ async fn server_stats(m: &MemberView, timeout: Duration) -> ServerStatsView {
         used_pages: 0,
         cluster_id: String::new(),
         coordinator_unknown: false,
+        admissions_refused: 0,
         ops: Vec::new(),
     };
     let fetch = async {
@@ -429,6 +430,7 @@ async fn server_stats(m: &MemberView, timeout: Duration) -> ServerStatsView {
             view.used_pages = s.used_pages;
             view.cluster_id = s.cluster_id;
             view.coordinator_unknown = s.coordinator_unknown;
+            view.admissions_refused = s.admissions_refused;
             view.ops = s
                 .ops
                 .into_iter()

@@ -197,6 +197,8 @@ pub struct ServerStatsView {
     /// The coordinator does not know the server's pages: it frees none on
     /// its word.
     pub coordinator_unknown: bool,
+    /// Connections refused at accept (unauthenticated caps, barred peers).
+    pub admissions_refused: u64,
     pub ops: Vec<OpView>,
 }
 

@@ -85,6 +85,7 @@ impl AdminService {
                 .map(|v| format!("{:032x}", v.id))
                 .unwrap_or_default(),
             coordinator_unknown: self.store.coordinator_unknown(),
+            admissions_refused: m.admissions_refused.load(Ordering::Relaxed),
         }
     }
 }

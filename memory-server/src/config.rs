@@ -54,7 +54,7 @@ pub struct TenantConfig {
 
 /// Membership in an rmem cluster (all optional: without `coordinator` the
 /// server runs on its own).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// Coordinator endpoint (`host:port`).
@@ -87,6 +87,10 @@ pub struct ClusterConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub adopt_unknown_after: Option<std::time::Duration>,
+    /// How long joining keeps trying while the coordinator cannot be
+    /// reached (it is restarting, or starts after this server).
+    #[serde(with = "humantime_serde")]
+    pub join_timeout: std::time::Duration,
 }
 
 /// Everything `rmem-server` runs with.
@@ -121,6 +125,12 @@ pub struct ServerConfig {
     pub max_batch_pages: u32,
     /// Most simultaneous client connections.
     pub max_connections: u32,
+    /// Most connections that have not authenticated yet (HELLO), in total;
+    /// more are refused at accept.
+    pub max_unauthenticated: u32,
+    /// Most connections from one address (an IPv6 /64) that have not
+    /// authenticated yet.
+    pub max_unauthenticated_per_peer: u32,
     /// Time a client has to complete its handshake.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -143,6 +153,21 @@ pub struct ServerConfig {
     pub cluster: ClusterConfig,
 }
 
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: None,
+            name: None,
+            advertise: None,
+            grpc_advertise: None,
+            token: None,
+            token_file: None,
+            adopt_unknown_after: None,
+            join_timeout: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
 impl ClusterConfig {
     /// No coordinator: the server runs on its own.
     pub fn is_standalone(&self) -> bool {
@@ -163,6 +188,8 @@ impl Default for ServerConfig {
             rdma_device: None,
             max_batch_pages: rmem_proto::wire::DEFAULT_MAX_BATCH_PAGES,
             max_connections: 4096,
+            max_unauthenticated: 256,
+            max_unauthenticated_per_peer: 64,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(600),
             request_timeout: Duration::from_secs(30),
@@ -202,6 +229,16 @@ impl ServerConfig {
         }
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
+        }
+        // Both are bounded by max_connections anyway.
+        if self.max_unauthenticated == 0 {
+            return Err(invalid("max_unauthenticated", "must be at least 1"));
+        }
+        if self.max_unauthenticated_per_peer == 0 {
+            return Err(invalid(
+                "max_unauthenticated_per_peer",
+                "must be at least 1",
+            ));
         }
         for (field, d) in [
             ("handshake_timeout", self.handshake_timeout),

@@ -34,6 +34,7 @@ use crate::admin::AdminService;
 use crate::config::{ConfigError, ServerConfig};
 use crate::metrics::Metrics;
 use crate::store::{Recovery, Store, StoreError};
+use crate::transport::admission::{self, Admission};
 use crate::transport::session::Shared;
 use crate::transport::tcp::{self, Timeouts};
 
@@ -159,6 +160,10 @@ impl Server {
                 drain: config.drain_timeout / 2,
             },
             config.max_connections,
+            Admission::new(admission::Limits {
+                unauthenticated: config.max_unauthenticated,
+                unauthenticated_per_peer: config.max_unauthenticated_per_peer,
+            }),
             shutdown.clone(),
             connections.clone(),
         ));

@@ -95,6 +95,10 @@ struct Args {
     /// and free what none of its intervals covers [default: never].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     adopt_unknown_after: Option<std::time::Duration>,
+    /// How long joining the cluster keeps trying while the coordinator
+    /// cannot be reached [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    join_timeout: Option<std::time::Duration>,
     /// File holding the cluster token (or set RMEM_CLUSTER_TOKEN).
     #[arg(long, value_name = "PATH")]
     cluster_token_file: Option<PathBuf>,
@@ -170,6 +174,9 @@ fn effective_config(args: &Args) -> Result<(ServerConfig, Option<String>), Confi
         if arg.is_some() {
             *field = arg.clone();
         }
+    }
+    if let Some(d) = args.join_timeout {
+        cluster.join_timeout = d;
     }
     if args.adopt_unknown_after.is_some() {
         cluster.adopt_unknown_after = args.adopt_unknown_after;

@@ -408,8 +408,6 @@ impl Membership {
             ),
             None => cfg.token.clone(),
         };
-        let client =
-            ControlClient::connect(endpoint, token.as_deref(), Duration::from_secs(5)).await?;
         let req = pb::RegisterRequest {
             role: pb::Role::Server as i32,
             name: cfg.name.clone().unwrap_or_else(hostname),
@@ -418,13 +416,21 @@ impl Membership {
             capacity_pages: store.capacity_pages(),
             transports: transports.iter().map(|t| t.to_string()).collect(),
         };
-        let events = Arc::new(FreeInvalidated {
-            store: store.clone(),
-            client: client.clone(),
-            adopt_after: cfg.adopt_unknown_after,
-            distrust: Mutex::new(None),
-        });
-        let session = MemberSession::start(client, req, events.clone()).await?;
+        let (_, session, events) = rmem_client::control::join(
+            endpoint,
+            token.as_deref(),
+            cfg.join_timeout,
+            req,
+            |client| {
+                Arc::new(FreeInvalidated {
+                    store: store.clone(),
+                    client,
+                    adopt_after: cfg.adopt_unknown_after,
+                    distrust: Mutex::new(None),
+                })
+            },
+        )
+        .await?;
         let stop = CancellationToken::new();
         let state = session.state.clone();
         let done = stop.clone();

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub connections_total: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub auth_failures: AtomicU64,
+    /// Connections refused at accept by [`crate::transport::admission`].
+    pub admissions_refused: AtomicU64,
     pub started: Instant,
 }
 
@@ -63,6 +65,7 @@ impl Default for Metrics {
             connections_total: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
+            admissions_refused: AtomicU64::new(0),
             started: Instant::now(),
         }
     }

@@ -46,6 +46,9 @@ pub struct ClusterConfig {
     pub name: Option<String>,
     /// Tenant the agent allocates for.
     pub tenant: String,
+    /// How long joining keeps trying while the coordinator cannot be
+    /// reached (it is restarting, or starts after this agent).
+    pub join_timeout: Duration,
 }
 
 impl ClusterConfig {
@@ -55,6 +58,7 @@ impl ClusterConfig {
             token: None,
             name: None,
             tenant: "default".into(),
+            join_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -309,26 +313,23 @@ impl Cluster {
             .unwrap_or_else(|| format!("{}/{}", hostname(), std::process::id()));
         let shared = Arc::new(Shared::default());
         let (client, session) = runtime.block_on(async {
-            let client = ControlClient::connect(
+            let (client, session, _) = rmem_client::control::join(
                 &cfg.coordinator,
                 cfg.token.as_deref(),
-                Duration::from_secs(5),
-            )
-            .await?;
-            let events = Arc::new(Events {
-                shared: shared.clone(),
-                client: client.clone(),
-                tenant: cfg.tenant.clone(),
-                member: Default::default(),
-            });
-            let session = MemberSession::start(
-                client.clone(),
+                cfg.join_timeout,
                 pb::RegisterRequest {
                     role: pb::Role::Agent as i32,
                     name: name.clone(),
                     ..Default::default()
                 },
-                events,
+                |client| {
+                    Arc::new(Events {
+                        shared: shared.clone(),
+                        client,
+                        tenant: cfg.tenant.clone(),
+                        member: Default::default(),
+                    })
+                },
             )
             .await?;
             Ok::<_, ControlError>((client, session))

@@ -40,6 +40,9 @@ pub struct DemoConfig {
     pub cluster_token: Option<String>,
     /// Member name in the cluster.
     pub cluster_name: Option<String>,
+    /// How long joining the cluster keeps trying an unreachable
+    /// coordinator.
+    pub join_timeout: Duration,
     pub tenant: String,
     pub token: Option<String>,
     /// Data-plane transport to the server.
@@ -68,6 +71,7 @@ impl Default for DemoConfig {
             coordinator: None,
             cluster_token: None,
             cluster_name: None,
+            join_timeout: Duration::from_secs(60),
             tenant: "default".into(),
             token: None,
             transport: rmem_client::Transport::Auto,
@@ -315,6 +319,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
                 token: cfg.cluster_token.clone(),
                 name: cfg.cluster_name.clone(),
                 tenant: cfg.tenant.clone(),
+                join_timeout: cfg.join_timeout,
             })?;
             let region = RemoteRegion::in_cluster(region_cfg, &cluster)?;
             let addr = format!(

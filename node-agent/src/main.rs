@@ -209,6 +209,10 @@ struct DemoArgs {
     cluster_token_file: Option<std::path::PathBuf>,
     #[arg(long, env = "RMEM_CLUSTER_TOKEN", hide_env_values = true, hide = true)]
     cluster_token: Option<String>,
+    /// How long joining the cluster keeps trying while the coordinator
+    /// cannot be reached (it is restarting).
+    #[arg(long, default_value = "60s", value_parser = parse_duration, requires = "coordinator")]
+    join_timeout: std::time::Duration,
     /// Tenant to log in as.
     #[arg(long, default_value = "default")]
     tenant: String,
@@ -299,6 +303,7 @@ fn main() -> ExitCode {
                 server: d.server,
                 coordinator: d.coordinator,
                 cluster_name: d.name,
+                join_timeout: d.join_timeout,
                 cluster_token,
                 tenant: d.tenant,
                 token: d.token,

@@ -36,7 +36,7 @@ impl Coordinator {
 
 /// A coordinator placing 1 MiB chunks, and `n` servers that joined it.
 fn cluster(n: usize) -> (Coordinator, Vec<ServerProcess>) {
-    let coord = Coordinator::start(&["--placement-chunk", "1MiB", "--lease", "2s"]);
+    let coord = Coordinator::start(&["--placement-chunk", "1MiB", "--lease", "5s"]);
     let endpoint = coord.addr.to_string();
     let servers: Vec<ServerProcess> = (0..n)
         .map(|i| ServerProcess::join(&endpoint, &format!("mem-{i}"), "64MiB"))
@@ -716,4 +716,96 @@ fn a_server_stalled_past_its_lease_costs_a_wait_not_the_program() {
         "the stall did not outlast the lease:\n{}",
         mem.daemon.log_text()
     );
+}
+
+#[test]
+fn members_started_while_the_coordinator_is_down_join_once_it_is_up() {
+    // The coordinator's address, free for now.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let endpoint = addr.to_string();
+    let start_coordinator = || {
+        rmem_tests::CoordinatorProcess::start(&[
+            "--placement-chunk",
+            "1MiB",
+            "--lease",
+            "2s",
+            "--listen",
+            &addr.to_string(),
+        ])
+    };
+    // A server started first is ready only once it joined.
+    let server = Daemon::spawn(
+        "rmem-server",
+        &[
+            "--log-format",
+            "json",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--capacity",
+            "64MiB",
+            "--coordinator",
+            &endpoint,
+            "--name",
+            "early",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(server.find_log("memory server ready").is_none());
+    let coordinator = start_coordinator();
+    let ready = server
+        .wait_for_log("memory server ready", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the server did not join:\n{}", server.log_text()));
+    assert!(
+        server
+            .find_log("joining the cluster: the coordinator is not reachable; trying again")
+            .is_some(),
+        "{}",
+        server.log_text()
+    );
+    let data: SocketAddr = ready["fields"]["data"].as_str().unwrap().parse().unwrap();
+
+    // An agent joining while the coordinator restarts waits for it too.
+    drop(coordinator);
+    let joining = {
+        let endpoint = endpoint.clone();
+        std::thread::spawn(move || Cluster::connect(&ClusterConfig::new(endpoint)))
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let second = start_coordinator();
+    let agent = joining.join().unwrap().unwrap();
+    // The server registers again with the restarted (ephemeral) one.
+    let coord = Coordinator::at(second.addr);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            rmemctl_json(&coord, &["servers"]).as_array().unwrap().len() == 1
+        }),
+        "the server did not register again:\n{}",
+        server.log_text()
+    );
+    let r = region(&agent, 512, 64);
+    let m = Pages { r: &r };
+    for p in 0..r.pages() {
+        m.write(p, 3);
+    }
+    for p in 0..r.pages() {
+        assert!(m.check(p, 3), "page {p}");
+    }
+    drop(r);
+    let stat = BlockingConnection::connect(&rmem_client::ClientConfig::new(data.to_string()))
+        .unwrap()
+        .stat()
+        .unwrap();
+    assert_eq!(stat.used_pages, 0);
+
+    // A wrong endpoint is not retried: it fails at once, clearly.
+    let started = std::time::Instant::now();
+    let mut cc = ClusterConfig::new("not a host:port");
+    cc.join_timeout = Duration::from_secs(30);
+    assert!(Cluster::connect(&cc).is_err());
+    assert!(started.elapsed() < Duration::from_secs(5));
 }

@@ -508,6 +508,7 @@ fn an_expired_lease_marks_a_server_down_and_placement_avoids_it() {
                 member_id: silent.member_id,
                 incarnation: silent.incarnation,
                 used_pages: 0,
+                cluster_id: String::new(),
             })
             .await
             .unwrap_err();
@@ -599,15 +600,31 @@ fn a_restarted_coordinator_keeps_its_registrations() {
             .into_inner();
         assert_eq!(gs.grants.len(), grants);
         assert_eq!(gs.grants.iter().map(|g| g.pages).sum::<u64>(), 100);
-        // The member's incarnation carries over: its heartbeat is accepted.
+        // The member's incarnation and the cluster's identity carry over:
+        // its heartbeat is accepted.
         c.membership()
             .heartbeat(pb::HeartbeatRequest {
                 member_id: a.member_id,
                 incarnation: a.incarnation,
                 used_pages: 0,
+                cluster_id: a.cluster_id.clone(),
             })
             .await
             .unwrap();
+        // A member of another cluster whose id and incarnation match is
+        // told so, not taken for this one's.
+        let e = c
+            .membership()
+            .heartbeat(pb::HeartbeatRequest {
+                member_id: a.member_id,
+                incarnation: a.incarnation,
+                used_pages: 0,
+                cluster_id: "0123456789abcdef0123456789abcdef".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        assert_eq!(e.metadata().get("rmem-reason").unwrap(), "other_cluster");
         // A sequence read before the restart is never current after it.
         let rr = c
             .intervals()

@@ -312,6 +312,30 @@ impl Raw {
         Self { stream }
     }
 
+    /// From source address `from` (any 127/8 address is this host's): a
+    /// peer of its own to the server.
+    fn connect_from(server: &ServerProcess, from: &str) -> Self {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let src: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+        s.bind(&SockAddr::from(src)).unwrap();
+        s.connect(&SockAddr::from(server.data)).unwrap();
+        let stream: TcpStream = s.into();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Self { stream }
+    }
+
+    /// The ERROR the server answered with, if it did before closing.
+    fn error(&mut self) -> Option<(ErrorCode, String)> {
+        let (h, p) = self.read_frame()?;
+        match Response::decode(&h, &p, 0) {
+            Ok(Response::Error(e)) => Some((e.code, e.message.to_string())),
+            _ => None,
+        }
+    }
+
     fn hello(&mut self, version: u16, tenant: &str, credential: &[u8]) {
         let mut buf = Vec::new();
         wire::encode_hello(
@@ -913,6 +937,51 @@ fn a_frame_dripped_byte_by_byte_is_cut_off_at_the_request_timeout() {
     let mut conn = BlockingConnection::connect(&server.client_config()).unwrap();
     let mut out = [[0u8; wire::PAGE_SIZE]; 1];
     assert_eq!(conn.get(&[1], &mut out).unwrap(), [PageStatus::NotFound]);
+}
+
+#[test]
+fn strangers_cannot_hold_the_slots_nor_guess_credentials_fast() {
+    let server = ServerProcess::start(&["--capacity", "4MiB", "--token", "right"]);
+    let cfg = server.client_config().with_tenant("default", "right");
+
+    // 64 sockets from one address that never say HELLO hold its whole
+    // share; the next one is refused, and an agent elsewhere still gets in.
+    let silent: Vec<Raw> = (0..64)
+        .map(|_| Raw::connect_from(&server, "127.0.0.2"))
+        .collect();
+    let mut extra = Raw::connect_from(&server, "127.0.0.2");
+    let (code, msg) = extra.error().expect("a refusal");
+    assert_eq!(code, ErrorCode::Busy, "{msg}");
+    assert!(msg.contains("have not authenticated"), "{msg}");
+    let mut good = BlockingConnection::connect(&cfg).unwrap();
+    good.put(&[(1, &pattern(1, 1))]).unwrap();
+    drop(silent);
+
+    // Guessing credentials from one address, as fast as it can for 3 s:
+    // a handful of tries get an answer, the rest are refused unheard.
+    let start = Instant::now();
+    let (mut answered, mut barred) = (0, 0);
+    while start.elapsed() < Duration::from_secs(3) {
+        let mut raw = Raw::connect_from(&server, "127.0.0.3");
+        raw.hello(wire::PROTOCOL_VERSION, "default", b"guess");
+        match raw.error() {
+            Some((ErrorCode::AuthFailed, _)) => answered += 1,
+            Some((ErrorCode::Busy, m)) => {
+                assert!(m.contains("failed authentications"), "{m}");
+                barred += 1;
+            }
+            other => panic!("unexpected answer to a wrong credential: {other:?}"),
+        }
+    }
+    assert!(
+        (6..=12).contains(&answered),
+        "{answered} guesses answered in 3 s ({barred} refused)"
+    );
+    // Everyone else is unaffected.
+    let mut out = [[0u8; wire::PAGE_SIZE]];
+    let mut again = BlockingConnection::connect(&cfg).unwrap();
+    assert_eq!(again.get(&[1], &mut out).unwrap(), [PageStatus::Ok]);
+    assert_eq!(good.stat().unwrap().used_pages, 1);
 }
 
 #[test]

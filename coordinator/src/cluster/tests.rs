@@ -428,6 +428,16 @@ fn placement_spreads_skips_draining_servers_and_honours_quotas() {
         c.allocate(a, "red", 1),
         Err(CoordError::UnknownTenant(_))
     ));
+    // Nor may an interval name a tenant the cluster does not have.
+    let mut iv = interval("p", 0, 4, a, &[]);
+    iv.tenant = "red".into();
+    assert!(matches!(
+        c.register_interval(&iv),
+        Err(CoordError::UnknownTenant(_))
+    ));
+    assert_eq!(c.intervals.len(), 0);
+    iv.tenant = "blue".into();
+    c.register_interval(&iv).unwrap();
     assert!(matches!(
         c.allocate(s[0], "blue", 1),
         Err(CoordError::Invalid { .. })

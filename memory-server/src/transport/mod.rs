@@ -2,6 +2,7 @@
 //! [`rmem_proto::wire`] with the same semantics; requests are executed by
 //! [`session::Session`], which is independent of the transport.
 
+pub mod admission;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod session;

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::admission::{Admission, Ticket};
 use super::session::{Fatal, Session, Shared};
 
 /// Responses are written once this many bytes are pending, even if more
@@ -64,6 +65,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     timeouts: Timeouts,
     max_connections: u32,
+    admission: Arc<Admission>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -90,6 +92,15 @@ pub async fn serve(
             tracker.spawn(refuse(stream, ErrorCode::Busy, "too many connections"));
             continue;
         }
+        let ticket = match admission.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(why) => {
+                metrics.admissions_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "connection refused: {why}");
+                tracker.spawn(refuse(stream, ErrorCode::Busy, why.to_string()));
+                continue;
+            }
+        };
         metrics.connections_open.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = tune(&stream) {
             tracing::debug!(%peer, error = %e, "cannot set socket options");
@@ -107,6 +118,7 @@ pub async fn serve(
             timeouts,
             frame_deadline: None,
             shutdown: shutdown.clone(),
+            ticket,
         };
         let span = tracing::info_span!("conn", %peer);
         tracker.spawn(conn.run().instrument(span));
@@ -123,7 +135,8 @@ fn tune(stream: &TcpStream) -> std::io::Result<()> {
     )
 }
 
-async fn refuse(mut stream: TcpStream, code: ErrorCode, message: &str) {
+async fn refuse(mut stream: TcpStream, code: ErrorCode, message: impl AsRef<str>) {
+    let message = message.as_ref();
     let mut buf = Vec::new();
     wire::encode_error(&mut buf, 0, code, message);
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
@@ -152,6 +165,8 @@ struct Connection {
     /// first bytes arrive, cleared when it is executed.
     frame_deadline: Option<Instant>,
     shutdown: CancellationToken,
+    /// Its place among the unauthenticated connections, until HELLO.
+    ticket: Ticket,
 }
 
 impl Connection {
@@ -159,6 +174,11 @@ impl Connection {
     async fn run(mut self) {
         let metrics = self.session.shared().metrics.clone();
         let end = self.serve().await;
+        if let End::Fatal(f) = &end
+            && f.code == ErrorCode::AuthFailed
+        {
+            self.ticket.failed();
+        }
         metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
         let tenant = self.session.tenant().map(|t| t.name.clone());
         match end {
@@ -255,7 +275,11 @@ impl Connection {
         // Set once shutdown is requested: until when requests are still read.
         let mut draining: Option<Instant> = None;
         loop {
-            if let Err(end) = self.execute_buffered().await {
+            let result = self.execute_buffered().await;
+            if self.session.tenant().is_some() {
+                self.ticket.authenticated();
+            }
+            if let Err(end) = result {
                 return end;
             }
             if let Err(e) = self.flush().await {
