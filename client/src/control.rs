@@ -328,7 +328,8 @@ pub struct SessionState {
 }
 
 impl SessionState {
-    fn cluster_id(&self) -> String {
+    /// The cluster identity of the current registration.
+    pub fn cluster_id(&self) -> String {
         self.cluster_id
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -188,7 +188,7 @@ impl Default for ServerConfig {
             rdma_device: None,
             max_batch_pages: rmem_proto::wire::DEFAULT_MAX_BATCH_PAGES,
             max_connections: 4096,
-            max_unauthenticated: 256,
+            max_unauthenticated: 1024,
             max_unauthenticated_per_peer: 64,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(600),

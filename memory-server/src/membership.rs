@@ -57,12 +57,10 @@ fn judge(known: Option<ClusterView>, cluster_id: &str, epoch: u64, used: u64) ->
             new: None,
         };
     };
-    let new = ClusterView {
-        id,
-        epoch: known
-            .filter(|k| k.id == id)
-            .map_or(epoch, |k| k.epoch.max(epoch)),
-    };
+    // What the server records once it accepts this coordinator: the
+    // coordinator as it is (after a restore, its own older epoch, so the
+    // next registration with it is not judged a restore again).
+    let new = ClusterView { id, epoch };
     match known {
         // Nothing to protect, or pages from before identities existed.
         _ if used == 0 => Standing::Known(new),
@@ -207,9 +205,20 @@ impl FreeInvalidated {
             let d = self.distrust.lock().unwrap_or_else(|e| e.into_inner());
             match &*d {
                 None => {
-                    if let Some(v) = self.store.cluster_view().filter(|v| epoch > v.epoch) {
-                        drop(d);
-                        self.trust(ClusterView { epoch, ..v });
+                    // A newer epoch of the coordinator the pages belong to
+                    // (heartbeats bring it), recorded under the distrust
+                    // lock so a registration judging meanwhile is not
+                    // undone. The session's identity is checked: right
+                    // after registering with another coordinator, its epoch
+                    // is not this view's.
+                    let ours = self.store.cluster_view().filter(|v| {
+                        epoch > v.epoch
+                            && ClusterView::parse_id(&session.cluster_id()) == Some(v.id)
+                    });
+                    if let Some(v) = ours
+                        && let Err(e) = self.store.set_cluster_view(ClusterView { epoch, ..v })
+                    {
+                        tracing::error!(error = %e, "cannot record the cluster's epoch in the pool file");
                     }
                     return;
                 }
@@ -225,10 +234,6 @@ impl FreeInvalidated {
             }
         };
         if let Some((new, empty)) = ended {
-            let new = ClusterView {
-                epoch: new.epoch.max(epoch),
-                ..new
-            };
             if empty {
                 tracing::info!(cluster = %new, "no page is left from before: trusting this coordinator");
             } else {
@@ -508,7 +513,7 @@ mod tests {
             panic!("an older state was trusted");
         };
         assert!(why.contains("older copy"), "{why}");
-        assert_eq!(new, view(0xa, 7));
+        assert_eq!(new, view(0xa, 5), "accepted later, it is recorded as it is");
         // An identity that is not one.
         assert!(matches!(
             judge(view(0xa, 7), "", 9, 100),
@@ -524,7 +529,7 @@ mod tests {
         );
         assert_eq!(
             judge(view(0xa, 7), A, 2, 0),
-            Standing::Known(ClusterView { id: 0xa, epoch: 7 })
+            Standing::Known(ClusterView { id: 0xa, epoch: 2 })
         );
     }
 }

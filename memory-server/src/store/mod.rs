@@ -683,11 +683,13 @@ impl Store {
     /// first, when there is one).
     pub fn set_cluster_view(&self, view: ClusterView) -> Result<(), StoreError> {
         let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
-        if *v != Some(view) {
-            self.pool.write_view(&view).map_err(StoreError::Flush)?;
-            *v = Some(view);
+        if *v == Some(view) {
+            return Ok(());
         }
-        Ok(())
+        // Held in memory even when the file cannot take it: this run keeps
+        // judging coordinators against it.
+        *v = Some(view);
+        self.pool.write_view(&view).map_err(StoreError::Flush)
     }
 
     /// Whether the current coordinator does not know the stored pages.

@@ -14,7 +14,9 @@
 //!   each further one bars the peer for a penalty that doubles, from
 //!   [`FIRST_PENALTY`] up to [`MAX_PENALTY`]: its connections are refused
 //!   at accept, with the time left, until the bar lifts. A success clears
-//!   the record. That leaves a guesser a few tries a minute.
+//!   the record. That leaves a guesser about one try a minute for each
+//!   connection it may hold open before HELLO (the bar is checked at
+//!   accept), instead of thousands a second.
 //!
 //! Records of peers with nothing in flight expire after [`FORGET_AFTER`]
 //! of quiet; at most [`MAX_PEERS`] are kept (past that, failures of new
