@@ -304,6 +304,9 @@ pub struct Registration {
     pub cluster_id: String,
     /// The coordinator's epoch at the registration.
     pub epoch: u64,
+    /// The cluster's default redundancy policy, as the coordinator wrote it
+    /// (empty from a coordinator that predates it).
+    pub redundancy: String,
 }
 
 /// Identity and counters of a running session.
@@ -425,6 +428,7 @@ async fn register(
             member_id: r.member_id,
             cluster_id: r.cluster_id,
             epoch: r.epoch,
+            redundancy: r.redundancy,
         })
         .await;
     tracing::info!(member = r.member_id, incarnation = r.incarnation, name = %req.name, "registered with the coordinator");

@@ -5,16 +5,19 @@
 //! operators write them (`4GiB`), [`histogram`] records latencies without
 //! locks, [`logging`] sets up `tracing`, [`notify`] speaks systemd's
 //! readiness protocol, [`shutdown`] turns SIGINT/SIGTERM
-//! into a future.
+//! into a future, [`redundancy`] names how many copies of a page servers
+//! hold.
 
 pub mod config;
 pub mod histogram;
 pub mod logging;
 pub mod notify;
+pub mod redundancy;
 pub mod shutdown;
 pub mod size;
 
 pub use histogram::{Histogram, Percentiles};
+pub use redundancy::Redundancy;
 pub use size::ByteSize;
 
 /// An error and its sources, joined by `": "` (what a log line or an

@@ -114,6 +114,7 @@ pub struct Counters {
 pub struct Cluster {
     lease: Duration,
     chunk_pages: u64,
+    redundancy: rmem_common::Redundancy,
     compact_after: usize,
     tenants: BTreeMap<String, TenantConfig>,
     store: Box<dyn StateStore>,
@@ -143,6 +144,7 @@ impl Cluster {
         let mut c = Self {
             lease: cfg.lease,
             chunk_pages: cfg.placement_chunk.bytes() / PAGE,
+            redundancy: cfg.redundancy,
             compact_after: cfg.compact_after,
             tenants: cfg
                 .tenants
@@ -496,6 +498,33 @@ impl Cluster {
         tenant: &str,
         pages: u64,
     ) -> Result<Vec<GrantRecord>, CoordError> {
+        self.allocate_copies(agent, tenant, pages, 1, &[])
+    }
+
+    /// The redundancy agents use by default.
+    pub fn redundancy(&self) -> rmem_common::Redundancy {
+        self.redundancy
+    }
+
+    /// Grants `pages` for `copies` copies: with one copy, spread over the
+    /// servers in chunks; with more, `pages` whole on each of up to
+    /// `copies` distinct servers (fewer when fewer have room; at least one,
+    /// or `NoCapacity`). Servers in `exclude` get nothing.
+    pub fn allocate_copies(
+        &mut self,
+        agent: u64,
+        tenant: &str,
+        pages: u64,
+        copies: u32,
+        exclude: &[u64],
+    ) -> Result<Vec<GrantRecord>, CoordError> {
+        let copies = u64::from(copies.max(1));
+        if copies > rmem_common::redundancy::MAX_COPIES as u64 {
+            return Err(CoordError::invalid(
+                "copies",
+                format!("at most {}", rmem_common::redundancy::MAX_COPIES),
+            ));
+        }
         if pages == 0 {
             return Err(CoordError::invalid("pages", "must be positive"));
         }
@@ -515,7 +544,10 @@ impl Cluster {
         }
         let (_, quota) = self.tenant(tenant)?;
         if let Some(quota) = quota {
-            let wanted = self.grants.tenant_pages(tenant).saturating_add(pages);
+            let wanted = self
+                .grants
+                .tenant_pages(tenant)
+                .saturating_add(pages.saturating_mul(copies));
             if wanted > quota {
                 return Err(CoordError::QuotaExceeded {
                     tenant: tenant.to_string(),
@@ -528,19 +560,23 @@ impl Cluster {
         let mut candidates: Vec<Candidate> = self
             .members
             .iter()
-            .filter(|m| m.placeable())
+            .filter(|m| m.placeable() && !exclude.contains(&m.rec.id))
             .map(|m| Candidate {
                 server: m.rec.id,
                 free: placement::free_pages(m, granted.get(&m.rec.id).copied().unwrap_or(0)),
             })
             .filter(|c| c.free > 0)
             .collect();
-        let spread = placement::spread(
-            &mut candidates,
-            pages,
-            self.chunk_pages.max(1),
-            &mut self.rng,
-        )?;
+        let spread = if copies == 1 {
+            placement::spread(
+                &mut candidates,
+                pages,
+                self.chunk_pages.max(1),
+                &mut self.rng,
+            )?
+        } else {
+            placement::distinct(&mut candidates, pages, copies as usize, &mut self.rng)?
+        };
         let mut out = Vec::with_capacity(spread.len());
         for (server, n) in spread {
             let grant = GrantRecord {

@@ -68,6 +68,11 @@ pub struct CoordinatorConfig {
     pub reap_after: Option<Duration>,
     /// Largest piece of one allocation placed on one server.
     pub placement_chunk: ByteSize,
+    /// The redundancy agents use unless a region or attachment asks for
+    /// another: `replicas=2` (every evicted page on two distinct servers,
+    /// so losing any one server loses nothing). Agents place fewer copies,
+    /// and count the pages at risk, while the cluster has fewer servers.
+    pub redundancy: rmem_common::Redundancy,
     /// Records appended before the log is compacted into a snapshot.
     pub compact_after: usize,
     /// Token every gRPC caller must present (`authorization: Bearer ...`),
@@ -94,6 +99,7 @@ impl Default for CoordinatorConfig {
             max_invalidation_deadline: Duration::from_secs(60),
             reap_after: None,
             placement_chunk: ByteSize::mib(64),
+            redundancy: rmem_common::Redundancy::Replicas(2),
             compact_after: 10_000,
             token: None,
             token_file: None,

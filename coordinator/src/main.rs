@@ -52,6 +52,10 @@ struct Args {
     /// [default: 64MiB].
     #[arg(long, value_name = "SIZE")]
     placement_chunk: Option<rmem_common::ByteSize>,
+    /// Default redundancy of agents' pages: `none` or `replicas=N`
+    /// [default: replicas=2].
+    #[arg(long, value_name = "POLICY")]
+    redundancy: Option<rmem_common::Redundancy>,
     /// File holding the token every caller must present. Without it (or
     /// RMEM_CLUSTER_TOKEN) callers are not authenticated.
     #[arg(long, value_name = "PATH", conflicts_with = "token")]
@@ -106,6 +110,9 @@ fn config(args: &Args) -> Result<CoordinatorConfig, ConfigError> {
     }
     if let Some(v) = args.placement_chunk {
         c.placement_chunk = v;
+    }
+    if let Some(v) = args.redundancy {
+        c.redundancy = v;
     }
     if args.token.is_some() || args.token_file.is_some() {
         c.token = args.token.clone();

@@ -115,6 +115,40 @@ pub fn spread(
     Ok(taken.into_iter().collect())
 }
 
+/// Picks up to `copies` distinct candidates with room for all `pages`,
+/// each the freer of two random ones left. Returns (server, pages) per
+/// server, or `NoCapacity` when none has room.
+pub fn distinct(
+    candidates: &mut [Candidate],
+    pages: u64,
+    copies: usize,
+    rng: &mut impl Rng,
+) -> Result<Vec<(u64, u64)>, CoordError> {
+    let mut open: Vec<usize> = (0..candidates.len())
+        .filter(|&i| candidates[i].free >= pages)
+        .collect();
+    if open.is_empty() {
+        return Err(CoordError::NoCapacity {
+            requested: pages,
+            free: candidates.iter().map(|c| c.free).max().unwrap_or(0),
+        });
+    }
+    let mut out = Vec::with_capacity(copies);
+    while out.len() < copies && !open.is_empty() {
+        let a = rng.random_range(0..open.len());
+        let b = rng.random_range(0..open.len());
+        let k = if candidates[open[b]].free > candidates[open[a]].free {
+            b
+        } else {
+            a
+        };
+        let pick = open.swap_remove(k);
+        candidates[pick].free -= pages;
+        out.push((candidates[pick].server, pages));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +196,32 @@ mod tests {
         assert_eq!(c[0].free + c[1].free, 15);
         let got = spread(&mut c, 15, 4, &mut rng).unwrap();
         assert_eq!(got, vec![(1, 10), (2, 5)]);
+    }
+
+    #[test]
+    fn copies_go_to_distinct_servers_with_room() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut c = vec![
+            Candidate {
+                server: 1,
+                free: 100,
+            },
+            Candidate {
+                server: 2,
+                free: 10,
+            },
+            Candidate {
+                server: 3,
+                free: 100,
+            },
+        ];
+        let got = distinct(&mut c, 50, 2, &mut rng).unwrap();
+        let mut servers: Vec<u64> = got.iter().map(|g| g.0).collect();
+        servers.sort_unstable();
+        assert_eq!(servers, [1, 3], "server 2 has no room for 50");
+        // Fewer servers with room than copies: as many as there are.
+        let got = distinct(&mut c, 50, 3, &mut rng).unwrap();
+        assert_eq!(got.len(), 2);
+        assert!(distinct(&mut c, 60, 2, &mut rng).is_err());
     }
 }

@@ -130,6 +130,7 @@ impl Membership for Service {
             } as i32,
             cluster_id: c.cluster_id().to_string(),
             epoch: c.epoch(),
+            redundancy: c.redundancy().to_string(),
         })
     }
 
@@ -180,7 +181,7 @@ impl Placement for Service {
     async fn allocate(&self, r: Request<pb::AllocateRequest>) -> Res<pb::AllocateResponse> {
         let r = r.into_inner();
         let mut c = self.shared.lock();
-        let grants = c.allocate(r.agent_id, &r.tenant, r.pages)?;
+        let grants = c.allocate_copies(r.agent_id, &r.tenant, r.pages, r.copies, &r.exclude)?;
         let grants = grants.iter().map(|g| c.grant_pb(g)).collect();
         ok(pb::AllocateResponse { grants })
     }

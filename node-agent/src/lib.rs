@@ -7,18 +7,15 @@
 //! - [`prefetch`]: stream detection and fetch-ahead.
 //! - [`uffd`], [`mem`]: the userfaultfd and memfd system interfaces, the
 //!   only modules with `unsafe` code.
-//! - [`placement`]: which servers a region's pages go to.
-//! - [`remote`]: a thread's reconnecting connection to a memory server.
-//! - [`cluster`]: membership in a cluster: placement from the coordinator,
-//!   intervals, invalidation on drop, moving pages off draining servers.
+//! - [`remote`]: where pages live off this node, one layer for both
+//!   backends: connections, servers, cluster membership, handle spaces,
+//!   the book of where each copy is, drains.
 //! - [`kmod`]: the kernel backend: `rmem.ko` through `/dev/rmem`.
 //! - [`demo`]: the `rmem-agent demo` workload and report.
 
-pub mod cluster;
 pub mod demo;
 pub mod kmod;
 pub mod mem;
-pub mod placement;
 pub mod policy;
 pub mod prefetch;
 pub mod region;
@@ -26,3 +23,4 @@ pub mod remote;
 pub mod uffd;
 
 pub use region::{RegionConfig, RegionError, RemoteRegion};
+pub use remote::cluster;

@@ -543,20 +543,14 @@ fn a_region_spreads_its_pages_over_several_servers() {
     let servers: Vec<ServerProcess> = (0..3)
         .map(|_| ServerProcess::start(&["--capacity", "32MiB"]))
         .collect();
-    let placement = rmem_agent::placement::Placement::new(
-        servers.iter().map(|s| s.client_config()).collect(),
-        &[(1024, 0), (1024, 1), (1024, 2), (1024, 0)],
-        4096,
-    )
-    .unwrap();
-    let r = RemoteRegion::with_placement(
+    let r = RemoteRegion::with_servers(
         RegionConfig {
             size: 4096 * PAGE_SIZE as u64,
             budget: 256 * PAGE_SIZE as u64,
             fault_timeout: Duration::from_secs(20),
             ..RegionConfig::default()
         },
-        placement,
+        servers.iter().map(|s| s.client_config()).collect(),
     )
     .unwrap();
     let words = Words::of(&r);
@@ -582,9 +576,8 @@ fn a_region_spreads_its_pages_over_several_servers() {
         .iter_mut()
         .map(|c| c.stat().unwrap().used_pages)
         .collect();
-    // Server 0 holds two segments, the others one each.
+    // Eviction batches take turns over the servers.
     assert!(used.iter().all(|&u| u > 500), "pages not spread: {used:?}");
-    assert!(used[0] > used[1] && used[0] > used[2], "{used:?}");
     drop(r);
     let used: Vec<u64> = conns
         .iter_mut()

@@ -493,6 +493,7 @@ fn an_expired_lease_marks_a_server_down_and_placement_avoids_it() {
                     agent_id: a.member_id(),
                     tenant: "default".into(),
                     pages: 10,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -519,6 +520,7 @@ fn an_expired_lease_marks_a_server_down_and_placement_avoids_it() {
                 agent_id: a.member_id(),
                 tenant: "default".into(),
                 pages: 1_000_000,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -549,6 +551,7 @@ fn a_restarted_coordinator_keeps_its_registrations() {
                 agent_id: a.member_id,
                 tenant: "default".into(),
                 pages: 100,
+                ..Default::default()
             })
             .await
             .unwrap()

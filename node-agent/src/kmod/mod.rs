@@ -9,10 +9,9 @@
 //!   and the loop that evicts their cold pages (`rmem-agent kernel|serve`).
 //! - [`admin`]: `rmem-agent serve`'s gRPC admin API on a Unix socket.
 //! - [`config`]: `rmem-agent serve`'s configuration.
-//! - [`homes`]: where pages go (one server, or a cluster's granted
-//!   servers), handles, and the interval that frees them.
 //! - [`service`]: [`KernelAgent`], which serves the module's fetch requests
-//!   and freed handles from a memory server and evicts ranges on request.
+//!   and freed handles and evicts ranges on request, over the shared
+//!   remote layer ([`crate::remote::Homes`]).
 
 pub mod admin;
 pub mod budget;
@@ -20,7 +19,6 @@ pub mod config;
 pub mod daemon;
 pub mod damon;
 pub mod device;
-pub mod homes;
 pub mod service;
 pub mod uapi;
 

@@ -2,7 +2,7 @@
 //! handles from memory servers, and moves pages out on request.
 //!
 //! Where pages go (one server, or a cluster's granted servers) and how
-//! handles are chosen is [`super::homes`]'s business.
+//! handles are chosen is the remote layer's business ([`crate::remote`]).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -14,10 +14,8 @@ use std::time::{Duration, Instant};
 use rmem_client::{ClientConfig, ClientError, Page, PageStatus};
 
 use super::device::{Device, FetchReply};
-use super::homes::{Home, Homes};
 use super::uapi::{self, Event, PAGE_SIZE};
-use crate::cluster::{Cluster, ClusterError};
-use crate::placement::Remotes;
+use crate::remote::{Cluster, ClusterError, Home, Homes, Remotes};
 
 /// How the kernel agent runs.
 #[derive(Debug, Clone)]
@@ -46,7 +44,7 @@ pub struct KernelConfig {
 impl KernelConfig {
     /// Defaults, pages on `server`.
     pub fn new(server: ClientConfig) -> Self {
-        Self::with_home(Home::Server(server))
+        Self::with_home(Home::Servers(vec![server]))
     }
 
     /// Defaults, pages on the servers `cluster` grants.
@@ -105,7 +103,6 @@ pub struct KernelAgent {
     homes: Arc<Homes>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
-    next_handle: AtomicU64,
     evictor: Mutex<Evictor>,
     stats: Arc<KernelStats>,
 }
@@ -123,7 +120,7 @@ impl KernelAgent {
         let dev = Arc::new(Device::open(&cfg.device)?);
         warn_if_module_gives_up_first(cfg.fault_timeout);
         let in_use = dev.info()?.pages_in_use;
-        let homes = Arc::new(Homes::new(cfg.home.clone(), in_use)?);
+        let homes = Homes::for_agent(cfg.home.clone(), in_use, cfg.request_timeout)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(KernelStats::default());
         let mut threads = Vec::new();
@@ -139,23 +136,11 @@ impl KernelAgent {
                     .spawn(move || serve(&dev, &homes, remotes, &stop, &stats, timeouts, delay))?,
             );
         }
-        if let Some(cluster) = homes.cluster() {
-            // Pages on a server being drained move elsewhere.
-            let weak = Arc::downgrade(&homes);
-            let timeout = cfg.request_timeout;
-            cluster.on_drain(Arc::new(move |member| {
-                if let Some(homes) = weak.upgrade() {
-                    let mut remotes = Remotes::new(timeout, Duration::ZERO);
-                    homes.drain(&mut remotes, member, timeout);
-                }
-            }));
-        }
         let max = uapi::MAX_BATCH as usize;
         Ok(Self {
             dev,
             stop,
             threads,
-            next_handle: AtomicU64::new(homes.base()),
             evictor: Mutex::new(Evictor {
                 remotes: Remotes::new(cfg.request_timeout, Duration::ZERO),
                 data: vec![0; max * PAGE_SIZE],
@@ -263,7 +248,7 @@ impl KernelAgent {
         max_pages: usize,
         n: usize,
     ) -> Result<usize, KernelError> {
-        let first = self.next_handle.fetch_add(n as u64, Ordering::Relaxed);
+        let first = self.homes.take(n);
         let handles: Vec<u64> = (first..first + n as u64).collect();
         let pieces = self.homes.place(first, n)?;
         let deadline = Instant::now() + self.cfg.request_timeout;

@@ -1,13 +1,12 @@
 //! Discarding a range of a region: the program no longer needs its
 //! contents (as with `MADV_DONTNEED` on private anonymous memory). Local
 //! memory is freed, the servers' copies are freed (in a cluster through an
-//! invalidation of the range, so every subscriber has dropped it when this
-//! returns), and the pages read as zeroes afterwards.
+//! invalidation of their handles, so every subscriber has dropped them
+//! when this returns), and the pages read as zeroes afterwards.
 //!
 //! Every page of the range is claimed (`Fetching`) before anything is
 //! freed and released (`Absent`) only after the servers freed their
-//! copies: a fault in between waits, so no new contents can be evicted
-//! under the same handle and then lost to the server-side free.
+//! copies: a fault in between waits, and reads zeroes after.
 
 use std::time::Duration;
 
@@ -17,8 +16,8 @@ use super::state::{Kind, STORED, State, WAITER};
 /// Pages claimed for a discard, and what the servers hold of them.
 pub(crate) struct Claimed {
     pub pages: Vec<usize>,
-    /// (server, handle) of every copy a server holds.
-    pub stored: Vec<(u8, u64)>,
+    /// Handles of every copy a server holds.
+    pub stored: Vec<u64>,
     pub freed_local: usize,
 }
 
@@ -53,7 +52,7 @@ pub(crate) fn claim(inner: &Inner, first: usize, n: usize) -> Claimed {
                         c.freed_local += 1;
                     }
                     if s.has(STORED) {
-                        c.stored.push((s.server(), inner.handle(i)));
+                        c.stored.push(inner.handle(i));
                     }
                     c.pages.push(i);
                     break;

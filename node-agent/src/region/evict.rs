@@ -4,9 +4,10 @@
 //! A victim is a page the clock found untouched for a revolution; it has no
 //! PTE, so the program cannot change it without faulting into the agent,
 //! and any such fault waits (the page is `Evicting`). The evictor reads the
-//! page through the memfd, stores it, and frees the memory only after the
-//! server acknowledged it. Clean pages (the server's copy is current) and
-//! all-zero pages are freed without being sent.
+//! page through the memfd, stores it under a new handle, and frees the
+//! memory only after the server acknowledged it. Clean pages (the server's
+//! copy is current) and all-zero pages are freed without being sent. A
+//! page's older copy is freed only once its newer one is acknowledged.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -15,8 +16,8 @@ use rmem_client::{PAGE_SIZE, Page, PageStatus};
 
 use super::Inner;
 use super::state::{CLEAN, Kind, PREFETCHED, STORED, State, WAITER};
-use crate::placement::Remotes;
 use crate::policy::clock::Clock;
+use crate::remote::{Piece, Remotes};
 
 /// Body of the evictor thread.
 pub(crate) fn run(inner: &Inner, mut conn: Remotes) {
@@ -55,7 +56,7 @@ pub(crate) fn run(inner: &Inner, mut conn: Remotes) {
             if ok {
                 if inner.evict_stalled.swap(false, Ordering::AcqRel) {
                     tracing::info!(
-                        region = format_args!("{:09x}", inner.id),
+                        region = format_args!("{:06x}", inner.id),
                         "eviction resumed"
                     );
                 }
@@ -63,7 +64,7 @@ pub(crate) fn run(inner: &Inner, mut conn: Remotes) {
             } else {
                 if !inner.evict_stalled.swap(true, Ordering::AcqRel) {
                     tracing::warn!(
-                        region = format_args!("{:09x}", inner.id),
+                        region = format_args!("{:06x}", inner.id),
                         "eviction stalled: the region runs over its budget until the servers take pages again"
                     );
                     inner.space_freed.1.notify_all();
@@ -82,17 +83,14 @@ fn evict(inner: &Inner, remotes: &mut Remotes, victims: &[usize], pages: &mut [P
     let states = &inner.states;
     // Victims whose memory can go, freed together at the end in runs.
     let mut done: Vec<Release> = Vec::with_capacity(victims.len());
-    // (server, page, buffer index) of the pages to send.
-    let mut send: Vec<(u8, usize, usize)> = Vec::with_capacity(victims.len());
+    // (page, buffer index) of the pages to send.
+    let mut send: Vec<(usize, usize)> = Vec::with_capacity(victims.len());
+    // Older copies to free once the pages are settled.
+    let mut stale: Vec<u64> = Vec::new();
     for &v in victims {
         let s = states.get(v);
         if s.has(CLEAN) && s.has(STORED) {
-            done.push(Release {
-                page: v,
-                kind: Kind::Remote,
-                server: s.server(),
-                flags: 0,
-            });
+            done.push(Release::to(v, Kind::Remote));
             inner
                 .stats
                 .pages_dropped_clean
@@ -107,68 +105,125 @@ fn evict(inner: &Inner, remotes: &mut Remotes, victims: &[usize], pages: &mut [P
             continue;
         }
         if buf.iter().all(|&b| b == 0) {
-            done.push(Release {
-                page: v,
-                kind: Kind::Absent,
-                server: s.server(),
-                flags: 0,
-            });
+            // Reads as zeroes again: no copy is needed, an older one goes.
+            let mut r = Release::to(v, Kind::Absent);
+            if s.has(STORED) {
+                r.clear = STORED | CLEAN;
+                r.stale = Some(inner.handle(v));
+            }
+            done.push(r);
             inner
                 .stats
                 .pages_dropped_zero
                 .fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        // A page keeps the server that holds its older copy, so no stale
-        // copy is left elsewhere; a new one goes where its segment is placed.
-        let server = if s.has(STORED) {
-            s.server()
-        } else {
-            inner.placement.server_for(v)
-        };
-        send.push((server, v, k));
+        send.push((v, k));
     }
-    send.sort_unstable_by_key(|&(server, _, _)| server);
     let mut all_ok = true;
-    for group in send.chunk_by(|a, b| a.0 == b.0) {
-        all_ok &= put_group(inner, remotes, group, pages, &mut done);
+    if !send.is_empty() {
+        let first = inner.homes.take(send.len());
+        match inner.homes.place(first, send.len()) {
+            Ok(pieces) => {
+                let mut failed = Vec::new();
+                for piece in &pieces {
+                    let at = (piece.first - first) as usize;
+                    let group = &send[at..at + piece.count];
+                    all_ok &=
+                        put_piece(inner, remotes, piece, group, pages, &mut done, &mut failed);
+                }
+                inner.homes.stored(&pieces);
+                if !failed.is_empty() {
+                    // Whatever the servers kept of a failed request is
+                    // garbage.
+                    let _ = inner.homes.discard(remotes, &failed, deadline(inner));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(region = format_args!("{:06x}", inner.id), error = %e, "no room for evicted pages; keeping them in memory");
+                inner
+                    .stats
+                    .evict_failures
+                    .fetch_add(send.len() as u64, Ordering::Relaxed);
+                for &(v, _) in &send {
+                    abort(inner, v);
+                }
+                all_ok = false;
+            }
+        }
     }
-    release_all(inner, &mut done);
+    release_all(inner, &mut done, &mut stale);
+    if !stale.is_empty()
+        && let Err(e) = inner.homes.discard(remotes, &stale, deadline(inner))
+    {
+        tracing::warn!(region = format_args!("{:06x}", inner.id), error = %e, pages = stale.len(), "cannot free replaced copies; they stay allocated");
+    }
     all_ok
+}
+
+/// How long one eviction request may take before the pages stay.
+fn deadline(inner: &Inner) -> Instant {
+    Instant::now() + inner.cfg.fault_timeout.min(Duration::from_secs(2))
 }
 
 /// A victim whose memory may be freed, and the state it then takes.
 struct Release {
     page: usize,
     kind: Kind,
-    server: u8,
-    flags: u32,
+    /// Flags set and cleared.
+    set: u32,
+    clear: u32,
+    /// The handle of its new copy.
+    handle: Option<u64>,
+    /// Its older copy, freed once this is published.
+    stale: Option<u64>,
 }
 
-/// Stores pages bound for one server.
-fn put_group(
+impl Release {
+    fn to(page: usize, kind: Kind) -> Self {
+        Self {
+            page,
+            kind,
+            set: 0,
+            clear: 0,
+            handle: None,
+            stale: None,
+        }
+    }
+}
+
+/// Stores the pages of one piece (`group`: page and buffer index, in
+/// handle order from `piece.first`) on its server.
+fn put_piece(
     inner: &Inner,
     remotes: &mut Remotes,
-    group: &[(u8, usize, usize)],
+    piece: &Piece,
+    group: &[(usize, usize)],
     pages: &[Page],
     done: &mut Vec<Release>,
+    failed: &mut Vec<u64>,
 ) -> bool {
-    let server = group[0].0;
-    let Some(conn) = remotes.get(&inner.placement, server) else {
-        tracing::error!(
-            server,
-            "eviction to a server the region does not know; keeping the pages"
-        );
-        for &(_, v, _) in group {
+    let handles = piece.first..piece.first + piece.count as u64;
+    let give_up = |failed: &mut Vec<u64>| {
+        failed.extend(handles.clone());
+        for &(v, _) in group {
             abort(inner, v);
         }
+    };
+    let Some(conn) = remotes.get(inner.homes.servers(), piece.server) else {
+        tracing::error!(
+            server = piece.server,
+            "eviction to a server the region does not know; keeping the pages"
+        );
+        give_up(failed);
         return false;
     };
-    let items: Vec<(u64, &Page)> = group
-        .iter()
-        .map(|&(_, v, k)| (inner.handle(v), &pages[k]))
+    let items: Vec<(u64, &Page)> = handles
+        .clone()
+        .zip(group)
+        .map(|(h, &(_, k))| (h, &pages[k]))
         .collect();
-    let deadline = Instant::now() + inner.cfg.fault_timeout.min(Duration::from_secs(2));
+    let deadline = deadline(inner);
     // In requests the server accepts.
     let put = conn.max_batch(deadline).and_then(|limit| {
         let mut statuses = Vec::with_capacity(items.len());
@@ -180,17 +235,19 @@ fn put_group(
     match put {
         Ok(statuses) => {
             let mut all_ok = true;
-            for (&(_, v, _), status) in group.iter().zip(&statuses) {
+            for ((h, &(v, _)), status) in handles.clone().zip(group).zip(&statuses) {
                 if *status == PageStatus::Ok {
+                    let s = inner.states.get(v);
                     done.push(Release {
-                        page: v,
-                        kind: Kind::Remote,
-                        server,
-                        flags: STORED | CLEAN,
+                        set: STORED | CLEAN,
+                        handle: Some(h),
+                        stale: s.has(STORED).then(|| inner.handle(v)),
+                        ..Release::to(v, Kind::Remote)
                     });
                     inner.stats.pages_evicted.fetch_add(1, Ordering::Relaxed);
                 } else {
                     all_ok = false;
+                    failed.push(h);
                     inner.stats.evict_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(page = v, %status, server = %conn.addr(), "server refused a page; keeping it in memory");
                     abort(inner, v);
@@ -204,29 +261,32 @@ fn put_group(
                 .stats
                 .evict_failures
                 .fetch_add(group.len() as u64, Ordering::Relaxed);
-            for &(_, v, _) in group {
-                abort(inner, v);
-            }
+            give_up(failed);
             false
         }
     }
 }
 
 /// Frees the memory of released victims, one `fallocate` per run of
-/// consecutive pages, then publishes their new states (`server` holds a
-/// page's copy when `STORED` is or becomes set).
-fn release_all(inner: &Inner, done: &mut [Release]) {
+/// consecutive pages, then publishes their new states (a new copy's handle
+/// first); older copies they replace go to `stale`.
+fn release_all(inner: &Inner, done: &mut [Release], stale: &mut Vec<u64>) {
     done.sort_unstable_by_key(|r| r.page);
     for run in done.chunk_by(|a, b| a.page + 1 == b.page) {
         let freed = inner.backing.free_pages(run[0].page, run.len());
         for r in run {
-            let s = inner.states.get(r.page).with_server(r.server);
+            if let Some(h) = r.handle {
+                inner.handles[r.page].store(h, Ordering::Release);
+            }
+            stale.extend(r.stale);
+            let s = State((inner.states.get(r.page).0 | r.set) & !r.clear);
             match &freed {
                 Ok(()) => {
-                    let next = State(s.0 | r.flags)
-                        .with_kind(r.kind)
-                        .clear(WAITER | PREFETCHED);
-                    finish(inner, r.page, next);
+                    finish(
+                        inner,
+                        r.page,
+                        s.with_kind(r.kind).clear(WAITER | PREFETCHED),
+                    );
                     inner.uncharge(1);
                 }
                 Err(e) => {
@@ -234,11 +294,7 @@ fn release_all(inner: &Inner, done: &mut [Release]) {
                     // Still in memory, but what the server acknowledged is
                     // recorded, so its copy is known (and freed with the
                     // region).
-                    finish(
-                        inner,
-                        r.page,
-                        State(s.0 | r.flags).with_kind(Kind::Inactive),
-                    );
+                    finish(inner, r.page, s.with_kind(Kind::Inactive));
                 }
             }
         }

@@ -14,7 +14,7 @@ use rmem_client::{PAGE_SIZE, Page, PageStatus};
 
 use super::Inner;
 use super::state::{CLEAN, Kind, PREFETCHED, STORED, State, WAITER};
-use crate::placement::Remotes;
+use crate::remote::Remotes;
 use crate::uffd::{Fault, Resolve};
 
 static ZERO_PAGE: Page = [0u8; PAGE_SIZE];
@@ -253,18 +253,29 @@ fn fetch(
     scratch.pages.clear();
     scratch.handles.clear();
     scratch.pages.push(i);
-    let server = before.server();
+    let handle = inner.handle(i);
     let deadline = Instant::now() + inner.cfg.fault_timeout;
+    let Some(server) = inner.homes.server_of(handle) else {
+        tracing::error!(
+            region = format_args!("{:06x}", inner.id),
+            page = i,
+            handle,
+            "no server is known to hold the page: the faulting thread gets SIGBUS"
+        );
+        inner.charge(1);
+        fail_all(inner, scratch, before);
+        return;
+    };
     // The connection first: the server's batch limit bounds the prefetch.
-    let limit = match remotes.get(&inner.placement, server) {
-        None => Err(format!("server {server} is not in the region's placement")),
+    let limit = match remotes.get(inner.homes.servers(), server) {
+        None => Err(format!("server {server} is not in the region's table")),
         Some(conn) => conn.max_batch(deadline).map_err(|e| e.to_string()),
     };
     let limit = match limit {
         Ok(l) => l as usize,
         Err(e) => {
             tracing::error!(
-                region = format_args!("{:09x}", inner.id), page = i, server = %inner.placement.addr(server), error = %e,
+                region = format_args!("{:06x}", inner.id), page = i, server = %inner.homes.servers().addr(server), error = %e,
                 "cannot fetch page: the faulting thread gets SIGBUS"
             );
             inner.charge(1);
@@ -281,7 +292,7 @@ fn fetch(
     for j in ahead.pages(i, states.len()).take(limit.saturating_sub(1)) {
         let s = states.get(j);
         if s.kind() == Kind::Remote
-            && s.server() == server
+            && inner.homes.server_of(inner.handle(j)) == Some(server)
             && states.cas(j, s, s.with_kind(Kind::Fetching))
         {
             scratch.pages.push(j);
@@ -293,7 +304,7 @@ fn fetch(
     inner.charge(scratch.pages.len());
     let n = scratch.pages.len();
     let conn = remotes
-        .get(&inner.placement, server)
+        .get(inner.homes.servers(), server)
         .expect("connected above");
     let result = conn.get(
         &scratch.handles,
@@ -303,7 +314,7 @@ fn fetch(
     );
     if let Err(e) = result {
         tracing::error!(
-            region = format_args!("{:09x}", inner.id), page = i, server = %conn.addr(), error = %e,
+            region = format_args!("{:06x}", inner.id), page = i, server = %conn.addr(), error = %e,
             "cannot fetch page: the faulting thread gets SIGBUS"
         );
         fail_all(inner, scratch, before);
@@ -311,20 +322,27 @@ fn fetch(
     }
     for (k, (&p, status)) in scratch.pages.iter().zip(&scratch.statuses).enumerate() {
         let prior = if k == 0 { before } else { states.get(p) };
+        let mut data = &scratch.data[k];
+        let mut moved = [0u8; PAGE_SIZE];
         if *status != PageStatus::Ok {
-            if k == 0 {
+            if k > 0 {
+                // Fetched again when touched.
+                finish(inner, p, prior.with_kind(Kind::Remote));
+                inner.uncharge(1);
+                continue;
+            }
+            // The page's run may have moved meanwhile (its server was
+            // drained): ask the book again.
+            if !refetch(inner, remotes, handle, server, &mut moved, deadline) {
                 tracing::error!(
-                    region = format_args!("{:09x}", inner.id), page = p, server = %inner.placement.addr(server),
+                    region = format_args!("{:06x}", inner.id), page = p, server = %inner.homes.servers().addr(server),
                     status = %status, "server does not have the page: the faulting thread gets SIGBUS"
                 );
                 poison(inner, p, prior);
-            } else {
-                finish(inner, p, prior.with_kind(Kind::Remote));
-                inner.uncharge(1);
+                continue;
             }
-            continue;
+            data = &moved;
         }
-        let data = &scratch.data[k];
         if k == 0 {
             // The faulting page: map it; a read maps it write-protected so
             // the first write is seen and the server copy stays valid.
@@ -359,6 +377,33 @@ fn fetch(
             }
         }
     }
+}
+
+/// Fetches `handle` from where the book says it is now, if that is no
+/// longer `server`. True if `out` holds the page.
+fn refetch(
+    inner: &Inner,
+    remotes: &mut Remotes,
+    handle: u64,
+    server: u8,
+    out: &mut Page,
+    deadline: Instant,
+) -> bool {
+    let Some(now) = inner.homes.server_of(handle).filter(|&s| s != server) else {
+        return false;
+    };
+    let Some(conn) = remotes.get(inner.homes.servers(), now) else {
+        return false;
+    };
+    let mut statuses = Vec::with_capacity(1);
+    conn.get(
+        &[handle],
+        std::slice::from_mut(out),
+        &mut statuses,
+        deadline,
+    )
+    .is_ok()
+        && statuses.first() == Some(&PageStatus::Ok)
 }
 
 /// Gives up on a fetch: the faulting page is poisoned (SIGBUS for the

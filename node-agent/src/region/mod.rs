@@ -10,7 +10,6 @@
 mod discard;
 mod evict;
 mod fault;
-pub(crate) mod migrate;
 pub mod state;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,14 +23,12 @@ use rmem_proto::wire::{MAX_BATCH_PAGES_HARD, PAGE_SIZE};
 use serde::Serialize;
 
 use self::state::{STORED, States};
-use crate::cluster::Cluster;
 use crate::mem::Backing;
-use crate::placement::{Placement, Remotes};
 use crate::prefetch::Streams;
-use crate::remote::{RemoteConn, thread_config};
+use crate::remote::{Cluster, Home, Homes, RemoteConn, Remotes, thread_config};
 use crate::uffd::{self, Uffd};
 
-/// Largest region, in pages (the page index takes 28 bits of a handle).
+/// Largest region, in pages (1 TiB).
 pub const MAX_REGION_PAGES: usize = 1 << 28;
 
 /// How a region behaves.
@@ -88,7 +85,7 @@ pub enum RegionError {
     #[error("cannot start a region thread")]
     Thread(#[source] std::io::Error),
     #[error("cannot get capacity from the cluster")]
-    Cluster(#[source] crate::cluster::ClusterError),
+    Cluster(#[source] crate::remote::ClusterError),
 }
 
 /// Counters of a region.
@@ -146,7 +143,7 @@ pub struct StatsSnapshot {
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) cfg: RegionConfig,
-    /// High bits of every page handle of this region.
+    /// The region's name in logs.
     pub(crate) id: u64,
     pub(crate) backing: Backing,
     pub(crate) uffd: Uffd,
@@ -165,14 +162,25 @@ pub(crate) struct Inner {
     pub(crate) space_freed: (Mutex<()>, Condvar),
     pub(crate) prefetch: Mutex<Streams>,
     pub(crate) stats: Stats,
-    /// The servers the region's pages go to.
-    pub(crate) placement: Placement,
+    /// Where the region's pages go: its servers, handle space and book.
+    pub(crate) homes: Arc<Homes>,
+    /// The handle of each page's stored copy (meaningful while `STORED`
+    /// is set; written before the state word that publishes it).
+    pub(crate) handles: Box<[AtomicU64]>,
 }
 
 impl Inner {
-    /// The server handle of page `i`.
+    /// The handle of page `i`'s stored copy (see `handles`).
     pub(crate) fn handle(&self, i: usize) -> u64 {
-        (self.id << 28) | i as u64
+        self.handles[i].load(Ordering::Acquire)
+    }
+
+    /// Every copy the servers hold for the region.
+    pub(crate) fn stored_handles(&self) -> Vec<u64> {
+        (0..self.states.len())
+            .filter(|&i| self.states.get(i).has(STORED))
+            .map(|i| self.handle(i))
+            .collect()
     }
 
     pub(crate) fn page_addr(&self, i: usize) -> u64 {
@@ -221,7 +229,7 @@ impl Inner {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 tracing::warn!(
-                    region = format_args!("{:09x}", self.id),
+                    region = format_args!("{:06x}", self.id),
                     "evictor cannot keep up; exceeding the local budget"
                 );
                 return;
@@ -255,8 +263,6 @@ impl Inner {
 pub struct RemoteRegion {
     inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
-    /// The cluster the region's capacity came from, and its interval.
-    cluster: Option<(Arc<Cluster>, u64)>,
 }
 
 impl RemoteRegion {
@@ -266,66 +272,39 @@ impl RemoteRegion {
         RemoteConn::new(thread_config(&client, cfg.fault_timeout))
             .max_batch(Instant::now() + cfg.fault_timeout)
             .map_err(RegionError::Server)?;
-        let pages = (cfg.size / PAGE_SIZE as u64) as usize;
-        Self::with_placement(cfg, Placement::single(client, pages))
+        Self::with_servers(cfg, vec![client])
+    }
+
+    /// Creates a region whose eviction batches take turns over `servers`
+    /// (contacted on first use).
+    pub fn with_servers(
+        cfg: RegionConfig,
+        servers: Vec<ClientConfig>,
+    ) -> Result<Self, RegionError> {
+        let cfg = validate(cfg)?;
+        let homes = Homes::for_region(Home::Servers(servers), 0, drain_timeout(&cfg))
+            .map_err(RegionError::Cluster)?;
+        Self::with_homes(cfg, homes)
     }
 
     /// Creates a region whose capacity comes from `cluster`: the
-    /// coordinator places its pages on servers, and its range is registered
-    /// as an interval those servers subscribe to (see [`crate::cluster`]).
+    /// coordinator grants the region's size up front, and the region's
+    /// handle space is registered as an interval those servers subscribe
+    /// to (see [`crate::remote`]).
     pub fn in_cluster(cfg: RegionConfig, cluster: &Arc<Cluster>) -> Result<Self, RegionError> {
-        if cfg.size == 0 || !cfg.size.is_multiple_of(PAGE_SIZE as u64) {
-            return Err(RegionError::Invalid {
-                field: "size",
-                reason: "must be a positive multiple of 4 KiB".into(),
-            });
-        }
-        let pages = (cfg.size / PAGE_SIZE as u64) as usize;
-        let (placement, grants) = cluster.place(pages).map_err(RegionError::Cluster)?;
-        let mut region = match Self::with_placement(cfg, placement) {
-            Ok(r) => r,
-            Err(e) => {
-                cluster.release(&grants);
-                return Err(e);
-            }
-        };
-        match cluster.register(&region.inner, grants.clone()) {
-            Ok(interval) => region.cluster = Some((cluster.clone(), interval)),
-            Err(e) => {
-                cluster.release(&grants);
-                return Err(RegionError::Cluster(e));
-            }
-        }
-        Ok(region)
+        let cfg = validate(cfg)?;
+        let pages = cfg.size / PAGE_SIZE as u64;
+        let homes = Homes::for_region(Home::Cluster(cluster.clone()), pages, drain_timeout(&cfg))
+            .map_err(RegionError::Cluster)?;
+        Self::with_homes(cfg, homes.clone()).inspect_err(|_| {
+            homes.retire();
+        })
     }
 
-    /// Creates a region whose pages go to the servers of `placement`.
-    pub fn with_placement(cfg: RegionConfig, placement: Placement) -> Result<Self, RegionError> {
-        let invalid = |field, reason: &str| RegionError::Invalid {
-            field,
-            reason: reason.to_string(),
-        };
-        if cfg.size == 0 || !cfg.size.is_multiple_of(PAGE_SIZE as u64) {
-            return Err(invalid("size", "must be a positive multiple of 4 KiB"));
-        }
+    /// Creates a region whose pages go where `homes` places them.
+    fn with_homes(cfg: RegionConfig, homes: Arc<Homes>) -> Result<Self, RegionError> {
         let pages = (cfg.size / PAGE_SIZE as u64) as usize;
-        if pages > MAX_REGION_PAGES {
-            return Err(invalid("size", "at most 1 TiB per region"));
-        }
         let budget_pages = (cfg.budget / PAGE_SIZE as u64) as usize;
-        if budget_pages < 16 {
-            return Err(invalid("budget", "must be at least 64 KiB (16 pages)"));
-        }
-        if cfg.fault_threads == 0 {
-            return Err(invalid("fault_threads", "must be at least 1"));
-        }
-        if cfg.evict_batch == 0 {
-            return Err(invalid("evict_batch", "must be at least 1"));
-        }
-        if placement.pages() != pages {
-            return Err(invalid("placement", "must cover every page of the region"));
-        }
-
         // Servers are contacted on first use (a region over many servers
         // does not wait for all of them, nor fail for one being slow);
         // requests are split to each server's batch limit then.
@@ -355,7 +334,7 @@ impl RemoteRegion {
         )
         .map_err(RegionError::Register)?;
 
-        let id = rand::random::<u64>() >> 28;
+        let id = homes.base() >> crate::remote::space::SPACE_BITS;
         let inner = Arc::new(Inner {
             id,
             states: States::new(pages),
@@ -368,7 +347,8 @@ impl RemoteRegion {
             space_freed: (Mutex::new(()), Condvar::new()),
             prefetch: Mutex::new(Streams::new(cfg.prefetch_max)),
             stats: Stats::default(),
-            placement,
+            handles: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+            homes,
             backing,
             uffd,
             cfg,
@@ -376,7 +356,6 @@ impl RemoteRegion {
         let mut region = Self {
             inner: inner.clone(),
             threads: Vec::new(),
-            cluster: None,
         };
         for t in 0..inner.cfg.fault_threads {
             // The fault path polls for the reply: a remote fault then costs
@@ -397,10 +376,10 @@ impl RemoteRegion {
             .map_err(RegionError::Thread)?;
         region.threads.push(h);
         tracing::info!(
-            region = format_args!("{id:09x}"),
+            region = format_args!("{id:06x}"),
             pages,
             budget_pages,
-            servers = inner.placement.server_count(),
+            home = %inner.homes.describe(),
             "region created"
         );
         Ok(region)
@@ -458,12 +437,15 @@ impl RemoteRegion {
             return Ok(0);
         }
         let claimed = discard::claim(inner, first, n);
-        let by_cluster = !claimed.stored.is_empty()
-            && self.cluster.as_ref().is_some_and(|(cluster, _)| {
-                cluster.invalidate(inner.backing.base() as u64 + offset as u64, len as u64)
-            });
-        if !by_cluster {
-            free_on_servers(inner, claimed.stored.clone());
+        if !claimed.stored.is_empty() {
+            let mut remotes = Remotes::new(inner.cfg.fault_timeout, Duration::ZERO);
+            let deadline = Instant::now() + inner.cfg.fault_timeout;
+            if let Err(e) = inner.homes.release(&mut remotes, &claimed.stored, deadline) {
+                tracing::warn!(
+                    region = format_args!("{:06x}", inner.id), error = %e,
+                    "cannot free discarded pages on their servers; they stay allocated"
+                );
+            }
         }
         discard::release(inner, &claimed);
         Ok(claimed.pages.len())
@@ -471,8 +453,9 @@ impl RemoteRegion {
 
     /// Connection settings of every server the region uses.
     pub fn servers(&self) -> Vec<ClientConfig> {
-        (0..self.inner.placement.server_count())
-            .filter_map(|k| self.inner.placement.server(k as u8))
+        let servers = self.inner.homes.servers();
+        (0..servers.len())
+            .filter_map(|k| servers.get(k as u8))
             .collect()
     }
 
@@ -515,7 +498,7 @@ impl RemoteRegion {
         self.inner.states.get(i).resident()
     }
 
-    /// The region's handle prefix (for logs).
+    /// The region's name in logs (the epoch of its handle space).
     pub fn id(&self) -> u64 {
         self.inner.id
     }
@@ -538,50 +521,57 @@ impl Drop for RemoteRegion {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        // Free every page the servers hold for this region: in a cluster by
-        // invalidating its range (the servers free, then acknowledge),
+        // Free every copy the servers hold for this region: in a cluster by
+        // retiring its handle space (the servers free, then acknowledge),
         // directly otherwise or if that failed.
-        let freed_by_cluster = self
-            .cluster
-            .take()
-            .is_some_and(|(cluster, interval)| cluster.unmap(inner, interval));
-        let stored: Vec<(u8, u64)> = (0..inner.states.len())
-            .map(|i| (i, inner.states.get(i)))
-            .filter(|(_, s)| s.has(STORED) && !freed_by_cluster)
-            .map(|(i, s)| (s.server(), inner.handle(i)))
-            .collect();
-        free_on_servers(inner, stored.clone());
+        let stored = inner.stored_handles();
+        if !inner.homes.retire() && !stored.is_empty() {
+            let mut remotes = Remotes::new(inner.cfg.fault_timeout, Duration::ZERO);
+            let deadline = Instant::now() + inner.cfg.fault_timeout;
+            if let Err(e) = inner.homes.discard(&mut remotes, &stored, deadline) {
+                tracing::warn!(
+                    region = format_args!("{:06x}", inner.id), error = %e,
+                    "cannot free the region's pages on their servers; they stay allocated"
+                );
+            }
+        }
         let _ = inner
             .uffd
             .unregister(inner.backing.base() as u64, inner.backing.len() as u64);
         tracing::info!(
-            region = format_args!("{:09x}", inner.id),
+            region = format_args!("{:06x}", inner.id),
             freed = stored.len(),
             "region dropped"
         );
     }
 }
 
-/// FREEs pages directly on the servers holding them.
-fn free_on_servers(inner: &Inner, mut stored: Vec<(u8, u64)>) {
-    stored.sort_unstable();
-    let mut remotes = Remotes::new(inner.cfg.fault_timeout, Duration::ZERO);
-    for by_server in stored.chunk_by(|a, b| a.0 == b.0) {
-        let server = by_server[0].0;
-        let Some(conn) = remotes.get(&inner.placement, server) else {
-            continue;
-        };
-        let deadline = Instant::now() + inner.cfg.fault_timeout;
-        let batch = conn.max_batch(deadline).unwrap_or(64) as usize;
-        let handles: Vec<u64> = by_server.iter().map(|&(_, h)| h).collect();
-        for chunk in handles.chunks(batch.max(1)) {
-            if let Err(e) = conn.free(chunk, deadline) {
-                tracing::warn!(
-                    region = format_args!("{:09x}", inner.id), server = %inner.placement.addr(server), error = %e,
-                    "cannot free the region's pages on the server; they stay allocated"
-                );
-                break;
-            }
-        }
+/// Checks a configuration; the pages it asks for fit a region.
+fn validate(cfg: RegionConfig) -> Result<RegionConfig, RegionError> {
+    let invalid = |field, reason: &str| RegionError::Invalid {
+        field,
+        reason: reason.to_string(),
+    };
+    if cfg.size == 0 || !cfg.size.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(invalid("size", "must be a positive multiple of 4 KiB"));
     }
+    let pages = (cfg.size / PAGE_SIZE as u64) as usize;
+    if pages > MAX_REGION_PAGES {
+        return Err(invalid("size", "at most 1 TiB per region"));
+    }
+    if cfg.budget / (PAGE_SIZE as u64) < 16 {
+        return Err(invalid("budget", "must be at least 64 KiB (16 pages)"));
+    }
+    if cfg.fault_threads == 0 {
+        return Err(invalid("fault_threads", "must be at least 1"));
+    }
+    if cfg.evict_batch == 0 {
+        return Err(invalid("evict_batch", "must be at least 1"));
+    }
+    Ok(cfg)
+}
+
+/// How long each request of a drain moving the region's pages may take.
+fn drain_timeout(cfg: &RegionConfig) -> Duration {
+    cfg.fault_timeout.min(Duration::from_secs(5))
 }

@@ -20,8 +20,8 @@
 //! contents (the page is mapped write-protected so the first write is
 //! seen); `STORED` — the server holds some copy (freed when the region is
 //! dropped); `PREFETCHED` — brought in ahead of use and not touched yet.
-//! Bits 8..16 name the server (in the region's placement) that holds the
-//! copy, so a fault learns where to fetch from in the same load.
+//! The stored copy's handle is kept beside the word (`Inner::handles`), and
+//! the region's book says which server holds it.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -49,10 +49,6 @@ pub const CLEAN: u32 = 1 << 3;
 pub const STORED: u32 = 1 << 4;
 pub const WAITER: u32 = 1 << 5;
 pub const PREFETCHED: u32 = 1 << 6;
-/// Bits 8..16: index (in the region's placement) of the server holding the
-/// page's copy; meaningful while `STORED` is set.
-const SERVER_SHIFT: u32 = 8;
-const SERVER_MASK: u32 = 0xff << SERVER_SHIFT;
 
 /// A snapshot of one page's word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,13 +77,6 @@ impl State {
     }
     pub fn clear(self, flag: u32) -> State {
         State(self.0 & !flag)
-    }
-    /// The server holding the page's copy (see `STORED`).
-    pub fn server(self) -> u8 {
-        ((self.0 & SERVER_MASK) >> SERVER_SHIFT) as u8
-    }
-    pub fn with_server(self, server: u8) -> State {
-        State((self.0 & !SERVER_MASK) | (u32::from(server) << SERVER_SHIFT))
     }
     /// Whether the page occupies local memory.
     pub fn resident(self) -> bool {
@@ -151,10 +140,6 @@ mod tests {
         assert!(t.has(STORED) && t.has(CLEAN) && t.has(WAITER));
         assert!(t.resident() && !s.resident());
         assert!(!t.clear(WAITER).has(WAITER));
-        let u = t.with_server(200);
-        assert_eq!((u.server(), u.kind()), (200, Kind::Fetching));
-        assert!(u.has(STORED) && u.has(CLEAN) && u.has(WAITER));
-        assert_eq!(u.with_server(3).server(), 3);
     }
 
     #[test]

@@ -1,0 +1,413 @@
+//! A node agent's link to an rmem cluster.
+//!
+//! [`Cluster::connect`] registers this process as an agent member of the
+//! coordinator. The stores built on it ([`super::Homes`]: the kernel
+//! agent's, each userfaultfd region's) then get capacity from the
+//! coordinator as grants, register their handle spaces as intervals
+//! subscribed by the granted servers, free through invalidations, and move
+//! their pages when a server is drained (the coordinator tells this link,
+//! which hands the notice to every live store).
+//!
+//! Backends run on plain threads; the control plane runs on a small tokio
+//! runtime owned by this link, which the calls here block on. So
+//! [`Cluster::connect`], creating or dropping a store, and dropping the
+//! link itself, must not happen on a thread that is running a tokio
+//! runtime (tokio refuses to block there).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use rmem_client::ClientConfig;
+use rmem_client::control::{ControlClient, ControlError, MemberSession, Subscriber};
+use rmem_proto::control::v1 as pb;
+
+use super::homes::Homes;
+use super::servers::{Remotes, ServersError};
+
+/// How to join a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Coordinator endpoint, `host:port`.
+    pub coordinator: String,
+    /// Cluster token.
+    pub token: Option<String>,
+    /// Member name, unique in the cluster (a process of this host by
+    /// default).
+    pub name: Option<String>,
+    /// Tenant the agent allocates for.
+    pub tenant: String,
+    /// How long joining keeps trying while the coordinator cannot be
+    /// reached (it is restarting, or starts after this agent).
+    pub join_timeout: Duration,
+}
+
+impl ClusterConfig {
+    pub fn new(coordinator: impl Into<String>) -> Self {
+        Self {
+            coordinator: coordinator.into(),
+            token: None,
+            name: None,
+            tenant: "default".into(),
+            join_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot start the control-plane runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("the coordinator's placement is unusable")]
+    Servers(#[from] ServersError),
+    #[error("no memory server has room")]
+    NoServer,
+}
+
+/// State shared with the member session's subscriber.
+#[derive(Debug, Default)]
+struct Shared {
+    /// The stores holding pages through this link.
+    stores: Mutex<Vec<Weak<Homes>>>,
+}
+
+/// This process's membership in a cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    runtime: tokio::runtime::Runtime,
+    client: ControlClient,
+    session: Option<MemberSession>,
+    name: String,
+    tenant: String,
+    shared: Arc<Shared>,
+    /// Whether dropping the link leaves the cluster (deregisters, so the
+    /// coordinator reclaims this agent's intervals and grants at once).
+    /// Cleared while pages elsewhere still need them (the kernel module
+    /// holds pages of attached processes): the lease then lapses and the
+    /// coordinator reclaims them only after its reap delay, which leaves
+    /// a restarted agent time to take them over.
+    leave_on_drop: std::sync::atomic::AtomicBool,
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "node".into())
+}
+
+/// Handles the agent's events: drains.
+struct Events {
+    shared: Arc<Shared>,
+}
+
+impl Subscriber for Events {
+    fn invalidate<'a>(
+        &'a self,
+        _ev: &'a pb::InvalidationEvent,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        // The agent owns its intervals and invalidates them itself (as the
+        // origin, so it gets no event); nobody else invalidates them yet.
+        Box::pin(async { Ok(()) })
+    }
+
+    fn drain<'a>(
+        &'a self,
+        notice: &'a pb::DrainNotice,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        let stores: Vec<Arc<Homes>> = {
+            let mut stores = self.shared.stores.lock().unwrap_or_else(|e| e.into_inner());
+            stores.retain(|w| w.strong_count() > 0);
+            stores.iter().filter_map(Weak::upgrade).collect()
+        };
+        // Moving pages blocks on this link's runtime: not on a runtime
+        // thread. One thread per store, so one slow store does not hold
+        // the others back.
+        let server = notice.server_id;
+        for homes in stores {
+            let spawned = std::thread::Builder::new()
+                .name("rmem-drain".into())
+                .spawn(move || {
+                    let mut remotes =
+                        Remotes::new(homes.request_timeout, std::time::Duration::ZERO);
+                    homes.drain(&mut remotes, server);
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start moving pages off a draining server");
+            }
+        }
+        Box::pin(async {})
+    }
+}
+
+/// Server connection settings for a grant.
+pub(crate) fn server_config(g: &pb::Grant) -> ClientConfig {
+    ClientConfig::new(g.data_addr.clone())
+        .with_tenant(g.tenant.clone(), g.credential.clone().into_bytes())
+}
+
+impl Cluster {
+    /// Joins the cluster as an agent member.
+    pub fn connect(cfg: &ClusterConfig) -> Result<Arc<Self>, ClusterError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("rmem-control")
+            .enable_all()
+            .build()
+            .map_err(ClusterError::Runtime)?;
+        let name = cfg
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}/{}", hostname(), std::process::id()));
+        let shared = Arc::new(Shared::default());
+        let (client, session) = runtime.block_on(async {
+            let (client, session, _) = rmem_client::control::join(
+                &cfg.coordinator,
+                cfg.token.as_deref(),
+                cfg.join_timeout,
+                pb::RegisterRequest {
+                    role: pb::Role::Agent as i32,
+                    name: name.clone(),
+                    ..Default::default()
+                },
+                |_client| {
+                    Arc::new(Events {
+                        shared: shared.clone(),
+                    })
+                },
+            )
+            .await?;
+            Ok::<_, ControlError>((client, session))
+        })?;
+        tracing::info!(coordinator = %cfg.coordinator, member = session.member_id(), %name, "agent joined the cluster");
+        Ok(Arc::new(Self {
+            runtime,
+            client,
+            session: Some(session),
+            name,
+            tenant: cfg.tenant.clone(),
+            shared,
+            leave_on_drop: std::sync::atomic::AtomicBool::new(true),
+        }))
+    }
+
+    /// Hands drain notices to `homes` while it lives.
+    pub(crate) fn watch_drains(&self, homes: &Arc<Homes>) {
+        self.shared
+            .stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(homes));
+    }
+
+    /// Removes `member` from the subscribers of `interval`.
+    pub(crate) fn unsubscribe(&self, interval: u64, member: u64) -> Result<(), ClusterError> {
+        self.runtime
+            .block_on(self.client.intervals().unsubscribe(pb::UnsubscribeRequest {
+                interval_id: interval,
+                member_id: member,
+            }))
+            .map_err(ControlError::from)?;
+        Ok(())
+    }
+
+    /// Whether dropping this link leaves the cluster (see the field).
+    pub fn set_leave_on_drop(&self, leave: bool) {
+        self.leave_on_drop
+            .store(leave, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// New grants for `pages` pages (one or more pieces, on one or more
+    /// servers); with `copies` > 1, `pages` on each of up to that many
+    /// distinct servers, none of `exclude`.
+    pub(crate) fn allocate(
+        &self,
+        pages: u64,
+        copies: usize,
+        exclude: &[u64],
+    ) -> Result<Vec<pb::Grant>, ClusterError> {
+        Ok(self
+            .runtime
+            .block_on(self.client.placement().allocate(pb::AllocateRequest {
+                agent_id: self.member_id(),
+                tenant: self.tenant.clone(),
+                pages,
+                copies: copies as u32,
+                exclude: exclude.to_vec(),
+            }))
+            .map_err(ControlError::from)?
+            .into_inner()
+            .grants)
+    }
+
+    /// The grants this member holds (from earlier incarnations too).
+    pub(crate) fn own_grants(&self) -> Result<Vec<pb::Grant>, ClusterError> {
+        Ok(self
+            .runtime
+            .block_on(self.client.placement().list_grants(pb::ListGrantsRequest {
+                agent_id: self.member_id(),
+                server_id: 0,
+            }))
+            .map_err(ControlError::from)?
+            .into_inner()
+            .grants)
+    }
+
+    /// The intervals this member registered (in earlier incarnations too).
+    pub(crate) fn own_intervals(&self) -> Result<Vec<pb::Interval>, ClusterError> {
+        let me = self.member_id();
+        Ok(self
+            .runtime
+            .block_on(self.client.intervals().list(pb::ListIntervalsRequest {
+                member_id: me,
+                address_space: String::new(),
+            }))
+            .map_err(ControlError::from)?
+            .into_inner()
+            .intervals
+            .into_iter()
+            .filter(|iv| iv.owner == me)
+            .collect())
+    }
+
+    /// Registers `[0, pages * 4096)` of address space `space`, page k
+    /// standing for handle `handle_base + k`; returns its id.
+    pub(crate) fn register_space(
+        &self,
+        space: &str,
+        pages: u64,
+        handle_base: u64,
+    ) -> Result<u64, ClusterError> {
+        Ok(self
+            .runtime
+            .block_on(
+                self.client
+                    .intervals()
+                    .register(pb::RegisterIntervalRequest {
+                        address_space: space.to_string(),
+                        start: 0,
+                        length: pages * 4096,
+                        tenant: self.tenant.clone(),
+                        handle_base,
+                        owner: self.member_id(),
+                        subscribers: Vec::new(),
+                    }),
+            )
+            .map_err(ControlError::from)?
+            .into_inner()
+            .interval_id)
+    }
+
+    /// Adds server `member` to the subscribers of `interval`.
+    pub(crate) fn subscribe(&self, interval: u64, member: u64) -> Result<(), ClusterError> {
+        self.runtime
+            .block_on(self.client.intervals().subscribe(pb::SubscribeRequest {
+                interval_id: interval,
+                member_id: member,
+            }))
+            .map_err(ControlError::from)?;
+        Ok(())
+    }
+
+    pub(crate) fn unregister(&self, interval: u64) -> Result<(), ClusterError> {
+        self.runtime
+            .block_on(
+                self.client
+                    .intervals()
+                    .unregister(pb::UnregisterIntervalRequest {
+                        interval_id: interval,
+                    }),
+            )
+            .map_err(ControlError::from)?;
+        Ok(())
+    }
+
+    /// Invalidates byte ranges `(start, length)` of `space` as one
+    /// invalidation (reason `unmap`, this agent as origin): the servers
+    /// holding those pages free them before this returns. False if it did
+    /// not complete (the caller frees what it can directly).
+    pub(crate) fn invalidate_spans(&self, space: &str, spans: &[(u64, u64)]) -> bool {
+        let Some((&(start, length), more)) = spans.split_first() else {
+            return true;
+        };
+        let r = self.runtime.block_on(
+            self.client
+                .invalidation()
+                .invalidate(pb::InvalidateRequest {
+                    address_space: space.to_string(),
+                    start,
+                    length,
+                    reason: pb::Reason::Unmap as i32,
+                    deadline_ms: 0,
+                    origin: self.member_id(),
+                    more: more
+                        .iter()
+                        .map(|&(start, length)| pb::Span { start, length })
+                        .collect(),
+                }),
+        );
+        match r {
+            Ok(r) => r.into_inner().complete,
+            Err(e) => {
+                tracing::warn!(error = %ControlError::from(e), space, "cannot invalidate freed pages");
+                false
+            }
+        }
+    }
+
+    /// Returns grants by id.
+    pub(crate) fn release_grants(&self, ids: &[u64]) {
+        self.runtime.block_on(async {
+            for &id in ids {
+                if let Err(e) = self
+                    .client
+                    .placement()
+                    .release(pb::ReleaseRequest { grant_id: id, pages: 0 })
+                    .await
+                {
+                    tracing::warn!(grant = id, error = %ControlError::from(e), "cannot release a grant");
+                }
+            }
+        });
+    }
+
+    pub fn member_id(&self) -> u64 {
+        self.session.as_ref().map_or(0, MemberSession::member_id)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn client(&self) -> &ControlClient {
+        &self.client
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        if !self
+            .leave_on_drop
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "staying a member until the lease lapses: pages elsewhere still need this agent's intervals"
+            );
+            drop(session);
+            return;
+        }
+        if let Err(e) = self.runtime.block_on(session.leave()) {
+            tracing::warn!(error = %e, "cannot leave the cluster cleanly");
+        }
+    }
+}

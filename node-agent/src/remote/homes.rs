@@ -1,0 +1,547 @@
+//! Where a backend's remote pages live: [`Homes`], the one remote store
+//! both backends use (the kernel agent for its attached processes, each
+//! userfaultfd region for its own pages).
+//!
+//! A backend takes handles from its space ([`Homes::take`]), asks where a
+//! batch goes ([`Homes::place`]), stores the pieces on their servers and
+//! records them ([`Homes::stored`]); a fault asks which server holds a
+//! handle ([`Homes::server_of`]); freed copies go back through
+//! [`Homes::release`] (an invalidation of the handle space in a cluster,
+//! freed on the servers directly otherwise or when that fails) or
+//! [`Homes::discard`] (directly: copies nothing else ever named).
+//!
+//! **In a cluster** ([`Home::Cluster`]):
+//! - *Placement.* Capacity is granted by the coordinator, up front (a
+//!   region reserves its size) and in pieces of [`GRANT_PAGES`] (or more)
+//!   as evictions need more. Batches take turns over the grants (see
+//!   [`super::book`]).
+//! - *Interval.* The handle space is registered as an interval, subscribed
+//!   by every server a grant is on; releases are invalidations of handle
+//!   ranges, one per call: every subscribed server frees them and
+//!   acknowledges before the call returns.
+//! - *Drain.* A server being drained gets nothing new; its runs move to
+//!   other grants ([`super::drain`]).
+//! - *Restarts (kernel agent).* The member name is stable (`<host>/kmod` by
+//!   default), so a restarted agent is the same member and finds the
+//!   spaces and grants of its earlier runs. While the module still holds
+//!   device pages it keeps them: a fault on an old handle asks the servers
+//!   of those grants. With no device page left it retires them and returns
+//!   the grants.
+//! - *Closing.* With nothing left that names a handle, the spaces are
+//!   retired (invalidated whole, unregistered) and the grants returned.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rmem_client::{ClientConfig, ClientError};
+
+pub use super::book::Piece;
+use super::book::{Book, Grant, UNBOUNDED};
+use super::cluster::{Cluster, ClusterError, server_config};
+use super::servers::{Remotes, Servers};
+use super::space::{SPACE_BITS, Space, new_base, retire};
+
+/// Pages asked of the coordinator when the grants are full (64 MiB).
+pub const GRANT_PAGES: u64 = 16384;
+
+/// Where the pages go.
+#[derive(Debug, Clone)]
+pub enum Home {
+    /// Memory servers named by configuration; batches take turns over them.
+    Servers(Vec<ClientConfig>),
+    /// The servers the cluster's coordinator grants.
+    Cluster(Arc<Cluster>),
+}
+
+/// The servers, the handle space and the book of where each handle is.
+#[derive(Debug)]
+pub struct Homes {
+    pub(crate) servers: Servers,
+    base: u64,
+    next: AtomicU64,
+    book: Mutex<Book>,
+    pub(crate) link: Option<Link>,
+    /// How long a drain's requests may take.
+    pub(crate) request_timeout: Duration,
+    /// Set when the space is retired: a drain still running frees what it
+    /// wrote instead of recording it.
+    pub(crate) closed: AtomicBool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub cluster: Arc<Cluster>,
+    pub space: Space,
+    /// Spaces of earlier runs of this member, kept while the module may
+    /// still hold their pages.
+    pub older: Vec<Space>,
+}
+
+impl Homes {
+    /// The kernel agent's store. In a cluster: takes over or retires what
+    /// earlier runs of this member left (kept when `module_pages` device
+    /// pages may still name their handles) and registers a new space
+    /// `<member>/handles/<epoch>`.
+    pub fn for_agent(
+        home: Home,
+        module_pages: u64,
+        request_timeout: Duration,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let cluster = match home {
+            Home::Servers(list) => return Self::standalone(list, request_timeout),
+            Home::Cluster(c) => c,
+        };
+        let prefix = format!("{}/handles/", cluster.name());
+        let older: Vec<Space> = cluster
+            .own_intervals()?
+            .into_iter()
+            .filter(|iv| iv.address_space.starts_with(&prefix))
+            .map(|iv| Space {
+                name: iv.address_space,
+                base: iv.handle_base,
+                interval: iv.id,
+            })
+            .collect();
+        let servers = Servers::default();
+        let mut book = Book::default();
+        let held = cluster.own_grants()?;
+        let older = if module_pages == 0 {
+            // No device page is left to name an old handle: what earlier
+            // runs stored is garbage.
+            for s in &older {
+                retire(&cluster, s);
+            }
+            let ids: Vec<u64> = held.iter().map(|g| g.grant_id).collect();
+            cluster.release_grants(&ids);
+            Vec::new()
+        } else {
+            // Their servers answer faults on old handles; the grants count
+            // as full (what they hold is unknown).
+            for g in &held {
+                let server = servers.add(server_config(g))?;
+                book.grants.push(Grant {
+                    id: g.grant_id,
+                    member: g.server_id,
+                    draining: false,
+                    server,
+                    pages: g.pages,
+                    used: g.pages,
+                });
+            }
+            if !older.is_empty() {
+                tracing::info!(
+                    spaces = older.len(),
+                    grants = held.len(),
+                    "kept the handle spaces of earlier runs: the module still holds pages"
+                );
+            }
+            older
+        };
+        let taken: Vec<u64> = older.iter().map(|s| s.base).collect();
+        Self::registered(
+            cluster,
+            servers,
+            book,
+            &prefix,
+            &taken,
+            older,
+            request_timeout,
+        )
+    }
+
+    /// A userfaultfd region's store: its own space `<member>/regions/<epoch>`
+    /// in a cluster, with `reserve` pages granted up front (creation fails
+    /// if the cluster does not have them).
+    pub fn for_region(
+        home: Home,
+        reserve: u64,
+        request_timeout: Duration,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let cluster = match home {
+            Home::Servers(list) => return Self::standalone(list, request_timeout),
+            Home::Cluster(c) => c,
+        };
+        let prefix = format!("{}/regions/", cluster.name());
+        let homes = Self::registered(
+            cluster,
+            Servers::default(),
+            Book::default(),
+            &prefix,
+            &[],
+            Vec::new(),
+            request_timeout,
+        )?;
+        if let Err(e) = homes.grow(reserve.max(1)) {
+            homes.retire();
+            return Err(e);
+        }
+        Ok(homes)
+    }
+
+    fn standalone(
+        list: Vec<ClientConfig>,
+        request_timeout: Duration,
+    ) -> Result<Arc<Self>, ClusterError> {
+        if list.is_empty() {
+            return Err(ClusterError::NoServer);
+        }
+        let servers = Servers::new(list)?;
+        let mut book = Book::default();
+        for k in 0..servers.len() {
+            book.grants.push(Grant {
+                id: 0,
+                member: 0,
+                draining: false,
+                server: k as u8,
+                pages: UNBOUNDED,
+                used: 0,
+            });
+        }
+        let base = new_base(&[]);
+        Ok(Arc::new(Self {
+            servers,
+            base,
+            next: AtomicU64::new(base),
+            book: Mutex::new(book),
+            link: None,
+            request_timeout,
+            closed: AtomicBool::new(false),
+        }))
+    }
+
+    fn registered(
+        cluster: Arc<Cluster>,
+        servers: Servers,
+        book: Book,
+        prefix: &str,
+        taken: &[u64],
+        older: Vec<Space>,
+        request_timeout: Duration,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let base = new_base(taken);
+        let name = format!("{prefix}{:06x}", base >> SPACE_BITS);
+        let interval = cluster.register_space(&name, 1 << SPACE_BITS, base)?;
+        tracing::debug!(space = %name, interval, "registered a handle space");
+        let homes = Arc::new(Self {
+            servers,
+            base,
+            next: AtomicU64::new(base),
+            book: Mutex::new(book),
+            link: Some(Link {
+                cluster: cluster.clone(),
+                space: Space {
+                    name,
+                    base,
+                    interval,
+                },
+                older,
+            }),
+            request_timeout,
+            closed: AtomicBool::new(false),
+        });
+        // Pages on a server being drained move elsewhere.
+        cluster.watch_drains(&homes);
+        Ok(homes)
+    }
+
+    /// The first handle of this space.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// `n` new consecutive handles; the first.
+    pub fn take(&self, n: usize) -> u64 {
+        self.next.fetch_add(n as u64, Ordering::Relaxed)
+    }
+
+    /// The servers, by index.
+    pub fn servers(&self) -> &Servers {
+        &self.servers
+    }
+
+    /// Where pages go, for logs: a server's address or the coordinator's.
+    pub fn describe(&self) -> String {
+        match &self.link {
+            None if self.servers.len() == 1 => self.servers.addr(0),
+            None => format!("{} servers", self.servers.len()),
+            Some(l) => format!("cluster at {}", l.cluster.client().endpoint()),
+        }
+    }
+
+    pub(crate) fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Chooses servers for `count` handles from `first`, asking the
+    /// coordinator for capacity when the grants are full. The pieces count
+    /// against their grants until [`Self::unplace`] or a free.
+    pub fn place(&self, first: u64, count: usize) -> Result<Vec<Piece>, ClusterError> {
+        let (mut pieces, left) = self.book().take(first, count as u64);
+        if left == 0 {
+            return Ok(pieces);
+        }
+        if self.link.is_none() {
+            self.unplace(&pieces);
+            return Err(ClusterError::NoServer);
+        }
+        if let Err(e) = self.grow(left.max(GRANT_PAGES)) {
+            self.unplace(&pieces);
+            return Err(e);
+        }
+        let next = first + (count as u64 - left);
+        let (more, short) = self.book().take(next, left);
+        pieces.extend(more);
+        if short > 0 {
+            // A grant larger than asked for is never short; be safe.
+            self.unplace(&pieces);
+            return Err(ClusterError::Runtime(std::io::Error::other(
+                "the coordinator granted less than asked",
+            )));
+        }
+        Ok(pieces)
+    }
+
+    /// New grants for `pages`; their servers subscribe to the interval.
+    pub(crate) fn grow(&self, pages: u64) -> Result<(), ClusterError> {
+        let Some(link) = &self.link else {
+            return Err(ClusterError::NoServer);
+        };
+        let grants = link.cluster.allocate(pages, 1, &[])?;
+        let mut added = Vec::with_capacity(grants.len());
+        for g in &grants {
+            let server = self.servers.add(server_config(g))?;
+            let subscribed = self.book().subscribed.contains(&g.server_id);
+            if !subscribed {
+                if let Err(e) = link.cluster.subscribe(link.space.interval, g.server_id) {
+                    let ids: Vec<u64> = grants.iter().map(|g| g.grant_id).collect();
+                    link.cluster.release_grants(&ids);
+                    return Err(e);
+                }
+                self.book().subscribed.insert(g.server_id);
+            }
+            added.push(Grant {
+                id: g.grant_id,
+                member: g.server_id,
+                draining: false,
+                server,
+                pages: g.pages,
+                used: 0,
+            });
+        }
+        tracing::debug!(pages, grants = added.len(), "new capacity granted");
+        self.book().grants.extend(added);
+        Ok(())
+    }
+
+    /// Gives back what `pieces` took of their grants (nothing was stored).
+    pub fn unplace(&self, pieces: &[Piece]) {
+        self.book().give_back(pieces);
+    }
+
+    /// Records that `pieces` are stored on their servers.
+    pub fn stored(&self, pieces: &[Piece]) {
+        self.book().record(pieces);
+    }
+
+    /// The server holding handle `h`, if known.
+    pub fn server_of(&self, h: u64) -> Option<u8> {
+        if self.link.is_none() && self.servers.len() == 1 {
+            // Every handle, of this run or an earlier one, is there.
+            return Some(0);
+        }
+        self.book().run_of(h).map(|(_, r)| r.server)
+    }
+
+    /// Servers that may hold a handle not on the book (one of an earlier
+    /// run): every server known.
+    pub fn candidates(&self) -> impl Iterator<Item = u8> {
+        0..self.servers.len() as u8
+    }
+
+    /// Records that server `server` holds `h` (found by asking).
+    pub fn learn(&self, h: u64, server: u8) {
+        self.book().record(&[Piece {
+            first: h,
+            count: 1,
+            server,
+            grant: None,
+        }]);
+    }
+
+    /// Frees copies nothing else ever named (a batch that did not move,
+    /// pages that stayed local, copies replaced by newer ones), directly on
+    /// their servers.
+    pub fn discard(
+        &self,
+        remotes: &mut Remotes,
+        handles: &[u64],
+        deadline: Instant,
+    ) -> Result<(), ClientError> {
+        let by_server = self.forget(handles);
+        self.free_direct(remotes, &by_server, deadline)
+    }
+
+    /// Frees copies. In a cluster, through invalidations of the handle
+    /// spaces (one per space per call), falling back to freeing on the
+    /// servers directly. Returns how many went through the control plane.
+    pub fn release(
+        &self,
+        remotes: &mut Remotes,
+        handles: &[u64],
+        deadline: Instant,
+    ) -> Result<usize, ClientError> {
+        let Some(link) = &self.link else {
+            self.discard(remotes, handles, deadline)?;
+            return Ok(0);
+        };
+        let mut sorted = handles.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        // Off the book first: a drain moving one of these runs then knows
+        // to free the copy it writes, whenever the invalidation lands.
+        let servers: BTreeMap<u64, u8> = {
+            let mut book = self.book();
+            sorted
+                .iter()
+                .filter_map(|&h| book.forget(h).map(|s| (h, s)))
+                .collect()
+        };
+        let mut invalidated = 0;
+        let mut direct: BTreeMap<u8, Vec<u64>> = BTreeMap::new();
+        let mut fall_back = |hs: &[u64]| {
+            for h in hs {
+                if let Some(&s) = servers.get(h) {
+                    direct.entry(s).or_default().push(*h);
+                }
+            }
+        };
+        for space in std::iter::once(&link.space).chain(&link.older) {
+            let mine: Vec<u64> = sorted
+                .iter()
+                .copied()
+                .filter(|&h| space.contains(h))
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let complete = space
+                .spans(&mine)
+                .chunks(4097)
+                .all(|c| link.cluster.invalidate_spans(&space.name, c));
+            if complete {
+                invalidated += mine.len();
+            } else {
+                fall_back(&mine);
+            }
+        }
+        // A handle of no space this member registered is not expected;
+        // free it where the book said it was.
+        let strays: Vec<u64> = sorted
+            .iter()
+            .copied()
+            .filter(|&h| !link.space.contains(h) && !link.older.iter().any(|s| s.contains(h)))
+            .collect();
+        fall_back(&strays);
+        let direct: Vec<(u8, Vec<u64>)> = direct.into_iter().collect();
+        self.free_direct(remotes, &direct, deadline)?;
+        Ok(invalidated)
+    }
+
+    /// Takes handles off the book, grouped by their server (unknown ones
+    /// are dropped: nothing says where they are).
+    fn forget(&self, handles: &[u64]) -> Vec<(u8, Vec<u64>)> {
+        let single = self.link.is_none() && self.servers.len() == 1;
+        let mut by: BTreeMap<u8, Vec<u64>> = BTreeMap::new();
+        let mut book = self.book();
+        for &h in handles {
+            match book.forget(h) {
+                Some(s) => by.entry(s).or_default().push(h),
+                // One server holds everything, whatever the book says.
+                None if single => by.entry(0).or_default().push(h),
+                None => {}
+            }
+        }
+        by.into_iter().collect()
+    }
+
+    pub(crate) fn free_direct(
+        &self,
+        remotes: &mut Remotes,
+        by_server: &[(u8, Vec<u64>)],
+        deadline: Instant,
+    ) -> Result<(), ClientError> {
+        let mut first_err = None;
+        for (server, handles) in by_server {
+            if handles.is_empty() {
+                continue;
+            }
+            let Some(conn) = remotes.get(&self.servers, *server) else {
+                continue;
+            };
+            let r = conn.max_batch(deadline).and_then(|max| {
+                for chunk in handles.chunks(max.max(1) as usize) {
+                    conn.free(chunk, deadline)?;
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// The kernel agent stops. With no device page left (`module_pages` is
+    /// 0) everything is retired and the cluster left; otherwise everything
+    /// stays for the next run.
+    pub fn close(&self, module_pages: u64) {
+        let Some(link) = &self.link else { return };
+        if module_pages > 0 {
+            tracing::warn!(
+                module_pages,
+                "the module still holds pages: keeping this agent's intervals and grants for its next run"
+            );
+            link.cluster.set_leave_on_drop(false);
+            return;
+        }
+        self.retire();
+        link.cluster.set_leave_on_drop(true);
+    }
+
+    /// Nothing names a handle any more: in a cluster the spaces are
+    /// invalidated whole (their servers free what is left) and
+    /// unregistered, and the grants returned. True if every server
+    /// acknowledged; otherwise the caller frees what it knows of directly.
+    pub fn retire(&self) -> bool {
+        let Some(link) = &self.link else {
+            return false;
+        };
+        // A drain still running must not record copies after this.
+        let ids: Vec<u64> = {
+            let book = self.book();
+            self.closed.store(true, Ordering::Release);
+            book.grants.iter().map(|g| g.id).collect()
+        };
+        let mut complete = true;
+        for s in std::iter::once(&link.space).chain(&link.older) {
+            complete &= retire(&link.cluster, s);
+        }
+        link.cluster.release_grants(&ids);
+        complete
+    }
+
+    /// (grants, granted pages, used pages, server members subscribed), for
+    /// status and tests.
+    pub fn cluster_usage(&self) -> Option<(usize, u64, u64, usize)> {
+        self.link.as_ref()?;
+        let book = self.book();
+        Some((
+            book.grants.len(),
+            book.grants.iter().map(|g| g.pages).sum(),
+            book.grants.iter().map(|g| g.used).sum(),
+            book.subscribed.len(),
+        ))
+    }
+}

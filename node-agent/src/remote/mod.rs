@@ -1,0 +1,27 @@
+//! The remote layer: where pages live off this node, shared by both
+//! backends (the kernel agent in [`crate::kmod`] and the userfaultfd
+//! regions in [`crate::region`]).
+//!
+//! - [`conn`]: a thread's reconnecting connection to one memory server.
+//! - [`servers`]: the table of servers by one-byte index, and a thread's
+//!   connections to them.
+//! - [`cluster`]: membership in a cluster: grants, intervals,
+//!   invalidations, drain notices.
+//! - [`space`]: handle spaces (handles name copies, never addresses).
+//! - [`book`]: grants and runs (which server holds each handle).
+//! - [`homes`]: [`Homes`], the store a backend uses: take handles, place a
+//!   batch, record it, find a handle's server, free copies.
+//! - [`drain`]: moving a store's runs off a server being drained.
+
+pub mod book;
+pub mod cluster;
+pub mod conn;
+pub mod drain;
+pub mod homes;
+pub mod servers;
+pub mod space;
+
+pub use cluster::{Cluster, ClusterConfig, ClusterError};
+pub use conn::{DEFAULT_FAULT_TIMEOUT, RemoteConn, thread_config};
+pub use homes::{Home, Homes, Piece};
+pub use servers::{MAX_SERVERS, Remotes, Servers};
