@@ -575,7 +575,13 @@ impl Cluster {
                 &mut self.rng,
             )?
         } else {
-            placement::distinct(&mut candidates, pages, copies as usize, &mut self.rng)?
+            placement::distinct(
+                &mut candidates,
+                pages,
+                copies as usize,
+                self.chunk_pages.max(1),
+                &mut self.rng,
+            )?
         };
         let mut out = Vec::with_capacity(spread.len());
         for (server, n) in spread {

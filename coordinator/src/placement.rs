@@ -115,38 +115,53 @@ pub fn spread(
     Ok(taken.into_iter().collect())
 }
 
-/// Picks up to `copies` distinct candidates with room for all `pages`,
-/// each the freer of two random ones left. Returns (server, pages) per
-/// server, or `NoCapacity` when none has room.
+/// Places `pages` `copies` times in chunks of at most `chunk` pages, each
+/// chunk's copies on distinct servers (as many as have room, at least
+/// one), each server the freer of two random candidates left. Returns
+/// (server, pages) per server used, or `NoCapacity` without taking
+/// anything.
 pub fn distinct(
     candidates: &mut [Candidate],
     pages: u64,
     copies: usize,
+    chunk: u64,
     rng: &mut impl Rng,
 ) -> Result<Vec<(u64, u64)>, CoordError> {
-    let mut open: Vec<usize> = (0..candidates.len())
-        .filter(|&i| candidates[i].free >= pages)
-        .collect();
-    if open.is_empty() {
-        return Err(CoordError::NoCapacity {
-            requested: pages,
-            free: candidates.iter().map(|c| c.free).max().unwrap_or(0),
-        });
+    let before: Vec<u64> = candidates.iter().map(|c| c.free).collect();
+    let mut taken: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut left = pages;
+    while left > 0 {
+        let n = left.min(chunk.max(1));
+        let mut open: Vec<usize> = (0..candidates.len())
+            .filter(|&i| candidates[i].free >= n)
+            .collect();
+        if open.is_empty() {
+            for (c, f) in candidates.iter_mut().zip(before) {
+                c.free = f;
+            }
+            return Err(CoordError::NoCapacity {
+                requested: pages * copies as u64,
+                free: candidates.iter().map(|c| c.free).sum(),
+            });
+        }
+        for _ in 0..copies {
+            if open.is_empty() {
+                break;
+            }
+            let a = rng.random_range(0..open.len());
+            let b = rng.random_range(0..open.len());
+            let k = if candidates[open[b]].free > candidates[open[a]].free {
+                b
+            } else {
+                a
+            };
+            let pick = open.swap_remove(k);
+            candidates[pick].free -= n;
+            *taken.entry(candidates[pick].server).or_insert(0) += n;
+        }
+        left -= n;
     }
-    let mut out = Vec::with_capacity(copies);
-    while out.len() < copies && !open.is_empty() {
-        let a = rng.random_range(0..open.len());
-        let b = rng.random_range(0..open.len());
-        let k = if candidates[open[b]].free > candidates[open[a]].free {
-            b
-        } else {
-            a
-        };
-        let pick = open.swap_remove(k);
-        candidates[pick].free -= pages;
-        out.push((candidates[pick].server, pages));
-    }
-    Ok(out)
+    Ok(taken.into_iter().collect())
 }
 
 #[cfg(test)]
@@ -215,13 +230,25 @@ mod tests {
                 free: 100,
             },
         ];
-        let got = distinct(&mut c, 50, 2, &mut rng).unwrap();
+        let got = distinct(&mut c, 50, 2, 100, &mut rng).unwrap();
         let mut servers: Vec<u64> = got.iter().map(|g| g.0).collect();
         servers.sort_unstable();
         assert_eq!(servers, [1, 3], "server 2 has no room for 50");
         // Fewer servers with room than copies: as many as there are.
-        let got = distinct(&mut c, 50, 3, &mut rng).unwrap();
+        let got = distinct(&mut c, 50, 3, 100, &mut rng).unwrap();
         assert_eq!(got.len(), 2);
-        assert!(distinct(&mut c, 60, 2, &mut rng).is_err());
+        assert!(distinct(&mut c, 60, 2, 100, &mut rng).is_err());
+        assert_eq!(
+            c.iter().map(|c| c.free).sum::<u64>(),
+            10,
+            "a refusal takes nothing"
+        );
+        // In chunks, each chunk's two copies on two servers.
+        let mut c: Vec<Candidate> = (1..=4)
+            .map(|server| Candidate { server, free: 1000 })
+            .collect();
+        let got = distinct(&mut c, 400, 2, 10, &mut rng).unwrap();
+        assert_eq!(got.iter().map(|g| g.1).sum::<u64>(), 800);
+        assert_eq!(got.len(), 4, "chunks spread over every server: {got:?}");
     }
 }

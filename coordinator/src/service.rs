@@ -475,6 +475,7 @@ impl ClusterAdmin for Service {
             version: env!("CARGO_PKG_VERSION").into(),
             epoch: c.epoch(),
             cluster_id: c.cluster_id().to_string(),
+            redundancy: c.redundancy().to_string(),
             intervals: c.intervals.len() as u64,
             invalidations_total: c.counters.invalidations,
             invalidations_in_flight: c.fanout.pending.len() as u64,

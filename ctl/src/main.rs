@@ -348,6 +348,7 @@ fn status_table(s: &StatusView) -> String {
         format!("{} (v{}, epoch {})", s.endpoint, s.version, s.epoch),
     );
     line("cluster", s.cluster_id.clone());
+    line("redundancy", s.redundancy.clone());
     line(
         "servers",
         format!(

@@ -122,6 +122,8 @@ pub struct StatusView {
     pub version: String,
     pub cluster_id: String,
     pub epoch: u64,
+    /// The agents' default redundancy.
+    pub redundancy: String,
     pub servers_up: u32,
     pub servers_draining: u32,
     pub servers_down: u32,
@@ -144,6 +146,7 @@ impl StatusView {
             version: s.version,
             cluster_id: s.cluster_id,
             epoch: s.epoch,
+            redundancy: s.redundancy,
             servers_up: s.servers_up,
             servers_draining: s.servers_draining,
             servers_down: s.servers_down,

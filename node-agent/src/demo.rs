@@ -54,6 +54,8 @@ pub struct DemoConfig {
     pub fault_threads: usize,
     /// How long a fault waits for an unreachable server before SIGBUS.
     pub fault_timeout: Duration,
+    /// Copies of each evicted page (`None`: the cluster's default).
+    pub redundancy: Option<rmem_common::Redundancy>,
     pub seed: u64,
     pub progress: bool,
 }
@@ -79,6 +81,7 @@ impl Default for DemoConfig {
             prefetch_max: 32,
             fault_threads: RegionConfig::default().fault_threads,
             fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
+            redundancy: None,
             seed: 1,
             progress: false,
         }
@@ -310,6 +313,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
         prefetch_max: cfg.prefetch_max,
         fault_timeout: cfg.fault_timeout,
         fault_threads: cfg.fault_threads,
+        redundancy: cfg.redundancy,
         ..RegionConfig::default()
     };
     let (region, cluster, addr) = match (&cfg.coordinator, &cfg.server, &embedded) {

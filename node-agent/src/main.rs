@@ -92,6 +92,10 @@ struct ServeArgs {
     /// faulting task gets SIGBUS [default: 60s].
     #[arg(long, value_parser = parse_duration)]
     fault_timeout: Option<std::time::Duration>,
+    /// Copies of each evicted page on distinct servers: `none` or
+    /// `replicas=N` [default: the cluster's, `none` on one server].
+    #[arg(long, value_name = "POLICY")]
+    redundancy: Option<rmem_common::Redundancy>,
     /// Tenant to log in as [default: default].
     #[arg(long)]
     tenant: Option<String>,
@@ -154,6 +158,10 @@ struct KernelArgs {
     /// faulting task gets SIGBUS.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     fault_timeout: std::time::Duration,
+    /// Copies of each evicted page on distinct servers: `none` or
+    /// `replicas=N` [default: the cluster's, `none` on one server].
+    #[arg(long, value_name = "POLICY")]
+    redundancy: Option<rmem_common::Redundancy>,
     /// Tenant to log in as.
     #[arg(long, default_value = "default")]
     tenant: String,
@@ -238,6 +246,10 @@ struct DemoArgs {
     /// should survive (see docs/ARCHITECTURE.md, "Stalled or lost").
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     fault_timeout: std::time::Duration,
+    /// Copies of each evicted page on distinct servers: `none` or
+    /// `replicas=N` [default: the cluster's, `none` on one server].
+    #[arg(long, value_name = "POLICY")]
+    redundancy: Option<rmem_common::Redundancy>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -312,6 +324,7 @@ fn main() -> ExitCode {
                 prefetch_max: d.prefetch,
                 fault_timeout: d.fault_timeout,
                 fault_threads: d.fault_threads,
+                redundancy: d.redundancy,
                 progress: !d.json && demo::stdout_is_terminal(),
                 ..DemoConfig::default()
             };
@@ -388,6 +401,9 @@ fn serve_config(
     if let Some(v) = a.fault_timeout {
         c.fault_timeout = v;
     }
+    if a.redundancy.is_some() {
+        c.redundancy = a.redundancy;
+    }
     if let Some(v) = &a.tenant {
         c.tenant = v.clone();
     }
@@ -458,6 +474,7 @@ fn run_serve(a: ServeArgs) -> ExitCode {
     kernel.fault_threads = cfg.fault_threads;
     kernel.request_timeout = cfg.request_timeout;
     kernel.fault_timeout = cfg.fault_timeout;
+    kernel.redundancy = cfg.redundancy;
     let dcfg = DaemonConfig {
         kernel,
         damon: DamonConfig {
@@ -616,6 +633,7 @@ fn run_kernel(k: KernelArgs) -> ExitCode {
     kernel.device = k.device;
     kernel.fault_threads = k.fault_threads;
     kernel.fault_timeout = k.fault_timeout;
+    kernel.redundancy = k.redundancy;
     let cfg = DaemonConfig {
         kernel,
         damon: DamonConfig {

@@ -149,7 +149,8 @@ fn a_region_gets_its_capacity_from_the_cluster_and_frees_it_through_invalidation
             .iter()
             .map(|g| g["pages"].as_u64().unwrap())
             .sum::<u64>(),
-        pages as u64
+        2 * pages as u64,
+        "the region's size, twice: the cluster's default is replicas=2"
     );
     let ivs = rmemctl_json(&coord, &["intervals"]);
     let iv = &ivs.as_array().unwrap()[0];
@@ -182,6 +183,7 @@ fn a_region_gets_its_capacity_from_the_cluster_and_frees_it_through_invalidation
     );
     let st = rmemctl_json(&coord, &["status"]);
     assert_eq!(st["agents_up"], 1);
+    assert_eq!(st["redundancy"], "replicas=2", "{st}");
     drop(agent);
     let st = rmemctl_json(&coord, &["status"]);
     assert_eq!(st["agents_up"], 0);
@@ -357,6 +359,115 @@ fn draining_under_rewrites_discards_and_a_drop_loses_and_leaks_nothing() {
         "copies left behind: {:?}",
         used(&servers)
     );
+}
+
+/// The coordinator's default, `replicas=2`: every evicted page on two
+/// servers. A server killed for good loses no page: every page reads back
+/// from its other copy, within the failover delay, no fault fails, and
+/// eviction goes on over the servers left.
+#[test]
+fn with_two_replicas_a_server_killed_for_good_loses_no_page() {
+    let (coord, mut servers) = cluster(3);
+    let agent = Cluster::connect(&ClusterConfig::new(coord.addr.to_string())).unwrap();
+    assert_eq!(agent.redundancy(), rmem_common::Redundancy::Replicas(2));
+    let pages = 4096;
+    let r = region(&agent, pages, 256);
+    let mem = Pages { r: &r };
+    for p in 0..pages {
+        mem.write(p, 1);
+    }
+    let held = settled(&servers);
+    let remote = pages - r.stats().resident_pages;
+    assert!(
+        held.iter().sum::<u64>() >= 2 * remote as u64,
+        "{remote} pages remote, {held:?} copies"
+    );
+    assert_eq!(r.stats().pages_at_risk, 0);
+    let victim = (0..3).max_by_key(|&i| held[i]).unwrap();
+    servers[victim].daemon.kill();
+    let started = std::time::Instant::now();
+    for p in 0..pages {
+        assert!(mem.check(p, 1), "page {p} lost with server {victim}");
+    }
+    let s = r.stats();
+    assert_eq!(s.faults_failed, 0);
+    assert!(s.faults_degraded > 0, "{s:?}");
+    // A degraded fault costs the failover delay (500 ms) once per page
+    // whose first copy was on the dead server, until it is suspect.
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "reading back took {:?}",
+        started.elapsed()
+    );
+    // Eviction goes on, with two copies on the two servers left.
+    for p in 0..pages {
+        mem.write(p, 2);
+    }
+    for p in 0..pages {
+        assert!(mem.check(p, 2), "page {p}");
+    }
+    assert_eq!(r.stats().faults_failed, 0);
+    let live: Vec<ServerProcess> = servers
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, s)| s)
+        .collect();
+    drop(r);
+    assert!(
+        wait_until(Duration::from_secs(30), || used(&live) == [0, 0]),
+        "copies left behind: {:?}",
+        used(&live)
+    );
+}
+
+/// Draining a server that is gone rebuilds its copies from the others:
+/// after it, a second server can die too and no page is lost (without the
+/// rebuild, the pages whose two copies were on those two servers are).
+#[test]
+fn draining_a_dead_server_rebuilds_its_copies_elsewhere() {
+    let (coord, servers) = cluster(4);
+    let agent = Cluster::connect(&ClusterConfig::new(coord.addr.to_string())).unwrap();
+    let pages = 4096;
+    let r = region(&agent, pages, 256);
+    let mem = Pages { r: &r };
+    for p in 0..pages {
+        mem.write(p, 1);
+    }
+    let held = settled(&servers);
+    let mut by_use: Vec<usize> = (0..4).collect();
+    by_use.sort_by_key(|&i| std::cmp::Reverse(held[i]));
+    let (first, second) = (by_use[0], by_use[1]);
+    servers[first].daemon.signal(libc::SIGKILL);
+    rmemctl_json(&coord, &["drain", &format!("mem-{first}")]);
+    let dead_id = rmemctl_json(&coord, &["servers"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == format!("mem-{first}"))
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    // The drain is done once the dead server's grants are returned.
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            rmemctl_json(&coord, &["grants"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|g| g["server_id"].as_u64() != Some(dead_id))
+        }),
+        "the dead server's copies were not rebuilt: {}",
+        rmemctl_json(&coord, &["grants"])
+    );
+    servers[second].daemon.signal(libc::SIGKILL);
+    for p in 0..pages {
+        assert!(
+            mem.check(p, 1),
+            "page {p} lost with mem-{first} and mem-{second}"
+        );
+    }
+    assert_eq!(r.stats().faults_failed, 0);
 }
 
 #[test]

@@ -100,7 +100,7 @@ fn a_cluster_of_hosts_places_fences_avoids_cut_off_servers_and_survives_a_coordi
                 "--grpc",
                 &h.at(7481),
                 "--capacity",
-                "64MiB",
+                "128MiB",
                 "--coordinator",
                 &endpoint,
                 "--name",
@@ -228,7 +228,8 @@ fn a_cluster_of_hosts_places_fences_avoids_cut_off_servers_and_survives_a_coordi
             .iter()
             .map(|g| g["pages"].as_u64().unwrap())
             .sum::<u64>(),
-        2048
+        2 * 2048,
+        "8 MiB, twice (the default is replicas=2), on the two servers left"
     );
     assert!(
         probe_grants
@@ -361,7 +362,11 @@ fn a_cluster_of_hosts_places_fences_avoids_cut_off_servers_and_survives_a_coordi
             .daemon_mut(k)
             .wait(Duration::from_secs(120))
             .expect("the agent did not stop");
-        assert!(status.success(), "an agent failed: {status:?}");
+        assert!(
+            status.success(),
+            "an agent failed: {status:?}\n{}",
+            net.daemon(k).log_text()
+        );
     }
     // Each agent's last region was unmapped through an invalidation that
     // returned only once every subscribed server had freed its pages: the

@@ -58,6 +58,10 @@ pub struct ServeConfig {
     /// survive (keep it below the module's `fault_timeout_ms`).
     #[serde(with = "humantime_serde")]
     pub fault_timeout: Duration,
+    /// Copies of each evicted page on distinct servers (`none`,
+    /// `replicas=N`); unset: the cluster's default, one copy on one server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redundancy: Option<rmem_common::Redundancy>,
     /// Data-plane transport to the server: `auto` (RDMA when the server
     /// offers it, this build has it and a local device reaches the server;
     /// TCP otherwise), `tcp`, or `rdma` (or fail).
@@ -101,6 +105,7 @@ impl Default for ServeConfig {
             interval: Duration::from_secs(1),
             request_timeout: Duration::from_secs(5),
             fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
+            redundancy: None,
             transport: rmem_client::Transport::Auto,
             rdma_device: None,
         }

@@ -35,6 +35,9 @@ pub struct KernelConfig {
     /// [`crate::remote::DEFAULT_FAULT_TIMEOUT`]); keep it below the
     /// module's `fault_timeout_ms`, which bounds the fault in the kernel.
     pub fault_timeout: Duration,
+    /// Copies of each evicted page: `None` takes the cluster's default (one
+    /// copy outside a cluster).
+    pub redundancy: Option<rmem_common::Redundancy>,
     /// Fault injection for tests: how long each batch of fetches waits
     /// before going to the server, to play a slow network or server.
     /// Zero (the default) in normal use.
@@ -59,6 +62,7 @@ impl KernelConfig {
             fault_threads: 2,
             request_timeout: Duration::from_secs(5),
             fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
+            redundancy: None,
             fetch_delay: Duration::ZERO,
         }
     }
@@ -75,8 +79,8 @@ pub enum KernelError {
     Cluster(#[from] ClusterError),
     #[error("DAMON: {0}")]
     Monitor(io::Error),
-    #[error("memory server refused page {handle:#x}: {status:?}")]
-    Refused { handle: u64, status: PageStatus },
+    #[error("page {handle:#x} was not stored: {why}")]
+    NotStored { handle: u64, why: String },
     #[error("no server {0} in the agent's table")]
     UnknownServer(u8),
 }
@@ -85,6 +89,8 @@ pub enum KernelError {
 #[derive(Debug, Default)]
 pub struct KernelStats {
     pub fetched: AtomicU64,
+    /// Of `fetched`, those served by another copy than the first asked.
+    pub fetched_degraded: AtomicU64,
     pub fetch_errors: AtomicU64,
     pub freed: AtomicU64,
     /// Of `freed`, those freed through the cluster's invalidations (the
@@ -120,14 +126,26 @@ impl KernelAgent {
         let dev = Arc::new(Device::open(&cfg.device)?);
         warn_if_module_gives_up_first(cfg.fault_timeout);
         let in_use = dev.info()?.pages_in_use;
-        let homes = Homes::for_agent(cfg.home.clone(), in_use, cfg.request_timeout)?;
+        let redundancy = match (&cfg.home, cfg.redundancy) {
+            (_, Some(r)) => r,
+            (Home::Cluster(c), None) => c.redundancy(),
+            (Home::Servers(_), None) => rmem_common::Redundancy::None,
+        };
+        let homes = Homes::for_agent(cfg.home.clone(), in_use, cfg.request_timeout, redundancy)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(KernelStats::default());
         let mut threads = Vec::new();
         for i in 0..cfg.fault_threads.max(1) {
             let (dev, homes, stop, stats) =
                 (dev.clone(), homes.clone(), stop.clone(), stats.clone());
-            let remotes = Remotes::new(cfg.request_timeout, Duration::ZERO);
+            // With copies to fail over to, one read gets
+            // DEFAULT_FAILOVER_AFTER, not the request timeout.
+            let read_timeout = if homes.copies() > 1 {
+                crate::remote::DEFAULT_FAILOVER_AFTER.min(cfg.request_timeout)
+            } else {
+                cfg.request_timeout
+            };
+            let remotes = Remotes::new(read_timeout, Duration::ZERO);
             let timeouts = (cfg.request_timeout, cfg.fault_timeout);
             let delay = cfg.fetch_delay;
             threads.push(
@@ -252,42 +270,25 @@ impl KernelAgent {
         let handles: Vec<u64> = (first..first + n as u64).collect();
         let pieces = self.homes.place(first, n)?;
         let deadline = Instant::now() + self.cfg.request_timeout;
-        let stored = (|| -> Result<(), KernelError> {
-            for piece in &pieces {
-                let conn = ev
-                    .remotes
-                    .get(self.homes.servers(), piece.server)
-                    .ok_or(KernelError::UnknownServer(piece.server))?;
-                let max = conn.max_batch(deadline)?.max(1) as usize;
-                let at = (piece.first - first) as usize;
-                let range = at..at + piece.count;
-                for (k, chunk) in handles[range.clone()].chunks(max).enumerate() {
-                    let pages: Vec<(u64, &Page)> = chunk
-                        .iter()
-                        .enumerate()
-                        .map(|(j, &h)| {
-                            let i = range.start + k * max + j;
-                            let page: &Page = ev.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
-                                .try_into()
-                                .expect("page-sized slice");
-                            (h, page)
-                        })
-                        .collect();
-                    let statuses = conn.put(&pages, deadline)?;
-                    if let Some((i, s)) = statuses
-                        .iter()
-                        .enumerate()
-                        .find(|(_, s)| **s != PageStatus::Ok)
-                    {
-                        return Err(KernelError::Refused {
-                            handle: chunk[i],
-                            status: *s,
-                        });
-                    }
-                }
-            }
-            Ok(())
-        })();
+        let data = &ev.data;
+        let (ok, error) = self.homes.put(
+            &mut ev.remotes,
+            first,
+            &pieces,
+            |i| {
+                data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                    .try_into()
+                    .expect("page-sized slice")
+            },
+            deadline,
+        );
+        let stored = match ok.iter().position(|ok| !ok) {
+            None => Ok(()),
+            Some(i) => Err(KernelError::NotStored {
+                handle: handles[i],
+                why: error.unwrap_or_default(),
+            }),
+        };
         self.homes.stored(&pieces);
         let discard = |ev: &mut Evictor, handles: &[u64]| {
             self.homes.discard(
@@ -476,20 +477,69 @@ impl Fetcher {
                 None => unplaced.push(*e),
             }
         }
+        // With other copies, one server gets `failover` at a time, not the
+        // whole fault timeout.
+        let copies = homes.copies();
+        let per_try = |deadline: Instant| {
+            if copies > 1 {
+                (Instant::now() + crate::remote::DEFAULT_FAILOVER_AFTER).min(deadline)
+            } else {
+                deadline
+            }
+        };
         for (server, events) in by_server {
-            let failed = self.fetch_from(dev, homes, remotes, server, &events, stats, deadline);
+            let failed = self.fetch_from(
+                dev,
+                homes,
+                remotes,
+                server,
+                &events,
+                stats,
+                per_try(deadline),
+            );
+            if !failed.is_empty() {
+                homes.suspect(server);
+            }
             for e in failed {
-                // The run may have moved meanwhile (its server was drained):
-                // ask where it is now.
-                match homes.server_of(e.handle).filter(|&s| s != server) {
-                    Some(now) => {
-                        let again =
-                            self.fetch_from(dev, homes, remotes, now, &[e], stats, deadline);
-                        if !again.is_empty() {
-                            give_up(dev, homes, now, &e, stats);
+                // Another copy, or the run moved meanwhile (its server was
+                // drained): ask the book again, every copy but this one
+                // first, until the deadline.
+                let mut served = false;
+                while !served && Instant::now() < deadline {
+                    let Some(slots) = homes.copies_of(e.handle) else {
+                        break;
+                    };
+                    for other in slots.servers().filter(|&s| s != server) {
+                        let left = self.fetch_from(
+                            dev,
+                            homes,
+                            remotes,
+                            other,
+                            &[e],
+                            stats,
+                            per_try(deadline),
+                        );
+                        if left.is_empty() {
+                            homes.trust(other);
+                            stats.fetched_degraded.fetch_add(1, Ordering::Relaxed);
+                            served = true;
+                            break;
                         }
+                        homes.suspect(other);
                     }
-                    None => give_up(dev, homes, server, &e, stats),
+                    if served || slots.len() == 1 {
+                        break;
+                    }
+                    // Every other copy failed too: the first may be back.
+                    if self
+                        .fetch_from(dev, homes, remotes, server, &[e], stats, per_try(deadline))
+                        .is_empty()
+                    {
+                        served = true;
+                    }
+                }
+                if !served {
+                    give_up(dev, homes, server, &e, stats);
                 }
             }
         }

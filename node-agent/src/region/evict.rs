@@ -12,12 +12,12 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rmem_client::{PAGE_SIZE, Page, PageStatus};
+use rmem_client::{PAGE_SIZE, Page};
 
 use super::Inner;
 use super::state::{CLEAN, Kind, PREFETCHED, STORED, State, WAITER};
 use crate::policy::clock::Clock;
-use crate::remote::{Piece, Remotes};
+use crate::remote::Remotes;
 
 /// Body of the evictor thread.
 pub(crate) fn run(inner: &Inner, mut conn: Remotes) {
@@ -125,17 +125,44 @@ fn evict(inner: &Inner, remotes: &mut Remotes, victims: &[usize], pages: &mut [P
         let first = inner.homes.take(send.len());
         match inner.homes.place(first, send.len()) {
             Ok(pieces) => {
-                let mut failed = Vec::new();
-                for piece in &pieces {
-                    let at = (piece.first - first) as usize;
-                    let group = &send[at..at + piece.count];
-                    all_ok &=
-                        put_piece(inner, remotes, piece, group, pages, &mut done, &mut failed);
-                }
+                let (stored, error) = inner.homes.put(
+                    remotes,
+                    first,
+                    &pieces,
+                    |k| &pages[send[k].1],
+                    deadline(inner),
+                );
                 inner.homes.stored(&pieces);
+                let mut failed = Vec::new();
+                for (k, (&(v, _), ok)) in send.iter().zip(&stored).enumerate() {
+                    let h = first + k as u64;
+                    if *ok {
+                        let s = states.get(v);
+                        done.push(Release {
+                            set: STORED | CLEAN,
+                            handle: Some(h),
+                            stale: s.has(STORED).then(|| inner.handle(v)),
+                            ..Release::to(v, Kind::Remote)
+                        });
+                        inner.stats.pages_evicted.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.push(h);
+                        abort(inner, v);
+                    }
+                }
                 if !failed.is_empty() {
-                    // Whatever the servers kept of a failed request is
-                    // garbage.
+                    all_ok = false;
+                    inner
+                        .stats
+                        .evict_failures
+                        .fetch_add(failed.len() as u64, Ordering::Relaxed);
+                    tracing::warn!(
+                        region = format_args!("{:06x}", inner.id),
+                        pages = failed.len(),
+                        error = error.as_deref().unwrap_or("refused"),
+                        "eviction failed; keeping the pages in memory"
+                    );
+                    // Whatever the servers kept of a failed page is garbage.
                     let _ = inner.homes.discard(remotes, &failed, deadline(inner));
                 }
             }
@@ -188,81 +215,6 @@ impl Release {
             clear: 0,
             handle: None,
             stale: None,
-        }
-    }
-}
-
-/// Stores the pages of one piece (`group`: page and buffer index, in
-/// handle order from `piece.first`) on its server.
-fn put_piece(
-    inner: &Inner,
-    remotes: &mut Remotes,
-    piece: &Piece,
-    group: &[(usize, usize)],
-    pages: &[Page],
-    done: &mut Vec<Release>,
-    failed: &mut Vec<u64>,
-) -> bool {
-    let handles = piece.first..piece.first + piece.count as u64;
-    let give_up = |failed: &mut Vec<u64>| {
-        failed.extend(handles.clone());
-        for &(v, _) in group {
-            abort(inner, v);
-        }
-    };
-    let Some(conn) = remotes.get(inner.homes.servers(), piece.server) else {
-        tracing::error!(
-            server = piece.server,
-            "eviction to a server the region does not know; keeping the pages"
-        );
-        give_up(failed);
-        return false;
-    };
-    let items: Vec<(u64, &Page)> = handles
-        .clone()
-        .zip(group)
-        .map(|(h, &(_, k))| (h, &pages[k]))
-        .collect();
-    let deadline = deadline(inner);
-    // In requests the server accepts.
-    let put = conn.max_batch(deadline).and_then(|limit| {
-        let mut statuses = Vec::with_capacity(items.len());
-        for chunk in items.chunks(limit.max(1) as usize) {
-            statuses.extend(conn.put(chunk, deadline)?);
-        }
-        Ok(statuses)
-    });
-    match put {
-        Ok(statuses) => {
-            let mut all_ok = true;
-            for ((h, &(v, _)), status) in handles.clone().zip(group).zip(&statuses) {
-                if *status == PageStatus::Ok {
-                    let s = inner.states.get(v);
-                    done.push(Release {
-                        set: STORED | CLEAN,
-                        handle: Some(h),
-                        stale: s.has(STORED).then(|| inner.handle(v)),
-                        ..Release::to(v, Kind::Remote)
-                    });
-                    inner.stats.pages_evicted.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    all_ok = false;
-                    failed.push(h);
-                    inner.stats.evict_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(page = v, %status, server = %conn.addr(), "server refused a page; keeping it in memory");
-                    abort(inner, v);
-                }
-            }
-            all_ok
-        }
-        Err(e) => {
-            tracing::warn!(server = %conn.addr(), error = %e, pages = group.len(), "eviction failed; keeping the pages in memory");
-            inner
-                .stats
-                .evict_failures
-                .fetch_add(group.len() as u64, Ordering::Relaxed);
-            give_up(failed);
-            false
         }
     }
 }

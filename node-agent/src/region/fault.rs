@@ -266,22 +266,24 @@ fn fetch(
         fail_all(inner, scratch, before);
         return;
     };
-    // The connection first: the server's batch limit bounds the prefetch.
-    let limit = match remotes.get(inner.homes.servers(), server) {
-        None => Err(format!("server {server} is not in the region's table")),
-        Some(conn) => conn.max_batch(deadline).map_err(|e| e.to_string()),
+    // With other copies, one server gets `failover_after`, not the whole
+    // fault timeout.
+    let first_try = if inner.homes.copies() > 1 {
+        (Instant::now() + inner.cfg.failover_after).min(deadline)
+    } else {
+        deadline
     };
-    let limit = match limit {
-        Ok(l) => l as usize,
-        Err(e) => {
-            tracing::error!(
-                region = format_args!("{:06x}", inner.id), page = i, server = %inner.homes.servers().addr(server), error = %e,
-                "cannot fetch page: the faulting thread gets SIGBUS"
-            );
-            inner.charge(1);
-            fail_all(inner, scratch, before);
-            return;
-        }
+    // The connection first: the server's batch limit bounds the prefetch.
+    // A server that cannot be reached is read around, like a failed GET.
+    let (limit, unreachable) = match remotes.get(inner.homes.servers(), server) {
+        None => (
+            1,
+            Some(Err(format!("server {server} is not in the region's table"))),
+        ),
+        Some(conn) => match conn.max_batch(first_try) {
+            Ok(l) => (l as usize, None),
+            Err(e) => (1, Some(Ok(e))),
+        },
     };
     let ahead = inner
         .prefetch
@@ -303,22 +305,60 @@ fn fetch(
         .extend(scratch.pages.iter().map(|&p| inner.handle(p)));
     inner.charge(scratch.pages.len());
     let n = scratch.pages.len();
-    let conn = remotes
-        .get(inner.homes.servers(), server)
-        .expect("connected above");
-    let result = conn.get(
-        &scratch.handles,
-        &mut scratch.data[..n],
-        &mut scratch.statuses,
-        deadline,
-    );
-    if let Err(e) = result {
-        tracing::error!(
-            region = format_args!("{:06x}", inner.id), page = i, server = %conn.addr(), error = %e,
-            "cannot fetch page: the faulting thread gets SIGBUS"
-        );
-        fail_all(inner, scratch, before);
-        return;
+    // Read from another copy than the run's first: that one is failing.
+    let degraded = inner
+        .homes
+        .copies_of(handle)
+        .is_some_and(|c| c.server() != server);
+    if degraded {
+        inner.stats.faults_degraded.fetch_add(1, Ordering::Relaxed);
+    }
+    let addr = inner.homes.servers().addr(server);
+    let result: Result<(), (String, bool)> = match unreachable {
+        Some(Ok(e)) => Err((e.to_string(), e.is_retryable())),
+        Some(Err(why)) => Err((why, false)),
+        None => remotes
+            .get(inner.homes.servers(), server)
+            .expect("connected above")
+            .get(
+                &scratch.handles,
+                &mut scratch.data[..n],
+                &mut scratch.statuses,
+                first_try,
+            )
+            .map_err(|e| (e.to_string(), e.is_retryable())),
+    };
+    if let Err((e, retryable)) = result {
+        if inner.homes.copies() > 1 && retryable {
+            inner.homes.suspect(server);
+        }
+        // The prefetched pages wait for their own faults; the faulting
+        // page is read from another copy.
+        for &p in &scratch.pages[1..] {
+            finish(inner, p, states.get(p).with_kind(Kind::Remote));
+            inner.uncharge(1);
+        }
+        scratch.pages.truncate(1);
+        if !read_elsewhere(
+            inner,
+            remotes,
+            handle,
+            server,
+            &mut scratch.data[0],
+            deadline,
+        ) {
+            tracing::error!(
+                region = format_args!("{:06x}", inner.id), page = i, server = %addr, error = %e,
+                "cannot fetch page from any copy: the faulting thread gets SIGBUS"
+            );
+            fail_all(inner, scratch, before);
+            return;
+        }
+        if !degraded {
+            inner.stats.faults_degraded.fetch_add(1, Ordering::Relaxed);
+        }
+        scratch.statuses.clear();
+        scratch.statuses.push(PageStatus::Ok);
     }
     for (k, (&p, status)) in scratch.pages.iter().zip(&scratch.statuses).enumerate() {
         let prior = if k == 0 { before } else { states.get(p) };
@@ -332,8 +372,9 @@ fn fetch(
                 continue;
             }
             // The page's run may have moved meanwhile (its server was
-            // drained): ask the book again.
-            if !refetch(inner, remotes, handle, server, &mut moved, deadline) {
+            // drained), or this copy is gone: ask the book again and read
+            // another copy.
+            if !read_elsewhere(inner, remotes, handle, server, &mut moved, deadline) {
                 tracing::error!(
                     region = format_args!("{:06x}", inner.id), page = p, server = %inner.homes.servers().addr(server),
                     status = %status, "server does not have the page: the faulting thread gets SIGBUS"
@@ -379,31 +420,69 @@ fn fetch(
     }
 }
 
-/// Fetches `handle` from where the book says it is now, if that is no
-/// longer `server`. True if `out` holds the page.
-fn refetch(
+/// Reads `handle` from a copy other than the one on `tried` (the book
+/// read again: a drain may have moved it), then from `tried` again, until
+/// `deadline`; each copy gets `failover_after` at a time when there are
+/// others. True if `out` holds the page; false once every copy said it
+/// does not have it, or at the deadline.
+fn read_elsewhere(
     inner: &Inner,
     remotes: &mut Remotes,
     handle: u64,
-    server: u8,
+    tried: u8,
     out: &mut Page,
     deadline: Instant,
 ) -> bool {
-    let Some(now) = inner.homes.server_of(handle).filter(|&s| s != server) else {
-        return false;
-    };
-    let Some(conn) = remotes.get(inner.homes.servers(), now) else {
-        return false;
-    };
     let mut statuses = Vec::with_capacity(1);
-    conn.get(
-        &[handle],
-        std::slice::from_mut(out),
-        &mut statuses,
-        deadline,
-    )
-    .is_ok()
-        && statuses.first() == Some(&PageStatus::Ok)
+    let mut first_pass = true;
+    loop {
+        let Some(copies) = inner.homes.copies_of(handle) else {
+            return false;
+        };
+        let order: Vec<u8> = copies
+            .servers()
+            .filter(|&s| s != tried)
+            .chain(copies.servers().filter(|&s| s == tried && !first_pass))
+            .collect();
+        let (mut missing, mut asked) = (0, 0);
+        for server in order {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let until = if copies.len() > 1 {
+                (now + inner.cfg.failover_after).min(deadline)
+            } else {
+                deadline
+            };
+            let Some(conn) = remotes.get(inner.homes.servers(), server) else {
+                continue;
+            };
+            asked += 1;
+            match conn.get(&[handle], std::slice::from_mut(out), &mut statuses, until) {
+                Ok(()) if statuses.first() == Some(&PageStatus::Ok) => {
+                    inner.homes.trust(server);
+                    return true;
+                }
+                Ok(()) => missing += 1,
+                Err(e) => {
+                    if copies.len() > 1 && e.is_retryable() {
+                        inner.homes.suspect(server);
+                    }
+                }
+            }
+        }
+        // Every copy asked says it does not have the page; or one copy,
+        // already waited for until the deadline.
+        if (asked > 0 && missing == asked) || (copies.len() == 1 && !first_pass) {
+            return false;
+        }
+        first_pass = false;
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Gives up on a fetch: the faulting page is poisoned (SIGBUS for the

@@ -51,6 +51,12 @@ pub struct RegionConfig {
     /// poll(2), and how long it polls for a server's reply before it
     /// blocks: trades CPU for fault latency.
     pub spin: Duration,
+    /// Copies of each evicted page: `None` takes the cluster's default (or
+    /// one copy outside a cluster).
+    pub redundancy: Option<rmem_common::Redundancy>,
+    /// With more than one copy: how long a fault waits for one server
+    /// before it reads another copy.
+    pub failover_after: Duration,
 }
 
 impl Default for RegionConfig {
@@ -63,6 +69,8 @@ impl Default for RegionConfig {
             evict_batch: 64,
             prefetch_max: 32,
             spin: Duration::from_micros(50),
+            redundancy: None,
+            failover_after: crate::remote::DEFAULT_FAILOVER_AFTER,
         }
     }
 }
@@ -99,6 +107,8 @@ pub struct Stats {
     /// Faults that found their page owned by another thread and waited for
     /// it instead of fetching it again.
     pub faults_coalesced: AtomicU64,
+    /// Faults served from another copy because the first did not answer.
+    pub faults_degraded: AtomicU64,
     pub pages_evicted: AtomicU64,
     pub pages_dropped_clean: AtomicU64,
     pub pages_dropped_zero: AtomicU64,
@@ -127,7 +137,10 @@ pub struct StatsSnapshot {
     pub faults_write_protect: u64,
     pub faults_failed: u64,
     pub faults_coalesced: u64,
+    pub faults_degraded: u64,
     pub pages_evicted: u64,
+    /// Pages stored with fewer copies than the policy asks for.
+    pub pages_at_risk: u64,
     pub pages_dropped_clean: u64,
     pub pages_dropped_zero: u64,
     pub evict_failures: u64,
@@ -185,6 +198,16 @@ impl Inner {
 
     pub(crate) fn page_addr(&self, i: usize) -> u64 {
         self.backing.page_addr(i)
+    }
+
+    /// How long one read from one server may take: the fault timeout, or
+    /// with other copies to read, `failover_after`.
+    pub(crate) fn read_timeout(&self) -> Duration {
+        if self.homes.copies() > 1 {
+            self.cfg.failover_after.min(self.cfg.fault_timeout)
+        } else {
+            self.cfg.fault_timeout
+        }
     }
 
     /// Headroom the evictor keeps below the budget.
@@ -282,7 +305,8 @@ impl RemoteRegion {
         servers: Vec<ClientConfig>,
     ) -> Result<Self, RegionError> {
         let cfg = validate(cfg)?;
-        let homes = Homes::for_region(Home::Servers(servers), 0, drain_timeout(&cfg))
+        let redundancy = cfg.redundancy.unwrap_or_default();
+        let homes = Homes::for_region(Home::Servers(servers), 0, drain_timeout(&cfg), redundancy)
             .map_err(RegionError::Cluster)?;
         Self::with_homes(cfg, homes)
     }
@@ -294,8 +318,14 @@ impl RemoteRegion {
     pub fn in_cluster(cfg: RegionConfig, cluster: &Arc<Cluster>) -> Result<Self, RegionError> {
         let cfg = validate(cfg)?;
         let pages = cfg.size / PAGE_SIZE as u64;
-        let homes = Homes::for_region(Home::Cluster(cluster.clone()), pages, drain_timeout(&cfg))
-            .map_err(RegionError::Cluster)?;
+        let redundancy = cfg.redundancy.unwrap_or_else(|| cluster.redundancy());
+        let homes = Homes::for_region(
+            Home::Cluster(cluster.clone()),
+            pages,
+            drain_timeout(&cfg),
+            redundancy,
+        )
+        .map_err(RegionError::Cluster)?;
         Self::with_homes(cfg, homes.clone()).inspect_err(|_| {
             homes.retire();
         })
@@ -360,7 +390,7 @@ impl RemoteRegion {
         for t in 0..inner.cfg.fault_threads {
             // The fault path polls for the reply: a remote fault then costs
             // one wake-up (the faulting thread's), not two.
-            let conn = Remotes::new(inner.cfg.fault_timeout, inner.cfg.spin);
+            let conn = Remotes::new(inner.read_timeout(), inner.cfg.spin);
             let inner = inner.clone();
             let h = std::thread::Builder::new()
                 .name(format!("rmem-fault-{t}"))
@@ -380,6 +410,7 @@ impl RemoteRegion {
             pages,
             budget_pages,
             home = %inner.homes.describe(),
+            copies = inner.homes.copies(),
             "region created"
         );
         Ok(region)
@@ -474,7 +505,9 @@ impl RemoteRegion {
             faults_write_protect: l(&s.faults_write_protect),
             faults_failed: l(&s.faults_failed),
             faults_coalesced: l(&s.faults_coalesced),
+            faults_degraded: l(&s.faults_degraded),
             pages_evicted: l(&s.pages_evicted),
+            pages_at_risk: self.inner.homes.at_risk(),
             pages_dropped_clean: l(&s.pages_dropped_clean),
             pages_dropped_zero: l(&s.pages_dropped_zero),
             evict_failures: l(&s.evict_failures),
@@ -567,6 +600,9 @@ fn validate(cfg: RegionConfig) -> Result<RegionConfig, RegionError> {
     }
     if cfg.evict_batch == 0 {
         return Err(invalid("evict_batch", "must be at least 1"));
+    }
+    if cfg.failover_after.is_zero() {
+        return Err(invalid("failover_after", "must be positive"));
     }
     Ok(cfg)
 }

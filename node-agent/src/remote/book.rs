@@ -10,19 +10,89 @@
 //!   fault reads the run of its handle to know which server to ask; a free
 //!   takes the handle off its run, and the run goes when its last handle
 //!   does.
+//! - With redundancy a piece, and the run it becomes, has one slot per
+//!   copy: a server (and grant) each, all distinct servers. Servers found
+//!   failing are *suspect* for a while: nothing new goes there, and faults
+//!   read another copy first.
 //! - While a run moves to another server (a drain), frees of its handles
 //!   are remembered, so the mover can free the copies it wrote after them.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+pub use rmem_common::redundancy::MAX_COPIES;
+
+/// One copy of a run: its server and the grant it counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Slot {
+    pub server: u8,
+    pub(crate) grant: Option<usize>,
+}
+
+/// The copies of a run, on distinct servers; the first is read first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Slots {
+    n: u8,
+    at: [Slot; MAX_COPIES],
+}
+
+impl Slots {
+    pub fn one(server: u8, grant: Option<usize>) -> Self {
+        let mut s = Self::default();
+        s.push(Slot { server, grant });
+        s
+    }
+
+    pub(crate) fn push(&mut self, slot: Slot) {
+        self.at[usize::from(self.n)] = slot;
+        self.n += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.n)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Slot> {
+        self.at[..self.len()].iter()
+    }
+
+    /// The servers holding copies, in reading order.
+    pub fn servers(&self) -> impl Iterator<Item = u8> + '_ {
+        self.iter().map(|s| s.server)
+    }
+
+    pub fn has_server(&self, server: u8) -> bool {
+        self.servers().any(|s| s == server)
+    }
+
+    /// The first copy's server.
+    pub fn server(&self) -> u8 {
+        self.at[0].server
+    }
+
+    pub(crate) fn slot_mut(&mut self, k: usize) -> &mut Slot {
+        &mut self.at[..usize::from(self.n)][k]
+    }
+}
 
 /// A part of a batch being evicted: `count` handles from `first` go to
-/// server `server`.
+/// the servers of `slots` (each handle to every one of them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
     pub first: u64,
     pub count: usize,
-    pub server: u8,
-    pub(crate) grant: Option<usize>,
+    pub slots: Slots,
+}
+
+impl Piece {
+    /// The server of its first copy.
+    pub fn server(&self) -> u8 {
+        self.slots.server()
+    }
 }
 
 /// Pages of a grant standing for a configured server's whole capacity.
@@ -43,8 +113,7 @@ pub(crate) struct Grant {
 #[derive(Debug)]
 pub(crate) struct Run {
     pub pages: u64,
-    pub server: u8,
-    pub grant: Option<usize>,
+    pub slots: Slots,
     /// Handles of the run not freed yet.
     pub live: u64,
 }
@@ -67,6 +136,8 @@ pub(crate) struct Book {
     /// The grant the next batch tries first.
     pub turn: usize,
     pub moving: Option<Moving>,
+    /// Servers found failing, and until when nothing new goes there.
+    pub suspects: BTreeMap<u8, Instant>,
 }
 
 impl Book {
@@ -78,49 +149,81 @@ impl Book {
             .map(|(f, r)| (*f, r))
     }
 
-    /// Takes handle `h` off the book; its server if it was on it.
-    pub fn forget(&mut self, h: u64) -> Option<u8> {
+    /// Takes handle `h` off the book; the servers of its copies if it was
+    /// on it.
+    pub fn forget(&mut self, h: u64) -> Option<Slots> {
         let (first, run) = self.run_of(h)?;
-        let (server, grant) = (run.server, run.grant);
+        let slots = run.slots;
         let run = self.runs.get_mut(&first).expect("found above");
         run.live -= 1;
         if run.live == 0 {
             self.runs.remove(&first);
         }
-        if let Some(g) = grant.and_then(|g| self.grants.get_mut(g)) {
-            g.used = g.used.saturating_sub(1);
+        for slot in slots.iter() {
+            if let Some(g) = slot.grant.and_then(|g| self.grants.get_mut(g)) {
+                g.used = g.used.saturating_sub(1);
+            }
         }
         if let Some(m) = &mut self.moving
             && h.wrapping_sub(m.first) < m.pages
         {
             m.freed.push(h);
         }
-        Some(server)
+        Some(slots)
+    }
+
+    /// Whether nothing new should go to `server` now.
+    pub fn is_suspect(&self, server: u8, now: Instant) -> bool {
+        self.suspects.get(&server).is_some_and(|&until| until > now)
+    }
+
+    fn open(&self, k: usize, now: Instant) -> bool {
+        let g = &self.grants[k];
+        g.used < g.pages && !g.draining && !self.is_suspect(g.server, now)
     }
 
     /// Places up to `count` handles from `first` on grants with room, in
-    /// turn; returns the pieces and how many handles found no room.
-    pub fn take(&mut self, first: u64, count: u64) -> (Vec<Piece>, u64) {
+    /// turn, each piece on up to `copies` distinct servers; returns the
+    /// pieces and how many handles found no room at all.
+    pub fn take(&mut self, first: u64, count: u64, copies: usize) -> (Vec<Piece>, u64) {
+        let now = Instant::now();
         let mut pieces = Vec::new();
         let (mut next, mut left) = (first, count);
         while left > 0 {
             let n = self.grants.len();
             let start = self.turn;
-            let Some(k) = (0..n)
-                .map(|i| (start + i) % n)
-                .find(|&k| self.grants[k].used < self.grants[k].pages && !self.grants[k].draining)
-            else {
+            let Some(k) = (0..n).map(|i| (start + i) % n).find(|&k| self.open(k, now)) else {
                 break;
             };
             self.turn = k + 1;
-            let g = &mut self.grants[k];
-            let take = left.min(g.pages - g.used);
-            g.used += take;
+            let mut chosen = vec![k];
+            // Further copies: the grants with most room on other servers.
+            while chosen.len() < copies.min(MAX_COPIES) {
+                let taken: Vec<u8> = chosen.iter().map(|&c| self.grants[c].server).collect();
+                let more = (0..n)
+                    .filter(|&j| self.open(j, now) && !taken.contains(&self.grants[j].server))
+                    .max_by_key(|&j| self.grants[j].pages - self.grants[j].used);
+                match more {
+                    Some(j) => chosen.push(j),
+                    None => break,
+                }
+            }
+            let take = chosen
+                .iter()
+                .map(|&c| self.grants[c].pages - self.grants[c].used)
+                .fold(left, u64::min);
+            let mut slots = Slots::default();
+            for &c in &chosen {
+                self.grants[c].used += take;
+                slots.push(Slot {
+                    server: self.grants[c].server,
+                    grant: Some(c),
+                });
+            }
             pieces.push(Piece {
                 first: next,
                 count: take as usize,
-                server: g.server,
-                grant: Some(k),
+                slots,
             });
             next += take;
             left -= take;
@@ -131,8 +234,10 @@ impl Book {
     /// Gives back what `pieces` took of their grants (nothing was stored).
     pub fn give_back(&mut self, pieces: &[Piece]) {
         for p in pieces {
-            if let Some(g) = p.grant.and_then(|g| self.grants.get_mut(g)) {
-                g.used = g.used.saturating_sub(p.count as u64);
+            for slot in p.slots.iter() {
+                if let Some(g) = slot.grant.and_then(|g| self.grants.get_mut(g)) {
+                    g.used = g.used.saturating_sub(p.count as u64);
+                }
             }
         }
     }
@@ -144,8 +249,7 @@ impl Book {
                 p.first,
                 Run {
                     pages: p.count as u64,
-                    server: p.server,
-                    grant: p.grant,
+                    slots: p.slots,
                     live: p.count as u64,
                 },
             );
@@ -176,8 +280,7 @@ mod tests {
             10,
             Run {
                 pages: 8,
-                server: 3,
-                grant: Some(0),
+                slots: Slots::one(3, Some(0)),
                 live: 8,
             },
         );
@@ -185,18 +288,17 @@ mod tests {
             30,
             Run {
                 pages: 4,
-                server: 1,
-                grant: Some(0),
+                slots: Slots::one(1, Some(0)),
                 live: 4,
             },
         );
         assert_eq!(book.run_of(9).map(|r| r.0), None);
-        assert_eq!(book.run_of(17).map(|(_, r)| r.server), Some(3));
+        assert_eq!(book.run_of(17).map(|(_, r)| r.slots.server()), Some(3));
         assert_eq!(book.run_of(18).map(|r| r.0), None);
-        assert_eq!(book.run_of(33).map(|(_, r)| r.server), Some(1));
+        assert_eq!(book.run_of(33).map(|(_, r)| r.slots.server()), Some(1));
         assert_eq!(book.forget(18), None);
         for h in 30..34 {
-            assert_eq!(book.forget(h), Some(1));
+            assert_eq!(book.forget(h).map(|s| s.server()), Some(1));
         }
         assert!(book.run_of(30).is_none(), "an emptied run is dropped");
         assert_eq!(book.grants[0].used, 8);
@@ -209,20 +311,20 @@ mod tests {
         book.grants.push(grant(1, 100, 0));
         book.grants.push(grant(2, 100, 0));
         book.grants[2].draining = true;
-        let (a, left) = book.take(0, 8);
-        assert_eq!((a.len(), a[0].server, left), (1, 0, 0));
-        let (b, _) = book.take(8, 8);
-        assert_eq!(b[0].server, 1, "the next batch goes to the next grant");
+        let (a, left) = book.take(0, 8, 1);
+        assert_eq!((a.len(), a[0].server(), left), (1, 0, 0));
+        let (b, _) = book.take(8, 8, 1);
+        assert_eq!(b[0].server(), 1, "the next batch goes to the next grant");
         // Grant 0 has 2 pages of room: the batch is cut in two.
-        let (c, left) = book.take(16, 5);
+        let (c, left) = book.take(16, 5, 1);
         assert_eq!(
             c.iter()
-                .map(|p| (p.first, p.count, p.server))
+                .map(|p| (p.first, p.count, p.server()))
                 .collect::<Vec<_>>(),
             [(16, 2, 0), (18, 3, 1)]
         );
         assert_eq!(left, 0);
-        let (_, left) = book.take(21, 1000);
+        let (_, left) = book.take(21, 1000, 1);
         assert_eq!(left, 1000 - 89, "only grant 1's room is left");
         book.give_back(&c);
         assert_eq!((book.grants[0].used, book.grants[1].used), (8, 100 - 3));
@@ -234,8 +336,7 @@ mod tests {
         book.record(&[Piece {
             first: 100,
             count: 4,
-            server: 0,
-            grant: None,
+            slots: Slots::one(0, None),
         }]);
         book.moving = Some(Moving {
             first: 100,
@@ -245,5 +346,31 @@ mod tests {
         book.forget(102);
         book.forget(7);
         assert_eq!(book.moving.as_ref().unwrap().freed, [102]);
+    }
+
+    #[test]
+    fn copies_go_to_distinct_servers_and_skip_suspects() {
+        let mut book = Book::default();
+        book.grants.push(grant(0, 100, 0));
+        book.grants.push(grant(1, 100, 0));
+        book.grants.push(grant(2, 50, 0));
+        // A second grant on server 0: never two copies on one server.
+        book.grants.push(grant(0, 100, 0));
+        let (p, left) = book.take(0, 10, 2);
+        assert_eq!(left, 0);
+        let servers: Vec<u8> = p[0].slots.servers().collect();
+        assert_eq!(servers.len(), 2);
+        assert_ne!(servers[0], servers[1]);
+        book.suspects
+            .insert(1, Instant::now() + std::time::Duration::from_secs(60));
+        for k in 0..10 {
+            let (p, _) = book.take(100 + k, 1, 3);
+            assert!(!p[0].slots.has_server(1), "a suspect server got a copy");
+            assert_eq!(p[0].slots.len(), 2, "only servers 0 and 2 are open");
+        }
+        book.record(&p);
+        let used: u64 = book.grants.iter().map(|g| g.used).sum();
+        assert_eq!(book.forget(3).map(|s| s.len()), Some(2));
+        assert_eq!(book.grants.iter().map(|g| g.used).sum::<u64>(), used - 2);
     }
 }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rmem_client::ClientConfig;
-use rmem_client::control::{ControlClient, ControlError, MemberSession, Subscriber};
+use rmem_client::control::{ControlClient, ControlError, MemberSession, Registration, Subscriber};
 use rmem_proto::control::v1 as pb;
 
 use super::homes::Homes;
@@ -66,6 +66,10 @@ pub enum ClusterError {
     Servers(#[from] ServersError),
     #[error("no memory server has room")]
     NoServer,
+    #[error("the coordinator granted less than asked")]
+    ShortGrant,
+    #[error("no servers for {copies} copies: a server is failing and no other can replace it")]
+    TooFewCopies { copies: usize },
 }
 
 /// State shared with the member session's subscriber.
@@ -73,6 +77,8 @@ pub enum ClusterError {
 struct Shared {
     /// The stores holding pages through this link.
     stores: Mutex<Vec<Weak<Homes>>>,
+    /// The cluster's default redundancy, from the last registration.
+    redundancy: Mutex<rmem_common::Redundancy>,
 }
 
 /// This process's membership in a cluster.
@@ -138,6 +144,26 @@ impl Subscriber for Events {
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start moving pages off a draining server");
             }
+        }
+        Box::pin(async {})
+    }
+
+    fn registered<'a>(
+        &'a self,
+        reg: &'a Registration,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        match reg.redundancy.parse::<rmem_common::Redundancy>() {
+            Ok(r) => {
+                *self
+                    .shared
+                    .redundancy
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = r
+            }
+            Err(e) if !reg.redundancy.is_empty() => {
+                tracing::warn!(error = %e, "the coordinator's default redundancy is unknown here; using none");
+            }
+            Err(_) => {}
         }
         Box::pin(async {})
     }
@@ -218,6 +244,16 @@ impl Cluster {
     pub fn set_leave_on_drop(&self, leave: bool) {
         self.leave_on_drop
             .store(leave, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The cluster's default redundancy (what the coordinator said at the
+    /// last registration).
+    pub fn redundancy(&self) -> rmem_common::Redundancy {
+        *self
+            .shared
+            .redundancy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn tenant(&self) -> &str {

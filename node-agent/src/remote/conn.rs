@@ -21,6 +21,10 @@ use rmem_client::{ClientConfig, ClientError, DataConnection, Page, PageStatus, P
 /// redundancy a fault will not wait on one server at all.
 pub const DEFAULT_FAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// With more than one copy of a page: how long a fault waits for one
+/// server before it reads another copy.
+pub const DEFAULT_FAILOVER_AFTER: Duration = Duration::from_millis(500);
+
 /// A reconnecting blocking connection.
 #[derive(Debug)]
 pub struct RemoteConn {

@@ -8,6 +8,9 @@
 //! the book again. Handles of earlier agent runs that no fault has looked
 //! up yet stay where they are, with their grants.
 //!
+//! Draining a server that is gone (killed, its disk lost) rebuilds its
+//! copies: a run that cannot be read there is read from another copy.
+//!
 //! Races handled here:
 //! - a handle freed while its run moves: the book remembers it, and the
 //!   copy written to the new server is freed after the switch;
@@ -72,7 +75,7 @@ impl Homes {
             let runs: Vec<u64> = book
                 .runs
                 .iter()
-                .filter(|(_, r)| from.contains(&r.server))
+                .filter(|(_, r)| r.slots.servers().any(|s| from.contains(&s)))
                 .map(|(f, _)| *f)
                 .collect();
             (from, runs)
@@ -81,21 +84,44 @@ impl Homes {
             report.done = true;
             return report;
         }
+        // Room for one copy of everything that moves, on the servers left
+        // (each run then goes to one holding no copy of it).
+        let moving: u64 = {
+            let book = self.book();
+            runs.iter()
+                .filter_map(|f| book.runs.get(f))
+                .map(|r| r.live)
+                .sum()
+        };
+        if moving > 0
+            && let Err(e) = self.grow_avoiding(moving, 1, &[member])
+        {
+            tracing::debug!(error = %e, "no capacity up front for a drain; asking run by run");
+        }
         for first in runs {
             if self.closed.load(Ordering::Acquire) {
                 return report;
             }
-            match self.move_run(remotes, first, Instant::now() + self.request_timeout) {
-                Ok(n) => report.moved += n,
-                Err(e) => {
-                    report.failed += 1;
-                    tracing::warn!(first, error = %e, "cannot move pages off a draining server; they stay there");
+            // One copy at a time (two of a run's copies may be on drained
+            // servers).
+            for _ in 0..super::book::MAX_COPIES {
+                match self.move_run(remotes, first, &from, Instant::now() + self.request_timeout) {
+                    Ok(Some(n)) => report.moved += n,
+                    Ok(None) => break,
+                    Err(e) => {
+                        report.failed += 1;
+                        tracing::warn!(first, error = %e, "cannot move pages off a draining server; they stay there");
+                        break;
+                    }
                 }
             }
         }
         let ids = {
             let mut book = self.book();
-            report.done = !book.runs.values().any(|r| from.contains(&r.server));
+            report.done = !book
+                .runs
+                .values()
+                .any(|r| r.slots.servers().any(|s| from.contains(&s)));
             if report.done {
                 let ids: Vec<u64> = book
                     .grants
@@ -131,24 +157,31 @@ impl Homes {
         report
     }
 
-    /// Moves the run starting at `first` to a grant elsewhere; returns the
-    /// pages moved.
+    /// Moves the run's first copy on a server of `from` to a grant
+    /// elsewhere; the pages moved, or `None` when no copy of it is left on
+    /// those servers.
     fn move_run(
         &self,
         remotes: &mut Remotes,
         first: u64,
+        from: &BTreeSet<u8>,
         deadline: Instant,
-    ) -> Result<u64, MoveError> {
-        let Some((pages, from)) = self.book().runs.get(&first).map(|r| (r.pages, r.server)) else {
-            return Ok(0);
+    ) -> Result<Option<u64>, MoveError> {
+        let found = self.book().runs.get(&first).and_then(|r| {
+            let k = r.slots.servers().position(|s| from.contains(&s))?;
+            Some((r.pages, k, r.slots))
+        });
+        let Some((pages, k, slots)) = found else {
+            return Ok(None);
         };
+        let source = slots.iter().nth(k).expect("found above").server;
         // From here, frees of the run's handles are remembered.
         self.book().moving = Some(Moving {
             first,
             pages,
             freed: Vec::new(),
         });
-        let result = self.copy_run(remotes, first, pages, from, deadline);
+        let result = self.copy_run(remotes, first, pages, k, source, &slots, deadline);
         let freed = self
             .book()
             .moving
@@ -157,7 +190,7 @@ impl Homes {
             .unwrap_or_default();
         let (to, written) = match result? {
             Some(w) => w,
-            None => return Ok(0),
+            None => return Ok(Some(0)),
         };
         // Copies of handles freed while they moved are garbage on the new
         // server (the free may have reached it before the copy did).
@@ -165,39 +198,82 @@ impl Homes {
             let _ = self.free_direct(remotes, &[(to, freed)], deadline);
         }
         let need = written.len() as u64;
-        self.free_direct(remotes, &[(from, written)], deadline)?;
-        Ok(need)
+        self.free_direct(remotes, &[(source, written)], deadline)?;
+        Ok(Some(need))
     }
 
-    /// Reads the run's live pages from `from`, writes them to another
-    /// grant's server and switches the run over. `None` if there was
-    /// nothing to move, or the run (or the store) went meanwhile.
+    /// The pages of `handles` that `server` holds.
+    fn read_run(
+        &self,
+        remotes: &mut Remotes,
+        server: u8,
+        handles: &[u64],
+        deadline: Instant,
+    ) -> Result<Vec<(u64, Page)>, MoveError> {
+        let conn = remotes
+            .get(&self.servers, server)
+            .ok_or(MoveError::NoServer)?;
+        let max = conn.max_batch(deadline)?.max(1) as usize;
+        let mut buf = vec![[0u8; rmem_client::PAGE_SIZE]; max.min(handles.len())];
+        let mut statuses = Vec::new();
+        let mut found = Vec::new();
+        for chunk in handles.chunks(max) {
+            conn.get(chunk, &mut buf[..chunk.len()], &mut statuses, deadline)?;
+            for (i, &h) in chunk.iter().enumerate() {
+                if statuses.get(i) == Some(&PageStatus::Ok) {
+                    found.push((h, buf[i]));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Reads the run's live pages from `from` (its copy `k`), writes them
+    /// to a grant on a server holding no copy of the run, and switches that
+    /// copy over. `None` if there was nothing to move, or the run (or the
+    /// store) went meanwhile.
+    #[allow(clippy::too_many_arguments)]
     fn copy_run(
         &self,
         remotes: &mut Remotes,
         first: u64,
         pages: u64,
+        k: usize,
         from: u8,
+        slots: &super::book::Slots,
         deadline: Instant,
     ) -> Result<Option<(u8, Vec<u64>)>, MoveError> {
-        // Read what is still there (freed handles answer not_found).
+        // Read what is still there (freed handles answer not_found): from
+        // the drained server, or, when it does not answer (it is gone: the
+        // drain rebuilds its copies), from another copy of the run.
         let handles: Vec<u64> = (first..first + pages).collect();
+        let now = Instant::now();
+        let suspect = |s: u8| self.book().is_suspect(s, now);
+        let mut sources: Vec<u8> = std::iter::once(from)
+            .chain(slots.servers().filter(|&s| s != from))
+            .collect();
+        // A server known to be failing is asked last.
+        sources.sort_by_key(|&s| suspect(s));
         let mut found: Vec<(u64, Page)> = Vec::new();
-        {
-            let conn = remotes
-                .get(&self.servers, from)
-                .ok_or(MoveError::NoServer)?;
-            let max = conn.max_batch(deadline)?.max(1) as usize;
-            let mut buf = vec![[0u8; rmem_client::PAGE_SIZE]; max.min(handles.len())];
-            let mut statuses = Vec::new();
-            for chunk in handles.chunks(max) {
-                conn.get(chunk, &mut buf[..chunk.len()], &mut statuses, deadline)?;
-                for (i, &h) in chunk.iter().enumerate() {
-                    if statuses.get(i) == Some(&PageStatus::Ok) {
-                        found.push((h, buf[i]));
+        let mut last_error = None;
+        for source in sources {
+            match self.read_run(remotes, source, &handles, deadline) {
+                Ok(f) => {
+                    found = f;
+                    last_error = None;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(source, error = %e, "cannot read a run to move; trying another copy");
+                    if matches!(&e, MoveError::Server(c) if c.is_retryable()) {
+                        self.suspect(source);
                     }
+                    last_error = Some(e);
                 }
             }
+        }
+        if let Some(e) = last_error {
+            return Err(e);
         }
         let need = found.len() as u64;
         if need == 0 {
@@ -211,13 +287,29 @@ impl Homes {
                 .grants
                 .iter()
                 .enumerate()
-                .filter(|(_, g)| !g.draining && g.pages.saturating_sub(g.used) >= need)
+                .filter(|(_, g)| {
+                    !g.draining
+                        && !slots.has_server(g.server)
+                        && g.pages.saturating_sub(g.used) >= need
+                })
                 .max_by_key(|(_, g)| g.pages.saturating_sub(g.used))
                 .map(|(k, g)| (k, g.server))
         };
         let mut target = pick(self);
         if target.is_none() {
-            self.grow(need.max(GRANT_PAGES))?;
+            // One copy's worth, on a server holding none of this run.
+            let mut exclude: Vec<u64> = {
+                let book = self.book();
+                book.grants
+                    .iter()
+                    .filter(|g| g.draining || slots.has_server(g.server))
+                    .map(|g| g.member)
+                    .collect()
+            };
+            exclude.sort_unstable();
+            exclude.dedup();
+            self.grow_avoiding(need.max(GRANT_PAGES), 1, &exclude)
+                .or_else(|_| self.grow_avoiding(need, 1, &exclude))?;
             target = pick(self);
         }
         let (grant, to) = target.ok_or(MoveError::NoRoom)?;
@@ -248,12 +340,18 @@ impl Homes {
             let old = if closed {
                 None
             } else {
-                book.runs.get_mut(&first).map(|r| {
-                    let old = (r.grant, r.live);
-                    r.server = to;
-                    r.grant = Some(grant);
-                    old
-                })
+                book.runs
+                    .get_mut(&first)
+                    .filter(|r| r.slots.iter().nth(k).is_some_and(|s| s.server == from))
+                    .map(|r| {
+                        let slot = r.slots.slot_mut(k);
+                        let old = (slot.grant, r.live);
+                        *slot = super::book::Slot {
+                            server: to,
+                            grant: Some(grant),
+                        };
+                        old
+                    })
             };
             match old {
                 Some((old_grant, live)) => {

@@ -35,16 +35,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rmem_client::{ClientConfig, ClientError};
+use rmem_client::{ClientConfig, ClientError, Page, PageStatus};
+use rmem_common::Redundancy;
 
-pub use super::book::Piece;
-use super::book::{Book, Grant, UNBOUNDED};
+use super::book::{Book, Grant, Slots, UNBOUNDED};
+pub use super::book::{Piece, Slot};
 use super::cluster::{Cluster, ClusterError, server_config};
 use super::servers::{Remotes, Servers};
 use super::space::{SPACE_BITS, Space, new_base, retire};
 
 /// Pages asked of the coordinator when the grants are full (64 MiB).
 pub const GRANT_PAGES: u64 = 16384;
+
+/// How long a server found failing gets nothing new and is read last.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
 
 /// Where the pages go.
 #[derive(Debug, Clone)]
@@ -68,6 +72,11 @@ pub struct Homes {
     /// Set when the space is retired: a drain still running frees what it
     /// wrote instead of recording it.
     pub(crate) closed: AtomicBool,
+    /// Copies of each page the policy asks for.
+    copies: usize,
+    /// Pages stored with fewer copies than that (the cluster had fewer
+    /// servers).
+    at_risk: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -88,9 +97,10 @@ impl Homes {
         home: Home,
         module_pages: u64,
         request_timeout: Duration,
+        redundancy: Redundancy,
     ) -> Result<Arc<Self>, ClusterError> {
         let cluster = match home {
-            Home::Servers(list) => return Self::standalone(list, request_timeout),
+            Home::Servers(list) => return Self::standalone(list, request_timeout, redundancy),
             Home::Cluster(c) => c,
         };
         let prefix = format!("{}/handles/", cluster.name());
@@ -129,6 +139,8 @@ impl Homes {
                     pages: g.pages,
                     used: g.pages,
                 });
+                // Every copy's server answers for its interval.
+                book.subscribed.insert(g.server_id);
             }
             if !older.is_empty() {
                 tracing::info!(
@@ -148,6 +160,7 @@ impl Homes {
             &taken,
             older,
             request_timeout,
+            redundancy,
         )
     }
 
@@ -158,9 +171,10 @@ impl Homes {
         home: Home,
         reserve: u64,
         request_timeout: Duration,
+        redundancy: Redundancy,
     ) -> Result<Arc<Self>, ClusterError> {
         let cluster = match home {
-            Home::Servers(list) => return Self::standalone(list, request_timeout),
+            Home::Servers(list) => return Self::standalone(list, request_timeout, redundancy),
             Home::Cluster(c) => c,
         };
         let prefix = format!("{}/regions/", cluster.name());
@@ -172,6 +186,7 @@ impl Homes {
             &[],
             Vec::new(),
             request_timeout,
+            redundancy,
         )?;
         if let Err(e) = homes.grow(reserve.max(1)) {
             homes.retire();
@@ -183,6 +198,7 @@ impl Homes {
     fn standalone(
         list: Vec<ClientConfig>,
         request_timeout: Duration,
+        redundancy: Redundancy,
     ) -> Result<Arc<Self>, ClusterError> {
         if list.is_empty() {
             return Err(ClusterError::NoServer);
@@ -208,9 +224,12 @@ impl Homes {
             link: None,
             request_timeout,
             closed: AtomicBool::new(false),
+            copies: redundancy.copies(),
+            at_risk: AtomicU64::new(0),
         }))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn registered(
         cluster: Arc<Cluster>,
         servers: Servers,
@@ -219,6 +238,7 @@ impl Homes {
         taken: &[u64],
         older: Vec<Space>,
         request_timeout: Duration,
+        redundancy: Redundancy,
     ) -> Result<Arc<Self>, ClusterError> {
         let base = new_base(taken);
         let name = format!("{prefix}{:06x}", base >> SPACE_BITS);
@@ -240,6 +260,8 @@ impl Homes {
             }),
             request_timeout,
             closed: AtomicBool::new(false),
+            copies: redundancy.copies(),
+            at_risk: AtomicU64::new(0),
         });
         // Pages on a server being drained move elsewhere.
         cluster.watch_drains(&homes);
@@ -274,41 +296,103 @@ impl Homes {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Chooses servers for `count` handles from `first`, asking the
-    /// coordinator for capacity when the grants are full. The pieces count
+    /// Copies of each page the policy asks for.
+    pub fn copies(&self) -> usize {
+        self.copies
+    }
+
+    /// Pages stored with fewer copies than the policy asks for.
+    pub fn at_risk(&self) -> u64 {
+        self.at_risk.load(Ordering::Relaxed)
+    }
+
+    /// Chooses servers for `count` handles from `first` (each on as many
+    /// distinct servers as the policy has copies), asking the coordinator
+    /// for capacity when the grants are full or too few. The pieces count
     /// against their grants until [`Self::unplace`] or a free.
+    ///
+    /// Fewer copies than asked are placed only when no server is known to
+    /// be failing (the cluster has too few servers: counted as at risk);
+    /// when one is, the batch fails and its pages stay local until a
+    /// replacement is found.
     pub fn place(&self, first: u64, count: usize) -> Result<Vec<Piece>, ClusterError> {
-        let (mut pieces, left) = self.book().take(first, count as u64);
-        if left == 0 {
-            return Ok(pieces);
-        }
-        if self.link.is_none() {
+        let wanted = self.copies;
+        let short = |pieces: &[Piece]| pieces.iter().any(|p| p.slots.len() < wanted);
+        let (mut pieces, mut left) = self.book().take(first, count as u64, wanted);
+        if (left > 0 || short(&pieces)) && self.link.is_some() {
             self.unplace(&pieces);
-            return Err(ClusterError::NoServer);
+            let suspects = self.suspect_members();
+            // A whole grant's worth when the cluster has it, else just this.
+            let grown = self
+                .grow_avoiding(left.max(GRANT_PAGES), self.copies, &suspects)
+                .or_else(|_| self.grow_avoiding(left.max(1), self.copies, &suspects));
+            if let Err(e) = grown {
+                if left > 0 {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, "no more servers for further copies");
+            }
+            (pieces, left) = self.book().take(first, count as u64, wanted);
         }
-        if let Err(e) = self.grow(left.max(GRANT_PAGES)) {
+        if left > 0 {
             self.unplace(&pieces);
-            return Err(e);
+            return Err(if self.link.is_none() {
+                ClusterError::NoServer
+            } else {
+                ClusterError::ShortGrant
+            });
         }
-        let next = first + (count as u64 - left);
-        let (more, short) = self.book().take(next, left);
-        pieces.extend(more);
-        if short > 0 {
-            // A grant larger than asked for is never short; be safe.
-            self.unplace(&pieces);
-            return Err(ClusterError::Runtime(std::io::Error::other(
-                "the coordinator granted less than asked",
-            )));
+        if short(&pieces) {
+            let now = Instant::now();
+            let failing = self.book().suspects.values().any(|&t| t > now);
+            if failing {
+                self.unplace(&pieces);
+                return Err(ClusterError::TooFewCopies { copies: wanted });
+            }
+            let missing: u64 = pieces
+                .iter()
+                .map(|p| p.count as u64 * (wanted - p.slots.len()) as u64)
+                .sum();
+            if self.at_risk.fetch_add(missing, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    copies = wanted,
+                    "fewer servers than copies: pages stored with fewer copies are at risk until more servers join"
+                );
+            }
         }
         Ok(pieces)
     }
 
-    /// New grants for `pages`; their servers subscribe to the interval.
+    /// Members of the servers found failing lately.
+    fn suspect_members(&self) -> Vec<u64> {
+        let book = self.book();
+        let now = Instant::now();
+        book.grants
+            .iter()
+            .filter(|g| book.is_suspect(g.server, now))
+            .map(|g| g.member)
+            .collect()
+    }
+
+    /// New grants for `pages` of each copy; their servers subscribe to the
+    /// interval.
     pub(crate) fn grow(&self, pages: u64) -> Result<(), ClusterError> {
+        let suspects = self.suspect_members();
+        self.grow_avoiding(pages, self.copies, &suspects)
+    }
+
+    /// New grants for `pages`, `copies` times on distinct servers, none of
+    /// `exclude` (members).
+    pub(crate) fn grow_avoiding(
+        &self,
+        pages: u64,
+        copies: usize,
+        exclude: &[u64],
+    ) -> Result<(), ClusterError> {
         let Some(link) = &self.link else {
             return Err(ClusterError::NoServer);
         };
-        let grants = link.cluster.allocate(pages, 1, &[])?;
+        let grants = link.cluster.allocate(pages, copies, exclude)?;
         let mut added = Vec::with_capacity(grants.len());
         for g in &grants {
             let server = self.servers.add(server_config(g))?;
@@ -335,6 +419,85 @@ impl Homes {
         Ok(())
     }
 
+    /// Nothing new goes to `server` for a while, and faults read its copies
+    /// last: a request to it failed.
+    pub fn suspect(&self, server: u8) {
+        if self.copies < 2 {
+            // One copy: nowhere else to go; retries wait for it.
+            return;
+        }
+        let until = Instant::now() + SUSPECT_FOR;
+        if self.book().suspects.insert(server, until).is_none() {
+            tracing::warn!(server = %self.servers.addr(server), "a memory server is failing: placing and reading elsewhere for a while");
+        }
+    }
+
+    /// A request to `server` succeeded.
+    pub fn trust(&self, server: u8) {
+        let mut book = self.book();
+        if !book.suspects.is_empty() {
+            book.suspects.remove(&server);
+        }
+    }
+
+    /// Stores the pages of `pieces` (handle `h`'s page is `page(h -
+    /// first)`) on every copy's server. Per handle from `first`: whether
+    /// every copy acknowledged it. A server that fails is suspect.
+    pub fn put<'p>(
+        &self,
+        remotes: &mut Remotes,
+        first: u64,
+        pieces: &[Piece],
+        page: impl Fn(usize) -> &'p Page,
+        deadline: Instant,
+    ) -> (Vec<bool>, Option<String>) {
+        let total: usize = pieces.iter().map(|p| p.count).sum();
+        let mut ok = vec![true; total];
+        let mut error = None;
+        for piece in pieces {
+            let at = (piece.first - first) as usize;
+            let handles: Vec<u64> = (piece.first..piece.first + piece.count as u64).collect();
+            for server in piece.slots.servers() {
+                let Some(conn) = remotes.get(&self.servers, server) else {
+                    ok[at..at + piece.count].fill(false);
+                    continue;
+                };
+                let r = conn.max_batch(deadline).and_then(|max| {
+                    let mut statuses = Vec::with_capacity(handles.len());
+                    for chunk in handles.chunks(max.max(1) as usize) {
+                        let items: Vec<(u64, &Page)> = chunk
+                            .iter()
+                            .map(|&h| (h, page((h - first) as usize)))
+                            .collect();
+                        statuses.extend(conn.put(&items, deadline)?);
+                    }
+                    Ok(statuses)
+                });
+                match r {
+                    Ok(statuses) => {
+                        self.trust(server);
+                        for (k, st) in statuses.iter().enumerate() {
+                            if *st != PageStatus::Ok {
+                                ok[at + k] = false;
+                                error.get_or_insert_with(|| {
+                                    format!("{} refused a page: {st}", conn.addr())
+                                });
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        error.get_or_insert_with(|| format!("{}: {e}", conn.addr()));
+                        ok[at..at + piece.count].fill(false);
+                        if e.is_retryable() {
+                            self.suspect(server);
+                        }
+                    }
+                }
+            }
+        }
+        (ok, error)
+    }
+
     /// Gives back what `pieces` took of their grants (nothing was stored).
     pub fn unplace(&self, pieces: &[Piece]) {
         self.book().give_back(pieces);
@@ -345,13 +508,28 @@ impl Homes {
         self.book().record(pieces);
     }
 
-    /// The server holding handle `h`, if known.
+    /// The server to read handle `h` from first, if known: its first
+    /// copy whose server is not suspect.
     pub fn server_of(&self, h: u64) -> Option<u8> {
         if self.link.is_none() && self.servers.len() == 1 {
             // Every handle, of this run or an earlier one, is there.
             return Some(0);
         }
-        self.book().run_of(h).map(|(_, r)| r.server)
+        let book = self.book();
+        let slots = book.run_of(h)?.1.slots;
+        let now = Instant::now();
+        slots
+            .servers()
+            .find(|&s| !book.is_suspect(s, now))
+            .or(Some(slots.server()))
+    }
+
+    /// The servers holding copies of `h`, if known.
+    pub fn copies_of(&self, h: u64) -> Option<Slots> {
+        if self.link.is_none() && self.servers.len() == 1 {
+            return Some(Slots::one(0, None));
+        }
+        self.book().run_of(h).map(|(_, r)| r.slots)
     }
 
     /// Servers that may hold a handle not on the book (one of an earlier
@@ -365,8 +543,7 @@ impl Homes {
         self.book().record(&[Piece {
             first: h,
             count: 1,
-            server,
-            grant: None,
+            slots: Slots::one(server, None),
         }]);
     }
 
@@ -401,7 +578,7 @@ impl Homes {
         sorted.dedup();
         // Off the book first: a drain moving one of these runs then knows
         // to free the copy it writes, whenever the invalidation lands.
-        let servers: BTreeMap<u64, u8> = {
+        let servers: BTreeMap<u64, Slots> = {
             let mut book = self.book();
             sorted
                 .iter()
@@ -412,7 +589,7 @@ impl Homes {
         let mut direct: BTreeMap<u8, Vec<u64>> = BTreeMap::new();
         let mut fall_back = |hs: &[u64]| {
             for h in hs {
-                if let Some(&s) = servers.get(h) {
+                for s in servers.get(h).iter().flat_map(|s| s.servers()) {
                     direct.entry(s).or_default().push(*h);
                 }
             }
@@ -457,7 +634,11 @@ impl Homes {
         let mut book = self.book();
         for &h in handles {
             match book.forget(h) {
-                Some(s) => by.entry(s).or_default().push(h),
+                Some(slots) => {
+                    for s in slots.servers() {
+                        by.entry(s).or_default().push(h);
+                    }
+                }
                 // One server holds everything, whatever the book says.
                 None if single => by.entry(0).or_default().push(h),
                 None => {}
@@ -473,8 +654,16 @@ impl Homes {
         deadline: Instant,
     ) -> Result<(), ClientError> {
         let mut first_err = None;
+        let now = Instant::now();
         for (server, handles) in by_server {
             if handles.is_empty() {
+                continue;
+            }
+            // A server found failing is not waited for: what it holds of
+            // these goes with the invalidation that retires the space, or,
+            // if it is down then, when it registers again and reconciles
+            // (the space is gone).
+            if self.copies > 1 && self.book().is_suspect(*server, now) {
                 continue;
             }
             let Some(conn) = remotes.get(&self.servers, *server) else {

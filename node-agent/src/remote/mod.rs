@@ -22,6 +22,6 @@ pub mod servers;
 pub mod space;
 
 pub use cluster::{Cluster, ClusterConfig, ClusterError};
-pub use conn::{DEFAULT_FAULT_TIMEOUT, RemoteConn, thread_config};
+pub use conn::{DEFAULT_FAILOVER_AFTER, DEFAULT_FAULT_TIMEOUT, RemoteConn, thread_config};
 pub use homes::{Home, Homes, Piece};
 pub use servers::{MAX_SERVERS, Remotes, Servers};

@@ -682,7 +682,7 @@ fn main() {
     );
 
     suite.case(
-        "in a cluster: pages spread over the granted servers, move off a drained one, are freed through invalidations, and a restarted agent takes over",
+        "in a cluster: pages spread over the granted servers, move off a drained one, are freed through invalidations, a restarted agent takes over, and with two replicas a killed server loses no page",
         || env.without_agent(cluster_case),
     );
 
@@ -721,7 +721,16 @@ fn main() {
 fn cluster_case(_env: &Env) -> Result<(), String> {
     use rmem_agent::cluster::{Cluster, ClusterConfig};
     use std::sync::atomic::Ordering;
-    let coord = CoordinatorProcess::start(&["--placement-chunk", "1MiB", "--lease", "2s"]);
+    // One copy of each page (the spread and the drain below count single
+    // copies); the end of the case asks for two.
+    let coord = CoordinatorProcess::start(&[
+        "--placement-chunk",
+        "1MiB",
+        "--lease",
+        "2s",
+        "--redundancy",
+        "none",
+    ]);
     let endpoint = coord.addr.to_string();
     let servers: Vec<ServerProcess> = ["mem-a", "mem-b"]
         .iter()
@@ -885,7 +894,59 @@ fn cluster_case(_env: &Env) -> Result<(), String> {
         format!("rmem-agent kernel --coordinator exited with {}", out.status),
     )?;
     // SIGTERM brought every page back: nothing is left on the servers.
-    emptied("after rmem-agent kernel --coordinator stopped")
+    emptied("after rmem-agent kernel --coordinator stopped")?;
+
+    // Two replicas: every evicted page on two of mem-b and two new servers
+    // (mem-a is draining); one killed for good, and every page still comes
+    // back (from the other copy).
+    let pair: Vec<ServerProcess> = ["mem-c", "mem-d"]
+        .iter()
+        .map(|name| ServerProcess::join(&endpoint, name, "64MiB"))
+        .collect();
+    ensure(
+        wait_until(Duration::from_secs(10), || members() == 4),
+        format!("{} of 4 servers joined the coordinator", members()),
+    )?;
+    let pair_used = || pair.iter().map(used).collect::<Vec<u64>>();
+    let agent = {
+        let mut cc = ClusterConfig::new(endpoint.clone());
+        cc.name = Some("vm/kmod-replicas".into());
+        let cluster = Cluster::connect(&cc).map_err(|e| e.to_string())?;
+        let mut cfg = KernelConfig::in_cluster(cluster);
+        cfg.redundancy = Some(rmem_common::Redundancy::Replicas(2));
+        cfg.request_timeout = Duration::from_secs(2);
+        cfg.fault_timeout = Duration::from_secs(2);
+        KernelAgent::start(cfg).map_err(|e| e.to_string())?
+    };
+    // Four batches of 512: the batches' first copies take turns over the
+    // servers, so a killed server held first copies.
+    let mut t = Target::spawn(2048)?;
+    let att = agent.attach(t.pid(), None).map_err(|e| e.to_string())?;
+    let moved = agent
+        .evict(att, t.addr, t.len())
+        .map_err(|e| e.to_string())?;
+    ensure(moved == 2048, format!("evicted {moved} of 2048 pages"))?;
+    let held = [used(&servers[1]), pair_used()[0], pair_used()[1]];
+    ensure(
+        held.iter().sum::<u64>() == 4096,
+        format!("two copies of 2048 pages: mem-b, mem-c, mem-d hold {held:?}"),
+    )?;
+    // Kill whichever holds most: every page has its other copy elsewhere.
+    let victim = match (0..3).max_by_key(|&i| held[i]).unwrap_or(0) {
+        0 => &servers[1],
+        k => &pair[k - 1],
+    };
+    victim.daemon.signal(libc::SIGKILL);
+    t.cmd("check 1")?;
+    let degraded = agent.stats().fetched_degraded.load(Ordering::Relaxed);
+    println!(
+        "replicas: copies {held:?}, the fullest server killed, 2048 pages read back, {degraded} from the second copy"
+    );
+    ensure(degraded > 0, "no fetch went to the second copy")?;
+    t.cmd("exit")?;
+    t.wait_exit()?;
+    agent.detach(att).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 // ---- cases modelled on the kernel's mm selftests ------------------------------
