@@ -316,6 +316,12 @@ pub struct SessionState {
     pub incarnation: AtomicU64,
     /// Reported in heartbeats (servers: pages in use).
     pub used_pages: AtomicU64,
+    /// Reported in heartbeats (agents: pages with fewer live copies than
+    /// their redundancy asks for).
+    pub at_risk_pages: AtomicU64,
+    /// The member's state as the last registration or heartbeat said
+    /// (`pb::MemberState` as i32).
+    pub member_state: std::sync::atomic::AtomicI32,
     pub invalidations: AtomicU64,
     pub registrations: AtomicU64,
     /// Whether the lease is current (the member may serve).
@@ -417,6 +423,7 @@ async fn register(
         .lease_ms
         .store(u64::from(r.lease_ttl_ms), Ordering::Release);
     state.registrations.fetch_add(1, Ordering::Relaxed);
+    state.member_state.store(r.state, Ordering::Release);
     state.live.store(true, Ordering::Release);
     // This coordinator's epoch, not the highest of any coordinator: one
     // that lost its state starts again from 1.
@@ -530,12 +537,14 @@ async fn serve(client: &ControlClient, state: &SessionState, subscriber: &dyn Su
                     incarnation,
                     used_pages: state.used_pages.load(Ordering::Relaxed),
                     cluster_id: cluster_id.clone(),
+                    at_risk_pages: state.at_risk_pages.load(Ordering::Relaxed),
                 })
                 .await;
             match r {
                 Ok(r) => {
                     let r = r.into_inner();
                     state.epoch.fetch_max(r.epoch, Ordering::AcqRel);
+                    state.member_state.store(r.state, Ordering::Release);
                     let lease_ms = u64::from(r.lease_ttl_ms);
                     state.lease_ms.store(lease_ms, Ordering::Release);
                     every = every_for(lease_ms);

@@ -109,10 +109,24 @@ pub struct Counters {
     pub fenced: u64,
 }
 
+/// What an allocation granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocated {
+    pub grants: Vec<GrantRecord>,
+    /// Copies of some chunk share a failure domain.
+    pub shared_domain: bool,
+}
+
 /// The cluster.
 #[derive(Debug)]
 pub struct Cluster {
     lease: Duration,
+    /// How long after its lease lapsed a server is declared gone (None:
+    /// only by an operator).
+    gone_after: Option<Duration>,
+    /// Pages granted on each gone server when it was declared gone (this
+    /// run), for rebuild progress.
+    rebuild_total: BTreeMap<u64, u64>,
     chunk_pages: u64,
     redundancy: rmem_common::Redundancy,
     compact_after: usize,
@@ -143,6 +157,8 @@ impl Cluster {
         let records = store.load()?;
         let mut c = Self {
             lease: cfg.lease,
+            gone_after: cfg.server_gone_after(),
+            rebuild_total: BTreeMap::new(),
             chunk_pages: cfg.placement_chunk.bytes() / PAGE,
             redundancy: cfg.redundancy,
             compact_after: cfg.compact_after,
@@ -252,6 +268,15 @@ impl Cluster {
             Record::MemberDrain { id, draining } => {
                 if let Ok(m) = self.members.get_mut(*id) {
                     m.rec.draining = *draining;
+                    if !*draining {
+                        m.rec.gone = false;
+                    }
+                }
+            }
+            Record::MemberGone { id } => {
+                if let Ok(m) = self.members.get_mut(*id) {
+                    m.rec.draining = true;
+                    m.rec.gone = true;
                 }
             }
             Record::IntervalAdd { interval } => {
@@ -332,6 +357,7 @@ impl Cluster {
             _ => return Err(CoordError::invalid("role", "must be server or agent")),
         };
         check_name("name", &req.name, false)?;
+        check_name("domain", &req.domain, true)?;
         check_addr("data_addr", &req.data_addr, role == RoleRecord::Agent)?;
         check_addr("grpc_addr", &req.grpc_addr, true)?;
         if role == RoleRecord::Server && req.capacity_pages == 0 {
@@ -357,11 +383,14 @@ impl Cluster {
                 ));
             }
         }
-        let (id, incarnation, draining) = match self.members.by_name(&req.name) {
+        let (id, incarnation, draining, gone) = match self.members.by_name(&req.name) {
             Some(m) if m.rec.role != role => return Err(CoordError::NameInUse(req.name.clone())),
-            Some(m) => (m.rec.id, m.rec.incarnation + 1, m.rec.draining),
-            None => (self.next_member, 1, false),
+            Some(m) => (m.rec.id, m.rec.incarnation + 1, m.rec.draining, m.rec.gone),
+            None => (self.next_member, 1, false, false),
         };
+        if gone {
+            tracing::warn!(name = %req.name, "a server declared gone registered again: it stays draining; what it holds of agents that rebuilt elsewhere is freed");
+        }
         let rec = MemberRecord {
             id,
             role,
@@ -376,6 +405,8 @@ impl Cluster {
             },
             incarnation,
             draining,
+            domain: req.domain.clone(),
+            gone,
         };
         self.commit(Record::MemberUpsert {
             member: rec.clone(),
@@ -385,19 +416,21 @@ impl Cluster {
         Ok(rec)
     }
 
-    /// Renews a lease.
+    /// Renews a lease; returns the member as it is now.
     pub fn heartbeat(
         &mut self,
         id: u64,
         incarnation: u64,
         used_pages: u64,
-    ) -> Result<bool, CoordError> {
+        at_risk_pages: u64,
+    ) -> Result<&crate::membership::Member, CoordError> {
         self.members.check_current(id, incarnation)?;
         let lease = self.lease;
         let m = self.members.get_mut(id)?;
         m.lease_until = Instant::now() + lease;
         m.used_pages = used_pages;
-        Ok(m.rec.draining)
+        m.at_risk_pages = at_risk_pages;
+        Ok(m)
     }
 
     pub fn deregister(&mut self, id: u64, incarnation: u64) -> Result<(), CoordError> {
@@ -438,9 +471,8 @@ impl Cluster {
             .collect()
     }
 
-    /// Starts or stops draining a server; returns it. Agents holding grants
-    /// on it are told to move their pages.
-    pub fn set_draining(&mut self, id: u64, name: &str, draining: bool) -> Result<u64, CoordError> {
+    /// The server named by `id`, or by `name` when `id` is 0.
+    fn server_id(&self, id: u64, name: &str) -> Result<u64, CoordError> {
         let id = if id != 0 {
             id
         } else {
@@ -453,25 +485,104 @@ impl Cluster {
         if m.rec.role != RoleRecord::Server {
             return Err(CoordError::NotAServer(id));
         }
-        if m.rec.draining != draining {
+        Ok(id)
+    }
+
+    /// Starts or stops draining a server; returns it. Agents holding grants
+    /// on it are told to move their pages. Stopping also ends a gone
+    /// declaration (the operator returns the server to service).
+    pub fn set_draining(&mut self, id: u64, name: &str, draining: bool) -> Result<u64, CoordError> {
+        let id = self.server_id(id, name)?;
+        let m = self.members.get(id)?;
+        if m.rec.draining != draining || (!draining && m.rec.gone) {
             self.commit(Record::MemberDrain { id, draining })?;
+            self.rebuild_total.remove(&id);
             tracing::info!(server = id, draining, "server drain state changed");
         }
         if draining {
-            let mut by_agent: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-            for g in self.grants.iter().filter(|g| g.server == id) {
-                by_agent.entry(g.agent).or_default().push(g.id);
-            }
-            for (agent, grant_ids) in by_agent {
-                self.fanout
-                    .mailbox(agent)
-                    .push(Event::Drain(pb::DrainNotice {
-                        server_id: id,
-                        grant_ids,
-                    }));
-            }
+            self.notify_drain(id);
         }
         Ok(id)
+    }
+
+    /// Declares a server gone: it drains, and agents rebuild the copies it
+    /// held from the others without waiting for it. Returns it.
+    pub fn mark_gone(&mut self, id: u64, name: &str, why: &str) -> Result<u64, CoordError> {
+        let id = self.server_id(id, name)?;
+        if !self.members.get(id)?.rec.gone {
+            self.commit(Record::MemberGone { id })?;
+            let granted = self.grants.per_server().get(&id).copied().unwrap_or(0);
+            self.rebuild_total.insert(id, granted);
+            tracing::warn!(
+                server = id,
+                granted_pages = granted,
+                reason = why,
+                "server declared gone: agents rebuild its copies elsewhere"
+            );
+        }
+        self.notify_drain(id);
+        Ok(id)
+    }
+
+    /// Servers down (or left) for `gone_after` past their lease, still
+    /// holding grants, are declared gone.
+    pub fn declare_lapsed_gone(&mut self) {
+        let Some(after) = self.gone_after else {
+            return;
+        };
+        let now = Instant::now();
+        let held = self.grants.per_server();
+        let lapsed: Vec<u64> = self
+            .members
+            .iter()
+            .filter(|m| m.rec.role == RoleRecord::Server && !m.rec.gone)
+            .filter(|m| m.liveness != Liveness::Up && m.lease_until + after <= now)
+            .map(|m| m.rec.id)
+            .filter(|id| held.get(id).is_some_and(|&p| p > 0))
+            .collect();
+        for id in lapsed {
+            let why = format!("no heartbeat for {after:?} past its lease");
+            if let Err(e) = self.mark_gone(id, "", &why) {
+                tracing::error!(server = id, error = %e, "cannot declare a server gone");
+            }
+        }
+    }
+
+    /// Tells every agent holding grants on server `id` to move its pages.
+    fn notify_drain(&mut self, id: u64) {
+        let gone = self.members.get(id).is_ok_and(|m| m.rec.gone);
+        let mut by_agent: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for g in self.grants.iter().filter(|g| g.server == id) {
+            by_agent.entry(g.agent).or_default().push(g.id);
+        }
+        for (agent, grant_ids) in by_agent {
+            self.fanout
+                .mailbox(agent)
+                .push(Event::Drain(pb::DrainNotice {
+                    server_id: id,
+                    grant_ids,
+                    gone,
+                }));
+        }
+    }
+
+    /// Rebuild of gone servers: (pages still granted on them, pages granted
+    /// when they were declared gone).
+    pub fn rebuild_progress(&self) -> (u64, u64) {
+        let held = self.grants.per_server();
+        let mut left = 0;
+        let mut total = 0;
+        for m in self.members.iter().filter(|m| m.rec.gone) {
+            let now = held.get(&m.rec.id).copied().unwrap_or(0);
+            left += now;
+            total += self
+                .rebuild_total
+                .get(&m.rec.id)
+                .copied()
+                .unwrap_or(now)
+                .max(now);
+        }
+        (left, total)
     }
 
     // ---------------------------------------------------------- placement
@@ -498,7 +609,7 @@ impl Cluster {
         tenant: &str,
         pages: u64,
     ) -> Result<Vec<GrantRecord>, CoordError> {
-        self.allocate_copies(agent, tenant, pages, 1, &[])
+        Ok(self.allocate_copies(agent, tenant, pages, 1, &[])?.grants)
     }
 
     /// The redundancy agents use by default.
@@ -509,7 +620,8 @@ impl Cluster {
     /// Grants `pages` for `copies` copies: with one copy, spread over the
     /// servers in chunks; with more, `pages` whole on each of up to
     /// `copies` distinct servers (fewer when fewer have room; at least one,
-    /// or `NoCapacity`). Servers in `exclude` get nothing.
+    /// or `NoCapacity`), in distinct failure domains while enough have room.
+    /// Servers in `exclude` get nothing.
     pub fn allocate_copies(
         &mut self,
         agent: u64,
@@ -517,7 +629,7 @@ impl Cluster {
         pages: u64,
         copies: u32,
         exclude: &[u64],
-    ) -> Result<Vec<GrantRecord>, CoordError> {
+    ) -> Result<Allocated, CoordError> {
         let copies = u64::from(copies.max(1));
         if copies > rmem_common::redundancy::MAX_COPIES as u64 {
             return Err(CoordError::invalid(
@@ -557,32 +669,47 @@ impl Cluster {
             }
         }
         let granted = self.grants.per_server();
-        let mut candidates: Vec<Candidate> = self
+        let placeable: Vec<&crate::membership::Member> = self
             .members
             .iter()
             .filter(|m| m.placeable() && !exclude.contains(&m.rec.id))
-            .map(|m| Candidate {
+            .collect();
+        let domains = placement::domains(placeable.iter().map(|m| m.rec.domain.as_str()));
+        let mut candidates: Vec<Candidate> = placeable
+            .iter()
+            .zip(domains)
+            .map(|(m, domain)| Candidate {
                 server: m.rec.id,
                 free: placement::free_pages(m, granted.get(&m.rec.id).copied().unwrap_or(0)),
+                domain,
             })
             .filter(|c| c.free > 0)
             .collect();
-        let spread = if copies == 1 {
-            placement::spread(
+        let (spread, shared_domain) = if copies == 1 {
+            let spread = placement::spread(
                 &mut candidates,
                 pages,
                 self.chunk_pages.max(1),
                 &mut self.rng,
-            )?
+            )?;
+            (spread, false)
         } else {
-            placement::distinct(
+            let placed = placement::distinct(
                 &mut candidates,
                 pages,
                 copies as usize,
                 self.chunk_pages.max(1),
                 &mut self.rng,
-            )?
+            )?;
+            (placed.servers, placed.shared_domain)
         };
+        if shared_domain {
+            tracing::warn!(
+                agent,
+                copies,
+                "too few failure domains with room: copies of some pages share a domain"
+            );
+        }
         let mut out = Vec::with_capacity(spread.len());
         for (server, n) in spread {
             let grant = GrantRecord {
@@ -597,7 +724,10 @@ impl Cluster {
             })?;
             out.push(grant);
         }
-        Ok(out)
+        Ok(Allocated {
+            grants: out,
+            shared_domain,
+        })
     }
 
     /// Returns `pages` (0: all) of a grant.
@@ -902,12 +1032,18 @@ impl Cluster {
                 by_server.entry(g.server).or_default().push(g.id);
             }
         }
+        let gone: BTreeSet<u64> = by_server
+            .keys()
+            .copied()
+            .filter(|&s| self.members.get(s).is_ok_and(|m| m.rec.gone))
+            .collect();
         let mb = self.fanout.mailbox(member);
         mb.drop_drain_notices();
         for (server_id, grant_ids) in by_server {
             mb.push(Event::Drain(pb::DrainNotice {
                 server_id,
                 grant_ids,
+                gone: gone.contains(&server_id),
             }));
         }
         mb.closed = false;

@@ -66,6 +66,12 @@ pub struct CoordinatorConfig {
     /// whichever is longer.
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub reap_after: Option<Duration>,
+    /// How long after its lease lapsed a server still holding grants is
+    /// declared gone: agents then rebuild the copies it held on other
+    /// servers (a stall shorter than this costs no rebuild). `0s`: only
+    /// `rmemctl mark-gone` declares a server gone.
+    #[serde(with = "humantime_serde")]
+    pub server_gone_after: Duration,
     /// Largest piece of one allocation placed on one server.
     pub placement_chunk: ByteSize,
     /// The redundancy agents use unless a region or attachment asks for
@@ -98,6 +104,7 @@ impl Default for CoordinatorConfig {
             invalidation_deadline: Duration::from_secs(5),
             max_invalidation_deadline: Duration::from_secs(60),
             reap_after: None,
+            server_gone_after: Duration::from_secs(30),
             placement_chunk: ByteSize::mib(64),
             redundancy: rmem_common::Redundancy::Replicas(2),
             compact_after: 10_000,
@@ -136,6 +143,12 @@ impl CoordinatorConfig {
         }
         if self.reap_after.is_some_and(|r| r < self.lease) {
             return Err(invalid("reap_after", "must be at least the lease"));
+        }
+        if !self.server_gone_after.is_zero() && self.server_gone_after < ms(100) {
+            return Err(invalid(
+                "server_gone_after",
+                "must be 0s (operator only) or at least 100ms",
+            ));
         }
         let chunk = self.placement_chunk.bytes();
         if chunk < 4096 || !chunk.is_multiple_of(4096) {
@@ -198,6 +211,11 @@ impl CoordinatorConfig {
     pub fn reap_delay(&self) -> Duration {
         self.reap_after
             .unwrap_or_else(|| (3 * self.lease).max(Duration::from_secs(60)))
+    }
+
+    /// The delay after which a lapsed server is declared gone, if any.
+    pub fn server_gone_after(&self) -> Option<Duration> {
+        (!self.server_gone_after.is_zero()).then_some(self.server_gone_after)
     }
 
     /// Path of the state log.

@@ -175,6 +175,7 @@ async fn expire_leases(shared: Arc<Shared>, lease: Duration, reap_after: Duratio
         let reap = {
             let mut c = shared.lock();
             c.expire_leases();
+            c.declare_lapsed_gone();
             c.reapable(reap_after)
         };
         for member in reap {

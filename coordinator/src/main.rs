@@ -48,6 +48,11 @@ struct Args {
     /// its capacity returned, e.g. 60s [default: 60s].
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     reap_after: Option<Duration>,
+    /// How long after its lease lapsed a server holding grants is declared
+    /// gone, so agents rebuild its copies elsewhere; 0s: only
+    /// `rmemctl mark-gone` [default: 30s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    server_gone_after: Option<Duration>,
     /// Largest piece of one allocation placed on one server, e.g. 64MiB
     /// [default: 64MiB].
     #[arg(long, value_name = "SIZE")]
@@ -107,6 +112,9 @@ fn config(args: &Args) -> Result<CoordinatorConfig, ConfigError> {
     }
     if args.reap_after.is_some() {
         c.reap_after = args.reap_after;
+    }
+    if let Some(v) = args.server_gone_after {
+        c.server_gone_after = v;
     }
     if let Some(v) = args.placement_chunk {
         c.placement_chunk = v;

@@ -31,6 +31,8 @@ pub struct Member {
     pub lease_until: Instant,
     /// Pages in use, as the server last reported.
     pub used_pages: u64,
+    /// Pages at risk, as the agent last reported.
+    pub at_risk_pages: u64,
 }
 
 impl Member {
@@ -89,7 +91,10 @@ impl Members {
 
     /// Applies a registration (new or renewed) with a fresh lease.
     pub fn upsert(&mut self, rec: MemberRecord, lease: Duration, now: Instant) {
-        let used = self.by_id.get(&rec.id).map_or(0, |m| m.used_pages);
+        let (used, at_risk) = self
+            .by_id
+            .get(&rec.id)
+            .map_or((0, 0), |m| (m.used_pages, m.at_risk_pages));
         self.by_name.insert(rec.name.clone(), rec.id);
         self.by_id.insert(
             rec.id,
@@ -98,6 +103,7 @@ impl Members {
                 liveness: Liveness::Up,
                 lease_until: now + lease,
                 used_pages: used,
+                at_risk_pages: at_risk,
             },
         );
     }

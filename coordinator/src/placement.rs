@@ -63,11 +63,43 @@ impl Grants {
     }
 }
 
-/// A server that may take pages, and how many.
+/// A server that may take pages, how many, and its failure domain.
 #[derive(Debug, Clone, Copy)]
 pub struct Candidate {
     pub server: u64,
     pub free: u64,
+    /// Servers of one domain share it (see [`domains`]).
+    pub domain: u32,
+}
+
+/// Numbers the failure domains of `labels` (one per candidate, in order):
+/// equal labels share a number, and an empty label is a domain of its own.
+pub fn domains<'a>(labels: impl IntoIterator<Item = &'a str>) -> Vec<u32> {
+    let mut seen: HashMap<&str, u32> = HashMap::new();
+    let mut next = 0u32;
+    labels
+        .into_iter()
+        .map(|l| {
+            if let Some(&d) = seen.get(l) {
+                return d;
+            }
+            let d = next;
+            next += 1;
+            if !l.is_empty() {
+                seen.insert(l, d);
+            }
+            d
+        })
+        .collect()
+}
+
+/// Where a placement went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// (server, pages) per server used.
+    pub servers: Vec<(u64, u64)>,
+    /// Some chunk's copies share a failure domain: too few domains had room.
+    pub shared_domain: bool,
 }
 
 /// Free capacity of a placeable server.
@@ -117,18 +149,19 @@ pub fn spread(
 
 /// Places `pages` `copies` times in chunks of at most `chunk` pages, each
 /// chunk's copies on distinct servers (as many as have room, at least
-/// one), each server the freer of two random candidates left. Returns
-/// (server, pages) per server used, or `NoCapacity` without taking
-/// anything.
+/// one) in distinct failure domains while domains with room are left, each
+/// server the freer of two random candidates. Returns the servers used, or
+/// `NoCapacity` without taking anything.
 pub fn distinct(
     candidates: &mut [Candidate],
     pages: u64,
     copies: usize,
     chunk: u64,
     rng: &mut impl Rng,
-) -> Result<Vec<(u64, u64)>, CoordError> {
+) -> Result<Placed, CoordError> {
     let before: Vec<u64> = candidates.iter().map(|c| c.free).collect();
     let mut taken: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut shared_domain = false;
     let mut left = pages;
     while left > 0 {
         let n = left.min(chunk.max(1));
@@ -144,24 +177,40 @@ pub fn distinct(
                 free: candidates.iter().map(|c| c.free).sum(),
             });
         }
+        let mut used_domains: Vec<u32> = Vec::with_capacity(copies);
         for _ in 0..copies {
             if open.is_empty() {
                 break;
             }
-            let a = rng.random_range(0..open.len());
-            let b = rng.random_range(0..open.len());
+            // Candidates of a domain this chunk has no copy in yet; when
+            // none is left, any (the copies then share a domain).
+            let fresh: Vec<usize> = (0..open.len())
+                .filter(|&k| !used_domains.contains(&candidates[open[k]].domain))
+                .collect();
+            let pool: Vec<usize> = if fresh.is_empty() {
+                shared_domain = true;
+                (0..open.len()).collect()
+            } else {
+                fresh
+            };
+            let a = pool[rng.random_range(0..pool.len())];
+            let b = pool[rng.random_range(0..pool.len())];
             let k = if candidates[open[b]].free > candidates[open[a]].free {
                 b
             } else {
                 a
             };
             let pick = open.swap_remove(k);
+            used_domains.push(candidates[pick].domain);
             candidates[pick].free -= n;
             *taken.entry(candidates[pick].server).or_insert(0) += n;
         }
         left -= n;
     }
-    Ok(taken.into_iter().collect())
+    Ok(Placed {
+        servers: taken.into_iter().collect(),
+        shared_domain,
+    })
 }
 
 #[cfg(test)]
@@ -176,6 +225,7 @@ mod tests {
             .map(|s| Candidate {
                 server: s,
                 free: 100_000,
+                domain: s as u32,
             })
             .collect();
         let mut per: BTreeMap<u64, u64> = BTreeMap::new();
@@ -197,8 +247,13 @@ mod tests {
             Candidate {
                 server: 1,
                 free: 10,
+                domain: 1,
             },
-            Candidate { server: 2, free: 5 },
+            Candidate {
+                server: 2,
+                free: 5,
+                domain: 2,
+            },
         ];
         let err = spread(&mut c, 16, 4, &mut rng).unwrap_err();
         assert!(matches!(
@@ -220,22 +275,25 @@ mod tests {
             Candidate {
                 server: 1,
                 free: 100,
+                domain: 1,
             },
             Candidate {
                 server: 2,
                 free: 10,
+                domain: 2,
             },
             Candidate {
                 server: 3,
                 free: 100,
+                domain: 3,
             },
         ];
-        let got = distinct(&mut c, 50, 2, 100, &mut rng).unwrap();
+        let got = distinct(&mut c, 50, 2, 100, &mut rng).unwrap().servers;
         let mut servers: Vec<u64> = got.iter().map(|g| g.0).collect();
         servers.sort_unstable();
         assert_eq!(servers, [1, 3], "server 2 has no room for 50");
         // Fewer servers with room than copies: as many as there are.
-        let got = distinct(&mut c, 50, 3, 100, &mut rng).unwrap();
+        let got = distinct(&mut c, 50, 3, 100, &mut rng).unwrap().servers;
         assert_eq!(got.len(), 2);
         assert!(distinct(&mut c, 60, 2, 100, &mut rng).is_err());
         assert_eq!(
@@ -245,10 +303,60 @@ mod tests {
         );
         // In chunks, each chunk's two copies on two servers.
         let mut c: Vec<Candidate> = (1..=4)
-            .map(|server| Candidate { server, free: 1000 })
+            .map(|server| Candidate {
+                server,
+                free: 1000,
+                domain: server as u32,
+            })
             .collect();
-        let got = distinct(&mut c, 400, 2, 10, &mut rng).unwrap();
+        let got = distinct(&mut c, 400, 2, 10, &mut rng).unwrap().servers;
         assert_eq!(got.iter().map(|g| g.1).sum::<u64>(), 800);
         assert_eq!(got.len(), 4, "chunks spread over every server: {got:?}");
+    }
+
+    #[test]
+    fn copies_go_to_distinct_domains_while_there_are_enough() {
+        let labels = ["a", "a", "b", "b", "", ""];
+        let d = domains(labels);
+        assert_eq!(d[0], d[1]);
+        assert_eq!(d[2], d[3]);
+        assert_ne!(d[0], d[2]);
+        assert_ne!(d[4], d[5], "an empty label is a domain of its own");
+        assert!(!d[..4].contains(&d[4]));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        // Two racks of two servers: every chunk has a copy in each rack.
+        let make = || -> Vec<Candidate> {
+            (0..4)
+                .map(|k| Candidate {
+                    server: k as u64 + 1,
+                    free: 10_000,
+                    domain: d[k],
+                })
+                .collect()
+        };
+        for _ in 0..50 {
+            let mut c = make();
+            let placed = distinct(&mut c, 10, 2, 10, &mut rng).unwrap();
+            assert!(!placed.shared_domain);
+            let racks: Vec<u32> = placed
+                .servers
+                .iter()
+                .map(|(s, _)| d[*s as usize - 1])
+                .collect();
+            assert_eq!(racks.len(), 2);
+            assert_ne!(racks[0], racks[1], "both copies in one rack: {placed:?}");
+        }
+        // Three copies over two racks: they must share one, and say so.
+        let mut c = make();
+        let placed = distinct(&mut c, 10, 3, 10, &mut rng).unwrap();
+        assert_eq!(placed.servers.len(), 3);
+        assert!(placed.shared_domain);
+        // One rack full: the copies share the other, and say so.
+        let mut c = make();
+        c[2].free = 0;
+        c[3].free = 0;
+        let placed = distinct(&mut c, 10, 2, 10, &mut rng).unwrap();
+        assert!(placed.shared_domain);
+        assert_eq!(placed.servers.len(), 2);
     }
 }

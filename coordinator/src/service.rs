@@ -62,6 +62,9 @@ fn role_pb(r: RoleRecord) -> pb::Role {
 }
 
 fn state_pb(m: &Member) -> pb::MemberState {
+    if m.rec.gone && m.liveness != Liveness::Left {
+        return pb::MemberState::Gone;
+    }
     match m.liveness {
         Liveness::Up if m.rec.draining => pb::MemberState::Draining,
         Liveness::Up => pb::MemberState::Up,
@@ -92,6 +95,8 @@ fn member_pb(c: &Cluster, m: &Member, allocated: u64) -> pb::Member {
         lease_remaining_ms: remaining,
         incarnation: m.rec.incarnation,
         subscriptions: c.intervals.subscriptions(m.rec.id) as u64,
+        domain: m.rec.domain.clone(),
+        at_risk_pages: m.at_risk_pages,
     }
 }
 
@@ -123,7 +128,9 @@ impl Membership for Service {
             member_id: rec.id,
             incarnation: rec.incarnation,
             lease_ttl_ms: lease_ms(&c),
-            state: if rec.draining {
+            state: if rec.gone {
+                pb::MemberState::Gone
+            } else if rec.draining {
                 pb::MemberState::Draining
             } else {
                 pb::MemberState::Up
@@ -138,14 +145,11 @@ impl Membership for Service {
         let r = r.into_inner();
         let mut c = self.shared.lock();
         same_cluster(&c, r.member_id, &r.cluster_id)?;
-        let draining = c.heartbeat(r.member_id, r.incarnation, r.used_pages)?;
+        let state =
+            state_pb(c.heartbeat(r.member_id, r.incarnation, r.used_pages, r.at_risk_pages)?);
         ok(pb::HeartbeatResponse {
             lease_ttl_ms: lease_ms(&c),
-            state: if draining {
-                pb::MemberState::Draining
-            } else {
-                pb::MemberState::Up
-            } as i32,
+            state: state as i32,
             epoch: c.epoch(),
         })
     }
@@ -181,9 +185,12 @@ impl Placement for Service {
     async fn allocate(&self, r: Request<pb::AllocateRequest>) -> Res<pb::AllocateResponse> {
         let r = r.into_inner();
         let mut c = self.shared.lock();
-        let grants = c.allocate_copies(r.agent_id, &r.tenant, r.pages, r.copies, &r.exclude)?;
-        let grants = grants.iter().map(|g| c.grant_pb(g)).collect();
-        ok(pb::AllocateResponse { grants })
+        let a = c.allocate_copies(r.agent_id, &r.tenant, r.pages, r.copies, &r.exclude)?;
+        let grants = a.grants.iter().map(|g| c.grant_pb(g)).collect();
+        ok(pb::AllocateResponse {
+            grants,
+            shared_domain: a.shared_domain,
+        })
     }
 
     async fn release(&self, r: Request<pb::ReleaseRequest>) -> Res<pb::ReleaseResponse> {
@@ -484,11 +491,13 @@ impl ClusterAdmin for Service {
             allocated_pages: c.grants.iter().map(|g| g.pages).sum(),
             ..Default::default()
         };
+        (s.rebuild_pages_left, s.rebuild_pages_total) = c.rebuild_progress();
         for m in c.members.iter() {
             let up = m.liveness == Liveness::Up;
             match m.rec.role {
                 RoleRecord::Server => {
                     match (up, m.rec.draining) {
+                        _ if m.rec.gone && m.liveness != Liveness::Left => s.servers_gone += 1,
                         (true, false) => s.servers_up += 1,
                         (true, true) => s.servers_draining += 1,
                         (false, _) if m.liveness != Liveness::Left => s.servers_down += 1,
@@ -500,7 +509,10 @@ impl ClusterAdmin for Service {
                     }
                 }
                 RoleRecord::Agent => match m.liveness {
-                    Liveness::Up => s.agents_up += 1,
+                    Liveness::Up => {
+                        s.agents_up += 1;
+                        s.pages_at_risk += m.at_risk_pages;
+                    }
                     Liveness::Left => {}
                     _ => s.agents_down += 1,
                 },
@@ -510,21 +522,30 @@ impl ClusterAdmin for Service {
     }
 
     async fn drain(&self, r: Request<pb::DrainRequest>) -> Res<pb::DrainResponse> {
-        self.set_draining(r.into_inner(), true)
+        self.set_draining(r.into_inner(), Some(true))
     }
 
     async fn undrain(&self, r: Request<pb::DrainRequest>) -> Res<pb::DrainResponse> {
-        self.set_draining(r.into_inner(), false)
+        self.set_draining(r.into_inner(), Some(false))
+    }
+
+    async fn mark_gone(&self, r: Request<pb::DrainRequest>) -> Res<pb::DrainResponse> {
+        self.set_draining(r.into_inner(), None)
     }
 }
 
 impl Service {
-    fn set_draining(&self, r: pb::DrainRequest, draining: bool) -> Res<pb::DrainResponse> {
+    /// Drains (`Some(true)`), undrains (`Some(false)`) or declares gone
+    /// (`None`) a server.
+    fn set_draining(&self, r: pb::DrainRequest, draining: Option<bool>) -> Res<pb::DrainResponse> {
         if r.server_id == 0 && r.name.is_empty() {
             return Err(CoordError::invalid("server_id", "give a server id or name").into());
         }
         let mut c = self.shared.lock();
-        let id = c.set_draining(r.server_id, &r.name, draining)?;
+        let id = match draining {
+            Some(d) => c.set_draining(r.server_id, &r.name, d)?,
+            None => c.mark_gone(r.server_id, &r.name, "an operator marked it gone")?,
+        };
         let allocated = c.grants.per_server().get(&id).copied().unwrap_or(0);
         let m = c.members.get(id)?;
         let server = member_pb(&c, m, allocated);

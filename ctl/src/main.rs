@@ -124,8 +124,17 @@ enum Command {
         /// Server id or name.
         server: String,
     },
-    /// Return a drained server to service.
+    /// Return a drained server to service (also one declared gone that
+    /// came back).
     Undrain {
+        /// Server id or name.
+        server: String,
+    },
+    /// Declare a server gone now (known dead: its machine or disk is lost)
+    /// instead of waiting for the coordinator's `server_gone_after`: agents
+    /// rebuild the copies it held on other servers, and never read it
+    /// again. See `status` for the progress.
+    MarkGone {
         /// Server id or name.
         server: String,
     },
@@ -297,6 +306,7 @@ fn members_table(ms: &Vec<MemberView>, servers: bool) -> String {
             "ALLOCATED",
             "LEASE",
             "TRANSPORTS",
+            "DOMAIN",
         ])
     } else {
         Table::new(&[
@@ -306,6 +316,7 @@ fn members_table(ms: &Vec<MemberView>, servers: bool) -> String {
             "LEASE",
             "INCARNATION",
             "SUBSCRIPTIONS",
+            "AT RISK",
         ])
     };
     for m in ms {
@@ -325,6 +336,11 @@ fn members_table(ms: &Vec<MemberView>, servers: bool) -> String {
                 pages(m.allocated_pages),
                 lease,
                 m.transports.join(","),
+                if m.domain.is_empty() {
+                    "-".into()
+                } else {
+                    m.domain.clone()
+                },
             ]);
         } else {
             t.row(vec![
@@ -334,6 +350,7 @@ fn members_table(ms: &Vec<MemberView>, servers: bool) -> String {
                 lease,
                 m.incarnation.to_string(),
                 m.subscriptions.to_string(),
+                pages(m.at_risk_pages),
             ]);
         }
     }
@@ -352,10 +369,24 @@ fn status_table(s: &StatusView) -> String {
     line(
         "servers",
         format!(
-            "{} up, {} draining, {} down",
-            s.servers_up, s.servers_draining, s.servers_down
+            "{} up, {} draining, {} down, {} gone",
+            s.servers_up, s.servers_draining, s.servers_down, s.servers_gone
         ),
     );
+    line("pages at risk", pages(s.pages_at_risk));
+    if s.rebuild_pages_total > 0 || s.rebuild_pages_left > 0 {
+        let done = s.rebuild_pages_total.saturating_sub(s.rebuild_pages_left);
+        line(
+            "rebuild",
+            format!(
+                "{} of {} rebuilt ({:.0}%), {} left",
+                pages(done),
+                pages(s.rebuild_pages_total),
+                100.0 * done as f64 / s.rebuild_pages_total.max(1) as f64,
+                pages(s.rebuild_pages_left)
+            ),
+        );
+    }
     line(
         "agents",
         format!("{} up, {} down", s.agents_up, s.agents_down),
@@ -727,6 +758,15 @@ async fn run(args: Args) -> Result<(), CtlError> {
         }
         Command::Drain { server } => {
             let r = c.admin().drain(drain_request(&server)).await?.into_inner();
+            let v: Vec<MemberView> = r.server.into_iter().map(Into::into).collect();
+            emit(out, &v, |m| members_table(m, true));
+        }
+        Command::MarkGone { server } => {
+            let r = c
+                .admin()
+                .mark_gone(drain_request(&server))
+                .await?
+                .into_inner();
             let v: Vec<MemberView> = r.server.into_iter().map(Into::into).collect();
             emit(out, &v, |m| members_table(m, true));
         }

@@ -19,6 +19,7 @@ pub fn state(s: i32) -> &'static str {
         Ok(pb::MemberState::Down) => "down",
         Ok(pb::MemberState::Fenced) => "fenced",
         Ok(pb::MemberState::Left) => "left",
+        Ok(pb::MemberState::Gone) => "gone",
         _ => "unknown",
     }
 }
@@ -38,6 +39,10 @@ pub struct MemberView {
     pub lease_remaining_ms: i64,
     pub incarnation: u64,
     pub subscriptions: u64,
+    /// Failure domain (servers; empty: its own).
+    pub domain: String,
+    /// Agents: pages with fewer live copies than asked.
+    pub at_risk_pages: u64,
 }
 
 impl From<pb::Member> for MemberView {
@@ -56,6 +61,8 @@ impl From<pb::Member> for MemberView {
             lease_remaining_ms: m.lease_remaining_ms,
             incarnation: m.incarnation,
             subscriptions: m.subscriptions,
+            domain: m.domain,
+            at_risk_pages: m.at_risk_pages,
         }
     }
 }
@@ -127,6 +134,8 @@ pub struct StatusView {
     pub servers_up: u32,
     pub servers_draining: u32,
     pub servers_down: u32,
+    /// Declared gone (their copies are rebuilt elsewhere).
+    pub servers_gone: u32,
     pub agents_up: u32,
     pub agents_down: u32,
     pub capacity_pages: u64,
@@ -137,6 +146,12 @@ pub struct StatusView {
     pub invalidations_in_flight: u64,
     pub members_fenced_total: u64,
     pub uptime_seconds: f64,
+    /// Pages the agents hold with fewer live copies than asked.
+    pub pages_at_risk: u64,
+    /// Rebuild of gone servers: pages still granted on them, and what was
+    /// granted when they were declared gone.
+    pub rebuild_pages_left: u64,
+    pub rebuild_pages_total: u64,
 }
 
 impl StatusView {
@@ -150,6 +165,7 @@ impl StatusView {
             servers_up: s.servers_up,
             servers_draining: s.servers_draining,
             servers_down: s.servers_down,
+            servers_gone: s.servers_gone,
             agents_up: s.agents_up,
             agents_down: s.agents_down,
             capacity_pages: s.capacity_pages,
@@ -160,6 +176,9 @@ impl StatusView {
             invalidations_in_flight: s.invalidations_in_flight,
             members_fenced_total: s.members_fenced_total,
             uptime_seconds: s.uptime_seconds,
+            pages_at_risk: s.pages_at_risk,
+            rebuild_pages_left: s.rebuild_pages_left,
+            rebuild_pages_total: s.rebuild_pages_total,
         }
     }
 }

@@ -70,6 +70,11 @@ pub struct ClusterConfig {
     /// Admin gRPC address operators reach [default: as for `advertise`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_advertise: Option<String>,
+    /// Failure domain: a zone, rack or host label shared by servers that
+    /// can fail together. The copies of a page go to distinct domains when
+    /// enough exist [default: none, the server is a domain of its own].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
     /// Cluster token, inline. Prefer `token_file`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
@@ -160,6 +165,7 @@ impl Default for ClusterConfig {
             name: None,
             advertise: None,
             grpc_advertise: None,
+            domain: None,
             token: None,
             token_file: None,
             adopt_unknown_after: None,
@@ -287,11 +293,17 @@ impl ServerConfig {
             ("cluster.name", &c.name),
             ("cluster.advertise", &c.advertise),
             ("cluster.grpc_advertise", &c.grpc_advertise),
+            ("cluster.domain", &c.domain),
         ] {
             if let Some(v) = v
                 && (v.is_empty() || v.len() > 255)
             {
                 return Err(invalid(field, "must be 1 to 255 bytes"));
+            }
+            if v.as_deref()
+                .is_some_and(|v| v.chars().any(char::is_control))
+            {
+                return Err(invalid(field, "must not contain control characters"));
             }
         }
         let mut names = std::collections::HashSet::new();

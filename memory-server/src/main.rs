@@ -90,6 +90,10 @@ struct Args {
     /// Admin gRPC address to advertise [default: as for --advertise].
     #[arg(long, value_name = "HOST:PORT")]
     grpc_advertise: Option<String>,
+    /// Failure domain (zone, rack or host label): copies of a page go to
+    /// distinct domains when enough exist [default: its own].
+    #[arg(long, value_name = "LABEL")]
+    domain: Option<String>,
     /// When the coordinator does not know the pages stored here (it lost
     /// its state or is another cluster's), accept its view after this long
     /// and free what none of its intervals covers [default: never].
@@ -169,6 +173,7 @@ fn effective_config(args: &Args) -> Result<(ServerConfig, Option<String>), Confi
         (&mut cluster.name, &args.name),
         (&mut cluster.advertise, &args.advertise),
         (&mut cluster.grpc_advertise, &args.grpc_advertise),
+        (&mut cluster.domain, &args.domain),
         (&mut cluster.token, &args.cluster_token),
     ] {
         if arg.is_some() {

@@ -32,6 +32,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ClusterConfig;
 use crate::store::{ClusterView, Store};
 
+/// How often a server declared gone reconciles (see
+/// [`FreeInvalidated::reconcile_while_gone`]).
+const GONE_RECONCILE_EVERY: Duration = Duration::from_secs(5);
+
 /// Whether the coordinator a server registered with knows its pages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Standing {
@@ -186,14 +190,34 @@ impl FreeInvalidated {
         match reconcile(&self.store, &self.client, member_id, free).await {
             Ok(r) if r.freed > 0 || r.subscribed > 0 => tracing::info!(
                 freed = r.freed,
+                stale = r.stale,
                 subscribed = r.subscribed,
-                "reconciled stored pages with the cluster's intervals"
+                "reconciled stored pages with the cluster's intervals and grants"
             ),
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reconcile stored pages with the cluster")
             }
         }
+    }
+
+    /// While this server is declared gone (it came back after agents
+    /// rebuilt its copies elsewhere), reconciles every few seconds, so the
+    /// copies agents move away while it drains are freed as their grants
+    /// are returned.
+    async fn reconcile_while_gone(&self, session: &SessionState, last: &mut Instant) {
+        let gone = session.member_state.load(Ordering::Acquire) == pb::MemberState::Gone as i32;
+        if !gone || last.elapsed() < GONE_RECONCILE_EVERY || self.store.used_pages() == 0 {
+            return;
+        }
+        *last = Instant::now();
+        let trusted = self
+            .distrust
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none();
+        self.reconcile(session.member_id.load(Ordering::Acquire), trusted)
+            .await;
     }
 
     /// Runs every few hundred ms: records newer epochs the heartbeats
@@ -255,7 +279,10 @@ impl FreeInvalidated {
 /// What a reconcile did.
 #[derive(Debug, Default, Clone, Copy)]
 struct Reconciled {
+    /// Pages freed (orphans and stale copies).
     freed: u64,
+    /// Of those, stale copies: pages of an agent that holds no grant here.
+    stale: u64,
     subscribed: u64,
 }
 
@@ -264,6 +291,12 @@ struct Reconciled {
 /// Every stored page no live interval of its tenant covers is freed (it
 /// belonged to a range unmapped meanwhile), and the server subscribes to
 /// every interval whose pages it holds, so later invalidations reach it.
+///
+/// A page of an interval whose owner holds no grant on this server is a
+/// stale copy and is freed too: an agent writes only into its grants and
+/// returns them only once nothing of its is left here (it moved its copies
+/// away while this server was drained or declared gone). So a server that
+/// comes back after its copies were rebuilt elsewhere never keeps them.
 ///
 /// The store is scanned before the intervals are listed: a page stored
 /// after the scan is not a candidate, and one stored before it belongs to
@@ -297,6 +330,20 @@ async fn reconcile(
         .await?
         .into_inner()
         .intervals;
+    // Listed after the intervals: a grant returned between the two
+    // listings makes its pages stale, which they are.
+    let granted: std::collections::BTreeSet<u64> = client
+        .placement()
+        .list_grants(pb::ListGrantsRequest {
+            agent_id: 0,
+            server_id: member_id,
+        })
+        .await?
+        .into_inner()
+        .grants
+        .iter()
+        .map(|g| g.agent_id)
+        .collect();
     let mut done = Reconciled::default();
     let mut to_free: Vec<(String, Vec<u64>)> = Vec::new();
     let mut to_subscribe = std::collections::BTreeSet::new();
@@ -312,6 +359,10 @@ async fn reconcile(
         for h in handles {
             let k = ranges.partition_point(|r| r.0 <= h);
             match k.checked_sub(1).map(|k| ranges[k]) {
+                Some((_, end, iv)) if h < end && !granted.contains(&iv.owner) => {
+                    done.stale += 1;
+                    orphans.push(h);
+                }
                 Some((_, end, iv)) if h < end => {
                     if !iv.subscribers.contains(&member_id) {
                         to_subscribe.insert(iv.id);
@@ -420,6 +471,7 @@ impl Membership {
             grpc_addr: reachable(cfg.grpc_advertise.as_deref(), grpc),
             capacity_pages: store.capacity_pages(),
             transports: transports.iter().map(|t| t.to_string()).collect(),
+            domain: cfg.domain.clone().unwrap_or_default(),
         };
         let (_, session, events) = rmem_client::control::join(
             endpoint,
@@ -440,11 +492,13 @@ impl Membership {
         let state = session.state.clone();
         let done = stop.clone();
         tokio::spawn(async move {
+            let mut reconciled = Instant::now();
             loop {
                 state
                     .used_pages
                     .store(store.used_pages(), Ordering::Relaxed);
                 events.tick(&state).await;
+                events.reconcile_while_gone(&state, &mut reconciled).await;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                     _ = done.cancelled() => return,

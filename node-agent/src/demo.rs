@@ -56,6 +56,8 @@ pub struct DemoConfig {
     pub fault_timeout: Duration,
     /// Copies of each evicted page (`None`: the cluster's default).
     pub redundancy: Option<rmem_common::Redundancy>,
+    /// Most bytes a second moving or rebuilding pages (None: no limit).
+    pub rebuild_bandwidth: Option<u64>,
     pub seed: u64,
     pub progress: bool,
 }
@@ -82,6 +84,7 @@ impl Default for DemoConfig {
             fault_threads: RegionConfig::default().fault_threads,
             fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
             redundancy: None,
+            rebuild_bandwidth: None,
             seed: 1,
             progress: false,
         }
@@ -122,6 +125,12 @@ pub struct Phase {
 pub struct Report {
     pub verify_ok: bool,
     pub verify_errors: u64,
+    /// Page reads checked against what was written.
+    pub pages_verified: u64,
+    /// Faults served from another copy than the first (its server failed).
+    pub faults_degraded: u64,
+    /// Faults that found no copy (the program got the region's error).
+    pub faults_failed: u64,
     pub server: String,
     pub embedded_server: bool,
     pub size_bytes: u64,
@@ -224,6 +233,8 @@ struct Shared {
     versions: Vec<AtomicU32>,
     locks: Vec<Mutex<()>>,
     errors: AtomicU64,
+    /// Pages read and checked.
+    verified: AtomicU64,
     done: AtomicU64,
 }
 
@@ -244,6 +255,7 @@ impl Shared {
     fn verify(&self, p: usize) {
         let _g = self.lock(p);
         let v = self.versions[p].load(Ordering::Relaxed);
+        self.verified.fetch_add(1, Ordering::Relaxed);
         if !self.mem.check(p, v) {
             let n = self.errors.fetch_add(1, Ordering::Relaxed);
             if n < 10 {
@@ -324,6 +336,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
                 name: cfg.cluster_name.clone(),
                 tenant: cfg.tenant.clone(),
                 join_timeout: cfg.join_timeout,
+                rebuild_bandwidth: cfg.rebuild_bandwidth,
             })?;
             let region = RemoteRegion::in_cluster(region_cfg, &cluster)?;
             let addr = format!(
@@ -357,6 +370,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
         versions: (0..pages).map(|_| AtomicU32::new(0)).collect(),
         locks: (0..4096).map(|_| Mutex::new(())).collect(),
         errors: AtomicU64::new(0),
+        verified: AtomicU64::new(0),
         done: AtomicU64::new(0),
     });
 
@@ -472,6 +486,9 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
     Ok(Report {
         verify_ok: errors == 0,
         verify_errors: errors,
+        pages_verified: shared.verified.load(Ordering::Relaxed),
+        faults_degraded: st.faults_degraded,
+        faults_failed: st.faults_failed,
         server: addr,
         embedded_server: embedded_used,
         size_bytes: cfg.size.bytes(),

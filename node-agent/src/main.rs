@@ -96,6 +96,10 @@ struct ServeArgs {
     /// `replicas=N` [default: the cluster's, `none` on one server].
     #[arg(long, value_name = "POLICY")]
     redundancy: Option<rmem_common::Redundancy>,
+    /// Most bytes a second spent moving pages off drained servers and
+    /// rebuilding the copies of gone ones, e.g. 100MiB [default: no limit].
+    #[arg(long, value_name = "SIZE")]
+    rebuild_bandwidth: Option<ByteSize>,
     /// Tenant to log in as [default: default].
     #[arg(long)]
     tenant: Option<String>,
@@ -162,6 +166,10 @@ struct KernelArgs {
     /// `replicas=N` [default: the cluster's, `none` on one server].
     #[arg(long, value_name = "POLICY")]
     redundancy: Option<rmem_common::Redundancy>,
+    /// Most bytes a second spent moving pages off drained servers and
+    /// rebuilding the copies of gone ones, e.g. 100MiB [default: no limit].
+    #[arg(long, value_name = "SIZE")]
+    rebuild_bandwidth: Option<ByteSize>,
     /// Tenant to log in as.
     #[arg(long, default_value = "default")]
     tenant: String,
@@ -250,6 +258,10 @@ struct DemoArgs {
     /// `replicas=N` [default: the cluster's, `none` on one server].
     #[arg(long, value_name = "POLICY")]
     redundancy: Option<rmem_common::Redundancy>,
+    /// Most bytes a second spent moving pages off drained servers and
+    /// rebuilding the copies of gone ones, e.g. 100MiB [default: no limit].
+    #[arg(long, value_name = "SIZE")]
+    rebuild_bandwidth: Option<ByteSize>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -325,6 +337,7 @@ fn main() -> ExitCode {
                 fault_timeout: d.fault_timeout,
                 fault_threads: d.fault_threads,
                 redundancy: d.redundancy,
+                rebuild_bandwidth: d.rebuild_bandwidth.map(|b| b.bytes()),
                 progress: !d.json && demo::stdout_is_terminal(),
                 ..DemoConfig::default()
             };
@@ -340,7 +353,7 @@ fn main() -> ExitCode {
             let mut round = 0;
             loop {
                 round += 1;
-                let code = run_once(&cfg, d.json);
+                let code = run_once(&cfg, d.json, round);
                 let done = code != ExitCode::SUCCESS
                     || (d.repeat != 0 && round >= d.repeat)
                     || STOP.load(std::sync::atomic::Ordering::Relaxed);
@@ -404,6 +417,9 @@ fn serve_config(
     if a.redundancy.is_some() {
         c.redundancy = a.redundancy;
     }
+    if a.rebuild_bandwidth.is_some() {
+        c.rebuild_bandwidth = a.rebuild_bandwidth;
+    }
     if let Some(v) = &a.tenant {
         c.tenant = v.clone();
     }
@@ -462,6 +478,7 @@ fn run_serve(a: ServeArgs) -> ExitCode {
         token: cfg.token.clone(),
         transport: cfg.transport,
         rdma_device: cfg.rdma_device.clone(),
+        rebuild_bandwidth: cfg.rebuild_bandwidth.map(|b| b.bytes()),
     };
     let mut kernel = match home.kernel_config() {
         Ok(k) => k,
@@ -569,6 +586,7 @@ struct Home {
     token: Option<String>,
     transport: rmem_client::Transport,
     rdma_device: Option<String>,
+    rebuild_bandwidth: Option<u64>,
 }
 
 impl Home {
@@ -580,6 +598,7 @@ impl Home {
             let mut cc = ClusterConfig::new(coordinator);
             cc.token = self.cluster_token;
             cc.tenant = self.tenant;
+            cc.rebuild_bandwidth = self.rebuild_bandwidth;
             cc.name = Some(
                 self.name
                     .unwrap_or_else(|| format!("{}/kmod", rmem_agent::cluster::hostname())),
@@ -622,6 +641,7 @@ fn run_kernel(k: KernelArgs) -> ExitCode {
         token: k.token,
         transport: k.transport,
         rdma_device: k.rdma_device,
+        rebuild_bandwidth: k.rebuild_bandwidth.map(|b| b.bytes()),
     };
     let mut kernel = match home.kernel_config() {
         Ok(k) => k,
@@ -689,9 +709,21 @@ fn run_kernel(k: KernelArgs) -> ExitCode {
     }
 }
 
-fn run_once(cfg: &DemoConfig, json: bool) -> ExitCode {
+fn run_once(cfg: &DemoConfig, json: bool, round: u64) -> ExitCode {
     match demo::run(cfg) {
         Ok(report) => {
+            // One log line per round, for whoever watches a looping demo.
+            tracing::info!(
+                round,
+                verify_ok = report.verify_ok,
+                verify_errors = report.verify_errors,
+                pages_verified = report.pages_verified,
+                pages_evicted = report.pages_evicted,
+                pages_fetched = report.pages_fetched,
+                faults_degraded = report.faults_degraded,
+                faults_failed = report.faults_failed,
+                "demo round done"
+            );
             if json {
                 println!(
                     "{}",

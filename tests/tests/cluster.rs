@@ -421,13 +421,43 @@ fn with_two_replicas_a_server_killed_for_good_loses_no_page() {
     );
 }
 
-/// Draining a server that is gone rebuilds its copies from the others:
-/// after it, a second server can die too and no page is lost (without the
-/// rebuild, the pages whose two copies were on those two servers are).
+/// A server killed for good is declared gone by the coordinator (lease
+/// plus `server_gone_after`) and the agent rebuilds its copies at the
+/// configured bandwidth, with no operator: `rmemctl status` shows the pages
+/// at risk and the rebuild's progress until both are done. A second server
+/// can then die too and no page is lost (without the rebuild, the pages
+/// whose two copies were on those two servers would be). The gone server,
+/// restarted with its pool, stays gone and its stale copies are freed.
 #[test]
-fn draining_a_dead_server_rebuilds_its_copies_elsewhere() {
-    let (coord, servers) = cluster(4);
-    let agent = Cluster::connect(&ClusterConfig::new(coord.addr.to_string())).unwrap();
+fn a_server_gone_for_good_is_rebuilt_without_an_operator_and_its_stale_copies_freed() {
+    let coord = Coordinator::start(&[
+        "--placement-chunk",
+        "1MiB",
+        "--lease",
+        "1s",
+        "--server-gone-after",
+        "1s",
+    ]);
+    let endpoint = coord.addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let start = |i: usize| {
+        let pool = dir.path().join(format!("pool-{i}"));
+        ServerProcess::start(&[
+            "--capacity",
+            "64MiB",
+            "--pool-file",
+            pool.to_str().unwrap(),
+            "--coordinator",
+            &endpoint,
+            "--name",
+            &format!("mem-{i}"),
+        ])
+    };
+    let mut servers: Vec<ServerProcess> = (0..4).map(start).collect();
+    let mut cc = ClusterConfig::new(endpoint.clone());
+    const BANDWIDTH: u64 = 2 << 20;
+    cc.rebuild_bandwidth = Some(BANDWIDTH);
+    let agent = Cluster::connect(&cc).unwrap();
     let pages = 4096;
     let r = region(&agent, pages, 256);
     let mem = Pages { r: &r };
@@ -438,29 +468,40 @@ fn draining_a_dead_server_rebuilds_its_copies_elsewhere() {
     let mut by_use: Vec<usize> = (0..4).collect();
     by_use.sort_by_key(|&i| std::cmp::Reverse(held[i]));
     let (first, second) = (by_use[0], by_use[1]);
-    servers[first].daemon.signal(libc::SIGKILL);
-    rmemctl_json(&coord, &["drain", &format!("mem-{first}")]);
-    let dead_id = rmemctl_json(&coord, &["servers"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == format!("mem-{first}"))
-        .unwrap()["id"]
-        .as_u64()
-        .unwrap();
-    // The drain is done once the dead server's grants are returned.
+    servers[first].daemon.kill();
+    let status = || rmemctl_json(&coord, &["status"]);
     assert!(
-        wait_until(Duration::from_secs(60), || {
-            rmemctl_json(&coord, &["grants"])
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|g| g["server_id"].as_u64() != Some(dead_id))
-        }),
-        "the dead server's copies were not rebuilt: {}",
-        rmemctl_json(&coord, &["grants"])
+        wait_until(Duration::from_secs(30), || status()["servers_gone"] == 1),
+        "the dead server was not declared gone: {}",
+        status()
     );
-    servers[second].daemon.signal(libc::SIGKILL);
+    let gone_at = std::time::Instant::now();
+    // The rebuild goes at the agent's bandwidth: the pages at risk show.
+    let mut seen_at_risk = 0;
+    assert!(
+        wait_until(Duration::from_secs(90), || {
+            let s = status();
+            seen_at_risk = seen_at_risk.max(s["pages_at_risk"].as_u64().unwrap());
+            s["pages_at_risk"] == 0 && s["rebuild_pages_left"] == 0 && seen_at_risk > 0
+        }),
+        "the rebuild did not finish: {} (most at risk seen: {seen_at_risk})",
+        status()
+    );
+    let took = gone_at.elapsed();
+    let total = status()["rebuild_pages_total"].as_u64().unwrap();
+    assert!(total > 0);
+    // The copies on the dead server were about a quarter of all copies.
+    let rebuilt_bytes = held[first] * PAGE_SIZE as u64;
+    let floor = Duration::from_secs_f64(rebuilt_bytes as f64 / BANDWIDTH as f64 * 0.7);
+    assert!(
+        took >= floor,
+        "{rebuilt_bytes} bytes rebuilt in {took:?}: faster than the bandwidth allows"
+    );
+    eprintln!(
+        "rebuilt {} pages of mem-{first} in {took:?} at most {seen_at_risk} pages at risk",
+        held[first]
+    );
+    servers[second].daemon.kill();
     for p in 0..pages {
         assert!(
             mem.check(p, 1),
@@ -468,6 +509,32 @@ fn draining_a_dead_server_rebuilds_its_copies_elsewhere() {
         );
     }
     assert_eq!(r.stats().faults_failed, 0);
+
+    // The gone server comes back with its pool: it stays gone (nothing is
+    // placed or read there), and what it holds is stale and freed.
+    servers[first] = start(first);
+    let state = |name: &str| {
+        rmemctl_json(&coord, &["servers"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap()["state"]
+            .clone()
+    };
+    let name = format!("mem-{first}");
+    assert_eq!(state(&name), "gone");
+    assert!(
+        wait_until(Duration::from_secs(30), || used(&servers[first..=first])
+            == [0]),
+        "stale copies kept on the server that came back: {:?}",
+        used(&servers[first..=first])
+    );
+    rmemctl_json(&coord, &["undrain", &name]);
+    assert_eq!(state(&name), "up");
+    for p in 0..pages {
+        assert!(mem.check(p, 1), "page {p}");
+    }
 }
 
 #[test]

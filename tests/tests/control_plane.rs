@@ -510,6 +510,7 @@ fn an_expired_lease_marks_a_server_down_and_placement_avoids_it() {
                 incarnation: silent.incarnation,
                 used_pages: 0,
                 cluster_id: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -611,6 +612,7 @@ fn a_restarted_coordinator_keeps_its_registrations() {
                 incarnation: a.incarnation,
                 used_pages: 0,
                 cluster_id: a.cluster_id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -623,6 +625,7 @@ fn a_restarted_coordinator_keeps_its_registrations() {
                 incarnation: a.incarnation,
                 used_pages: 0,
                 cluster_id: "0123456789abcdef0123456789abcdef".into(),
+                ..Default::default()
             })
             .await
             .unwrap_err();

@@ -91,27 +91,27 @@ fn members_register_renew_and_expire() {
         (1, 2, 200)
     );
     assert!(matches!(
-        c.heartbeat(1, 1, 0),
+        c.heartbeat(1, 1, 0, 0),
         Err(CoordError::StaleIncarnation { .. })
     ));
-    assert!(!c.heartbeat(1, 2, 5).unwrap());
+    assert!(!c.heartbeat(1, 2, 5, 0).unwrap().rec.draining);
     assert!(matches!(
         c.register(&agent("s1")),
         Err(CoordError::NameInUse(_))
     ));
     assert!(matches!(
-        c.heartbeat(9, 1, 0),
+        c.heartbeat(9, 1, 0, 0),
         Err(CoordError::UnknownMember(9))
     ));
 
     c.members.expire(Instant::now() + Duration::from_secs(3600));
     assert!(matches!(
-        c.heartbeat(1, 2, 0),
+        c.heartbeat(1, 2, 0, 0),
         Err(CoordError::LeaseExpired(1))
     ));
     let back = c.register(&server("s1", 200)).unwrap();
     assert_eq!(back.incarnation, 3);
-    c.heartbeat(1, 3, 0).unwrap();
+    c.heartbeat(1, 3, 0, 0).unwrap();
 }
 
 #[test]
@@ -347,7 +347,7 @@ fn a_subscriber_that_does_not_answer_is_fenced() {
     assert_eq!((f.acked, f.fenced), (vec![a], vec![slow.id]));
     assert!(matches!(events(&c, slow.id)[..], [Event::Fenced(_)]));
     assert!(matches!(
-        c.heartbeat(slow.id, slow.incarnation, 0),
+        c.heartbeat(slow.id, slow.incarnation, 0, 0),
         Err(CoordError::Fenced(_))
     ));
     assert!(matches!(
@@ -358,7 +358,7 @@ fn a_subscriber_that_does_not_answer_is_fenced() {
     // Registering again makes it a member with a clean slate.
     let back = c.register(&agent("slow")).unwrap();
     assert!(events(&c, back.id).is_empty());
-    c.heartbeat(back.id, back.incarnation, 0).unwrap();
+    c.heartbeat(back.id, back.incarnation, 0, 0).unwrap();
     // A subscriber whose lease lapsed is fenced at once, not waited for.
     c.subscribe(iv, back.id).unwrap();
     c.members.expire(Instant::now() + Duration::from_secs(3600));
@@ -544,7 +544,7 @@ fn state_survives_a_restart_with_a_new_epoch() {
     assert!(c.members.get(s).unwrap().rec.draining);
     assert_eq!(c.members.get(3).unwrap().liveness, Liveness::Fenced);
     // Members keep their incarnation, so their heartbeats carry on.
-    c.heartbeat(a, 1, 0).unwrap();
+    c.heartbeat(a, 1, 0, 0).unwrap();
     let (next, _) = c.register_interval(&interval("q", 0, 1, a, &[])).unwrap();
     assert!(next > removed, "interval ids are never reused");
 
@@ -560,4 +560,124 @@ fn state_survives_a_restart_with_a_new_epoch() {
     assert_eq!(c.grants.tenant_pages("default"), 40);
     assert_eq!(c.members.get(3).unwrap().liveness, Liveness::Fenced);
     assert_eq!(c.cluster_id(), identity, "compaction keeps the identity");
+}
+
+#[test]
+fn a_server_down_past_its_grace_is_declared_gone_and_agents_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.log");
+    let mut config = cfg();
+    config.ephemeral = false;
+    config.lease = Duration::from_millis(100);
+    config.server_gone_after = Duration::from_millis(200);
+    let open = |config: &CoordinatorConfig| {
+        Cluster::open(config, Box::new(FileLog::open(&path).unwrap())).unwrap()
+    };
+    let mut c = open(&config);
+    let a = c.register(&agent("a")).unwrap().id;
+    let s: Vec<u64> = (0..3)
+        .map(|k| c.register(&server(&format!("s{k}"), 1000)).unwrap().id)
+        .collect();
+    let granted = c.allocate_copies(a, "default", 100, 2, &[]).unwrap();
+    assert_eq!(granted.grants.len(), 2);
+    let lost = granted.grants[0].server;
+    let idle = *s
+        .iter()
+        .find(|x| !granted.grants.iter().any(|g| g.server == **x))
+        .unwrap();
+    // Every member but `lost` keeps heartbeating; `lost` and `idle` lapse.
+    let beat = |c: &mut Cluster, except: &[u64]| {
+        for m in std::iter::once(a).chain(s.iter().copied()) {
+            if !except.contains(&m) {
+                let inc = c.members.get(m).unwrap().rec.incarnation;
+                c.heartbeat(m, inc, 0, 7).unwrap();
+            }
+        }
+    };
+    std::thread::sleep(Duration::from_millis(150));
+    beat(&mut c, &[lost, idle]);
+    c.expire_leases();
+    c.declare_lapsed_gone();
+    assert!(
+        !c.members.get(lost).unwrap().rec.gone,
+        "a lapsed lease alone is not gone"
+    );
+    std::thread::sleep(Duration::from_millis(250));
+    beat(&mut c, &[lost, idle]);
+    c.expire_leases();
+    c.declare_lapsed_gone();
+    let m = c.members.get(lost).unwrap();
+    assert!(m.rec.gone && m.rec.draining);
+    assert!(
+        !c.members.get(idle).unwrap().rec.gone,
+        "a server holding no grant is not declared gone"
+    );
+    let drains: Vec<pb::DrainNotice> = events(&c, a)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Drain(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(drains.len(), 1);
+    assert_eq!((drains[0].server_id, drains[0].gone), (lost, true));
+    assert_eq!(c.rebuild_progress(), (100, 100));
+    // Nothing new goes there; the agent's pages at risk are counted.
+    for _ in 0..5 {
+        let more = c.allocate_copies(a, "default", 10, 2, &[]).unwrap();
+        assert!(more.grants.iter().all(|g| g.server != lost));
+    }
+    assert_eq!(c.members.get(a).unwrap().at_risk_pages, 7);
+    // The agent moved its copies and returned the grant.
+    c.release(granted.grants[0].id, 0).unwrap();
+    assert_eq!(c.rebuild_progress(), (0, 100));
+    // Gone survives a restart, and a registration of the server (it came
+    // back): it stays gone and draining until an operator undrains it.
+    drop(c);
+    let mut c = open(&config);
+    assert!(c.members.get(lost).unwrap().rec.gone);
+    let back = c.register(&server("s0", 1000)).unwrap();
+    let back = if back.id == lost {
+        back
+    } else {
+        let name = c.members.get(lost).unwrap().rec.name.clone();
+        c.register(&server(&name, 1000)).unwrap()
+    };
+    assert!(back.gone && back.draining);
+    c.set_draining(lost, "", false).unwrap();
+    let m = c.members.get(lost).unwrap();
+    assert!(!m.rec.gone && !m.rec.draining);
+    // An operator may declare a server gone at once, by name.
+    let name = c.members.get(idle).unwrap().rec.name.clone();
+    assert_eq!(c.mark_gone(0, &name, "test").unwrap(), idle);
+    assert!(c.members.get(idle).unwrap().rec.gone);
+    assert!(matches!(
+        c.mark_gone(a, "", "test"),
+        Err(CoordError::NotAServer(_))
+    ));
+}
+
+#[test]
+fn copies_go_to_distinct_failure_domains() {
+    let mut c = cluster();
+    let a = c.register(&agent("a")).unwrap().id;
+    let mut rack = BTreeMap::new();
+    for (name, domain) in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b")] {
+        let mut req = server(name, 10_000);
+        req.domain = domain.into();
+        let id = c.register(&req).unwrap().id;
+        assert_eq!(c.members.get(id).unwrap().rec.domain, domain);
+        rack.insert(id, domain);
+    }
+    for _ in 0..20 {
+        let got = c.allocate_copies(a, "default", 10, 2, &[]).unwrap();
+        assert!(!got.shared_domain);
+        let racks: BTreeSet<&str> = got.grants.iter().map(|g| rack[&g.server]).collect();
+        assert_eq!(racks.len(), 2, "both copies in one rack: {got:?}");
+    }
+    let got = c.allocate_copies(a, "default", 10, 3, &[]).unwrap();
+    assert!(got.shared_domain, "three copies over two racks share one");
+    let mut bad = server("c1", 10);
+    bad.domain = "x\ny".into();
+    assert!(matches!(c.register(&bad), Err(CoordError::Invalid { .. })));
 }

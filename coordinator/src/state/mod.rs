@@ -28,6 +28,13 @@ pub struct MemberRecord {
     pub transports: Vec<String>,
     pub incarnation: u64,
     pub draining: bool,
+    /// Failure domain (servers; empty: a domain of its own).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub domain: String,
+    /// Declared gone (servers): its copies are rebuilt elsewhere; it stays
+    /// draining until an operator undrains it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gone: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -96,10 +103,16 @@ pub enum Record {
     MemberFenced {
         id: u64,
     },
-    /// A server stops (or resumes) taking placements.
+    /// A server stops (or resumes) taking placements. Resuming also ends
+    /// a gone declaration.
     MemberDrain {
         id: u64,
         draining: bool,
+    },
+    /// A server is declared gone: it drains, and agents rebuild the copies
+    /// it held from the others.
+    MemberGone {
+        id: u64,
     },
     IntervalAdd {
         interval: IntervalRecord,

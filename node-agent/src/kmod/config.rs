@@ -62,6 +62,10 @@ pub struct ServeConfig {
     /// `replicas=N`); unset: the cluster's default, one copy on one server.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redundancy: Option<rmem_common::Redundancy>,
+    /// Most bytes a second spent moving pages off drained servers and
+    /// rebuilding the copies of gone ones (unset: no limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rebuild_bandwidth: Option<rmem_common::ByteSize>,
     /// Data-plane transport to the server: `auto` (RDMA when the server
     /// offers it, this build has it and a local device reaches the server;
     /// TCP otherwise), `tcp`, or `rdma` (or fail).
@@ -106,6 +110,7 @@ impl Default for ServeConfig {
             request_timeout: Duration::from_secs(5),
             fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
             redundancy: None,
+            rebuild_bandwidth: None,
             transport: rmem_client::Transport::Auto,
             rdma_device: None,
         }

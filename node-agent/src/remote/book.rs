@@ -138,6 +138,12 @@ pub(crate) struct Book {
     pub moving: Option<Moving>,
     /// Servers found failing, and until when nothing new goes there.
     pub suspects: BTreeMap<u8, Instant>,
+    /// Servers the coordinator declared gone: nothing new goes there, they
+    /// are read last, and their copies do not count as live.
+    pub gone: BTreeSet<u8>,
+    /// Copies taken by [`Book::take`] and not yet recorded or given back,
+    /// per server: a drain is not done while some are on its server.
+    pub placing: BTreeMap<u8, u64>,
 }
 
 impl Book {
@@ -172,9 +178,30 @@ impl Book {
         Some(slots)
     }
 
-    /// Whether nothing new should go to `server` now.
+    /// Whether nothing new should go to `server` now (found failing, or
+    /// declared gone).
     pub fn is_suspect(&self, server: u8, now: Instant) -> bool {
-        self.suspects.get(&server).is_some_and(|&until| until > now)
+        self.gone.contains(&server) || self.suspects.get(&server).is_some_and(|&until| until > now)
+    }
+
+    /// Pages with fewer live copies (not on a gone server) than `copies`.
+    pub fn at_risk(&self, copies: usize) -> u64 {
+        self.runs
+            .values()
+            .filter(|r| r.slots.servers().filter(|s| !self.gone.contains(s)).count() < copies)
+            .map(|r| r.live)
+            .sum()
+    }
+
+    fn placing(&mut self, slots: &Slots, add: bool) {
+        for s in slots.servers() {
+            let n = self.placing.entry(s).or_default();
+            if add {
+                *n += 1;
+            } else {
+                *n = n.saturating_sub(1);
+            }
+        }
     }
 
     fn open(&self, k: usize, now: Instant) -> bool {
@@ -220,6 +247,7 @@ impl Book {
                     grant: Some(c),
                 });
             }
+            self.placing(&slots, true);
             pieces.push(Piece {
                 first: next,
                 count: take as usize,
@@ -234,6 +262,7 @@ impl Book {
     /// Gives back what `pieces` took of their grants (nothing was stored).
     pub fn give_back(&mut self, pieces: &[Piece]) {
         for p in pieces {
+            self.placing(&p.slots, false);
             for slot in p.slots.iter() {
                 if let Some(g) = slot.grant.and_then(|g| self.grants.get_mut(g)) {
                     g.used = g.used.saturating_sub(p.count as u64);
@@ -244,6 +273,11 @@ impl Book {
 
     /// Records `pieces` as stored on their servers.
     pub fn record(&mut self, pieces: &[Piece]) {
+        for p in pieces {
+            if p.slots.iter().any(|s| s.grant.is_some()) {
+                self.placing(&p.slots, false);
+            }
+        }
         for p in pieces.iter().filter(|p| p.count > 0) {
             self.runs.insert(
                 p.first,

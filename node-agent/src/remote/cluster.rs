@@ -41,6 +41,10 @@ pub struct ClusterConfig {
     /// How long joining keeps trying while the coordinator cannot be
     /// reached (it is restarting, or starts after this agent).
     pub join_timeout: Duration,
+    /// Most bytes a second written to move pages off drained servers and to
+    /// rebuild the copies of gone ones, over all of this agent's stores
+    /// (None: as fast as the servers take them).
+    pub rebuild_bandwidth: Option<u64>,
 }
 
 impl ClusterConfig {
@@ -51,6 +55,31 @@ impl ClusterConfig {
             name: None,
             tenant: "default".into(),
             join_timeout: Duration::from_secs(60),
+            rebuild_bandwidth: None,
+        }
+    }
+}
+
+/// Paces moves and rebuilds to a bandwidth: each write reserves its time
+/// on one timeline shared by every store of the link.
+#[derive(Debug)]
+struct Pacer {
+    bytes_per_second: u64,
+    next: Mutex<std::time::Instant>,
+}
+
+impl Pacer {
+    fn pace(&self, bytes: u64) {
+        let cost = Duration::from_secs_f64(bytes as f64 / self.bytes_per_second as f64);
+        let wait = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            let start = (*next).max(now);
+            *next = start + cost;
+            start - now
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
         }
     }
 }
@@ -72,6 +101,9 @@ pub enum ClusterError {
     TooFewCopies { copies: usize },
 }
 
+/// How often the pages at risk are summed for the heartbeats.
+const AT_RISK_EVERY: Duration = Duration::from_secs(1);
+
 /// State shared with the member session's subscriber.
 #[derive(Debug, Default)]
 struct Shared {
@@ -79,6 +111,15 @@ struct Shared {
     stores: Mutex<Vec<Weak<Homes>>>,
     /// The cluster's default redundancy, from the last registration.
     redundancy: Mutex<rmem_common::Redundancy>,
+}
+
+impl Shared {
+    /// The stores still alive.
+    fn stores(&self) -> Vec<Arc<Homes>> {
+        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        stores.retain(|w| w.strong_count() > 0);
+        stores.iter().filter_map(Weak::upgrade).collect()
+    }
 }
 
 /// This process's membership in a cluster.
@@ -90,6 +131,7 @@ pub struct Cluster {
     name: String,
     tenant: String,
     shared: Arc<Shared>,
+    pacer: Option<Pacer>,
     /// Whether dropping the link leaves the cluster (deregisters, so the
     /// coordinator reclaims this agent's intervals and grants at once).
     /// Cleared while pages elsewhere still need them (the kernel module
@@ -124,15 +166,20 @@ impl Subscriber for Events {
         &'a self,
         notice: &'a pb::DrainNotice,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
-        let stores: Vec<Arc<Homes>> = {
-            let mut stores = self.shared.stores.lock().unwrap_or_else(|e| e.into_inner());
-            stores.retain(|w| w.strong_count() > 0);
-            stores.iter().filter_map(Weak::upgrade).collect()
-        };
+        let mut stores = self.shared.stores();
+        let server = notice.server_id;
+        if notice.gone {
+            // Only the stores with copies there rebuild.
+            stores.retain(|h| h.mark_gone(server));
+            tracing::warn!(
+                server,
+                stores = stores.len(),
+                "a memory server was declared gone: rebuilding the copies it held"
+            );
+        }
         // Moving pages blocks on this link's runtime: not on a runtime
         // thread. One thread per store, so one slow store does not hold
         // the others back.
-        let server = notice.server_id;
         for homes in stores {
             let spawned = std::thread::Builder::new()
                 .name("rmem-drain".into())
@@ -209,6 +256,22 @@ impl Cluster {
             Ok::<_, ControlError>((client, session))
         })?;
         tracing::info!(coordinator = %cfg.coordinator, member = session.member_id(), %name, "agent joined the cluster");
+        // Heartbeats carry the pages at risk of every store.
+        let (state, stores) = (session.state.clone(), shared.clone());
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(AT_RISK_EVERY).await;
+                let stores = stores.clone();
+                let at_risk = tokio::task::spawn_blocking(move || {
+                    stores.stores().iter().map(|h| h.at_risk()).sum::<u64>()
+                })
+                .await
+                .unwrap_or(0);
+                state
+                    .at_risk_pages
+                    .store(at_risk, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
         Ok(Arc::new(Self {
             runtime,
             client,
@@ -216,8 +279,25 @@ impl Cluster {
             name,
             tenant: cfg.tenant.clone(),
             shared,
+            pacer: cfg.rebuild_bandwidth.filter(|&b| b > 0).map(|b| Pacer {
+                bytes_per_second: b,
+                next: Mutex::new(std::time::Instant::now()),
+            }),
             leave_on_drop: std::sync::atomic::AtomicBool::new(true),
         }))
+    }
+
+    /// Waits as long as writing `bytes` of moved or rebuilt pages takes at
+    /// the configured rebuild bandwidth.
+    pub(crate) fn pace(&self, bytes: u64) {
+        if let Some(p) = &self.pacer {
+            p.pace(bytes);
+        }
+    }
+
+    /// Pages at risk over every store, as the heartbeats report them.
+    pub fn at_risk(&self) -> u64 {
+        self.shared.stores().iter().map(|h| h.at_risk()).sum()
     }
 
     /// Hands drain notices to `homes` while it lives.
@@ -269,7 +349,7 @@ impl Cluster {
         copies: usize,
         exclude: &[u64],
     ) -> Result<Vec<pb::Grant>, ClusterError> {
-        Ok(self
+        let r = self
             .runtime
             .block_on(self.client.placement().allocate(pb::AllocateRequest {
                 agent_id: self.member_id(),
@@ -279,8 +359,14 @@ impl Cluster {
                 exclude: exclude.to_vec(),
             }))
             .map_err(ControlError::from)?
-            .into_inner()
-            .grants)
+            .into_inner();
+        if r.shared_domain {
+            tracing::warn!(
+                copies,
+                "the cluster has too few failure domains with room: copies of some pages share one"
+            );
+        }
+        Ok(r.grants)
     }
 
     /// The grants this member holds (from earlier incarnations too).

@@ -56,6 +56,11 @@ pub struct DrainReport {
     pub done: bool,
 }
 
+/// Most passes of one drain while batches placed on the server are still
+/// in flight, and the pause between two.
+const MAX_PASSES: usize = 500;
+const PASS_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
 impl Homes {
     /// Moves the pages this store placed on server `member` (being drained)
     /// to other granted servers, then returns that server's grants and
@@ -65,63 +70,98 @@ impl Homes {
         let Some(link) = &self.link else {
             return report;
         };
-        let (from, runs) = {
+        let from: BTreeSet<u8> = {
             let mut book = self.book();
             let mut from = BTreeSet::new();
             for g in book.grants.iter_mut().filter(|g| g.member == member) {
                 g.draining = true;
                 from.insert(g.server);
             }
-            let runs: Vec<u64> = book
-                .runs
-                .iter()
-                .filter(|(_, r)| r.slots.servers().any(|s| from.contains(&s)))
-                .map(|(f, _)| *f)
-                .collect();
-            (from, runs)
+            from
         };
         if from.is_empty() {
             report.done = true;
             return report;
         }
-        // Room for one copy of everything that moves, on the servers left
-        // (each run then goes to one holding no copy of it).
-        let moving: u64 = {
-            let book = self.book();
-            runs.iter()
-                .filter_map(|f| book.runs.get(f))
-                .map(|r| r.live)
-                .sum()
-        };
-        if moving > 0
-            && let Err(e) = self.grow_avoiding(moving, 1, &[member])
-        {
-            tracing::debug!(error = %e, "no capacity up front for a drain; asking run by run");
-        }
-        for first in runs {
+        // Runs that failed to move (not tried again by this drain).
+        let mut failed: BTreeSet<u64> = BTreeSet::new();
+        let mut reserved = false;
+        // Batches placed there just before the grants were marked draining
+        // may still be in flight: they are recorded (or given back) soon,
+        // and then moved by another pass.
+        for pass in 0..=MAX_PASSES {
             if self.closed.load(Ordering::Acquire) {
                 return report;
             }
-            // One copy at a time (two of a run's copies may be on drained
-            // servers).
-            for _ in 0..super::book::MAX_COPIES {
-                match self.move_run(remotes, first, &from, Instant::now() + self.request_timeout) {
-                    Ok(Some(n)) => report.moved += n,
-                    Ok(None) => break,
-                    Err(e) => {
-                        report.failed += 1;
-                        tracing::warn!(first, error = %e, "cannot move pages off a draining server; they stay there");
-                        break;
+            let runs: Vec<u64> = {
+                let book = self.book();
+                book.runs
+                    .iter()
+                    .filter(|(f, r)| {
+                        !failed.contains(f) && r.slots.servers().any(|s| from.contains(&s))
+                    })
+                    .map(|(f, _)| *f)
+                    .collect()
+            };
+            if !reserved && !runs.is_empty() {
+                reserved = true;
+                // Room for one copy of everything that moves, on the
+                // servers left (each run then goes to one holding no copy
+                // of it).
+                let moving: u64 = {
+                    let book = self.book();
+                    runs.iter()
+                        .filter_map(|f| book.runs.get(f))
+                        .map(|r| r.live)
+                        .sum()
+                };
+                if let Err(e) = self.grow_avoiding(moving, 1, &[member]) {
+                    tracing::debug!(error = %e, "no capacity up front for a drain; asking run by run");
+                }
+            }
+            for first in runs {
+                if self.closed.load(Ordering::Acquire) {
+                    return report;
+                }
+                // One copy at a time (two of a run's copies may be on
+                // drained servers).
+                for _ in 0..super::book::MAX_COPIES {
+                    match self.move_run(
+                        remotes,
+                        first,
+                        &from,
+                        Instant::now() + self.request_timeout,
+                    ) {
+                        Ok(Some(n)) => report.moved += n,
+                        Ok(None) => break,
+                        Err(e) => {
+                            report.failed += 1;
+                            failed.insert(first);
+                            tracing::warn!(first, error = %e, "cannot move pages off a draining server; they stay there");
+                            break;
+                        }
                     }
                 }
             }
+            let placing: u64 = {
+                let book = self.book();
+                from.iter().filter_map(|s| book.placing.get(s)).sum()
+            };
+            if placing == 0 || pass == MAX_PASSES {
+                break;
+            }
+            std::thread::sleep(PASS_PAUSE);
         }
         let ids = {
             let mut book = self.book();
-            report.done = !book
-                .runs
-                .values()
-                .any(|r| r.slots.servers().any(|s| from.contains(&s)));
+            let placing = from
+                .iter()
+                .any(|s| book.placing.get(s).is_some_and(|&n| n > 0));
+            report.done = !placing
+                && !book
+                    .runs
+                    .values()
+                    .any(|r| r.slots.servers().any(|s| from.contains(&s)));
             if report.done {
                 let ids: Vec<u64> = book
                     .grants
@@ -152,6 +192,7 @@ impl Homes {
             space = %link.space.name,
             moved = report.moved,
             failed = report.failed,
+            done = report.done,
             "moved pages off a draining server"
         );
         report
@@ -313,6 +354,9 @@ impl Homes {
             target = pick(self);
         }
         let (grant, to) = target.ok_or(MoveError::NoRoom)?;
+        if let Some(link) = &self.link {
+            link.cluster.pace(need * rmem_client::PAGE_SIZE as u64);
+        }
         self.book().grants[grant].used += need;
         let moved: Vec<u64> = found.iter().map(|(h, _)| *h).collect();
         let stored = (|| -> Result<(), MoveError> {

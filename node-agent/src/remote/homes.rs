@@ -74,9 +74,8 @@ pub struct Homes {
     pub(crate) closed: AtomicBool,
     /// Copies of each page the policy asks for.
     copies: usize,
-    /// Pages stored with fewer copies than that (the cluster had fewer
-    /// servers).
-    at_risk: AtomicU64,
+    /// Whether placing fewer copies than asked was warned about.
+    warned_short: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -225,7 +224,7 @@ impl Homes {
             request_timeout,
             closed: AtomicBool::new(false),
             copies: redundancy.copies(),
-            at_risk: AtomicU64::new(0),
+            warned_short: AtomicBool::new(false),
         }))
     }
 
@@ -261,7 +260,7 @@ impl Homes {
             request_timeout,
             closed: AtomicBool::new(false),
             copies: redundancy.copies(),
-            at_risk: AtomicU64::new(0),
+            warned_short: AtomicBool::new(false),
         });
         // Pages on a server being drained move elsewhere.
         cluster.watch_drains(&homes);
@@ -301,9 +300,27 @@ impl Homes {
         self.copies
     }
 
-    /// Pages stored with fewer copies than the policy asks for.
+    /// Pages stored with fewer live copies than the policy asks for:
+    /// placed short (the cluster had fewer servers), or with a copy on a
+    /// server declared gone that is not rebuilt yet.
     pub fn at_risk(&self) -> u64 {
-        self.at_risk.load(Ordering::Relaxed)
+        self.book().at_risk(self.copies)
+    }
+
+    /// Server `member` is declared gone: nothing new goes there, its copies
+    /// are read last and no longer count, and nothing is freed there (what
+    /// it holds is freed when it comes back). True if this store holds
+    /// grants on it.
+    pub(crate) fn mark_gone(&self, member: u64) -> bool {
+        let mut book = self.book();
+        let servers: Vec<u8> = book
+            .grants
+            .iter()
+            .filter(|g| g.member == member)
+            .map(|g| g.server)
+            .collect();
+        book.gone.extend(servers.iter().copied());
+        !servers.is_empty()
     }
 
     /// Chooses servers for `count` handles from `first` (each on as many
@@ -321,11 +338,20 @@ impl Homes {
         let (mut pieces, mut left) = self.book().take(first, count as u64, wanted);
         if (left > 0 || short(&pieces)) && self.link.is_some() {
             self.unplace(&pieces);
+            // What found no room, or too few servers with room, this time.
+            let need = left
+                + pieces
+                    .iter()
+                    .filter(|p| p.slots.len() < wanted)
+                    .map(|p| p.count as u64)
+                    .sum::<u64>();
             let suspects = self.suspect_members();
-            // A whole grant's worth when the cluster has it, else just this.
+            // A whole grant's worth when the cluster has it, else just what
+            // this batch needs (on as many distinct servers as copies: the
+            // grants left may all be on one server).
             let grown = self
-                .grow_avoiding(left.max(GRANT_PAGES), self.copies, &suspects)
-                .or_else(|_| self.grow_avoiding(left.max(1), self.copies, &suspects));
+                .grow_avoiding(need.max(GRANT_PAGES), self.copies, &suspects)
+                .or_else(|_| self.grow_avoiding(need.max(1), self.copies, &suspects));
             if let Err(e) = grown {
                 if left > 0 {
                     return Err(e);
@@ -349,11 +375,7 @@ impl Homes {
                 self.unplace(&pieces);
                 return Err(ClusterError::TooFewCopies { copies: wanted });
             }
-            let missing: u64 = pieces
-                .iter()
-                .map(|p| p.count as u64 * (wanted - p.slots.len()) as u64)
-                .sum();
-            if self.at_risk.fetch_add(missing, Ordering::Relaxed) == 0 {
+            if !self.warned_short.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     copies = wanted,
                     "fewer servers than copies: pages stored with fewer copies are at risk until more servers join"
@@ -663,7 +685,11 @@ impl Homes {
             // these goes with the invalidation that retires the space, or,
             // if it is down then, when it registers again and reconciles
             // (the space is gone).
-            if self.copies > 1 && self.book().is_suspect(*server, now) {
+            let skip = {
+                let book = self.book();
+                book.gone.contains(server) || (self.copies > 1 && book.is_suspect(*server, now))
+            };
+            if skip {
                 continue;
             }
             let Some(conn) = remotes.get(&self.servers, *server) else {
