@@ -168,6 +168,15 @@ impl Daemon {
             .cloned()
     }
 
+    /// Every log line with this message so far.
+    pub fn logs_with(&self, message: &str) -> Vec<serde_json::Value> {
+        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        logs.iter()
+            .filter(|v| v["fields"]["message"] == message)
+            .cloned()
+            .collect()
+    }
+
     /// Every raw stderr line so far (JSON or not), for failure messages.
     pub fn log_text(&self) -> String {
         let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());

@@ -171,6 +171,111 @@ impl Host {
     }
 }
 
+/// Port the suites' coordinators listen on.
+pub const COORD_PORT: u16 = 7470;
+
+/// `rmemctl --output json ARGS`, run on `client` against the coordinator on
+/// `coord`; the error if it failed (the coordinator is restarting, say).
+pub fn try_rmemctl(
+    client: &Host,
+    coord: &Host,
+    args: &[&str],
+) -> Result<serde_json::Value, String> {
+    let endpoint = coord.at(COORD_PORT);
+    let mut all = vec![
+        "--endpoint",
+        endpoint.as_str(),
+        "--output",
+        "json",
+        "--timeout",
+        "2s",
+    ];
+    all.extend_from_slice(args);
+    let out = client.run("rmemctl", &all);
+    if !out.status.success() {
+        return Err(format!(
+            "rmemctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("rmemctl {args:?}: {e}"))
+}
+
+/// As [`try_rmemctl`], failing the test if `rmemctl` fails.
+pub fn rmemctl(client: &Host, coord: &Host, args: &[&str]) -> serde_json::Value {
+    try_rmemctl(client, coord, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Starts `rmem-coordinator` on `host` (1 s leases, 2 s invalidation
+/// deadline, 1 MiB placement chunks, state in `state`) with `extra` flags,
+/// and waits until it serves; its daemon index.
+pub fn start_coordinator(net: &mut Network, host: &Host, state: &str, extra: &[&str]) -> usize {
+    let listen = host.at(COORD_PORT);
+    let mut args = vec![
+        "--log-format",
+        "json",
+        "--listen",
+        &listen,
+        "--state-dir",
+        state,
+        "--lease",
+        "1s",
+        "--invalidation-deadline",
+        "2s",
+        "--placement-chunk",
+        "1MiB",
+    ];
+    args.extend_from_slice(extra);
+    let k = net.spawn(host, "rmem-coordinator", &args);
+    assert!(
+        net.daemon(k)
+            .wait_for_log("coordinator ready", std::time::Duration::from_secs(30))
+            .is_some(),
+        "coordinator did not start:\n{}",
+        net.daemon(k).log_text()
+    );
+    k
+}
+
+/// Starts `rmem-server` on `host` (data port 7480, admin 7481) with
+/// `capacity`, joining the coordinator on `coord` as `name`, and waits until
+/// it joined; its daemon index.
+pub fn start_server(
+    net: &mut Network,
+    host: &Host,
+    coord: &Host,
+    name: &str,
+    capacity: &str,
+) -> usize {
+    let endpoint = coord.at(COORD_PORT);
+    let k = net.spawn(
+        host,
+        "rmem-server",
+        &[
+            "--log-format",
+            "json",
+            "--listen",
+            &host.at(7480),
+            "--grpc",
+            &host.at(7481),
+            "--capacity",
+            capacity,
+            "--coordinator",
+            &endpoint,
+            "--name",
+            name,
+        ],
+    );
+    assert!(
+        net.daemon(k)
+            .wait_for_log("joined the cluster", std::time::Duration::from_secs(30))
+            .is_some(),
+        "server {name} did not join:\n{}",
+        net.daemon(k).log_text()
+    );
+    k
+}
+
 impl Drop for Network {
     fn drop(&mut self) {
         for d in &mut self.daemons {

@@ -7,31 +7,9 @@
 
 use std::time::Duration;
 
-use rmem_tests::netns::{Host, Network};
+use rmem_tests::netns::{COORD_PORT, Host, Network, rmemctl, start_coordinator, start_server};
 use rmem_tests::wait_until;
 use serde_json::Value;
-
-const COORD_PORT: u16 = 7470;
-
-fn rmemctl(client: &Host, coord: &Host, args: &[&str]) -> Value {
-    let endpoint = coord.at(COORD_PORT);
-    let mut all = vec![
-        "--endpoint",
-        endpoint.as_str(),
-        "--output",
-        "json",
-        "--timeout",
-        "2s",
-    ];
-    all.extend_from_slice(args);
-    let out = client.run("rmemctl", &all);
-    assert!(
-        out.status.success(),
-        "rmemctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 fn member<'a>(list: &'a Value, name: &str) -> &'a Value {
     list.as_array()
@@ -39,36 +17,6 @@ fn member<'a>(list: &'a Value, name: &str) -> &'a Value {
         .iter()
         .find(|m| m["name"] == name)
         .unwrap_or_else(|| panic!("no member {name} in {list}"))
-}
-
-fn start_coordinator(net: &mut Network, host: &Host, state: &str) -> usize {
-    let listen = host.at(COORD_PORT);
-    let k = net.spawn(
-        host,
-        "rmem-coordinator",
-        &[
-            "--log-format",
-            "json",
-            "--listen",
-            &listen,
-            "--state-dir",
-            state,
-            "--lease",
-            "1s",
-            "--invalidation-deadline",
-            "2s",
-            "--placement-chunk",
-            "1MiB",
-        ],
-    );
-    assert!(
-        net.daemon(k)
-            .wait_for_log("coordinator ready", Duration::from_secs(30))
-            .is_some(),
-        "coordinator did not start:\n{}",
-        net.daemon(k).log_text()
-    );
-    k
 }
 
 #[test]
@@ -85,37 +33,13 @@ fn a_cluster_of_hosts_places_fences_avoids_cut_off_servers_and_survives_a_coordi
     let agents: Vec<Host> = (0..3).map(|_| net.host()).collect();
     let client = net.host();
 
-    let mut coord_k = start_coordinator(&mut net, &coord, &state);
+    let mut coord_k = start_coordinator(&mut net, &coord, &state, &[]);
     let endpoint = coord.at(COORD_PORT);
-    let mut server_k = Vec::new();
-    for (i, h) in servers.iter().enumerate() {
-        let k = net.spawn(
-            h,
-            "rmem-server",
-            &[
-                "--log-format",
-                "json",
-                "--listen",
-                &h.at(7480),
-                "--grpc",
-                &h.at(7481),
-                "--capacity",
-                "128MiB",
-                "--coordinator",
-                &endpoint,
-                "--name",
-                &format!("mem-{i}"),
-            ],
-        );
-        assert!(
-            net.daemon(k)
-                .wait_for_log("joined the cluster", Duration::from_secs(30))
-                .is_some(),
-            "server {i} did not join:\n{}",
-            net.daemon(k).log_text()
-        );
-        server_k.push(k);
-    }
+    let server_k: Vec<usize> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| start_server(&mut net, h, &coord, &format!("mem-{i}"), "128MiB"))
+        .collect();
     let st = rmemctl(&client, &coord, &["status"]);
     assert_eq!(st["servers_up"], 3, "{st}");
 
@@ -320,7 +244,7 @@ fn a_cluster_of_hosts_places_fences_avoids_cut_off_servers_and_survives_a_coordi
     // The coordinator restarted keeps its registrations; members carry on.
     let registered = rmemctl(&client, &coord, &["servers"]);
     net.daemon_mut(coord_k).kill();
-    coord_k = start_coordinator(&mut net, &coord, &state);
+    coord_k = start_coordinator(&mut net, &coord, &state, &[]);
     let after = rmemctl(&client, &coord, &["servers"]);
     for i in 0..3 {
         let name = format!("mem-{i}");
