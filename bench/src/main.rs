@@ -11,6 +11,7 @@ mod dataplane;
 mod limits;
 mod matrix;
 mod plot;
+mod redundancy;
 mod region;
 mod report;
 mod swap;
@@ -267,6 +268,8 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
     drop(raw);
     progress("limits: raw TCP stream, memcpy");
     let limits = limits::measure(plan.limits, &rtt)?;
+    progress("redundancy: none and replicas=2 on three servers, then one server gone");
+    let redundancy = redundancy::measure(plan.region)?;
     let workloads = matrix::measure(&client, &plan.matrix, &progress)?;
     Ok(report::Report::new(
         report::Setup {
@@ -279,6 +282,7 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
         limits,
         dataplane,
         rmem,
+        redundancy,
         workloads,
     ))
 }

@@ -66,11 +66,21 @@ fn tag(p: usize) -> u64 {
     (p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1
 }
 
-struct Mem<'r> {
-    region: &'r RemoteRegion,
+pub(crate) struct Mem<'r> {
+    pub region: &'r RemoteRegion,
 }
 
 impl Mem<'_> {
+    /// Writes every page (the region evicts as it goes); MiB/s.
+    pub fn fill(&self) -> f64 {
+        fill(self)
+    }
+
+    /// Reads page `p` and checks it.
+    pub fn verify(&self, p: usize) -> Result<(), BenchError> {
+        verify(self.check(p), p)
+    }
+
     fn word(&self, p: usize, k: usize) -> *mut u64 {
         debug_assert!(p < self.region.pages() && k < PAGE_SIZE / 8);
         self.region.as_ptr().wrapping_add(p * PAGE_SIZE + k * 8) as *mut u64
@@ -198,7 +208,7 @@ pub fn measure(
     })
 }
 
-fn evict_rate(s: &StatsSnapshot) -> f64 {
+pub(crate) fn evict_rate(s: &StatsSnapshot) -> f64 {
     if s.evict_busy_ns == 0 {
         return 0.0;
     }

@@ -8,6 +8,7 @@ use crate::Latency;
 use crate::dataplane::DataPlane;
 use crate::limits::Limits;
 use crate::matrix::{Cell, WorkloadSetup, Workloads};
+use crate::redundancy::RedundancyFigures;
 use crate::region::RegionFigures;
 
 /// What was run, and where.
@@ -70,6 +71,8 @@ pub struct Report {
     pub limits: Limits,
     pub dataplane: DataPlane,
     pub rmem: RegionFigures,
+    /// Eviction and faults with each redundancy policy, and degraded.
+    pub redundancy: RedundancyFigures,
     /// Every workload cell: `{name, system, local_fraction, ops_per_s,
     /// slowdown, ...}`.
     pub workloads: Vec<Cell>,
@@ -87,6 +90,7 @@ impl Report {
         limits: Limits,
         dataplane: DataPlane,
         rmem: RegionFigures,
+        redundancy: RedundancyFigures,
         workloads: Workloads,
     ) -> Self {
         let rtt = limits.tcp_rtt_4k_us;
@@ -119,6 +123,7 @@ impl Report {
             limits,
             dataplane,
             rmem,
+            redundancy,
             workloads: workloads.cells,
             workload_setup: workloads.setup,
             ratios,
@@ -261,6 +266,30 @@ pub fn render(r: &Report) -> String {
     row(
         "prefetch hit rate",
         format!("{:.1}%", 100.0 * r.rmem.prefetch_hit_rate),
+    );
+    row(
+        &format!("**redundancy** ({} servers)", r.redundancy.servers),
+        String::new(),
+    );
+    for p in &r.redundancy.policies {
+        row(
+            &format!("{}: eviction, fault-back p50/p99/p99.9", p.policy),
+            format!(
+                "{:.0} MiB/s, {}, {:.2} remote pages per page",
+                p.evict_mib_s,
+                lat(&p.fault_us),
+                p.remote_per_page
+            ),
+        );
+    }
+    let d = &r.redundancy.degraded;
+    row(
+        &format!("{}, one server gone: fault-back", d.policy),
+        format!(
+            "{} ({} from a second copy)",
+            lat(&d.fault_us),
+            d.faults_degraded
+        ),
     );
     row("**ratios (goal)**", String::new());
     let g = &r.ratios;

@@ -1,0 +1,163 @@
+//! What redundancy costs on the userspace path: eviction throughput and
+//! fault-back latency with each policy, on three embedded servers, the
+//! remote memory each keeps per evicted page, and faults served while one
+//! server is gone (degraded: the copy on the dead server is tried first,
+//! found failing, and another copy read).
+//!
+//! Every page read is checked, as in [`crate::region`].
+
+use std::time::Instant;
+
+use rmem_agent::{RegionConfig, RemoteRegion};
+use rmem_client::{BlockingConnection, ClientConfig};
+use rmem_common::{ByteSize, Histogram, Redundancy};
+use rmem_server::embedded::EmbeddedServer;
+use serde::Serialize;
+
+use crate::region::{Effort, Mem, evict_rate};
+use crate::{BenchError, Latency};
+
+/// Servers the policies are measured on.
+const SERVERS: usize = 3;
+
+/// One policy's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyFigures {
+    pub policy: String,
+    /// Pages stored per second of evictor work (every copy acknowledged).
+    pub evict_mib_s: f64,
+    /// Fault-back of an evicted page, as the program sees it.
+    pub fault_us: Latency,
+    /// Pages the servers hold per page evicted (1 for `none`).
+    pub remote_per_page: f64,
+}
+
+/// Faults while one of the servers is gone.
+#[derive(Debug, Clone, Serialize)]
+pub struct Degraded {
+    pub policy: String,
+    pub fault_us: Latency,
+    /// Faults that read another copy than the first.
+    pub faults_degraded: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RedundancyFigures {
+    pub servers: usize,
+    pub policies: Vec<PolicyFigures>,
+    pub degraded: Degraded,
+}
+
+/// Three fresh servers, and how to reach them.
+fn servers(effort: Effort) -> Result<(Vec<EmbeddedServer>, Vec<ClientConfig>), BenchError> {
+    let servers = (0..SERVERS)
+        .map(|_| {
+            Ok(EmbeddedServer::with_config(
+                &rmem_server::config::ServerConfig {
+                    listen: "127.0.0.1:0".parse().expect("valid address"),
+                    grpc: "127.0.0.1:0".parse().expect("valid address"),
+                    capacity: ByteSize(effort.size * 2 + (16 << 20)),
+                    prefault: true,
+                    ..Default::default()
+                },
+                1,
+            )?)
+        })
+        .collect::<Result<Vec<_>, BenchError>>()?;
+    let configs = servers
+        .iter()
+        .map(|s| ClientConfig::new(s.data_addr().to_string()))
+        .collect();
+    Ok((servers, configs))
+}
+
+fn region(
+    configs: &[ClientConfig],
+    effort: Effort,
+    policy: Redundancy,
+) -> Result<RemoteRegion, BenchError> {
+    Ok(RemoteRegion::with_servers(
+        RegionConfig {
+            size: effort.size,
+            budget: effort.budget,
+            prefetch_max: 0,
+            redundancy: Some(policy),
+            ..RegionConfig::default()
+        },
+        configs.to_vec(),
+    )?)
+}
+
+/// Reads `n` random evicted pages, timing each fault.
+fn random_faults(mem: &Mem<'_>, n: usize, seed: u64) -> Result<Histogram, BenchError> {
+    let faults = Histogram::new();
+    let mut x = seed | 1;
+    let pages = mem.region.pages();
+    let mut measured = 0;
+    while measured < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let p = (x % pages as u64) as usize;
+        if mem.region.is_resident(p) {
+            mem.verify(p)?;
+            continue;
+        }
+        let t = Instant::now();
+        let r = mem.verify(p);
+        faults.record_duration(t.elapsed());
+        r?;
+        measured += 1;
+    }
+    Ok(faults)
+}
+
+fn used(configs: &[ClientConfig]) -> Result<u64, BenchError> {
+    let mut total = 0;
+    for c in configs {
+        total += BlockingConnection::connect(c)?.stat()?.used_pages;
+    }
+    Ok(total)
+}
+
+pub fn measure(effort: Effort) -> Result<RedundancyFigures, BenchError> {
+    let reads = effort.random_reads;
+    let mut policies = Vec::new();
+    for policy in [Redundancy::None, Redundancy::Replicas(2)] {
+        let (_servers, configs) = servers(effort)?;
+        let r = region(&configs, effort, policy)?;
+        let mem = Mem { region: &r };
+        mem.fill();
+        let wrote = r.stats();
+        let remote = (r.pages() - wrote.resident_pages) as f64;
+        let held = used(&configs)? as f64;
+        let faults = random_faults(&mem, reads, 0x2545_F491_4F6C_DD1D)?;
+        policies.push(PolicyFigures {
+            policy: policy.to_string(),
+            evict_mib_s: evict_rate(&wrote),
+            fault_us: Latency::from_ns(&faults),
+            remote_per_page: if remote > 0.0 { held / remote } else { 0.0 },
+        });
+    }
+
+    // Degraded: two replicas, then one of the three servers stops.
+    let policy = Redundancy::Replicas(2);
+    let (mut servers, configs) = servers(effort)?;
+    let r = region(&configs, effort, policy)?;
+    let mem = Mem { region: &r };
+    mem.fill();
+    drop(servers.remove(0));
+    let before = r.stats().faults_degraded;
+    let faults = random_faults(&mem, reads, 0x9E37_79B9_7F4A_7C15)?;
+    let degraded = Degraded {
+        policy: policy.to_string(),
+        fault_us: Latency::from_ns(&faults),
+        faults_degraded: r.stats().faults_degraded - before,
+    };
+    drop(r);
+    Ok(RedundancyFigures {
+        servers: SERVERS,
+        policies,
+        degraded,
+    })
+}
