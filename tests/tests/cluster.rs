@@ -248,27 +248,46 @@ fn servers_advertise_their_transports_and_rmemctl_lists_them() {
     );
 }
 
+/// Threads of this process named `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == name)
+        .count()
+}
+
+/// Draining a server moves the pages of every store (here twelve regions
+/// of one agent, a few at a time) and every page reads back.
 #[test]
 fn draining_a_server_moves_its_pages_and_every_page_reads_back() {
     let (coord, servers) = cluster(3);
     let agent = Cluster::connect(&ClusterConfig::new(coord.addr.to_string())).unwrap();
-    let pages = 4096;
-    let r = region(&agent, pages, 256);
-    let mem = Pages { r: &r };
-    for p in 0..pages {
-        mem.write(p, 7);
+    let pages = 512;
+    let regions: Vec<RemoteRegion> = (0..12).map(|_| region(&agent, pages, 32)).collect();
+    for r in &regions {
+        let mem = Pages { r };
+        for p in 0..pages {
+            mem.write(p, 7);
+        }
     }
-    let before = used(&servers);
+    let before = settled(&servers);
     let victim = (0..3).max_by_key(|&i| before[i]).unwrap();
     assert!(before[victim] > 0);
     let drained = rmemctl_json(&coord, &["drain", &format!("mem-{victim}")]);
     assert_eq!(drained[0]["state"], "draining");
-    // The agent moves the pages away; the drained server ends up empty.
+    // The agent moves the pages away, at most four stores at a time; the
+    // drained server ends up empty.
+    let mut most_threads = 0;
     assert!(
-        wait_until(Duration::from_secs(30), || used(&servers)[victim] == 0),
+        wait_until(Duration::from_secs(60), || {
+            most_threads = most_threads.max(threads_named("rmem-drain"));
+            used(&servers)[victim] == 0
+        }),
         "pages still on the drained server: {:?}",
         used(&servers)
     );
+    assert!(most_threads <= 4, "{most_threads} drain threads at once");
     let after = used(&servers);
     assert!(
         after.iter().sum::<u64>() >= before.iter().sum::<u64>() - 256,
@@ -276,12 +295,15 @@ fn draining_a_server_moves_its_pages_and_every_page_reads_back() {
     );
     // Every page, moved or not, reads back right; rewriting and evicting
     // again never touches the drained server.
-    for p in 0..pages {
-        assert!(mem.check(p, 7), "page {p} wrong after the drain");
-        mem.write(p, 8);
-    }
-    for p in 0..pages {
-        assert!(mem.check(p, 8), "page {p}");
+    for r in &regions {
+        let mem = Pages { r };
+        for p in 0..pages {
+            assert!(mem.check(p, 7), "page {p} wrong after the drain");
+            mem.write(p, 8);
+        }
+        for p in 0..pages {
+            assert!(mem.check(p, 8), "page {p}");
+        }
     }
     assert_eq!(used(&servers)[victim], 0);
     let grants = rmemctl_json(&coord, &["grants"]);
@@ -301,7 +323,7 @@ fn draining_a_server_moves_its_pages_and_every_page_reads_back() {
             .all(|g| g["server_id"].as_u64() != Some(victim_id)),
         "the drained server still holds grants: {grants}"
     );
-    drop(r);
+    drop(regions);
     assert_eq!(used(&servers), [0, 0, 0]);
 }
 

@@ -255,7 +255,7 @@ fn fetch(
     scratch.pages.push(i);
     let handle = inner.handle(i);
     let deadline = Instant::now() + inner.cfg.fault_timeout;
-    let Some(server) = inner.homes.server_of(handle) else {
+    let Some((server, degraded)) = inner.homes.reader_of(handle) else {
         tracing::error!(
             region = format_args!("{:06x}", inner.id),
             page = i,
@@ -306,10 +306,6 @@ fn fetch(
     inner.charge(scratch.pages.len());
     let n = scratch.pages.len();
     // Read from another copy than the run's first: that one is failing.
-    let degraded = inner
-        .homes
-        .copies_of(handle)
-        .is_some_and(|c| c.server() != server);
     if degraded {
         inner.stats.faults_degraded.fetch_add(1, Ordering::Relaxed);
     }

@@ -104,11 +104,28 @@ pub enum ClusterError {
 /// How often the pages at risk are summed for the heartbeats.
 const AT_RISK_EVERY: Duration = Duration::from_secs(1);
 
+/// Most stores moving pages at once: a drain notice, or a server declared
+/// gone, reaches every store of the agent, and an agent may hold hundreds.
+const DRAIN_WORKERS: usize = 4;
+
+/// Stores waiting to move their pages off a server (store, server member),
+/// and the workers doing it.
+#[derive(Debug, Default)]
+struct Drains {
+    queue: std::collections::VecDeque<(Weak<Homes>, u64, (u64, u64))>,
+    /// (store, server) queued or being drained: a repeated notice is not
+    /// drained twice at once.
+    /// Stores are named by their handle space's base (unique per store).
+    pending: std::collections::HashSet<(u64, u64)>,
+    workers: usize,
+}
+
 /// State shared with the member session's subscriber.
 #[derive(Debug, Default)]
 struct Shared {
     /// The stores holding pages through this link.
     stores: Mutex<Vec<Weak<Homes>>>,
+    drains: Mutex<Drains>,
     /// The cluster's default redundancy, from the last registration.
     redundancy: Mutex<rmem_common::Redundancy>,
 }
@@ -119,6 +136,58 @@ impl Shared {
         let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
         stores.retain(|w| w.strong_count() > 0);
         stores.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    fn drains(&self) -> std::sync::MutexGuard<'_, Drains> {
+        self.drains.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `stores` to move their pages off server `member`, on at most
+    /// [`DRAIN_WORKERS`] threads (moving blocks on this link's runtime: not
+    /// on a runtime thread).
+    fn drain(self: &Arc<Self>, stores: Vec<Arc<Homes>>, member: u64) {
+        let spawn = {
+            let mut d = self.drains();
+            for h in stores {
+                let key = (h.base(), member);
+                if d.pending.insert(key) {
+                    d.queue.push_back((Arc::downgrade(&h), member, key));
+                }
+            }
+            let spawn = DRAIN_WORKERS.min(d.queue.len()).saturating_sub(d.workers);
+            d.workers += spawn;
+            spawn
+        };
+        for _ in 0..spawn {
+            let shared = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("rmem-drain".into())
+                .spawn(move || shared.drain_worker());
+            if let Err(e) = spawned {
+                self.drains().workers -= 1;
+                tracing::error!(error = %e, "cannot start moving pages off a draining server");
+            }
+        }
+    }
+
+    fn drain_worker(&self) {
+        loop {
+            let (store, member, key) = {
+                let mut d = self.drains();
+                match d.queue.pop_front() {
+                    Some((store, member, key)) => (store, member, key),
+                    None => {
+                        d.workers -= 1;
+                        return;
+                    }
+                }
+            };
+            if let Some(homes) = store.upgrade() {
+                let mut remotes = Remotes::new(homes.request_timeout, Duration::ZERO);
+                homes.drain(&mut remotes, member);
+            }
+            self.drains().pending.remove(&key);
+        }
     }
 }
 
@@ -177,21 +246,9 @@ impl Subscriber for Events {
                 "a memory server was declared gone: rebuilding the copies it held"
             );
         }
-        // Moving pages blocks on this link's runtime: not on a runtime
-        // thread. One thread per store, so one slow store does not hold
-        // the others back.
-        for homes in stores {
-            let spawned = std::thread::Builder::new()
-                .name("rmem-drain".into())
-                .spawn(move || {
-                    let mut remotes =
-                        Remotes::new(homes.request_timeout, std::time::Duration::ZERO);
-                    homes.drain(&mut remotes, server);
-                });
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start moving pages off a draining server");
-            }
-        }
+        // A few stores at a time, each on a worker of its own, so one slow
+        // store does not hold the others back.
+        self.shared.drain(stores, server);
         Box::pin(async {})
     }
 

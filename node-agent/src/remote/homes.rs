@@ -533,17 +533,25 @@ impl Homes {
     /// The server to read handle `h` from first, if known: its first
     /// copy whose server is not suspect.
     pub fn server_of(&self, h: u64) -> Option<u8> {
+        self.reader_of(h).map(|(s, _)| s)
+    }
+
+    /// As [`Self::server_of`], with whether that is not the run's first
+    /// copy (the first is failing: a degraded read), from one look at the
+    /// book.
+    pub fn reader_of(&self, h: u64) -> Option<(u8, bool)> {
         if self.link.is_none() && self.servers.len() == 1 {
             // Every handle, of this run or an earlier one, is there.
-            return Some(0);
+            return Some((0, false));
         }
         let book = self.book();
         let slots = book.run_of(h)?.1.slots;
         let now = Instant::now();
-        slots
+        let s = slots
             .servers()
             .find(|&s| !book.is_suspect(s, now))
-            .or(Some(slots.server()))
+            .unwrap_or(slots.server());
+        Some((s, s != slots.server()))
     }
 
     /// The servers holding copies of `h`, if known.
