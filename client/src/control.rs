@@ -307,6 +307,9 @@ pub struct Registration {
     /// The cluster's default redundancy policy, as the coordinator wrote it
     /// (empty from a coordinator that predates it).
     pub redundancy: String,
+    /// The member's state (`pb::MemberState` as i32): a server may come
+    /// back draining or gone.
+    pub state: i32,
 }
 
 /// Identity and counters of a running session.
@@ -436,6 +439,7 @@ async fn register(
             cluster_id: r.cluster_id,
             epoch: r.epoch,
             redundancy: r.redundancy,
+            state: r.state,
         })
         .await;
     tracing::info!(member = r.member_id, incarnation = r.incarnation, name = %req.name, "registered with the coordinator");

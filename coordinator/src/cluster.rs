@@ -324,6 +324,18 @@ impl Cluster {
         for m in self.members.records() {
             out.push(Record::MemberUpsert { member: m.clone() });
         }
+        // Members that left stay while grants name them (a server that
+        // shut down cleanly with agents' pages on it, a gone server): one
+        // that comes back must get its own id and standing again.
+        for m in self.members.iter().filter(|m| m.liveness == Liveness::Left) {
+            let id = m.rec.id;
+            if self.grants.iter().any(|g| g.server == id || g.agent == id) {
+                out.push(Record::MemberUpsert {
+                    member: m.rec.clone(),
+                });
+                out.push(Record::MemberLeft { id });
+            }
+        }
         for m in self.members.iter() {
             if m.liveness == Liveness::Fenced {
                 out.push(Record::MemberFenced { id: m.rec.id });
@@ -754,6 +766,7 @@ impl Cluster {
             credential: self.tenant(&g.tenant).map(|t| t.0).unwrap_or_default(),
             pages: g.pages,
             agent_id: g.agent,
+            domain: server.map(|s| s.rec.domain.clone()).unwrap_or_default(),
         }
     }
 

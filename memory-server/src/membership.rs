@@ -168,7 +168,8 @@ impl Subscriber for FreeInvalidated {
                     false
                 }
             };
-            self.reconcile(reg.member_id, free).await;
+            self.reconcile(reg.member_id, free, out_of_service(reg.state))
+                .await;
         })
     }
 }
@@ -186,8 +187,8 @@ impl FreeInvalidated {
         self.store.set_coordinator_unknown(false);
     }
 
-    async fn reconcile(&self, member_id: u64, free: bool) {
-        match reconcile(&self.store, &self.client, member_id, free).await {
+    async fn reconcile(&self, member_id: u64, free: bool, stale_rule: bool) {
+        match reconcile(&self.store, &self.client, member_id, free, stale_rule).await {
             Ok(r) if r.freed > 0 || r.subscribed > 0 => tracing::info!(
                 freed = r.freed,
                 stale = r.stale,
@@ -216,7 +217,7 @@ impl FreeInvalidated {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_none();
-        self.reconcile(session.member_id.load(Ordering::Acquire), trusted)
+        self.reconcile(session.member_id.load(Ordering::Acquire), trusted, true)
             .await;
     }
 
@@ -269,7 +270,8 @@ impl FreeInvalidated {
             }
             self.trust(new);
             if !empty {
-                self.reconcile(session.member_id.load(Ordering::Acquire), true)
+                let stale_rule = out_of_service(session.member_state.load(Ordering::Acquire));
+                self.reconcile(session.member_id.load(Ordering::Acquire), true, stale_rule)
                     .await;
             }
         }
@@ -305,12 +307,15 @@ struct Reconciled {
 /// clients outside the cluster's agents do not survive a reconcile.
 ///
 /// Without `free`, only the subscriptions are renewed (the coordinator
-/// does not know every page here, see [`judge`]).
+/// does not know every page here, see [`judge`]). Stale copies are looked
+/// for only with `stale_rule`: while the server is draining or gone, when
+/// the coordinator grants nothing new on it.
 async fn reconcile(
     store: &Arc<Store>,
     client: &ControlClient,
     member_id: u64,
     free: bool,
+    stale_rule: bool,
 ) -> Result<Reconciled, ControlError> {
     let scan = store.clone();
     let candidates: Vec<(String, Vec<u64>)> = tokio::task::spawn_blocking(move || {
@@ -332,20 +337,15 @@ async fn reconcile(
         .intervals;
     // Listed after the intervals: a grant returned between the two
     // listings makes its pages stale, which they are.
-    let granted: std::collections::BTreeSet<u64> = client
-        .placement()
-        .list_grants(pb::ListGrantsRequest {
-            agent_id: 0,
-            server_id: member_id,
-        })
-        .await?
-        .into_inner()
-        .grants
-        .iter()
-        .map(|g| g.agent_id)
-        .collect();
+    let granted = if stale_rule {
+        granted_agents(client, member_id).await?
+    } else {
+        Default::default()
+    };
     let mut done = Reconciled::default();
     let mut to_free: Vec<(String, Vec<u64>)> = Vec::new();
+    // (tenant, handle, owner) of stale copies.
+    let mut stale: Vec<(String, u64, u64)> = Vec::new();
     let mut to_subscribe = std::collections::BTreeSet::new();
     for (tenant, handles) in candidates {
         // (first handle, end, interval) of the tenant's intervals, sorted.
@@ -359,9 +359,8 @@ async fn reconcile(
         for h in handles {
             let k = ranges.partition_point(|r| r.0 <= h);
             match k.checked_sub(1).map(|k| ranges[k]) {
-                Some((_, end, iv)) if h < end && !granted.contains(&iv.owner) => {
-                    done.stale += 1;
-                    orphans.push(h);
+                Some((_, end, iv)) if h < end && stale_rule && !granted.contains(&iv.owner) => {
+                    stale.push((tenant.clone(), h, iv.owner));
                 }
                 Some((_, end, iv)) if h < end => {
                     if !iv.subscribers.contains(&member_id) {
@@ -374,6 +373,20 @@ async fn reconcile(
         if free && !orphans.is_empty() {
             to_free.push((tenant, orphans));
         }
+    }
+    // Stale copies whose owner holds no grant here still, just before they
+    // are freed (the server is draining or gone: nothing new is granted
+    // on it, this only narrows an undrain racing the reconcile).
+    if free && !stale.is_empty() {
+        let granted = granted_agents(client, member_id).await?;
+        let mut by_tenant: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+        for (tenant, h, owner) in stale {
+            if !granted.contains(&owner) {
+                done.stale += 1;
+                by_tenant.entry(tenant).or_default().push(h);
+            }
+        }
+        to_free.extend(by_tenant);
     }
     // Orphans first: once the server shows up as a subscriber again, what
     // no interval covers is already gone.
@@ -413,6 +426,31 @@ async fn reconcile(
         }
     }
     Ok(done)
+}
+
+/// The agents holding grants on server `member_id`.
+async fn granted_agents(
+    client: &ControlClient,
+    member_id: u64,
+) -> Result<std::collections::BTreeSet<u64>, ControlError> {
+    Ok(client
+        .placement()
+        .list_grants(pb::ListGrantsRequest {
+            agent_id: 0,
+            server_id: member_id,
+        })
+        .await?
+        .into_inner()
+        .grants
+        .iter()
+        .map(|g| g.agent_id)
+        .collect())
+}
+
+/// Whether the coordinator said this server is draining or gone (the
+/// state of a registration or heartbeat, `pb::MemberState` as i32).
+fn out_of_service(state: i32) -> bool {
+    state == pb::MemberState::Draining as i32 || state == pb::MemberState::Gone as i32
 }
 
 /// A server's membership, running in the background.

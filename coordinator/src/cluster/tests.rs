@@ -681,3 +681,32 @@ fn copies_go_to_distinct_failure_domains() {
     bad.domain = "x\ny".into();
     assert!(matches!(c.register(&bad), Err(CoordError::Invalid { .. })));
 }
+
+#[test]
+fn a_server_that_left_holding_grants_keeps_its_id_across_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.log");
+    let mut config = cfg();
+    config.ephemeral = false;
+    let open = |config: &CoordinatorConfig| {
+        Cluster::open(config, Box::new(FileLog::open(&path).unwrap())).unwrap()
+    };
+    let (s, idle) = {
+        let mut c = open(&config);
+        let a = c.register(&agent("a")).unwrap().id;
+        let s = c.register(&server("s", 100)).unwrap();
+        c.allocate(a, "default", 10).unwrap();
+        let idle = c.register(&server("idle", 100)).unwrap();
+        c.mark_gone(s.id, "", "test").unwrap();
+        c.deregister(s.id, s.incarnation).unwrap();
+        c.deregister(idle.id, idle.incarnation).unwrap();
+        c.compact().unwrap();
+        (s, idle)
+    };
+    let mut c = open(&config);
+    let back = c.register(&server("s", 100)).unwrap();
+    assert_eq!(back.id, s.id, "a server named by grants keeps its id");
+    assert!(back.gone, "and its standing");
+    let other = c.register(&server("idle", 100)).unwrap();
+    assert_ne!(other.id, idle.id, "one no grant names is forgotten");
+}

@@ -108,6 +108,34 @@ pub(crate) struct Grant {
     pub server: u8,
     pub pages: u64,
     pub used: u64,
+    /// The server's failure domain (empty: its own).
+    pub domain: String,
+    /// Held over from an earlier run of the kernel agent: it may hold
+    /// pages of handles the book has not learned yet, so a drain never
+    /// returns it.
+    pub inherited: bool,
+}
+
+impl Grant {
+    /// A grant on `server` with `pages` of room.
+    pub fn new(id: u64, member: u64, server: u8, pages: u64) -> Self {
+        Self {
+            id,
+            member,
+            draining: false,
+            server,
+            pages,
+            used: 0,
+            domain: String::new(),
+            inherited: false,
+        }
+    }
+
+    /// Whether copies on `self` and `other` could fail together: the same
+    /// server, or the same named domain.
+    fn shares_fate(&self, other: &Grant) -> bool {
+        self.server == other.server || (!self.domain.is_empty() && self.domain == other.domain)
+    }
 }
 
 #[derive(Debug)]
@@ -224,13 +252,24 @@ impl Book {
             };
             self.turn = k + 1;
             let mut chosen = vec![k];
-            // Further copies: the grants with most room on other servers.
+            // Further copies: the grants with most room on other servers,
+            // in other failure domains while there are some.
             while chosen.len() < copies.min(MAX_COPIES) {
                 let taken: Vec<u8> = chosen.iter().map(|&c| self.grants[c].server).collect();
-                let more = (0..n)
+                let room = |j: usize| self.grants[j].pages - self.grants[j].used;
+                let open: Vec<usize> = (0..n)
                     .filter(|&j| self.open(j, now) && !taken.contains(&self.grants[j].server))
-                    .max_by_key(|&j| self.grants[j].pages - self.grants[j].used);
-                match more {
+                    .collect();
+                let apart = open
+                    .iter()
+                    .copied()
+                    .filter(|&j| {
+                        chosen
+                            .iter()
+                            .all(|&c| !self.grants[j].shares_fate(&self.grants[c]))
+                    })
+                    .max_by_key(|&j| room(j));
+                match apart.or_else(|| open.iter().copied().max_by_key(|&j| room(j))) {
                     Some(j) => chosen.push(j),
                     None => break,
                 }
@@ -296,14 +335,9 @@ mod tests {
     use super::*;
 
     fn grant(server: u8, pages: u64, used: u64) -> Grant {
-        Grant {
-            id: u64::from(server) + 1,
-            member: u64::from(server) + 10,
-            draining: false,
-            server,
-            pages,
-            used,
-        }
+        let mut g = Grant::new(u64::from(server) + 1, u64::from(server) + 10, server, pages);
+        g.used = used;
+        g
     }
 
     #[test]
@@ -406,5 +440,24 @@ mod tests {
         let used: u64 = book.grants.iter().map(|g| g.used).sum();
         assert_eq!(book.forget(3).map(|s| s.len()), Some(2));
         assert_eq!(book.grants.iter().map(|g| g.used).sum::<u64>(), used - 2);
+    }
+
+    #[test]
+    fn further_copies_go_to_other_failure_domains() {
+        let mut book = Book::default();
+        for (server, domain) in [(0, "a"), (1, "a"), (2, "b")] {
+            let mut g = grant(server, 1000, 0);
+            g.domain = domain.into();
+            book.grants.push(g);
+        }
+        for k in 0..30 {
+            let (p, _) = book.take(k * 10, 10, 2);
+            let domains: Vec<&str> = p[0]
+                .slots
+                .servers()
+                .map(|s| book.grants[usize::from(s)].domain.as_str())
+                .collect();
+            assert_ne!(domains[0], domains[1], "two copies in one rack: {p:?}");
+        }
     }
 }

@@ -113,10 +113,11 @@ const DRAIN_WORKERS: usize = 4;
 #[derive(Debug, Default)]
 struct Drains {
     queue: std::collections::VecDeque<(Weak<Homes>, u64, (u64, u64))>,
-    /// (store, server) queued or being drained: a repeated notice is not
-    /// drained twice at once.
-    /// Stores are named by their handle space's base (unique per store).
-    pending: std::collections::HashSet<(u64, u64)>,
+    /// (store, server) queued or being drained: whether it is being
+    /// drained, and whether a notice came meanwhile (it is then drained
+    /// again when done: runs that failed are tried again). Stores are
+    /// named by their handle space's base (unique per store).
+    pending: std::collections::HashMap<(u64, u64), (bool, bool)>,
     workers: usize,
 }
 
@@ -150,8 +151,15 @@ impl Shared {
             let mut d = self.drains();
             for h in stores {
                 let key = (h.base(), member);
-                if d.pending.insert(key) {
-                    d.queue.push_back((Arc::downgrade(&h), member, key));
+                match d.pending.get_mut(&key) {
+                    None => {
+                        d.pending.insert(key, (false, false));
+                        d.queue.push_back((Arc::downgrade(&h), member, key));
+                    }
+                    // Being drained: again once done.
+                    Some((true, again)) => *again = true,
+                    // Queued: that drain will see what this notice says.
+                    Some((false, _)) => {}
                 }
             }
             let spawn = DRAIN_WORKERS.min(d.queue.len()).saturating_sub(d.workers);
@@ -175,7 +183,10 @@ impl Shared {
             let (store, member, key) = {
                 let mut d = self.drains();
                 match d.queue.pop_front() {
-                    Some((store, member, key)) => (store, member, key),
+                    Some((store, member, key)) => {
+                        d.pending.insert(key, (true, false));
+                        (store, member, key)
+                    }
                     None => {
                         d.workers -= 1;
                         return;
@@ -183,10 +194,24 @@ impl Shared {
                 }
             };
             if let Some(homes) = store.upgrade() {
-                let mut remotes = Remotes::new(homes.request_timeout, Duration::ZERO);
-                homes.drain(&mut remotes, member);
+                let drained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let mut remotes = Remotes::new(homes.request_timeout, Duration::ZERO);
+                    homes.drain(&mut remotes, member);
+                }));
+                if drained.is_err() {
+                    tracing::error!(
+                        server = member,
+                        "moving pages off a draining server panicked"
+                    );
+                }
             }
-            self.drains().pending.remove(&key);
+            let mut d = self.drains();
+            if d.pending.get(&key) == Some(&(true, true)) && store.strong_count() > 0 {
+                d.pending.insert(key, (false, false));
+                d.queue.push_back((store, member, key));
+            } else {
+                d.pending.remove(&key);
+            }
         }
     }
 }

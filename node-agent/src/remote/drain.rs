@@ -157,7 +157,20 @@ impl Homes {
             let placing = from
                 .iter()
                 .any(|s| book.placing.get(s).is_some_and(|&n| n > 0));
+            // Grants held over from an earlier kernel-agent run may hold
+            // pages of handles the book has not learned: they stay.
+            let inherited = book
+                .grants
+                .iter()
+                .any(|g| g.member == member && g.inherited);
+            if inherited {
+                tracing::warn!(
+                    server = member,
+                    "the draining server holds pages of this agent's earlier run not looked up yet: they stay until the module lets them go"
+                );
+            }
             report.done = !placing
+                && !inherited
                 && !book
                     .runs
                     .values()
@@ -321,20 +334,30 @@ impl Homes {
             // Nothing of it is left there (freed meanwhile).
             return Ok(None);
         }
-        // A grant elsewhere with room for them.
+        // A grant elsewhere with room for them, in a failure domain none of
+        // the run's other copies is in when there is one.
         let pick = |homes: &Homes| {
-            homes
-                .book()
-                .grants
+            let book = homes.book();
+            let others: Vec<&str> = slots
                 .iter()
                 .enumerate()
-                .filter(|(_, g)| {
-                    !g.draining
-                        && !slots.has_server(g.server)
-                        && g.pages.saturating_sub(g.used) >= need
-                })
-                .max_by_key(|(_, g)| g.pages.saturating_sub(g.used))
-                .map(|(k, g)| (k, g.server))
+                .filter(|&(j, _)| j != k)
+                .filter_map(|(_, s)| book.grants.iter().find(|g| g.server == s.server))
+                .map(|g| g.domain.as_str())
+                .filter(|d| !d.is_empty())
+                .collect();
+            let fits = |g: &super::book::Grant| {
+                !g.draining && !slots.has_server(g.server) && g.pages.saturating_sub(g.used) >= need
+            };
+            let best = |apart: bool| {
+                book.grants
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, g)| fits(g) && (!apart || !others.contains(&g.domain.as_str())))
+                    .max_by_key(|(_, g)| g.pages.saturating_sub(g.used))
+                    .map(|(k, g)| (k, g.server))
+            };
+            best(true).or_else(|| best(false))
         };
         let mut target = pick(self);
         if target.is_none() {

@@ -130,14 +130,11 @@ impl Homes {
             // as full (what they hold is unknown).
             for g in &held {
                 let server = servers.add(server_config(g))?;
-                book.grants.push(Grant {
-                    id: g.grant_id,
-                    member: g.server_id,
-                    draining: false,
-                    server,
-                    pages: g.pages,
-                    used: g.pages,
-                });
+                let mut grant = Grant::new(g.grant_id, g.server_id, server, g.pages);
+                grant.used = g.pages;
+                grant.domain.clone_from(&g.domain);
+                grant.inherited = true;
+                book.grants.push(grant);
                 // Every copy's server answers for its interval.
                 book.subscribed.insert(g.server_id);
             }
@@ -205,14 +202,7 @@ impl Homes {
         let servers = Servers::new(list)?;
         let mut book = Book::default();
         for k in 0..servers.len() {
-            book.grants.push(Grant {
-                id: 0,
-                member: 0,
-                draining: false,
-                server: k as u8,
-                pages: UNBOUNDED,
-                used: 0,
-            });
+            book.grants.push(Grant::new(0, 0, k as u8, UNBOUNDED));
         }
         let base = new_base(&[]);
         Ok(Arc::new(Self {
@@ -427,17 +417,18 @@ impl Homes {
                 }
                 self.book().subscribed.insert(g.server_id);
             }
-            added.push(Grant {
-                id: g.grant_id,
-                member: g.server_id,
-                draining: false,
-                server,
-                pages: g.pages,
-                used: 0,
-            });
+            let mut grant = Grant::new(g.grant_id, g.server_id, server, g.pages);
+            grant.domain.clone_from(&g.domain);
+            added.push(grant);
         }
         tracing::debug!(pages, grants = added.len(), "new capacity granted");
-        self.book().grants.extend(added);
+        let mut book = self.book();
+        for g in &added {
+            // The coordinator grants only on servers in service: one
+            // declared gone earlier is back (an operator undrained it).
+            book.gone.remove(&g.server);
+        }
+        book.grants.extend(added);
         Ok(())
     }
 
