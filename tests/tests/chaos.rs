@@ -96,7 +96,7 @@ fn with_two_replicas_the_workloads_survive_kill_stop_cut_drain_and_a_coordinator
     let server_k: Vec<usize> = servers
         .iter()
         .enumerate()
-        .map(|(i, h)| start_server(&mut net, h, &coord, &format!("mem-{i}"), "64MiB"))
+        .map(|(i, h)| start_server(&mut net, h, &coord, &format!("mem-{i}"), "128MiB"))
         .collect();
     let mut agents = Vec::new();
     for (i, h) in agent_hosts.iter().enumerate() {

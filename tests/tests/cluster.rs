@@ -279,15 +279,18 @@ fn draining_a_server_moves_its_pages_and_every_page_reads_back() {
     // The agent moves the pages away, at most four stores at a time; the
     // drained server ends up empty.
     let mut most_threads = 0;
+    let drainer = format!("rmem-drain-{}", agent.member_id());
     assert!(
         wait_until(Duration::from_secs(60), || {
-            most_threads = most_threads.max(threads_named("rmem-drain"));
+            most_threads = most_threads.max(threads_named(&drainer));
             used(&servers)[victim] == 0
         }),
         "pages still on the drained server: {:?}",
         used(&servers)
     );
-    assert!(most_threads <= 4, "{most_threads} drain threads at once");
+    // Four workers; a fifth may show for a moment while one that found the
+    // queue empty exits as a new one starts.
+    assert!(most_threads <= 5, "{most_threads} drain threads at once");
     let after = used(&servers);
     assert!(
         after.iter().sum::<u64>() >= before.iter().sum::<u64>() - 256,

@@ -147,6 +147,12 @@ impl Shared {
     /// [`DRAIN_WORKERS`] threads (moving blocks on this link's runtime: not
     /// on a runtime thread).
     fn drain(self: &Arc<Self>, stores: Vec<Arc<Homes>>, member: u64) {
+        // Named after this agent's member id, so the threads of one agent
+        // can be told from another's in the same process.
+        let me = stores
+            .first()
+            .and_then(|h| h.link.as_ref())
+            .map_or(0, |l| l.cluster.member_id());
         let spawn = {
             let mut d = self.drains();
             for h in stores {
@@ -169,7 +175,7 @@ impl Shared {
         for _ in 0..spawn {
             let shared = self.clone();
             let spawned = std::thread::Builder::new()
-                .name("rmem-drain".into())
+                .name(format!("rmem-drain-{me}"))
                 .spawn(move || shared.drain_worker());
             if let Err(e) = spawned {
                 self.drains().workers -= 1;

@@ -143,14 +143,22 @@ impl Homes {
                     }
                 }
             }
-            let placing: u64 = {
+            // Copies still in flight there, and runs recorded there since
+            // this pass listed them (a batch in flight a moment ago).
+            let (placing, left) = {
                 let book = self.book();
-                from.iter().filter_map(|s| book.placing.get(s)).sum()
+                let placing: u64 = from.iter().filter_map(|s| book.placing.get(s)).sum();
+                let left = book.runs.iter().any(|(f, r)| {
+                    !failed.contains(f) && r.slots.servers().any(|s| from.contains(&s))
+                });
+                (placing, left)
             };
-            if placing == 0 || pass == MAX_PASSES {
+            if (placing == 0 && !left) || pass == MAX_PASSES {
                 break;
             }
-            std::thread::sleep(PASS_PAUSE);
+            if placing > 0 {
+                std::thread::sleep(PASS_PAUSE);
+            }
         }
         let ids = {
             let mut book = self.book();

@@ -368,7 +368,7 @@ impl Homes {
             if !self.warned_short.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     copies = wanted,
-                    "fewer servers than copies: pages stored with fewer copies are at risk until more servers join"
+                    "fewer servers with room than copies: pages stored with fewer copies are at risk until more servers (or capacity) join"
                 );
             }
         }
