@@ -16,6 +16,19 @@ fn cfg() -> CoordinatorConfig {
     }
 }
 
+/// A configuration whose state is kept in a log file.
+fn durable() -> CoordinatorConfig {
+    CoordinatorConfig {
+        ephemeral: false,
+        ..cfg()
+    }
+}
+
+/// The cluster of the state log at `path`.
+fn open_log(config: &CoordinatorConfig, path: &std::path::Path) -> Cluster {
+    Cluster::open(config, Box::new(FileLog::open(path).unwrap())).unwrap()
+}
+
 fn cluster() -> Cluster {
     Cluster::open(&cfg(), Box::new(MemoryStore::default())).unwrap()
 }
@@ -495,11 +508,8 @@ fn no_capacity_takes_nothing() {
 fn state_survives_a_restart_with_a_new_epoch() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.log");
-    let mut config = cfg();
-    config.ephemeral = false;
-    let open = |config: &CoordinatorConfig| {
-        Cluster::open(config, Box::new(FileLog::open(&path).unwrap())).unwrap()
-    };
+    let mut config = durable();
+    let open = |config: &CoordinatorConfig| open_log(config, &path);
     let (a, s, iv, seq, removed, epoch) = {
         let mut c = open(&config);
         let a = c.register(&agent("a")).unwrap().id;
@@ -566,13 +576,10 @@ fn state_survives_a_restart_with_a_new_epoch() {
 fn a_server_down_past_its_grace_is_declared_gone_and_agents_rebuild() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.log");
-    let mut config = cfg();
-    config.ephemeral = false;
+    let mut config = durable();
     config.lease = Duration::from_millis(100);
     config.server_gone_after = Duration::from_millis(200);
-    let open = |config: &CoordinatorConfig| {
-        Cluster::open(config, Box::new(FileLog::open(&path).unwrap())).unwrap()
-    };
+    let open = |config: &CoordinatorConfig| open_log(config, &path);
     let mut c = open(&config);
     let a = c.register(&agent("a")).unwrap().id;
     let s: Vec<u64> = (0..3)
@@ -686,11 +693,8 @@ fn copies_go_to_distinct_failure_domains() {
 fn a_server_that_left_holding_grants_keeps_its_id_across_compaction() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.log");
-    let mut config = cfg();
-    config.ephemeral = false;
-    let open = |config: &CoordinatorConfig| {
-        Cluster::open(config, Box::new(FileLog::open(&path).unwrap())).unwrap()
-    };
+    let config = durable();
+    let open = |config: &CoordinatorConfig| open_log(config, &path);
     let (s, idle) = {
         let mut c = open(&config);
         let a = c.register(&agent("a")).unwrap().id;

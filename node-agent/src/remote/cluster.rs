@@ -383,11 +383,6 @@ impl Cluster {
         }
     }
 
-    /// Pages at risk over every store, as the heartbeats report them.
-    pub fn at_risk(&self) -> u64 {
-        self.shared.stores().iter().map(|h| h.at_risk()).sum()
-    }
-
     /// Hands drain notices to `homes` while it lives.
     pub(crate) fn watch_drains(&self, homes: &Arc<Homes>) {
         self.shared
