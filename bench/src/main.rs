@@ -268,7 +268,7 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
     drop(raw);
     progress("limits: raw TCP stream, memcpy");
     let limits = limits::measure(plan.limits, &rtt)?;
-    progress("redundancy: none and replicas=2 on three servers, then one server gone");
+    progress("redundancy: none, replicas=2 and ec=4+2 on six servers, then one server gone");
     let redundancy = redundancy::measure(plan.region)?;
     let workloads = matrix::measure(&client, &plan.matrix, &progress)?;
     Ok(report::Report::new(

@@ -1,8 +1,9 @@
 //! What redundancy costs on the userspace path: eviction throughput and
-//! fault-back latency with each policy, on three embedded servers, the
-//! remote memory each keeps per evicted page, and faults served while one
-//! server is gone (degraded: the copy on the dead server is tried first,
-//! found failing, and another copy read).
+//! fault-back latency with each policy (`none`, `replicas=2`, `ec=4+2`) on
+//! six embedded servers, the remote memory each keeps per evicted page,
+//! and faults served while one server is gone (degraded: the dead server
+//! is tried first, found failing, and another copy read or the page
+//! rebuilt from four others of its stripe).
 //!
 //! Every page read is checked, as in [`crate::region`].
 
@@ -17,8 +18,19 @@ use serde::Serialize;
 use crate::region::{Effort, Mem, evict_rate};
 use crate::{BenchError, Latency};
 
-/// Servers the policies are measured on.
-const SERVERS: usize = 3;
+/// Servers the policies are measured on (ec=4+2 spans six).
+const SERVERS: usize = 6;
+
+/// The policies measured.
+const POLICIES: [Redundancy; 3] = [
+    Redundancy::None,
+    Redundancy::Replicas(2),
+    Redundancy::Erasure { data: 4, parity: 2 },
+];
+
+/// Faults read before measuring: every fault thread has its connections
+/// (and, once a server is gone, has found it failing).
+const WARM_UP: usize = 200;
 
 /// One policy's figures.
 #[derive(Debug, Clone, Serialize)]
@@ -36,8 +48,12 @@ pub struct PolicyFigures {
 #[derive(Debug, Clone, Serialize)]
 pub struct Degraded {
     pub policy: String,
+    /// Every fault measured.
     pub fault_us: Latency,
-    /// Faults that read another copy than the first.
+    /// The degraded ones alone: those that read another copy than the
+    /// first, or rebuilt the page.
+    pub degraded_us: Latency,
+    /// Faults that read another copy than the first, or rebuilt the page.
     pub faults_degraded: u64,
 }
 
@@ -45,7 +61,7 @@ pub struct Degraded {
 pub struct RedundancyFigures {
     pub servers: usize,
     pub policies: Vec<PolicyFigures>,
-    pub degraded: Degraded,
+    pub degraded: Vec<Degraded>,
 }
 
 /// Three fresh servers, and how to reach them.
@@ -88,9 +104,10 @@ fn region(
     )?)
 }
 
-/// Reads `n` random evicted pages, timing each fault.
-fn random_faults(mem: &Mem<'_>, n: usize, seed: u64) -> Result<Histogram, BenchError> {
-    let faults = Histogram::new();
+/// Reads `n` random evicted pages, timing each fault: all of them, and
+/// the degraded ones alone.
+fn random_faults(mem: &Mem<'_>, n: usize, seed: u64) -> Result<(Histogram, Histogram), BenchError> {
+    let (faults, degraded) = (Histogram::new(), Histogram::new());
     let mut x = seed | 1;
     let pages = mem.region.pages();
     let mut measured = 0;
@@ -103,13 +120,18 @@ fn random_faults(mem: &Mem<'_>, n: usize, seed: u64) -> Result<Histogram, BenchE
             mem.verify(p)?;
             continue;
         }
+        let before = mem.region.stats().faults_degraded;
         let t = Instant::now();
         let r = mem.verify(p);
-        faults.record_duration(t.elapsed());
+        let took = t.elapsed();
+        faults.record_duration(took);
+        if mem.region.stats().faults_degraded > before {
+            degraded.record_duration(took);
+        }
         r?;
         measured += 1;
     }
-    Ok(faults)
+    Ok((faults, degraded))
 }
 
 fn used(configs: &[ClientConfig]) -> Result<u64, BenchError> {
@@ -123,7 +145,7 @@ fn used(configs: &[ClientConfig]) -> Result<u64, BenchError> {
 pub fn measure(effort: Effort) -> Result<RedundancyFigures, BenchError> {
     let reads = effort.random_reads;
     let mut policies = Vec::new();
-    for policy in [Redundancy::None, Redundancy::Replicas(2)] {
+    for policy in POLICIES {
         let (_servers, configs) = servers(effort)?;
         let r = region(&configs, effort, policy)?;
         let mem = Mem { region: &r };
@@ -131,7 +153,9 @@ pub fn measure(effort: Effort) -> Result<RedundancyFigures, BenchError> {
         let wrote = r.stats();
         let remote = (r.pages() - wrote.resident_pages) as f64;
         let held = used(&configs)? as f64;
-        let faults = random_faults(&mem, reads, 0x2545_F491_4F6C_DD1D)?;
+        // Warm: every fault thread connected to the servers it reads.
+        random_faults(&mem, WARM_UP, 0x5851_F42D_4C95_7F2D)?;
+        let (faults, _) = random_faults(&mem, reads, 0x2545_F491_4F6C_DD1D)?;
         policies.push(PolicyFigures {
             policy: policy.to_string(),
             evict_mib_s: evict_rate(&wrote),
@@ -140,21 +164,27 @@ pub fn measure(effort: Effort) -> Result<RedundancyFigures, BenchError> {
         });
     }
 
-    // Degraded: two replicas, then one of the three servers stops.
-    let policy = Redundancy::Replicas(2);
-    let (mut servers, configs) = servers(effort)?;
-    let r = region(&configs, effort, policy)?;
-    let mem = Mem { region: &r };
-    mem.fill();
-    drop(servers.remove(0));
-    let before = r.stats().faults_degraded;
-    let faults = random_faults(&mem, reads, 0x9E37_79B9_7F4A_7C15)?;
-    let degraded = Degraded {
-        policy: policy.to_string(),
-        fault_us: Latency::from_ns(&faults),
-        faults_degraded: r.stats().faults_degraded - before,
-    };
-    drop(r);
+    // Degraded: each redundant policy, then one of the servers stops.
+    let mut degraded = Vec::new();
+    for policy in POLICIES.into_iter().filter(|p| p.tolerates() > 0) {
+        let (mut servers, configs) = servers(effort)?;
+        let r = region(&configs, effort, policy)?;
+        let mem = Mem { region: &r };
+        mem.fill();
+        random_faults(&mem, WARM_UP, 0x5851_F42D_4C95_7F2D)?;
+        drop(servers.remove(0));
+        // The first faults find the server failing (each fault thread once,
+        // bounded by `failover_after`); what is measured is after that.
+        random_faults(&mem, WARM_UP, 0x1405_7B7E_F767_814F)?;
+        let before = r.stats().faults_degraded;
+        let (faults, slow) = random_faults(&mem, reads, 0x9E37_79B9_7F4A_7C15)?;
+        degraded.push(Degraded {
+            policy: policy.to_string(),
+            fault_us: Latency::from_ns(&faults),
+            degraded_us: Latency::from_ns(&slow),
+            faults_degraded: r.stats().faults_degraded - before,
+        });
+    }
     Ok(RedundancyFigures {
         servers: SERVERS,
         policies,

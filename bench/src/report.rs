@@ -282,15 +282,17 @@ pub fn render(r: &Report) -> String {
             ),
         );
     }
-    let d = &r.redundancy.degraded;
-    row(
-        &format!("{}, one server gone: fault-back", d.policy),
-        format!(
-            "{} ({} from a second copy)",
-            lat(&d.fault_us),
-            d.faults_degraded
-        ),
-    );
+    for d in &r.redundancy.degraded {
+        row(
+            &format!("{}, one server gone: fault-back, degraded ones", d.policy),
+            format!(
+                "{}; {} ({} degraded)",
+                lat(&d.fault_us),
+                lat(&d.degraded_us),
+                d.faults_degraded
+            ),
+        );
+    }
     row("**ratios (goal)**", String::new());
     let g = &r.ratios;
     row(

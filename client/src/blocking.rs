@@ -244,6 +244,11 @@ impl BlockingConnection {
 
     fn call(&mut self, id: u64) -> Result<FrameHeader, ClientError> {
         self.send()?;
+        self.reply(id)
+    }
+
+    /// Reads the answer to request `id`.
+    fn reply(&mut self, id: u64) -> Result<FrameHeader, ClientError> {
         let header = self.receive(
             self.hello
                 .limits
@@ -267,30 +272,66 @@ impl BlockingConnection {
 
     /// Stores pages; returns one status per page.
     pub fn put(&mut self, pages: &[(u64, &Page)]) -> Result<Vec<PageStatus>, ClientError> {
+        let id = self.put_start(pages)?;
+        self.put_finish(id, pages.len())
+    }
+
+    /// Sends a PUT without waiting for its answer, so that copies on
+    /// several servers are written together; returns its id. The next call
+    /// on this connection must be [`Self::put_finish`].
+    pub fn put_start(&mut self, pages: &[(u64, &Page)]) -> Result<u64, ClientError> {
         frame::check_batch("PUT", pages.len(), self.hello.limits.max_batch_pages)?;
         for (h, _) in pages {
             self.locations.remove(h);
         }
         let id = self.id();
         wire::encode_put(&mut self.out, id, pages.iter().map(|&(h, p)| (h, p)));
-        let header = self.call(id)?;
+        self.send()?;
+        Ok(id)
+    }
+
+    /// Reads the answer to the PUT of `count` pages [`Self::put_start`]
+    /// sent: one status per page.
+    pub fn put_finish(&mut self, id: u64, count: usize) -> Result<Vec<PageStatus>, ClientError> {
+        let header = self.reply(id)?;
         let r = frame::decode(
             &self.addr,
             &header,
             &self.payload,
             self.hello.limits.max_batch_pages,
         )?;
-        frame::statuses(&self.addr, r, Opcode::PutOk, pages.len())
+        frame::statuses(&self.addr, r, Opcode::PutOk, count)
     }
 
     /// Fetches pages into `out` (one slot per handle); returns one status per
     /// page. Slots of pages that were not found are left untouched.
     pub fn get(&mut self, handles: &[u64], out: &mut [Page]) -> Result<&[PageStatus], ClientError> {
-        assert_eq!(handles.len(), out.len(), "one output page per handle");
+        let id = self.get_start(handles)?;
+        self.get_finish(id, handles, out)
+    }
+
+    /// Sends a GET without waiting for its answer, so that requests to
+    /// several servers are in flight together; returns its id. The next
+    /// call on this connection must be [`Self::get_finish`] with the same
+    /// handles.
+    pub fn get_start(&mut self, handles: &[u64]) -> Result<u64, ClientError> {
         frame::check_batch("GET", handles.len(), self.hello.limits.max_batch_pages)?;
         let id = self.id();
         wire::encode_handles(&mut self.out, Opcode::Get, id, handles);
-        let header = self.call(id)?;
+        self.send()?;
+        Ok(id)
+    }
+
+    /// Reads the answer to the GET [`Self::get_start`] sent, as
+    /// [`Self::get`] does.
+    pub fn get_finish(
+        &mut self,
+        id: u64,
+        handles: &[u64],
+        out: &mut [Page],
+    ) -> Result<&[PageStatus], ClientError> {
+        assert_eq!(handles.len(), out.len(), "one output page per handle");
+        let header = self.reply(id)?;
         match frame::decode(
             &self.addr,
             &header,

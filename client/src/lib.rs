@@ -39,4 +39,4 @@ pub use pool::Client;
 #[cfg(feature = "rdma")]
 pub use rdma::RdmaConnection;
 pub use rmem_proto::wire::{PAGE_SIZE, Page, PageStatus, Stat};
-pub use transport::{DataConnection, PageTransport};
+pub use transport::{DataConnection, PageTransport, Pending};

@@ -76,7 +76,65 @@ pub enum DataConnection {
     Rdma(Box<crate::RdmaConnection>),
 }
 
+/// A GET or PUT sent and not answered yet ([`DataConnection::get_start`],
+/// [`DataConnection::put_start`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// On the wire, with this request id.
+    Sent(u64),
+    /// Not sent: a one-sided transport reads when the answer is asked for.
+    Later,
+}
+
 impl DataConnection {
+    /// Starts a GET of `handles` without waiting: TCP sends the request
+    /// (several servers then work on theirs at once); RDMA reads the pages
+    /// in [`Self::get_finish`]. Nothing else may be sent on this connection
+    /// before `get_finish`.
+    pub fn get_start(&mut self, handles: &[u64]) -> Result<Pending, ClientError> {
+        match self {
+            Self::Tcp(c) => c.get_start(handles).map(Pending::Sent),
+            #[cfg(feature = "rdma")]
+            Self::Rdma(_) => Ok(Pending::Later),
+        }
+    }
+
+    /// Starts a PUT of `pages` without waiting, as [`Self::get_start`]
+    /// does a GET.
+    pub fn put_start(&mut self, pages: &[(u64, &Page)]) -> Result<Pending, ClientError> {
+        match self {
+            Self::Tcp(c) => c.put_start(pages).map(Pending::Sent),
+            #[cfg(feature = "rdma")]
+            Self::Rdma(_) => Ok(Pending::Later),
+        }
+    }
+
+    /// The answer to the PUT `pending` started (the same `pages`): as
+    /// [`PageTransport::put`].
+    pub fn put_finish(
+        &mut self,
+        pending: Pending,
+        pages: &[(u64, &Page)],
+    ) -> Result<Vec<PageStatus>, ClientError> {
+        match (self, pending) {
+            (Self::Tcp(c), Pending::Sent(id)) => c.put_finish(id, pages.len()),
+            (c, _) => c.put(pages),
+        }
+    }
+
+    /// The answer to the GET `pending` started: as [`PageTransport::get`].
+    pub fn get_finish(
+        &mut self,
+        pending: Pending,
+        handles: &[u64],
+        out: &mut [Page],
+    ) -> Result<&[PageStatus], ClientError> {
+        match (self, pending) {
+            (Self::Tcp(c), Pending::Sent(id)) => c.get_finish(id, handles, out),
+            (c, _) => c.get(handles, out),
+        }
+    }
+
     /// Connects with the transport `cfg` asks for.
     pub fn connect(cfg: &ClientConfig) -> Result<Self, ClientError> {
         let tcp = BlockingConnection::connect(cfg)?;

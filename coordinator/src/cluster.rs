@@ -643,10 +643,10 @@ impl Cluster {
         exclude: &[u64],
     ) -> Result<Allocated, CoordError> {
         let copies = u64::from(copies.max(1));
-        if copies > rmem_common::redundancy::MAX_COPIES as u64 {
+        if copies > rmem_common::redundancy::MAX_SHARDS as u64 {
             return Err(CoordError::invalid(
                 "copies",
-                format!("at most {}", rmem_common::redundancy::MAX_COPIES),
+                format!("at most {}", rmem_common::redundancy::MAX_SHARDS),
             ));
         }
         if pages == 0 {

@@ -57,8 +57,8 @@ struct Args {
     /// [default: 64MiB].
     #[arg(long, value_name = "SIZE")]
     placement_chunk: Option<rmem_common::ByteSize>,
-    /// Default redundancy of agents' pages: `none` or `replicas=N`
-    /// [default: replicas=2].
+    /// Default redundancy of agents' pages: `none`, `replicas=N` or
+    /// `ec=K+M` (e.g. ec=4+2) [default: replicas=2].
     #[arg(long, value_name = "POLICY")]
     redundancy: Option<rmem_common::Redundancy>,
     /// File holding the token every caller must present. Without it (or

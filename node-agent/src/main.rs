@@ -92,8 +92,9 @@ struct ServeArgs {
     /// faulting task gets SIGBUS [default: 60s].
     #[arg(long, value_parser = parse_duration)]
     fault_timeout: Option<std::time::Duration>,
-    /// Copies of each evicted page on distinct servers: `none` or
-    /// `replicas=N` [default: the cluster's, `none` on one server].
+    /// Redundancy of each evicted page on distinct servers: `none`,
+    /// `replicas=N` (N copies) or `ec=K+M` (stripes of K data and M parity
+    /// pages) [default: the cluster's, `none` on one server].
     #[arg(long, value_name = "POLICY")]
     redundancy: Option<rmem_common::Redundancy>,
     /// Most bytes a second spent moving pages off drained servers and
@@ -162,8 +163,9 @@ struct KernelArgs {
     /// faulting task gets SIGBUS.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     fault_timeout: std::time::Duration,
-    /// Copies of each evicted page on distinct servers: `none` or
-    /// `replicas=N` [default: the cluster's, `none` on one server].
+    /// Redundancy of each evicted page on distinct servers: `none`,
+    /// `replicas=N` (N copies) or `ec=K+M` (stripes of K data and M parity
+    /// pages) [default: the cluster's, `none` on one server].
     #[arg(long, value_name = "POLICY")]
     redundancy: Option<rmem_common::Redundancy>,
     /// Most bytes a second spent moving pages off drained servers and
@@ -254,8 +256,9 @@ struct DemoArgs {
     /// should survive (see docs/ARCHITECTURE.md, "Stalled or lost").
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     fault_timeout: std::time::Duration,
-    /// Copies of each evicted page on distinct servers: `none` or
-    /// `replicas=N` [default: the cluster's, `none` on one server].
+    /// Redundancy of each evicted page on distinct servers: `none`,
+    /// `replicas=N` (N copies) or `ec=K+M` (stripes of K data and M parity
+    /// pages) [default: the cluster's, `none` on one server].
     #[arg(long, value_name = "POLICY")]
     redundancy: Option<rmem_common::Redundancy>,
     /// Most bytes a second spent moving pages off drained servers and

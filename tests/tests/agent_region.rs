@@ -586,6 +586,73 @@ fn a_region_spreads_its_pages_over_several_servers() {
     assert_eq!(used, [0, 0, 0], "dropping the region frees every server");
 }
 
+/// `ec=2+1` over four servers of its own: random rewrites under heavy
+/// eviction (stripes die as their pages are rewritten, parity with them),
+/// a server killed midway (faults rebuild its pages from the other two of
+/// each stripe, evictions go on over the three left), every word checked,
+/// and nothing left on the servers once the region is dropped. A policy
+/// that needs more servers than given is refused up front.
+#[test]
+fn an_erasure_coded_region_survives_a_lost_server_and_leaves_nothing_behind() {
+    let mut servers: Vec<ServerProcess> = (0..4)
+        .map(|_| ServerProcess::start(&["--capacity", "32MiB"]))
+        .collect();
+    let cfg = |policy: &str| RegionConfig {
+        size: 4096 * PAGE_SIZE as u64,
+        budget: 256 * PAGE_SIZE as u64,
+        fault_timeout: Duration::from_secs(20),
+        redundancy: Some(policy.parse().unwrap()),
+        ..RegionConfig::default()
+    };
+    let configs: Vec<_> = servers.iter().map(|s| s.client_config()).collect();
+    let e = RemoteRegion::with_servers(cfg("ec=4+2"), configs.clone()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid `redundancy`: ec=4+2 needs at least 5 servers, and 4 are configured"
+    );
+    let r = RemoteRegion::with_servers(cfg("ec=2+1"), configs).unwrap();
+    let words = Words::of(&r);
+    let threads = 2;
+    let mut shadows = vec![vec![0u64; words.len / threads]; threads];
+    let round = |shadows: &mut Vec<Vec<u64>>, seed: u64| -> usize {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = shadows
+                .iter_mut()
+                .enumerate()
+                .map(|(t, shadow)| {
+                    s.spawn(move || {
+                        let e = hammer(words, t, threads, 100_000, seed, shadow);
+                        e + verify_all(words, t, threads, shadow)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        })
+    };
+    assert_eq!(round(&mut shadows, 11), 0, "{:?}", r.stats());
+    servers.remove(1).daemon.kill();
+    assert_eq!(round(&mut shadows, 12), 0, "{:?}", r.stats());
+    let s = r.stats();
+    assert_eq!(s.faults_failed, 0);
+    assert!(s.faults_degraded > 0, "no page was rebuilt: {s:?}");
+    drop(r);
+    let used: Vec<u64> = servers
+        .iter()
+        .map(|s| {
+            BlockingConnection::connect(&s.client_config())
+                .unwrap()
+                .stat()
+                .unwrap()
+                .used_pages
+        })
+        .collect();
+    assert_eq!(
+        used,
+        [0, 0, 0],
+        "dropping the region frees every stripe page"
+    );
+}
+
 #[test]
 fn a_discarded_range_reads_as_zeroes_and_its_server_pages_are_freed() {
     let server = ServerProcess::start(&["--capacity", "64MiB"]);

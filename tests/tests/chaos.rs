@@ -1,6 +1,7 @@
 //! Chaos: a cluster of six memory servers, each on its own host (network
-//! namespace), and three agents running the verifying workload in a loop
-//! with the default redundancy (two replicas), while one server is killed
+//! namespace), and three agents running the verifying workload in a loop,
+//! one with each kind of redundancy (the default, two replicas; erasure
+//! coded `ec=2+1`; and `ec=2+2`), while one server is killed
 //! for good, another is stopped past its lease, a third is cut off the
 //! network and healed, a fourth is drained, and the coordinator restarts.
 //!
@@ -8,7 +9,7 @@
 //! the redundancy held throughout), the dead server's copies were rebuilt
 //! without an operator, and no page is left on any server once the
 //! workloads end. Prints the figures: rounds, pages verified, faults served
-//! from a second copy, rebuild time.
+//! degraded (from a second copy, or rebuilt from a stripe), rebuild time.
 //!
 //! Needs root and iproute2, so it is ignored by plain `cargo test`;
 //! `tests/run.sh` runs it with `--ignored`.
@@ -23,6 +24,9 @@ use serde_json::Value;
 
 const SERVERS: usize = 6;
 const AGENTS: usize = 3;
+
+/// Each agent's redundancy (none given: the cluster's default).
+const POLICIES: [Option<&str>; AGENTS] = [None, Some("ec=2+1"), Some("ec=2+2")];
 
 fn state_of(client: &Host, coord: &Host, name: &str) -> Value {
     rmemctl(client, coord, &["servers"])
@@ -78,7 +82,7 @@ fn another_round(net: &mut Network, agents: &[usize], what: &str) {
 
 #[test]
 #[ignore = "needs root and iproute2; tests/run.sh runs it"]
-fn with_two_replicas_the_workloads_survive_kill_stop_cut_drain_and_a_coordinator_restart() {
+fn replicated_and_erasure_coded_workloads_survive_kill_stop_cut_drain_and_a_coordinator_restart() {
     if let Err(why) = rmem_tests::netns::available() {
         panic!("{why}");
     }
@@ -100,32 +104,41 @@ fn with_two_replicas_the_workloads_survive_kill_stop_cut_drain_and_a_coordinator
         .collect();
     let mut agents = Vec::new();
     for (i, h) in agent_hosts.iter().enumerate() {
-        agents.push(net.spawn(
-            h,
-            "rmem-agent",
-            &[
-                "--log-format",
-                "json",
-                "demo",
-                "--coordinator",
-                &endpoint,
-                "--name",
-                &format!("agent-{i}"),
-                "--repeat",
-                "0",
-                "--size",
-                "16MiB",
-                "--budget",
-                "2MiB",
-                "--ops",
-                "100000",
-                "--fault-timeout",
-                "60s",
-                "--rebuild-bandwidth",
-                "32MiB",
-                "--json",
-            ],
-        ));
+        let policy: Vec<&str> = POLICIES[i]
+            .map(|p| vec!["--redundancy", p])
+            .unwrap_or_default();
+        agents.push(
+            net.spawn(
+                h,
+                "rmem-agent",
+                &[
+                    &[
+                        "--log-format",
+                        "json",
+                        "demo",
+                        "--coordinator",
+                        &endpoint,
+                        "--name",
+                        &format!("agent-{i}"),
+                        "--repeat",
+                        "0",
+                        "--size",
+                        "16MiB",
+                        "--budget",
+                        "2MiB",
+                        "--ops",
+                        "100000",
+                        "--fault-timeout",
+                        "60s",
+                        "--rebuild-bandwidth",
+                        "32MiB",
+                        "--json",
+                    ][..],
+                    &policy,
+                ]
+                .concat(),
+            ),
+        );
     }
     let used = |name: &str| -> Option<u64> {
         let stats = rmemctl(&client, &coord, &["stats"]);
@@ -168,7 +181,8 @@ fn with_two_replicas_the_workloads_survive_kill_stop_cut_drain_and_a_coordinator
     assert_eq!(state_of(&client, &coord, "mem-0"), "gone");
 
     // 2. A server stopped past its lease (not past the grace): faults go
-    //    to the other copy; it comes back on its own.
+    //    to the other copy or rebuild from the stripe; it comes back on
+    //    its own.
     net.daemon(server_k[1]).signal(libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(2500));
     assert_ne!(state_of(&client, &coord, "mem-1"), "up");
@@ -246,7 +260,7 @@ fn with_two_replicas_the_workloads_survive_kill_stop_cut_drain_and_a_coordinator
         left()
     );
     eprintln!(
-        "chaos: {} rounds, {} pages verified, {} faults served from a second copy; \
+        "chaos: {} rounds, {} pages verified, {} faults served degraded; \
          dead server declared gone after {declared:?}, rebuilt in {rebuilt:?} \
          (at most {most_at_risk} pages at risk); whole run {:?}",
         figures.0,

@@ -248,6 +248,11 @@ fn servers_advertise_their_transports_and_rmemctl_lists_them() {
     );
 }
 
+/// Held by the tests that drain a server of a `cluster(3)`: their agents
+/// get the same member id from their own coordinators, so their drain
+/// threads have the same name and would be counted together.
+static DRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Threads of this process named `name`.
 fn threads_named(name: &str) -> usize {
     std::fs::read_dir("/proc/self/task")
@@ -261,6 +266,7 @@ fn threads_named(name: &str) -> usize {
 /// of one agent, a few at a time) and every page reads back.
 #[test]
 fn draining_a_server_moves_its_pages_and_every_page_reads_back() {
+    let _serial = DRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let (coord, servers) = cluster(3);
     let agent = Cluster::connect(&ClusterConfig::new(coord.addr.to_string())).unwrap();
     let pages = 512;
@@ -336,6 +342,7 @@ fn draining_a_server_moves_its_pages_and_every_page_reads_back() {
 /// left behind on any server.
 #[test]
 fn draining_under_rewrites_discards_and_a_drop_loses_and_leaks_nothing() {
+    let _serial = DRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let (coord, servers) = cluster(3);
     let agent = Cluster::connect(&ClusterConfig::new(coord.addr.to_string())).unwrap();
     let pages = 4096;
@@ -560,6 +567,90 @@ fn a_server_gone_for_good_is_rebuilt_without_an_operator_and_its_stale_copies_fr
     for p in 0..pages {
         assert!(mem.check(p, 1), "page {p}");
     }
+}
+
+/// `ec=2+1` set as the cluster's default: every batch is cut into stripes
+/// of two data pages and one parity page on three distinct servers, 1.5x
+/// the memory. A server killed for good loses no page: faults rebuild its
+/// pages from the other two of their stripes; once it is declared gone its
+/// slots are rebuilt elsewhere, so a second loss loses nothing either. Pages
+/// rewritten meanwhile free their stripes once each stripe's last page is
+/// dead, and nothing is left on any server once the region is dropped.
+#[test]
+fn erasure_coded_pages_survive_two_losses_one_after_the_other() {
+    rmem_common::logging::init(Default::default(), "rmem_agent=info");
+    let coord = Coordinator::start(&[
+        "--placement-chunk",
+        "1MiB",
+        "--lease",
+        "1s",
+        "--server-gone-after",
+        "1s",
+        "--redundancy",
+        "ec=2+1",
+    ]);
+    let endpoint = coord.addr.to_string();
+    let mut servers: Vec<ServerProcess> = (0..5)
+        .map(|i| ServerProcess::join(&endpoint, &format!("mem-{i}"), "64MiB"))
+        .collect();
+    let agent = Cluster::connect(&ClusterConfig::new(endpoint)).unwrap();
+    assert_eq!(
+        agent.redundancy(),
+        rmem_common::Redundancy::Erasure { data: 2, parity: 1 }
+    );
+    let pages = 4096;
+    let r = region(&agent, pages, 256);
+    let mem = Pages { r: &r };
+    for p in 0..pages {
+        mem.write(p, 1);
+    }
+    let held = settled(&servers);
+    let remote = (pages - r.stats().resident_pages) as u64;
+    let total: u64 = held.iter().sum();
+    // Data plus half as much parity (short last stripes round up).
+    assert!(
+        total >= remote * 3 / 2 && total <= remote * 3 / 2 + remote / 8,
+        "{remote} pages remote, {held:?} held"
+    );
+    assert_eq!(r.stats().pages_at_risk, 0);
+    let mut dead = Vec::new();
+    let mut kill_fullest = |servers: &mut Vec<ServerProcess>, held: &[u64]| {
+        let i = (0..servers.len()).max_by_key(|&i| held[i]).unwrap();
+        let mut s = servers.remove(i);
+        s.daemon.kill();
+        dead.push(s);
+    };
+    kill_fullest(&mut servers, &held);
+    for p in 0..pages {
+        assert!(mem.check(p, 1), "page {p} lost with one server");
+    }
+    let s = r.stats();
+    assert_eq!(s.faults_failed, 0);
+    assert!(s.faults_degraded > 0, "no fault was rebuilt: {s:?}");
+    let status = || rmemctl_json(&coord, &["status"]);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let s = status();
+            s["servers_gone"] == 1 && s["pages_at_risk"] == 0 && s["rebuild_pages_left"] == 0
+        }),
+        "the dead server's stripe pages were not rebuilt: {}",
+        status()
+    );
+    for p in 0..pages {
+        mem.write(p, 2);
+    }
+    let held = settled(&servers);
+    kill_fullest(&mut servers, &held);
+    for p in 0..pages {
+        assert!(mem.check(p, 2), "page {p} lost with two servers");
+    }
+    assert_eq!(r.stats().faults_failed, 0);
+    drop(r);
+    assert!(
+        wait_until(Duration::from_secs(30), || used(&servers) == [0, 0, 0]),
+        "stripe pages left behind: {:?}",
+        used(&servers)
+    );
 }
 
 #[test]

@@ -15,7 +15,7 @@ use rmem_client::{ClientConfig, ClientError, Page, PageStatus};
 
 use super::device::{Device, FetchReply};
 use super::uapi::{self, Event, PAGE_SIZE};
-use crate::remote::{Cluster, ClusterError, Home, Homes, Remotes};
+use crate::remote::{Cluster, ClusterError, Home, Homes, Remotes, Source};
 
 /// How the kernel agent runs.
 #[derive(Debug, Clone)]
@@ -135,9 +135,14 @@ impl KernelAgent {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(KernelStats::default());
         let mut threads = Vec::new();
+        // Frees go to a thread of their own: a free may wait on a server
+        // that stopped answering (or on an invalidation it has not
+        // acknowledged), and faults must not wait behind it.
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u64>>();
         for i in 0..cfg.fault_threads.max(1) {
             let (dev, homes, stop, stats) =
                 (dev.clone(), homes.clone(), stop.clone(), stats.clone());
+            let free_tx = free_tx.clone();
             // With copies to fail over to, one read gets
             // DEFAULT_FAILOVER_AFTER, not the request timeout.
             let read_timeout = if homes.copies() > 1 {
@@ -146,12 +151,35 @@ impl KernelAgent {
                 cfg.request_timeout
             };
             let remotes = Remotes::new(read_timeout, Duration::ZERO);
-            let timeouts = (cfg.request_timeout, cfg.fault_timeout);
+            let fault_timeout = cfg.fault_timeout;
             let delay = cfg.fetch_delay;
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("rmem-kfault-{i}"))
-                    .spawn(move || serve(&dev, &homes, remotes, &stop, &stats, timeouts, delay))?,
+                    .spawn(move || {
+                        serve(
+                            &dev,
+                            &homes,
+                            remotes,
+                            &stop,
+                            &stats,
+                            &free_tx,
+                            fault_timeout,
+                            delay,
+                        )
+                    })?,
+            );
+        }
+        drop(free_tx);
+        {
+            let (homes, stats) = (homes.clone(), stats.clone());
+            let remotes = Remotes::new(cfg.request_timeout, Duration::ZERO);
+            let timeout = cfg.request_timeout;
+            // Joined after the fault threads (whose senders end it).
+            threads.push(
+                std::thread::Builder::new()
+                    .name("rmem-kfree".into())
+                    .spawn(move || free_loop(&homes, remotes, &stats, &free_rx, timeout))?,
             );
         }
         let max = uapi::MAX_BATCH as usize;
@@ -357,7 +385,8 @@ impl Drop for KernelAgent {
     }
 }
 
-/// One fault thread: wait for events, answer fetches, free freed handles.
+/// One fault thread: wait for events, answer fetches, hand freed handles
+/// to the free thread.
 /// The fetches one wait returns (a fault and the neighbours it brings back
 /// with it, or several faults) go to their servers as one batch each.
 /// The module's own bound on a fault (`fault_timeout_ms`) ends a fault the
@@ -380,13 +409,15 @@ fn warn_if_module_gives_up_first(fault_timeout: Duration) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn serve(
     dev: &Device,
     homes: &Homes,
     mut remotes: Remotes,
     stop: &AtomicBool,
     stats: &KernelStats,
-    (timeout, fault_timeout): (Duration, Duration),
+    free: &std::sync::mpsc::Sender<Vec<u64>>,
+    fault_timeout: Duration,
     delay: Duration,
 ) {
     let mut events = vec![Event::default(); 64];
@@ -426,17 +457,34 @@ fn serve(
             fetch.answer(dev, homes, &mut remotes, &fetches, stats, fault_timeout);
         }
         if !freed.is_empty() {
-            // Handles are never reused, so a free that fails only leaks.
-            match homes.release(&mut remotes, &freed, Instant::now() + timeout) {
-                Ok(through_cluster) => {
-                    stats.freed.fetch_add(freed.len() as u64, Ordering::Relaxed);
-                    stats
-                        .invalidated
-                        .fetch_add(through_cluster as u64, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, pages = freed.len(), "freeing remote pages failed; they leak on the server")
-                }
+            let _ = free.send(std::mem::take(&mut freed));
+        }
+    }
+}
+
+/// The free thread: frees the handles the fault threads saw freed, as many
+/// as are queued at once in one release, until every fault thread ended.
+fn free_loop(
+    homes: &Homes,
+    mut remotes: Remotes,
+    stats: &KernelStats,
+    queue: &std::sync::mpsc::Receiver<Vec<u64>>,
+    timeout: Duration,
+) {
+    while let Ok(mut freed) = queue.recv() {
+        while let Ok(more) = queue.try_recv() {
+            freed.extend(more);
+        }
+        // Handles are never reused, so a free that fails only leaks.
+        match homes.release(&mut remotes, &freed, Instant::now() + timeout) {
+            Ok(through_cluster) => {
+                stats.freed.fetch_add(freed.len() as u64, Ordering::Relaxed);
+                stats
+                    .invalidated
+                    .fetch_add(through_cluster as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, pages = freed.len(), "freeing remote pages failed; they leak on the server")
             }
         }
     }
@@ -471,9 +519,13 @@ impl Fetcher {
         let deadline = Instant::now() + timeout;
         let mut by_server: BTreeMap<u8, Vec<Event>> = BTreeMap::new();
         let mut unplaced = Vec::new();
+        // Pages whose server is known to be failing, rebuilt from their
+        // stripes.
+        let mut rebuild = Vec::new();
         for e in fetches {
-            match homes.server_of(e.handle) {
-                Some(s) => by_server.entry(s).or_default().push(*e),
+            match homes.reader_of(e.handle) {
+                Some(Source::Rebuild(s)) => rebuild.push((s, *e)),
+                Some(s) => by_server.entry(s.server()).or_default().push(*e),
                 None => unplaced.push(*e),
             }
         }
@@ -500,47 +552,18 @@ impl Fetcher {
             if !failed.is_empty() {
                 homes.suspect(server);
             }
-            for e in failed {
-                // Another copy, or the run moved meanwhile (its server was
-                // drained): ask the book again, every copy but this one
-                // first, until the deadline.
-                let mut served = false;
-                while !served && Instant::now() < deadline {
-                    let Some(slots) = homes.copies_of(e.handle) else {
-                        break;
-                    };
-                    for other in slots.servers().filter(|&s| s != server) {
-                        let left = self.fetch_from(
-                            dev,
-                            homes,
-                            remotes,
-                            other,
-                            &[e],
-                            stats,
-                            per_try(deadline),
-                        );
-                        if left.is_empty() {
-                            homes.trust(other);
-                            stats.fetched_degraded.fetch_add(1, Ordering::Relaxed);
-                            served = true;
-                            break;
-                        }
-                        homes.suspect(other);
-                    }
-                    if served || slots.len() == 1 {
-                        break;
-                    }
-                    // Every other copy failed too: the first may be back.
-                    if self
-                        .fetch_from(dev, homes, remotes, server, &[e], stats, per_try(deadline))
-                        .is_empty()
-                    {
-                        served = true;
-                    }
-                }
-                if !served {
-                    give_up(dev, homes, server, &e, stats);
-                }
+            // Another copy or the page's stripe, or the run moved meanwhile
+            // (its server was drained): the book is asked again.
+            rebuild.extend(failed.into_iter().map(|e| (server, e)));
+        }
+        let mut page = [0u8; rmem_client::PAGE_SIZE];
+        for (server, e) in rebuild {
+            let failover = crate::remote::DEFAULT_FAILOVER_AFTER;
+            if homes.read_other(remotes, e.handle, server, &mut page, deadline, failover) {
+                stats.fetched_degraded.fetch_add(1, Ordering::Relaxed);
+                reply(dev, &e, Some(&page), stats);
+            } else {
+                give_up(dev, homes, server, &e, stats);
             }
         }
         for e in unplaced {

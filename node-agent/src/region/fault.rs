@@ -14,7 +14,7 @@ use rmem_client::{PAGE_SIZE, Page, PageStatus};
 
 use super::Inner;
 use super::state::{CLEAN, Kind, PREFETCHED, STORED, State, WAITER};
-use crate::remote::Remotes;
+use crate::remote::{Remotes, Source};
 use crate::uffd::{Fault, Resolve};
 
 static ZERO_PAGE: Page = [0u8; PAGE_SIZE];
@@ -255,7 +255,7 @@ fn fetch(
     scratch.pages.push(i);
     let handle = inner.handle(i);
     let deadline = Instant::now() + inner.cfg.fault_timeout;
-    let Some((server, degraded)) = inner.homes.reader_of(handle) else {
+    let Some(source) = inner.homes.reader_of(handle) else {
         tracing::error!(
             region = format_args!("{:06x}", inner.id),
             page = i,
@@ -273,9 +273,15 @@ fn fetch(
     } else {
         deadline
     };
+    let (server, degraded) = (source.server(), source.degraded());
     // The connection first: the server's batch limit bounds the prefetch.
-    // A server that cannot be reached is read around, like a failed GET.
+    // A server that cannot be reached is read around, like a failed GET;
+    // one known to be failing is not asked (the page is rebuilt from its
+    // stripe).
     let (limit, unreachable) = match remotes.get(inner.homes.servers(), server) {
+        _ if matches!(source, Source::Rebuild(_)) => {
+            (1, Some(Err(format!("server {server} is failing"))))
+        }
         None => (
             1,
             Some(Err(format!("server {server} is not in the region's table"))),
@@ -416,11 +422,8 @@ fn fetch(
     }
 }
 
-/// Reads `handle` from a copy other than the one on `tried` (the book
-/// read again: a drain may have moved it), then from `tried` again, until
-/// `deadline`; each copy gets `failover_after` at a time when there are
-/// others. True if `out` holds the page; false once every copy said it
-/// does not have it, or at the deadline.
+/// Reads `handle` from another copy, or rebuilds it from its stripe
+/// ([`crate::remote::Homes::read_other`]), until `deadline`.
 fn read_elsewhere(
     inner: &Inner,
     remotes: &mut Remotes,
@@ -429,56 +432,14 @@ fn read_elsewhere(
     out: &mut Page,
     deadline: Instant,
 ) -> bool {
-    let mut statuses = Vec::with_capacity(1);
-    let mut first_pass = true;
-    loop {
-        let Some(copies) = inner.homes.copies_of(handle) else {
-            return false;
-        };
-        let order: Vec<u8> = copies
-            .servers()
-            .filter(|&s| s != tried)
-            .chain(copies.servers().filter(|&s| s == tried && !first_pass))
-            .collect();
-        let (mut missing, mut asked) = (0, 0);
-        for server in order {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            let until = if copies.len() > 1 {
-                (now + inner.cfg.failover_after).min(deadline)
-            } else {
-                deadline
-            };
-            let Some(conn) = remotes.get(inner.homes.servers(), server) else {
-                continue;
-            };
-            asked += 1;
-            match conn.get(&[handle], std::slice::from_mut(out), &mut statuses, until) {
-                Ok(()) if statuses.first() == Some(&PageStatus::Ok) => {
-                    inner.homes.trust(server);
-                    return true;
-                }
-                Ok(()) => missing += 1,
-                Err(e) => {
-                    if copies.len() > 1 && e.is_retryable() {
-                        inner.homes.suspect(server);
-                    }
-                }
-            }
-        }
-        // Every copy asked says it does not have the page; or one copy,
-        // already waited for until the deadline.
-        if (asked > 0 && missing == asked) || (copies.len() == 1 && !first_pass) {
-            return false;
-        }
-        first_pass = false;
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    inner.homes.read_other(
+        remotes,
+        handle,
+        tried,
+        out,
+        deadline,
+        inner.cfg.failover_after,
+    )
 }
 
 /// Gives up on a fetch: the faulting page is poisoned (SIGBUS for the

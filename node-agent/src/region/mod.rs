@@ -25,7 +25,7 @@ use serde::Serialize;
 use self::state::{STORED, States};
 use crate::mem::Backing;
 use crate::prefetch::Streams;
-use crate::remote::{Cluster, Home, Homes, RemoteConn, Remotes, thread_config};
+use crate::remote::{Cluster, ClusterError, Home, Homes, RemoteConn, Remotes, thread_config};
 use crate::uffd::{self, Uffd};
 
 /// Largest region, in pages (1 TiB).
@@ -307,7 +307,13 @@ impl RemoteRegion {
         let cfg = validate(cfg)?;
         let redundancy = cfg.redundancy.unwrap_or_default();
         let homes = Homes::for_region(Home::Servers(servers), 0, drain_timeout(&cfg), redundancy)
-            .map_err(RegionError::Cluster)?;
+            .map_err(|e| match e {
+            e @ ClusterError::TooFewServers { .. } => RegionError::Invalid {
+                field: "redundancy",
+                reason: e.to_string(),
+            },
+            e => RegionError::Cluster(e),
+        })?;
         Self::with_homes(cfg, homes)
     }
 

@@ -14,13 +14,19 @@
 //!   copy: a server (and grant) each, all distinct servers. Servers found
 //!   failing are *suspect* for a while: nothing new goes there, and faults
 //!   read another copy first.
+//! - With erasure coding (`ec=K+M`) a piece's slots are the K data and M
+//!   parity slots of its stripes ([`super::stripe`]); a freed data page
+//!   stays on its server until its whole stripe is dead, then the stripe's
+//!   pages are freed together ([`Freed::Pages`]).
 //! - While a run moves to another server (a drain), frees of its handles
 //!   are remembered, so the mover can free the copies it wrote after them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-pub use rmem_common::redundancy::MAX_COPIES;
+pub use rmem_common::redundancy::MAX_SHARDS;
+
+use super::stripe::{Layout, Striped};
 
 /// One copy of a run: its server and the grant it counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,7 +39,7 @@ pub struct Slot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Slots {
     n: u8,
-    at: [Slot; MAX_COPIES],
+    at: [Slot; MAX_SHARDS],
 }
 
 impl Slots {
@@ -77,15 +83,22 @@ impl Slots {
     pub(crate) fn slot_mut(&mut self, k: usize) -> &mut Slot {
         &mut self.at[..usize::from(self.n)][k]
     }
+
+    /// Copy or slot `k`.
+    pub fn get(&self, k: usize) -> Option<&Slot> {
+        self.at[..self.len()].get(k)
+    }
 }
 
 /// A part of a batch being evicted: `count` handles from `first` go to
-/// the servers of `slots` (each handle to every one of them).
+/// the servers of `slots`: each handle to every one of them, or, erasure
+/// coded, as `stripes` lays them out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
     pub first: u64,
     pub count: usize,
     pub slots: Slots,
+    pub stripes: Option<Layout>,
 }
 
 impl Piece {
@@ -114,6 +127,9 @@ pub(crate) struct Grant {
     /// pages of handles the book has not learned yet, so a drain never
     /// returns it.
     pub inherited: bool,
+    /// Given back to the coordinator (its server was drained): kept so
+    /// that runs still name grants by index.
+    pub released: bool,
 }
 
 impl Grant {
@@ -128,6 +144,7 @@ impl Grant {
             used: 0,
             domain: String::new(),
             inherited: false,
+            released: false,
         }
     }
 
@@ -144,13 +161,56 @@ pub(crate) struct Run {
     pub slots: Slots,
     /// Handles of the run not freed yet.
     pub live: u64,
+    /// Erasure coded: the layout of its stripes, and what of each lives.
+    pub striped: Option<Box<Striped>>,
 }
 
-/// A run being moved, and the handles of it freed meanwhile.
+impl Run {
+    /// Pages each copy or slot of the run holds (and counts against its
+    /// grant): the live handles, or, erasure coded, the live stripes.
+    pub fn per_slot(&self) -> u64 {
+        match &self.striped {
+            None => self.live,
+            Some(s) => s.alive().count() as u64,
+        }
+    }
+
+    /// The handles copy or slot `k` holds.
+    pub fn slot_handles(&self, first: u64, k: usize) -> Vec<u64> {
+        match &self.striped {
+            None => (first..first + self.pages).collect(),
+            Some(s) => s.slot_handles(k),
+        }
+    }
+}
+
+/// What freeing a handle lets go on the servers.
+// Returned and consumed at once: not worth a box per freed handle.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Freed {
+    /// The handle, on each server of these copies.
+    Copies(Slots),
+    /// These pages, each on its server: its stripe died whole (data and
+    /// parity pages). Empty while another data page of the stripe lives.
+    Pages(Vec<(u64, u8)>),
+}
+
+impl Freed {
+    /// (handle, server) of each page to free, `h` being the handle freed.
+    pub fn pages(&self, h: u64) -> Vec<(u64, u8)> {
+        match self {
+            Freed::Copies(slots) => slots.servers().map(|s| (h, s)).collect(),
+            Freed::Pages(p) => p.clone(),
+        }
+    }
+}
+
+/// A run being moved, and the handles of it freed meanwhile (pages the
+/// mover may have written after their free).
 #[derive(Debug)]
 pub(crate) struct Moving {
     pub first: u64,
-    pub pages: u64,
     pub freed: Vec<u64>,
 }
 
@@ -183,27 +243,52 @@ impl Book {
             .map(|(f, r)| (*f, r))
     }
 
-    /// Takes handle `h` off the book; the servers of its copies if it was
-    /// on it.
-    pub fn forget(&mut self, h: u64) -> Option<Slots> {
-        let (first, run) = self.run_of(h)?;
-        let slots = run.slots;
+    /// Takes handle `h` off the book; what that lets go on the servers if
+    /// it was on it.
+    pub fn forget(&mut self, h: u64) -> Option<Freed> {
+        let (first, _) = self.run_of(h)?;
         let run = self.runs.get_mut(&first).expect("found above");
+        let slots = run.slots;
+        let freed = match &mut run.striped {
+            None => Freed::Copies(slots),
+            Some(st) => {
+                let (j, _) = st.layout.locate(h);
+                let live = &mut st.live[j as usize];
+                *live = live.saturating_sub(1);
+                if *live > 0 {
+                    Freed::Pages(Vec::new())
+                } else {
+                    Freed::Pages(
+                        st.layout
+                            .stripe(j)
+                            .map(|(k, h)| (h, slots.get(k).expect("a slot per shard").server))
+                            .collect(),
+                    )
+                }
+            }
+        };
         run.live -= 1;
         if run.live == 0 {
             self.runs.remove(&first);
         }
-        for slot in slots.iter() {
-            if let Some(g) = slot.grant.and_then(|g| self.grants.get_mut(g)) {
-                g.used = g.used.saturating_sub(1);
+        // A copy counts against its grant while it is held.
+        let held_by_all = match &freed {
+            Freed::Copies(_) => true,
+            Freed::Pages(p) => !p.is_empty(),
+        };
+        if held_by_all {
+            for slot in slots.iter() {
+                if let Some(g) = slot.grant.and_then(|g| self.grants.get_mut(g)) {
+                    g.used = g.used.saturating_sub(1);
+                }
             }
         }
         if let Some(m) = &mut self.moving
-            && h.wrapping_sub(m.first) < m.pages
+            && m.first == first
         {
-            m.freed.push(h);
+            m.freed.extend(freed.pages(h).iter().map(|(h, _)| *h));
         }
-        Some(slots)
+        Some(freed)
     }
 
     /// Whether nothing new should go to `server` now (found failing, or
@@ -212,7 +297,8 @@ impl Book {
         self.gone.contains(&server) || self.suspects.get(&server).is_some_and(|&until| until > now)
     }
 
-    /// Pages with fewer live copies (not on a gone server) than `copies`.
+    /// Pages with fewer live copies or stripe pages (not on a gone
+    /// server) than `copies`.
     pub fn at_risk(&self, copies: usize) -> u64 {
         self.runs
             .values()
@@ -240,7 +326,19 @@ impl Book {
     /// Places up to `count` handles from `first` on grants with room, in
     /// turn, each piece on up to `copies` distinct servers; returns the
     /// pieces and how many handles found no room at all.
-    pub fn take(&mut self, first: u64, count: u64, copies: usize) -> (Vec<Piece>, u64) {
+    ///
+    /// Erasure coded (`data` > 1: `copies` is data plus parity pages per
+    /// stripe), a piece takes `ceil(count / data)` pages of each of its
+    /// servers, and needs at least `data + 1` of them (fewer parity pages
+    /// than asked when fewer have room: at risk). Its parity handles are
+    /// not taken yet (`parity_first` is 0).
+    pub fn take(
+        &mut self,
+        first: u64,
+        count: u64,
+        copies: usize,
+        data: usize,
+    ) -> (Vec<Piece>, u64) {
         let now = Instant::now();
         let mut pieces = Vec::new();
         let (mut next, mut left) = (first, count);
@@ -254,7 +352,7 @@ impl Book {
             let mut chosen = vec![k];
             // Further copies: the grants with most room on other servers,
             // in other failure domains while there are some.
-            while chosen.len() < copies.min(MAX_COPIES) {
+            while chosen.len() < copies.min(MAX_SHARDS) {
                 let taken: Vec<u8> = chosen.iter().map(|&c| self.grants[c].server).collect();
                 let room = |j: usize| self.grants[j].pages - self.grants[j].used;
                 let open: Vec<usize> = (0..n)
@@ -274,23 +372,36 @@ impl Book {
                     None => break,
                 }
             }
+            if data > 1 && chosen.len() <= data {
+                // Not even one parity page: nowhere safe to code this.
+                break;
+            }
+            let per = |pages: u64| pages.div_ceil(data as u64);
             let take = chosen
                 .iter()
-                .map(|&c| self.grants[c].pages - self.grants[c].used)
+                .map(|&c| (self.grants[c].pages - self.grants[c].used).saturating_mul(data as u64))
                 .fold(left, u64::min);
             let mut slots = Slots::default();
             for &c in &chosen {
-                self.grants[c].used += take;
+                self.grants[c].used += per(take);
                 slots.push(Slot {
                     server: self.grants[c].server,
                     grant: Some(c),
                 });
             }
             self.placing(&slots, true);
+            let stripes = (data > 1).then(|| Layout {
+                first: next,
+                count: take,
+                data: data as u8,
+                parity: (chosen.len() - data) as u8,
+                parity_first: 0,
+            });
             pieces.push(Piece {
                 first: next,
                 count: take as usize,
                 slots,
+                stripes,
             });
             next += take;
             left -= take;
@@ -302,9 +413,10 @@ impl Book {
     pub fn give_back(&mut self, pieces: &[Piece]) {
         for p in pieces {
             self.placing(&p.slots, false);
+            let per = p.stripes.map_or(p.count as u64, |l| l.stripes());
             for slot in p.slots.iter() {
                 if let Some(g) = slot.grant.and_then(|g| self.grants.get_mut(g)) {
-                    g.used = g.used.saturating_sub(p.count as u64);
+                    g.used = g.used.saturating_sub(per);
                 }
             }
         }
@@ -324,6 +436,7 @@ impl Book {
                     pages: p.count as u64,
                     slots: p.slots,
                     live: p.count as u64,
+                    striped: p.stripes.map(|l| Box::new(Striped::new(l))),
                 },
             );
         }
@@ -350,6 +463,7 @@ mod tests {
                 pages: 8,
                 slots: Slots::one(3, Some(0)),
                 live: 8,
+                striped: None,
             },
         );
         book.runs.insert(
@@ -358,6 +472,7 @@ mod tests {
                 pages: 4,
                 slots: Slots::one(1, Some(0)),
                 live: 4,
+                striped: None,
             },
         );
         assert_eq!(book.run_of(9).map(|r| r.0), None);
@@ -366,10 +481,64 @@ mod tests {
         assert_eq!(book.run_of(33).map(|(_, r)| r.slots.server()), Some(1));
         assert_eq!(book.forget(18), None);
         for h in 30..34 {
-            assert_eq!(book.forget(h).map(|s| s.server()), Some(1));
+            assert_eq!(book.forget(h), Some(Freed::Copies(Slots::one(1, Some(0)))));
         }
         assert!(book.run_of(30).is_none(), "an emptied run is dropped");
         assert_eq!(book.grants[0].used, 8);
+    }
+
+    #[test]
+    fn stripes_take_a_share_of_each_server_and_die_whole() {
+        let mut book = Book::default();
+        for s in 0..6 {
+            book.grants.push(grant(s, 100, 0));
+        }
+        // ec=4+2: 10 pages are 3 stripes, 3 pages on each of 6 servers.
+        let (mut pieces, left) = book.take(1000, 10, 6, 4);
+        assert_eq!(left, 0);
+        assert_eq!(pieces.len(), 1);
+        assert_eq!(pieces[0].slots.len(), 6);
+        assert!(book.grants.iter().all(|g| g.used == 3));
+        let l = pieces[0].stripes.as_mut().expect("coded");
+        assert_eq!((l.data, l.parity, l.stripes()), (4, 2, 3));
+        l.parity_first = 5000;
+        book.record(&pieces);
+        assert_eq!(book.runs[&1000].per_slot(), 3);
+        // Stripe 0 is handles 1000, 1003, 1006 and 1009: it lives while
+        // one of them does, then all six of its pages go.
+        for h in [1000, 1003, 1006] {
+            assert_eq!(book.forget(h), Some(Freed::Pages(Vec::new())));
+        }
+        assert!(
+            book.grants.iter().all(|g| g.used == 3),
+            "held until the stripe dies"
+        );
+        let Some(Freed::Pages(dead)) = book.forget(1009) else {
+            panic!("the stripe died");
+        };
+        let slots = book.runs[&1000].slots;
+        let want: Vec<(u64, u8)> = [1000, 1003, 1006, 1009, 5000, 5003]
+            .into_iter()
+            .enumerate()
+            .map(|(k, h)| (h, slots.get(k).unwrap().server))
+            .collect();
+        assert_eq!(dead, want);
+        assert!(book.grants.iter().all(|g| g.used == 2));
+        assert_eq!(book.runs[&1000].per_slot(), 2);
+        assert_eq!(book.runs[&1000].slot_handles(1000, 4), [5001, 5002]);
+        for h in [1001, 1002, 1004, 1005, 1007, 1008] {
+            book.forget(h);
+        }
+        assert!(book.runs.is_empty());
+        assert!(book.grants.iter().all(|g| g.used == 0));
+        // Fewer servers with room than data pages plus one: nothing coded.
+        for g in &mut book.grants[..2] {
+            g.draining = true;
+        }
+        book.grants[2].used = 100;
+        let (pieces, left) = book.take(2000, 8, 6, 4);
+        assert!(pieces.is_empty());
+        assert_eq!(left, 8);
     }
 
     #[test]
@@ -379,12 +548,12 @@ mod tests {
         book.grants.push(grant(1, 100, 0));
         book.grants.push(grant(2, 100, 0));
         book.grants[2].draining = true;
-        let (a, left) = book.take(0, 8, 1);
+        let (a, left) = book.take(0, 8, 1, 1);
         assert_eq!((a.len(), a[0].server(), left), (1, 0, 0));
-        let (b, _) = book.take(8, 8, 1);
+        let (b, _) = book.take(8, 8, 1, 1);
         assert_eq!(b[0].server(), 1, "the next batch goes to the next grant");
         // Grant 0 has 2 pages of room: the batch is cut in two.
-        let (c, left) = book.take(16, 5, 1);
+        let (c, left) = book.take(16, 5, 1, 1);
         assert_eq!(
             c.iter()
                 .map(|p| (p.first, p.count, p.server()))
@@ -392,7 +561,7 @@ mod tests {
             [(16, 2, 0), (18, 3, 1)]
         );
         assert_eq!(left, 0);
-        let (_, left) = book.take(21, 1000, 1);
+        let (_, left) = book.take(21, 1000, 1, 1);
         assert_eq!(left, 1000 - 89, "only grant 1's room is left");
         book.give_back(&c);
         assert_eq!((book.grants[0].used, book.grants[1].used), (8, 100 - 3));
@@ -405,10 +574,10 @@ mod tests {
             first: 100,
             count: 4,
             slots: Slots::one(0, None),
+            stripes: None,
         }]);
         book.moving = Some(Moving {
             first: 100,
-            pages: 4,
             freed: Vec::new(),
         });
         book.forget(102);
@@ -424,7 +593,7 @@ mod tests {
         book.grants.push(grant(2, 50, 0));
         // A second grant on server 0: never two copies on one server.
         book.grants.push(grant(0, 100, 0));
-        let (p, left) = book.take(0, 10, 2);
+        let (p, left) = book.take(0, 10, 2, 1);
         assert_eq!(left, 0);
         let servers: Vec<u8> = p[0].slots.servers().collect();
         assert_eq!(servers.len(), 2);
@@ -432,13 +601,13 @@ mod tests {
         book.suspects
             .insert(1, Instant::now() + std::time::Duration::from_secs(60));
         for k in 0..10 {
-            let (p, _) = book.take(100 + k, 1, 3);
+            let (p, _) = book.take(100 + k, 1, 3, 1);
             assert!(!p[0].slots.has_server(1), "a suspect server got a copy");
             assert_eq!(p[0].slots.len(), 2, "only servers 0 and 2 are open");
         }
         book.record(&p);
         let used: u64 = book.grants.iter().map(|g| g.used).sum();
-        assert_eq!(book.forget(3).map(|s| s.len()), Some(2));
+        assert!(matches!(book.forget(3), Some(Freed::Copies(s)) if s.len() == 2));
         assert_eq!(book.grants.iter().map(|g| g.used).sum::<u64>(), used - 2);
     }
 
@@ -451,7 +620,7 @@ mod tests {
             book.grants.push(g);
         }
         for k in 0..30 {
-            let (p, _) = book.take(k * 10, 10, 2);
+            let (p, _) = book.take(k * 10, 10, 2, 1);
             let domains: Vec<&str> = p[0]
                 .slots
                 .servers()

@@ -99,6 +99,12 @@ pub enum ClusterError {
     ShortGrant,
     #[error("no servers for {copies} copies: a server is failing and no other can replace it")]
     TooFewCopies { copies: usize },
+    #[error("{policy} needs at least {need} servers, and {have} are configured")]
+    TooFewServers {
+        policy: rmem_common::Redundancy,
+        need: usize,
+        have: usize,
+    },
 }
 
 /// How often the pages at risk are summed for the heartbeats.

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use rmem_client::{ClientConfig, ClientError, DataConnection, Page, PageStatus, PageTransport};
+use rmem_client::{
+    ClientConfig, ClientError, DataConnection, Page, PageStatus, PageTransport, Pending,
+};
 
 /// How long a fault waits, by default, for a server that does not answer
 /// before the faulting thread gets SIGBUS (both paths).
@@ -91,6 +93,72 @@ impl RemoteConn {
             statuses.extend_from_slice(s);
             Ok(())
         })
+    }
+
+    /// Sends a GET without waiting for its answer (connecting, with
+    /// retries, until `deadline`); [`Self::get_finish`] reads it.
+    pub fn get_start(
+        &mut self,
+        handles: &[u64],
+        deadline: Instant,
+    ) -> Result<Pending, ClientError> {
+        self.with(deadline, |c| c.get_start(handles))
+    }
+
+    /// The answer to the GET [`Self::get_start`] sent (no retry: the
+    /// request is gone with a failed connection).
+    pub fn get_finish(
+        &mut self,
+        pending: Pending,
+        handles: &[u64],
+        out: &mut [Page],
+        statuses: &mut Vec<PageStatus>,
+    ) -> Result<(), ClientError> {
+        let Some(c) = &mut self.conn else {
+            return Err(ClientError::Closed {
+                addr: self.cfg.addr.clone(),
+            });
+        };
+        match c.get_finish(pending, handles, out) {
+            Ok(s) => {
+                statuses.clear();
+                statuses.extend_from_slice(s);
+                Ok(())
+            }
+            Err(e) => {
+                self.conn = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends a PUT without waiting for its answer (connecting, with
+    /// retries, until `deadline`); [`Self::put_finish`] reads it.
+    pub fn put_start(
+        &mut self,
+        pages: &[(u64, &Page)],
+        deadline: Instant,
+    ) -> Result<Pending, ClientError> {
+        self.with(deadline, |c| c.put_start(pages))
+    }
+
+    /// The answer to the PUT [`Self::put_start`] sent (the same `pages`;
+    /// no retry).
+    pub fn put_finish(
+        &mut self,
+        pending: Pending,
+        pages: &[(u64, &Page)],
+    ) -> Result<Vec<PageStatus>, ClientError> {
+        let Some(c) = &mut self.conn else {
+            return Err(ClientError::Closed {
+                addr: self.cfg.addr.clone(),
+            });
+        };
+        let r = c.put_finish(pending, pages);
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
     }
 
     /// PUT with retries until `deadline`.

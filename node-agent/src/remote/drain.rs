@@ -9,7 +9,9 @@
 //! up yet stay where they are, with their grants.
 //!
 //! Draining a server that is gone (killed, its disk lost) rebuilds its
-//! copies: a run that cannot be read there is read from another copy.
+//! copies: a run that cannot be read there is read from another copy, and
+//! an erasure-coded slot is rebuilt from the other pages of its stripes
+//! (a lost parity page is encoded again).
 //!
 //! Races handled here:
 //! - a handle freed while its run moves: the book remembers it, and the
@@ -19,16 +21,17 @@
 //! - one run failing does not stop the others; the drained server's grants
 //!   are returned only once nothing of this store is left on it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use rmem_client::{ClientError, Page, PageStatus};
 
-use super::book::Moving;
+use super::book::{Moving, Slots};
 use super::cluster::ClusterError;
 use super::homes::{GRANT_PAGES, Homes};
 use super::servers::Remotes;
+use super::stripe::{self, CodecError, Layout};
 
 /// Why a run could not move off a draining server.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +46,18 @@ pub(crate) enum MoveError {
     NoRoom,
     #[error("the new server refused a page")]
     Refused,
+    #[error("too few pages of a stripe are left to rebuild it")]
+    Lost,
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// What of a run moves: its copy or slot `k`, and the handles that holds.
+struct Moved {
+    k: usize,
+    slots: Slots,
+    handles: Vec<u64>,
+    stripes: Option<Layout>,
 }
 
 /// What a drain did.
@@ -112,7 +127,7 @@ impl Homes {
                     let book = self.book();
                     runs.iter()
                         .filter_map(|f| book.runs.get(f))
-                        .map(|r| r.live)
+                        .map(|r| r.per_slot())
                         .sum()
                 };
                 if let Err(e) = self.grow_avoiding(moving, 1, &[member]) {
@@ -125,7 +140,7 @@ impl Homes {
                 }
                 // One copy at a time (two of a run's copies may be on
                 // drained servers).
-                for _ in 0..super::book::MAX_COPIES {
+                for _ in 0..super::book::MAX_SHARDS {
                     match self.move_run(
                         remotes,
                         first,
@@ -187,7 +202,7 @@ impl Homes {
                 let ids: Vec<u64> = book
                     .grants
                     .iter()
-                    .filter(|g| g.member == member)
+                    .filter(|g| g.member == member && !g.released)
                     .map(|g| g.id)
                     .collect();
                 // Grants keep their index (runs name them by it): an
@@ -195,6 +210,7 @@ impl Homes {
                 for g in book.grants.iter_mut().filter(|g| g.member == member) {
                     g.pages = 0;
                     g.used = 0;
+                    g.released = true;
                 }
                 book.subscribed.remove(&member);
                 ids
@@ -219,9 +235,9 @@ impl Homes {
         report
     }
 
-    /// Moves the run's first copy on a server of `from` to a grant
-    /// elsewhere; the pages moved, or `None` when no copy of it is left on
-    /// those servers.
+    /// Moves the run's first copy (or stripe slot) on a server of `from`
+    /// to a grant elsewhere; the pages moved, or `None` when no copy of it
+    /// is left on those servers.
     fn move_run(
         &self,
         remotes: &mut Remotes,
@@ -231,19 +247,23 @@ impl Homes {
     ) -> Result<Option<u64>, MoveError> {
         let found = self.book().runs.get(&first).and_then(|r| {
             let k = r.slots.servers().position(|s| from.contains(&s))?;
-            Some((r.pages, k, r.slots))
+            Some(Moved {
+                k,
+                slots: r.slots,
+                handles: r.slot_handles(first, k),
+                stripes: r.striped.as_ref().map(|s| s.layout),
+            })
         });
-        let Some((pages, k, slots)) = found else {
+        let Some(moved) = found else {
             return Ok(None);
         };
-        let source = slots.iter().nth(k).expect("found above").server;
+        let source = moved.slots.get(moved.k).expect("found above").server;
         // From here, frees of the run's handles are remembered.
         self.book().moving = Some(Moving {
             first,
-            pages,
             freed: Vec::new(),
         });
-        let result = self.copy_run(remotes, first, pages, k, source, &slots, deadline);
+        let result = self.copy_run(remotes, first, &moved, source, deadline);
         let freed = self
             .book()
             .moving
@@ -290,53 +310,23 @@ impl Homes {
         Ok(found)
     }
 
-    /// Reads the run's live pages from `from` (its copy `k`), writes them
-    /// to a grant on a server holding no copy of the run, and switches that
-    /// copy over. `None` if there was nothing to move, or the run (or the
-    /// store) went meanwhile.
-    #[allow(clippy::too_many_arguments)]
+    /// Reads the run's live pages from `from` (its copy or slot `k`),
+    /// writes them to a grant on a server holding no copy of the run, and
+    /// switches that copy over. `None` if there was nothing to move, or the
+    /// run (or the store) went meanwhile.
     fn copy_run(
         &self,
         remotes: &mut Remotes,
         first: u64,
-        pages: u64,
-        k: usize,
+        moved: &Moved,
         from: u8,
-        slots: &super::book::Slots,
         deadline: Instant,
     ) -> Result<Option<(u8, Vec<u64>)>, MoveError> {
-        // Read what is still there (freed handles answer not_found): from
-        // the drained server, or, when it does not answer (it is gone: the
-        // drain rebuilds its copies), from another copy of the run.
-        let handles: Vec<u64> = (first..first + pages).collect();
-        let now = Instant::now();
-        let suspect = |s: u8| self.book().is_suspect(s, now);
-        let mut sources: Vec<u8> = std::iter::once(from)
-            .chain(slots.servers().filter(|&s| s != from))
-            .collect();
-        // A server known to be failing is asked last.
-        sources.sort_by_key(|&s| suspect(s));
-        let mut found: Vec<(u64, Page)> = Vec::new();
-        let mut last_error = None;
-        for source in sources {
-            match self.read_run(remotes, source, &handles, deadline) {
-                Ok(f) => {
-                    found = f;
-                    last_error = None;
-                    break;
-                }
-                Err(e) => {
-                    tracing::debug!(source, error = %e, "cannot read a run to move; trying another copy");
-                    if matches!(&e, MoveError::Server(c) if c.is_retryable()) {
-                        self.suspect(source);
-                    }
-                    last_error = Some(e);
-                }
-            }
-        }
-        if let Some(e) = last_error {
-            return Err(e);
-        }
+        let (k, slots) = (moved.k, &moved.slots);
+        let found = match &moved.stripes {
+            None => self.read_copies(remotes, &moved.handles, slots, from, deadline)?,
+            Some(layout) => self.read_slot(remotes, first, layout, moved, from, deadline)?,
+        };
         let need = found.len() as u64;
         if need == 0 {
             // Nothing of it is left there (freed meanwhile).
@@ -419,8 +409,9 @@ impl Homes {
                     .get_mut(&first)
                     .filter(|r| r.slots.iter().nth(k).is_some_and(|s| s.server == from))
                     .map(|r| {
+                        let per = r.per_slot();
                         let slot = r.slots.slot_mut(k);
-                        let old = (slot.grant, r.live);
+                        let old = (slot.grant, per);
                         *slot = super::book::Slot {
                             server: to,
                             grant: Some(grant),
@@ -449,5 +440,154 @@ impl Homes {
             return Ok(None);
         }
         Ok(Some((to, moved)))
+    }
+
+    /// The pages of `handles` (a run's copy on `from`): from `from`, or,
+    /// when it does not answer (it is gone: the drain rebuilds its copies),
+    /// from another copy. Freed handles are not found.
+    fn read_copies(
+        &self,
+        remotes: &mut Remotes,
+        handles: &[u64],
+        slots: &Slots,
+        from: u8,
+        deadline: Instant,
+    ) -> Result<Vec<(u64, Page)>, MoveError> {
+        let now = Instant::now();
+        let suspect = |s: u8| self.book().is_suspect(s, now);
+        let mut sources: Vec<u8> = std::iter::once(from)
+            .chain(slots.servers().filter(|&s| s != from))
+            .collect();
+        // A server known to be failing is asked last.
+        sources.sort_by_key(|&s| suspect(s));
+        let mut last_error = None;
+        for source in sources {
+            match self.read_run(remotes, source, handles, deadline) {
+                Ok(found) => return Ok(found),
+                Err(e) => {
+                    tracing::debug!(source, error = %e, "cannot read a run to move; trying another copy");
+                    if matches!(&e, MoveError::Server(c) if c.is_retryable()) {
+                        self.suspect(source);
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or(MoveError::NoServer))
+    }
+
+    /// The pages slot `moved.k` of an erasure-coded run holds: read from
+    /// `from`, and what it does not answer for (all of them when it is
+    /// gone) rebuilt from the other slots of each stripe still live.
+    fn read_slot(
+        &self,
+        remotes: &mut Remotes,
+        first: u64,
+        layout: &Layout,
+        moved: &Moved,
+        from: u8,
+        deadline: Instant,
+    ) -> Result<Vec<(u64, Page)>, MoveError> {
+        let k = moved.k;
+        // A server known to be failing (or gone) is not waited for: its
+        // pages are rebuilt from the others.
+        let failing = self.book().is_suspect(from, Instant::now());
+        let read = if failing {
+            Ok(Vec::new())
+        } else {
+            self.read_run(remotes, from, &moved.handles, deadline)
+        };
+        let mut found = match read {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!(server = from, error = %e, "cannot read a stripe slot to move; rebuilding it");
+                if matches!(&e, MoveError::Server(c) if c.is_retryable()) {
+                    self.suspect(from);
+                }
+                Vec::new()
+            }
+        };
+        let have: BTreeSet<u64> = found.iter().map(|(h, _)| *h).collect();
+        // Stripes of missing pages, still live (a dead stripe was freed).
+        let live = |j: u64| {
+            let book = self.book();
+            book.runs
+                .get(&first)
+                .and_then(|r| r.striped.as_ref())
+                .is_some_and(|s| s.live.get(j as usize).is_some_and(|&l| l > 0))
+        };
+        let stripe_of = |h: u64| {
+            if layout.is_parity(h) {
+                (h - layout.parity_first) % layout.stripes()
+            } else {
+                layout.locate(h).0
+            }
+        };
+        let missing: Vec<(u64, u64)> = moved
+            .handles
+            .iter()
+            .filter(|h| !have.contains(h))
+            .map(|&h| (stripe_of(h), h))
+            .filter(|&(j, _)| live(j))
+            .collect();
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        // Other slots, healthy first, read a batch each until every
+        // missing stripe has K pages.
+        let now = Instant::now();
+        let mut others: Vec<(usize, u8)> = moved
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|&(s, _)| s != k)
+            .map(|(s, slot)| (s, slot.server))
+            .collect();
+        {
+            let book = self.book();
+            others.sort_by_key(|&(_, server)| book.is_suspect(server, now));
+        }
+        let mut pages: BTreeMap<u64, Vec<(usize, Page)>> = BTreeMap::new();
+        let mut last_error = None;
+        for (s, server) in others {
+            let want: Vec<u64> = missing
+                .iter()
+                .filter(|(j, _)| stripe::needed(layout, *j, pages.get(j).map_or(0, Vec::len)) > 0)
+                .filter_map(|&(j, _)| layout.handle(j, s))
+                .collect();
+            if want.is_empty() {
+                continue;
+            }
+            match self.read_run(remotes, server, &want, deadline) {
+                Ok(read) => {
+                    for (h, p) in read {
+                        pages.entry(stripe_of(h)).or_default().push((s, p));
+                    }
+                }
+                Err(e) => {
+                    if matches!(&e, MoveError::Server(c) if c.is_retryable()) {
+                        self.suspect(server);
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        for (j, h) in missing {
+            let got = pages.get(&j).map_or(&[][..], Vec::as_slice);
+            if stripe::needed(layout, j, got.len()) > 0 {
+                if !live(j) {
+                    continue;
+                }
+                tracing::error!(
+                    handle = h,
+                    "too few pages of its stripe left to rebuild a page"
+                );
+                return Err(last_error.unwrap_or(MoveError::Lost));
+            }
+            let refs: Vec<(usize, &Page)> = got.iter().map(|(s, p)| (*s, p)).collect();
+            let page = stripe::stripe_page(layout, j, k, &refs)?;
+            found.push((h, page));
+        }
+        Ok(found)
     }
 }

@@ -43,12 +43,51 @@ pub use super::book::{Piece, Slot};
 use super::cluster::{Cluster, ClusterError, server_config};
 use super::servers::{Remotes, Servers};
 use super::space::{SPACE_BITS, Space, new_base, retire};
+use super::stripe;
 
 /// Pages asked of the coordinator when the grants are full (64 MiB).
 pub const GRANT_PAGES: u64 = 16384;
 
 /// How long a server found failing gets nothing new and is read last.
 pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
+
+/// How a fault reads a handle ([`Homes::reader_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// From this server: the run's first copy, or the server of the page
+    /// in its stripe.
+    First(u8),
+    /// From this server, another copy: the first one's is failing.
+    Other(u8),
+    /// Rebuilt from the other pages of its stripe ([`Homes::read_other`]):
+    /// this server, holding the page, is failing.
+    Rebuild(u8),
+}
+
+impl Source {
+    /// The server asked first.
+    pub fn server(self) -> u8 {
+        match self {
+            Source::First(s) | Source::Other(s) | Source::Rebuild(s) => s,
+        }
+    }
+
+    /// Whether the read is degraded (a server of the page is failing).
+    pub fn degraded(self) -> bool {
+        !matches!(self, Source::First(_))
+    }
+}
+
+/// One copy or stripe slot of a piece being stored ([`Homes::put`]).
+struct Lane<'p> {
+    server: u8,
+    /// (handle, page, offset of the data page in the piece, if one).
+    items: Vec<(u64, &'p Page, Option<usize>)>,
+    /// The server's batch limit.
+    max: usize,
+    statuses: Vec<PageStatus>,
+    failed: Option<ClientError>,
+}
 
 /// Where the pages go.
 #[derive(Debug, Clone)]
@@ -72,8 +111,11 @@ pub struct Homes {
     /// Set when the space is retired: a drain still running frees what it
     /// wrote instead of recording it.
     pub(crate) closed: AtomicBool,
-    /// Copies of each page the policy asks for.
+    /// Servers each page's redundancy spans (copies, or data plus parity
+    /// pages of a stripe).
     copies: usize,
+    /// Data pages per stripe (1: pages are copied whole).
+    data: usize,
     /// Whether placing fewer copies than asked was warned about.
     warned_short: AtomicBool,
 }
@@ -199,6 +241,15 @@ impl Homes {
         if list.is_empty() {
             return Err(ClusterError::NoServer);
         }
+        // A stripe needs its data pages and at least one parity page on
+        // distinct servers: with fewer, nothing could ever be evicted.
+        if redundancy.is_erasure() && list.len() <= redundancy.data() {
+            return Err(ClusterError::TooFewServers {
+                policy: redundancy,
+                need: redundancy.data() + 1,
+                have: list.len(),
+            });
+        }
         let servers = Servers::new(list)?;
         let mut book = Book::default();
         for k in 0..servers.len() {
@@ -214,6 +265,7 @@ impl Homes {
             request_timeout,
             closed: AtomicBool::new(false),
             copies: redundancy.copies(),
+            data: redundancy.data(),
             warned_short: AtomicBool::new(false),
         }))
     }
@@ -250,6 +302,7 @@ impl Homes {
             request_timeout,
             closed: AtomicBool::new(false),
             copies: redundancy.copies(),
+            data: redundancy.data(),
             warned_short: AtomicBool::new(false),
         });
         // Pages on a server being drained move elsewhere.
@@ -285,9 +338,16 @@ impl Homes {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Copies of each page the policy asks for.
+    /// Servers each page's redundancy spans: copies, or the data and
+    /// parity pages of its stripe. More than one: a failing server is
+    /// read around.
     pub fn copies(&self) -> usize {
         self.copies
+    }
+
+    /// Pages of each server for `pages` pages stored.
+    fn per_server(&self, pages: u64) -> u64 {
+        pages.div_ceil(self.data as u64)
     }
 
     /// Pages stored with fewer live copies than the policy asks for:
@@ -325,7 +385,8 @@ impl Homes {
     pub fn place(&self, first: u64, count: usize) -> Result<Vec<Piece>, ClusterError> {
         let wanted = self.copies;
         let short = |pieces: &[Piece]| pieces.iter().any(|p| p.slots.len() < wanted);
-        let (mut pieces, mut left) = self.book().take(first, count as u64, wanted);
+        let data = self.data;
+        let (mut pieces, mut left) = self.book().take(first, count as u64, wanted, data);
         if (left > 0 || short(&pieces)) && self.link.is_some() {
             self.unplace(&pieces);
             // What found no room, or too few servers with room, this time.
@@ -340,15 +401,21 @@ impl Homes {
             // this batch needs (on as many distinct servers as copies: the
             // grants left may all be on one server).
             let grown = self
-                .grow_avoiding(need.max(GRANT_PAGES), self.copies, &suspects)
-                .or_else(|_| self.grow_avoiding(need.max(1), self.copies, &suspects));
+                .grow_avoiding(
+                    self.per_server(need.max(GRANT_PAGES)),
+                    self.copies,
+                    &suspects,
+                )
+                .or_else(|_| {
+                    self.grow_avoiding(self.per_server(need.max(1)), self.copies, &suspects)
+                });
             if let Err(e) = grown {
                 if left > 0 {
                     return Err(e);
                 }
                 tracing::debug!(error = %e, "no more servers for further copies");
             }
-            (pieces, left) = self.book().take(first, count as u64, wanted);
+            (pieces, left) = self.book().take(first, count as u64, wanted, data);
         }
         if left > 0 {
             self.unplace(&pieces);
@@ -372,6 +439,12 @@ impl Homes {
                 );
             }
         }
+        // Erasure coded: the parity pages' handles, from the same space.
+        for p in &mut pieces {
+            if let Some(l) = &mut p.stripes {
+                l.parity_first = self.take(l.parity_pages() as usize);
+            }
+        }
         Ok(pieces)
     }
 
@@ -386,11 +459,12 @@ impl Homes {
             .collect()
     }
 
-    /// New grants for `pages` of each copy; their servers subscribe to the
+    /// New grants for `pages` stored (on each copy's server, or the
+    /// share of each server of a stripe); their servers subscribe to the
     /// interval.
     pub(crate) fn grow(&self, pages: u64) -> Result<(), ClusterError> {
         let suspects = self.suspect_members();
-        self.grow_avoiding(pages, self.copies, &suspects)
+        self.grow_avoiding(self.per_server(pages), self.copies, &suspects)
     }
 
     /// New grants for `pages`, `copies` times on distinct servers, none of
@@ -454,8 +528,11 @@ impl Homes {
     }
 
     /// Stores the pages of `pieces` (handle `h`'s page is `page(h -
-    /// first)`) on every copy's server. Per handle from `first`: whether
-    /// every copy acknowledged it. A server that fails is suspect.
+    /// first)`) on every copy's server, or, erasure coded, each page of
+    /// their stripes on its slot's server with the parity pages computed
+    /// here. The copies (slots) of a piece are written together: each
+    /// server's request is sent before any answer is read. Per handle from `first`: whether every copy (every page of its
+    /// stripe) was acknowledged. A server that fails is suspect.
     pub fn put<'p>(
         &self,
         remotes: &mut Remotes,
@@ -469,40 +546,116 @@ impl Homes {
         let mut error = None;
         for piece in pieces {
             let at = (piece.first - first) as usize;
-            let handles: Vec<u64> = (piece.first..piece.first + piece.count as u64).collect();
-            for server in piece.slots.servers() {
+            let parity = match &piece.stripes {
+                None => Vec::new(),
+                Some(l) => match stripe::encode(l, |off| page(at + off)) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        error.get_or_insert_with(|| e.to_string());
+                        ok[at..at + piece.count].fill(false);
+                        continue;
+                    }
+                },
+            };
+            // A failed page of a stripe fails the whole piece: the
+            // stripe's pages are safe only together.
+            let fail = |ok: &mut [bool], o: Option<usize>| match (&piece.stripes, o) {
+                (None, Some(o)) => ok[at + o] = false,
+                _ => ok[at..at + piece.count].fill(false),
+            };
+            // Each copy or slot: its server, its pages (handle, page,
+            // offset of the data page in the piece, if one), its batch
+            // limit, the statuses so far, and its error.
+            let mut lanes: Vec<Lane<'_>> = Vec::with_capacity(piece.slots.len());
+            for (k, server) in piece.slots.servers().enumerate() {
+                let items: Vec<(u64, &Page, Option<usize>)> = match &piece.stripes {
+                    None => (0..piece.count)
+                        .map(|o| (piece.first + o as u64, page(at + o), Some(o)))
+                        .collect(),
+                    Some(l) => (0..l.stripes())
+                        .filter_map(|j| l.handle(j, k))
+                        .map(|h| {
+                            if l.is_parity(h) {
+                                (h, &parity[(h - l.parity_first) as usize], None)
+                            } else {
+                                let o = (h - l.first) as usize;
+                                (h, page(at + o), Some(o))
+                            }
+                        })
+                        .collect(),
+                };
+                if items.is_empty() {
+                    continue;
+                }
                 let Some(conn) = remotes.get(&self.servers, server) else {
-                    ok[at..at + piece.count].fill(false);
+                    fail(&mut ok, None);
                     continue;
                 };
-                let r = conn.max_batch(deadline).and_then(|max| {
-                    let mut statuses = Vec::with_capacity(handles.len());
-                    for chunk in handles.chunks(max.max(1) as usize) {
-                        let items: Vec<(u64, &Page)> = chunk
-                            .iter()
-                            .map(|&h| (h, page((h - first) as usize)))
-                            .collect();
-                        statuses.extend(conn.put(&items, deadline)?);
-                    }
-                    Ok(statuses)
+                let (max, failed) = match conn.max_batch(deadline) {
+                    Ok(max) => (max.max(1) as usize, None),
+                    Err(e) => (1, Some(e)),
+                };
+                lanes.push(Lane {
+                    server,
+                    items,
+                    max,
+                    statuses: Vec::new(),
+                    failed,
                 });
-                match r {
-                    Ok(statuses) => {
-                        self.trust(server);
-                        for (k, st) in statuses.iter().enumerate() {
+            }
+            // Chunk `c` of every copy or slot in flight together: sent to
+            // each server, then each answer read.
+            let rounds = lanes
+                .iter()
+                .map(|l| l.items.len().div_ceil(l.max))
+                .max()
+                .unwrap_or(0);
+            for c in 0..rounds {
+                let mut sent = Vec::with_capacity(lanes.len());
+                for (i, lane) in lanes.iter_mut().enumerate() {
+                    if lane.failed.is_some() {
+                        continue;
+                    }
+                    let Some(chunk) = lane.items.chunks(lane.max).nth(c) else {
+                        continue;
+                    };
+                    let batch: Vec<(u64, &Page)> = chunk.iter().map(|&(h, p, _)| (h, p)).collect();
+                    let conn = remotes
+                        .get(&self.servers, lane.server)
+                        .expect("connected above");
+                    match conn.put_start(&batch, deadline) {
+                        Ok(pending) => sent.push((i, pending, batch)),
+                        Err(e) => lane.failed = Some(e),
+                    }
+                }
+                for (i, pending, batch) in sent {
+                    let lane = &mut lanes[i];
+                    let conn = remotes
+                        .get(&self.servers, lane.server)
+                        .expect("connected above");
+                    match conn.put_finish(pending, &batch) {
+                        Ok(statuses) => lane.statuses.extend(statuses),
+                        Err(e) => lane.failed = Some(e),
+                    }
+                }
+            }
+            for lane in lanes {
+                let addr = self.servers.addr(lane.server);
+                match lane.failed {
+                    None => {
+                        self.trust(lane.server);
+                        for (item, st) in lane.items.iter().zip(&lane.statuses) {
                             if *st != PageStatus::Ok {
-                                ok[at + k] = false;
-                                error.get_or_insert_with(|| {
-                                    format!("{} refused a page: {st}", conn.addr())
-                                });
+                                fail(&mut ok, item.2);
+                                error.get_or_insert_with(|| format!("{addr} refused a page: {st}"));
                             }
                         }
                     }
-                    Err(e) => {
-                        error.get_or_insert_with(|| format!("{}: {e}", conn.addr()));
-                        ok[at..at + piece.count].fill(false);
+                    Some(e) => {
+                        error.get_or_insert_with(|| format!("{addr}: {e}"));
+                        fail(&mut ok, None);
                         if e.is_retryable() {
-                            self.suspect(server);
+                            self.suspect(lane.server);
                         }
                     }
                 }
@@ -522,35 +675,36 @@ impl Homes {
     }
 
     /// The server to read handle `h` from first, if known: its first
-    /// copy whose server is not suspect.
+    /// copy whose server is not suspect (the server of its data page,
+    /// erasure coded).
     pub fn server_of(&self, h: u64) -> Option<u8> {
-        self.reader_of(h).map(|(s, _)| s)
+        self.reader_of(h).map(|r| r.server())
     }
 
-    /// As [`Self::server_of`], with whether that is not the run's first
-    /// copy (the first is failing: a degraded read), from one look at the
-    /// book.
-    pub fn reader_of(&self, h: u64) -> Option<(u8, bool)> {
+    /// How a fault reads handle `h`, from one look at the book.
+    pub fn reader_of(&self, h: u64) -> Option<Source> {
         if self.link.is_none() && self.servers.len() == 1 {
             // Every handle, of this run or an earlier one, is there.
-            return Some((0, false));
+            return Some(Source::First(0));
         }
         let book = self.book();
-        let slots = book.run_of(h)?.1.slots;
+        let (_, run) = book.run_of(h)?;
         let now = Instant::now();
-        let s = slots
-            .servers()
-            .find(|&s| !book.is_suspect(s, now))
-            .unwrap_or(slots.server());
-        Some((s, s != slots.server()))
-    }
-
-    /// The servers holding copies of `h`, if known.
-    pub fn copies_of(&self, h: u64) -> Option<Slots> {
-        if self.link.is_none() && self.servers.len() == 1 {
-            return Some(Slots::one(0, None));
+        if let Some(st) = &run.striped {
+            let (_, k) = st.layout.locate(h);
+            let s = run.slots.get(k).expect("a slot per stripe page").server;
+            return Some(if book.is_suspect(s, now) {
+                Source::Rebuild(s)
+            } else {
+                Source::First(s)
+            });
         }
-        self.book().run_of(h).map(|(_, r)| r.slots)
+        let slots = run.slots;
+        Some(match slots.servers().find(|&s| !book.is_suspect(s, now)) {
+            Some(s) if s != slots.server() => Source::Other(s),
+            Some(s) => Source::First(s),
+            None => Source::First(slots.server()),
+        })
     }
 
     /// Servers that may hold a handle not on the book (one of an earlier
@@ -565,6 +719,7 @@ impl Homes {
             first: h,
             count: 1,
             slots: Slots::one(server, None),
+            stripes: None,
         }]);
     }
 
@@ -599,18 +754,32 @@ impl Homes {
         sorted.dedup();
         // Off the book first: a drain moving one of these runs then knows
         // to free the copy it writes, whenever the invalidation lands.
-        let servers: BTreeMap<u64, Slots> = {
+        // What is freed: the handles' copies, or the pages of stripes that
+        // died whole (a data page of a live stripe stays); handles the book
+        // does not know, as asked.
+        let servers: BTreeMap<u64, Vec<u8>> = {
             let mut book = self.book();
-            sorted
-                .iter()
-                .filter_map(|&h| book.forget(h).map(|s| (h, s)))
-                .collect()
+            let mut freed: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+            for &h in &sorted {
+                match book.forget(h) {
+                    Some(f) => {
+                        for (h, s) in f.pages(h) {
+                            freed.entry(h).or_default().push(s);
+                        }
+                    }
+                    None => {
+                        freed.entry(h).or_default();
+                    }
+                }
+            }
+            freed
         };
+        let sorted: Vec<u64> = servers.keys().copied().collect();
         let mut invalidated = 0;
         let mut direct: BTreeMap<u8, Vec<u64>> = BTreeMap::new();
         let mut fall_back = |hs: &[u64]| {
             for h in hs {
-                for s in servers.get(h).iter().flat_map(|s| s.servers()) {
+                for &s in servers.get(h).into_iter().flatten() {
                     direct.entry(s).or_default().push(*h);
                 }
             }
@@ -655,8 +824,8 @@ impl Homes {
         let mut book = self.book();
         for &h in handles {
             match book.forget(h) {
-                Some(slots) => {
-                    for s in slots.servers() {
+                Some(f) => {
+                    for (h, s) in f.pages(h) {
                         by.entry(s).or_default().push(h);
                     }
                 }
@@ -736,7 +905,11 @@ impl Homes {
         let ids: Vec<u64> = {
             let book = self.book();
             self.closed.store(true, Ordering::Release);
-            book.grants.iter().map(|g| g.id).collect()
+            book.grants
+                .iter()
+                .filter(|g| !g.released)
+                .map(|g| g.id)
+                .collect()
         };
         let mut complete = true;
         for s in std::iter::once(&link.space).chain(&link.older) {

@@ -11,17 +11,23 @@
 //! - [`book`]: grants and runs (which server holds each handle).
 //! - [`homes`]: [`Homes`], the store a backend uses: take handles, place a
 //!   batch, record it, find a handle's server, free copies.
-//! - [`drain`]: moving a store's runs off a server being drained.
+//! - [`stripe`]: erasure-coded stripes: their layout and codec.
+//! - [`read`]: degraded reads: another copy, or a page rebuilt from its
+//!   stripe.
+//! - [`drain`]: moving a store's runs off a server being drained (and
+//!   rebuilding those of a server gone).
 
 pub mod book;
 pub mod cluster;
 pub mod conn;
 pub mod drain;
 pub mod homes;
+pub mod read;
 pub mod servers;
 pub mod space;
+pub mod stripe;
 
 pub use cluster::{Cluster, ClusterConfig, ClusterError};
 pub use conn::{DEFAULT_FAILOVER_AFTER, DEFAULT_FAULT_TIMEOUT, RemoteConn, thread_config};
-pub use homes::{Home, Homes, Piece};
+pub use homes::{Home, Homes, Piece, Source};
 pub use servers::{MAX_SERVERS, Remotes, Servers};

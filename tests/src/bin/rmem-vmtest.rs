@@ -682,7 +682,7 @@ fn main() {
     );
 
     suite.case(
-        "in a cluster: pages spread over the granted servers, move off a drained one, are freed through invalidations, a restarted agent takes over, and with two replicas a killed server loses no page",
+        "in a cluster: pages spread over the granted servers, move off a drained one, are freed through invalidations, a restarted agent takes over, and with two replicas or ec=2+1 a killed server loses no page",
         || env.without_agent(cluster_case),
     );
 
@@ -721,6 +721,8 @@ fn main() {
 fn cluster_case(_env: &Env) -> Result<(), String> {
     use rmem_agent::cluster::{Cluster, ClusterConfig};
     use std::sync::atomic::Ordering;
+    // The in-process agents' warnings go to the console.
+    rmem_common::logging::init(Default::default(), "rmem_agent=warn");
     // One copy of each page (the spread and the drain below count single
     // copies); the end of the case asks for two.
     let coord = CoordinatorProcess::start(&[
@@ -908,24 +910,27 @@ fn cluster_case(_env: &Env) -> Result<(), String> {
         format!("{} of 4 servers joined the coordinator", members()),
     )?;
     let pair_used = || pair.iter().map(used).collect::<Vec<u64>>();
-    let agent = {
+    // An agent with `policy` and a target of 2048 pages, all evicted.
+    let redundant = |name: &str, policy: rmem_common::Redundancy| {
         let mut cc = ClusterConfig::new(endpoint.clone());
-        cc.name = Some("vm/kmod-replicas".into());
+        cc.name = Some(name.into());
         let cluster = Cluster::connect(&cc).map_err(|e| e.to_string())?;
         let mut cfg = KernelConfig::in_cluster(cluster);
-        cfg.redundancy = Some(rmem_common::Redundancy::Replicas(2));
+        cfg.redundancy = Some(policy);
         cfg.request_timeout = Duration::from_secs(2);
         cfg.fault_timeout = Duration::from_secs(2);
-        KernelAgent::start(cfg).map_err(|e| e.to_string())?
+        let agent = KernelAgent::start(cfg).map_err(|e| e.to_string())?;
+        let t = Target::spawn(2048)?;
+        let att = agent.attach(t.pid(), None).map_err(|e| e.to_string())?;
+        let moved = agent
+            .evict(att, t.addr, t.len())
+            .map_err(|e| e.to_string())?;
+        ensure(moved == 2048, format!("evicted {moved} of 2048 pages"))?;
+        Ok::<_, String>((agent, t, att))
     };
     // Four batches of 512: the batches' first copies take turns over the
     // servers, so a killed server held first copies.
-    let mut t = Target::spawn(2048)?;
-    let att = agent.attach(t.pid(), None).map_err(|e| e.to_string())?;
-    let moved = agent
-        .evict(att, t.addr, t.len())
-        .map_err(|e| e.to_string())?;
-    ensure(moved == 2048, format!("evicted {moved} of 2048 pages"))?;
+    let (agent, mut t, att) = redundant("vm/kmod-replicas", rmem_common::Redundancy::Replicas(2))?;
     let held = [used(&servers[1]), pair_used()[0], pair_used()[1]];
     ensure(
         held.iter().sum::<u64>() == 4096,
@@ -938,11 +943,50 @@ fn cluster_case(_env: &Env) -> Result<(), String> {
     };
     victim.daemon.signal(libc::SIGKILL);
     t.cmd("check 1")?;
+    no_sigbus(
+        t.pid(),
+        "reading back with two replicas and a server killed",
+    )?;
     let degraded = agent.stats().fetched_degraded.load(Ordering::Relaxed);
     println!(
         "replicas: copies {held:?}, the fullest server killed, 2048 pages read back, {degraded} from the second copy"
     );
     ensure(degraded > 0, "no fetch went to the second copy")?;
+    t.cmd("exit")?;
+    t.wait_exit()?;
+    agent.detach(att).map_err(|e| e.to_string())?;
+    drop(agent);
+
+    // Erasure coded, ec=2+1, over the two servers left of mem-b, mem-c and
+    // mem-d and a new one: every stripe on all three. One more killed, and
+    // every page comes back rebuilt from the other two of its stripe.
+    let third = ServerProcess::join(&endpoint, "mem-e", "64MiB");
+    let live: Vec<&ServerProcess> = [&servers[1], &pair[0], &pair[1], &third]
+        .into_iter()
+        .filter(|s| !std::ptr::eq(*s, victim))
+        .collect();
+    ensure(
+        wait_until(Duration::from_secs(10), || members() == 5),
+        format!("{} of 5 servers joined the coordinator", members()),
+    )?;
+    let (agent, mut t, att) = redundant(
+        "vm/kmod-ec",
+        rmem_common::Redundancy::Erasure { data: 2, parity: 1 },
+    )?;
+    let held: Vec<u64> = live.iter().map(|s| used(s)).collect();
+    ensure(
+        held.iter().sum::<u64>() == 3072,
+        format!("2048 pages and half as much parity: the servers left hold {held:?}"),
+    )?;
+    let fullest = (0..live.len()).max_by_key(|&i| held[i]).unwrap_or(0);
+    live[fullest].daemon.signal(libc::SIGKILL);
+    t.cmd("check 1")?;
+    no_sigbus(t.pid(), "reading back with ec=2+1 and a server killed")?;
+    let degraded = agent.stats().fetched_degraded.load(Ordering::Relaxed);
+    println!(
+        "ec=2+1: stripe pages {held:?}, the fullest server killed, 2048 pages read back, {degraded} rebuilt"
+    );
+    ensure(degraded > 0, "no page was rebuilt from its stripe")?;
     t.cmd("exit")?;
     t.wait_exit()?;
     agent.detach(att).map_err(|e| e.to_string())?;
@@ -1913,6 +1957,26 @@ fn no_kernel_problems() -> Result<(), String> {
         problems.join("\n"),
         after.join("\n")
     ))
+}
+
+/// Fails if the module sent process `pid` a SIGBUS (the kernel log says
+/// so). A Rust target survives its first SIGBUS (the runtime's
+/// stack-overflow handler returns and the access faults again), so its
+/// exit status alone does not tell.
+fn no_sigbus(pid: i32, what: &str) -> Result<(), String> {
+    let log = Command::new("dmesg")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .map_err(|e| format!("dmesg: {e}"))?;
+    let tag = format!(" in pid {pid}: ");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&tag) && l.contains("SIGBUS"))
+        .collect();
+    ensure(
+        lines.is_empty(),
+        format!("{what}: the target got SIGBUS:\n{}", lines.join("\n")),
+    )
 }
 
 /// pagemap: the page is in RAM (bits 0-54 its PFN, shown to root).
