@@ -429,6 +429,7 @@ fn serve(
     };
     let mut fetches: Vec<Event> = Vec::new();
     let mut freed = Vec::new();
+    let mut free_gone = false;
     loop {
         // Once stopping, what is already queued is still answered and
         // freed (a detach just before the stop frees its device pages, and
@@ -456,8 +457,9 @@ fn serve(
         if !fetches.is_empty() {
             fetch.answer(dev, homes, &mut remotes, &fetches, stats, fault_timeout);
         }
-        if !freed.is_empty() {
-            let _ = free.send(std::mem::take(&mut freed));
+        if !freed.is_empty() && free.send(std::mem::take(&mut freed)).is_err() && !free_gone {
+            free_gone = true;
+            tracing::error!("the free thread ended: freed pages now leak on the servers");
         }
     }
 }

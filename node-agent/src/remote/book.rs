@@ -207,9 +207,11 @@ impl Freed {
 }
 
 /// A run being moved, and the handles of it freed meanwhile (pages the
-/// mover may have written after their free).
+/// mover may have written after their free). Drains of two servers may
+/// move the same store's runs at once: each move has its own `token`.
 #[derive(Debug)]
 pub(crate) struct Moving {
+    pub token: u64,
     pub first: u64,
     pub freed: Vec<u64>,
 }
@@ -223,7 +225,9 @@ pub(crate) struct Book {
     pub subscribed: BTreeSet<u64>,
     /// The grant the next batch tries first.
     pub turn: usize,
-    pub moving: Option<Moving>,
+    pub moving: Vec<Moving>,
+    /// The token of the next move.
+    pub moves: u64,
     /// Servers found failing, and until when nothing new goes there.
     pub suspects: BTreeMap<u8, Instant>,
     /// Servers the coordinator declared gone: nothing new goes there, they
@@ -283,9 +287,7 @@ impl Book {
                 }
             }
         }
-        if let Some(m) = &mut self.moving
-            && m.first == first
-        {
+        for m in self.moving.iter_mut().filter(|m| m.first == first) {
             m.freed.extend(freed.pages(h).iter().map(|(h, _)| *h));
         }
         Some(freed)
@@ -576,13 +578,16 @@ mod tests {
             slots: Slots::one(0, None),
             stripes: None,
         }]);
-        book.moving = Some(Moving {
-            first: 100,
-            freed: Vec::new(),
-        });
+        for token in [1, 2] {
+            book.moving.push(Moving {
+                token,
+                first: 100,
+                freed: Vec::new(),
+            });
+        }
         book.forget(102);
         book.forget(7);
-        assert_eq!(book.moving.as_ref().unwrap().freed, [102]);
+        assert!(book.moving.iter().all(|m| m.freed == [102]));
     }
 
     #[test]

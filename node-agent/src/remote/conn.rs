@@ -105,30 +105,37 @@ impl RemoteConn {
         self.with(deadline, |c| c.get_start(handles))
     }
 
-    /// The answer to the GET [`Self::get_start`] sent (no retry: the
-    /// request is gone with a failed connection).
+    /// The answer to the GET [`Self::get_start`] sent. A connection found
+    /// broken only now (a server that restarted or closed it: writing to
+    /// it still succeeded) is replaced and the GET sent again, until
+    /// `deadline`.
     pub fn get_finish(
         &mut self,
         pending: Pending,
         handles: &[u64],
         out: &mut [Page],
         statuses: &mut Vec<PageStatus>,
+        deadline: Instant,
     ) -> Result<(), ClientError> {
-        let Some(c) = &mut self.conn else {
-            return Err(ClientError::Closed {
-                addr: self.cfg.addr.clone(),
-            });
-        };
-        match c.get_finish(pending, handles, out) {
-            Ok(s) => {
+        let r = match &mut self.conn {
+            Some(c) => c.get_finish(pending, handles, out).map(|s| {
                 statuses.clear();
                 statuses.extend_from_slice(s);
-                Ok(())
+            }),
+            None => Err(ClientError::Closed {
+                addr: self.cfg.addr.clone(),
+            }),
+        };
+        match r {
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                self.conn = None;
+                self.get(handles, out, statuses, deadline)
             }
             Err(e) => {
                 self.conn = None;
                 Err(e)
             }
+            Ok(()) => Ok(()),
         }
     }
 
@@ -142,23 +149,31 @@ impl RemoteConn {
         self.with(deadline, |c| c.put_start(pages))
     }
 
-    /// The answer to the PUT [`Self::put_start`] sent (the same `pages`;
-    /// no retry).
+    /// The answer to the PUT [`Self::put_start`] sent (the same `pages`),
+    /// sent again on a new connection as [`Self::get_finish`] does.
     pub fn put_finish(
         &mut self,
         pending: Pending,
         pages: &[(u64, &Page)],
+        deadline: Instant,
     ) -> Result<Vec<PageStatus>, ClientError> {
-        let Some(c) = &mut self.conn else {
-            return Err(ClientError::Closed {
+        let r = match &mut self.conn {
+            Some(c) => c.put_finish(pending, pages),
+            None => Err(ClientError::Closed {
                 addr: self.cfg.addr.clone(),
-            });
+            }),
         };
-        let r = c.put_finish(pending, pages);
-        if r.is_err() {
-            self.conn = None;
+        match r {
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                self.conn = None;
+                self.put(pages, deadline)
+            }
+            Err(e) => {
+                self.conn = None;
+                Err(e)
+            }
+            ok => ok,
         }
-        r
     }
 
     /// PUT with retries until `deadline`.

@@ -245,31 +245,42 @@ impl Homes {
         from: &BTreeSet<u8>,
         deadline: Instant,
     ) -> Result<Option<u64>, MoveError> {
-        let found = self.book().runs.get(&first).and_then(|r| {
-            let k = r.slots.servers().position(|s| from.contains(&s))?;
-            Some(Moved {
-                k,
-                slots: r.slots,
-                handles: r.slot_handles(first, k),
-                stripes: r.striped.as_ref().map(|s| s.layout),
+        // What moves, and from here (under the same lock) frees of the
+        // run's handles are remembered.
+        let found = {
+            let mut book = self.book();
+            let found = book.runs.get(&first).and_then(|r| {
+                let k = r.slots.servers().position(|s| from.contains(&s))?;
+                Some(Moved {
+                    k,
+                    slots: r.slots,
+                    handles: r.slot_handles(first, k),
+                    stripes: r.striped.as_ref().map(|s| s.layout),
+                })
+            });
+            found.map(|moved| {
+                book.moves += 1;
+                let token = book.moves;
+                book.moving.push(Moving {
+                    token,
+                    first,
+                    freed: Vec::new(),
+                });
+                (moved, token)
             })
-        });
-        let Some(moved) = found else {
+        };
+        let Some((moved, token)) = found else {
             return Ok(None);
         };
         let source = moved.slots.get(moved.k).expect("found above").server;
-        // From here, frees of the run's handles are remembered.
-        self.book().moving = Some(Moving {
-            first,
-            freed: Vec::new(),
-        });
         let result = self.copy_run(remotes, first, &moved, source, deadline);
-        let freed = self
-            .book()
-            .moving
-            .take()
-            .map(|m| m.freed)
-            .unwrap_or_default();
+        let freed = {
+            let mut book = self.book();
+            match book.moving.iter().position(|m| m.token == token) {
+                Some(i) => book.moving.swap_remove(i).freed,
+                None => Vec::new(),
+            }
+        };
         let (to, written) = match result? {
             Some(w) => w,
             None => return Ok(Some(0)),
@@ -328,10 +339,13 @@ impl Homes {
             Some(layout) => self.read_slot(remotes, first, layout, moved, from, deadline)?,
         };
         let need = found.len() as u64;
-        if need == 0 {
+        if need == 0 && moved.stripes.is_none() {
             // Nothing of it is left there (freed meanwhile).
             return Ok(None);
         }
+        // Erasure coded, a slot may hold no page of a live stripe (a short
+        // piece, or its stripes' pages there all dead and freed): it still
+        // moves (it names a server), with nothing to write.
         // A grant elsewhere with room for them, in a failure domain none of
         // the run's other copies is in when there is one.
         let pick = |homes: &Homes| {
@@ -407,7 +421,12 @@ impl Homes {
             } else {
                 book.runs
                     .get_mut(&first)
-                    .filter(|r| r.slots.iter().nth(k).is_some_and(|s| s.server == from))
+                    // Still there, and no other slot of the run moved to
+                    // `to` meanwhile (a drain of another server).
+                    .filter(|r| {
+                        r.slots.iter().nth(k).is_some_and(|s| s.server == from)
+                            && !r.slots.has_server(to)
+                    })
                     .map(|r| {
                         let per = r.per_slot();
                         let slot = r.slots.slot_mut(k);

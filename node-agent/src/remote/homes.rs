@@ -633,7 +633,7 @@ impl Homes {
                     let conn = remotes
                         .get(&self.servers, lane.server)
                         .expect("connected above");
-                    match conn.put_finish(pending, &batch) {
+                    match conn.put_finish(pending, &batch, deadline) {
                         Ok(statuses) => lane.statuses.extend(statuses),
                         Err(e) => lane.failed = Some(e),
                     }

@@ -209,6 +209,7 @@ impl Homes {
                     &[h],
                     std::slice::from_mut(&mut page),
                     &mut statuses,
+                    until,
                 ) {
                     Ok(()) if statuses.first() == Some(&PageStatus::Ok) => {
                         self.trust(server);
