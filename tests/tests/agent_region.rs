@@ -635,6 +635,12 @@ fn an_erasure_coded_region_survives_a_lost_server_and_leaves_nothing_behind() {
     let s = r.stats();
     assert_eq!(s.faults_failed, 0);
     assert!(s.faults_degraded > 0, "no page was rebuilt: {s:?}");
+    // The final verification reads every page in order: pages ahead of a
+    // degraded fault are rebuilt with it.
+    assert!(
+        s.prefetch_rebuilt > 0,
+        "nothing rebuilt ahead of a fault: {s:?}"
+    );
     drop(r);
     let used: Vec<u64> = servers
         .iter()

@@ -558,14 +558,40 @@ impl Fetcher {
             // (its server was drained): the book is asked again.
             rebuild.extend(failed.into_iter().map(|e| (server, e)));
         }
-        let mut page = [0u8; rmem_client::PAGE_SIZE];
+        // Per failing server: the pages of one erasure-coded run there are
+        // rebuilt together (one GET to each of K other slots); the rest,
+        // and copies, one by one.
+        let failover = crate::remote::DEFAULT_FAILOVER_AFTER;
+        let mut by_failing: BTreeMap<u8, Vec<Event>> = BTreeMap::new();
         for (server, e) in rebuild {
-            let failover = crate::remote::DEFAULT_FAILOVER_AFTER;
-            if homes.read_other(remotes, e.handle, server, &mut page, deadline, failover) {
-                stats.fetched_degraded.fetch_add(1, Ordering::Relaxed);
-                reply(dev, &e, Some(&page), stats);
-            } else {
-                give_up(dev, homes, server, &e, stats);
+            by_failing.entry(server).or_default().push(e);
+        }
+        let mut page = [0u8; rmem_client::PAGE_SIZE];
+        for (server, events) in by_failing {
+            for chunk in events.chunks(self.pages.len()) {
+                let handles: Vec<u64> = chunk.iter().map(|e| e.handle).collect();
+                let rebuilt = homes.rebuild_ahead(
+                    remotes,
+                    &handles,
+                    server,
+                    &mut self.pages[..chunk.len()],
+                    deadline,
+                    failover,
+                );
+                for (i, e) in chunk.iter().enumerate() {
+                    let served = if rebuilt.get(i) == Some(&true) {
+                        page = self.pages[i];
+                        true
+                    } else {
+                        homes.read_other(remotes, e.handle, server, &mut page, deadline, failover)
+                    };
+                    if served {
+                        stats.fetched_degraded.fetch_add(1, Ordering::Relaxed);
+                        reply(dev, e, Some(&page), stats);
+                    } else {
+                        give_up(dev, homes, server, e, stats);
+                    }
+                }
             }
         }
         for e in unplaced {

@@ -274,14 +274,16 @@ fn fetch(
         deadline
     };
     let (server, degraded) = (source.server(), source.degraded());
+    let rebuilding = matches!(source, Source::Rebuild(_));
     // The connection first: the server's batch limit bounds the prefetch.
     // A server that cannot be reached is read around, like a failed GET;
     // one known to be failing is not asked (the page is rebuilt from its
-    // stripe).
+    // stripe, and so are the pages ahead of it there).
     let (limit, unreachable) = match remotes.get(inner.homes.servers(), server) {
-        _ if matches!(source, Source::Rebuild(_)) => {
-            (1, Some(Err(format!("server {server} is failing"))))
-        }
+        _ if rebuilding => (
+            inner.cfg.prefetch_max + 1,
+            Some(Err(format!("server {server} is failing"))),
+        ),
         None => (
             1,
             Some(Err(format!("server {server} is not in the region's table"))),
@@ -296,13 +298,16 @@ fn fetch(
         .lock()
         .expect("prefetch lock")
         .observe(fault.tid, i);
-    // One request to one server: prefetch only pages held where this one is.
+    // One request to one server: prefetch only pages held where this one
+    // is (rebuilding: pages rebuilt the same way).
     for j in ahead.pages(i, states.len()).take(limit.saturating_sub(1)) {
         let s = states.get(j);
-        if s.kind() == Kind::Remote
-            && inner.homes.server_of(inner.handle(j)) == Some(server)
-            && states.cas(j, s, s.with_kind(Kind::Fetching))
-        {
+        let here = if rebuilding {
+            inner.homes.reader_of(inner.handle(j)) == Some(source)
+        } else {
+            inner.homes.server_of(inner.handle(j)) == Some(server)
+        };
+        if s.kind() == Kind::Remote && here && states.cas(j, s, s.with_kind(Kind::Fetching)) {
             scratch.pages.push(j);
         }
     }
@@ -329,6 +334,39 @@ fn fetch(
                 first_try,
             )
             .map_err(|e| (e.to_string(), e.is_retryable())),
+    };
+    // Rebuilding pages ahead with the faulting one: one GET to each of K
+    // other slots for all of them.
+    let rebuilt = if rebuilding && n > 1 {
+        inner.homes.rebuild_ahead(
+            remotes,
+            &scratch.handles,
+            server,
+            &mut scratch.data[..n],
+            deadline,
+            inner.cfg.failover_after,
+        )
+    } else {
+        Vec::new()
+    };
+    let result = match result {
+        Err(_) if rebuilt.first() == Some(&true) => {
+            let ahead = rebuilt[1..].iter().filter(|&&ok| ok).count();
+            inner
+                .stats
+                .prefetch_rebuilt
+                .fetch_add(ahead as u64, Ordering::Relaxed);
+            scratch.statuses.clear();
+            scratch.statuses.extend(rebuilt.iter().map(|&ok| {
+                if ok {
+                    PageStatus::Ok
+                } else {
+                    PageStatus::NotFound
+                }
+            }));
+            Ok(())
+        }
+        r => r,
     };
     if let Err((e, retryable)) = result {
         if inner.homes.copies() > 1 && retryable {

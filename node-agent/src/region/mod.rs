@@ -115,6 +115,9 @@ pub struct Stats {
     pub evict_failures: AtomicU64,
     pub prefetch_issued: AtomicU64,
     pub prefetch_hits: AtomicU64,
+    /// Pages brought back ahead of a degraded fault, rebuilt from their
+    /// stripes with the faulting page (erasure coded, a server failing).
+    pub prefetch_rebuilt: AtomicU64,
     pub throttled_faults: AtomicU64,
     /// Nanoseconds the evictor spent storing pages (read, PUT, free).
     pub evict_busy_ns: AtomicU64,
@@ -146,6 +149,7 @@ pub struct StatsSnapshot {
     pub evict_failures: u64,
     pub prefetch_issued: u64,
     pub prefetch_hits: u64,
+    pub prefetch_rebuilt: u64,
     pub throttled_faults: u64,
     pub evict_busy_ns: u64,
     pub fault_remote_latency_ns: rmem_common::Percentiles,
@@ -518,6 +522,7 @@ impl RemoteRegion {
             pages_dropped_zero: l(&s.pages_dropped_zero),
             evict_failures: l(&s.evict_failures),
             prefetch_issued: l(&s.prefetch_issued),
+            prefetch_rebuilt: l(&s.prefetch_rebuilt),
             prefetch_hits: l(&s.prefetch_hits),
             throttled_faults: l(&s.throttled_faults),
             evict_busy_ns: l(&s.evict_busy_ns),

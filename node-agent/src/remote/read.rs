@@ -253,6 +253,123 @@ impl Homes {
         }
     }
 
+    /// Rebuilds the pages of `handles` (a faulting page and the pages
+    /// ahead of it, or a batch of fetches; the first names the run) of one
+    /// erasure-coded run whose slot on `tried` is failing, together: each of K other slots is asked for its pages
+    /// of those stripes in one GET, the K GETs sent at once, and each page
+    /// decoded. `out[i]` holds `handles[i]` where the answer is true;
+    /// pages of another run or slot, or whose stripe did not get K pages,
+    /// are left to the caller (the faulting page to [`Self::read_other`],
+    /// the others to their own faults).
+    pub fn rebuild_ahead(
+        &self,
+        remotes: &mut Remotes,
+        handles: &[u64],
+        tried: u8,
+        out: &mut [Page],
+        deadline: Instant,
+        failover: Duration,
+    ) -> Vec<bool> {
+        let mut ok = vec![false; handles.len()];
+        let Some(Where::Stripe(layout, slots)) = handles.first().and_then(|&h| self.where_is(h))
+        else {
+            return ok;
+        };
+        let (_, want) = layout.locate(handles[0]);
+        if slots.get(want).map(|s| s.server) != Some(tried) {
+            return ok;
+        }
+        // (index in `handles`, stripe) of the pages of this run and slot.
+        let mine: Vec<(usize, u64)> = handles
+            .iter()
+            .enumerate()
+            .filter(|&(_, &h)| h.wrapping_sub(layout.first) < layout.count)
+            .map(|(i, &h)| (i, layout.locate(h)))
+            .filter(|&(_, (_, slot))| slot == want)
+            .map(|(i, (j, _))| (i, j))
+            .collect();
+        let Some(until) = self.try_until(deadline, failover, layout.width()) else {
+            return ok;
+        };
+        let now = Instant::now();
+        let mut others: Vec<(usize, u8)> = (0..layout.width())
+            .filter(|&s| s != want)
+            .filter_map(|s| slots.get(s).map(|slot| (s, slot.server)))
+            .collect();
+        {
+            let book = self.book();
+            others.sort_by_key(|&(_, server)| book.is_suspect(server, now));
+        }
+        let mut sent = Vec::with_capacity(usize::from(layout.data));
+        for &(s, server) in others.iter().take(usize::from(layout.data)) {
+            // This slot's page of each stripe, and the stripe's place in
+            // `mine` (a short stripe has zeroes there: no page to ask).
+            let (hs, at): (Vec<u64>, Vec<usize>) = mine
+                .iter()
+                .enumerate()
+                .filter_map(|(m, &(_, j))| layout.handle(j, s).map(|h| (h, m)))
+                .unzip();
+            if hs.is_empty() {
+                continue;
+            }
+            let Some(conn) = remotes.get(&self.servers, server) else {
+                continue;
+            };
+            if !conn
+                .max_batch(until)
+                .is_ok_and(|max| max as usize >= hs.len())
+            {
+                continue;
+            }
+            match conn.get_start(&hs, until) {
+                Ok(pending) => sent.push((s, server, hs, at, pending)),
+                Err(e) => {
+                    if e.is_retryable() {
+                        self.suspect(server);
+                    }
+                }
+            }
+        }
+        let mut pages: Vec<Vec<(usize, Page)>> = vec![Vec::new(); mine.len()];
+        let mut buf = vec![[0u8; rmem_client::PAGE_SIZE]; mine.len()];
+        let mut statuses = Vec::with_capacity(mine.len());
+        // Every request sent is answered (or its connection dropped).
+        for (s, server, hs, at, pending) in sent {
+            let conn = remotes.get(&self.servers, server).expect("sent above");
+            match conn.get_finish(pending, &hs, &mut buf[..hs.len()], &mut statuses, until) {
+                Ok(()) => {
+                    self.trust(server);
+                    for (n, &m) in at.iter().enumerate() {
+                        if statuses.get(n) == Some(&PageStatus::Ok) {
+                            pages[m].push((s, buf[n]));
+                        }
+                    }
+                }
+                Err(e) => {
+                    if e.is_retryable() {
+                        self.suspect(server);
+                    }
+                }
+            }
+        }
+        for (m, &(i, j)) in mine.iter().enumerate() {
+            if stripe::needed(&layout, j, pages[m].len()) > 0 {
+                continue;
+            }
+            let have: Vec<(usize, &Page)> = pages[m].iter().map(|(s, p)| (*s, p)).collect();
+            match stripe::reconstruct(&layout, j, want, &have) {
+                Ok(p) => {
+                    out[i] = p;
+                    ok[i] = true;
+                }
+                Err(e) => {
+                    tracing::error!(handle = handles[i], error = %e, "cannot rebuild a page from its stripe");
+                }
+            }
+        }
+        ok
+    }
+
     /// Until when one server may take, with `width` servers holding the
     /// page's copies or stripe; `None` at the deadline.
     fn try_until(&self, deadline: Instant, failover: Duration, width: usize) -> Option<Instant> {
