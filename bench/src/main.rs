@@ -11,6 +11,7 @@ mod dataplane;
 mod limits;
 mod matrix;
 mod plot;
+mod rebuild;
 mod redundancy;
 mod region;
 mod report;
@@ -97,6 +98,8 @@ pub enum BenchError {
     Region(#[from] rmem_agent::RegionError),
     #[error("the server answered `{0}` for a benchmark page")]
     Page(rmem_client::PageStatus),
+    #[error("cluster: {0}")]
+    Cluster(String),
     #[error("page {page} read back with wrong contents")]
     Verify { page: usize },
     #[error("invalid `{field}`: {reason}")]
@@ -270,6 +273,8 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
     let limits = limits::measure(plan.limits, &rtt)?;
     progress("redundancy: none, replicas=2 and ec=4+2 on six servers, then one server gone");
     let redundancy = redundancy::measure(plan.region)?;
+    progress("rebuild: replicas=2 and ec=4+2, a server of seven declared gone");
+    let rebuild = rebuild::measure(plan.region)?;
     let workloads = matrix::measure(&client, &plan.matrix, &progress)?;
     Ok(report::Report::new(
         report::Setup {
@@ -283,6 +288,7 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
         dataplane,
         rmem,
         redundancy,
+        rebuild,
         workloads,
     ))
 }

@@ -8,6 +8,7 @@ use crate::Latency;
 use crate::dataplane::DataPlane;
 use crate::limits::Limits;
 use crate::matrix::{Cell, WorkloadSetup, Workloads};
+use crate::rebuild::RebuildFigures;
 use crate::redundancy::RedundancyFigures;
 use crate::region::RegionFigures;
 
@@ -73,6 +74,8 @@ pub struct Report {
     pub rmem: RegionFigures,
     /// Eviction and faults with each redundancy policy, and degraded.
     pub redundancy: RedundancyFigures,
+    /// How fast a gone server's pages are rebuilt, per policy.
+    pub rebuild: Vec<RebuildFigures>,
     /// Every workload cell: `{name, system, local_fraction, ops_per_s,
     /// slowdown, ...}`.
     pub workloads: Vec<Cell>,
@@ -91,6 +94,7 @@ impl Report {
         dataplane: DataPlane,
         rmem: RegionFigures,
         redundancy: RedundancyFigures,
+        rebuild: Vec<RebuildFigures>,
         workloads: Workloads,
     ) -> Self {
         let rtt = limits.tcp_rtt_4k_us;
@@ -124,6 +128,7 @@ impl Report {
             dataplane,
             rmem,
             redundancy,
+            rebuild,
             workloads: workloads.cells,
             workload_setup: workloads.setup,
             ratios,
@@ -290,6 +295,18 @@ pub fn render(r: &Report) -> String {
                 lat(&d.fault_us),
                 lat(&d.degraded_us),
                 d.faults_degraded
+            ),
+        );
+    }
+    for b in &r.rebuild {
+        row(
+            &format!(
+                "{}: rebuild of a gone server (one agent, no limit)",
+                b.policy
+            ),
+            format!(
+                "{:.0} MiB/s ({} pages in {:.2} s)",
+                b.mib_s, b.pages, b.seconds
             ),
         );
     }
