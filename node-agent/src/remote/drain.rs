@@ -604,7 +604,7 @@ impl Homes {
                 return Err(last_error.unwrap_or(MoveError::Lost));
             }
             let refs: Vec<(usize, &Page)> = got.iter().map(|(s, p)| (*s, p)).collect();
-            let page = stripe::stripe_page(layout, j, k, &refs)?;
+            let page = stripe::reconstruct(layout, j, k, &refs)?;
             found.push((h, page));
         }
         Ok(found)

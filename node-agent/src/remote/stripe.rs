@@ -165,9 +165,9 @@ pub fn encode<'p>(
     Ok(out)
 }
 
-/// Data page `want` (a data slot) of a stripe from any K of its pages:
-/// `have` is (slot, page) of pages read; slots with no page (zeroes) are
-/// taken from the layout of stripe `j`.
+/// Page `want` (a data or a parity slot) of stripe `j` from any K of its
+/// pages: `have` is (slot, page) of pages read; slots with no page
+/// (zeroes) are taken from the layout.
 ///
 /// The code is linear over the field `reed-solomon-simd` computes in
 /// (GF(2^16), each 4 KiB page 2048 symbols): parity page `m` is
@@ -176,7 +176,8 @@ pub fn encode<'p>(
 /// degraded fault, the K pages at hand are solved for the one wanted: the
 /// K x K system of their rows of `[I; G]` is inverted (K <= 8, scalar
 /// work) and the page is a combination of K pages, SIMD multiplies of the
-/// crate's engine.
+/// crate's engine (a parity page's coefficients are its generator row
+/// times the inverse).
 pub fn reconstruct(
     layout: &Layout,
     j: u64,
@@ -184,6 +185,9 @@ pub fn reconstruct(
     have: &[(usize, &Page)],
 ) -> Result<Page, CodecError> {
     let (k, m) = (usize::from(layout.data), usize::from(layout.parity));
+    if want >= k + m {
+        return Err(CodecError(format!("no slot {want} in ec={k}+{m}")));
+    }
     if layout.handle(j, want).is_none() {
         return Ok(ZERO);
     }
@@ -225,12 +229,20 @@ pub fn reconstruct(
     let inverse = f
         .invert(matrix)
         .ok_or_else(|| CodecError("the stripe's pages do not determine the page".into()))?;
-    // data_want = sum over rows r of inverse[want][r] * page_r.
+    // data_i = sum over rows r of inverse[i][r] * page_r; a parity page
+    // is its generator row over the data, so over the rows too.
+    let coef: Vec<GfElement> = if want < k {
+        inverse[want].clone()
+    } else {
+        (0..k)
+            .map(|r| (0..k).fold(0, |acc, i| acc ^ f.mul(g[want - k][i], inverse[i][r])))
+            .collect()
+    };
     let engine = engine();
     let mut out = ZERO;
     let mut term = ZERO;
     for (r, (_, page)) in rows.iter().enumerate() {
-        let c = inverse[want][r];
+        let c = coef[r];
         let Some(page) = page else { continue };
         if c == 0 {
             continue;
@@ -364,38 +376,6 @@ fn generator(k: usize, m: usize) -> Result<&'static Vec<Vec<GfElement>>, CodecEr
     Ok(cell.get_or_init(|| g))
 }
 
-/// Page `want` of stripe `j` (a data or a parity slot) from any K of its
-/// pages (`have`, as for [`reconstruct`]): a lost parity page is encoded
-/// again from the stripe's data.
-pub fn stripe_page(
-    layout: &Layout,
-    j: u64,
-    want: usize,
-    have: &[(usize, &Page)],
-) -> Result<Page, CodecError> {
-    let (k, m) = (usize::from(layout.data), usize::from(layout.parity));
-    if let Some((_, p)) = have.iter().find(|(s, _)| *s == want) {
-        return Ok(**p);
-    }
-    if want < k {
-        return reconstruct(layout, j, want, have);
-    }
-    let data = (0..k)
-        .map(|s| reconstruct(layout, j, s, have))
-        .collect::<Result<Vec<Page>, _>>()?;
-    let mut enc = ReedSolomonEncoder::new(k, m, PAGE_SIZE)?;
-    for d in &data {
-        enc.add_original_shard(d)?;
-    }
-    let r = enc.encode()?;
-    let shard = r
-        .recovery(want - k)
-        .ok_or_else(|| CodecError(format!("parity page {} was not encoded", want - k)))?;
-    let mut out = ZERO;
-    out.copy_from_slice(shard);
-    Ok(out)
-}
-
 /// Pages of stripe `j` a decode still needs beyond `have` (zeroes count).
 pub fn needed(layout: &Layout, j: u64, have: usize) -> usize {
     let zeroes = (0..usize::from(layout.data))
@@ -483,18 +463,33 @@ mod tests {
 
     #[test]
     fn lost_parity_pages_are_encoded_again() {
-        let l = layout(7, 2, 2);
-        let data: Vec<Page> = (0..7).map(page).collect();
-        let parity = encode(&l, |off| &data[off]).unwrap();
-        for j in 0..l.stripes() {
-            // Slot 3 (the second parity page) from a data and a parity page.
-            let d1 = l
-                .handle(j, 1)
-                .map_or(ZERO, |h| data[(h - l.first) as usize]);
-            let p0 = parity[j as usize];
-            let have = [(1usize, &d1), (2, &p0)];
-            let got = stripe_page(&l, j, 3, &have).unwrap();
-            assert!(got == parity[(l.stripes() + j) as usize], "stripe {j}");
+        for (count, k, m) in [(7u64, 2u8, 2u8), (10, 4, 2), (23, 8, 3), (5, 3, 4)] {
+            let l = layout(count, k, m);
+            let data: Vec<Page> = (0..count as usize).map(page).collect();
+            let parity = encode(&l, |off| &data[off]).unwrap();
+            let get = |h: u64| -> Page {
+                if l.is_parity(h) {
+                    parity[(h - l.parity_first) as usize]
+                } else {
+                    data[(h - l.first) as usize]
+                }
+            };
+            for j in 0..l.stripes() {
+                for want in usize::from(k)..l.width() {
+                    // Any K others: start past the lost slot.
+                    let pages: Vec<(usize, Page)> = (1..l.width())
+                        .map(|d| (want + d) % l.width())
+                        .filter_map(|s| l.handle(j, s).map(|h| (s, get(h))))
+                        .collect();
+                    let have: Vec<(usize, &Page)> = pages.iter().map(|(s, p)| (*s, p)).collect();
+                    let got = reconstruct(&l, j, want, &have).unwrap();
+                    let h = l.handle(j, want).unwrap();
+                    assert!(
+                        got == get(h),
+                        "ec={k}+{m} count {count} stripe {j} slot {want}"
+                    );
+                }
+            }
         }
     }
 
