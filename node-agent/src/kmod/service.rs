@@ -630,10 +630,15 @@ impl Fetcher {
         let Some(conn) = remotes.get(homes.servers(), server) else {
             return events.to_vec();
         };
-        let max = conn
-            .max_batch(deadline)
-            .map_or(1, |m| m.max(1) as usize)
-            .min(self.pages.len());
+        let max = match conn.max_batch(deadline) {
+            Ok(m) => (m.max(1) as usize).min(self.pages.len()),
+            // Not reachable now: every page of the batch goes elsewhere (one
+            // line for the batch, not one per page).
+            Err(e) => {
+                tracing::warn!(server = %homes.servers().addr(server), error = %e, pages = events.len(), "fetching remote pages failed");
+                return events.to_vec();
+            }
+        };
         let mut failed = Vec::new();
         for batch in events.chunks(max) {
             self.handles.clear();
