@@ -1,8 +1,8 @@
 //! Rebuild throughput: how fast one agent restores the redundancy of the
 //! pages a server held once that server is declared gone, with no
 //! bandwidth limit. `replicas=2` copies each page from its other copy;
-//! `ec=4+2` decodes each from four others of its stripe (a lost parity page
-//! is encoded again).
+//! `ec=4+2` solves each from four others of its stripe (data and parity
+//! pages alike).
 //!
 //! An embedded coordinator and seven embedded servers (so that every copy
 //! or slot has a server to go to besides its run's), a region filled, then
