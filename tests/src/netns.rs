@@ -155,6 +155,20 @@ impl Host {
         ip(&["-n", &self.switch, "link", "set", &self.link, "up"]);
     }
 
+    /// Moves the calling thread into the host's network namespace; the
+    /// threads it starts afterwards are there too (an in-process agent
+    /// started on it runs on this host).
+    pub fn enter(&self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(format!("/run/netns/{}", self.netns))?;
+        // SAFETY: setns on an open namespace file; it changes only the
+        // calling thread's network namespace.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// `addr:port` on this host.
     pub fn at(&self, port: u16) -> String {
         format!("{}:{port}", self.addr)
@@ -207,8 +221,9 @@ pub fn rmemctl(client: &Host, coord: &Host, args: &[&str]) -> serde_json::Value 
 }
 
 /// Starts `rmem-coordinator` on `host` (1 s leases, 2 s invalidation
-/// deadline, 1 MiB placement chunks, state in `state`) with `extra` flags,
-/// and waits until it serves; its daemon index.
+/// deadline, 1 MiB placement chunks, state in `state`) with `extra` flags
+/// (one of those three given there replaces the default), and waits until it
+/// serves; its daemon index.
 pub fn start_coordinator(net: &mut Network, host: &Host, state: &str, extra: &[&str]) -> usize {
     let listen = host.at(COORD_PORT);
     let mut args = vec![
@@ -218,13 +233,16 @@ pub fn start_coordinator(net: &mut Network, host: &Host, state: &str, extra: &[&
         &listen,
         "--state-dir",
         state,
-        "--lease",
-        "1s",
-        "--invalidation-deadline",
-        "2s",
-        "--placement-chunk",
-        "1MiB",
     ];
+    for (flag, value) in [
+        ("--lease", "1s"),
+        ("--invalidation-deadline", "2s"),
+        ("--placement-chunk", "1MiB"),
+    ] {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
     args.extend_from_slice(extra);
     let k = net.spawn(host, "rmem-coordinator", &args);
     assert!(

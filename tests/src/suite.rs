@@ -8,11 +8,22 @@ use std::time::Instant;
 pub struct Suite {
     pub passed: usize,
     pub failed: usize,
+    pub skipped: usize,
+    /// Runs only the cases whose name holds this (a debugging aid).
+    pub only: Option<String>,
 }
 
 impl Suite {
     /// Runs one case and prints `ok` or `FAILED` with its time.
     pub fn case(&mut self, name: &str, f: impl FnOnce() -> Result<(), String>) {
+        if self
+            .only
+            .as_ref()
+            .is_some_and(|only| !name.contains(only.as_str()))
+        {
+            self.skipped += 1;
+            return;
+        }
         let start = Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
             .unwrap_or_else(|p| Err(format!("panicked: {p:?}")));
@@ -30,7 +41,14 @@ impl Suite {
 
     /// Prints the summary and exits (1 on any failure).
     pub fn finish(&self) -> ! {
-        println!("{} passed, {} failed", self.passed, self.failed);
+        if self.skipped > 0 {
+            println!(
+                "{} passed, {} failed, {} skipped",
+                self.passed, self.failed, self.skipped
+            );
+        } else {
+            println!("{} passed, {} failed", self.passed, self.failed);
+        }
         std::process::exit(i32::from(self.failed > 0));
     }
 }

@@ -1091,6 +1091,67 @@ fn a_coordinator_that_lost_its_state_never_makes_a_server_free_pages() {
 }
 
 #[test]
+fn frees_a_stalled_server_missed_are_paid_once_it_answers_again() {
+    // Invalidations that wait 300 ms for a server: the first discard below
+    // fences the stopped server (which unsubscribes it), so the second
+    // one's invalidation completes without it. Both fall back to freeing
+    // directly, which the stopped server cannot answer either: it owes
+    // those frees. Its reconcile cannot free them (the region's interval
+    // still covers them), and the region lives on: they used to leak
+    // until it was dropped.
+    let coord = Coordinator::start(&[
+        "--placement-chunk",
+        "1MiB",
+        "--lease",
+        "1s",
+        "--invalidation-deadline",
+        "300ms",
+    ]);
+    let endpoint = coord.addr.to_string();
+    let mem = ServerProcess::join(&endpoint, "mem", "64MiB");
+    let agent = Cluster::connect(&ClusterConfig::new(endpoint)).unwrap();
+    let r = RemoteRegion::in_cluster(
+        RegionConfig {
+            size: (512 * PAGE_SIZE) as u64,
+            budget: (64 * PAGE_SIZE) as u64,
+            fault_timeout: Duration::from_secs(2),
+            ..RegionConfig::default()
+        },
+        &agent,
+    )
+    .unwrap();
+    let m = Pages { r: &r };
+    for p in 0..r.pages() {
+        m.write(p, 3);
+    }
+    let held = used(std::slice::from_ref(&mem))[0];
+    assert!(held > 256, "only {held} pages evicted");
+    mem.daemon.signal(libc::SIGSTOP);
+    r.discard(0, 256 * PAGE_SIZE).unwrap();
+    r.discard(256 * PAGE_SIZE, 256 * PAGE_SIZE).unwrap();
+    mem.daemon.signal(libc::SIGCONT);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            rmemctl_json(&coord, &["servers"])[0]["state"] == "up"
+        }),
+        "{}",
+        rmemctl_json(&coord, &["servers"])
+    );
+    // Every page of the region was discarded: nothing may stay remote.
+    assert!(
+        wait_until(Duration::from_secs(30), || used(std::slice::from_ref(&mem))
+            == [0]),
+        "the server still holds {:?} of {held} discarded pages",
+        used(std::slice::from_ref(&mem))
+    );
+    assert!(
+        m.read(0) == 0 && m.read(511) == 0,
+        "discarded pages do not read as zeroes"
+    );
+    drop(r);
+}
+
+#[test]
 fn a_server_stalled_past_its_lease_costs_a_wait_not_the_program() {
     // The case: a 12 s stall, past the server's lease (2 s here),
     // used to outlast the fault timeout (then 10 s) and give SIGBUS.

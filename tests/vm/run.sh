@@ -25,6 +25,7 @@
 #                       before it is booted again, once (default 240 s)
 #   RMEM_VM_KVM=no      do not try KVM
 #   RMEM_VM_MEM=MiB     memory of each rdma guest (default 768)
+#   RMEM_VM_ONLY=WORD   kmod: run only the cases whose name holds WORD
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
@@ -46,8 +47,10 @@ install_host_packages() {
   command -v debootstrap >/dev/null || need+=(debootstrap)
   [ -x /bin/busybox ] || need+=(busybox-static)
   command -v cpio >/dev/null || need+=(cpio)
+  # Both guests load modules of the stock kernel (xz) and make networks (ip).
+  command -v xz >/dev/null || need+=(xz-utils)
+  [ -x /usr/sbin/ip ] || need+=(iproute2)
   if [ "$suite" = rdma ]; then
-    command -v xz >/dev/null || need+=(xz-utils)
     command -v rdma >/dev/null || need+=(iproute2)
     [ -e /usr/lib/x86_64-linux-gnu/libibverbs.so.1 ] || need+=(rdma-core)
     [ -e /etc/libibverbs.d/rxe.driver ] || need+=(ibverbs-providers)
@@ -82,6 +85,32 @@ add_libs() {
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
   done
+}
+
+# Decompresses module $1 (a name) and, before it, every module it depends
+# on, from $MODULES_DIR into $2/rmem/modules, appending each name to
+# $2/rmem/modules/order once. A dependency with no module file is built into
+# the kernel; a module asked for by name must exist.
+add_module() {
+  local name=$1 root=$2 file deps dep
+  grep -qx "$name" "$root/rmem/modules/order" 2>/dev/null && return
+  file=$(find "$MODULES_DIR/kernel" \( -name "$name.ko" -o -name "$name.ko.*" \) | head -1)
+  if [ -z "$file" ]; then
+    file=$(find "$MODULES_DIR/kernel" \( -name "${name//_/-}.ko" -o -name "${name//_/-}.ko.*" \) | head -1)
+  fi
+  [ -n "$file" ] || return 1
+  case $file in
+    *.ko) cp "$file" "$root/rmem/modules/$name.ko" ;;
+    *.ko.xz) xz -dc "$file" >"$root/rmem/modules/$name.ko" ;;
+    *.ko.zst) zstd -qdc "$file" >"$root/rmem/modules/$name.ko" ;;
+    *.ko.gz) gzip -dc "$file" >"$root/rmem/modules/$name.ko" ;;
+    *) die "$file: unknown module compression" ;;
+  esac
+  deps=$(grep -a -o 'depends=[A-Za-z0-9_,-]*' "$root/rmem/modules/$name.ko" | head -1 | cut -d= -f2 | tr ',' ' ')
+  for dep in $deps; do
+    add_module "$dep" "$root" || say "module $dep (needed by $name) has no file: taken as built in"
+  done
+  echo "$name" >>"$root/rmem/modules/order"
 }
 
 # Packs root $1 into the gzipped cpio archive $2.
@@ -125,6 +154,10 @@ console_result() {
 
 # --- kmod: one guest, rmem.ko ------------------------------------------------
 
+# The kernel modules the kmod guest loads (besides rmem.ko), for the chaos
+# case's network namespaces.
+KMOD_NET_MODULES="veth bridge"
+
 suite_kmod() {
   bash kmod/kit.sh module
   eval "$(bash kmod/kit.sh env)"
@@ -146,12 +179,26 @@ suite_kmod() {
   rm -f "$root/rmem/selftests/"*.log
   # The binaries link glibc dynamically: bring the libraries they load.
   add_libs "$root" target/release/rmem-server target/release/rmem-coordinator target/release/rmem-agent target/release/rmemctl target/release/rmem-vmtest
+  # The chaos case's hosts: network namespaces joined by veth pairs to a
+  # bridge, made with iproute2's ip (busybox's has no netns).
+  [ -d "$MODULES_DIR/kernel" ] || die "no kernel modules in '$MODULES_DIR' (kmod/kit.sh kernel)"
+  mkdir -p "$root/usr/sbin" "$root/run" "$root/var" "$root/rmem/modules"
+  ln -s ../run "$root/var/run"
+  cp /usr/sbin/ip "$root/usr/sbin/ip"
+  add_libs "$root" /usr/sbin/ip
+  for m in $KMOD_NET_MODULES; do
+    add_module "$m" "$root" || die "no module $m in $MODULES_DIR"
+  done
   cat >"$root/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+for m in $(cat /rmem/modules/order); do
+  insmod "/rmem/modules/$m.ko" || echo "guest: insmod $m failed"
+done
 ip link set lo up
 echo "guest: $(uname -r), $(nproc) cpus, $(grep MemTotal /proc/meminfo)"
 cd /tmp
@@ -168,7 +215,7 @@ EOF
     say "booting $KREL (${accel[1]}), suite kmod"
     timeout "${RMEM_VM_TIMEOUT:-900}" qemu-system-x86_64 "${accel[@]}" -smp 2 -m 2048 \
       -nographic -no-reboot -kernel "$VMLINUZ" -initrd "$out/initrd.gz" \
-      -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init" </dev/null >"$out/console.log" 2>&1 &
+      -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init${RMEM_VM_ONLY:+ rmem.only=$RMEM_VM_ONLY}" </dev/null >"$out/console.log" 2>&1 &
     qemu_pids=($!)
     trap kill_guests EXIT
     if reached_init "$out/console.log" "${qemu_pids[0]}" || [ "$boot" = 2 ]; then
@@ -213,32 +260,6 @@ RDMA_MODULES="virtio_net ib_core ib_uverbs udp_tunnel ip6_udp_tunnel rdma_rxe rd
 RDMA_TOOLS="/usr/bin/rdma /usr/bin/ib_read_lat /usr/bin/ib_write_lat /usr/bin/ibv_devices /usr/bin/ibv_devinfo"
 RXE_PROVIDER=/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so
 RXE_DRIVER=/etc/libibverbs.d/rxe.driver
-
-# Decompresses module $1 (a name) and, before it, every module it depends
-# on, from $MODULES_DIR into $2/rmem/modules, appending each name to
-# $2/rmem/modules/order once. A dependency with no module file is built into
-# the kernel; a module asked for by name must exist.
-add_module() {
-  local name=$1 root=$2 file deps dep
-  grep -qx "$name" "$root/rmem/modules/order" 2>/dev/null && return
-  file=$(find "$MODULES_DIR/kernel" \( -name "$name.ko" -o -name "$name.ko.*" \) | head -1)
-  if [ -z "$file" ]; then
-    file=$(find "$MODULES_DIR/kernel" \( -name "${name//_/-}.ko" -o -name "${name//_/-}.ko.*" \) | head -1)
-  fi
-  [ -n "$file" ] || return 1
-  case $file in
-    *.ko) cp "$file" "$root/rmem/modules/$name.ko" ;;
-    *.ko.xz) xz -dc "$file" >"$root/rmem/modules/$name.ko" ;;
-    *.ko.zst) zstd -qdc "$file" >"$root/rmem/modules/$name.ko" ;;
-    *.ko.gz) gzip -dc "$file" >"$root/rmem/modules/$name.ko" ;;
-    *) die "$file: unknown module compression" ;;
-  esac
-  deps=$(grep -a -o 'depends=[A-Za-z0-9_,-]*' "$root/rmem/modules/$name.ko" | head -1 | cut -d= -f2 | tr ',' ' ')
-  for dep in $deps; do
-    add_module "$dep" "$root" || say "module $dep (needed by $name) has no file: taken as built in"
-  done
-  echo "$name" >>"$root/rmem/modules/order"
-}
 
 suite_rdma() {
   # The guests need the stock kernel and its modules, not rmem.ko.

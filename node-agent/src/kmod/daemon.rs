@@ -66,6 +66,12 @@ pub struct DaemonStatus {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct AgentTotals {
     pub fetched_pages: u64,
+    /// Of `fetched_pages`, those served by another copy than the first
+    /// asked, or rebuilt from their stripe (a server was failing).
+    pub fetched_degraded_pages: u64,
+    /// Fetches answered with an error: the faulting task got SIGBUS (the
+    /// redundancy was exhausted, or a lone copy's server was gone).
+    pub failed_fetches: u64,
     pub freed_pages: u64,
     pub kept_local_pages: u64,
     /// The module's counters (zero if it could not be asked).
@@ -283,6 +289,8 @@ impl Supervisor {
         let info = self.agent.device().info().unwrap_or_default();
         AgentTotals {
             fetched_pages: s.fetched.load(Ordering::Relaxed),
+            fetched_degraded_pages: s.fetched_degraded.load(Ordering::Relaxed),
+            failed_fetches: s.fetch_errors.load(Ordering::Relaxed),
             freed_pages: s.freed.load(Ordering::Relaxed),
             kept_local_pages: s.kept_local.load(Ordering::Relaxed),
             skipped_ksm_pages: info.skipped_ksm,

@@ -464,6 +464,9 @@ fn serve(
     }
 }
 
+/// How often an idle free thread pays the frees failing servers owe.
+const OWED_EVERY: Duration = Duration::from_secs(1);
+
 /// The free thread: frees the handles the fault threads saw freed, as many
 /// as are queued at once in one release, until every fault thread ended.
 fn free_loop(
@@ -473,7 +476,17 @@ fn free_loop(
     queue: &std::sync::mpsc::Receiver<Vec<u64>>,
     timeout: Duration,
 ) {
-    while let Ok(mut freed) = queue.recv() {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        let mut freed = match queue.recv_timeout(OWED_EVERY) {
+            Ok(f) => f,
+            // Idle: pay what servers that failed owe, once they answer.
+            Err(RecvTimeoutError::Timeout) => {
+                homes.pay_owed(&mut remotes, Instant::now() + timeout);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         while let Ok(more) = queue.try_recv() {
             freed.extend(more);
         }

@@ -236,6 +236,11 @@ pub(crate) struct Book {
     /// Copies taken by [`Book::take`] and not yet recorded or given back,
     /// per server: a drain is not done while some are on its server.
     pub placing: BTreeMap<u8, u64>,
+    /// Frees a server still owes: handles freed while it was failing (not
+    /// waited for) or whose free it did not answer. Paid once it answers
+    /// again ([`super::homes::Homes::pay_owed`]); dropped if it is declared
+    /// gone (it frees its stale copies when it comes back).
+    pub owed: BTreeMap<u8, Vec<u64>>,
 }
 
 impl Book {

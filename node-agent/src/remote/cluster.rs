@@ -366,6 +366,22 @@ impl Cluster {
                     .store(at_risk, std::sync::atomic::Ordering::Relaxed);
             }
         });
+        // Frees a failing server missed (it was fenced, so invalidations
+        // no longer reach it) are paid once it answers again, whatever the
+        // stores are doing.
+        let owed = shared.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(AT_RISK_EVERY).await;
+                let owed = owed.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    for h in owed.stores() {
+                        h.pay_owed_idle();
+                    }
+                })
+                .await;
+            }
+        });
         Ok(Arc::new(Self {
             runtime,
             client,
@@ -545,8 +561,22 @@ impl Cluster {
     /// holding those pages free them before this returns. False if it did
     /// not complete (the caller frees what it can directly).
     pub(crate) fn invalidate_spans(&self, space: &str, spans: &[(u64, u64)]) -> bool {
+        self.invalidate(space, spans)
+            .is_some_and(|(complete, _)| complete)
+    }
+
+    /// As [`Self::invalidate_spans`]; the members that acknowledged it
+    /// (they freed their copies of those pages), or `None` if it failed.
+    /// A server missing from the list may still hold the pages: one fenced
+    /// earlier is no longer subscribed, so the invalidation does not wait
+    /// for it and still completes.
+    pub(crate) fn invalidate_acked(&self, space: &str, spans: &[(u64, u64)]) -> Option<Vec<u64>> {
+        self.invalidate(space, spans).map(|(_, acked)| acked)
+    }
+
+    fn invalidate(&self, space: &str, spans: &[(u64, u64)]) -> Option<(bool, Vec<u64>)> {
         let Some((&(start, length), more)) = spans.split_first() else {
-            return true;
+            return Some((true, Vec::new()));
         };
         let r = self.runtime.block_on(
             self.client
@@ -565,10 +595,13 @@ impl Cluster {
                 }),
         );
         match r {
-            Ok(r) => r.into_inner().complete,
+            Ok(r) => {
+                let r = r.into_inner();
+                Some((r.complete, r.acknowledged))
+            }
             Err(e) => {
                 tracing::warn!(error = %ControlError::from(e), space, "cannot invalidate freed pages");
-                false
+                None
             }
         }
     }

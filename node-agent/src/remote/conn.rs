@@ -117,26 +117,17 @@ impl RemoteConn {
         statuses: &mut Vec<PageStatus>,
         deadline: Instant,
     ) -> Result<(), ClientError> {
-        let r = match &mut self.conn {
-            Some(c) => c.get_finish(pending, handles, out).map(|s| {
+        self.finish(
+            deadline,
+            (out, statuses),
+            |c, (out, statuses)| {
+                let s = c.get_finish(pending, handles, out)?;
                 statuses.clear();
                 statuses.extend_from_slice(s);
-            }),
-            None => Err(ClientError::Closed {
-                addr: self.cfg.addr.clone(),
-            }),
-        };
-        match r {
-            Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                self.conn = None;
-                self.get(handles, out, statuses, deadline)
-            }
-            Err(e) => {
-                self.conn = None;
-                Err(e)
-            }
-            Ok(()) => Ok(()),
-        }
+                Ok(())
+            },
+            |me, (out, statuses)| me.get(handles, out, statuses, deadline),
+        )
     }
 
     /// Sends a PUT without waiting for its answer (connecting, with
@@ -157,8 +148,27 @@ impl RemoteConn {
         pages: &[(u64, &Page)],
         deadline: Instant,
     ) -> Result<Vec<PageStatus>, ClientError> {
+        self.finish(
+            deadline,
+            (),
+            |c, ()| c.put_finish(pending, pages),
+            |me, ()| me.put(pages, deadline),
+        )
+    }
+
+    /// Reads the answer to a request sent earlier with `read`; on a
+    /// connection found broken only now, drops it and, before `deadline`,
+    /// does the whole request again with `again` on a new one. `buffers`
+    /// go to whichever runs.
+    fn finish<B, T>(
+        &mut self,
+        deadline: Instant,
+        mut buffers: B,
+        read: impl FnOnce(&mut DataConnection, &mut B) -> Result<T, ClientError>,
+        again: impl FnOnce(&mut Self, &mut B) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
         let r = match &mut self.conn {
-            Some(c) => c.put_finish(pending, pages),
+            Some(c) => read(c, &mut buffers),
             None => Err(ClientError::Closed {
                 addr: self.cfg.addr.clone(),
             }),
@@ -166,7 +176,7 @@ impl RemoteConn {
         match r {
             Err(e) if e.is_retryable() && Instant::now() < deadline => {
                 self.conn = None;
-                self.put(pages, deadline)
+                again(self, &mut buffers)
             }
             Err(e) => {
                 self.conn = None;

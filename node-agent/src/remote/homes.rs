@@ -30,7 +30,7 @@
 //! - *Closing.* With nothing left that names a handle, the spaces are
 //!   retired (invalidated whole, unregistered) and the grants returned.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -44,6 +44,9 @@ use super::cluster::{Cluster, ClusterError, server_config};
 use super::servers::{Remotes, Servers};
 use super::space::{SPACE_BITS, Space, new_base, retire};
 use super::stripe;
+
+/// Most frees one failing server may owe (8 bytes each).
+pub(crate) const MAX_OWED: usize = 1 << 20;
 
 /// Pages asked of the coordinator when the grants are full (64 MiB).
 pub const GRANT_PAGES: u64 = 16384;
@@ -370,6 +373,9 @@ impl Homes {
             .map(|g| g.server)
             .collect();
         book.gone.extend(servers.iter().copied());
+        for s in &servers {
+            book.owed.remove(s);
+        }
         !servers.is_empty()
     }
 
@@ -516,6 +522,14 @@ impl Homes {
         let until = Instant::now() + SUSPECT_FOR;
         if self.book().suspects.insert(server, until).is_none() {
             tracing::warn!(server = %self.servers.addr(server), "a memory server is failing: placing and reading elsewhere for a while");
+        }
+    }
+
+    /// A request to `server` failed with `e`: a server that does not
+    /// answer (not one that refused the request) is suspected.
+    pub fn failed(&self, server: u8, e: &rmem_client::ClientError) {
+        if e.is_retryable() {
+            self.suspect(server);
         }
     }
 
@@ -777,12 +791,26 @@ impl Homes {
         let sorted: Vec<u64> = servers.keys().copied().collect();
         let mut invalidated = 0;
         let mut direct: BTreeMap<u8, Vec<u64>> = BTreeMap::new();
-        let mut fall_back = |hs: &[u64]| {
+        // The copies of `hs` on servers whose member is not in `acked`
+        // (all of them if the invalidation failed) are freed directly.
+        let members: BTreeMap<u8, u64> = {
+            let book = self.book();
+            book.grants.iter().map(|g| (g.server, g.member)).collect()
+        };
+        let mut fall_back = |hs: &[u64], acked: Option<&BTreeSet<u64>>| {
+            let mut all = 0;
             for h in hs {
+                let mut freed = true;
                 for &s in servers.get(h).into_iter().flatten() {
-                    direct.entry(s).or_default().push(*h);
+                    let member = members.get(&s);
+                    if !acked.is_some_and(|a| member.is_some_and(|m| a.contains(m))) {
+                        direct.entry(s).or_default().push(*h);
+                        freed = false;
+                    }
                 }
+                all += usize::from(freed);
             }
+            all
         };
         for space in std::iter::once(&link.space).chain(&link.older) {
             let mine: Vec<u64> = sorted
@@ -793,15 +821,21 @@ impl Homes {
             if mine.is_empty() {
                 continue;
             }
-            let complete = space
-                .spans(&mine)
-                .chunks(4097)
-                .all(|c| link.cluster.invalidate_spans(&space.name, c));
-            if complete {
-                invalidated += mine.len();
-            } else {
-                fall_back(&mine);
+            // Who freed every chunk: a member missing from one is asked
+            // for all of them directly (a second free is harmless).
+            let mut acked: Option<BTreeSet<u64>> = None;
+            for c in space.spans(&mine).chunks(4097) {
+                let Some(a) = link.cluster.invalidate_acked(&space.name, c) else {
+                    acked = Some(BTreeSet::new());
+                    break;
+                };
+                let a: BTreeSet<u64> = a.into_iter().collect();
+                acked = Some(match acked {
+                    None => a,
+                    Some(before) => before.intersection(&a).copied().collect(),
+                });
             }
+            invalidated += fall_back(&mine, acked.as_ref());
         }
         // A handle of no space this member registered is not expected;
         // free it where the book said it was.
@@ -810,7 +844,7 @@ impl Homes {
             .copied()
             .filter(|&h| !link.space.contains(h) && !link.older.iter().any(|s| s.contains(h)))
             .collect();
-        fall_back(&strays);
+        fall_back(&strays, None);
         let direct: Vec<(u8, Vec<u64>)> = direct.into_iter().collect();
         self.free_direct(remotes, &direct, deadline)?;
         Ok(invalidated)
@@ -843,21 +877,38 @@ impl Homes {
         by_server: &[(u8, Vec<u64>)],
         deadline: Instant,
     ) -> Result<(), ClientError> {
+        self.pay_owed(remotes, deadline);
+        self.free_now(remotes, by_server, deadline)
+    }
+
+    /// Frees on each server its handles. A server found failing is not
+    /// waited for, and one that does not answer is not asked again now:
+    /// their frees are owed, paid once they answer again.
+    fn free_now(
+        &self,
+        remotes: &mut Remotes,
+        by_server: &[(u8, Vec<u64>)],
+        deadline: Instant,
+    ) -> Result<(), ClientError> {
         let mut first_err = None;
         let now = Instant::now();
         for (server, handles) in by_server {
             if handles.is_empty() {
                 continue;
             }
-            // A server found failing is not waited for: what it holds of
-            // these goes with the invalidation that retires the space, or,
-            // if it is down then, when it registers again and reconciles
-            // (the space is gone).
-            let skip = {
+            let (gone, failing) = {
                 let book = self.book();
-                book.gone.contains(server) || (self.copies > 1 && book.is_suspect(*server, now))
+                (
+                    book.gone.contains(server),
+                    self.copies > 1 && book.is_suspect(*server, now),
+                )
             };
-            if skip {
+            // A gone server frees its stale copies when it comes back.
+            if gone {
+                continue;
+            }
+            if failing {
+                self.owe(*server, handles);
                 continue;
             }
             let Some(conn) = remotes.get(&self.servers, *server) else {
@@ -870,10 +921,75 @@ impl Homes {
                 Ok(())
             });
             if let Err(e) = r {
+                if e.is_retryable() {
+                    // Freeing twice is harmless: a handle is never reused.
+                    self.owe(*server, handles);
+                    self.failed(*server, &e);
+                }
                 first_err.get_or_insert(e);
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Records frees `server` owes (at most [`MAX_OWED`] a server: past
+    /// that, the oldest leak until the space retires).
+    fn owe(&self, server: u8, handles: &[u64]) {
+        let mut book = self.book();
+        let owed = book.owed.entry(server).or_default();
+        owed.extend_from_slice(handles);
+        if owed.len() > MAX_OWED {
+            let over = owed.len() - MAX_OWED;
+            owed.drain(..over);
+            tracing::warn!(server = %self.servers.addr(server), pages = over, "too many frees owed by a failing server: some of its pages leak until this agent's space retires");
+        }
+    }
+
+    /// [`Self::pay_owed`] on connections of its own, for a background
+    /// task: nothing to do (no connection made) unless a free is owed.
+    pub fn pay_owed_idle(&self) -> usize {
+        if self.book().owed.is_empty() {
+            return 0;
+        }
+        let mut remotes = Remotes::new(self.request_timeout, Duration::ZERO);
+        self.pay_owed(&mut remotes, Instant::now() + self.request_timeout)
+    }
+
+    /// Pays the frees owed by servers no longer failing; the pages freed.
+    /// Called before every direct free, every second for every store of a
+    /// cluster member, and by the kernel agent's idle free thread.
+    pub fn pay_owed(&self, remotes: &mut Remotes, deadline: Instant) -> usize {
+        let due: Vec<(u8, Vec<u64>)> = {
+            let mut book = self.book();
+            if book.owed.is_empty() {
+                return 0;
+            }
+            let now = Instant::now();
+            let ready: Vec<u8> = book
+                .owed
+                .keys()
+                .copied()
+                .filter(|s| !book.is_suspect(*s, now))
+                .collect();
+            ready
+                .into_iter()
+                .filter_map(|s| book.owed.remove(&s).map(|hs| (s, hs)))
+                .collect()
+        };
+        if due.is_empty() {
+            return 0;
+        }
+        let pages: usize = due.iter().map(|(_, hs)| hs.len()).sum();
+        match self.free_now(remotes, &due, deadline) {
+            Ok(()) => {
+                tracing::info!(pages, "paid the frees owed by servers that failed");
+                pages
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "servers still owe frees");
+                0
+            }
+        }
     }
 
     /// The kernel agent stops. With no device page left (`module_pages` is

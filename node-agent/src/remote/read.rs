@@ -124,11 +124,8 @@ impl Homes {
                     return Pass::Read;
                 }
                 Ok(()) => missing += 1,
-                Err(e) => {
-                    if copies.len() > 1 && e.is_retryable() {
-                        self.suspect(server);
-                    }
-                }
+                // `suspect` ignores a lone copy.
+                Err(e) => self.failed(server, &e),
             }
         }
         if asked > 0 && missing == asked {
@@ -192,11 +189,7 @@ impl Homes {
                 };
                 match conn.get_start(&[h], until) {
                     Ok(p) => sent.push((k, h, server, p)),
-                    Err(e) => {
-                        if e.is_retryable() {
-                            self.suspect(server);
-                        }
-                    }
+                    Err(e) => self.failed(server, &e),
                 }
             }
             // Every request sent is answered (or its connection dropped)
@@ -220,11 +213,7 @@ impl Homes {
                         }
                     }
                     Ok(()) => missing += 1,
-                    Err(e) => {
-                        if e.is_retryable() {
-                            self.suspect(server);
-                        }
-                    }
+                    Err(e) => self.failed(server, &e),
                 }
             }
         }
@@ -323,11 +312,7 @@ impl Homes {
             }
             match conn.get_start(&hs, until) {
                 Ok(pending) => sent.push((s, server, hs, at, pending)),
-                Err(e) => {
-                    if e.is_retryable() {
-                        self.suspect(server);
-                    }
-                }
+                Err(e) => self.failed(server, &e),
             }
         }
         let mut pages: Vec<Vec<(usize, Page)>> = vec![Vec::new(); mine.len()];
@@ -345,11 +330,7 @@ impl Homes {
                         }
                     }
                 }
-                Err(e) => {
-                    if e.is_retryable() {
-                        self.suspect(server);
-                    }
-                }
+                Err(e) => self.failed(server, &e),
             }
         }
         for (m, &(i, j)) in mine.iter().enumerate() {

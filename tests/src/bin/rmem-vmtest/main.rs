@@ -22,6 +22,8 @@ use rmem_client::{BlockingConnection, ClientConfig};
 use rmem_tests::suite::{Suite, ensure, percentiles};
 use rmem_tests::{CoordinatorProcess, ServerProcess, pattern, wait_until};
 
+mod chaos;
+
 const PAGE: usize = 4096;
 /// A transparent huge page.
 const HUGE: usize = 2 << 20;
@@ -63,6 +65,12 @@ fn main() {
     if suite.failed > 0 {
         suite.finish();
     }
+    // `rmem.only=WORD` on the kernel command line (RMEM_VM_ONLY): only the
+    // cases whose name holds WORD.
+    suite.only = std::fs::read_to_string("/proc/cmdline").ok().and_then(|c| {
+        c.split_whitespace()
+            .find_map(|w| w.strip_prefix("rmem.only=").map(String::from))
+    });
     let server = ServerProcess::start(&["--capacity", "128MiB", "--prefault"]);
     let mut env = Env {
         server,
@@ -684,6 +692,11 @@ fn main() {
     suite.case(
         "in a cluster: pages spread over the granted servers, move off a drained one, are freed through invalidations, a restarted agent takes over, and with two replicas or ec=2+1 a killed server loses no page",
         || env.without_agent(cluster_case),
+    );
+
+    suite.case(
+        "chaos on the kernel path: with ec=2+1 a server killed for good, one stopped past its lease, one cut off and healed, one drained and a coordinator restart lose no page and fail no fault",
+        || env.without_agent(|_| chaos::chaos_case()),
     );
 
     suite.case(
