@@ -103,6 +103,8 @@ pub struct AttachmentView {
     /// Its private anonymous memory in RAM and remote at the last round.
     pub local_bytes: u64,
     pub remote_bytes: u64,
+    /// Redundancy of its evicted pages.
+    pub redundancy: String,
 }
 
 impl From<pb::Attachment> for AttachmentView {
@@ -121,6 +123,7 @@ impl From<pb::Attachment> for AttachmentView {
             budget_bytes: a.budget_bytes,
             local_bytes: a.local_bytes,
             remote_bytes: a.remote_bytes,
+            redundancy: a.redundancy,
         }
     }
 }
@@ -141,6 +144,10 @@ pub struct AttachmentsView {
     pub skipped_locked_pages: u64,
     pub skipped_mapping_pages: u64,
     pub stuck_faults: u64,
+    /// Fetches served from another copy or rebuilt from a stripe, and
+    /// fetches that failed (the faulting task got SIGBUS).
+    pub fetched_degraded_pages: u64,
+    pub failed_fetches: u64,
     pub attachments: Vec<AttachmentView>,
 }
 
@@ -157,6 +164,8 @@ impl From<pb::ListResponse> for AttachmentsView {
             skipped_locked_pages: r.skipped_locked_pages,
             skipped_mapping_pages: r.skipped_mapping_pages,
             stuck_faults: r.stuck_faults,
+            fetched_degraded_pages: r.fetched_degraded_pages,
+            failed_fetches: r.failed_fetches,
             attachments: r.attachments.into_iter().map(Into::into).collect(),
         }
     }
@@ -194,6 +203,7 @@ pub fn attachments_table(v: &AttachmentsView) -> String {
         "LOCAL",
         "REMOTE",
         "LOCAL/BUDGET",
+        "REDUNDANCY",
         "ERRORS",
         "AGE",
     ]);
@@ -208,15 +218,18 @@ pub fn attachments_table(v: &AttachmentsView) -> String {
             pages(a.local_bytes / 4096),
             pages(a.remote_bytes / 4096),
             budget(a),
+            a.redundancy.clone(),
             a.evict_errors.to_string(),
             format!("{:.0}s", a.attached_seconds),
         ]);
     }
     format!(
-        "server {}: {} fetched, {} freed, {} kept local; {} local, {} remote in all\n\
+        "server {}: {} fetched ({} degraded, {} failed), {} freed, {} kept local; {} local, {} remote in all\n\
          left in RAM by eviction: {} KSM, {} mlocked, {} other mappings; {} stuck faults\n{}",
         v.server,
         pages(v.fetched_pages),
+        pages(v.fetched_degraded_pages),
+        v.failed_fetches,
         pages(v.freed_pages),
         pages(v.kept_local_pages),
         pages(v.local_bytes / 4096),
@@ -231,10 +244,11 @@ pub fn attachments_table(v: &AttachmentsView) -> String {
 
 pub fn attachment_line(a: &AttachmentView) -> String {
     format!(
-        "attached pid {} ({}), range {}, budget {}\n",
+        "attached pid {} ({}), range {}, redundancy {}, budget {}\n",
         a.pid,
         a.command,
         range(a),
+        a.redundancy,
         if a.budget_bytes == 0 {
             "none".to_string()
         } else {

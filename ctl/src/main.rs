@@ -169,6 +169,11 @@ enum Command {
         /// count as cold [default: no budget, cold pages only].
         #[arg(long, value_parser = parse_size)]
         budget: Option<u64>,
+        /// Redundancy of its evicted pages: `none`, `replicas=N` (N copies
+        /// on distinct servers) or `ec=K+M` (stripes of K data and M
+        /// parity pages) [default: the agent's].
+        #[arg(long, value_name = "POLICY")]
+        redundancy: Option<rmem_common::Redundancy>,
         #[command(flatten)]
         agent: AgentSocket,
     },
@@ -566,6 +571,7 @@ async fn run_agent(command: Command, out: Output, timeout: Duration) -> Result<(
             start,
             length,
             budget,
+            redundancy,
             agent,
         } => {
             let mut c = agent::connect(&agent.socket, timeout).await?;
@@ -575,6 +581,7 @@ async fn run_agent(command: Command, out: Output, timeout: Duration) -> Result<(
                     start: start.unwrap_or(0),
                     length: length.unwrap_or(0),
                     budget_bytes: budget.unwrap_or(0),
+                    redundancy: redundancy.map(|r| r.to_string()).unwrap_or_default(),
                 })
                 .await
                 .map_err(agent::AgentError::from)?

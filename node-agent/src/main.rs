@@ -526,7 +526,7 @@ fn run_serve(a: ServeArgs) -> ExitCode {
         let stop_signal = rmem_common::shutdown::stop_signal();
         for &pid in &a.attach {
             let sup = sup.clone();
-            tokio::task::spawn_blocking(move || sup.attach(pid, None, None))
+            tokio::task::spawn_blocking(move || sup.attach(pid, None, None, None))
                 .await
                 .expect("attach task")
                 .map_err(|e| format!("--attach {pid}: {e}"))?;

@@ -25,7 +25,7 @@
 #                       before it is booted again, once (default 240 s)
 #   RMEM_VM_KVM=no      do not try KVM
 #   RMEM_VM_MEM=MiB     memory of each rdma guest (default 768)
-#   RMEM_VM_ONLY=WORD   kmod: run only the cases whose name holds WORD
+#   RMEM_VM_ONLY=W1,W2  kmod: run only the cases whose name holds one of the words
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use super::daemon::{DaemonStatus, Supervisor, SupervisorError};
 use super::service::KernelError;
+use crate::remote::ClusterError;
 
 /// Default path of the admin socket.
 pub const DEFAULT_SOCKET: &str = "/run/rmem/agent.sock";
@@ -45,6 +46,7 @@ fn view(s: &DaemonStatus) -> pb::Attachment {
         budget_bytes: s.budget_bytes,
         local_bytes: s.local_bytes,
         remote_bytes: s.remote_bytes,
+        redundancy: s.redundancy.clone(),
     }
 }
 
@@ -53,7 +55,10 @@ fn status(e: SupervisorError) -> Status {
     match e {
         SupervisorError::AlreadyAttached(_) => Status::already_exists(msg),
         SupervisorError::NotAttached(_) | SupervisorError::NoProcess(_) => Status::not_found(msg),
-        SupervisorError::Range(_) => Status::invalid_argument(msg),
+        SupervisorError::Range(_)
+        | SupervisorError::Kernel(KernelError::Cluster(ClusterError::TooFewServers { .. })) => {
+            Status::invalid_argument(msg)
+        }
         SupervisorError::Kernel(KernelError::Monitor(_)) => Status::failed_precondition(msg),
         SupervisorError::Kernel(KernelError::Device(io))
             if matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
@@ -102,8 +107,15 @@ impl AgentAdmin for AdminService {
                 "budget_bytes: at least {MIN_BUDGET} (1 MiB), or 0 for none"
             )));
         }
+        let policy = match r.redundancy.as_str() {
+            "" => None,
+            p => Some(
+                p.parse::<rmem_common::Redundancy>()
+                    .map_err(|e| Status::invalid_argument(format!("redundancy: {e}")))?,
+            ),
+        };
         let st = self
-            .blocking(move |s| s.attach(r.pid, range, budget))
+            .blocking(move |s| s.attach(r.pid, range, budget, policy))
             .await?;
         Ok(Response::new(pb::AttachResponse {
             attachment: Some(view(&st)),
@@ -138,6 +150,8 @@ impl AgentAdmin for AdminService {
             skipped_locked_pages: totals.skipped_locked_pages,
             skipped_mapping_pages: totals.skipped_mapping_pages,
             stuck_faults: totals.stuck_faults,
+            fetched_degraded_pages: totals.fetched_degraded_pages,
+            failed_fetches: totals.failed_fetches,
             local_bytes: list.iter().map(|s| s.local_bytes).sum(),
             remote_bytes: list.iter().map(|s| s.remote_bytes).sum(),
         }))

@@ -55,6 +55,8 @@ pub struct DaemonStatus {
     /// Pages brought back by the detach.
     pub restored_pages: u64,
     pub process_exited: bool,
+    /// Redundancy of its evicted pages (`none`, `replicas=N`, `ec=K+M`).
+    pub redundancy: String,
     /// Evictions that failed (the pages stayed local), and the last reason.
     pub evict_errors: u64,
     pub last_error: Option<String>,
@@ -164,12 +166,14 @@ impl Supervisor {
 
     /// Attaches `pid` (`range` `(start, length)`, or the whole address
     /// space) and starts watching it; with a `budget` (bytes), at most that
-    /// much of its anonymous memory stays in RAM.
+    /// much of its anonymous memory stays in RAM; its pages have `policy`'s
+    /// redundancy (`None`: the agent's).
     pub fn attach(
         &self,
         pid: i32,
         range: Option<(u64, u64)>,
         budget: Option<u64>,
+        policy: Option<rmem_common::Redundancy>,
     ) -> Result<DaemonStatus, SupervisorError> {
         if pid <= 0 {
             return Err(SupervisorError::NoProcess(pid));
@@ -190,13 +194,15 @@ impl Supervisor {
         let command = command_of(pid)
             .filter(|_| alive(pid))
             .ok_or(SupervisorError::NoProcess(pid))?;
-        let att = self.agent.attach(pid, range).map_err(|e| {
-            if e.raw_os_error() == Some(libc::ESRCH) {
-                SupervisorError::NoProcess(pid)
-            } else {
-                SupervisorError::Kernel(e.into())
-            }
-        })?;
+        let att = self
+            .agent
+            .attach_with(pid, range, policy)
+            .map_err(|e| match e {
+                KernelError::Device(io) if io.raw_os_error() == Some(libc::ESRCH) => {
+                    SupervisorError::NoProcess(pid)
+                }
+                e => SupervisorError::Kernel(e),
+            })?;
         let (start, length) = range.unwrap_or((0, 0));
         let status = DaemonStatus {
             pid,
@@ -204,6 +210,7 @@ impl Supervisor {
             start,
             length,
             budget_bytes: budget.unwrap_or(0),
+            redundancy: self.agent.policy_of(att).to_string(),
             ..DaemonStatus::default()
         };
         inner.procs.insert(
@@ -534,7 +541,7 @@ pub fn run(
     mut progress: impl FnMut(&KernelReport),
 ) -> Result<KernelReport, SupervisorError> {
     let sup = Supervisor::start(cfg)?;
-    sup.attach(pid, None, budget)?;
+    sup.attach(pid, None, budget, None)?;
     let report = |process| KernelReport {
         process,
         agent: sup.totals(),

@@ -111,6 +111,9 @@ pub struct KernelAgent {
     threads: Vec<JoinHandle<()>>,
     evictor: Mutex<Evictor>,
     stats: Arc<KernelStats>,
+    /// Attachments with a redundancy of their own (the others take the
+    /// agent's).
+    policies: Mutex<std::collections::HashMap<u64, rmem_common::Redundancy>>,
 }
 
 #[derive(Debug)]
@@ -143,14 +146,15 @@ impl KernelAgent {
             let (dev, homes, stop, stats) =
                 (dev.clone(), homes.clone(), stop.clone(), stats.clone());
             let free_tx = free_tx.clone();
-            // With copies to fail over to, one read gets
-            // DEFAULT_FAILOVER_AFTER, not the request timeout.
-            let read_timeout = if homes.copies() > 1 {
-                crate::remote::DEFAULT_FAILOVER_AFTER.min(cfg.request_timeout)
-            } else {
-                cfg.request_timeout
+            // A page with other copies gets DEFAULT_FAILOVER_AFTER from one
+            // server before another is read; a lone copy is waited for.
+            let reads = Reads {
+                lone: Remotes::new(cfg.request_timeout, Duration::ZERO),
+                failover: Remotes::new(
+                    crate::remote::DEFAULT_FAILOVER_AFTER.min(cfg.request_timeout),
+                    Duration::ZERO,
+                ),
             };
-            let remotes = Remotes::new(read_timeout, Duration::ZERO);
             let fault_timeout = cfg.fault_timeout;
             let delay = cfg.fetch_delay;
             threads.push(
@@ -160,7 +164,7 @@ impl KernelAgent {
                         serve(
                             &dev,
                             &homes,
-                            remotes,
+                            reads,
                             &stop,
                             &stats,
                             &free_tx,
@@ -195,6 +199,7 @@ impl KernelAgent {
             homes,
             stats,
             cfg,
+            policies: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -219,14 +224,50 @@ impl KernelAgent {
         &self.stats
     }
 
-    /// Attaches process `pid` (a range of it, or all of it).
+    /// Attaches process `pid` (a range of it, or all of it); its pages
+    /// take the agent's redundancy.
     pub fn attach(&self, pid: i32, range: Option<(u64, u64)>) -> io::Result<u64> {
         self.dev.attach(pid, range)
     }
 
+    /// As [`Self::attach`], with a redundancy of the attachment's own
+    /// (`None`: the agent's). A policy the servers cannot hold (a stripe
+    /// wider than the configured servers) is refused.
+    pub fn attach_with(
+        &self,
+        pid: i32,
+        range: Option<(u64, u64)>,
+        policy: Option<rmem_common::Redundancy>,
+    ) -> Result<u64, KernelError> {
+        if let Some(p) = policy {
+            self.homes.check_policy(p)?;
+        }
+        let att = self.dev.attach(pid, range)?;
+        if let Some(p) = policy {
+            self.lock_policies().insert(att, p);
+        }
+        Ok(att)
+    }
+
+    /// The redundancy of attachment `att`'s pages.
+    pub fn policy_of(&self, att: u64) -> rmem_common::Redundancy {
+        self.lock_policies()
+            .get(&att)
+            .copied()
+            .unwrap_or(self.homes.policy())
+    }
+
+    fn lock_policies(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, rmem_common::Redundancy>> {
+        self.policies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Brings every page of the attachment back and removes it.
     pub fn detach(&self, id: u64) -> io::Result<u64> {
-        self.dev.detach(id)
+        let restored = self.dev.detach(id)?;
+        self.lock_policies().remove(&id);
+        Ok(restored)
     }
 
     /// Moves the present pages of `[start, start + len)` to the server. A
@@ -270,7 +311,8 @@ impl KernelAgent {
                 retried = false;
                 continue;
             }
-            let now = self.store_and_commit(ev, att, addr, pages, n)?;
+            let policy = self.lock_policies().get(&att).copied();
+            let now = self.store_and_commit(ev, att, addr, pages, n, policy)?;
             moved += now;
             if now < n && !retried {
                 // A page can miss a migration for a moment (a per-CPU LRU
@@ -293,10 +335,11 @@ impl KernelAgent {
         start: u64,
         max_pages: usize,
         n: usize,
+        policy: Option<rmem_common::Redundancy>,
     ) -> Result<usize, KernelError> {
         let first = self.homes.take(n);
         let handles: Vec<u64> = (first..first + n as u64).collect();
-        let pieces = self.homes.place(first, n)?;
+        let pieces = self.homes.place(first, n, policy)?;
         let deadline = Instant::now() + self.cfg.request_timeout;
         let data = &ev.data;
         let (ok, error) = self.homes.put(
@@ -413,7 +456,7 @@ fn warn_if_module_gives_up_first(fault_timeout: Duration) {
 fn serve(
     dev: &Device,
     homes: &Homes,
-    mut remotes: Remotes,
+    mut reads: Reads,
     stop: &AtomicBool,
     stats: &KernelStats,
     free: &std::sync::mpsc::Sender<Vec<u64>>,
@@ -455,7 +498,7 @@ fn serve(
             }
         }
         if !fetches.is_empty() {
-            fetch.answer(dev, homes, &mut remotes, &fetches, stats, fault_timeout);
+            fetch.answer(dev, homes, &mut reads, &fetches, stats, fault_timeout);
         }
         if !freed.is_empty() && free.send(std::mem::take(&mut freed)).is_err() && !free_gone {
             free_gone = true;
@@ -505,6 +548,14 @@ fn free_loop(
     }
 }
 
+/// A fault thread's connections: for pages with a lone copy (waited for,
+/// up to the request timeout a try), and for pages with other copies or a
+/// stripe (a server gets DEFAULT_FAILOVER_AFTER, then the next is read).
+struct Reads {
+    lone: Remotes,
+    failover: Remotes,
+}
+
 /// A fault thread's buffers for fetching.
 struct Fetcher {
     pages: Vec<Page>,
@@ -523,7 +574,7 @@ impl Fetcher {
         &mut self,
         dev: &Device,
         homes: &Homes,
-        remotes: &mut Remotes,
+        reads: &mut Reads,
         fetches: &[Event],
         stats: &KernelStats,
         timeout: Duration,
@@ -532,7 +583,8 @@ impl Fetcher {
             std::thread::sleep(self.delay);
         }
         let deadline = Instant::now() + timeout;
-        let mut by_server: BTreeMap<u8, Vec<Event>> = BTreeMap::new();
+        // Per server, and whether the pages have other copies.
+        let mut by_server: BTreeMap<(u8, bool), Vec<Event>> = BTreeMap::new();
         let mut unplaced = Vec::new();
         // Pages whose server is known to be failing, rebuilt from their
         // stripes.
@@ -540,30 +592,25 @@ impl Fetcher {
         for e in fetches {
             match homes.reader_of(e.handle) {
                 Some(Source::Rebuild(s)) => rebuild.push((s, *e)),
-                Some(s) => by_server.entry(s.server()).or_default().push(*e),
+                Some(s) => by_server
+                    .entry((s.server(), homes.copies_of(e.handle) > 1))
+                    .or_default()
+                    .push(*e),
                 None => unplaced.push(*e),
             }
         }
-        // With other copies, one server gets `failover` at a time, not the
-        // whole fault timeout.
-        let copies = homes.copies();
-        let per_try = |deadline: Instant| {
-            if copies > 1 {
-                (Instant::now() + crate::remote::DEFAULT_FAILOVER_AFTER).min(deadline)
+        for ((server, others), events) in by_server {
+            // With other copies, one server gets `failover` at a time, not
+            // the whole fault timeout.
+            let (remotes, until) = if others {
+                (
+                    &mut reads.failover,
+                    (Instant::now() + crate::remote::DEFAULT_FAILOVER_AFTER).min(deadline),
+                )
             } else {
-                deadline
-            }
-        };
-        for (server, events) in by_server {
-            let failed = self.fetch_from(
-                dev,
-                homes,
-                remotes,
-                server,
-                &events,
-                stats,
-                per_try(deadline),
-            );
+                (&mut reads.lone, deadline)
+            };
+            let failed = self.fetch_from(dev, homes, remotes, server, &events, stats, until);
             if !failed.is_empty() {
                 homes.suspect(server);
             }
@@ -571,6 +618,7 @@ impl Fetcher {
             // (its server was drained): the book is asked again.
             rebuild.extend(failed.into_iter().map(|e| (server, e)));
         }
+        let remotes = &mut reads.failover;
         // Per failing server: the pages of one erasure-coded run there are
         // rebuilt together (one GET to each of K other slots); the rest,
         // and copies, one by one.
@@ -609,7 +657,7 @@ impl Fetcher {
         }
         for e in unplaced {
             let found = homes.candidates().find(|&server| {
-                self.fetch_from(dev, homes, remotes, server, &[e], stats, deadline)
+                self.fetch_from(dev, homes, &mut reads.lone, server, &[e], stats, deadline)
                     .is_empty()
             });
             match found {

@@ -123,7 +123,7 @@ fn evict(inner: &Inner, remotes: &mut Remotes, victims: &[usize], pages: &mut [P
     let mut all_ok = true;
     if !send.is_empty() {
         let first = inner.homes.take(send.len());
-        match inner.homes.place(first, send.len()) {
+        match inner.homes.place(first, send.len(), None) {
             Ok(pieces) => {
                 let (stored, error) = inner.homes.put(
                     remotes,

@@ -99,6 +99,9 @@ pub struct Piece {
     pub count: usize,
     pub slots: Slots,
     pub stripes: Option<Layout>,
+    /// Slots its policy asks for (more than `slots` holds when placed
+    /// short).
+    pub wanted: u8,
 }
 
 impl Piece {
@@ -163,6 +166,9 @@ pub(crate) struct Run {
     pub live: u64,
     /// Erasure coded: the layout of its stripes, and what of each lives.
     pub striped: Option<Box<Striped>>,
+    /// Copies or slots its policy asks for: with fewer live ones, its
+    /// pages are at risk.
+    pub wanted: u8,
 }
 
 impl Run {
@@ -306,10 +312,12 @@ impl Book {
 
     /// Pages with fewer live copies or stripe pages (not on a gone
     /// server) than `copies`.
-    pub fn at_risk(&self, copies: usize) -> u64 {
+    pub fn at_risk(&self) -> u64 {
         self.runs
             .values()
-            .filter(|r| r.slots.servers().filter(|s| !self.gone.contains(s)).count() < copies)
+            .filter(|r| {
+                r.slots.servers().filter(|s| !self.gone.contains(s)).count() < usize::from(r.wanted)
+            })
             .map(|r| r.live)
             .sum()
     }
@@ -409,6 +417,7 @@ impl Book {
                 count: take as usize,
                 slots,
                 stripes,
+                wanted: copies.min(MAX_SHARDS) as u8,
             });
             next += take;
             left -= take;
@@ -444,6 +453,7 @@ impl Book {
                     slots: p.slots,
                     live: p.count as u64,
                     striped: p.stripes.map(|l| Box::new(Striped::new(l))),
+                    wanted: p.wanted,
                 },
             );
         }
@@ -471,6 +481,7 @@ mod tests {
                 slots: Slots::one(3, Some(0)),
                 live: 8,
                 striped: None,
+                wanted: 1,
             },
         );
         book.runs.insert(
@@ -480,6 +491,7 @@ mod tests {
                 slots: Slots::one(1, Some(0)),
                 live: 4,
                 striped: None,
+                wanted: 1,
             },
         );
         assert_eq!(book.run_of(9).map(|r| r.0), None);
@@ -582,6 +594,7 @@ mod tests {
             count: 4,
             slots: Slots::one(0, None),
             stripes: None,
+            wanted: 1,
         }]);
         for token in [1, 2] {
             book.moving.push(Moving {
@@ -619,6 +632,32 @@ mod tests {
         let used: u64 = book.grants.iter().map(|g| g.used).sum();
         assert!(matches!(book.forget(3), Some(Freed::Copies(s)) if s.len() == 2));
         assert_eq!(book.grants.iter().map(|g| g.used).sum::<u64>(), used - 2);
+    }
+
+    #[test]
+    fn runs_of_different_policies_are_at_risk_by_their_own() {
+        let mut book = Book::default();
+        for s in 0..3 {
+            book.grants.push(grant(s, 1000, 0));
+        }
+        // One batch with two copies, one with one, one asking for four
+        // copies of which three servers exist (placed short).
+        let (two, _) = book.take(0, 10, 2, 1);
+        let (one, _) = book.take(100, 10, 1, 1);
+        let (four, _) = book.take(200, 10, 4, 1);
+        assert_eq!((two[0].wanted, one[0].wanted, four[0].wanted), (2, 1, 4));
+        assert_eq!(four[0].slots.len(), 3);
+        book.record(&two);
+        book.record(&one);
+        book.record(&four);
+        // Only the short run is at risk.
+        assert_eq!(book.at_risk(), 10);
+        // A server gone: the replicated run on it is at risk too; the lone
+        // copy asked for no more than it has unless it was there.
+        let gone = two[0].server();
+        book.gone.insert(gone);
+        let lone_there = u64::from(one[0].server() == gone) * 10;
+        assert_eq!(book.at_risk(), 20 + lone_there);
     }
 
     #[test]

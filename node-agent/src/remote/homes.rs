@@ -114,11 +114,17 @@ pub struct Homes {
     /// Set when the space is retired: a drain still running frees what it
     /// wrote instead of recording it.
     pub(crate) closed: AtomicBool,
-    /// Servers each page's redundancy spans (copies, or data plus parity
-    /// pages of a stripe).
+    /// The store's policy, for batches placed without one of their own;
+    /// from it, the servers each page's redundancy spans (copies, or data
+    /// plus parity pages of a stripe)...
+    policy: Redundancy,
     copies: usize,
-    /// Data pages per stripe (1: pages are copied whole).
+    /// ...and data pages per stripe (1: pages are copied whole).
     data: usize,
+    /// Whether some page here may have another copy or a stripe (the
+    /// store's policy, or a batch's own): only then is a failing server
+    /// read around and suspected.
+    redundant: AtomicBool,
     /// Whether placing fewer copies than asked was warned about.
     warned_short: AtomicBool,
 }
@@ -267,8 +273,10 @@ impl Homes {
             link: None,
             request_timeout,
             closed: AtomicBool::new(false),
+            policy: redundancy,
             copies: redundancy.copies(),
             data: redundancy.data(),
+            redundant: AtomicBool::new(redundancy.copies() > 1),
             warned_short: AtomicBool::new(false),
         }))
     }
@@ -304,8 +312,10 @@ impl Homes {
             }),
             request_timeout,
             closed: AtomicBool::new(false),
+            policy: redundancy,
             copies: redundancy.copies(),
             data: redundancy.data(),
+            redundant: AtomicBool::new(redundancy.copies() > 1),
             warned_short: AtomicBool::new(false),
         });
         // Pages on a server being drained move elsewhere.
@@ -341,23 +351,55 @@ impl Homes {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Servers each page's redundancy spans: copies, or the data and
-    /// parity pages of its stripe. More than one: a failing server is
-    /// read around.
+    /// Servers each page's redundancy spans under the store's policy:
+    /// copies, or the data and parity pages of its stripe. More than one:
+    /// a failing server is read around.
     pub fn copies(&self) -> usize {
         self.copies
     }
 
-    /// Pages of each server for `pages` pages stored.
-    fn per_server(&self, pages: u64) -> u64 {
-        pages.div_ceil(self.data as u64)
+    /// The store's policy.
+    pub fn policy(&self) -> Redundancy {
+        self.policy
     }
 
-    /// Pages stored with fewer live copies than the policy asks for:
+    /// Servers handle `h`'s page spans (its run's slots; the store's
+    /// policy for a handle not on the book).
+    pub fn copies_of(&self, h: u64) -> usize {
+        self.book()
+            .run_of(h)
+            .map_or(self.copies, |(_, r)| r.slots.len())
+    }
+
+    /// Whether some page here may be read around a failing server.
+    pub fn redundant(&self) -> bool {
+        self.redundant.load(Ordering::Relaxed)
+    }
+
+    /// Checks that batches of `policy` can be placed here: a stripe needs
+    /// its data pages and a parity page on distinct servers, and a store
+    /// of configured servers has no more than it was given.
+    pub fn check_policy(&self, policy: Redundancy) -> Result<(), ClusterError> {
+        if self.link.is_none() && policy.is_erasure() && self.servers.len() <= policy.data() {
+            return Err(ClusterError::TooFewServers {
+                policy,
+                need: policy.data() + 1,
+                have: self.servers.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Pages of each server for `pages` pages stored in stripes of `data`.
+    fn per_server(pages: u64, data: usize) -> u64 {
+        pages.div_ceil(data as u64)
+    }
+
+    /// Pages stored with fewer live copies than their policy asks for:
     /// placed short (the cluster had fewer servers), or with a copy on a
     /// server declared gone that is not rebuilt yet.
     pub fn at_risk(&self) -> u64 {
-        self.book().at_risk(self.copies)
+        self.book().at_risk()
     }
 
     /// Server `member` is declared gone: nothing new goes there, its copies
@@ -380,18 +422,32 @@ impl Homes {
     }
 
     /// Chooses servers for `count` handles from `first` (each on as many
-    /// distinct servers as the policy has copies), asking the coordinator
-    /// for capacity when the grants are full or too few. The pieces count
-    /// against their grants until [`Self::unplace`] or a free.
+    /// distinct servers as `policy`, or the store's, has copies), asking
+    /// the coordinator for capacity when the grants are full or too few.
+    /// The pieces count against their grants until [`Self::unplace`] or a
+    /// free.
     ///
     /// Fewer copies than asked are placed only when no server is known to
     /// be failing (the cluster has too few servers: counted as at risk);
     /// when one is, the batch fails and its pages stay local until a
     /// replacement is found.
-    pub fn place(&self, first: u64, count: usize) -> Result<Vec<Piece>, ClusterError> {
-        let wanted = self.copies;
+    pub fn place(
+        &self,
+        first: u64,
+        count: usize,
+        policy: Option<Redundancy>,
+    ) -> Result<Vec<Piece>, ClusterError> {
+        let (wanted, data) = match policy {
+            Some(p) => {
+                self.check_policy(p)?;
+                (p.copies(), p.data())
+            }
+            None => (self.copies, self.data),
+        };
+        if wanted > 1 {
+            self.redundant.store(true, Ordering::Relaxed);
+        }
         let short = |pieces: &[Piece]| pieces.iter().any(|p| p.slots.len() < wanted);
-        let data = self.data;
         let (mut pieces, mut left) = self.book().take(first, count as u64, wanted, data);
         if (left > 0 || short(&pieces)) && self.link.is_some() {
             self.unplace(&pieces);
@@ -408,12 +464,12 @@ impl Homes {
             // grants left may all be on one server).
             let grown = self
                 .grow_avoiding(
-                    self.per_server(need.max(GRANT_PAGES)),
-                    self.copies,
+                    Self::per_server(need.max(GRANT_PAGES), data),
+                    wanted,
                     &suspects,
                 )
                 .or_else(|_| {
-                    self.grow_avoiding(self.per_server(need.max(1)), self.copies, &suspects)
+                    self.grow_avoiding(Self::per_server(need.max(1), data), wanted, &suspects)
                 });
             if let Err(e) = grown {
                 if left > 0 {
@@ -470,7 +526,7 @@ impl Homes {
     /// interval.
     pub(crate) fn grow(&self, pages: u64) -> Result<(), ClusterError> {
         let suspects = self.suspect_members();
-        self.grow_avoiding(self.per_server(pages), self.copies, &suspects)
+        self.grow_avoiding(Self::per_server(pages, self.data), self.copies, &suspects)
     }
 
     /// New grants for `pages`, `copies` times on distinct servers, none of
@@ -515,7 +571,7 @@ impl Homes {
     /// Nothing new goes to `server` for a while, and faults read its copies
     /// last: a request to it failed.
     pub fn suspect(&self, server: u8) {
-        if self.copies < 2 {
+        if !self.redundant() {
             // One copy: nowhere else to go; retries wait for it.
             return;
         }
@@ -734,6 +790,7 @@ impl Homes {
             count: 1,
             slots: Slots::one(server, None),
             stripes: None,
+            wanted: 1,
         }]);
     }
 
@@ -900,7 +957,7 @@ impl Homes {
                 let book = self.book();
                 (
                     book.gone.contains(server),
-                    self.copies > 1 && book.is_suspect(*server, now),
+                    self.redundant() && book.is_suspect(*server, now),
                 )
             };
             // A gone server frees its stale copies when it comes back.

@@ -1,15 +1,18 @@
 //! Chaos on the kernel path (the userfaultfd path's is `tests/tests/chaos.rs`):
 //! a coordinator and five memory servers, each on a host of its own (a
 //! network namespace in this guest, joined by a bridge), and the kernel
-//! agent on another host with `ec=2+1`, evicting a verifying program's
-//! pages. While those pages are remote, one server is killed for good (the
-//! faults rebuild their pages from the stripes, then the agent rebuilds the
-//! lost slots), another is stopped past its lease, a third is cut off the
-//! network and healed, a fourth is drained, and the coordinator restarts.
+//! agent on another host, evicting the pages of two verifying programs:
+//! one with the cluster's `ec=2+1`, one attached with two replicas of its
+//! own. While those pages are remote, one server is killed for good (the
+//! faults read the other copy or rebuild from the stripes, then the agent
+//! rebuilds what was lost), another is stopped past its lease, a third is
+//! cut off the network and healed, a fourth is drained, and the
+//! coordinator restarts.
 //!
 //! Passes only if every page read back is right, no fetch failed (no
 //! SIGBUS: the redundancy held throughout), the rebuild finished, and no
-//! page is left on any server once the program exits. Prints the figures.
+//! page is left on any server after each step (once every page came back)
+//! and once the programs exit. Prints the figures.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -23,7 +26,8 @@ use rmem_tests::wait_until;
 use super::{Target, no_kernel_problems, no_sigbus};
 
 const SERVERS: usize = 5;
-/// The program's pages: 1024 stripes of 2.
+/// The erasure-coded program's pages (1024 stripes of 2); the replicated
+/// one has half as many.
 const PAGES: usize = 2048;
 /// The coordinator's flags. Leases of 2 s (a TCG guest is slow to
 /// heartbeat), a server gone 6 s after its lease ran out, and stripes of
@@ -91,11 +95,17 @@ impl Ctl<'_> {
     }
 }
 
-/// The verifying program and the agent whose pages it is.
-struct Workload {
-    agent: KernelAgent,
+/// A verifying program, attached with its redundancy.
+struct Program {
     target: Target,
     att: u64,
+    pages: usize,
+}
+
+/// The verifying programs and the agent whose pages they are.
+struct Workload {
+    agent: KernelAgent,
+    programs: Vec<Program>,
     version: u64,
     verified: u64,
 }
@@ -106,46 +116,57 @@ impl Workload {
     /// the pages then stay in RAM and the eviction is tried again.
     fn write_and_evict(&mut self) -> Result<(), String> {
         self.version += 1;
-        self.target.cmd(&format!("write {}", self.version))?;
+        let total: usize = self.programs.iter().map(|p| p.pages).sum();
+        for p in &mut self.programs {
+            p.target.cmd(&format!("write {}", self.version))?;
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let last = match self
-                .agent
-                .evict(self.att, self.target.addr, self.target.len())
-            {
-                Ok(_)
-                    if self
-                        .agent
-                        .device()
-                        .info()
-                        .map_err(|e| e.to_string())?
-                        .pages_in_use
-                        == PAGES as u64 =>
-                {
-                    return Ok(());
+            let mut last = Vec::new();
+            for p in &self.programs {
+                match self.agent.evict(p.att, p.target.addr, p.target.len()) {
+                    Ok(_) => {}
+                    Err(e) => last.push(e.to_string()),
                 }
-                Ok(n) => format!("{n} pages moved"),
-                Err(e) => e.to_string(),
-            };
+            }
+            let in_use = self
+                .agent
+                .device()
+                .info()
+                .map_err(|e| e.to_string())?
+                .pages_in_use;
+            if in_use == total as u64 {
+                return Ok(());
+            }
             ensure(
                 Instant::now() < deadline,
-                format!("version {}: not every page evicted: {last}", self.version),
+                format!(
+                    "version {}: {in_use} of {total} pages evicted: {last:?}",
+                    self.version
+                ),
             )?;
             std::thread::sleep(Duration::from_millis(500));
         }
     }
 
-    /// Reads pages `from..from + count` back and checks them.
-    fn check(&mut self, from: usize, count: usize, what: &str) -> Result<(), String> {
-        self.target
-            .cmd(&format!("check-range {} {from} {count}", self.version))
-            .map_err(|e| format!("{what}: {e}"))?;
-        self.verified += count as u64;
+    /// Reads part `part` of `parts` of every program back and checks it.
+    fn check(&mut self, part: usize, parts: usize, what: &str) -> Result<(), String> {
+        for p in &mut self.programs {
+            let (from, to) = (p.pages * part / parts, p.pages * (part + 1) / parts);
+            p.target
+                .cmd(&format!(
+                    "check-range {} {from} {}",
+                    self.version,
+                    to - from
+                ))
+                .map_err(|e| format!("{what}: {e}"))?;
+            self.verified += (to - from) as u64;
+            no_sigbus(p.target.pid(), what)?;
+        }
         ensure(
             self.agent.stats().fetch_errors.load(Ordering::Relaxed) == 0,
             format!("{what}: a fetch failed"),
-        )?;
-        no_sigbus(self.target.pid(), what)
+        )
     }
 }
 
@@ -214,18 +235,30 @@ fn run() -> Result<(), String> {
     // Below the module's fault_timeout_ms (FAULT_TIMEOUT_MS).
     cfg.fault_timeout = Duration::from_secs(2);
     let agent = KernelAgent::start(cfg).map_err(|e| e.to_string())?;
-    let target = Target::spawn_with(PAGES, &["nohuge"])?;
-    let att = agent
-        .attach(target.pid(), None)
-        .map_err(|e| e.to_string())?;
+    // Two programs: one with the cluster's ec=2+1, one attached with two
+    // replicas of its own.
+    let mut programs = Vec::new();
+    for (pages, policy) in [
+        (PAGES, None),
+        (PAGES / 2, Some(rmem_common::Redundancy::Replicas(2))),
+    ] {
+        let target = Target::spawn_with(pages, &["nohuge"])?;
+        let att = agent
+            .attach_with(target.pid(), None, policy)
+            .map_err(|e| e.to_string())?;
+        programs.push(Program { target, att, pages });
+    }
+    ensure(
+        agent.policy_of(programs[1].att).to_string() == "replicas=2"
+            && agent.policy_of(programs[0].att).to_string() == "ec=2+1",
+        "the attachments' policies",
+    )?;
     let mut w = Workload {
         agent,
-        target,
-        att,
+        programs,
         version: 1,
         verified: 0,
     };
-    let half = PAGES / 2;
 
     // 1. A server killed for good: faults rebuild their pages from the
     //    other two of each stripe; once the coordinator declares it gone,
@@ -239,7 +272,7 @@ fn run() -> Result<(), String> {
     )?;
     net.daemon_mut(server_k[0]).kill();
     let killed = Instant::now();
-    w.check(0, half, "reading with a server killed")?;
+    w.check(0, 2, "reading with a server killed")?;
     ctl.wait_state("mem-0", "gone", Duration::from_secs(60))?;
     let declared = killed.elapsed();
     let mut most_at_risk = 0;
@@ -253,7 +286,7 @@ fn run() -> Result<(), String> {
         format!("the rebuild did not finish: {:?}", ctl.json(&["status"])),
     )?;
     let rebuilt = killed.elapsed() - declared;
-    w.check(half, PAGES - half, "reading after the rebuild")?;
+    w.check(1, 2, "reading after the rebuild")?;
     settled(&net, "after the kill", &[1, 2, 3, 4])?;
 
     // 2. A server stopped past its lease (not past the grace): faults go
@@ -261,7 +294,7 @@ fn run() -> Result<(), String> {
     w.write_and_evict()?;
     net.daemon(server_k[1]).signal(libc::SIGSTOP);
     std::thread::sleep(Duration::from_secs(3));
-    w.check(0, PAGES, "reading with a server stopped")?;
+    w.check(0, 1, "reading with a server stopped")?;
     let past_lease = wait_until(Duration::from_secs(10), || ctl.state("mem-1") != "up");
     net.daemon(server_k[1]).signal(libc::SIGCONT);
     ensure(past_lease, "the stopped server stayed up past its lease")?;
@@ -271,7 +304,7 @@ fn run() -> Result<(), String> {
     // 3. A server cut off the network, then healed.
     w.write_and_evict()?;
     hosts[2].cut();
-    w.check(0, PAGES, "reading with a server cut off")?;
+    w.check(0, 1, "reading with a server cut off")?;
     hosts[2].heal();
     ctl.wait_state("mem-2", "up", Duration::from_secs(30))?;
     settled(&net, "after the cut", &[1, 2, 3, 4])?;
@@ -280,7 +313,7 @@ fn run() -> Result<(), String> {
     //    are read during and after.
     w.write_and_evict()?;
     try_rmemctl(&agent_host, &coord, &["drain", "mem-3"])?;
-    w.check(0, half, "reading during a drain")?;
+    w.check(0, 2, "reading during a drain")?;
     ensure(
         wait_until(Duration::from_secs(120), || ctl.used("mem-3") == Some(0)),
         format!(
@@ -288,13 +321,13 @@ fn run() -> Result<(), String> {
             ctl.used("mem-3")
         ),
     )?;
-    w.check(half, PAGES - half, "reading after a drain")?;
+    w.check(1, 2, "reading after a drain")?;
     settled(&net, "after the drain", &[1, 2, 3, 4])?;
 
     // 5. The coordinator restarts (kill -9) while the pages are remote.
     w.write_and_evict()?;
     net.daemon_mut(coord_k).kill();
-    w.check(0, half, "reading with the coordinator down")?;
+    w.check(0, 2, "reading with the coordinator down")?;
     coord_k = start_coordinator(&mut net, &coord, state, &COORDINATOR);
     ensure(
         wait_until(Duration::from_secs(60), || {
@@ -307,26 +340,24 @@ fn run() -> Result<(), String> {
             ctl.json(&["status"])
         ),
     )?;
-    w.check(
-        half,
-        PAGES - half,
-        "reading after the coordinator restarted",
-    )?;
+    w.check(1, 2, "reading after the coordinator restarted")?;
     w.write_and_evict()?;
-    w.check(0, PAGES, "a round after the coordinator restarted")?;
+    w.check(0, 1, "a round after the coordinator restarted")?;
 
-    // The program ends: nothing is left on any server still running.
+    // The programs end: nothing is left on any server still running.
     let degraded = w.agent.stats().fetched_degraded.load(Ordering::Relaxed);
-    let pid = w.target.pid();
-    w.target.cmd("exit")?;
-    w.target.wait_exit()?;
-    no_sigbus(pid, "the chaos")?;
-    w.agent.detach(w.att).map_err(|e| e.to_string())?;
+    for p in &mut w.programs {
+        let pid = p.target.pid();
+        p.target.cmd("exit")?;
+        p.target.wait_exit()?;
+        no_sigbus(pid, "the chaos")?;
+        w.agent.detach(p.att).map_err(|e| e.to_string())?;
+    }
     settled(&net, "after the program ended", &[1, 2, 3, 4])?;
     let (versions, verified) = (w.version, w.verified);
     drop(w);
     println!(
-        "chaos (kernel path, ec=2+1): {versions} versions, {verified} pages verified, \
+        "chaos (kernel path, ec=2+1 and replicas=2): {versions} versions, {verified} pages verified, \
          {degraded} fetches served degraded; dead server declared gone after {declared:.1?}, \
          rebuilt in {rebuilt:.1?} (at most {most_at_risk} pages at risk); whole case {:.1?}",
         started.elapsed()
