@@ -1091,6 +1091,42 @@ fn a_coordinator_that_lost_its_state_never_makes_a_server_free_pages() {
 }
 
 #[test]
+fn a_stripe_wider_than_the_cluster_is_refused_and_holds_no_capacity() {
+    // Two servers: ec=2+1 needs its two data pages and a parity page on
+    // three. The region is refused with a clear error, and the grants the
+    // coordinator offered are returned, not kept by an agent that cannot
+    // use them.
+    let (coord, _servers) = cluster(2);
+    let agent = Cluster::connect(&ClusterConfig::new(coord.addr.to_string())).unwrap();
+    let err = RemoteRegion::in_cluster(
+        RegionConfig {
+            size: (256 * PAGE_SIZE) as u64,
+            budget: (64 * PAGE_SIZE) as u64,
+            redundancy: Some(rmem_common::Redundancy::Erasure { data: 2, parity: 1 }),
+            ..RegionConfig::default()
+        },
+        &agent,
+    )
+    .expect_err("an ec=2+1 region on two servers");
+    let mut why = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        why.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    assert!(
+        why.contains("ec=2+1 needs room on at least 3 servers, and the cluster granted it on 2"),
+        "{why}"
+    );
+    let grants = rmemctl_json(&coord, &["grants"]);
+    assert_eq!(
+        grants.as_array().map(Vec::len),
+        Some(0),
+        "grants kept: {grants}"
+    );
+}
+
+#[test]
 fn frees_a_stalled_server_missed_are_paid_once_it_answers_again() {
     // Invalidations that wait 300 ms for a server: the first discard below
     // fences the stopped server (which unsubscribes it), so the second

@@ -618,7 +618,6 @@ impl Fetcher {
             // (its server was drained): the book is asked again.
             rebuild.extend(failed.into_iter().map(|e| (server, e)));
         }
-        let remotes = &mut reads.failover;
         // Per failing server: the pages of one erasure-coded run there are
         // rebuilt together (one GET to each of K other slots); the rest,
         // and copies, one by one.
@@ -632,7 +631,7 @@ impl Fetcher {
             for chunk in events.chunks(self.pages.len()) {
                 let handles: Vec<u64> = chunk.iter().map(|e| e.handle).collect();
                 let rebuilt = homes.rebuild_ahead(
-                    remotes,
+                    &mut reads.failover,
                     &handles,
                     server,
                     &mut self.pages[..chunk.len()],
@@ -644,7 +643,13 @@ impl Fetcher {
                         page = self.pages[i];
                         true
                     } else {
-                        homes.read_other(remotes, e.handle, server, &mut page, deadline, failover)
+                        // A lone copy (its run moved, say) is waited for.
+                        let conns = if homes.copies_of(e.handle) > 1 {
+                            &mut reads.failover
+                        } else {
+                            &mut reads.lone
+                        };
+                        homes.read_other(conns, e.handle, server, &mut page, deadline, failover)
                     };
                     if served {
                         stats.fetched_degraded.fetch_add(1, Ordering::Relaxed);

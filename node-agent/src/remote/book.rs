@@ -242,11 +242,16 @@ pub(crate) struct Book {
     /// Copies taken by [`Book::take`] and not yet recorded or given back,
     /// per server: a drain is not done while some are on its server.
     pub placing: BTreeMap<u8, u64>,
-    /// Frees a server still owes: handles freed while it was failing (not
-    /// waited for) or whose free it did not answer. Paid once it answers
+    /// Frees a server still owes: handles off the book for good, freed
+    /// while it was failing (not waited for) or whose free it did not
+    /// answer. Never a live handle: a drain may put one back on it. Paid once it answers
     /// again ([`super::homes::Homes::pay_owed`]); dropped if it is declared
     /// gone (it frees its stale copies when it comes back).
     pub owed: BTreeMap<u8, Vec<u64>>,
+    /// When each server's owed frees are tried next, and the wait after
+    /// its last failed try.
+    pub owed_due: BTreeMap<u8, Instant>,
+    pub owed_backoff: BTreeMap<u8, std::time::Duration>,
 }
 
 impl Book {

@@ -105,6 +105,12 @@ pub enum ClusterError {
         need: usize,
         have: usize,
     },
+    #[error("{policy} needs room on at least {need} servers, and the cluster granted it on {have}")]
+    TooFewGranted {
+        policy: rmem_common::Redundancy,
+        need: usize,
+        have: usize,
+    },
 }
 
 /// How often the pages at risk are summed for the heartbeats.
@@ -225,6 +231,18 @@ impl Shared {
                 d.pending.remove(&key);
             }
         }
+    }
+}
+
+/// Drops a store a task of the cluster's runtime held, on a thread of its
+/// own if it is the last reference: the store's link may hold the last
+/// reference to the [`Cluster`], whose drop blocks on (and drops) that
+/// runtime, which cannot happen on one of its own threads.
+fn let_go(h: Arc<Homes>) {
+    if Arc::strong_count(&h) == 1 {
+        let _ = std::thread::Builder::new()
+            .name("rmem-let-go".into())
+            .spawn(move || drop(h));
     }
 }
 
@@ -357,7 +375,10 @@ impl Cluster {
                 tokio::time::sleep(AT_RISK_EVERY).await;
                 let stores = stores.clone();
                 let at_risk = tokio::task::spawn_blocking(move || {
-                    stores.stores().iter().map(|h| h.at_risk()).sum::<u64>()
+                    let stores = stores.stores();
+                    let sum = stores.iter().map(|h| h.at_risk()).sum::<u64>();
+                    stores.into_iter().for_each(let_go);
+                    sum
                 })
                 .await
                 .unwrap_or(0);
@@ -377,6 +398,7 @@ impl Cluster {
                 let _ = tokio::task::spawn_blocking(move || {
                     for h in owed.stores() {
                         h.pay_owed_idle();
+                        let_go(h);
                     }
                 })
                 .await;

@@ -261,10 +261,21 @@ impl Homes {
             found.map(|moved| {
                 book.moves += 1;
                 let token = book.moves;
+                // Handles of the run freed earlier whose free its server
+                // still owes: it may still hand them out, and their copies
+                // on the new server go too.
+                let source = moved.slots.get(moved.k).expect("found above").server;
+                let freed: Vec<u64> = match book.owed.get(&source) {
+                    Some(owed) if !owed.is_empty() => {
+                        let here: BTreeSet<u64> = moved.handles.iter().copied().collect();
+                        owed.iter().copied().filter(|h| here.contains(h)).collect()
+                    }
+                    _ => Vec::new(),
+                };
                 book.moving.push(Moving {
                     token,
                     first,
-                    freed: Vec::new(),
+                    freed,
                 });
                 (moved, token)
             })
@@ -288,7 +299,7 @@ impl Homes {
         // Copies of handles freed while they moved are garbage on the new
         // server (the free may have reached it before the copy did).
         if !freed.is_empty() {
-            let _ = self.free_direct(remotes, &[(to, freed)], deadline);
+            let _ = self.free_dead(remotes, &[(to, freed)], deadline);
         }
         let need = written.len() as u64;
         self.free_direct(remotes, &[(source, written)], deadline)?;
@@ -407,8 +418,14 @@ impl Homes {
             Ok(())
         })();
         if let Err(e) = stored {
-            self.book().grants[grant].used -= need;
-            let _ = self.free_direct(remotes, &[(to, moved)], deadline);
+            let live_there = {
+                let mut book = self.book();
+                book.grants[grant].used -= need;
+                copy_lives_on(&book, first, to)
+            };
+            if !live_there {
+                let _ = self.free_direct(remotes, &[(to, moved)], deadline);
+            }
             return Err(e);
         }
         // Switch the run over, unless it (or the store) went meanwhile:
@@ -455,7 +472,9 @@ impl Homes {
             }
         };
         if !switched {
-            let _ = self.free_direct(remotes, &[(to, moved)], deadline);
+            if !copy_lives_on(&self.book(), first, to) {
+                let _ = self.free_direct(remotes, &[(to, moved)], deadline);
+            }
             return Ok(None);
         }
         Ok(Some((to, moved)))
@@ -609,4 +628,14 @@ impl Homes {
         }
         Ok(found)
     }
+}
+
+/// Whether another copy of run `first` (copied whole: every copy holds
+/// the same handles) lives on `server` now: a concurrent drain of another
+/// of its servers moved one there. Copies written there by a move that
+/// did not switch are then that copy's pages, not garbage.
+fn copy_lives_on(book: &super::book::Book, first: u64, server: u8) -> bool {
+    book.runs
+        .get(&first)
+        .is_some_and(|r| r.striped.is_none() && r.slots.has_server(server))
 }

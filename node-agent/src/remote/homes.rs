@@ -48,6 +48,11 @@ use super::stripe;
 /// Most frees one failing server may owe (8 bytes each).
 pub(crate) const MAX_OWED: usize = 1 << 20;
 
+/// How long after a server failed a free its owed frees are first tried,
+/// and, doubling after each failed try, at most.
+pub(crate) const OWED_RETRY: Duration = Duration::from_secs(2);
+pub(crate) const OWED_RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// Pages asked of the coordinator when the grants are full (64 MiB).
 pub const GRANT_PAGES: u64 = 16384;
 
@@ -417,6 +422,8 @@ impl Homes {
         book.gone.extend(servers.iter().copied());
         for s in &servers {
             book.owed.remove(s);
+            book.owed_due.remove(s);
+            book.owed_backoff.remove(s);
         }
         !servers.is_empty()
     }
@@ -463,13 +470,21 @@ impl Homes {
             // this batch needs (on as many distinct servers as copies: the
             // grants left may all be on one server).
             let grown = self
-                .grow_avoiding(
+                .grow_spanning(
                     Self::per_server(need.max(GRANT_PAGES), data),
                     wanted,
+                    data,
                     &suspects,
                 )
-                .or_else(|_| {
-                    self.grow_avoiding(Self::per_server(need.max(1), data), wanted, &suspects)
+                .or_else(|e| match e {
+                    // Too few servers: asking for less does not help.
+                    ClusterError::TooFewGranted { .. } => Err(e),
+                    _ => self.grow_spanning(
+                        Self::per_server(need.max(1), data),
+                        wanted,
+                        data,
+                        &suspects,
+                    ),
                 });
             if let Err(e) = grown {
                 if left > 0 {
@@ -526,7 +541,12 @@ impl Homes {
     /// interval.
     pub(crate) fn grow(&self, pages: u64) -> Result<(), ClusterError> {
         let suspects = self.suspect_members();
-        self.grow_avoiding(Self::per_server(pages, self.data), self.copies, &suspects)
+        self.grow_spanning(
+            Self::per_server(pages, self.data),
+            self.copies,
+            self.data,
+            &suspects,
+        )
     }
 
     /// New grants for `pages`, `copies` times on distinct servers, none of
@@ -537,10 +557,41 @@ impl Homes {
         copies: usize,
         exclude: &[u64],
     ) -> Result<(), ClusterError> {
+        self.grow_spanning(pages, copies, 1, exclude)
+    }
+
+    /// As [`Self::grow_avoiding`], for stripes of `data` pages: grants on
+    /// `data` servers or fewer could never hold one (not a data page and a
+    /// parity page apart), so they are returned at once rather than kept,
+    /// and each eviction does not take more capacity it cannot use.
+    fn grow_spanning(
+        &self,
+        pages: u64,
+        copies: usize,
+        data: usize,
+        exclude: &[u64],
+    ) -> Result<(), ClusterError> {
         let Some(link) = &self.link else {
             return Err(ClusterError::NoServer);
         };
         let grants = link.cluster.allocate(pages, copies, exclude)?;
+        let spanned = grants
+            .iter()
+            .map(|g| g.server_id)
+            .collect::<BTreeSet<_>>()
+            .len();
+        if data > 1 && spanned <= data {
+            let ids: Vec<u64> = grants.iter().map(|g| g.grant_id).collect();
+            link.cluster.release_grants(&ids);
+            return Err(ClusterError::TooFewGranted {
+                policy: Redundancy::Erasure {
+                    data: data as u8,
+                    parity: copies.saturating_sub(data) as u8,
+                },
+                need: data + 1,
+                have: spanned,
+            });
+        }
         let mut added = Vec::with_capacity(grants.len());
         for g in &grants {
             let server = self.servers.add(server_config(g))?;
@@ -804,7 +855,7 @@ impl Homes {
         deadline: Instant,
     ) -> Result<(), ClientError> {
         let by_server = self.forget(handles);
-        self.free_direct(remotes, &by_server, deadline)
+        self.free_dead(remotes, &by_server, deadline)
     }
 
     /// Frees copies. In a cluster, through invalidations of the handle
@@ -903,7 +954,7 @@ impl Homes {
             .collect();
         fall_back(&strays, None);
         let direct: Vec<(u8, Vec<u64>)> = direct.into_iter().collect();
-        self.free_direct(remotes, &direct, deadline)?;
+        self.free_dead(remotes, &direct, deadline)?;
         Ok(invalidated)
     }
 
@@ -928,24 +979,40 @@ impl Homes {
         by.into_iter().collect()
     }
 
+    /// Frees copies of live handles on their servers (a drain's old or
+    /// unused copies): a server that fails is not asked again later, as
+    /// the handle may be placed there again meanwhile.
     pub(crate) fn free_direct(
         &self,
         remotes: &mut Remotes,
         by_server: &[(u8, Vec<u64>)],
         deadline: Instant,
     ) -> Result<(), ClientError> {
+        self.free_now(remotes, by_server, deadline, false)
+    }
+
+    /// Frees copies of handles off the book for good (freed, discarded,
+    /// never recorded): what a failing server cannot take now it owes,
+    /// paid once it answers again. Pays what is due first.
+    pub(crate) fn free_dead(
+        &self,
+        remotes: &mut Remotes,
+        by_server: &[(u8, Vec<u64>)],
+        deadline: Instant,
+    ) -> Result<(), ClientError> {
         self.pay_owed(remotes, deadline);
-        self.free_now(remotes, by_server, deadline)
+        self.free_now(remotes, by_server, deadline, true)
     }
 
     /// Frees on each server its handles. A server found failing is not
-    /// waited for, and one that does not answer is not asked again now:
-    /// their frees are owed, paid once they answer again.
+    /// waited for; with `owe`, what it or a server that does not answer
+    /// could not take is owed.
     fn free_now(
         &self,
         remotes: &mut Remotes,
         by_server: &[(u8, Vec<u64>)],
         deadline: Instant,
+        owe: bool,
     ) -> Result<(), ClientError> {
         let mut first_err = None;
         let now = Instant::now();
@@ -965,7 +1032,9 @@ impl Homes {
                 continue;
             }
             if failing {
-                self.owe(*server, handles);
+                if owe {
+                    self.owe(*server, handles);
+                }
                 continue;
             }
             let Some(conn) = remotes.get(&self.servers, *server) else {
@@ -979,8 +1048,11 @@ impl Homes {
             });
             if let Err(e) = r {
                 if e.is_retryable() {
-                    // Freeing twice is harmless: a handle is never reused.
-                    self.owe(*server, handles);
+                    // Dead handles only: no copy of them is ever written
+                    // again, so a late free cannot hit a live one.
+                    if owe {
+                        self.owe(*server, handles);
+                    }
                     self.failed(*server, &e);
                 }
                 first_err.get_or_insert(e);
@@ -990,9 +1062,13 @@ impl Homes {
     }
 
     /// Records frees `server` owes (at most [`MAX_OWED`] a server: past
-    /// that, the oldest leak until the space retires).
+    /// that, the oldest leak until the space retires); they are not tried
+    /// before [`OWED_RETRY`] has passed.
     fn owe(&self, server: u8, handles: &[u64]) {
         let mut book = self.book();
+        book.owed_due
+            .entry(server)
+            .or_insert_with(|| Instant::now() + OWED_RETRY);
         let owed = book.owed.entry(server).or_default();
         owed.extend_from_slice(handles);
         if owed.len() > MAX_OWED {
@@ -1003,30 +1079,36 @@ impl Homes {
     }
 
     /// [`Self::pay_owed`] on connections of its own, for a background
-    /// task: nothing to do (no connection made) unless a free is owed.
+    /// task: nothing to do (no connection made) unless a free is due.
     pub fn pay_owed_idle(&self) -> usize {
-        if self.book().owed.is_empty() {
+        let now = Instant::now();
+        if !self.book().owed_due.values().any(|&t| t <= now) {
             return 0;
         }
         let mut remotes = Remotes::new(self.request_timeout, Duration::ZERO);
         self.pay_owed(&mut remotes, Instant::now() + self.request_timeout)
     }
 
-    /// Pays the frees owed by servers no longer failing; the pages freed.
-    /// Called before every direct free, every second for every store of a
-    /// cluster member, and by the kernel agent's idle free thread.
+    /// Pays the frees owed by servers no longer failing whose retry is
+    /// due; the pages freed. A server that still does not answer is tried
+    /// again after twice as long (at most a minute), so neither a caller
+    /// nor the background task waits on it each time. Called before every
+    /// free of dead handles, every second for every store of a cluster
+    /// member, and by the kernel agent's idle free thread.
     pub fn pay_owed(&self, remotes: &mut Remotes, deadline: Instant) -> usize {
+        let now = Instant::now();
         let due: Vec<(u8, Vec<u64>)> = {
             let mut book = self.book();
             if book.owed.is_empty() {
                 return 0;
             }
-            let now = Instant::now();
             let ready: Vec<u8> = book
                 .owed
                 .keys()
                 .copied()
-                .filter(|s| !book.is_suspect(*s, now))
+                .filter(|s| {
+                    !book.is_suspect(*s, now) && book.owed_due.get(s).is_none_or(|&t| t <= now)
+                })
                 .collect();
             ready
                 .into_iter()
@@ -1036,17 +1118,32 @@ impl Homes {
         if due.is_empty() {
             return 0;
         }
-        let pages: usize = due.iter().map(|(_, hs)| hs.len()).sum();
-        match self.free_now(remotes, &due, deadline) {
-            Ok(()) => {
-                tracing::info!(pages, "paid the frees owed by servers that failed");
-                pages
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "servers still owe frees");
-                0
+        let mut paid = 0;
+        for (server, handles) in due {
+            match self.free_now(remotes, &[(server, handles.clone())], deadline, false) {
+                Ok(()) => {
+                    paid += handles.len();
+                    let mut book = self.book();
+                    book.owed_due.remove(&server);
+                    book.owed_backoff.remove(&server);
+                    drop(book);
+                    tracing::info!(server = %self.servers.addr(server), pages = handles.len(), "paid the frees a server owed since it failed");
+                }
+                Err(e) => {
+                    tracing::debug!(server = %self.servers.addr(server), error = %e, "a server still owes frees");
+                    let mut book = self.book();
+                    let backoff = book
+                        .owed_backoff
+                        .get(&server)
+                        .map_or(OWED_RETRY, |b| (*b * 2).min(OWED_RETRY_MAX));
+                    book.owed_backoff.insert(server, backoff);
+                    book.owed_due.insert(server, Instant::now() + backoff);
+                    let owed = book.owed.entry(server).or_default();
+                    owed.extend(handles);
+                }
             }
         }
+        paid
     }
 
     /// The kernel agent stops. With no device page left (`module_pages` is
@@ -1103,5 +1200,64 @@ impl Homes {
             book.grants.iter().map(|g| g.used).sum(),
             book.subscribed.len(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store on two configured servers no one listens on.
+    fn unreachable() -> Arc<Homes> {
+        let nowhere = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            let addr = l.local_addr().expect("bound").to_string();
+            drop(l);
+            let mut c = ClientConfig::new(addr);
+            c.connect_timeout = Duration::from_millis(100);
+            c.request_timeout = Duration::from_millis(100);
+            c
+        };
+        Homes::for_region(
+            Home::Servers(vec![nowhere(), nowhere()]),
+            0,
+            Duration::from_millis(100),
+            Redundancy::Replicas(2),
+        )
+        .expect("a store")
+    }
+
+    #[test]
+    fn only_frees_of_handles_off_the_book_are_owed() {
+        let homes = unreachable();
+        let mut remotes = Remotes::new(Duration::from_millis(100), Duration::ZERO);
+        let soon = || Instant::now() + Duration::from_millis(300);
+        // A drain's old copy of a live handle: never owed (a later move
+        // may put the handle there again, and a late free would kill it).
+        assert!(
+            homes
+                .free_direct(&mut remotes, &[(0, vec![1, 2])], soon())
+                .is_err()
+        );
+        assert!(homes.book().owed.is_empty());
+        // Handles off the book: owed until the server takes them.
+        assert!(
+            homes
+                .free_dead(&mut remotes, &[(1, vec![7])], soon())
+                .is_err()
+        );
+        assert_eq!(homes.book().owed.get(&1), Some(&vec![7]));
+        // Not due yet (and the server is suspect): nothing is tried.
+        assert_eq!(homes.pay_owed(&mut remotes, soon()), 0);
+        assert_eq!(homes.book().owed.get(&1), Some(&vec![7]));
+        // Declared gone: it frees its stale copies when it comes back.
+        homes.book().gone.insert(1);
+        homes.book().owed.clear();
+        assert!(
+            homes
+                .free_dead(&mut remotes, &[(1, vec![8])], soon())
+                .is_ok()
+        );
+        assert!(homes.book().owed.is_empty());
     }
 }
