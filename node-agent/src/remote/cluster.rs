@@ -263,6 +263,8 @@ pub struct Cluster {
     /// coordinator reclaims them only after its reap delay, which leaves
     /// a restarted agent time to take them over.
     leave_on_drop: std::sync::atomic::AtomicBool,
+    /// Failed invalidations are logged at most once per period.
+    invalidate_warn: rmem_common::logging::Throttle,
 }
 
 pub fn hostname() -> String {
@@ -416,6 +418,7 @@ impl Cluster {
                 next: Mutex::new(std::time::Instant::now()),
             }),
             leave_on_drop: std::sync::atomic::AtomicBool::new(true),
+            invalidate_warn: rmem_common::logging::Throttle::new(Duration::from_secs(5)),
         }))
     }
 
@@ -622,7 +625,11 @@ impl Cluster {
                 Some((r.complete, r.acknowledged))
             }
             Err(e) => {
-                tracing::warn!(error = %ControlError::from(e), space, "cannot invalidate freed pages");
+                // One per free batch while the coordinator is away: at most
+                // one line every few seconds.
+                if let Some(left_out) = self.invalidate_warn.ready() {
+                    tracing::warn!(error = %ControlError::from(e), space, left_out, "cannot invalidate freed pages (freeing them on their servers directly)");
+                }
                 None
             }
         }
