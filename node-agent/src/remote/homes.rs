@@ -1004,9 +1004,9 @@ impl Homes {
         self.free_now(remotes, by_server, deadline, true)
     }
 
-    /// Frees on each server its handles. A server found failing is not
-    /// waited for; with `owe`, what it or a server that does not answer
-    /// could not take is owed.
+    /// Frees on each server its handles. With `owe` (handles off the
+    /// book), a server found failing is not waited for, and what it or a
+    /// server that does not answer could not take is owed.
     fn free_now(
         &self,
         remotes: &mut Remotes,
@@ -1031,10 +1031,13 @@ impl Homes {
             if gone {
                 continue;
             }
-            if failing {
-                if owe {
-                    self.owe(*server, handles);
-                }
+            // Handles off the book: a failing server is not waited for,
+            // it owes them. A live handle's copy (a drain's) is asked of
+            // it anyway, within the deadline: that free cannot be owed,
+            // and a slow server (suspected for one late answer) would
+            // otherwise keep it for good.
+            if failing && owe {
+                self.owe(*server, handles);
                 continue;
             }
             let Some(conn) = remotes.get(&self.servers, *server) else {
