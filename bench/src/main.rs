@@ -77,8 +77,33 @@ struct Args {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Internal: run one workload as a kernel-swap child process.
+    /// Measure only these sections (comma-separated); the limits are
+    /// always measured, as the ratios need them.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "SECTION")]
+    only: Vec<Section>,
     #[arg(long, hide = true, value_name = "SPEC")]
     child: Option<String>,
+}
+
+/// A part of the benchmark that `--only` can pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    /// GET/PUT on the memory server's data plane.
+    Dataplane,
+    /// The userspace path: eviction, fault-back, scans.
+    Region,
+    /// Each redundancy policy, healthy and with a server gone.
+    Redundancy,
+    /// Rebuild of a gone server's pages, per policy.
+    Rebuild,
+    /// The workloads against kernel swap.
+    Workloads,
+}
+
+impl Args {
+    fn runs(&self, s: Section) -> bool {
+        self.only.is_empty() || self.only.contains(&s)
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -264,18 +289,41 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
 
     let mut raw = limits::PingPong::start()?;
     let rtt = Histogram::new();
-    progress("data plane: GET/PUT at depth 1 (raw round trips interleaved) and 32, batches");
-    let dataplane = dataplane::measure(&client, plan.dataplane, &mut raw, &rtt)?;
-    progress("userspace path: eviction, fault-back (raw round trips interleaved), scan");
-    let rmem = region::measure(&client, plan.region, &mut raw)?;
+    let dataplane = if args.runs(Section::Dataplane) {
+        progress("data plane: GET/PUT at depth 1 (raw round trips interleaved) and 32, batches");
+        Some(dataplane::measure(&client, plan.dataplane, &mut raw, &rtt)?)
+    } else {
+        for _ in 0..plan.dataplane.ops {
+            rtt.record_duration(raw.round_trip()?);
+        }
+        None
+    };
+    let rmem = if args.runs(Section::Region) {
+        progress("userspace path: eviction, fault-back (raw round trips interleaved), scan");
+        Some(region::measure(&client, plan.region, &mut raw)?)
+    } else {
+        None
+    };
     drop(raw);
     progress("limits: raw TCP stream, memcpy");
     let limits = limits::measure(plan.limits, &rtt)?;
-    progress("redundancy: none, replicas=2 and ec=4+2 on six servers, then one server gone");
-    let redundancy = redundancy::measure(plan.region)?;
-    progress("rebuild: replicas=2 and ec=4+2, a server of seven declared gone");
-    let rebuild = rebuild::measure(plan.region)?;
-    let workloads = matrix::measure(&client, &plan.matrix, &progress)?;
+    let redundancy = if args.runs(Section::Redundancy) {
+        progress("redundancy: none, replicas=2 and ec=4+2 on six servers, then one server gone");
+        Some(redundancy::measure(plan.region)?)
+    } else {
+        None
+    };
+    let rebuild = if args.runs(Section::Rebuild) {
+        progress("rebuild: replicas=2 and ec=4+2, a server of seven declared gone");
+        Some(rebuild::measure(plan.region)?)
+    } else {
+        None
+    };
+    let workloads = if args.runs(Section::Workloads) {
+        Some(matrix::measure(&client, &plan.matrix, &progress)?)
+    } else {
+        None
+    };
     Ok(report::Report::new(
         report::Setup {
             quick: args.quick,

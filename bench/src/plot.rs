@@ -47,22 +47,22 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// Writes `slowdown.png` and `fault-latency.png` into `dir`; returns their
-/// paths.
+/// Writes `slowdown.png` and `fault-latency.png` into `dir` (those whose
+/// sections were measured); returns their paths.
 pub fn write(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, String> {
     font()?;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut written = Vec::new();
-    let path = dir.join("slowdown.png");
-    slowdown(
-        &report.workloads,
-        report.workload_setup.working_set_bytes,
-        &path,
-    )?;
-    written.push(path);
-    let path = dir.join("fault-latency.png");
-    fault_latency(report, &path)?;
-    written.push(path);
+    if let (Some(cells), Some(setup)) = (&report.workloads, &report.workload_setup) {
+        let path = dir.join("slowdown.png");
+        slowdown(cells, setup.working_set_bytes, &path)?;
+        written.push(path);
+    }
+    if let Some(rmem) = &report.rmem {
+        let path = dir.join("fault-latency.png");
+        fault_latency(rmem, &path)?;
+        written.push(path);
+    }
     Ok(written)
 }
 
@@ -136,13 +136,13 @@ fn slowdown(cells: &[crate::matrix::Cell], working_set: u64, path: &Path) -> Res
     root.present().map_err(err)
 }
 
-fn fault_latency(report: &Report, path: &Path) -> Result<(), String> {
-    let cdf = &report.rmem.fault_cdf_us;
+fn fault_latency(rmem: &crate::region::RegionFigures, path: &Path) -> Result<(), String> {
+    let cdf = &rmem.fault_cdf_us;
     let root = BitMapBackend::new(path, (1000, 650)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let lo = cdf.first().map_or(1.0, |p| p[0]).max(0.5) * 0.8;
     let hi = cdf.last().map_or(1000.0, |p| p[0]).max(lo * 2.0) * 1.25;
-    let rtt = report.rmem.rtt_between_faults_us;
+    let rtt = rmem.rtt_between_faults_us;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             "rmem fault-back latency (userspace path), cumulative",
@@ -169,7 +169,7 @@ fn fault_latency(report: &Report, path: &Path) -> Result<(), String> {
         .map_err(err)?
         .label(format!(
             "fault p50 {:.1} µs, p99 {:.1} µs ({} faults)",
-            report.rmem.fault_us.p50, report.rmem.fault_us.p99, report.rmem.fault_us.count
+            rmem.fault_us.p50, rmem.fault_us.p99, rmem.fault_us.count
         ))
         .legend(swatch(blue, 3));
     let red = Palette99::pick(1).to_rgba();

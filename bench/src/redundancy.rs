@@ -57,11 +57,26 @@ pub struct Degraded {
     pub faults_degraded: u64,
 }
 
+/// What the servers alone cost a fault, measured on the same servers
+/// (interleaved): one GET, which a healthy fault waits for, and four GETs
+/// to four servers sent together, which a degraded `ec=4+2` fault waits
+/// for. Their ratio is the floor of the degraded fault's cost on this
+/// machine: on two cores the four servers cannot all answer at once.
+#[derive(Debug, Clone, Serialize)]
+pub struct Floors {
+    /// One GET of one page, answered.
+    pub one_get_us: Latency,
+    /// A GET of one page to each of four servers, sent together, all
+    /// answered.
+    pub four_gets_us: Latency,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RedundancyFigures {
     pub servers: usize,
     pub policies: Vec<PolicyFigures>,
     pub degraded: Vec<Degraded>,
+    pub floors: Floors,
 }
 
 /// Three fresh servers, and how to reach them.
@@ -134,6 +149,62 @@ fn random_faults(mem: &Mem<'_>, n: usize, seed: u64) -> Result<(Histogram, Histo
     Ok((faults, degraded))
 }
 
+/// Handles of the floor's pages: far above any region's.
+const FLOOR_HANDLE: u64 = 1 << 60;
+
+/// [`Floors`], on fresh servers (`n` of each, interleaved).
+fn floors(configs: &[ClientConfig], n: usize) -> Result<Floors, BenchError> {
+    let mut conns = configs[..4]
+        .iter()
+        .map(BlockingConnection::connect)
+        .collect::<Result<Vec<_>, _>>()?;
+    let page = [0x5au8; rmem_client::PAGE_SIZE];
+    for c in &mut conns {
+        if let Some(s) = c.put(&[(FLOOR_HANDLE, &page)])?.first()
+            && *s != rmem_client::PageStatus::Ok
+        {
+            return Err(BenchError::Page(*s));
+        }
+    }
+    let (one, four) = (Histogram::new(), Histogram::new());
+    let mut out = [[0u8; rmem_client::PAGE_SIZE]];
+    let check = |status: Option<&rmem_client::PageStatus>, out: &rmem_client::Page| match status {
+        Some(rmem_client::PageStatus::Ok) if *out == page => Ok(()),
+        Some(s) if *s != rmem_client::PageStatus::Ok => Err(BenchError::Page(*s)),
+        _ => Err(BenchError::Verify { page: 0 }),
+    };
+    for i in 0..n + WARM_UP {
+        let t = Instant::now();
+        let c = &mut conns[i % 4];
+        let s = c.get(&[FLOOR_HANDLE], &mut out)?.first().copied();
+        let took = t.elapsed();
+        check(s.as_ref(), &out[0])?;
+        let t = Instant::now();
+        let mut ids = Vec::with_capacity(4);
+        for c in &mut conns {
+            ids.push(c.get_start(&[FLOOR_HANDLE])?);
+        }
+        for (c, id) in conns.iter_mut().zip(ids) {
+            let s = c
+                .get_finish(id, &[FLOOR_HANDLE], &mut out)?
+                .first()
+                .copied();
+            check(s.as_ref(), &out[0])?;
+        }
+        if i >= WARM_UP {
+            one.record_duration(took);
+            four.record_duration(t.elapsed());
+        }
+    }
+    for c in &mut conns {
+        c.free(&[FLOOR_HANDLE])?;
+    }
+    Ok(Floors {
+        one_get_us: Latency::from_ns(&one),
+        four_gets_us: Latency::from_ns(&four),
+    })
+}
+
 fn used(configs: &[ClientConfig]) -> Result<u64, BenchError> {
     let mut total = 0;
     for c in configs {
@@ -144,6 +215,10 @@ fn used(configs: &[ClientConfig]) -> Result<u64, BenchError> {
 
 pub fn measure(effort: Effort) -> Result<RedundancyFigures, BenchError> {
     let reads = effort.random_reads;
+    let floors = {
+        let (_servers, configs) = servers(effort)?;
+        floors(&configs, reads)?
+    };
     let mut policies = Vec::new();
     for policy in POLICIES {
         let (_servers, configs) = servers(effort)?;
@@ -189,5 +264,6 @@ pub fn measure(effort: Effort) -> Result<RedundancyFigures, BenchError> {
         servers: SERVERS,
         policies,
         degraded,
+        floors,
     })
 }

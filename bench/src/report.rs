@@ -70,16 +70,18 @@ pub struct Report {
     pub setup: Setup,
     pub machine: Machine,
     pub limits: Limits,
-    pub dataplane: DataPlane,
-    pub rmem: RegionFigures,
+    /// Sections left out by `--only` are null.
+    pub dataplane: Option<DataPlane>,
+    pub rmem: Option<RegionFigures>,
     /// Eviction and faults with each redundancy policy, and degraded.
-    pub redundancy: RedundancyFigures,
+    pub redundancy: Option<RedundancyFigures>,
     /// How fast a gone server's pages are rebuilt, per policy.
-    pub rebuild: Vec<RebuildFigures>,
+    pub rebuild: Option<Vec<RebuildFigures>>,
     /// Every workload cell: `{name, system, local_fraction, ops_per_s,
     /// slowdown, ...}`.
-    pub workloads: Vec<Cell>,
-    pub workload_setup: WorkloadSetup,
+    pub workloads: Option<Vec<Cell>>,
+    pub workload_setup: Option<WorkloadSetup>,
+    /// Ratios of sections not measured are 0.
     pub ratios: Ratios,
 }
 
@@ -91,29 +93,30 @@ impl Report {
     pub fn new(
         setup: Setup,
         limits: Limits,
-        dataplane: DataPlane,
-        rmem: RegionFigures,
-        redundancy: RedundancyFigures,
-        rebuild: Vec<RebuildFigures>,
-        workloads: Workloads,
+        dataplane: Option<DataPlane>,
+        rmem: Option<RegionFigures>,
+        redundancy: Option<RedundancyFigures>,
+        rebuild: Option<Vec<RebuildFigures>>,
+        workloads: Option<Workloads>,
     ) -> Self {
         let rtt = limits.tcp_rtt_4k_us;
-        let near_faults = rmem.rtt_between_faults_us;
+        let cells: &[Cell] = workloads.as_ref().map_or(&[], |w| &w.cells);
         let zipf50 = |system: &str| {
-            workloads
-                .cells
+            cells
                 .iter()
                 .find(|c| c.name == "zipf" && c.system == system && c.local_fraction == 0.5)
                 .map_or(0.0, |c| c.ops_per_s)
         };
+        let of_rmem = |f: fn(&RegionFigures) -> f64| rmem.as_ref().map_or(0.0, f);
         let ratios = Ratios {
-            fault_p50_over_rtt_p50: ratio(rmem.fault_us.p50, near_faults.p50),
-            fault_p99_over_rtt_p99: ratio(rmem.fault_us.p99, near_faults.p99),
-            get_p50_over_rtt_p50: ratio(dataplane.get_qd1_us.p50, rtt.p50),
-            evict_over_stream: ratio(rmem.evict_mib_s, limits.tcp_stream_mib_s),
-            seq_scan_over_stream: ratio(rmem.seq_scan_mib_s, limits.tcp_stream_mib_s),
-            zipf_50_slowdown: workloads
-                .cells
+            fault_p50_over_rtt_p50: of_rmem(|r| ratio(r.fault_us.p50, r.rtt_between_faults_us.p50)),
+            fault_p99_over_rtt_p99: of_rmem(|r| ratio(r.fault_us.p99, r.rtt_between_faults_us.p99)),
+            get_p50_over_rtt_p50: dataplane
+                .as_ref()
+                .map_or(0.0, |d| ratio(d.get_qd1_us.p50, rtt.p50)),
+            evict_over_stream: ratio(of_rmem(|r| r.evict_mib_s), limits.tcp_stream_mib_s),
+            seq_scan_over_stream: ratio(of_rmem(|r| r.seq_scan_mib_s), limits.tcp_stream_mib_s),
+            zipf_50_slowdown: cells
                 .iter()
                 .find(|c| c.name == "zipf" && c.system == "rmem" && c.local_fraction == 0.5)
                 .and_then(|c| c.slowdown)
@@ -129,8 +132,8 @@ impl Report {
             rmem,
             redundancy,
             rebuild,
-            workloads: workloads.cells,
-            workload_setup: workloads.setup,
+            workload_setup: workloads.as_ref().map(|w| w.setup.clone()),
+            workloads: workloads.map(|w| w.cells),
             ratios,
         }
     }
@@ -228,87 +231,96 @@ pub fn render(r: &Report) -> String {
         format!("{:.0} MiB/s", r.limits.tcp_stream_mib_s),
     );
     row("memcpy", format!("{:.0} MiB/s", r.limits.memcpy_mib_s));
-    row("**data plane**", String::new());
-    row(
-        "GET 1 page, depth 1 p50/p99/p99.9",
-        lat(&r.dataplane.get_qd1_us),
-    );
-    row(
-        "PUT 1 page, depth 1 p50/p99/p99.9",
-        lat(&r.dataplane.put_qd1_us),
-    );
-    row(
-        "GET 1 page, depth 32",
-        format!("{:.0} ops/s", r.dataplane.get_qd32_ops_s),
-    );
-    row(
-        "PUT 1 page, depth 32",
-        format!("{:.0} ops/s", r.dataplane.put_qd32_ops_s),
-    );
-    row(
-        "GET 64-page batches",
-        format!("{:.0} MiB/s", r.dataplane.get_batch64_mib_s),
-    );
-    row(
-        "PUT 64-page batches",
-        format!("{:.0} MiB/s", r.dataplane.put_batch64_mib_s),
-    );
-    row("**userspace path**", String::new());
-    row("fault-back, as the program sees it", lat(&r.rmem.fault_us));
-    row(
-        "fault-back, agent service time",
-        lat(&r.rmem.fault_service_us),
-    );
-    row("eviction", format!("{:.0} MiB/s", r.rmem.evict_mib_s));
-    row(
-        "sequential write, 8x budget",
-        format!("{:.0} MiB/s", r.rmem.seq_write_mib_s),
-    );
-    row(
-        "sequential scan, prefetch on",
-        format!("{:.0} MiB/s", r.rmem.seq_scan_mib_s),
-    );
-    row(
-        "prefetch hit rate",
-        format!("{:.1}%", 100.0 * r.rmem.prefetch_hit_rate),
-    );
-    row(
-        &format!("**redundancy** ({} servers)", r.redundancy.servers),
-        String::new(),
-    );
-    for p in &r.redundancy.policies {
+    if let Some(d) = &r.dataplane {
+        row("**data plane**", String::new());
+        row("GET 1 page, depth 1 p50/p99/p99.9", lat(&d.get_qd1_us));
+        row("PUT 1 page, depth 1 p50/p99/p99.9", lat(&d.put_qd1_us));
         row(
-            &format!("{}: eviction, fault-back p50/p99/p99.9", p.policy),
+            "GET 1 page, depth 32",
+            format!("{:.0} ops/s", d.get_qd32_ops_s),
+        );
+        row(
+            "PUT 1 page, depth 32",
+            format!("{:.0} ops/s", d.put_qd32_ops_s),
+        );
+        row(
+            "GET 64-page batches",
+            format!("{:.0} MiB/s", d.get_batch64_mib_s),
+        );
+        row(
+            "PUT 64-page batches",
+            format!("{:.0} MiB/s", d.put_batch64_mib_s),
+        );
+    }
+    if let Some(m) = &r.rmem {
+        row("**userspace path**", String::new());
+        row("fault-back, as the program sees it", lat(&m.fault_us));
+        row("fault-back, agent service time", lat(&m.fault_service_us));
+        row("eviction", format!("{:.0} MiB/s", m.evict_mib_s));
+        row(
+            "sequential write, 8x budget",
+            format!("{:.0} MiB/s", m.seq_write_mib_s),
+        );
+        row(
+            "sequential scan, prefetch on",
+            format!("{:.0} MiB/s", m.seq_scan_mib_s),
+        );
+        row(
+            "prefetch hit rate",
+            format!("{:.1}%", 100.0 * m.prefetch_hit_rate),
+        );
+    }
+    if let Some(red) = &r.redundancy {
+        row(
+            &format!("**redundancy** ({} servers)", red.servers),
+            String::new(),
+        );
+        for p in &red.policies {
+            row(
+                &format!("{}: eviction, fault-back p50/p99/p99.9", p.policy),
+                format!(
+                    "{:.0} MiB/s, {}, {:.2} remote pages per page",
+                    p.evict_mib_s,
+                    lat(&p.fault_us),
+                    p.remote_per_page
+                ),
+            );
+        }
+        for d in &red.degraded {
+            row(
+                &format!("{}, one server gone: fault-back, degraded ones", d.policy),
+                format!(
+                    "{}; {} ({} degraded)",
+                    lat(&d.fault_us),
+                    lat(&d.degraded_us),
+                    d.faults_degraded
+                ),
+            );
+        }
+        let f = &red.floors;
+        row(
+            "servers alone: one GET; four GETs to four servers, together",
             format!(
-                "{:.0} MiB/s, {}, {:.2} remote pages per page",
-                p.evict_mib_s,
-                lat(&p.fault_us),
-                p.remote_per_page
+                "{}; {} ({:.1}x at p50)",
+                lat(&f.one_get_us),
+                lat(&f.four_gets_us),
+                f.four_gets_us.p50 / f.one_get_us.p50.max(f64::MIN_POSITIVE)
             ),
         );
     }
-    for d in &r.redundancy.degraded {
-        row(
-            &format!("{}, one server gone: fault-back, degraded ones", d.policy),
-            format!(
-                "{}; {} ({} degraded)",
-                lat(&d.fault_us),
-                lat(&d.degraded_us),
-                d.faults_degraded
-            ),
-        );
-    }
-    for b in &r.rebuild {
-        row(
-            &format!(
-                "{}: rebuild of a gone server (one agent, no limit)",
-                b.policy
-            ),
-            format!(
-                "{:.0} MiB/s ({} pages in {:.2} s)",
-                b.mib_s, b.pages, b.seconds
-            ),
-        );
+    if let Some(rebuild) = &r.rebuild {
+        for b in rebuild {
+            row(
+                &format!(
+                    "{}: rebuild of a gone server (one agent, no limit)",
+                    b.policy
+                ),
+                format!(
+                    "{:.0} MiB/s ({} pages in {:.2} s)",
+                    b.mib_s, b.pages, b.seconds
+                ),
+            );
+        }
     }
     row("**ratios (goal)**", String::new());
     let g = &r.ratios;
@@ -360,6 +372,8 @@ pub fn render(r: &Report) -> String {
         if r.setup.quick { ", --quick" } else { "" },
     ));
     out.push('\n');
-    out.push_str(&workloads_table(&r.workloads, &r.workload_setup));
+    if let (Some(cells), Some(setup)) = (&r.workloads, &r.workload_setup) {
+        out.push_str(&workloads_table(cells, setup));
+    }
     out
 }

@@ -1072,8 +1072,20 @@ impl Homes {
         book.owed_due
             .entry(server)
             .or_insert_with(|| Instant::now() + OWED_RETRY);
+        self.add_owed(&mut book, server, handles.to_vec(), false);
+    }
+
+    /// Adds `handles` to the frees `server` owes, after those owed already
+    /// or (`older`: frees that were owed before and failed again) before
+    /// them; past [`MAX_OWED`] the oldest are dropped.
+    fn add_owed(&self, book: &mut Book, server: u8, mut handles: Vec<u64>, older: bool) {
         let owed = book.owed.entry(server).or_default();
-        owed.extend_from_slice(handles);
+        if older {
+            handles.append(owed);
+            *owed = handles;
+        } else {
+            owed.append(&mut handles);
+        }
         if owed.len() > MAX_OWED {
             let over = owed.len() - MAX_OWED;
             owed.drain(..over);
@@ -1141,8 +1153,7 @@ impl Homes {
                         .map_or(OWED_RETRY, |b| (*b * 2).min(OWED_RETRY_MAX));
                     book.owed_backoff.insert(server, backoff);
                     book.owed_due.insert(server, Instant::now() + backoff);
-                    let owed = book.owed.entry(server).or_default();
-                    owed.extend(handles);
+                    self.add_owed(&mut book, server, handles, true);
                 }
             }
         }
@@ -1262,5 +1273,33 @@ mod tests {
                 .is_ok()
         );
         assert!(homes.book().owed.is_empty());
+    }
+
+    #[test]
+    fn owed_frees_that_fail_again_stay_oldest_and_bounded() {
+        let homes = unreachable();
+        let mut remotes = Remotes::new(Duration::from_millis(100), Duration::ZERO);
+        homes.owe(0, &[1, 2]);
+        {
+            let mut book = homes.book();
+            // Due now, and the server not suspect: the payer tries it.
+            book.owed_due.insert(0, Instant::now());
+            book.suspects.clear();
+        }
+        homes.owe(0, &[3]);
+        let soon = Instant::now() + Duration::from_millis(300);
+        assert_eq!(homes.pay_owed(&mut remotes, soon), 0);
+        homes.owe(0, &[4]);
+        assert_eq!(homes.book().owed.get(&0), Some(&vec![1, 2, 3, 4]));
+        assert!(homes.book().owed_due[&0] > Instant::now(), "backed off");
+        // Past the bound, the oldest go, whichever way they came back.
+        let many: Vec<u64> = (10..10 + MAX_OWED as u64).collect();
+        homes.owe(0, &many);
+        let mut book = homes.book();
+        let owed = &book.owed[&0];
+        assert_eq!((owed.len(), owed[0]), (MAX_OWED, 10));
+        let again = std::mem::take(book.owed.get_mut(&0).unwrap());
+        homes.add_owed(&mut book, 0, again, true);
+        assert_eq!(book.owed[&0].len(), MAX_OWED);
     }
 }
