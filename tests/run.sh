@@ -32,6 +32,12 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 [ -e /usr/include/rdma/rdma_cma.h ] || need+=(librdmacm-dev)
 ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need+=(libclang-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+# protoc: etcd-client's build compiles etcd's API (the coordinator's etcd
+# backend); etcd and etcdctl: the coordinator replicas' tests run a real etcd.
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v etcdctl >/dev/null || need+=(etcd-client)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     step "installing ${need[*]}"

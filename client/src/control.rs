@@ -23,7 +23,9 @@ use rmem_proto::control::v1::placement_client::PlacementClient;
 use rmem_proto::control::v1::{self as pb, watch_event::Event};
 use tokio::task::JoinHandle;
 use tonic::codegen::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+pub use crate::leader::{LEADER_KEY, LeaderChannel};
 
 /// Metadata key of the coordinator's stable error reason.
 pub const REASON_KEY: &str = "rmem-reason";
@@ -99,12 +101,13 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
-type Svc = InterceptedService<Channel, Auth>;
+type Svc = InterceptedService<LeaderChannel, Auth>;
 
-/// A connection to the coordinator.
+/// A connection to the coordinator (to the replica that leads, among
+/// several: [`LeaderChannel`]).
 #[derive(Debug, Clone)]
 pub struct ControlClient {
-    channel: Channel,
+    channel: LeaderChannel,
     auth: Auth,
     endpoint: String,
 }
@@ -119,28 +122,61 @@ fn url(endpoint: &str) -> String {
 }
 
 impl ControlClient {
-    /// Connects to `endpoint` (`host:port` or a URL), failing after
-    /// `timeout` if the coordinator cannot be reached.
+    /// Connects to `endpoint` (`host:port` or a URL; several replicas'
+    /// comma-separated, the first that answers is used and calls then
+    /// follow the one that leads), failing after `timeout` for each if
+    /// none can be reached.
     pub async fn connect(
         endpoint: &str,
         token: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, ControlError> {
-        let ep = Endpoint::from_shared(url(endpoint)).map_err(|source| ControlError::Endpoint {
-            endpoint: endpoint.to_string(),
-            source,
-        })?;
-        let channel = ep
-            .connect_timeout(timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|source| ControlError::Unreachable {
-                endpoint: endpoint.to_string(),
+        let names: Vec<String> = endpoint
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_string)
+            .collect();
+        let mut endpoints = Vec::with_capacity(names.len());
+        for name in &names {
+            let ep = Endpoint::from_shared(url(name)).map_err(|source| ControlError::Endpoint {
+                endpoint: name.clone(),
                 source,
             })?;
+            endpoints.push(
+                ep.connect_timeout(timeout.min(crate::leader::CONNECT_TIMEOUT))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(10)),
+            );
+        }
+        // The first replica that answers: a waiting replica does not listen,
+        // and one that does but follows sends calls on (LeaderChannel).
+        let mut first = None;
+        let mut failure = None;
+        for (i, ep) in endpoints.iter().enumerate() {
+            match ep.clone().connect_timeout(timeout).connect().await {
+                Ok(c) => {
+                    first = Some((i, c));
+                    break;
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        let Some(first) = first else {
+            return Err(match failure {
+                Some(source) => ControlError::Unreachable {
+                    endpoint: endpoint.to_string(),
+                    source,
+                },
+                None => ControlError::Rpc {
+                    code: tonic::Code::InvalidArgument,
+                    reason: "invalid_endpoint".into(),
+                    message: "no coordinator endpoint given".into(),
+                },
+            });
+        };
+        let channel = LeaderChannel::new(names, endpoints, first);
         let auth = match token {
             Some(t) => Auth(Some(format!("Bearer {t}").parse().map_err(|_| {
                 ControlError::Rpc {
@@ -184,8 +220,13 @@ impl ControlClient {
 
     /// The channel itself, for services other than the coordinator's (the
     /// standard gRPC health service, which every rmem daemon serves).
-    pub fn channel(&self) -> Channel {
+    pub fn channel(&self) -> LeaderChannel {
         self.channel.clone()
+    }
+
+    /// The replica calls go to now (of several, the one believed to lead).
+    pub fn current(&self) -> &str {
+        self.channel.current()
     }
 }
 

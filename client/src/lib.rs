@@ -24,6 +24,7 @@ mod conn;
 pub mod control;
 mod error;
 mod frame;
+mod leader;
 mod locations;
 mod pool;
 #[cfg(feature = "rdma")]

@@ -224,6 +224,12 @@ impl Cluster {
         self.lease
     }
 
+    /// Whether this coordinator may act (a replica that may no longer lead
+    /// fences no one and expires no lease: its successor decides).
+    pub fn leads(&self) -> bool {
+        self.store.leads()
+    }
+
     /// Makes `record` durable, then applies it.
     fn commit(&mut self, record: Record) -> Result<(), StateError> {
         self.store.append(&record)?;
@@ -1011,6 +1017,10 @@ impl Cluster {
             .members
             .get(member)
             .is_ok_and(|m| m.liveness == Liveness::Fenced);
+        if !self.leads() {
+            tracing::warn!(member, "not fencing: this coordinator may no longer lead");
+            return;
+        }
         if !already {
             let record = Record::MemberFenced { id: member };
             if let Err(e) = self.store.append(&record) {

@@ -40,6 +40,82 @@ impl TenantConfig {
     }
 }
 
+/// The coordinator's state in etcd, shared by its replicas (one leads).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// Client URLs of etcd's members, e.g. `http://10.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Prefix of rmem's keys (one per cluster sharing an etcd); starts and
+    /// ends with `/`.
+    pub prefix: String,
+    /// The election lease: a leader that cannot renew it for this long is
+    /// replaced, and stops serving.
+    #[serde(with = "humantime_serde")]
+    pub election_ttl: Duration,
+    /// This replica's gRPC address as members reach it [default: the
+    /// listen address].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            prefix: "/rmem/".into(),
+            election_ttl: Duration::from_secs(5),
+            advertise: None,
+        }
+    }
+}
+
+impl EtcdConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.endpoints.is_empty() {
+            return Err(invalid("etcd.endpoints", "must name at least one etcd"));
+        }
+        for e in &self.endpoints {
+            if e.starts_with("https://") {
+                return Err(invalid(
+                    "etcd.endpoints",
+                    format!(
+                        "`{e}`: TLS to etcd is not supported yet; use http:// on a trusted network"
+                    ),
+                ));
+            }
+            let Some(rest) = e.strip_prefix("http://") else {
+                return Err(invalid(
+                    "etcd.endpoints",
+                    format!("`{e}` is not a URL like http://HOST:PORT"),
+                ));
+            };
+            if rest.is_empty() || rest.contains('/') {
+                return Err(invalid(
+                    "etcd.endpoints",
+                    format!("`{e}` is not a URL like http://HOST:PORT"),
+                ));
+            }
+        }
+        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') || self.prefix.len() < 2 {
+            return Err(invalid(
+                "etcd.prefix",
+                "must start and end with `/`, e.g. /rmem/",
+            ));
+        }
+        if !(Duration::from_secs(2)..=Duration::from_secs(600)).contains(&self.election_ttl) {
+            return Err(invalid("etcd.election_ttl", "must be between 2s and 10m"));
+        }
+        if self.election_ttl.subsec_nanos() != 0 {
+            return Err(invalid(
+                "etcd.election_ttl",
+                "must be whole seconds (etcd leases are)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Everything the coordinator runs with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -50,6 +126,10 @@ pub struct CoordinatorConfig {
     pub state_dir: PathBuf,
     /// Keep state in memory only (tests, throwaway clusters).
     pub ephemeral: bool,
+    /// Keep state in etcd instead of `state_dir`, and run as one of
+    /// several replicas, the one etcd elects leading.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdConfig>,
     /// How long a member stays up without a heartbeat.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
@@ -100,6 +180,7 @@ impl Default for CoordinatorConfig {
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             ephemeral: false,
+            etcd: None,
             lease: Duration::from_secs(10),
             invalidation_deadline: Duration::from_secs(5),
             max_invalidation_deadline: Duration::from_secs(60),
@@ -159,6 +240,12 @@ impl CoordinatorConfig {
         }
         if self.compact_after < 16 {
             return Err(invalid("compact_after", "must be at least 16"));
+        }
+        if let Some(etcd) = &self.etcd {
+            if self.ephemeral {
+                return Err(invalid("etcd", "give etcd or ephemeral, not both"));
+            }
+            etcd.validate()?;
         }
         if !self.ephemeral && self.state_dir.as_os_str().is_empty() {
             return Err(invalid("state_dir", "must not be empty (or set ephemeral)"));
@@ -289,10 +376,35 @@ mod tests {
                 "[[tenant]]\nname = \"a\"\nquota = \"1\"",
                 "`tenant[0].quota`",
             ),
+            ("[etcd]", "`etcd.endpoints`"),
+            (
+                "[etcd]\nendpoints = [\"https://e:2379\"]",
+                "`etcd.endpoints`",
+            ),
+            ("[etcd]\nendpoints = [\"e:2379\"]", "`etcd.endpoints`"),
+            (
+                "[etcd]\nendpoints = [\"http://e:2379\"]\nprefix = \"rmem\"",
+                "`etcd.prefix`",
+            ),
+            (
+                "[etcd]\nendpoints = [\"http://e:2379\"]\nelection_ttl = \"2500ms\"",
+                "`etcd.election_ttl`",
+            ),
+            (
+                "ephemeral = true\n[etcd]\nendpoints = [\"http://e:2379\"]",
+                "`etcd`",
+            ),
         ] {
             let err = parse(text).unwrap_err();
             assert!(err.contains(field), "{text}: {err}");
         }
         assert!(parse("bogus = 1").unwrap_err().contains("bogus"));
+        let c =
+            parse("[etcd]\nendpoints = [\"http://10.0.0.1:2379\", \"http://e2:2379\"]").unwrap();
+        let etcd = c.etcd.unwrap();
+        assert_eq!(
+            (etcd.prefix.as_str(), etcd.election_ttl),
+            ("/rmem/", Duration::from_secs(5))
+        );
     }
 }

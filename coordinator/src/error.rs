@@ -104,6 +104,7 @@ impl CoordError {
             Self::NoCapacity { .. } => "no_capacity",
             Self::Busy(_) => "interval_busy",
             Self::Unauthenticated => "unauthenticated",
+            Self::State(StateError::Deposed) => "not_leader",
             Self::State(_) => "state_unavailable",
         }
     }

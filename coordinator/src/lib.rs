@@ -38,6 +38,7 @@ use crate::cluster::Cluster;
 use crate::config::{ConfigError, CoordinatorConfig};
 use crate::error::CoordError;
 use crate::service::{Service, Shared};
+use crate::state::etcd::{EtcdOptions, EtcdStore, Leadership};
 use crate::state::{MemoryStore, StateError, StateStore, log::FileLog};
 
 /// Why the coordinator could not start.
@@ -62,16 +63,25 @@ pub struct Coordinator {
     shutdown: CancellationToken,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     shared: Arc<Shared>,
+    deposed: CancellationToken,
 }
 
-/// Checks `authorization: Bearer TOKEN` on every call when a token is set.
+/// In front of every call: refuses it once this replica may no longer
+/// lead (`not_leader`: ask the new leader), and checks `authorization:
+/// Bearer TOKEN` when a token is set.
 #[derive(Clone, Debug)]
-struct Auth(Option<Arc<str>>);
+struct Gate {
+    token: Option<Arc<str>>,
+    leadership: Option<Leadership>,
+}
 
-impl tonic::service::Interceptor for Auth {
+impl tonic::service::Interceptor for Gate {
     fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         use subtle::ConstantTimeEq;
-        let Some(token) = &self.0 else {
+        if self.leadership.as_ref().is_some_and(|l| !l.holds()) {
+            return Err(CoordError::State(StateError::Deposed).into());
+        }
+        let Some(token) = &self.token else {
             return Ok(req);
         };
         let given = req
@@ -93,7 +103,27 @@ impl Coordinator {
     pub async fn start(config: &CoordinatorConfig) -> Result<Self, StartError> {
         let mut config = config.clone();
         config.validate()?;
-        let store: Box<dyn StateStore> = if config.ephemeral {
+        let mut leadership = None;
+        let store: Box<dyn StateStore> = if let Some(etcd) = &config.etcd {
+            let options = EtcdOptions {
+                endpoints: etcd.endpoints.clone(),
+                prefix: etcd.prefix.clone(),
+                election_ttl: etcd.election_ttl,
+                advertise: etcd
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| config.listen.to_string()),
+            };
+            tracing::info!(etcd = %options.endpoints.join(","), prefix = %options.prefix, "campaigning to lead the coordinators");
+            let store = tokio::task::spawn_blocking(move || EtcdStore::lead(&options))
+                .await
+                .map_err(|e| StateError::Io {
+                    path: "the etcd thread".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })??;
+            leadership = Some(store.leadership());
+            Box::new(store)
+        } else if config.ephemeral {
             Box::new(MemoryStore::default())
         } else {
             Box::new(FileLog::open(&config.state_log())?)
@@ -111,6 +141,22 @@ impl Coordinator {
             source,
         })?;
         let shutdown = CancellationToken::new();
+        let deposed = leadership
+            .as_ref()
+            .map_or_else(CancellationToken::new, Leadership::deposed);
+        {
+            // A deposed leader stops serving at once: its writes already fail.
+            let (deposed, shutdown) = (deposed.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = deposed.cancelled() => {
+                        tracing::error!("this coordinator no longer leads: it stops serving");
+                        shutdown.cancel();
+                    }
+                    _ = shutdown.cancelled() => {}
+                }
+            });
+        }
         let shared = Arc::new(Shared {
             cluster: Mutex::new(cluster),
             finished: tokio::sync::watch::channel(0).0,
@@ -129,7 +175,10 @@ impl Coordinator {
             Service {
                 shared: shared.clone(),
             },
-            Auth(config.token.as_deref().map(Arc::from)),
+            Gate {
+                token: config.token.as_deref().map(Arc::from),
+                leadership,
+            },
             shutdown.clone(),
         ));
         tracing::info!(%addr, epoch = shared.lock().epoch(), "coordinator ready");
@@ -138,12 +187,19 @@ impl Coordinator {
             shutdown,
             server,
             shared,
+            deposed,
         })
     }
 
     /// The address actually bound.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Cancelled when this replica no longer leads (etcd state only): it
+    /// has stopped serving.
+    pub fn deposed(&self) -> CancellationToken {
+        self.deposed.clone()
     }
 
     /// The model, for embedding and tests.
@@ -174,6 +230,10 @@ async fn expire_leases(shared: Arc<Shared>, lease: Duration, reap_after: Duratio
         }
         let reap = {
             let mut c = shared.lock();
+            if !c.leads() {
+                // Deposed, or not sure to lead: the successor expires leases.
+                continue;
+            }
             c.expire_leases();
             c.declare_lapsed_gone();
             c.reapable(reap_after)
@@ -201,7 +261,7 @@ async fn expire_leases(shared: Arc<Shared>, lease: Duration, reap_after: Duratio
 async fn serve(
     listener: TcpListener,
     svc: Service,
-    auth: Auth,
+    auth: Gate,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();

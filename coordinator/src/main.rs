@@ -16,11 +16,14 @@ use rmem_coordinator::config::{ConfigError, CoordinatorConfig};
 /// One coordinator serves a cluster. Its registry (members, intervals,
 /// grants) is kept in an append-only log under --state-dir and restored on
 /// restart; leases are not, so members have one lease period to heartbeat
-/// after a restart.
+/// after a restart. With --etcd the registry is kept in etcd and several
+/// replicas run: the one etcd elects serves, the others wait to take over;
+/// a replica that loses leadership stops and exits with status 1.
 ///
 /// Examples:
 ///   rmem-coordinator --state-dir /var/lib/rmem/coordinator
 ///   rmem-coordinator --listen 127.0.0.1:7470 --ephemeral
+///   rmem-coordinator --etcd http://10.0.0.1:2379,http://10.0.0.2:2379 --advertise 10.0.0.5:7470
 ///   rmem-coordinator --config /etc/rmem/coordinator.toml --check-config
 #[derive(Debug, Parser)]
 #[command(name = "rmem-coordinator", version, verbatim_doc_comment)]
@@ -37,6 +40,22 @@ struct Args {
     /// Keep state in memory only: lost on restart.
     #[arg(long)]
     ephemeral: bool,
+    /// Keep state in etcd (client URLs, comma-separated) and run as one of
+    /// several replicas: the one etcd elects serves, the others wait.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "URL,...",
+        conflicts_with = "ephemeral"
+    )]
+    etcd: Vec<String>,
+    /// Prefix of rmem's keys in etcd [default: /rmem/].
+    #[arg(long, value_name = "PREFIX")]
+    etcd_prefix: Option<String>,
+    /// This replica's address as members reach it, published when it leads
+    /// [default: the listen address].
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
     /// How long a member stays up without a heartbeat, e.g. 10s [default: 10s].
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     lease: Option<Duration>,
@@ -88,6 +107,10 @@ enum MainError {
     Start(#[from] rmem_coordinator::StartError),
     #[error("cannot start the runtime")]
     Runtime(#[source] std::io::Error),
+    #[error(
+        "stopped serving: this replica no longer leads (its supervisor starts it again as a candidate)"
+    )]
+    Deposed,
 }
 
 fn config(args: &Args) -> Result<CoordinatorConfig, ConfigError> {
@@ -103,6 +126,15 @@ fn config(args: &Args) -> Result<CoordinatorConfig, ConfigError> {
     }
     if args.ephemeral {
         c.ephemeral = true;
+    }
+    if !args.etcd.is_empty() {
+        c.etcd.get_or_insert_with(Default::default).endpoints = args.etcd.clone();
+    }
+    if let Some(p) = &args.etcd_prefix {
+        c.etcd.get_or_insert_with(Default::default).prefix = p.clone();
+    }
+    if let Some(a) = &args.advertise {
+        c.etcd.get_or_insert_with(Default::default).advertise = Some(a.clone());
     }
     if let Some(v) = args.lease {
         c.lease = v;
@@ -147,14 +179,36 @@ fn run(args: &Args) -> Result<(), MainError> {
         .build()
         .map_err(MainError::Runtime)?;
     rt.block_on(async {
-        let stop = rmem_common::shutdown::stop_signal();
-        let c = Coordinator::start(&cfg).await?;
-        rmem_common::notify::ready();
-        let sig = stop.await;
-        rmem_common::notify::stopping();
-        tracing::info!(signal = %sig, "stopping");
-        c.shutdown().await;
-        Ok(())
+        let mut stop = std::pin::pin!(rmem_common::shutdown::stop_signal());
+        if cfg.etcd.is_some() {
+            // A replica is up once it campaigns; it may wait as a standby
+            // for as long as another leads (systemd must not time it out).
+            rmem_common::notify::ready();
+        }
+        let c = tokio::select! {
+            c = Coordinator::start(&cfg) => c?,
+            sig = &mut stop => {
+                tracing::info!(signal = %sig, "stopping before this replica was elected");
+                return Ok(());
+            }
+        };
+        if cfg.etcd.is_none() {
+            rmem_common::notify::ready();
+        }
+        let deposed = c.deposed();
+        tokio::select! {
+            sig = stop => {
+                rmem_common::notify::stopping();
+                tracing::info!(signal = %sig, "stopping");
+                c.shutdown().await;
+                Ok(())
+            }
+            _ = deposed.cancelled() => {
+                rmem_common::notify::stopping();
+                c.shutdown().await;
+                Err(MainError::Deposed)
+            }
+        }
     })
 }
 

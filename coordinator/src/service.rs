@@ -408,6 +408,12 @@ impl Invalidation for Service {
             ms => Duration::from_millis(u64::from(ms)).min(self.shared.max_deadline),
         };
         let (id, intervals, f) = run_invalidation(&self.shared, &r, deadline).await?;
+        if !self.shared.lock().leads() {
+            // Acknowledged here, but this replica may have lost leadership
+            // while it waited: its successor may not know of this
+            // invalidation, so the caller must ask it.
+            return Err(CoordError::State(crate::state::StateError::Deposed).into());
+        }
         ok(pb::InvalidateResponse {
             invalidation_id: id,
             intervals: intervals

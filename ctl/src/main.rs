@@ -36,7 +36,8 @@ use crate::views::{
 #[derive(Debug, Parser)]
 #[command(name = "rmemctl", version, verbatim_doc_comment)]
 struct Args {
-    /// Coordinator endpoint, host:port or URL.
+    /// Coordinator endpoint, host:port or URL; several replicas'
+    /// comma-separated (calls follow the one that leads).
     #[arg(
         long,
         short,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes the image the Containerfile's build stage runs in, without a registry:
-# a Debian root filesystem from debootstrap (with gcc, CA certificates and
-# what the `rdma` features need to build: rdma-core's -dev packages, which
+# a Debian root filesystem from debootstrap (with gcc, CA certificates,
+# protoc for the etcd client, and what the `rdma` features need to build: rdma-core's -dev packages, which
 # bring the verbs providers, libclang for bindgen and pkg-config) plus this
 # machine's Rust toolchain (cargo, rustc and the standard library, nothing
 # else), imported into Docker as one layer. The Containerfile's build stage
@@ -29,7 +29,9 @@ SUITE=${RMEM_BUILDER_SUITE:-bookworm}
 MIRROR=${RMEM_KIT_MIRROR:-http://deb.debian.org/debian}
 # libclang-dev: bindgen (run by rdma-sys) loads libclang and its builtin
 # headers from llvm's directory, where it finds them without LIBCLANG_PATH.
-PACKAGES="gcc,libc6-dev,ca-certificates,pkg-config,libibverbs-dev,librdmacm-dev,libclang-dev"
+# protobuf-compiler and libprotobuf-dev (its well-known types): etcd-client's
+# build (the coordinator's etcd backend) runs protoc.
+PACKAGES="gcc,libc6-dev,ca-certificates,pkg-config,libibverbs-dev,librdmacm-dev,libclang-dev,protobuf-compiler,libprotobuf-dev"
 
 say() { printf 'builder-image: %s\n' "$*" >&2; }
 die() { printf 'builder-image: error: %s\n' "$*" >&2; exit 1; }

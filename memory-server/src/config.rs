@@ -57,7 +57,8 @@ pub struct TenantConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// Coordinator endpoint (`host:port`).
+    /// Coordinator endpoint (`host:port`; several replicas'
+    /// comma-separated: the one that leads is followed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<String>,
     /// Member name, unique in the cluster [default: the host name].

@@ -76,9 +76,10 @@ struct Args {
     /// File holding the `default` tenant's credential.
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
-    /// Join the cluster of this coordinator (host:port): register, keep a
-    /// lease, free pages of invalidated ranges.
-    #[arg(long, env = "RMEM_COORDINATOR", value_name = "HOST:PORT")]
+    /// Join the cluster of this coordinator (host:port; several replicas'
+    /// comma-separated): register, keep a lease, free pages of invalidated
+    /// ranges.
+    #[arg(long, env = "RMEM_COORDINATOR", value_name = "HOST:PORT[,...]")]
     coordinator: Option<String>,
     /// Member name in the cluster [default: the host name].
     #[arg(long, value_name = "NAME")]

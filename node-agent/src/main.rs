@@ -64,7 +64,7 @@ struct ServeArgs {
     server: Option<String>,
     /// Keep the pages on the servers this cluster's coordinator grants
     /// instead of on --server.
-    #[arg(long, value_name = "HOST:PORT", conflicts_with = "server")]
+    #[arg(long, value_name = "HOST:PORT[,...]", conflicts_with = "server")]
     coordinator: Option<String>,
     /// File holding the cluster token (or set RMEM_CLUSTER_TOKEN).
     #[arg(long, value_name = "PATH")]
@@ -132,7 +132,7 @@ struct KernelArgs {
     server: Option<String>,
     /// Keep the pages on the servers this cluster's coordinator grants
     /// instead of on --server; frees go through its invalidations.
-    #[arg(long, value_name = "HOST:PORT", conflicts_with = "server")]
+    #[arg(long, value_name = "HOST:PORT[,...]", conflicts_with = "server")]
     coordinator: Option<String>,
     /// File holding the cluster token (for --coordinator; or set
     /// RMEM_CLUSTER_TOKEN).
@@ -212,11 +212,12 @@ struct DemoArgs {
     /// Use this running rmem-server (HOST:PORT) instead of an embedded one.
     #[arg(long, value_name = "HOST:PORT")]
     server: Option<String>,
-    /// Get capacity from this cluster's coordinator (HOST:PORT) instead:
-    /// pages are spread over its servers.
+    /// Get capacity from this cluster's coordinator (HOST:PORT; several
+    /// replicas' comma-separated) instead: pages are spread over its
+    /// servers.
     #[arg(
         long,
-        value_name = "HOST:PORT",
+        value_name = "HOST:PORT[,...]",
         env = "RMEM_COORDINATOR",
         conflicts_with = "server"
     )]

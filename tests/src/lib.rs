@@ -105,6 +105,14 @@ impl Daemon {
         Self::spawn_command(name, cmd)
     }
 
+    /// Starts `program` (not a workspace binary: a real component such as
+    /// etcd) with `args`, labelled `name`.
+    pub fn spawn_program(name: &str, program: &str, args: &[&str]) -> Self {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        Self::spawn_command(name, cmd)
+    }
+
     fn spawn_command(name: &str, mut cmd: Command) -> Self {
         cmd
             // RMEM_TEST_RUST_LOG=debug shows more when debugging a test.
@@ -331,6 +339,95 @@ impl CoordinatorProcess {
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("no address in {ready}"));
         Self { daemon, addr }
+    }
+}
+
+/// A real etcd (Debian's `etcd-server`, installed by tests/run.sh), one
+/// member on loopback ports of its own, its data in a temporary directory.
+#[derive(Debug)]
+pub struct Etcd {
+    pub daemon: Daemon,
+    /// Its client URL, `http://127.0.0.1:PORT`.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub fn start() -> Self {
+        assert!(
+            Command::new("etcd").arg("--version").output().is_ok(),
+            "etcd is not installed: tests/run.sh installs Debian's etcd-server"
+        );
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free loopback port")
+                .port()
+        };
+        let (client, peer) = (free(), free());
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let daemon = Daemon::spawn_program(
+            "etcd",
+            "etcd",
+            &[
+                "--name",
+                "rmem-test",
+                "--data-dir",
+                dir.path().to_str().expect("utf-8 path"),
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("rmem-test={peer_url}"),
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+                // As docs/DEPLOY.md asks of an etcd holding rmem's state.
+                "--auto-compaction-mode",
+                "revision",
+                "--auto-compaction-retention",
+                "1000",
+            ],
+        );
+        let healthy = wait_until(Duration::from_secs(30), || {
+            Command::new("etcdctl")
+                .args(["--endpoints", &url, "endpoint", "health"])
+                .env("ETCDCTL_API", "3")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        assert!(healthy, "etcd did not start:\n{}", daemon.log_text());
+        Self {
+            daemon,
+            url,
+            _dir: dir,
+        }
+    }
+
+    /// `etcdctl ARGS` against this etcd; its standard output.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new("etcdctl")
+            .arg("--endpoints")
+            .arg(&self.url)
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .expect("etcdctl runs");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 

@@ -14,10 +14,11 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rmem_client::control::{ControlClient, MemberSession, Subscriber};
 use rmem_proto::control::v1 as pb;
-use rmem_tests::{Daemon, bin};
+use rmem_tests::{Daemon, Etcd, bin};
 
 const PAGE: u64 = 4096;
 
+#[derive(Debug)]
 struct Coordinator {
     daemon: Daemon,
     addr: SocketAddr,
@@ -25,20 +26,33 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(args: &[&str]) -> Self {
+        Self::ready(Self::spawn(args), Duration::from_secs(30))
+            .unwrap_or_else(|d| panic!("coordinator did not start:\n{}", d.log_text()))
+    }
+
+    /// Starts one, ephemeral unless `args` name its state.
+    fn spawn(args: &[&str]) -> Daemon {
         let mut all = vec!["--log-format", "json"];
         if !args.contains(&"--listen") {
             all.extend(["--listen", "127.0.0.1:0"]);
         }
-        if !args.contains(&"--state-dir") {
+        if !["--state-dir", "--config", "--etcd"]
+            .iter()
+            .any(|a| args.contains(a))
+        {
             all.push("--ephemeral");
         }
         all.extend_from_slice(args);
-        let daemon = Daemon::spawn("rmem-coordinator", &all);
-        let ready = daemon
-            .wait_for_log("coordinator ready", Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("coordinator did not start:\n{}", daemon.log_text()));
+        Daemon::spawn("rmem-coordinator", &all)
+    }
+
+    /// `daemon` once it serves, or back if it does not within `timeout`.
+    fn ready(daemon: Daemon, timeout: Duration) -> Result<Self, Daemon> {
+        let Some(ready) = daemon.wait_for_log("coordinator ready", timeout) else {
+            return Err(daemon);
+        };
         let addr = ready["fields"]["addr"].as_str().unwrap().parse().unwrap();
-        Self { daemon, addr }
+        Ok(Self { daemon, addr })
     }
 
     async fn client(&self) -> ControlClient {
@@ -529,127 +543,329 @@ fn an_expired_lease_marks_a_server_down_and_placement_avoids_it() {
     });
 }
 
+/// Registrations to keep across a restart or failover: an agent, two
+/// servers, an interval, a grant, an invalidation.
+async fn fill(coord: &Coordinator) -> (pb::RegisterResponse, u64, u64, usize) {
+    let c = coord.client().await;
+    let a = c
+        .membership()
+        .register(agent("a"))
+        .await
+        .unwrap()
+        .into_inner();
+    c.membership().register(server("s1", 1000)).await.unwrap();
+    c.membership().register(server("s2", 1000)).await.unwrap();
+    let (iv, _) = register_interval(&c, "p", 8, a.member_id, &[]).await;
+    let g = c
+        .placement()
+        .allocate(pb::AllocateRequest {
+            agent_id: a.member_id,
+            tenant: "default".into(),
+            pages: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // From the owner itself, so nobody else must answer.
+    let r = c
+        .invalidation()
+        .invalidate(pb::InvalidateRequest {
+            address_space: "p".into(),
+            start: 0,
+            length: PAGE,
+            reason: pb::Reason::Unmap as i32,
+            deadline_ms: 1_000,
+            origin: a.member_id,
+            more: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.complete && r.fenced.is_empty(), "{r:?}");
+    (a, iv, r.intervals[0].seq, g.grants.len())
+}
+
+/// What [`fill`] registered, as a coordinator that took over finds it;
+/// `epoch`: the epochs started so far.
+async fn check(
+    coord: &Coordinator,
+    (a, iv, seq, grants): (pb::RegisterResponse, u64, u64, usize),
+    epoch: u64,
+) {
+    let c = coord.client().await;
+    let ms = c
+        .membership()
+        .list_members(pb::ListMembersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut names: Vec<_> = ms.members.iter().map(|m| m.name.clone()).collect();
+    // (Registered on top by the failover test.)
+    names.retain(|n| !n.starts_with("extra-") && n != "after" && n != "follower");
+    names.sort();
+    assert_eq!(names, ["a", "s1", "s2"]);
+    let ivs = c
+        .intervals()
+        .list(pb::ListIntervalsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ivs.intervals.len(), 1);
+    assert_eq!(ivs.intervals[0].id, iv);
+    let gs = c
+        .placement()
+        .list_grants(pb::ListGrantsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(gs.grants.len(), grants);
+    assert_eq!(gs.grants.iter().map(|g| g.pages).sum::<u64>(), 100);
+    // The member's incarnation and the cluster's identity carry over:
+    // its heartbeat is accepted.
+    c.membership()
+        .heartbeat(pb::HeartbeatRequest {
+            member_id: a.member_id,
+            incarnation: a.incarnation,
+            used_pages: 0,
+            cluster_id: a.cluster_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // A member of another cluster whose id and incarnation match is
+    // told so, not taken for this one's.
+    let e = c
+        .membership()
+        .heartbeat(pb::HeartbeatRequest {
+            member_id: a.member_id,
+            incarnation: a.incarnation,
+            used_pages: 0,
+            cluster_id: "0123456789abcdef0123456789abcdef".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert_eq!(e.metadata().get("rmem-reason").unwrap(), "other_cluster");
+    // A sequence read before the restart is never current after it.
+    let rr = c
+        .intervals()
+        .read_retry(pb::ReadRetryRequest {
+            interval_id: iv,
+            seq,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rr.retry);
+    let st = c
+        .admin()
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.epoch, epoch);
+}
+
 #[test]
 fn a_restarted_coordinator_keeps_its_registrations() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().to_str().unwrap().to_string();
     let mut coord = Coordinator::start(&["--state-dir", &state]);
     let rt = runtime();
-    let (a, iv, seq, grants) = rt.block_on(async {
-        let c = coord.client().await;
-        let a = c
-            .membership()
-            .register(agent("a"))
-            .await
-            .unwrap()
-            .into_inner();
-        c.membership().register(server("s1", 1000)).await.unwrap();
-        c.membership().register(server("s2", 1000)).await.unwrap();
-        let (iv, _) = register_interval(&c, "p", 8, a.member_id, &[]).await;
-        let g = c
-            .placement()
-            .allocate(pb::AllocateRequest {
-                agent_id: a.member_id,
-                tenant: "default".into(),
-                pages: 100,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        // From the owner itself, so nobody else must answer.
-        let r = c
-            .invalidation()
-            .invalidate(pb::InvalidateRequest {
-                address_space: "p".into(),
-                start: 0,
-                length: PAGE,
-                reason: pb::Reason::Unmap as i32,
-                deadline_ms: 1_000,
-                origin: a.member_id,
-                more: Vec::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.complete && r.fenced.is_empty(), "{r:?}");
-        (a, iv, r.intervals[0].seq, g.grants.len())
-    });
+    let filled = rt.block_on(fill(&coord));
     coord.daemon.kill();
     let coord = Coordinator::start(&["--state-dir", &state]);
+    rt.block_on(check(&coord, filled, 2));
+}
+
+#[test]
+fn coordinator_replicas_on_etcd_keep_registrations_across_a_failover() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("coordinator.toml");
+    // A small compaction threshold, so the new leader loads a snapshot
+    // and the log after it; a short lease, so a member that did not
+    // follow the new leader would be seen down soon.
+    std::fs::write(
+        &config,
+        format!(
+            "compact_after = 16\nlease = \"3s\"\n[etcd]\nendpoints = [\"{}\"]\nprefix = \"/rmem-test/\"\nelection_ttl = \"2s\"\n",
+            etcd.url
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    let (a_addr, b_addr) = (port(), port());
+    let both = format!("{a_addr},{b_addr}");
+    let mut first = Coordinator::start(&["--config", config, "--listen", &a_addr]);
+    let second = Coordinator::spawn(&["--config", config, "--listen", &b_addr]);
+    // A member given both replicas.
+    let member = rmem_tests::ServerProcess::join(&both, "follower", "16MiB");
+    let rt = runtime();
+    let filled = rt.block_on(async {
+        let filled = fill(&first).await;
+        // Past compact_after: a snapshot in etcd, then more log.
+        let c = first.client().await;
+        for i in 0..24 {
+            c.membership()
+                .register(server(&format!("extra-{i}"), 10))
+                .await
+                .unwrap();
+        }
+        filled
+    });
+    let keys = etcd.ctl(&["get", "--prefix", "--keys-only", "/rmem-test/"]);
+    assert!(keys.contains("/rmem-test/snap/current"), "{keys}");
+    assert!(keys.contains("/rmem-test/log/"), "{keys}");
+    // Only one replica serves.
+    let second = Coordinator::ready(second, Duration::from_secs(1))
+        .expect_err("a second replica served while the first led");
+    first.daemon.kill();
+    let killed = std::time::Instant::now();
+    let second = Coordinator::ready(second, Duration::from_secs(30))
+        .unwrap_or_else(|d| panic!("the second replica never took over:\n{}", d.log_text()));
+    let failover = killed.elapsed();
+    // The first replica's epoch, this one's.
+    rt.block_on(check(&second, filled, 2));
     rt.block_on(async {
-        let c = coord.client().await;
+        // A client given both replicas reaches the one that leads.
+        let c = ControlClient::connect(&both, None, Duration::from_secs(5))
+            .await
+            .unwrap();
+        c.membership().register(server("after", 10)).await.unwrap();
         let ms = c
             .membership()
             .list_members(pb::ListMembersRequest::default())
             .await
             .unwrap()
             .into_inner();
-        let mut names: Vec<_> = ms.members.iter().map(|m| m.name.clone()).collect();
-        names.sort();
-        assert_eq!(names, ["a", "s1", "s2"]);
-        let ivs = c
-            .intervals()
-            .list(pb::ListIntervalsRequest::default())
+        assert_eq!(ms.members.len(), 1 + 3 + 24 + 1);
+        // The member followed: after twice its lease it is still up.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let ms = c
+            .membership()
+            .list_members(pb::ListMembersRequest::default())
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(ivs.intervals.len(), 1);
-        assert_eq!(ivs.intervals[0].id, iv);
-        let gs = c
-            .placement()
-            .list_grants(pb::ListGrantsRequest::default())
+        let m = ms.members.iter().find(|m| m.name == "follower").unwrap();
+        assert_eq!(
+            m.state,
+            pb::MemberState::Up as i32,
+            "{m:?}\n{}",
+            member.daemon.log_text()
+        );
+    });
+    eprintln!("failover: leader killed, new leader serving after {failover:.1?} (election TTL 2s)");
+    assert!(failover < Duration::from_secs(10), "{failover:?}");
+}
+
+#[test]
+fn a_deposed_coordinator_stops_and_writes_nothing() {
+    let etcd = Etcd::start();
+    let url = etcd.url.clone();
+    let args = ["--etcd", &url, "--etcd-prefix", "/depose/"];
+    let mut first = Coordinator::start(&args);
+    let second = Coordinator::spawn(&args);
+    let rt = runtime();
+    rt.block_on(async {
+        first
+            .client()
             .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(gs.grants.len(), grants);
-        assert_eq!(gs.grants.iter().map(|g| g.pages).sum::<u64>(), 100);
-        // The member's incarnation and the cluster's identity carry over:
-        // its heartbeat is accepted.
-        c.membership()
-            .heartbeat(pb::HeartbeatRequest {
-                member_id: a.member_id,
-                incarnation: a.incarnation,
-                used_pages: 0,
-                cluster_id: a.cluster_id.clone(),
-                ..Default::default()
-            })
+            .membership()
+            .register(agent("a"))
             .await
             .unwrap();
-        // A member of another cluster whose id and incarnation match is
-        // told so, not taken for this one's.
-        let e = c
-            .membership()
-            .heartbeat(pb::HeartbeatRequest {
-                member_id: a.member_id,
-                incarnation: a.incarnation,
-                used_pages: 0,
-                cluster_id: "0123456789abcdef0123456789abcdef".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::NotFound);
-        assert_eq!(e.metadata().get("rmem-reason").unwrap(), "other_cluster");
-        // A sequence read before the restart is never current after it.
-        let rr = c
-            .intervals()
-            .read_retry(pb::ReadRetryRequest {
-                interval_id: iv,
-                seq,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(rr.retry);
-        let st = c
-            .admin()
-            .status(pb::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(st.epoch, 2);
     });
+    // Stalled past its election lease (5 s): the other replica is elected.
+    first.daemon.signal(libc::SIGSTOP);
+    let second = Coordinator::ready(second, Duration::from_secs(30))
+        .unwrap_or_else(|d| panic!("the second replica was not elected:\n{}", d.log_text()));
+    rt.block_on(async {
+        second
+            .client()
+            .await
+            .membership()
+            .register(agent("b"))
+            .await
+            .unwrap();
+    });
+    let before = etcd.ctl(&["get", "--prefix", "--keys-only", "/depose/log/"]);
+    // Woken, the first replica finds it no longer leads and stops; a
+    // request that reached it in between fails and changes nothing.
+    first.daemon.signal(libc::SIGCONT);
+    let late = rt.block_on(async {
+        let c = ControlClient::connect(&first.addr.to_string(), None, Duration::from_secs(5)).await;
+        match c {
+            Ok(c) => c.membership().register(agent("late")).await.err(),
+            Err(_) => None,
+        }
+    });
+    if let Some(e) = late {
+        assert!(
+            e.metadata()
+                .get("rmem-reason")
+                .is_none_or(|r| r == "not_leader"),
+            "{e:?}"
+        );
+    }
+    let status = first
+        .daemon
+        .wait(Duration::from_secs(20))
+        .expect("the deposed replica exits");
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        first
+            .daemon
+            .find_log("this coordinator no longer leads: it stops serving")
+            .is_some()
+            || first.daemon.log_text().contains("no longer leads")
+    );
+    assert_eq!(
+        etcd.ctl(&["get", "--prefix", "--keys-only", "/depose/log/"]),
+        before
+    );
+    rt.block_on(async {
+        let ms = second
+            .client()
+            .await
+            .membership()
+            .list_members(pb::ListMembersRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let names: Vec<_> = ms.members.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+    });
+}
+
+#[test]
+fn a_leader_cut_off_from_etcd_stops_before_its_lease_could_lapse() {
+    let mut etcd = Etcd::start();
+    let url = etcd.url.clone();
+    let mut coord = Coordinator::start(&["--etcd", &url, "--etcd-prefix", "/cut/"]);
+    // etcd stops answering (stopped, as a partition looks to a client).
+    etcd.daemon.signal(libc::SIGSTOP);
+    let cut = std::time::Instant::now();
+    let status = coord
+        .daemon
+        .wait(Duration::from_secs(20))
+        .expect("the leader stops without etcd");
+    let stopped = cut.elapsed();
+    etcd.daemon.signal(libc::SIGCONT);
+    assert_eq!(status.code(), Some(1), "{}", coord.daemon.log_text());
+    // The default election TTL is 5 s: it stops a fifth of it before.
+    assert!(stopped < Duration::from_secs(5), "{stopped:?}");
+    etcd.daemon.kill();
 }
 
 #[test]

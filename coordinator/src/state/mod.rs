@@ -9,9 +9,11 @@
 //!
 //! [`StateStore`] is the narrow interface to storage: append a record, read
 //! them all back, replace them with a snapshot. [`log::FileLog`] keeps them
-//! in a local append-only file; an external consistent store (etcd) can
-//! implement the same trait for a highly available coordinator.
+//! in a local append-only file (one coordinator); [`etcd::EtcdStore`] keeps
+//! them in etcd, written only by the replica etcd elected (several
+//! coordinators, one leading).
 
+pub mod etcd;
 pub mod log;
 
 use serde::{Deserialize, Serialize};
@@ -153,6 +155,17 @@ pub enum StateError {
         index: usize,
         reason: String,
     },
+    #[error("etcd ({endpoints}): {op} failed")]
+    Etcd {
+        endpoints: String,
+        op: &'static str,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error(
+        "this coordinator no longer leads (its etcd election lease expired or another replica was elected): it writes nothing more"
+    )]
+    Deposed,
 }
 
 /// Durable storage of [`Record`]s.
@@ -166,6 +179,11 @@ pub trait StateStore: Send + std::fmt::Debug {
     fn compact(&mut self, snapshot: &[Record]) -> Result<(), StateError>;
     /// Records appended since the last load or compaction.
     fn appended(&self) -> usize;
+    /// Whether this coordinator may act on its state (fence members,
+    /// expire leases): always, but for a replica that may no longer lead.
+    fn leads(&self) -> bool {
+        true
+    }
 }
 
 /// Keeps records in memory only (tests, throwaway clusters).
