@@ -150,15 +150,18 @@ impl ControlClient {
                     .keep_alive_timeout(Duration::from_secs(10)),
             );
         }
-        // The first replica that answers: a waiting replica does not listen,
-        // and one that does but follows sends calls on (LeaderChannel).
+        // Of several replicas, the one whose health says it serves the
+        // control services (the leader), else the first that answers.
         let mut first = None;
         let mut failure = None;
         for (i, ep) in endpoints.iter().enumerate() {
             match ep.clone().connect_timeout(timeout).connect().await {
                 Ok(c) => {
-                    first = Some((i, c));
-                    break;
+                    if names.len() == 1 || leads(&c, timeout).await {
+                        first = Some((i, c));
+                        break;
+                    }
+                    first.get_or_insert((i, c));
                 }
                 Err(e) => failure = Some(e),
             }
@@ -228,6 +231,21 @@ impl ControlClient {
     pub fn current(&self) -> &str {
         self.channel.current()
     }
+}
+
+/// Whether the coordinator behind `channel` serves the control services
+/// (a replica that does not lead answers NOT_SERVING for them).
+async fn leads(channel: &tonic::transport::Channel, timeout: Duration) -> bool {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+        service: "rmem.control.v1.Membership".into(),
+    });
+    req.set_timeout(timeout);
+    health
+        .check(req)
+        .await
+        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
 }
 
 /// Whether a failed control call may succeed if tried again: the

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod histogram;
+pub mod host;
 pub mod logging;
 pub mod notify;
 pub mod redundancy;

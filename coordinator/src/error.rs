@@ -119,6 +119,9 @@ impl CoordError {
 
 /// Metadata key carrying [`CoordError::reason`].
 pub const REASON_KEY: &str = "rmem-reason";
+/// Metadata key in which a replica that does not lead names the one that
+/// does (with reason `not_leader`).
+pub const LEADER_KEY: &str = "rmem-leader";
 
 impl From<CoordError> for tonic::Status {
     fn from(e: CoordError) -> Self {

@@ -66,20 +66,27 @@ pub struct Coordinator {
     deposed: CancellationToken,
 }
 
-/// In front of every call: refuses it once this replica may no longer
-/// lead (`not_leader`: ask the new leader), and checks `authorization:
-/// Bearer TOKEN` when a token is set.
+/// In front of every call: refuses it until this coordinator serves and
+/// once a replica may no longer lead (`not_leader`, with the leader's
+/// address in `rmem-leader` when known: ask it), and checks
+/// `authorization: Bearer TOKEN` when a token is set.
 #[derive(Clone, Debug)]
 struct Gate {
     token: Option<Arc<str>>,
     leadership: Option<Leadership>,
+    serving: Arc<std::sync::OnceLock<Arc<Shared>>>,
 }
 
 impl tonic::service::Interceptor for Gate {
     fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         use subtle::ConstantTimeEq;
-        if self.leadership.as_ref().is_some_and(|l| !l.holds()) {
-            return Err(CoordError::State(StateError::Deposed).into());
+        if self.serving.get().is_none() || self.leadership.as_ref().is_some_and(|l| !l.holds()) {
+            let mut status: tonic::Status = CoordError::State(StateError::Deposed).into();
+            let leader = self.leadership.as_ref().map(Leadership::leader);
+            if let Some(v) = leader.and_then(|l| l.parse().ok()) {
+                status.metadata_mut().insert(crate::error::LEADER_KEY, v);
+            }
+            return Err(status);
         }
         let Some(token) = &self.token else {
             return Ok(req);
@@ -99,36 +106,12 @@ impl tonic::service::Interceptor for Gate {
 }
 
 impl Coordinator {
-    /// Validates `config`, restores state, binds and starts serving.
+    /// Validates `config`, binds, restores state and starts serving. A
+    /// replica (etcd state) answers `not_leader` from the moment it is
+    /// bound, and returns once it was elected and serves.
     pub async fn start(config: &CoordinatorConfig) -> Result<Self, StartError> {
         let mut config = config.clone();
         config.validate()?;
-        let mut leadership = None;
-        let store: Box<dyn StateStore> = if let Some(etcd) = &config.etcd {
-            let options = EtcdOptions {
-                endpoints: etcd.endpoints.clone(),
-                prefix: etcd.prefix.clone(),
-                election_ttl: etcd.election_ttl,
-                advertise: etcd
-                    .advertise
-                    .clone()
-                    .unwrap_or_else(|| config.listen.to_string()),
-            };
-            tracing::info!(etcd = %options.endpoints.join(","), prefix = %options.prefix, "campaigning to lead the coordinators");
-            let store = tokio::task::spawn_blocking(move || EtcdStore::lead(&options))
-                .await
-                .map_err(|e| StateError::Io {
-                    path: "the etcd thread".into(),
-                    source: std::io::Error::other(e.to_string()),
-                })??;
-            leadership = Some(store.leadership());
-            Box::new(store)
-        } else if config.ephemeral {
-            Box::new(MemoryStore::default())
-        } else {
-            Box::new(FileLog::open(&config.state_log())?)
-        };
-        let cluster = Cluster::open(&config, store)?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -141,6 +124,48 @@ impl Coordinator {
             source,
         })?;
         let shutdown = CancellationToken::new();
+        let slot = Arc::new(std::sync::OnceLock::new());
+        let leadership = config.etcd.as_ref().map(|_| Leadership::new());
+        let (health, health_service) = tonic_health::server::health_reporter();
+        // Until this returns, an error (or the caller giving up on a
+        // standby) stops the server again.
+        let stop_on_failure = shutdown.clone().drop_guard();
+        let server = tokio::spawn(serve(
+            listener,
+            Service { slot: slot.clone() },
+            (health.clone(), health_service),
+            Gate {
+                token: config.token.as_deref().map(Arc::from),
+                leadership: leadership.clone(),
+                serving: slot.clone(),
+            },
+            shutdown.clone(),
+        ));
+        // Until it serves, health says so per service (health itself
+        // answers SERVING: the process is up).
+        set_serving(&health, false).await;
+        let store: Box<dyn StateStore> = match (&config.etcd, &leadership) {
+            (Some(etcd), Some(leadership)) => {
+                let options = EtcdOptions {
+                    endpoints: etcd.endpoints.clone(),
+                    prefix: etcd.prefix.clone(),
+                    election_ttl: etcd.election_ttl,
+                    advertise: rmem_common::host::reachable(etcd.advertise.as_deref(), addr),
+                };
+                tracing::info!(%addr, etcd = %options.endpoints.join(","), prefix = %options.prefix, "standing by: campaigning to lead the coordinators");
+                let l = leadership.clone();
+                let store = tokio::task::spawn_blocking(move || EtcdStore::lead(&options, l))
+                    .await
+                    .map_err(|e| StateError::Io {
+                        path: "the etcd thread".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })??;
+                Box::new(store)
+            }
+            _ if config.ephemeral => Box::new(MemoryStore::default()),
+            _ => Box::new(FileLog::open(&config.state_log())?),
+        };
+        let cluster = Cluster::open(&config, store)?;
         let deposed = leadership
             .as_ref()
             .map_or_else(CancellationToken::new, Leadership::deposed);
@@ -170,17 +195,9 @@ impl Coordinator {
             config.lease,
             config.reap_delay(),
         ));
-        let server = tokio::spawn(serve(
-            listener,
-            Service {
-                shared: shared.clone(),
-            },
-            Gate {
-                token: config.token.as_deref().map(Arc::from),
-                leadership,
-            },
-            shutdown.clone(),
-        ));
+        slot.set(shared.clone()).expect("set once");
+        stop_on_failure.disarm();
+        set_serving(&health, true).await;
         tracing::info!(%addr, epoch = shared.lock().epoch(), "coordinator ready");
         Ok(Self {
             addr,
@@ -261,23 +278,19 @@ async fn expire_leases(shared: Arc<Shared>, lease: Duration, reap_after: Duratio
 async fn serve(
     listener: TcpListener,
     svc: Service,
+    (health, health_service): (
+        tonic_health::server::HealthReporter,
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    ),
     auth: Gate,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<MembershipServer<Service>>().await;
-    health.set_serving::<PlacementServer<Service>>().await;
-    health.set_serving::<IntervalsServer<Service>>().await;
-    health.set_serving::<InvalidationServer<Service>>().await;
-    health.set_serving::<ClusterAdminServer<Service>>().await;
-    let stop = {
-        let health = health.clone();
-        async move {
-            shutdown.cancelled().await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-        }
+    let stop = async move {
+        shutdown.cancelled().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        set_serving(&health, false).await;
     };
     rmem_proto::with_reflection(tonic::transport::Server::builder().add_service(health_service))
         .add_service(MembershipServer::with_interceptor(
@@ -296,4 +309,23 @@ async fn serve(
             stop,
         )
         .await
+}
+
+/// Health of the leader-only services: SERVING once this coordinator
+/// serves them, NOT_SERVING before (a standby replica) and after it stops.
+async fn set_serving(health: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    for service in [
+        <MembershipServer<Service> as tonic::server::NamedService>::NAME,
+        <PlacementServer<Service> as tonic::server::NamedService>::NAME,
+        <IntervalsServer<Service> as tonic::server::NamedService>::NAME,
+        <InvalidationServer<Service> as tonic::server::NamedService>::NAME,
+        <ClusterAdminServer<Service> as tonic::server::NamedService>::NAME,
+    ] {
+        health.set_service_status(service, status).await;
+    }
 }

@@ -45,7 +45,9 @@ impl Shared {
 /// Every control-plane service, over one [`Shared`].
 #[derive(Debug, Clone)]
 pub struct Service {
-    pub shared: Arc<Shared>,
+    /// Set once this coordinator serves (a replica: once elected and its
+    /// state loaded); the gate admits no call before.
+    pub slot: Arc<std::sync::OnceLock<Arc<Shared>>>,
 }
 
 type Res<T> = Result<Response<T>, Status>;
@@ -122,7 +124,7 @@ fn lease_ms(c: &Cluster) -> u32 {
 #[tonic::async_trait]
 impl Membership for Service {
     async fn register(&self, r: Request<pb::RegisterRequest>) -> Res<pb::RegisterResponse> {
-        let mut c = self.shared.lock();
+        let mut c = self.shared().lock();
         let rec = c.register(r.get_ref())?;
         ok(pb::RegisterResponse {
             member_id: rec.id,
@@ -143,7 +145,7 @@ impl Membership for Service {
 
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Res<pb::HeartbeatResponse> {
         let r = r.into_inner();
-        let mut c = self.shared.lock();
+        let mut c = self.shared().lock();
         same_cluster(&c, r.member_id, &r.cluster_id)?;
         let state =
             state_pb(c.heartbeat(r.member_id, r.incarnation, r.used_pages, r.at_risk_pages)?);
@@ -156,7 +158,7 @@ impl Membership for Service {
 
     async fn deregister(&self, r: Request<pb::DeregisterRequest>) -> Res<pb::DeregisterResponse> {
         let r = r.into_inner();
-        let mut c = self.shared.lock();
+        let mut c = self.shared().lock();
         same_cluster(&c, r.member_id, &r.cluster_id)?;
         c.deregister(r.member_id, r.incarnation)?;
         ok(pb::DeregisterResponse {})
@@ -168,7 +170,7 @@ impl Membership for Service {
     ) -> Res<pb::ListMembersResponse> {
         let role = pb::Role::try_from(r.get_ref().role)
             .map_err(|_| CoordError::invalid("role", "unknown role"))?;
-        let c = self.shared.lock();
+        let c = self.shared().lock();
         let granted = c.grants.per_server();
         let members = c
             .members
@@ -184,7 +186,7 @@ impl Membership for Service {
 impl Placement for Service {
     async fn allocate(&self, r: Request<pb::AllocateRequest>) -> Res<pb::AllocateResponse> {
         let r = r.into_inner();
-        let mut c = self.shared.lock();
+        let mut c = self.shared().lock();
         let a = c.allocate_copies(r.agent_id, &r.tenant, r.pages, r.copies, &r.exclude)?;
         let grants = a.grants.iter().map(|g| c.grant_pb(g)).collect();
         ok(pb::AllocateResponse {
@@ -195,13 +197,13 @@ impl Placement for Service {
 
     async fn release(&self, r: Request<pb::ReleaseRequest>) -> Res<pb::ReleaseResponse> {
         let r = r.into_inner();
-        self.shared.lock().release(r.grant_id, r.pages)?;
+        self.shared().lock().release(r.grant_id, r.pages)?;
         ok(pb::ReleaseResponse {})
     }
 
     async fn list_grants(&self, r: Request<pb::ListGrantsRequest>) -> Res<pb::ListGrantsResponse> {
         let r = r.into_inner();
-        let c = self.shared.lock();
+        let c = self.shared().lock();
         let grants = c
             .grants
             .iter()
@@ -219,7 +221,7 @@ impl Intervals for Service {
         &self,
         r: Request<pb::RegisterIntervalRequest>,
     ) -> Res<pb::RegisterIntervalResponse> {
-        let (interval_id, seq) = self.shared.lock().register_interval(r.get_ref())?;
+        let (interval_id, seq) = self.shared().lock().register_interval(r.get_ref())?;
         ok(pb::RegisterIntervalResponse { interval_id, seq })
     }
 
@@ -227,7 +229,7 @@ impl Intervals for Service {
         &self,
         r: Request<pb::UnregisterIntervalRequest>,
     ) -> Res<pb::UnregisterIntervalResponse> {
-        self.shared
+        self.shared()
             .lock()
             .unregister_interval(r.get_ref().interval_id)?;
         ok(pb::UnregisterIntervalResponse {})
@@ -235,7 +237,7 @@ impl Intervals for Service {
 
     async fn subscribe(&self, r: Request<pb::SubscribeRequest>) -> Res<pb::SubscribeResponse> {
         let r = r.into_inner();
-        let seq = self.shared.lock().subscribe(r.interval_id, r.member_id)?;
+        let seq = self.shared().lock().subscribe(r.interval_id, r.member_id)?;
         ok(pb::SubscribeResponse { seq })
     }
 
@@ -244,13 +246,15 @@ impl Intervals for Service {
         r: Request<pb::UnsubscribeRequest>,
     ) -> Res<pb::UnsubscribeResponse> {
         let r = r.into_inner();
-        self.shared.lock().unsubscribe(r.interval_id, r.member_id)?;
+        self.shared()
+            .lock()
+            .unsubscribe(r.interval_id, r.member_id)?;
         ok(pb::UnsubscribeResponse {})
     }
 
     async fn list(&self, r: Request<pb::ListIntervalsRequest>) -> Res<pb::ListIntervalsResponse> {
         let r = r.into_inner();
-        let c = self.shared.lock();
+        let c = self.shared().lock();
         if r.member_id != 0 {
             c.members.get(r.member_id)?;
         }
@@ -283,11 +287,11 @@ impl Intervals for Service {
         let id = r.get_ref().interval_id;
         // An invalidation lasts at most the longest deadline; wait a little
         // longer than that before calling the interval stuck.
-        let until = Instant::now() + self.shared.max_deadline + Duration::from_secs(1);
-        let mut finished = self.shared.finished.subscribe();
+        let until = Instant::now() + self.shared().max_deadline + Duration::from_secs(1);
+        let mut finished = self.shared().finished.subscribe();
         loop {
             finished.mark_unchanged();
-            if let Some(seq) = self.shared.lock().read_begin(id)? {
+            if let Some(seq) = self.shared().lock().read_begin(id)? {
                 return ok(pb::ReadBeginResponse { seq });
             }
             let left = until.saturating_duration_since(Instant::now());
@@ -303,7 +307,7 @@ impl Intervals for Service {
 
     async fn read_retry(&self, r: Request<pb::ReadRetryRequest>) -> Res<pb::ReadRetryResponse> {
         let r = r.into_inner();
-        let (retry, seq) = self.shared.lock().read_retry(r.interval_id, r.seq)?;
+        let (retry, seq) = self.shared().lock().read_retry(r.interval_id, r.seq)?;
         ok(pb::ReadRetryResponse { retry, seq })
     }
 }
@@ -404,11 +408,11 @@ impl Invalidation for Service {
     async fn invalidate(&self, r: Request<pb::InvalidateRequest>) -> Res<pb::InvalidateResponse> {
         let r = r.into_inner();
         let deadline = match r.deadline_ms {
-            0 => self.shared.default_deadline,
-            ms => Duration::from_millis(u64::from(ms)).min(self.shared.max_deadline),
+            0 => self.shared().default_deadline,
+            ms => Duration::from_millis(u64::from(ms)).min(self.shared().max_deadline),
         };
-        let (id, intervals, f) = run_invalidation(&self.shared, &r, deadline).await?;
-        if !self.shared.lock().leads() {
+        let (id, intervals, f) = run_invalidation(self.shared(), &r, deadline).await?;
+        if !self.shared().lock().leads() {
             // Acknowledged here, but this replica may have lost leadership
             // while it waited: its successor may not know of this
             // invalidation, so the caller must ask it.
@@ -432,14 +436,14 @@ impl Invalidation for Service {
         let r = r.into_inner();
         let member = r.member_id;
         let (generation, notify, mut cursor) = {
-            let mut c = self.shared.lock();
+            let mut c = self.shared().lock();
             same_cluster(&c, member, &r.cluster_id)?;
             let generation = c.open_watch(member, r.incarnation)?;
             let mb = c.fanout.mailbox(member);
             (generation, mb.notify.clone(), mb.oldest())
         };
         let (tx, rx) = mpsc::channel(64);
-        let shared = self.shared.clone();
+        let shared = self.shared().clone();
         tokio::spawn(async move {
             loop {
                 let notified = notify.notified();
@@ -475,7 +479,7 @@ impl Invalidation for Service {
 
     async fn ack(&self, r: Request<pb::AckRequest>) -> Res<pb::AckResponse> {
         let r = r.into_inner();
-        self.shared.lock().ack(r.member_id, r.invalidation_id)?;
+        self.shared().lock().ack(r.member_id, r.invalidation_id)?;
         ok(pb::AckResponse {})
     }
 }
@@ -483,7 +487,7 @@ impl Invalidation for Service {
 #[tonic::async_trait]
 impl ClusterAdmin for Service {
     async fn status(&self, _: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
-        let c = self.shared.lock();
+        let c = self.shared().lock();
         let mut s = pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             epoch: c.epoch(),
@@ -493,7 +497,7 @@ impl ClusterAdmin for Service {
             invalidations_total: c.counters.invalidations,
             invalidations_in_flight: c.fanout.pending.len() as u64,
             members_fenced_total: c.counters.fenced,
-            uptime_seconds: self.shared.started.elapsed().as_secs_f64(),
+            uptime_seconds: self.shared().started.elapsed().as_secs_f64(),
             allocated_pages: c.grants.iter().map(|g| g.pages).sum(),
             ..Default::default()
         };
@@ -541,13 +545,19 @@ impl ClusterAdmin for Service {
 }
 
 impl Service {
+    fn shared(&self) -> &Arc<Shared> {
+        self.slot
+            .get()
+            .expect("the gate admits calls only once the state is loaded")
+    }
+
     /// Drains (`Some(true)`), undrains (`Some(false)`) or declares gone
     /// (`None`) a server.
     fn set_draining(&self, r: pb::DrainRequest, draining: Option<bool>) -> Res<pb::DrainResponse> {
         if r.server_id == 0 && r.name.is_empty() {
             return Err(CoordError::invalid("server_id", "give a server id or name").into());
         }
-        let mut c = self.shared.lock();
+        let mut c = self.shared().lock();
         let id = match draining {
             Some(d) => c.set_draining(r.server_id, &r.name, d)?,
             None => c.mark_gone(r.server_id, &r.name, "an operator marked it gone")?,

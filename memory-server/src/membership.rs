@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use rmem_client::control::{
     ControlClient, ControlError, MemberSession, Registration, SessionState, Subscriber,
 };
+use rmem_common::host::reachable;
 use rmem_proto::control::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
@@ -462,21 +463,7 @@ pub struct Membership {
 
 /// This host's name, for the default member name.
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "rmem-server".into())
-}
-
-/// The address others reach `bound` at: `advertise` if given, else
-/// `bound` unless it is a wildcard, else this host's name and the port.
-fn reachable(advertise: Option<&str>, bound: SocketAddr) -> String {
-    match advertise {
-        Some(a) => a.to_string(),
-        None if bound.ip().is_unspecified() => format!("{}:{}", hostname(), bound.port()),
-        None => bound.to_string(),
-    }
+    rmem_common::host::hostname("rmem-server")
 }
 
 impl Membership {

@@ -726,9 +726,43 @@ fn coordinator_replicas_on_etcd_keep_registrations_across_a_failover() {
     let keys = etcd.ctl(&["get", "--prefix", "--keys-only", "/rmem-test/"]);
     assert!(keys.contains("/rmem-test/snap/current"), "{keys}");
     assert!(keys.contains("/rmem-test/log/"), "{keys}");
-    // Only one replica serves.
+    // Only one replica serves; the other answers with its address.
     let second = Coordinator::ready(second, Duration::from_secs(1))
         .expect_err("a second replica served while the first led");
+    let before = rt.block_on(async {
+        let standby = ControlClient::connect(&b_addr, None, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let e = standby
+            .membership()
+            .list_members(pb::ListMembersRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert_eq!(e.metadata().get("rmem-reason").unwrap(), "not_leader");
+        assert_eq!(e.metadata().get("rmem-leader").unwrap(), a_addr.as_str());
+        let mut health = tonic_health::pb::health_client::HealthClient::new(standby.channel());
+        for (service, serving) in [("", true), ("rmem.control.v1.Membership", false)] {
+            let r = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.status == 1, serving, "health of `{service}`: {r:?}");
+        }
+        // Given the standby first, a client still finds the leader.
+        let c = ControlClient::connect(&format!("{b_addr},{a_addr}"), None, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(c.current(), a_addr);
+        c.membership()
+            .list_members(pb::ListMembersRequest::default())
+            .await
+            .unwrap();
+        c
+    });
     first.daemon.kill();
     let killed = std::time::Instant::now();
     let second = Coordinator::ready(second, Duration::from_secs(30))
@@ -737,11 +771,13 @@ fn coordinator_replicas_on_etcd_keep_registrations_across_a_failover() {
     // The first replica's epoch, this one's.
     rt.block_on(check(&second, filled, 2));
     rt.block_on(async {
-        // A client given both replicas reaches the one that leads.
-        let c = ControlClient::connect(&both, None, Duration::from_secs(5))
-            .await
-            .unwrap();
-        c.membership().register(server("after", 10)).await.unwrap();
+        // A client made before the failover follows the new leader (the
+        // call that finds the old one gone fails: callers retry).
+        let c = before;
+        if c.membership().register(server("after", 10)).await.is_err() {
+            c.membership().register(server("after", 10)).await.unwrap();
+        }
+        assert_eq!(c.current(), b_addr);
         let ms = c
             .membership()
             .list_members(pb::ListMembersRequest::default())

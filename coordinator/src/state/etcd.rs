@@ -82,9 +82,33 @@ pub struct Leadership {
     deposed: CancellationToken,
     /// Until when the election lease surely holds (see [`keep_alive`]).
     valid_until: Arc<Mutex<Instant>>,
+    /// The address of the replica that leads, as etcd last said (empty
+    /// while none does).
+    leader: Arc<Mutex<String>>,
+}
+
+impl Default for Leadership {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Leadership {
+    /// Not leading (yet).
+    pub fn new() -> Self {
+        Self {
+            deposed: CancellationToken::new(),
+            valid_until: Arc::new(Mutex::new(Instant::now())),
+            leader: Arc::new(Mutex::new(String::new())),
+        }
+    }
+
+    /// The address of the replica that leads, as etcd last said; empty if
+    /// unknown.
+    pub fn leader(&self) -> String {
+        lock(&self.leader).clone()
+    }
+
     /// Leads surely: not deposed, and the election lease renewed recently
     /// enough that etcd cannot have elected another.
     pub fn holds(&self) -> bool {
@@ -137,16 +161,14 @@ struct Loaded {
 
 impl EtcdStore {
     /// Connects to etcd, campaigns, and returns once this replica leads
-    /// (blocking: call it off the async runtime). Logs who leads while it
-    /// waits.
-    pub fn lead(options: &EtcdOptions) -> Result<Self, StateError> {
+    /// (blocking: call it off the async runtime). While it waits,
+    /// `leadership` names the replica that leads.
+    pub fn lead(options: &EtcdOptions, leadership: Leadership) -> Result<Self, StateError> {
         let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
-        let deposed = CancellationToken::new();
-        let valid_until = Arc::new(Mutex::new(Instant::now()));
         let endpoints = options.endpoints.join(",");
         let thread = {
-            let (options, deposed, valid) = (options.clone(), deposed.clone(), valid_until.clone());
+            let (options, l) = (options.clone(), leadership.clone());
             std::thread::Builder::new()
                 .name("rmem-etcd".into())
                 .spawn(move || {
@@ -160,7 +182,7 @@ impl EtcdStore {
                             return;
                         }
                     };
-                    rt.block_on(run(options, jobs_rx, deposed, valid, ready_tx));
+                    rt.block_on(run(options, jobs_rx, l, ready_tx));
                 })
                 .map_err(|source| StateError::Io {
                     path: "the etcd thread".into(),
@@ -185,10 +207,7 @@ impl EtcdStore {
         }
         Ok(Self {
             jobs,
-            leadership: Leadership {
-                deposed,
-                valid_until,
-            },
+            leadership,
             endpoints,
             next_seq: 0,
             generation: 0,
@@ -348,10 +367,14 @@ impl Keys {
 async fn run(
     options: EtcdOptions,
     mut jobs: mpsc::UnboundedReceiver<Job>,
-    deposed: CancellationToken,
-    valid_until: Arc<Mutex<Instant>>,
+    leadership: Leadership,
     ready: std_mpsc::SyncSender<Result<(), Fail>>,
 ) {
+    let Leadership {
+        deposed,
+        valid_until,
+        leader,
+    } = leadership;
     let keys = Keys(options.prefix.clone());
     let ttl = options.election_ttl.as_secs().max(1) as i64;
     // A request etcd does not answer within a TTL fails (the change it
@@ -393,6 +416,7 @@ async fn run(
         deposed.clone(),
         valid_until,
     ));
+    let observer = tokio::spawn(observe(campaigner.clone(), keys.election(), leader));
     let leader = tokio::select! {
         l = campaign(&mut campaigner, &keys, lease, &options.advertise) => l,
         _ = deposed.cancelled() => Err(Fail::Etcd("campaign", etcd_client::Error::InvalidArgs("the election lease expired before this replica was elected".into()))),
@@ -401,6 +425,7 @@ async fn run(
         Ok(l) => l,
         Err(e) => {
             keeper.abort();
+            observer.abort();
             let _ = client.lease_revoke(lease).await;
             let _ = ready.send(Err(e));
             return;
@@ -450,6 +475,7 @@ async fn run(
     // The store was dropped (the coordinator stops): step down at once so
     // another replica need not wait for the lease to expire.
     keeper.abort();
+    observer.abort();
     if deposed.is_cancelled() {
         return; // nothing to give up
     }
@@ -461,6 +487,26 @@ async fn run(
         Err(_) => tracing::warn!(
             "etcd did not answer the resignation (the election lease expires on its own)"
         ),
+    }
+}
+
+/// Keeps `leader` set to the address of the replica that leads (etcd's
+/// observe stream of the election), reopening the stream when it breaks.
+async fn observe(mut client: Client, election: String, leader: Arc<Mutex<String>>) {
+    loop {
+        if let Ok(mut stream) = client.observe(election.clone()).await {
+            while let Ok(Some(r)) = stream.message().await {
+                if let Some(kv) = r.kv() {
+                    let now = String::from_utf8_lossy(kv.value()).into_owned();
+                    let mut l = lock(&leader);
+                    if *l != now {
+                        tracing::info!(leader = %now, "the coordinators' leader");
+                        *l = now;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -268,9 +268,7 @@ pub struct Cluster {
 }
 
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "node".into())
+    rmem_common::host::hostname("node")
 }
 
 /// Handles the agent's events: drains.
