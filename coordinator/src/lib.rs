@@ -144,6 +144,12 @@ impl Coordinator {
         // Until it serves, health says so per service (health itself
         // answers SERVING: the process is up).
         set_serving(&health, false).await;
+        let mut inspector = None;
+        let backend = match (&config.etcd, config.ephemeral) {
+            (Some(_), _) => "etcd",
+            (None, true) => "memory",
+            (None, false) => "log",
+        };
         let store: Box<dyn StateStore> = match (&config.etcd, &leadership) {
             (Some(etcd), Some(leadership)) => {
                 let options = EtcdOptions {
@@ -160,6 +166,7 @@ impl Coordinator {
                         path: "the etcd thread".into(),
                         source: std::io::Error::other(e.to_string()),
                     })??;
+                inspector = Some(store.inspector());
                 Box::new(store)
             }
             _ if config.ephemeral => Box::new(MemoryStore::default()),
@@ -189,6 +196,8 @@ impl Coordinator {
             max_deadline: config.max_invalidation_deadline,
             started: Instant::now(),
             shutdown: shutdown.clone(),
+            backend,
+            etcd: inspector,
         });
         tokio::spawn(expire_leases(
             shared.clone(),

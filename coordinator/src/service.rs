@@ -32,6 +32,10 @@ pub struct Shared {
     pub max_deadline: Duration,
     pub started: Instant,
     pub shutdown: CancellationToken,
+    /// Where the state is ("log", "memory", "etcd").
+    pub backend: &'static str,
+    /// With etcd: the replicas and etcd's health, for status.
+    pub etcd: Option<crate::state::etcd::Inspector>,
 }
 
 impl Shared {
@@ -487,6 +491,10 @@ impl Invalidation for Service {
 #[tonic::async_trait]
 impl ClusterAdmin for Service {
     async fn status(&self, _: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
+        let etcd = match self.shared().etcd.clone() {
+            Some(i) => tokio::task::spawn_blocking(move || i.inspect()).await.ok(),
+            None => None,
+        };
         let c = self.shared().lock();
         let mut s = pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -502,6 +510,13 @@ impl ClusterAdmin for Service {
             ..Default::default()
         };
         (s.rebuild_pages_left, s.rebuild_pages_total) = c.rebuild_progress();
+        s.state_backend = self.shared().backend.into();
+        if let Some(e) = etcd {
+            s.leader = e.leader;
+            s.replicas = e.replicas;
+            s.etcd_endpoints = e.endpoints;
+            s.etcd_health = e.health;
+        }
         for m in c.members.iter() {
             let up = m.liveness == Liveness::Up;
             match m.rec.role {

@@ -371,6 +371,26 @@ fn status_table(s: &StatusView) -> String {
         format!("{} (v{}, epoch {})", s.endpoint, s.version, s.epoch),
     );
     line("cluster", s.cluster_id.clone());
+    if s.state_backend == "etcd" {
+        line(
+            "state",
+            format!("etcd {} ({})", s.etcd_endpoints, s.etcd_health),
+        );
+        let replicas: Vec<String> = s
+            .replicas
+            .iter()
+            .map(|r| {
+                if *r == s.leader {
+                    format!("{r} (leads)")
+                } else {
+                    r.clone()
+                }
+            })
+            .collect();
+        line("replicas", replicas.join(", "));
+    } else if !s.state_backend.is_empty() {
+        line("state", s.state_backend.clone());
+    }
     line("redundancy", s.redundancy.clone());
     line(
         "servers",
@@ -432,7 +452,7 @@ async fn list_members(c: &ControlClient, role: pb::Role) -> Result<Vec<MemberVie
 
 async fn status(c: &ControlClient) -> Result<StatusView, ControlError> {
     let s = c.admin().status(pb::StatusRequest {}).await?.into_inner();
-    Ok(StatusView::new(c.endpoint(), s))
+    Ok(StatusView::new(c.current(), s))
 }
 
 async fn server_stats(m: &MemberView, timeout: Duration) -> ServerStatsView {

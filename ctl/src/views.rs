@@ -152,6 +152,18 @@ pub struct StatusView {
     /// granted when they were declared gone.
     pub rebuild_pages_left: u64,
     pub rebuild_pages_total: u64,
+    /// Where the coordinator keeps its state: `log`, `memory` or `etcd`.
+    pub state_backend: String,
+    /// With etcd: the replica that leads, every replica (the leader
+    /// first), etcd's endpoints and health.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub leader: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub etcd_endpoints: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub etcd_health: String,
 }
 
 impl StatusView {
@@ -179,6 +191,11 @@ impl StatusView {
             pages_at_risk: s.pages_at_risk,
             rebuild_pages_left: s.rebuild_pages_left,
             rebuild_pages_total: s.rebuild_pages_total,
+            state_backend: s.state_backend,
+            leader: s.leader,
+            replicas: s.replicas,
+            etcd_endpoints: s.etcd_endpoints,
+            etcd_health: s.etcd_health,
         }
     }
 }

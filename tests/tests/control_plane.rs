@@ -763,6 +763,28 @@ fn coordinator_replicas_on_etcd_keep_registrations_across_a_failover() {
             .unwrap();
         c
     });
+    // rmemctl, given the standby first, reports both replicas and etcd.
+    let status = |endpoints: &str| -> serde_json::Value {
+        let out = std::process::Command::new(bin("rmemctl"))
+            .args(["--endpoint", endpoints, "status", "--output", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let st = status(&format!("{b_addr},{a_addr}"));
+    assert_eq!(st["state_backend"], "etcd", "{st}");
+    assert_eq!(st["endpoint"], a_addr.as_str(), "{st}");
+    assert_eq!(st["leader"], a_addr.as_str(), "{st}");
+    assert_eq!(st["replicas"], serde_json::json!([a_addr, b_addr]), "{st}");
+    assert!(
+        st["etcd_health"].as_str().unwrap().starts_with("healthy"),
+        "{st}"
+    );
     first.daemon.kill();
     let killed = std::time::Instant::now();
     let second = Coordinator::ready(second, Duration::from_secs(30))
@@ -801,6 +823,9 @@ fn coordinator_replicas_on_etcd_keep_registrations_across_a_failover() {
             member.daemon.log_text()
         );
     });
+    let st = status(&both);
+    assert_eq!(st["leader"], b_addr.as_str(), "{st}");
+    assert_eq!(st["replicas"], serde_json::json!([b_addr]), "{st}");
     eprintln!("failover: leader killed, new leader serving after {failover:.1?} (election TTL 2s)");
     assert!(failover < Duration::from_secs(10), "{failover:?}");
 }

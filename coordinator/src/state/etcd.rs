@@ -135,9 +135,51 @@ pub struct EtcdStore {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// What an operator sees of the replicas and of etcd (`rmemctl status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdView {
+    /// The replica that leads, as etcd last said.
+    pub leader: String,
+    /// Every replica campaigning, the leader first.
+    pub replicas: Vec<String>,
+    pub endpoints: String,
+    /// "healthy, etcd VERSION", or why not.
+    pub health: String,
+}
+
+/// Asks the etcd thread for an [`EtcdView`], without the coordinator's
+/// lock (etcd may be slow to answer).
+#[derive(Debug, Clone)]
+pub struct Inspector {
+    jobs: mpsc::UnboundedSender<Job>,
+    endpoints: String,
+    leadership: Leadership,
+}
+
+impl Inspector {
+    /// Blocking (at most about a second more than etcd takes to answer).
+    pub fn inspect(&self) -> EtcdView {
+        let (tx, rx) = std_mpsc::sync_channel(1);
+        let (replicas, health) = match self.jobs.send(Job::Inspect(tx)) {
+            Ok(()) => rx
+                .recv()
+                .unwrap_or_else(|_| (Vec::new(), "this replica stopped".into())),
+            Err(_) => (Vec::new(), "this replica stopped".into()),
+        };
+        EtcdView {
+            leader: self.leadership.leader(),
+            replicas,
+            endpoints: self.endpoints.clone(),
+            health,
+        }
+    }
+}
+
 /// A request to the etcd thread.
 enum Job {
     Load(std_mpsc::SyncSender<Result<Loaded, etcd_client::Error>>),
+    /// The candidates' addresses (oldest first) and etcd's health.
+    Inspect(std_mpsc::SyncSender<(Vec<String>, String)>),
     /// A guarded put of one log key; false when the guard failed.
     Append {
         seq: u64,
@@ -214,6 +256,15 @@ impl EtcdStore {
             appended: 0,
             thread: Some(thread),
         })
+    }
+
+    /// Reads the replicas and etcd's health for status reports.
+    pub fn inspector(&self) -> Inspector {
+        Inspector {
+            jobs: self.jobs.clone(),
+            endpoints: self.endpoints.clone(),
+            leadership: self.leadership.clone(),
+        }
     }
 
     /// This replica's leadership, to check before acting.
@@ -443,6 +494,9 @@ async fn run(
             Job::Load(done) => {
                 let _ = done.send(load(&mut client, &keys).await);
             }
+            Job::Inspect(done) => {
+                let _ = done.send(inspect(&mut client, &keys).await);
+            }
             Job::Append { seq, body, done } => {
                 let key = keys.log(seq);
                 let txn = Txn::new()
@@ -602,6 +656,38 @@ async fn renew(
             None
         }
     }
+}
+
+/// The election's candidates (oldest first) and etcd's health, each
+/// bounded by a second.
+async fn inspect(client: &mut Client, keys: &Keys) -> (Vec<String>, String) {
+    let second = Duration::from_secs(1);
+    let candidates = tokio::time::timeout(
+        second,
+        client.get(
+            format!("{}/", keys.election()),
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Create, SortOrder::Ascend),
+            ),
+        ),
+    )
+    .await;
+    let replicas = match candidates {
+        Ok(Ok(r)) => r
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let health = match tokio::time::timeout(second, client.status()).await {
+        Ok(Ok(s)) => format!("healthy, etcd {}", s.version()),
+        Ok(Err(e)) => format!("unhealthy: {e}"),
+        Err(_) => "unhealthy: no answer within 1s".into(),
+    };
+    (replicas, health)
 }
 
 /// The snapshot, then the log keys after it.
