@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A whole rmem cluster as local processes on loopback, to try things by hand.
 #
-#   deploy/local-cluster.sh up [--servers N] [--port P] [--dir DIR] [--agent-size SIZE]
+#   deploy/local-cluster.sh up [--servers N] [--coordinators C] [--port P] [--dir DIR] [--agent-size SIZE]
 #   deploy/local-cluster.sh status
 #   deploy/local-cluster.sh down
 #
@@ -13,6 +13,12 @@
 #
 #   rmemctl --endpoint 127.0.0.1:17470 status --output json
 #
+# With --coordinators C (2..5) it starts a local etcd (Debian's etcd-server:
+# client port P+90, peer port P+91, data in DIR/etcd) and C coordinator
+# replicas against it on 127.0.0.1:P..P+C-1, one of which leads, and prints
+# every coordinator endpoint on one line, comma-separated: members, rmemctl
+# and the demo take that list and follow the leader.
+#
 # Logs, pids and the coordinator's state live in DIR (default
 # ${TMPDIR:-/tmp}/rmem-local-cluster); `down` stops everything (SIGTERM, so
 # the agent frees its pages and the servers leave the cluster) and keeps the
@@ -21,37 +27,46 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 dir="${RMEM_LOCAL_DIR:-${TMPDIR:-/tmp}/rmem-local-cluster}"
 servers=3
+coordinators=1
 port=17470
 agent_size=64MiB
 
 die() { echo "local-cluster: $*" >&2; exit 1; }
 
 cmd="${1:-}"
-[ -n "$cmd" ] || die "usage: $0 up [--servers N] [--port P] [--dir DIR] | status | down"
+[ -n "$cmd" ] || die "usage: $0 up [--servers N] [--coordinators C] [--port P] [--dir DIR] | status | down"
 shift
 while [ $# -gt 0 ]; do
   case "$1" in
     --servers) servers="${2:?--servers needs a number}"; shift 2 ;;
+    --coordinators) coordinators="${2:?--coordinators needs a number}"; shift 2 ;;
     --port) port="${2:?--port needs a number}"; shift 2 ;;
     --dir) dir="${2:?--dir needs a path}"; shift 2 ;;
     --agent-size) agent_size="${2:?--agent-size needs a size}"; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^set/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
     *) die "unknown argument: $1" ;;
   esac
 done
 [[ "$servers" =~ ^[1-9][0-9]*$ ]] || die "--servers must be a positive number"
+[[ "$coordinators" =~ ^[1-5]$ ]] || die "--coordinators must be 1..5"
 [[ "$port" =~ ^[0-9]+$ ]] && [ "$port" -gt 0 ] && [ "$port" -lt 65000 ] || die "--port must be 1..64999"
 
 # RMEM_BIN_DIR: use these binaries instead of building target/release.
 bin="${RMEM_BIN_DIR:-$here/target/release}"
+# The coordinator endpoints (of several replicas, comma-separated): what
+# `up` printed, or the single default.
 endpoint="127.0.0.1:$port"
+if [ "$cmd" != up ] && [ -f "$dir/endpoint" ]; then
+  endpoint=$(cat "$dir/endpoint")
+fi
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 stop_all() {
   local any=0 f
-  # The agent first (it frees its pages), then the servers, then the coordinator.
-  for f in "$dir"/pids/agent.pid "$dir"/pids/server-*.pid "$dir"/pids/coordinator.pid; do
+  # The agent first (it frees its pages), then the servers, then the
+  # coordinators, then etcd.
+  for f in "$dir"/pids/agent.pid "$dir"/pids/server-*.pid "$dir"/pids/coordinator*.pid "$dir"/pids/etcd.pid; do
     [ -f "$f" ] || continue
     if running "$f"; then
       kill -TERM "$(cat "$f")" 2>/dev/null || true
@@ -76,12 +91,37 @@ case "$cmd" in
     fi
     trap 'echo "local-cluster: start failed; stopping what started (logs in $dir/logs)" >&2; stop_all || true' ERR
 
-    "$bin/rmem-coordinator" --listen "$endpoint" --state-dir "$dir/coordinator" \
-      --lease 3s --placement-chunk 16MiB >"$dir/logs/coordinator.log" 2>&1 &
-    echo $! >"$dir/pids/coordinator.pid"
-    for _ in $(seq 1 100); do
+    if [ "$coordinators" -eq 1 ]; then
+      "$bin/rmem-coordinator" --listen "$endpoint" --state-dir "$dir/coordinator" \
+        --lease 3s --placement-chunk 16MiB >"$dir/logs/coordinator.log" 2>&1 &
+      echo $! >"$dir/pids/coordinator.pid"
+    else
+      command -v etcd >/dev/null || die "--coordinators needs etcd (apt-get install etcd-server)"
+      etcd_url="http://127.0.0.1:$((port + 90))"
+      peer_url="http://127.0.0.1:$((port + 91))"
+      etcd --name local --data-dir "$dir/etcd" \
+        --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
+        --listen-peer-urls "$peer_url" --initial-advertise-peer-urls "$peer_url" \
+        --initial-cluster "local=$peer_url" \
+        --auto-compaction-mode revision --auto-compaction-retention 1000 \
+        >"$dir/logs/etcd.log" 2>&1 &
+      echo $! >"$dir/pids/etcd.pid"
+      endpoint=
+      for i in $(seq 0 $((coordinators - 1))); do
+        addr="127.0.0.1:$((port + i))"
+        endpoint="${endpoint:+$endpoint,}$addr"
+        "$bin/rmem-coordinator" --listen "$addr" --etcd "$etcd_url" \
+          --lease 3s --placement-chunk 16MiB >"$dir/logs/coordinator-$i.log" 2>&1 &
+        echo $! >"$dir/pids/coordinator-$i.pid"
+      done
+    fi
+    echo "$endpoint" >"$dir/endpoint"
+    for _ in $(seq 1 150); do
       "$bin/rmemctl" --endpoint "$endpoint" --timeout 1s status >/dev/null 2>&1 && break
-      running "$dir/pids/coordinator.pid" || die "the coordinator exited; see $dir/logs/coordinator.log"
+      for f in "$dir"/pids/coordinator*.pid "$dir"/pids/etcd.pid; do
+        [ -f "$f" ] || continue
+        running "$f" || die "$(basename "$f" .pid) exited; see $dir/logs"
+      done
       sleep 0.1
     done
     "$bin/rmemctl" --endpoint "$endpoint" status >/dev/null || die "the coordinator does not answer on $endpoint"
@@ -105,12 +145,14 @@ case "$cmd" in
     echo $! >"$dir/pids/agent.pid"
     trap - ERR
     echo "local-cluster: coordinator $endpoint, $servers servers, 1 agent (logs in $dir/logs)" >&2
+    [ "$coordinators" -eq 1 ] || echo "local-cluster: $coordinators coordinator replicas on the etcd at $etcd_url" >&2
     echo "$endpoint"
     ;;
   status)
     "$bin/rmemctl" --endpoint "$endpoint" status
     ;;
   down)
+    rm -f "$dir/endpoint"
     if stop_all; then
       echo "local-cluster: nothing was running in $dir" >&2
     else

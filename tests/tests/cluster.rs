@@ -792,16 +792,33 @@ fn pages_of_an_agent_that_died_are_freed_after_the_reap_delay() {
 
 #[test]
 fn local_cluster_script_starts_and_stops_a_cluster() {
+    local_cluster(1);
+}
+
+#[test]
+fn local_cluster_script_runs_coordinator_replicas_on_a_local_etcd() {
+    local_cluster(2);
+}
+
+/// `deploy/local-cluster.sh up` with two servers and `coordinators`
+/// coordinators (more than one: replicas on a local etcd), checked, then
+/// `down`.
+fn local_cluster(coordinators: u16) {
     let dir = tempfile::tempdir().unwrap();
     // A base port below the kernel's ephemeral range (32768..), so the
     // other tests' sockets cannot take it meanwhile, with every port the
-    // script uses free (base, and base+10.. for two servers).
+    // script uses free (the coordinators from base, base+10.. for two
+    // servers, base+90 and +91 for etcd).
     let port = (0..1000)
-        .map(|k| 20_000 + ((std::process::id() as u16).wrapping_add(k * 37) % 12_000))
+        .map(|k| {
+            20_000
+                + ((std::process::id() as u16).wrapping_add(k * 37 + coordinators * 500) % 12_000)
+        })
         .find(|&p| {
-            [p, p + 10, p + 11, p + 12, p + 13]
-                .iter()
-                .all(|&q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok())
+            (0..coordinators)
+                .map(|i| p + i)
+                .chain([p + 10, p + 11, p + 12, p + 13, p + 90, p + 91])
+                .all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok())
         })
         .expect("a free base port");
     let script =
@@ -820,6 +837,8 @@ fn local_cluster_script_starts_and_stops_a_cluster() {
         "up",
         "--servers",
         "2",
+        "--coordinators",
+        &coordinators.to_string(),
         "--port",
         &port.to_string(),
         "--agent-size",
@@ -834,17 +853,42 @@ fn local_cluster_script_starts_and_stops_a_cluster() {
         String::from_utf8_lossy(&up.stderr)
     );
     let endpoint = String::from_utf8(up.stdout).unwrap().trim().to_string();
-    assert_eq!(endpoint, format!("127.0.0.1:{port}"));
-    let coord = Coordinator::at(endpoint.parse().unwrap());
-    let st = rmemctl_json(&coord, &["status"]);
+    let expected: Vec<String> = (0..coordinators)
+        .map(|i| format!("127.0.0.1:{}", port + i))
+        .collect();
+    assert_eq!(endpoint, expected.join(","));
+    let status = || {
+        let out = std::process::Command::new(bin("rmemctl"))
+            .args(["--endpoint", &endpoint, "status", "--output", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let st = status();
     assert_eq!(st["servers_up"], 2, "{st}");
+    if coordinators > 1 {
+        assert_eq!(st["state_backend"], "etcd", "{st}");
+        assert_eq!(
+            st["replicas"].as_array().unwrap().len(),
+            usize::from(coordinators),
+            "{st}"
+        );
+    }
     assert!(
-        wait_until(Duration::from_secs(20), || rmemctl_json(
-            &coord,
-            &["status"]
-        )["agents_up"]
-            == 1),
+        wait_until(Duration::from_secs(20), || status()["agents_up"] == 1),
         "the agent never joined"
+    );
+    // `status` finds the endpoints `up` wrote.
+    let text = run(&["status"]);
+    assert!(
+        text.status.success(),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
     );
     drop(down_on_panic);
     let pids = std::fs::read_dir(dir.path().join("pids")).unwrap().count();

@@ -50,6 +50,9 @@ const CHUNK: usize = 512 << 10;
 /// Log keys read per request when loading.
 const PAGE: i64 = 512;
 
+/// How long a replica keeps trying to reach etcd when it starts.
+const START_WITHIN: Duration = Duration::from_secs(60);
+
 /// A leader stops acting this fraction of the election TTL before etcd
 /// could let its lease expire.
 const MARGIN: u32 = 5;
@@ -434,29 +437,40 @@ async fn run(
         .with_connect_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
     let connect = base.clone().with_timeout(options.election_ttl);
-    let started = async {
-        // The campaign waits for as long as another leads: on a client of
-        // its own, with no request timeout.
-        let campaigner = Client::connect(&options.endpoints, Some(base))
-            .await
-            .map_err(|e| Fail::Etcd("connect", e))?;
-        let mut client = Client::connect(&options.endpoints, Some(connect))
-            .await
-            .map_err(|e| Fail::Etcd("connect", e))?;
-        let life = options.election_ttl;
-        *lock(&valid_until) = Instant::now() + life - life / MARGIN;
-        let lease = client
-            .lease_grant(ttl, None)
-            .await
-            .map_err(|e| Fail::Etcd("grant the election lease", e))?
-            .id();
-        Ok::<_, Fail>((client, campaigner, lease))
-    };
-    let (mut client, mut campaigner, lease) = match started.await {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
+    // etcd may not be up yet (started together, restarting): try again
+    // with backoff, saying so each time, for at most START_WITHIN.
+    let give_up = Instant::now() + START_WITHIN;
+    let mut pause = Duration::from_millis(100);
+    let (mut client, mut campaigner, lease) = loop {
+        let started = async {
+            // The campaign waits for as long as another leads: on a client
+            // of its own, with no request timeout.
+            let campaigner = Client::connect(&options.endpoints, Some(base.clone()))
+                .await
+                .map_err(|e| Fail::Etcd("connect", e))?;
+            let mut client = Client::connect(&options.endpoints, Some(connect.clone()))
+                .await
+                .map_err(|e| Fail::Etcd("connect", e))?;
+            let life = options.election_ttl;
+            *lock(&valid_until) = Instant::now() + life - life / MARGIN;
+            let lease = client
+                .lease_grant(ttl, None)
+                .await
+                .map_err(|e| Fail::Etcd("grant the election lease", e))?
+                .id();
+            Ok::<_, Fail>((client, campaigner, lease))
+        };
+        match started.await {
+            Ok(v) => break v,
+            Err(Fail::Etcd(op, e)) if Instant::now() + pause < give_up => {
+                tracing::warn!(etcd = %options.endpoints.join(","), error = %e, retry_in = ?pause, "etcd: {op} failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
         }
     };
     // The lease lives from now on, elected or not.
