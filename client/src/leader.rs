@@ -16,9 +16,9 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tonic::body::Body;
 use tonic::codegen::http;
@@ -41,6 +41,11 @@ struct Inner {
     channels: Vec<Channel>,
     /// The one believed to lead.
     current: AtomicUsize,
+    /// When each endpoint last could not be reached (ms since `epoch`; 0:
+    /// never): a follower's stale hint naming it is not followed for a
+    /// while.
+    failed: Vec<AtomicU64>,
+    epoch: Instant,
 }
 
 impl LeaderChannel {
@@ -64,9 +69,11 @@ impl LeaderChannel {
             .collect();
         Self {
             inner: Arc::new(Inner {
+                failed: names.iter().map(|_| AtomicU64::new(0)).collect(),
                 names,
                 channels,
                 current: AtomicUsize::new(first.0),
+                epoch: Instant::now(),
             }),
         }
     }
@@ -88,6 +95,7 @@ impl LeaderChannel {
         let n = self.inner.names.len();
         let next = leader
             .and_then(|l| self.inner.names.iter().position(|e| same_endpoint(e, l)))
+            .filter(|&i| !self.failed_lately(i))
             .unwrap_or((used + 1) % n);
         if next != used
             && self
@@ -104,6 +112,29 @@ impl LeaderChannel {
         }
     }
 }
+
+impl LeaderChannel {
+    fn now_ms(&self) -> u64 {
+        self.inner.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Endpoint `i` could not be reached.
+    fn failed(&self, i: usize) {
+        self.inner.failed[i].store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether endpoint `i` could not be reached in the last
+    /// [`STALE_HINT`].
+    fn failed_lately(&self, i: usize) -> bool {
+        let at = self.inner.failed[i].load(Ordering::Relaxed);
+        at != 0 && self.now_ms().saturating_sub(at) < STALE_HINT.as_millis() as u64
+    }
+}
+
+/// How long a replica that could not be reached is not taken for the
+/// leader on a follower's word (the follower learns of the new leader
+/// within about an election lease).
+const STALE_HINT: Duration = Duration::from_secs(5);
 
 /// Whether endpoint `a` (as configured: `host:port` or a URL) and `b` (as
 /// a coordinator advertises itself) name the same replica.
@@ -150,26 +181,52 @@ impl tonic::codegen::Service<http::Request<Body>> for LeaderChannel {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let me = self.clone();
-        let used = me.inner.current.load(Ordering::Acquire);
-        let mut channel = me.inner.channels[used].clone();
         Box::pin(async move {
-            std::future::poll_fn(|cx| {
-                tonic::codegen::Service::<http::Request<Body>>::poll_ready(&mut channel, cx)
-            })
-            .await
-            .inspect_err(|_| me.move_on(used, None))?;
-            let r = tonic::codegen::Service::call(&mut channel, req).await;
-            match &r {
-                Err(_) => me.move_on(used, None),
-                Ok(resp) => {
-                    if let Some(leader) = refused(resp) {
-                        me.move_on(used, leader.as_deref());
+            // A replica that cannot be reached is passed over before the
+            // request is sent (each endpoint once).
+            let mut tries = me.inner.names.len();
+            let (used, mut channel) = loop {
+                let used = me.inner.current.load(Ordering::Acquire);
+                let mut channel = me.inner.channels[used].clone();
+                let ready = std::future::poll_fn(|cx| {
+                    tonic::codegen::Service::<http::Request<Body>>::poll_ready(&mut channel, cx)
+                })
+                .await;
+                match ready {
+                    Ok(()) => break (used, channel),
+                    Err(e) => {
+                        me.failed(used);
+                        me.move_on(used, None);
+                        tries -= 1;
+                        if tries == 0 {
+                            return Ok(unavailable(&me.inner.names[used], &e));
+                        }
                     }
                 }
+            };
+            match tonic::codegen::Service::call(&mut channel, req).await {
+                // Lost on the way (the replica died, a connection broke):
+                // Unavailable, which callers retry, not Unknown.
+                Err(e) => {
+                    me.failed(used);
+                    me.move_on(used, None);
+                    Ok(unavailable(&me.inner.names[used], &e))
+                }
+                Ok(resp) => {
+                    if let Some(leader) = refused(&resp) {
+                        me.move_on(used, leader.as_deref());
+                    }
+                    Ok(resp)
+                }
             }
-            r
         })
     }
+}
+
+/// The answer a call gets when its replica could not be reached: status
+/// UNAVAILABLE, as a coordinator that is not there is.
+fn unavailable(endpoint: &str, e: &tonic::transport::Error) -> http::Response<Body> {
+    tonic::Status::unavailable(format!("coordinator {endpoint} unreachable: {e}")).into_http()
 }
 
 /// How long a lazily connecting channel waits for its replica.
@@ -202,5 +259,10 @@ mod tests {
         assert_eq!(ch.current(), "c:3");
         ch.move_on(2, Some("nowhere:9"));
         assert_eq!(ch.current(), "a:1");
+        // A hint naming a replica that could not be reached just now is a
+        // follower's stale word: the next is tried instead.
+        ch.failed(2);
+        ch.move_on(0, Some("c:3"));
+        assert_eq!(ch.current(), "b:2");
     }
 }

@@ -148,6 +148,10 @@ pub struct Cluster {
     rng: rand::rngs::StdRng,
 }
 
+/// Added to restored members' leases: the longest pause between a
+/// member's tries to reach the coordinator (`control::retrying`).
+const RESTORE_GRACE: Duration = Duration::from_secs(5);
+
 impl Cluster {
     /// Replays `store` and starts a new epoch.
     pub fn open(
@@ -181,7 +185,10 @@ impl Cluster {
             counters: Counters::default(),
             rng: rand::rngs::StdRng::from_os_rng(),
         };
-        let now = Instant::now();
+        // Restored members' leases run from a little ahead: members that
+        // were backing off while no coordinator answered (a restart, a
+        // failover) reach this one before their lease lapses.
+        let now = Instant::now() + RESTORE_GRACE;
         let replayed = records.len();
         for r in &records {
             c.apply(r, now);

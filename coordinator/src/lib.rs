@@ -234,16 +234,25 @@ impl Coordinator {
     }
 
     /// Stops serving: open streams end, calls in progress finish.
-    pub async fn shutdown(self) {
+    /// Calls still running after [`SHUTDOWN_GRACE`] (event streams of
+    /// members that cannot be reached) are dropped.
+    pub async fn shutdown(mut self) {
         self.shutdown.cancel();
-        match self.server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server stopped with an error"),
-            Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server stopped with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
+            Err(_) => {
+                tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still running after the grace period are dropped");
+                self.server.abort();
+            }
         }
         tracing::info!("coordinator stopped");
     }
 }
+
+/// How long a stopping coordinator lets calls in progress finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Marks lapsed leases down, and reclaims what departed agents left behind.
 async fn expire_leases(shared: Arc<Shared>, lease: Duration, reap_after: Duration) {

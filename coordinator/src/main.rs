@@ -52,6 +52,10 @@ struct Args {
     /// Prefix of rmem's keys in etcd [default: /rmem/].
     #[arg(long, value_name = "PREFIX")]
     etcd_prefix: Option<String>,
+    /// The election lease in etcd: a leader that cannot renew it this long
+    /// is replaced, e.g. 5s [default: 5s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    election_ttl: Option<Duration>,
     /// This replica's address as members reach it, published when it leads
     /// [default: the listen address].
     #[arg(long, value_name = "HOST:PORT")]
@@ -132,6 +136,9 @@ fn config(args: &Args) -> Result<CoordinatorConfig, ConfigError> {
     }
     if let Some(p) = &args.etcd_prefix {
         c.etcd.get_or_insert_with(Default::default).prefix = p.clone();
+    }
+    if let Some(t) = args.election_ttl {
+        c.etcd.get_or_insert_with(Default::default).election_ttl = t;
     }
     if let Some(a) = &args.advertise {
         c.etcd.get_or_insert_with(Default::default).advertise = Some(a.clone());

@@ -106,6 +106,14 @@ impl Daemon {
     }
 
     /// Starts `program` (not a workspace binary: a real component such as
+    /// etcd) inside network namespace `netns`, labelled `name`.
+    pub fn spawn_program_in(netns: &str, name: &str, program: &str, args: &[&str]) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, program]).args(args);
+        Self::spawn_command(name, cmd)
+    }
+
+    /// Starts `program` (not a workspace binary: a real component such as
     /// etcd) with `args`, labelled `name`.
     pub fn spawn_program(name: &str, program: &str, args: &[&str]) -> Self {
         let mut cmd = Command::new(program);

@@ -129,6 +129,20 @@ impl Network {
         self.daemons.len() - 1
     }
 
+    /// Starts `program` (a real component such as etcd, from the system)
+    /// on `host`, labelled `name`; it is killed with the network.
+    pub fn spawn_program(
+        &mut self,
+        host: &Host,
+        name: &str,
+        program: &str,
+        args: &[&str],
+    ) -> usize {
+        self.daemons
+            .push(Daemon::spawn_program_in(&host.netns, name, program, args));
+        self.daemons.len() - 1
+    }
+
     pub fn daemon(&self, k: usize) -> &Daemon {
         &self.daemons[k]
     }

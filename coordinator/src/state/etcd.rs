@@ -183,6 +183,9 @@ enum Job {
     Load(std_mpsc::SyncSender<Result<Loaded, etcd_client::Error>>),
     /// The candidates' addresses (oldest first) and etcd's health.
     Inspect(std_mpsc::SyncSender<(Vec<String>, String)>),
+    /// The store is dropped: resign and end (inspectors may still hold a
+    /// sender, so the channel closing cannot say it).
+    Stop,
     /// A guarded put of one log key; false when the guard failed.
     Append {
         seq: u64,
@@ -308,9 +311,8 @@ impl EtcdStore {
 
 impl Drop for EtcdStore {
     fn drop(&mut self) {
-        // The thread resigns (revokes its lease) once its jobs end.
-        let (tx, _) = mpsc::unbounded_channel();
-        drop(std::mem::replace(&mut self.jobs, tx));
+        // The thread resigns (revokes its lease) and ends.
+        let _ = self.jobs.send(Job::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -435,7 +437,9 @@ async fn run(
     // carries is refused; the lease decides who leads).
     let base = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        // HTTP/2 pings no more often than etcd accepts (it closes a
+        // connection pinged more than every 5 s: --grpc-keepalive-min-time).
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
     let connect = base.clone().with_timeout(options.election_ttl);
     // etcd may not be up yet (started together, restarting): try again
     // with backoff, saying so each time, for at most START_WITHIN.
@@ -482,9 +486,22 @@ async fn run(
         valid_until,
     ));
     let observer = tokio::spawn(observe(campaigner.clone(), keys.election(), leader));
-    let leader = tokio::select! {
-        l = campaign(&mut campaigner, &keys, lease, &options.advertise) => l,
-        _ = deposed.cancelled() => Err(Fail::Etcd("campaign", etcd_client::Error::InvalidArgs("the election lease expired before this replica was elected".into()))),
+    // A campaign can wait for hours: one that breaks (etcd restarting, a
+    // connection lost) is made again, with the same lease, for as long as
+    // the lease lives.
+    let leader = loop {
+        let attempt = tokio::select! {
+            l = campaign(&mut campaigner, &keys, lease, &options.advertise) => l,
+            _ = deposed.cancelled() => break Err(Fail::Etcd("campaign", etcd_client::Error::InvalidArgs("the election lease expired before this replica was elected".into()))),
+        };
+        match attempt {
+            Ok(l) => break Ok(l),
+            Err(Fail::Etcd(_, e)) => {
+                tracing::warn!(error = %e, "the campaign broke off; campaigning again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => break Err(e),
+        }
     };
     let leader = match leader {
         Ok(l) => l,
@@ -511,6 +528,7 @@ async fn run(
             Job::Inspect(done) => {
                 let _ = done.send(inspect(&mut client, &keys).await);
             }
+            Job::Stop => break,
             Job::Append { seq, body, done } => {
                 let key = keys.log(seq);
                 let txn = Txn::new()
@@ -623,7 +641,8 @@ async fn keep_alive(
         let sent = Instant::now();
         // Bounded: an etcd that does not answer must not hold off the
         // check below past the lease.
-        let alive = tokio::time::timeout(every, renew(&mut client, lease, &mut stream))
+        let bound = every.min(lock(&valid_until).saturating_duration_since(sent));
+        let alive = tokio::time::timeout(bound, renew(&mut client, lease, &mut stream))
             .await
             .ok()
             .flatten();

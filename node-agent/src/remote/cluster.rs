@@ -267,6 +267,10 @@ pub struct Cluster {
     invalidate_warn: rmem_common::logging::Throttle,
 }
 
+/// How long a control call waits for a coordinator to lead (one
+/// restarting, replicas failing over: a few election leases).
+const CALL_WITHIN: Duration = Duration::from_secs(20);
+
 pub fn hostname() -> String {
     rmem_common::host::hostname("node")
 }
@@ -437,14 +441,36 @@ impl Cluster {
             .push(Arc::downgrade(homes));
     }
 
+    /// Runs control call `call` (made again for each try) until it
+    /// succeeds, fails for good, or [`CALL_WITHIN`] has passed: a call that
+    /// finds no coordinator leading (one restarting, replicas failing
+    /// over) waits for one, saying so.
+    fn call<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, ControlError>
+    where
+        F: FnMut(ControlClient) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.runtime
+            .block_on(rmem_client::control::retrying(what, CALL_WITHIN, || {
+                let f = call(self.client.clone());
+                async move {
+                    f.await
+                        .map(tonic::Response::into_inner)
+                        .map_err(ControlError::from)
+                }
+            }))
+    }
+
     /// Removes `member` from the subscribers of `interval`.
     pub(crate) fn unsubscribe(&self, interval: u64, member: u64) -> Result<(), ClusterError> {
-        self.runtime
-            .block_on(self.client.intervals().unsubscribe(pb::UnsubscribeRequest {
-                interval_id: interval,
-                member_id: member,
-            }))
-            .map_err(ControlError::from)?;
+        self.call("unsubscribing a server", |c| async move {
+            c.intervals()
+                .unsubscribe(pb::UnsubscribeRequest {
+                    interval_id: interval,
+                    member_id: member,
+                })
+                .await
+        })?;
         Ok(())
     }
 
@@ -477,17 +503,17 @@ impl Cluster {
         copies: usize,
         exclude: &[u64],
     ) -> Result<Vec<pb::Grant>, ClusterError> {
-        let r = self
-            .runtime
-            .block_on(self.client.placement().allocate(pb::AllocateRequest {
-                agent_id: self.member_id(),
-                tenant: self.tenant.clone(),
-                pages,
-                copies: copies as u32,
-                exclude: exclude.to_vec(),
-            }))
-            .map_err(ControlError::from)?
-            .into_inner();
+        let req = pb::AllocateRequest {
+            agent_id: self.member_id(),
+            tenant: self.tenant.clone(),
+            pages,
+            copies: copies as u32,
+            exclude: exclude.to_vec(),
+        };
+        let r = self.call("allocating capacity", |c| {
+            let req = req.clone();
+            async move { c.placement().allocate(req).await }
+        })?;
         if r.shared_domain {
             tracing::warn!(
                 copies,
@@ -499,14 +525,16 @@ impl Cluster {
 
     /// The grants this member holds (from earlier incarnations too).
     pub(crate) fn own_grants(&self) -> Result<Vec<pb::Grant>, ClusterError> {
+        let agent_id = self.member_id();
         Ok(self
-            .runtime
-            .block_on(self.client.placement().list_grants(pb::ListGrantsRequest {
-                agent_id: self.member_id(),
-                server_id: 0,
-            }))
-            .map_err(ControlError::from)?
-            .into_inner()
+            .call("listing grants", |c| async move {
+                c.placement()
+                    .list_grants(pb::ListGrantsRequest {
+                        agent_id,
+                        server_id: 0,
+                    })
+                    .await
+            })?
             .grants)
     }
 
@@ -514,13 +542,14 @@ impl Cluster {
     pub(crate) fn own_intervals(&self) -> Result<Vec<pb::Interval>, ClusterError> {
         let me = self.member_id();
         Ok(self
-            .runtime
-            .block_on(self.client.intervals().list(pb::ListIntervalsRequest {
-                member_id: me,
-                address_space: String::new(),
-            }))
-            .map_err(ControlError::from)?
-            .into_inner()
+            .call("listing intervals", |c| async move {
+                c.intervals()
+                    .list(pb::ListIntervalsRequest {
+                        member_id: me,
+                        address_space: String::new(),
+                    })
+                    .await
+            })?
             .intervals
             .into_iter()
             .filter(|iv| iv.owner == me)
@@ -535,47 +564,44 @@ impl Cluster {
         pages: u64,
         handle_base: u64,
     ) -> Result<u64, ClusterError> {
+        let req = pb::RegisterIntervalRequest {
+            address_space: space.to_string(),
+            start: 0,
+            length: pages * 4096,
+            tenant: self.tenant.clone(),
+            handle_base,
+            owner: self.member_id(),
+            subscribers: Vec::new(),
+        };
         Ok(self
-            .runtime
-            .block_on(
-                self.client
-                    .intervals()
-                    .register(pb::RegisterIntervalRequest {
-                        address_space: space.to_string(),
-                        start: 0,
-                        length: pages * 4096,
-                        tenant: self.tenant.clone(),
-                        handle_base,
-                        owner: self.member_id(),
-                        subscribers: Vec::new(),
-                    }),
-            )
-            .map_err(ControlError::from)?
-            .into_inner()
+            .call("registering an address space", |c| {
+                let req = req.clone();
+                async move { c.intervals().register(req).await }
+            })?
             .interval_id)
     }
 
     /// Adds server `member` to the subscribers of `interval`.
     pub(crate) fn subscribe(&self, interval: u64, member: u64) -> Result<(), ClusterError> {
-        self.runtime
-            .block_on(self.client.intervals().subscribe(pb::SubscribeRequest {
-                interval_id: interval,
-                member_id: member,
-            }))
-            .map_err(ControlError::from)?;
+        self.call("subscribing a server", |c| async move {
+            c.intervals()
+                .subscribe(pb::SubscribeRequest {
+                    interval_id: interval,
+                    member_id: member,
+                })
+                .await
+        })?;
         Ok(())
     }
 
     pub(crate) fn unregister(&self, interval: u64) -> Result<(), ClusterError> {
-        self.runtime
-            .block_on(
-                self.client
-                    .intervals()
-                    .unregister(pb::UnregisterIntervalRequest {
-                        interval_id: interval,
-                    }),
-            )
-            .map_err(ControlError::from)?;
+        self.call("unregistering an address space", |c| async move {
+            c.intervals()
+                .unregister(pb::UnregisterIntervalRequest {
+                    interval_id: interval,
+                })
+                .await
+        })?;
         Ok(())
     }
 
@@ -601,32 +627,29 @@ impl Cluster {
         let Some((&(start, length), more)) = spans.split_first() else {
             return Some((true, Vec::new()));
         };
-        let r = self.runtime.block_on(
-            self.client
-                .invalidation()
-                .invalidate(pb::InvalidateRequest {
-                    address_space: space.to_string(),
-                    start,
-                    length,
-                    reason: pb::Reason::Unmap as i32,
-                    deadline_ms: 0,
-                    origin: self.member_id(),
-                    more: more
-                        .iter()
-                        .map(|&(start, length)| pb::Span { start, length })
-                        .collect(),
-                }),
-        );
+        let req = pb::InvalidateRequest {
+            address_space: space.to_string(),
+            start,
+            length,
+            reason: pb::Reason::Unmap as i32,
+            deadline_ms: 0,
+            origin: self.member_id(),
+            more: more
+                .iter()
+                .map(|&(start, length)| pb::Span { start, length })
+                .collect(),
+        };
+        let r = self.call("invalidating freed pages", |c| {
+            let req = req.clone();
+            async move { c.invalidation().invalidate(req).await }
+        });
         match r {
-            Ok(r) => {
-                let r = r.into_inner();
-                Some((r.complete, r.acknowledged))
-            }
+            Ok(r) => Some((r.complete, r.acknowledged)),
             Err(e) => {
                 // One per free batch while the coordinator is away: at most
                 // one line every few seconds.
                 if let Some(left_out) = self.invalidate_warn.ready() {
-                    tracing::warn!(error = %ControlError::from(e), space, left_out, "cannot invalidate freed pages (freeing them on their servers directly)");
+                    tracing::warn!(error = %e, space, left_out, "cannot invalidate freed pages (freeing them on their servers directly)");
                 }
                 None
             }
@@ -635,18 +658,19 @@ impl Cluster {
 
     /// Returns grants by id.
     pub(crate) fn release_grants(&self, ids: &[u64]) {
-        self.runtime.block_on(async {
-            for &id in ids {
-                if let Err(e) = self
-                    .client
-                    .placement()
-                    .release(pb::ReleaseRequest { grant_id: id, pages: 0 })
+        for &id in ids {
+            let released = self.call("releasing a grant", |c| async move {
+                c.placement()
+                    .release(pb::ReleaseRequest {
+                        grant_id: id,
+                        pages: 0,
+                    })
                     .await
-                {
-                    tracing::warn!(grant = id, error = %ControlError::from(e), "cannot release a grant");
-                }
+            });
+            if let Err(e) = released {
+                tracing::warn!(grant = id, error = %e, "cannot release a grant");
             }
-        });
+        }
     }
 
     pub fn member_id(&self) -> u64 {
