@@ -237,6 +237,15 @@ impl Cluster {
         self.store.leads()
     }
 
+    /// [`Self::leads`] as a result: `not_leader` when it may not.
+    pub fn still_leads(&self) -> Result<(), CoordError> {
+        if self.leads() {
+            Ok(())
+        } else {
+            Err(CoordError::State(StateError::Deposed))
+        }
+    }
+
     /// Makes `record` durable, then applies it.
     fn commit(&mut self, record: Record) -> Result<(), StateError> {
         self.store.append(&record)?;

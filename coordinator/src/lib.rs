@@ -159,13 +159,14 @@ impl Coordinator {
                     advertise: rmem_common::host::reachable(etcd.advertise.as_deref(), addr),
                 };
                 tracing::info!(%addr, etcd = %options.endpoints.join(","), prefix = %options.prefix, "standing by: campaigning to lead the coordinators");
-                let l = leadership.clone();
-                let store = tokio::task::spawn_blocking(move || EtcdStore::lead(&options, l))
-                    .await
-                    .map_err(|e| StateError::Io {
-                        path: "the etcd thread".into(),
-                        source: std::io::Error::other(e.to_string()),
-                    })??;
+                let (l, cancel) = (leadership.clone(), shutdown.clone());
+                let store =
+                    tokio::task::spawn_blocking(move || EtcdStore::lead(&options, l, cancel))
+                        .await
+                        .map_err(|e| StateError::Io {
+                            path: "the etcd thread".into(),
+                            source: std::io::Error::other(e.to_string()),
+                        })??;
                 inspector = Some(store.inspector());
                 Box::new(store)
             }

@@ -295,7 +295,13 @@ impl Intervals for Service {
         let mut finished = self.shared().finished.subscribe();
         loop {
             finished.mark_unchanged();
-            if let Some(seq) = self.shared().lock().read_begin(id)? {
+            let begun = {
+                let c = self.shared().lock();
+                let seq = c.read_begin(id)?;
+                c.still_leads()?;
+                seq
+            };
+            if let Some(seq) = begun {
                 return ok(pb::ReadBeginResponse { seq });
             }
             let left = until.saturating_duration_since(Instant::now());
@@ -311,7 +317,14 @@ impl Intervals for Service {
 
     async fn read_retry(&self, r: Request<pb::ReadRetryRequest>) -> Res<pb::ReadRetryResponse> {
         let r = r.into_inner();
-        let (retry, seq) = self.shared().lock().read_retry(r.interval_id, r.seq)?;
+        let (retry, seq) = {
+            let c = self.shared().lock();
+            let answer = c.read_retry(r.interval_id, r.seq)?;
+            // A replica no longer sure to lead may not have seen an
+            // invalidation its successor made: it must not say "no retry".
+            c.still_leads()?;
+            answer
+        };
         ok(pb::ReadRetryResponse { retry, seq })
     }
 }
@@ -416,12 +429,10 @@ impl Invalidation for Service {
             ms => Duration::from_millis(u64::from(ms)).min(self.shared().max_deadline),
         };
         let (id, intervals, f) = run_invalidation(self.shared(), &r, deadline).await?;
-        if !self.shared().lock().leads() {
-            // Acknowledged here, but this replica may have lost leadership
-            // while it waited: its successor may not know of this
-            // invalidation, so the caller must ask it.
-            return Err(CoordError::State(crate::state::StateError::Deposed).into());
-        }
+        // Acknowledged here, but this replica may have lost leadership while
+        // it waited: its successor may not know of this invalidation, so the
+        // caller must ask it.
+        self.shared().lock().still_leads()?;
         ok(pb::InvalidateResponse {
             invalidation_id: id,
             intervals: intervals

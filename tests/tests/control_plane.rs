@@ -826,6 +826,23 @@ fn coordinator_replicas_on_etcd_keep_registrations_across_a_failover() {
     let st = status(&both);
     assert_eq!(st["leader"], b_addr.as_str(), "{st}");
     assert_eq!(st["replicas"], serde_json::json!([b_addr]), "{st}");
+    // A standby stops on SIGTERM (it gives up its candidacy).
+    let mut standby = Coordinator::spawn(&["--config", config]);
+    assert!(
+        standby
+            .wait_for_log(
+                "standing by: campaigning to lead the coordinators",
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "{}",
+        standby.log_text()
+    );
+    standby.signal(libc::SIGTERM);
+    let status = standby
+        .wait(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("a standby did not stop on SIGTERM:\n{}", standby.log_text()));
+    assert!(status.success(), "{status:?}");
     eprintln!("failover: leader killed, new leader serving after {failover:.1?} (election TTL 2s)");
     assert!(failover < Duration::from_secs(10), "{failover:?}");
 }

@@ -25,7 +25,7 @@
 //! round trip and a fsync of etcd's own log. Compaction writes the
 //! snapshot in chunks of at most [`CHUNK`] bytes (etcd takes requests up to
 //! 1.5 MiB), then in one transaction points `snap/current` at it and
-//! deletes the log keys it covers and the previous snapshot. Loading reads
+//! deletes the log keys it covers and every older snapshot. Loading reads
 //! the snapshot's chunks and the log after it in pages, so no response
 //! nears gRPC's message limit however many members and intervals there
 //! are. etcd keeps old revisions until it compacts its own history: run it
@@ -132,7 +132,8 @@ pub struct EtcdStore {
     endpoints: String,
     /// The next log key's sequence number.
     next_seq: u64,
-    /// The live snapshot's generation.
+    /// The newest snapshot generation written or tried (loaded: the live
+    /// one); the next compaction writes the one after.
     generation: u64,
     appended: usize,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -194,7 +195,6 @@ enum Job {
     },
     Compact {
         generation: u64,
-        previous: u64,
         first_seq: u64,
         chunks: Vec<Vec<u8>>,
         done: std_mpsc::SyncSender<Result<bool, etcd_client::Error>>,
@@ -211,7 +211,12 @@ impl EtcdStore {
     /// Connects to etcd, campaigns, and returns once this replica leads
     /// (blocking: call it off the async runtime). While it waits,
     /// `leadership` names the replica that leads.
-    pub fn lead(options: &EtcdOptions, leadership: Leadership) -> Result<Self, StateError> {
+    /// Gives up (resigning) once `cancel` is cancelled.
+    pub fn lead(
+        options: &EtcdOptions,
+        leadership: Leadership,
+        cancel: CancellationToken,
+    ) -> Result<Self, StateError> {
         let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let endpoints = options.endpoints.join(",");
@@ -230,7 +235,7 @@ impl EtcdStore {
                             return;
                         }
                     };
-                    rt.block_on(run(options, jobs_rx, l, ready_tx));
+                    rt.block_on(run(options, jobs_rx, l, cancel, ready_tx));
                 })
                 .map_err(|source| StateError::Io {
                     path: "the etcd thread".into(),
@@ -245,6 +250,12 @@ impl EtcdStore {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(Fail::Etcd(op, e))) => return Err(fail(op, e)),
+            Ok(Err(Fail::Cancelled)) => {
+                return Err(StateError::Io {
+                    path: "etcd".into(),
+                    source: std::io::Error::other("stopped before this replica was elected"),
+                });
+            }
             Ok(Err(Fail::Runtime(source))) => {
                 return Err(StateError::Io {
                     path: "the etcd thread's runtime".into(),
@@ -290,14 +301,28 @@ impl EtcdStore {
         if !self.leadership.holds() || self.jobs.send(job(tx)).is_err() {
             return Err(StateError::Deposed);
         }
-        match rx.recv() {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => Err(StateError::Etcd {
+        // Waited for only while this replica surely leads: past that, the
+        // caller (holding the coordinator's lock) must not go on as if it
+        // did, and a write whose outcome is unknown ends the leadership.
+        let answer = loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(a) => break a,
+                Err(std_mpsc::RecvTimeoutError::Timeout) if self.leadership.holds() => {}
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    tracing::error!(op, "etcd did not answer while this coordinator surely led");
+                    self.leadership.deposed.cancel();
+                    return Err(StateError::Deposed);
+                }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return Err(StateError::Deposed),
+            }
+        };
+        match answer {
+            Ok(v) => Ok(v),
+            Err(source) => Err(StateError::Etcd {
                 endpoints: self.endpoints.clone(),
                 op,
                 source,
             }),
-            Err(_) => Err(StateError::Deposed),
         }
     }
 
@@ -362,11 +387,13 @@ impl StateStore for EtcdStore {
             last.extend_from_slice(&line);
             last.push(b'\n');
         }
-        let (generation, previous, first_seq) =
-            (self.generation + 1, self.generation, self.next_seq);
+        // A generation is never written twice: an attempt that failed (or
+        // whose answer was lost after it switched) is never the one
+        // overwritten by the next, which also drops every older one.
+        let (generation, first_seq) = (self.generation + 1, self.next_seq);
+        self.generation = generation;
         let done = self.ask("compact", |done| Job::Compact {
             generation,
-            previous,
             first_seq,
             chunks,
             done,
@@ -374,7 +401,6 @@ impl StateStore for EtcdStore {
         if !done {
             return Err(self.deposed_now());
         }
-        self.generation = generation;
         self.appended = 0;
         Ok(())
     }
@@ -390,6 +416,8 @@ impl StateStore for EtcdStore {
 
 enum Fail {
     Etcd(&'static str, etcd_client::Error),
+    /// The replica stopped before it was elected.
+    Cancelled,
     Runtime(std::io::Error),
 }
 
@@ -424,6 +452,7 @@ async fn run(
     options: EtcdOptions,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     leadership: Leadership,
+    cancel: CancellationToken,
     ready: std_mpsc::SyncSender<Result<(), Fail>>,
 ) {
     let Leadership {
@@ -464,7 +493,11 @@ async fn run(
                 .id();
             Ok::<_, Fail>((client, campaigner, lease))
         };
-        match started.await {
+        let started = tokio::select! {
+            r = started => r,
+            _ = cancel.cancelled() => Err(Fail::Cancelled),
+        };
+        match started {
             Ok(v) => break v,
             Err(Fail::Etcd(op, e)) if Instant::now() + pause < give_up => {
                 tracing::warn!(etcd = %options.endpoints.join(","), error = %e, retry_in = ?pause, "etcd: {op} failed; trying again");
@@ -493,6 +526,7 @@ async fn run(
         let attempt = tokio::select! {
             l = campaign(&mut campaigner, &keys, lease, &options.advertise) => l,
             _ = deposed.cancelled() => break Err(Fail::Etcd("campaign", etcd_client::Error::InvalidArgs("the election lease expired before this replica was elected".into()))),
+            _ = cancel.cancelled() => break Err(Fail::Cancelled),
         };
         match attempt {
             Ok(l) => break Ok(l),
@@ -536,24 +570,27 @@ async fn run(
                         guard.clone(),
                         Compare::create_revision(key.clone(), CompareOp::Equal, 0),
                     ])
-                    .and_then([TxnOp::put(key, body, None)]);
-                let _ = done.send(client.txn(txn).await.map(|r| r.succeeded()));
+                    .and_then([TxnOp::put(key.clone(), body.clone(), None)]);
+                let r = match client.txn(txn).await {
+                    Ok(r) => Ok(r.succeeded()),
+                    // No answer: the write may have been made. Read it back,
+                    // so one that was is not taken for a failure (the next
+                    // append would find its key taken and depose a healthy
+                    // leader, and the caller would make the change twice).
+                    Err(e) => match client.get(key, None).await {
+                        Ok(g) if g.kvs().first().is_some_and(|kv| kv.value() == body) => Ok(true),
+                        _ => Err(e),
+                    },
+                };
+                let _ = done.send(r);
             }
             Job::Compact {
                 generation,
-                previous,
                 first_seq,
                 chunks,
                 done,
             } => {
-                let r = compact(
-                    &mut client,
-                    &keys,
-                    &guard,
-                    (generation, previous, first_seq),
-                    chunks,
-                )
-                .await;
+                let r = compact(&mut client, &keys, &guard, (generation, first_seq), chunks).await;
                 let _ = done.send(r);
             }
         }
@@ -639,13 +676,21 @@ async fn keep_alive(
     let mut stream = None;
     loop {
         let sent = Instant::now();
-        // Bounded: an etcd that does not answer must not hold off the
-        // check below past the lease.
-        let bound = every.min(lock(&valid_until).saturating_duration_since(sent));
-        let alive = tokio::time::timeout(bound, renew(&mut client, lease, &mut stream))
-            .await
-            .ok()
-            .flatten();
+        // Waited for as long as it can still help (an answer credits the
+        // lease from `sent`), but not past the lease: an etcd that does not
+        // answer must not hold off the check below.
+        let bound = lock(&valid_until).saturating_duration_since(sent);
+        let alive = match tokio::time::timeout(bound, renew(&mut client, lease, &mut stream)).await
+        {
+            Ok(alive) => alive,
+            Err(_) => {
+                // The answer may still come: on this stream it would be
+                // taken for the next request's, crediting the lease with a
+                // renewal later than the one etcd made. A new stream.
+                stream = None;
+                None
+            }
+        };
         match alive {
             Some(true) => *lock(&valid_until) = sent + ttl - ttl / MARGIN,
             Some(false) => {
@@ -803,7 +848,7 @@ async fn compact(
     client: &mut Client,
     keys: &Keys,
     guard: &Compare,
-    (generation, previous, first_seq): (u64, u64, u64),
+    (generation, first_seq): (u64, u64),
     chunks: Vec<Vec<u8>>,
 ) -> Result<bool, etcd_client::Error> {
     let count = chunks.len();
@@ -827,9 +872,11 @@ async fn compact(
             keys.log(0),
             Some(etcd_client::DeleteOptions::new().with_range(keys.log(first_seq))),
         ),
+        // Every older generation: the one replaced, and any attempt that
+        // stopped half way.
         TxnOp::delete(
-            keys.generation(previous),
-            Some(etcd_client::DeleteOptions::new().with_prefix()),
+            keys.generation(0),
+            Some(etcd_client::DeleteOptions::new().with_range(keys.generation(generation))),
         ),
     ]);
     Ok(client.txn(txn).await?.succeeded())

@@ -271,6 +271,10 @@ pub struct Cluster {
 /// restarting, replicas failing over: a few election leases).
 const CALL_WITHIN: Duration = Duration::from_secs(20);
 
+/// As [`CALL_WITHIN`], for invalidations of freed pages (which fall back
+/// to freeing on the servers directly).
+const INVALIDATE_WITHIN: Duration = Duration::from_secs(5);
+
 pub fn hostname() -> String {
     rmem_common::host::hostname("node")
 }
@@ -445,13 +449,27 @@ impl Cluster {
     /// succeeds, fails for good, or [`CALL_WITHIN`] has passed: a call that
     /// finds no coordinator leading (one restarting, replicas failing
     /// over) waits for one, saying so.
-    fn call<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, ControlError>
+    fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T, ControlError>
+    where
+        F: FnMut(ControlClient) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call_within(what, CALL_WITHIN, call)
+    }
+
+    /// As [`Self::call`], trying again for at most `within`.
+    fn call_within<T, F, Fut>(
+        &self,
+        what: &str,
+        within: Duration,
+        mut call: F,
+    ) -> Result<T, ControlError>
     where
         F: FnMut(ControlClient) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.runtime
-            .block_on(rmem_client::control::retrying(what, CALL_WITHIN, || {
+            .block_on(rmem_client::control::retrying(what, within, || {
                 let f = call(self.client.clone());
                 async move {
                     f.await
@@ -639,7 +657,8 @@ impl Cluster {
                 .map(|&(start, length)| pb::Span { start, length })
                 .collect(),
         };
-        let r = self.call("invalidating freed pages", |c| {
+        // Shorter: the caller frees the pages directly when this fails.
+        let r = self.call_within("invalidating freed pages", INVALIDATE_WITHIN, |c| {
             let req = req.clone();
             async move { c.invalidation().invalidate(req).await }
         });
@@ -658,8 +677,12 @@ impl Cluster {
 
     /// Returns grants by id.
     pub(crate) fn release_grants(&self, ids: &[u64]) {
+        // One budget for them all: with no coordinator, closing does not
+        // wait a whole budget per grant.
+        let until = std::time::Instant::now() + CALL_WITHIN;
         for &id in ids {
-            let released = self.call("releasing a grant", |c| async move {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let released = self.call_within("releasing a grant", left, |c| async move {
                 c.placement()
                     .release(pb::ReleaseRequest {
                         grant_id: id,
