@@ -253,14 +253,17 @@ async fn leads(channel: &tonic::transport::Channel, timeout: Duration) -> bool {
 /// Configuration errors (a bad endpoint, a wrong token, an invalid
 /// registration) are not: retrying them only hides them.
 pub fn retryable(e: &ControlError) -> bool {
-    matches!(
-        e,
-        ControlError::Unreachable { .. }
-            | ControlError::Rpc {
-                code: tonic::Code::Unavailable | tonic::Code::DeadlineExceeded,
-                ..
-            }
-    )
+    match e {
+        ControlError::Unreachable { .. } => true,
+        // An interval still under invalidation is an answer, not an
+        // absent coordinator: the caller decides.
+        ControlError::Rpc { reason, .. } if reason == "interval_busy" => false,
+        ControlError::Rpc {
+            code: tonic::Code::Unavailable | tonic::Code::DeadlineExceeded,
+            ..
+        } => true,
+        _ => false,
+    }
 }
 
 /// Runs `attempt` until it succeeds, fails for good, or `within` has
