@@ -209,10 +209,19 @@ pub fn try_rmemctl(
     coord: &Host,
     args: &[&str],
 ) -> Result<serde_json::Value, String> {
-    let endpoint = coord.at(COORD_PORT);
+    try_rmemctl_at(client, &coord.at(COORD_PORT), args)
+}
+
+/// As [`try_rmemctl`], against `endpoint` (one or several coordinator
+/// replicas, comma-separated).
+pub fn try_rmemctl_at(
+    client: &Host,
+    endpoint: &str,
+    args: &[&str],
+) -> Result<serde_json::Value, String> {
     let mut all = vec![
         "--endpoint",
-        endpoint.as_str(),
+        endpoint,
         "--output",
         "json",
         "--timeout",

@@ -31,23 +31,7 @@ const TTL: &str = "2s";
 
 /// `rmemctl --output json ARGS` on `client` against `endpoints`.
 fn ctl(client: &Host, endpoints: &str, args: &[&str]) -> Result<Value, String> {
-    let mut all = vec![
-        "--endpoint",
-        endpoints,
-        "--output",
-        "json",
-        "--timeout",
-        "2s",
-    ];
-    all.extend_from_slice(args);
-    let out = client.run("rmemctl", &all);
-    if !out.status.success() {
-        return Err(format!(
-            "rmemctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("rmemctl {args:?}: {e}"))
+    rmem_tests::netns::try_rmemctl_at(client, endpoints, args)
 }
 
 /// Rounds each agent finished so far.
