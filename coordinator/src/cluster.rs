@@ -664,6 +664,23 @@ impl Cluster {
         copies: u32,
         exclude: &[u64],
     ) -> Result<Allocated, CoordError> {
+        self.allocate_once(0, agent, tenant, pages, copies, exclude)
+    }
+
+    /// As [`Self::allocate_copies`], at most once for the agent's
+    /// allocation `request` (0: no name): an allocation granted before is
+    /// answered with its grants again (the agent retried, its answer lost).
+    /// One granted only in part (the coordinator stopped between its
+    /// records) gives back that part and is granted afresh.
+    pub fn allocate_once(
+        &mut self,
+        request: u64,
+        agent: u64,
+        tenant: &str,
+        pages: u64,
+        copies: u32,
+        exclude: &[u64],
+    ) -> Result<Allocated, CoordError> {
         let copies = u64::from(copies.max(1));
         if copies > rmem_common::redundancy::MAX_SHARDS as u64 {
             return Err(CoordError::invalid(
@@ -687,6 +704,40 @@ impl Cluster {
                 Liveness::Left => CoordError::Left { id: agent },
                 _ => CoordError::LeaseExpired(agent),
             });
+        }
+        if request != 0 {
+            let before: Vec<GrantRecord> = self
+                .grants
+                .of_request(agent, request)
+                .into_iter()
+                .cloned()
+                .collect();
+            if let Some(first) = before.first() {
+                if before.len() == first.of as usize {
+                    tracing::info!(
+                        agent,
+                        request,
+                        "allocation retried: answering its grants again"
+                    );
+                    return Ok(Allocated {
+                        grants: before,
+                        shared_domain: false,
+                    });
+                }
+                tracing::warn!(
+                    agent,
+                    request,
+                    granted = before.len(),
+                    of = first.of,
+                    "allocation retried after it was granted in part: granting it afresh"
+                );
+                for g in &before {
+                    self.commit(Record::GrantRelease {
+                        id: g.id,
+                        pages: g.pages,
+                    })?;
+                }
+            }
         }
         let (_, quota) = self.tenant(tenant)?;
         if let Some(quota) = quota {
@@ -745,6 +796,7 @@ impl Cluster {
             );
         }
         let mut out = Vec::with_capacity(spread.len());
+        let of = if request == 0 { 0 } else { spread.len() as u32 };
         for (server, n) in spread {
             let grant = GrantRecord {
                 id: self.next_grant,
@@ -752,6 +804,8 @@ impl Cluster {
                 server,
                 tenant: tenant.to_string(),
                 pages: n,
+                request,
+                of,
             };
             self.commit(Record::GrantAdd {
                 grant: grant.clone(),

@@ -15,10 +15,12 @@ use crate::error::CoordError;
 use crate::membership::Member;
 use crate::state::GrantRecord;
 
-/// Every grant, by id.
+/// Every grant, by id, and by the allocation that made it.
 #[derive(Debug, Default)]
 pub struct Grants {
     by_id: BTreeMap<u64, GrantRecord>,
+    /// (agent, request) → ids of the grants answering that allocation.
+    by_request: HashMap<(u64, u64), Vec<u64>>,
 }
 
 impl Grants {
@@ -31,6 +33,12 @@ impl Grants {
     }
 
     pub fn insert(&mut self, g: GrantRecord) {
+        if g.request != 0 {
+            let ids = self.by_request.entry((g.agent, g.request)).or_default();
+            if !ids.contains(&g.id) {
+                ids.push(g.id);
+            }
+        }
         self.by_id.insert(g.id, g);
     }
 
@@ -39,9 +47,26 @@ impl Grants {
         if let Some(g) = self.by_id.get_mut(&id) {
             g.pages = g.pages.saturating_sub(pages);
             if g.pages == 0 {
+                let key = (g.agent, g.request);
                 self.by_id.remove(&id);
+                if let Some(ids) = self.by_request.get_mut(&key) {
+                    ids.retain(|&i| i != id);
+                    if ids.is_empty() {
+                        self.by_request.remove(&key);
+                    }
+                }
             }
         }
+    }
+
+    /// The grants still held that answered `agent`'s allocation `request`.
+    pub fn of_request(&self, agent: u64, request: u64) -> Vec<&GrantRecord> {
+        self.by_request
+            .get(&(agent, request))
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.by_id.get(id))
+            .collect()
     }
 
     /// Pages granted on each server.

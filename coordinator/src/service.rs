@@ -191,7 +191,14 @@ impl Placement for Service {
     async fn allocate(&self, r: Request<pb::AllocateRequest>) -> Res<pb::AllocateResponse> {
         let r = r.into_inner();
         let mut c = self.shared().lock();
-        let a = c.allocate_copies(r.agent_id, &r.tenant, r.pages, r.copies, &r.exclude)?;
+        let a = c.allocate_once(
+            r.request_id,
+            r.agent_id,
+            &r.tenant,
+            r.pages,
+            r.copies,
+            &r.exclude,
+        )?;
         let grants = a.grants.iter().map(|g| c.grant_pb(g)).collect();
         ok(pb::AllocateResponse {
             grants,

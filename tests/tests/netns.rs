@@ -288,8 +288,10 @@ fn a_cluster_of_hosts_places_fences_avoids_cut_off_servers_and_survives_a_coordi
             .expect("the agent did not stop");
         assert!(
             status.success(),
-            "an agent failed: {status:?}\n{}",
-            net.daemon(k).log_text()
+            "an agent failed: {status:?}\n{}\ngrants: {}\nservers: {}",
+            net.daemon(k).log_text(),
+            rmemctl(&client, &coord, &["grants"]),
+            rmemctl(&client, &coord, &["stats"])["servers"],
         );
     }
     // Each agent's last region was unmapped through an invalidation that

@@ -714,3 +714,48 @@ fn a_server_that_left_holding_grants_keeps_its_id_across_compaction() {
     let other = c.register(&server("idle", 100)).unwrap();
     assert_ne!(other.id, idle.id, "one no grant names is forgotten");
 }
+
+#[test]
+fn a_retried_allocation_is_granted_once_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.log");
+    let config = CoordinatorConfig {
+        placement_chunk: ByteSize(10 * PAGE),
+        ..durable()
+    };
+    let (a, first) = {
+        let mut c = open_log(&config, &path);
+        let a = c.register(&agent("a")).unwrap().id;
+        for i in 0..3 {
+            c.register(&server(&format!("s{i}"), 100)).unwrap();
+        }
+        let first = c.allocate_once(7, a, "default", 40, 2, &[]).unwrap().grants;
+        assert!(first.len() > 1, "{first:?}");
+        // The same request again (its answer lost): the same grants.
+        let again = c.allocate_once(7, a, "default", 40, 2, &[]).unwrap().grants;
+        assert_eq!(again, first);
+        assert_eq!(c.grants.tenant_pages("default"), 80);
+        (a, first)
+    };
+    // The coordinator restarted before the agent heard: still the same.
+    let mut c = open_log(&config, &path);
+    let again = c.allocate_once(7, a, "default", 40, 2, &[]).unwrap().grants;
+    assert_eq!(again, first);
+    assert_eq!(c.grants.tenant_pages("default"), 80);
+    // Another request is another allocation; unnamed ones are never merged.
+    c.allocate_once(8, a, "default", 40, 2, &[]).unwrap();
+    c.allocate_once(0, a, "default", 10, 1, &[]).unwrap();
+    c.allocate_once(0, a, "default", 10, 1, &[]).unwrap();
+    assert_eq!(c.grants.tenant_pages("default"), 180);
+    // One granted only in part (a record of it lost) is granted afresh,
+    // the part given back first.
+    c.release(first[0].id, 0).unwrap();
+    let fresh = c.allocate_once(7, a, "default", 40, 2, &[]).unwrap().grants;
+    assert!(fresh.iter().all(|g| first.iter().all(|f| f.id != g.id)));
+    assert_eq!(fresh.iter().map(|g| g.pages).sum::<u64>(), 80);
+    assert_eq!(c.grants.tenant_pages("default"), 180);
+    // Another agent's request of the same name is its own.
+    let b = c.register(&agent("b")).unwrap().id;
+    let theirs = c.allocate_once(7, b, "default", 10, 1, &[]).unwrap().grants;
+    assert!(theirs.iter().all(|g| g.agent == b));
+}

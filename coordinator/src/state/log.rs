@@ -247,6 +247,8 @@ mod tests {
                 server: 2,
                 tenant: "t".into(),
                 pages: 10 * id,
+                request: 0,
+                of: 0,
             },
         }
     }

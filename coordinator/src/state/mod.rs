@@ -67,6 +67,20 @@ pub struct GrantRecord {
     pub server: u64,
     pub tenant: String,
     pub pages: u64,
+    /// The agent's name for the allocation that made this grant (0: none),
+    /// and how many grants answered it: a retried allocation finds them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub request: u64,
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub of: u32,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero32(v: &u32) -> bool {
+    *v == 0
 }
 
 /// One change to the registry.

@@ -527,6 +527,9 @@ impl Cluster {
             pages,
             copies: copies as u32,
             exclude: exclude.to_vec(),
+            // One name for every try: a retry after a lost answer gets the
+            // same grants, not a second set nobody releases.
+            request_id: rand::random::<u64>().max(1),
         };
         let r = self.call("allocating capacity", |c| {
             let req = req.clone();

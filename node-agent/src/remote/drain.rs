@@ -29,7 +29,7 @@ use rmem_client::{ClientError, Page, PageStatus};
 
 use super::book::{Moving, Slots};
 use super::cluster::ClusterError;
-use super::homes::{GRANT_PAGES, Homes};
+use super::homes::Homes;
 use super::servers::Remotes;
 use super::stripe::{self, CodecError, Layout};
 
@@ -395,7 +395,7 @@ impl Homes {
             };
             exclude.sort_unstable();
             exclude.dedup();
-            self.grow_avoiding(need.max(GRANT_PAGES), 1, &exclude)
+            self.grow_avoiding(need.max(self.grow_step()), 1, &exclude)
                 .or_else(|_| self.grow_avoiding(need, 1, &exclude))?;
             target = pick(self);
         }

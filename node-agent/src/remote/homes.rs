@@ -12,8 +12,8 @@
 //!
 //! **In a cluster** ([`Home::Cluster`]):
 //! - *Placement.* Capacity is granted by the coordinator, up front (a
-//!   region reserves its size) and in pieces of [`GRANT_PAGES`] (or more)
-//!   as evictions need more. Batches take turns over the grants (see
+//!   region reserves its size) and in pieces of [`GRANT_PAGES`] (or more;
+//!   a region smaller than that asks for its size) as evictions need more. Batches take turns over the grants (see
 //!   [`super::book`]).
 //! - *Interval.* The handle space is registered as an interval, subscribed
 //!   by every server a grant is on; releases are invalidations of handle
@@ -132,6 +132,10 @@ pub struct Homes {
     redundant: AtomicBool,
     /// Whether placing fewer copies than asked was warned about.
     warned_short: AtomicBool,
+    /// Pages asked of the coordinator beyond a batch's need when the
+    /// grants are full: [`GRANT_PAGES`], or a region's size when smaller
+    /// (a small region never hoards the cluster's capacity).
+    grow_step: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -240,6 +244,9 @@ impl Homes {
             request_timeout,
             redundancy,
         )?;
+        homes
+            .grow_step
+            .store(reserve.clamp(1, GRANT_PAGES), Ordering::Relaxed);
         if let Err(e) = homes.grow(reserve.max(1)) {
             homes.retire();
             return Err(e);
@@ -283,6 +290,7 @@ impl Homes {
             data: redundancy.data(),
             redundant: AtomicBool::new(redundancy.copies() > 1),
             warned_short: AtomicBool::new(false),
+            grow_step: AtomicU64::new(GRANT_PAGES),
         }))
     }
 
@@ -322,10 +330,16 @@ impl Homes {
             data: redundancy.data(),
             redundant: AtomicBool::new(redundancy.copies() > 1),
             warned_short: AtomicBool::new(false),
+            grow_step: AtomicU64::new(GRANT_PAGES),
         });
         // Pages on a server being drained move elsewhere.
         cluster.watch_drains(&homes);
         Ok(homes)
+    }
+
+    /// Pages asked of the coordinator beyond a need (see the field).
+    pub(crate) fn grow_step(&self) -> u64 {
+        self.grow_step.load(Ordering::Relaxed)
     }
 
     /// The first handle of this space.
@@ -466,12 +480,12 @@ impl Homes {
                     .map(|p| p.count as u64)
                     .sum::<u64>();
             let suspects = self.suspect_members();
-            // A whole grant's worth when the cluster has it, else just what
-            // this batch needs (on as many distinct servers as copies: the
+            // A step's worth when the cluster has it, else just what this
+            // batch needs (on as many distinct servers as copies: the
             // grants left may all be on one server).
             let grown = self
                 .grow_spanning(
-                    Self::per_server(need.max(GRANT_PAGES), data),
+                    Self::per_server(need.max(self.grow_step()), data),
                     wanted,
                     data,
                     &suspects,
