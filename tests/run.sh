@@ -72,6 +72,9 @@ cargo test --quiet --all-features -p rmem-tests --test netns -- --ignored 2>&1 |
 step "chaos suite: 6 servers and 3 looping agents in network namespaces; kill, stop, cut, drain, coordinator restart (root)"
 cargo test --quiet --all-features -p rmem-tests --test chaos -- --ignored --nocapture 2>&1 | tee -a target/test-output.txt
 
+step "failover suite: three etcd members, three coordinator replicas, servers and looping agents in network namespaces; leader killed, leader cut off, an etcd member killed, etcd away (root)"
+cargo test --quiet --all-features -p rmem-tests --test failover -- --ignored --nocapture 2>&1 | tee -a target/test-output.txt
+
 
 step "cargo build --release (the README's main job and the benchmark run optimised)"
 cargo build --release --quiet -p rmem-agent -p rmem-bench

@@ -884,6 +884,24 @@ impl Cluster {
             .overlapping(&req.address_space, req.start, end)
             .first()
         {
+            // The very same registration again (the owner retried, its
+            // answer lost to a failover or a broken connection): answered
+            // as the first time, not refused, not made twice.
+            let iv = self.intervals.get(existing)?;
+            if iv.rec.start == req.start
+                && iv.rec.length == req.length
+                && iv.rec.owner == req.owner
+                && iv.rec.tenant == req.tenant
+                && iv.rec.handle_base == req.handle_base
+                && iv.subscribers == subscribers
+            {
+                tracing::info!(
+                    interval = existing,
+                    space = %req.address_space,
+                    "interval registration retried: answering it again"
+                );
+                return Ok((existing, iv.seq));
+            }
             return Err(CoordError::Overlap {
                 existing,
                 start: req.start,

@@ -56,6 +56,10 @@ pub enum CoordError {
     Unauthenticated,
     #[error("cannot record the change")]
     State(#[from] StateError),
+    #[error(
+        "no coordinator leads: etcd does not answer this replica, so none can be elected; control calls resume once it does (the data plane goes on)"
+    )]
+    Leaderless,
 }
 
 impl CoordError {
@@ -79,7 +83,7 @@ impl CoordError {
             Self::QuotaExceeded { .. } | Self::NoCapacity { .. } => Code::ResourceExhausted,
             Self::Busy(_) => Code::Unavailable,
             Self::Unauthenticated => Code::Unauthenticated,
-            Self::State(_) => Code::Unavailable,
+            Self::State(_) | Self::Leaderless => Code::Unavailable,
         }
     }
 
@@ -105,7 +109,7 @@ impl CoordError {
             Self::Busy(_) => "interval_busy",
             Self::Unauthenticated => "unauthenticated",
             Self::State(StateError::Deposed) => "not_leader",
-            Self::State(_) => "state_unavailable",
+            Self::State(_) | Self::Leaderless => "state_unavailable",
         }
     }
 

@@ -81,8 +81,14 @@ impl tonic::service::Interceptor for Gate {
     fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         use subtle::ConstantTimeEq;
         if self.serving.get().is_none() || self.leadership.as_ref().is_some_and(|l| !l.holds()) {
-            let mut status: tonic::Status = CoordError::State(StateError::Deposed).into();
             let leader = self.leadership.as_ref().map(Leadership::leader);
+            if let Some(l) = &self.leadership
+                && !l.etcd_reachable()
+                && leader.as_deref().is_none_or(str::is_empty)
+            {
+                return Err(CoordError::Leaderless.into());
+            }
+            let mut status: tonic::Status = CoordError::State(StateError::Deposed).into();
             if let Some(v) = leader.and_then(|l| l.parse().ok()) {
                 status.metadata_mut().insert(crate::error::LEADER_KEY, v);
             }

@@ -228,8 +228,9 @@ struct DemoArgs {
     cluster_token_file: Option<std::path::PathBuf>,
     #[arg(long, env = "RMEM_CLUSTER_TOKEN", hide_env_values = true, hide = true)]
     cluster_token: Option<String>,
-    /// How long joining the cluster keeps trying while the coordinator
-    /// cannot be reached (it is restarting).
+    /// How long joining the cluster, and each later control call
+    /// (allocating capacity, registering a region), keeps trying while no
+    /// coordinator leads (restarting, failing over, etcd away).
     #[arg(long, default_value = "60s", value_parser = parse_duration, requires = "coordinator")]
     join_timeout: std::time::Duration,
     /// Tenant to log in as.

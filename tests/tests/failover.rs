@@ -5,7 +5,8 @@
 //! endpoints. While the workloads run: the leader is killed; the next
 //! leader is cut off from etcd and the cluster while it still believes it
 //! leads; both lost replicas come back as candidates; an etcd member is
-//! killed and comes back.
+//! killed and comes back; etcd is away altogether (every member stopped)
+//! for four election leases and comes back.
 //!
 //! Passes only if every byte read was right and no fault failed, a new
 //! leader serves after each loss, a cut-off leader stopped acting before
@@ -382,6 +383,46 @@ fn the_control_plane_fails_over_under_verifying_workloads() {
         members_up()
     );
     another_round(&mut net, &agents, "everything came back");
+
+    // 5. etcd is away altogether (every member stopped) for longer than
+    // the election lease: no replica can lead, and calls are refused
+    // `state_unavailable` (the leader stops acting and exits for its
+    // supervisor; the standbys keep campaigning). The data plane goes on
+    // meanwhile: faults and evictions into capacity already granted, and
+    // members' control calls wait. etcd comes back: a replica is elected,
+    // the one that stepped down is restarted (as its supervisor would),
+    // members carry on.
+    for &k in &etcd_k {
+        net.daemon(k).signal(libc::SIGSTOP);
+    }
+    let away = Instant::now();
+    let mut last = Err(String::new());
+    let refused = wait_until(Duration::from_secs(20), || {
+        last = ctl(&client, &endpoints, &["status"]);
+        last.as_ref()
+            .is_err_and(|e| e.contains("state_unavailable"))
+    });
+    std::thread::sleep(Duration::from_secs(8).saturating_sub(away.elapsed()));
+    for &k in &etcd_k {
+        net.daemon(k).signal(libc::SIGCONT);
+    }
+    assert!(
+        refused,
+        "with etcd away, calls were not refused state_unavailable: {last:?}"
+    );
+    for (i, k) in coord_k.iter_mut().enumerate() {
+        let Some(d) = *k else { continue };
+        if let Some(status) = net.daemon_mut(d).wait(Duration::ZERO) {
+            assert_eq!(status.code(), Some(1), "replica {i} ended: {status:?}");
+            *k = Some(coordinator(&mut net, &coord_hosts[i], &etcd_urls));
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || members_up().is_ok()),
+        "members are not all up after etcd came back: {:?}",
+        members_up()
+    );
+    another_round(&mut net, &agents, "etcd came back");
 
     // The workloads end: every byte right, no fault failed.
     let mut figures = (0usize, 0u64);

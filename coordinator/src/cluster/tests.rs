@@ -214,6 +214,21 @@ fn intervals_of_one_space_never_overlap() {
         "{e}"
     );
     c.register_interval(&interval("p1", 16, 4, a, &[])).unwrap();
+    // The same registration again (a retry whose answer was lost) is the
+    // same interval; one that differs in anything overlaps.
+    assert_eq!(
+        c.register_interval(&interval("p1", 0, 16, a, &[])).unwrap(),
+        (iv, seq)
+    );
+    let b = c.register(&agent("b")).unwrap().id;
+    assert!(matches!(
+        c.register_interval(&interval("p1", 0, 16, b, &[])),
+        Err(CoordError::Overlap { .. })
+    ));
+    assert!(matches!(
+        c.register_interval(&interval("p1", 0, 16, a, &[b])),
+        Err(CoordError::Overlap { .. })
+    ));
     c.register_interval(&interval("p2", 0, 16, a, &[])).unwrap();
     assert!(matches!(
         c.register_interval(&interval("p3", 0, 1, a, &[77])),

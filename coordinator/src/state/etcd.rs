@@ -86,8 +86,11 @@ pub struct Leadership {
     /// Until when the election lease surely holds (see [`keep_alive`]).
     valid_until: Arc<Mutex<Instant>>,
     /// The address of the replica that leads, as etcd last said (empty
-    /// while none does).
+    /// while none does, or while etcd does not answer).
     leader: Arc<Mutex<String>>,
+    /// Whether etcd answered the last time this replica watched the
+    /// election (false once the watch broke and could not be made again).
+    reachable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for Leadership {
@@ -103,7 +106,15 @@ impl Leadership {
             deposed: CancellationToken::new(),
             valid_until: Arc::new(Mutex::new(Instant::now())),
             leader: Arc::new(Mutex::new(String::new())),
+            reachable: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
+    }
+
+    /// Whether etcd answers this replica (as its watch of the election
+    /// last found): with no leader and no etcd, calls are refused
+    /// `state_unavailable` rather than `not_leader`.
+    pub fn etcd_reachable(&self) -> bool {
+        self.reachable.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The address of the replica that leads, as etcd last said; empty if
@@ -459,6 +470,7 @@ async fn run(
         deposed,
         valid_until,
         leader,
+        reachable,
     } = leadership;
     let keys = Keys(options.prefix.clone());
     let ttl = options.election_ttl.as_secs().max(1) as i64;
@@ -500,6 +512,7 @@ async fn run(
         match started {
             Ok(v) => break v,
             Err(Fail::Etcd(op, e)) if Instant::now() + pause < give_up => {
+                reachable.store(false, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(etcd = %options.endpoints.join(","), error = %e, retry_in = ?pause, "etcd: {op} failed; trying again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
@@ -510,31 +523,85 @@ async fn run(
             }
         }
     };
-    // The lease lives from now on, elected or not.
-    let keeper = tokio::spawn(keep_alive(
-        client.clone(),
-        lease,
-        options.election_ttl,
-        deposed.clone(),
-        valid_until,
+    // The lease lives from now on, elected or not; `lapsed` is cancelled
+    // when it ends.
+    let mut lease = lease;
+    let mut lapsed = CancellationToken::new();
+    let elected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renewer = client.clone();
+    let keep = |lease: i64, lapsed: &CancellationToken| {
+        tokio::spawn(keep_alive(
+            renewer.clone(),
+            lease,
+            options.election_ttl,
+            lapsed.clone(),
+            valid_until.clone(),
+            elected.clone(),
+        ))
+    };
+    let mut keeper = keep(lease, &lapsed);
+    let leader_seen = leader.clone();
+    let observer = tokio::spawn(observe(
+        campaigner.clone(),
+        keys.election(),
+        leader,
+        reachable.clone(),
     ));
-    let observer = tokio::spawn(observe(campaigner.clone(), keys.election(), leader));
     // A campaign can wait for hours: one that breaks (etcd restarting, a
-    // connection lost) is made again, with the same lease, for as long as
-    // the lease lives.
+    // connection lost) is made again, with the same lease while it lives.
+    // A standby whose lease lapsed (etcd away or slow for a TTL) never led,
+    // so nothing it did is in doubt: it takes a new lease and campaigns
+    // again, for as long as etcd takes to come back.
     let leader = loop {
         let attempt = tokio::select! {
-            l = campaign(&mut campaigner, &keys, lease, &options.advertise) => l,
-            _ = deposed.cancelled() => break Err(Fail::Etcd("campaign", etcd_client::Error::InvalidArgs("the election lease expired before this replica was elected".into()))),
+            l = campaign(&mut campaigner, &keys, lease, &options.advertise) => Some(l),
+            _ = lapsed.cancelled() => None,
             _ = cancel.cancelled() => break Err(Fail::Cancelled),
         };
         match attempt {
-            Ok(l) => break Ok(l),
-            Err(Fail::Etcd(_, e)) => {
+            Some(Ok(l)) => break Ok(l),
+            Some(Err(Fail::Etcd(_, e))) => {
                 tracing::warn!(error = %e, "the campaign broke off; campaigning again");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Err(e) => break Err(e),
+            Some(Err(e)) => break Err(e),
+            None => {
+                tracing::warn!(
+                    "the election lease lapsed before this replica was elected: campaigning again with a new one"
+                );
+                // No answer for a TTL: callers hear that etcd is away
+                // (sooner than the election watch's pings find it).
+                reachable.store(false, std::sync::atomic::Ordering::Relaxed);
+                lock(&leader_seen).clear();
+                // The old candidate key goes with its lease (at once if
+                // etcd still answers, else when the lease expires there).
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(lease)).await;
+                let mut pause = Duration::from_millis(200);
+                let granted = loop {
+                    let life = options.election_ttl;
+                    *lock(&valid_until) = Instant::now() + life - life / MARGIN;
+                    let grant = tokio::select! {
+                        g = client.lease_grant(ttl, None) => g,
+                        _ = cancel.cancelled() => break Err(Fail::Cancelled),
+                    };
+                    match grant {
+                        Ok(g) => break Ok(g.id()),
+                        Err(e) => {
+                            tracing::warn!(error = %e, retry_in = ?pause, "etcd: grant the election lease failed; trying again");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                };
+                match granted {
+                    Ok(id) => lease = id,
+                    Err(e) => break Err(e),
+                }
+                reachable.store(true, std::sync::atomic::Ordering::Relaxed);
+                lapsed = CancellationToken::new();
+                keeper = keep(lease, &lapsed);
+            }
         }
     };
     let leader = match leader {
@@ -552,6 +619,18 @@ async fn run(
         revision = leader.rev(),
         "elected: this coordinator leads"
     );
+    // From now on the lease ending ends the leadership.
+    elected.store(true, std::sync::atomic::Ordering::Relaxed);
+    {
+        let (lapsed, deposed) = (lapsed.clone(), deposed.clone());
+        tokio::spawn(async move {
+            lapsed.cancelled().await;
+            deposed.cancel();
+        });
+    }
+    if lapsed.is_cancelled() {
+        deposed.cancel();
+    }
     let _ = ready.send(Ok(()));
     let guard = Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev());
     while let Some(job) = jobs.recv().await {
@@ -614,19 +693,36 @@ async fn run(
 }
 
 /// Keeps `leader` set to the address of the replica that leads (etcd's
-/// observe stream of the election), reopening the stream when it breaks.
-async fn observe(mut client: Client, election: String, leader: Arc<Mutex<String>>) {
+/// observe stream of the election), reopening the stream when it breaks;
+/// while it cannot, no leader is named (the last one may be gone too) and
+/// `reachable` says etcd does not answer.
+async fn observe(
+    mut client: Client,
+    election: String,
+    leader: Arc<Mutex<String>>,
+    reachable: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
     loop {
-        if let Ok(mut stream) = client.observe(election.clone()).await {
-            while let Ok(Some(r)) = stream.message().await {
-                if let Some(kv) = r.kv() {
-                    let now = String::from_utf8_lossy(kv.value()).into_owned();
-                    let mut l = lock(&leader);
-                    if *l != now {
-                        tracing::info!(leader = %now, "the coordinators' leader");
-                        *l = now;
+        match client.observe(election.clone()).await {
+            Ok(mut stream) => {
+                reachable.store(true, Ordering::Relaxed);
+                while let Ok(Some(r)) = stream.message().await {
+                    if let Some(kv) = r.kv() {
+                        let now = String::from_utf8_lossy(kv.value()).into_owned();
+                        let mut l = lock(&leader);
+                        if *l != now {
+                            tracing::info!(leader = %now, "the coordinators' leader");
+                            *l = now;
+                        }
                     }
                 }
+            }
+            Err(e) => {
+                if reachable.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "etcd does not answer: no coordinator can be elected until it does");
+                }
+                lock(&leader).clear();
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -660,8 +756,8 @@ async fn campaign(
     })
 }
 
-/// Renews the election lease every third of its TTL. The replica is
-/// deposed once the lease is gone, or at the end of the TTL counted from
+/// Renews the election lease every third of its TTL. It lapses (and a
+/// replica that leads is deposed) once the lease is gone, or at the end of the TTL counted from
 /// the last renewal etcd confirmed (from when it was sent: etcd renewed
 /// it later), less a fifth for safety: it stops before etcd can elect
 /// another.
@@ -669,9 +765,11 @@ async fn keep_alive(
     mut client: Client,
     lease: i64,
     ttl: Duration,
-    deposed: CancellationToken,
+    lapsed: CancellationToken,
     valid_until: Arc<Mutex<Instant>>,
+    elected: Arc<std::sync::atomic::AtomicBool>,
 ) {
+    let leads = || elected.load(std::sync::atomic::Ordering::Relaxed);
     let every = ttl / 3;
     let mut stream = None;
     loop {
@@ -694,18 +792,22 @@ async fn keep_alive(
         match alive {
             Some(true) => *lock(&valid_until) = sent + ttl - ttl / MARGIN,
             Some(false) => {
-                tracing::error!("the election lease expired: this coordinator no longer leads");
-                deposed.cancel();
+                if leads() {
+                    tracing::error!("the election lease expired: this coordinator no longer leads");
+                }
+                lapsed.cancel();
                 return;
             }
             None => {}
         }
         let until = *lock(&valid_until);
         if Instant::now() >= until {
-            tracing::error!(
-                "etcd did not renew the election lease in time: this coordinator no longer leads"
-            );
-            deposed.cancel();
+            if leads() {
+                tracing::error!(
+                    "etcd did not renew the election lease in time: this coordinator no longer leads"
+                );
+            }
+            lapsed.cancel();
             return;
         }
         tokio::time::sleep(every.min(until - Instant::now())).await;

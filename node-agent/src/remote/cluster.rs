@@ -38,8 +38,11 @@ pub struct ClusterConfig {
     pub name: Option<String>,
     /// Tenant the agent allocates for.
     pub tenant: String,
-    /// How long joining keeps trying while the coordinator cannot be
-    /// reached (it is restarting, or starts after this agent).
+    /// How long joining, and each later control call (allocating capacity,
+    /// registering a region), keeps trying while no coordinator leads (one
+    /// restarting or starting after this agent, replicas failing over, etcd
+    /// away). Faults and evictions into capacity already granted go on
+    /// meanwhile.
     pub join_timeout: Duration,
     /// Most bytes a second written to move pages off drained servers and to
     /// rebuild the copies of gone ones, over all of this agent's stores
@@ -265,13 +268,12 @@ pub struct Cluster {
     leave_on_drop: std::sync::atomic::AtomicBool,
     /// Failed invalidations are logged at most once per period.
     invalidate_warn: rmem_common::logging::Throttle,
+    /// How long a control call waits for a coordinator to lead
+    /// ([`ClusterConfig::join_timeout`]).
+    control_within: Duration,
 }
 
-/// How long a control call waits for a coordinator to lead (one
-/// restarting, replicas failing over: a few election leases).
-const CALL_WITHIN: Duration = Duration::from_secs(20);
-
-/// As [`CALL_WITHIN`], for invalidations of freed pages (which fall back
+/// As [`ClusterConfig::join_timeout`], for invalidations of freed pages (which fall back
 /// to freeing on the servers directly).
 const INVALIDATE_WITHIN: Duration = Duration::from_secs(5);
 
@@ -425,6 +427,7 @@ impl Cluster {
             }),
             leave_on_drop: std::sync::atomic::AtomicBool::new(true),
             invalidate_warn: rmem_common::logging::Throttle::new(Duration::from_secs(5)),
+            control_within: cfg.join_timeout,
         }))
     }
 
@@ -446,15 +449,15 @@ impl Cluster {
     }
 
     /// Runs control call `call` (made again for each try) until it
-    /// succeeds, fails for good, or [`CALL_WITHIN`] has passed: a call that
-    /// finds no coordinator leading (one restarting, replicas failing
-    /// over) waits for one, saying so.
+    /// succeeds, fails for good, or [`ClusterConfig::join_timeout`] has
+    /// passed: a call that finds no coordinator leading (one restarting,
+    /// replicas failing over) waits for one, saying so.
     fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T, ControlError>
     where
         F: FnMut(ControlClient) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        self.call_within(what, CALL_WITHIN, call)
+        self.call_within(what, self.control_within, call)
     }
 
     /// As [`Self::call`], trying again for at most `within`.
@@ -682,7 +685,7 @@ impl Cluster {
     pub(crate) fn release_grants(&self, ids: &[u64]) {
         // One budget for them all: with no coordinator, closing does not
         // wait a whole budget per grant.
-        let until = std::time::Instant::now() + CALL_WITHIN;
+        let until = std::time::Instant::now() + self.control_within;
         for &id in ids {
             let left = until.saturating_duration_since(std::time::Instant::now());
             let released = self.call_within("releasing a grant", left, |c| async move {
