@@ -57,6 +57,16 @@ pub struct EtcdConfig {
     /// listen address].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
+    /// With `https://` endpoints: the CA that signed etcd's certificates
+    /// (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// With `https://` endpoints: this replica's client certificate and
+    /// key (PEM), for an etcd that checks them (`--client-cert-auth`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for EtcdConfig {
@@ -66,36 +76,62 @@ impl Default for EtcdConfig {
             prefix: "/rmem/".into(),
             election_ttl: Duration::from_secs(5),
             advertise: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
 
 impl EtcdConfig {
+    /// Whether etcd is reached over TLS (its first endpoint is https://).
+    pub fn tls(&self) -> bool {
+        self.endpoints
+            .first()
+            .is_some_and(|e| e.starts_with("https://"))
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if self.endpoints.is_empty() {
             return Err(invalid("etcd.endpoints", "must name at least one etcd"));
         }
+        let tls = self.tls();
+        let scheme = if tls { "https://" } else { "http://" };
         for e in &self.endpoints {
-            if e.starts_with("https://") {
+            let Some(rest) = e.strip_prefix(scheme) else {
                 return Err(invalid(
                     "etcd.endpoints",
-                    format!(
-                        "`{e}`: TLS to etcd is not supported yet; use http:// on a trusted network"
-                    ),
-                ));
-            }
-            let Some(rest) = e.strip_prefix("http://") else {
-                return Err(invalid(
-                    "etcd.endpoints",
-                    format!("`{e}` is not a URL like http://HOST:PORT"),
+                    if e.starts_with("http://") || e.starts_with("https://") {
+                        format!("`{e}`: every endpoint must use TLS (https://) or none")
+                    } else {
+                        format!("`{e}` is not a URL like http://HOST:PORT or https://HOST:PORT")
+                    },
                 ));
             };
             if rest.is_empty() || rest.contains('/') {
                 return Err(invalid(
                     "etcd.endpoints",
-                    format!("`{e}` is not a URL like http://HOST:PORT"),
+                    format!("`{e}` is not a URL like {scheme}HOST:PORT"),
                 ));
             }
+        }
+        if tls && self.ca_file.is_none() {
+            return Err(invalid(
+                "etcd.ca_file",
+                "https:// endpoints need the CA that signed etcd's certificates (--etcd-ca)",
+            ));
+        }
+        if !tls && (self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()) {
+            return Err(invalid(
+                "etcd.endpoints",
+                "TLS files are given but the endpoints are http://; use https://",
+            ));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(invalid(
+                "etcd.cert_file",
+                "a client certificate and its key go together (--etcd-cert and --etcd-key)",
+            ));
         }
         if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') || self.prefix.len() < 2 {
             return Err(invalid(
@@ -377,9 +413,18 @@ mod tests {
                 "`tenant[0].quota`",
             ),
             ("[etcd]", "`etcd.endpoints`"),
+            ("[etcd]\nendpoints = [\"https://e:2379\"]", "`etcd.ca_file`"),
             (
-                "[etcd]\nendpoints = [\"https://e:2379\"]",
+                "[etcd]\nendpoints = [\"https://e:2379\", \"http://f:2379\"]\nca_file = \"ca\"",
                 "`etcd.endpoints`",
+            ),
+            (
+                "[etcd]\nendpoints = [\"http://e:2379\"]\nca_file = \"ca\"",
+                "`etcd.endpoints`",
+            ),
+            (
+                "[etcd]\nendpoints = [\"https://e:2379\"]\nca_file = \"ca\"\ncert_file = \"c\"",
+                "`etcd.cert_file`",
             ),
             ("[etcd]\nendpoints = [\"e:2379\"]", "`etcd.endpoints`"),
             (
@@ -406,5 +451,10 @@ mod tests {
             (etcd.prefix.as_str(), etcd.election_ttl),
             ("/rmem/", Duration::from_secs(5))
         );
+        let c = parse(
+            "[etcd]\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"c.key\"",
+        )
+        .unwrap();
+        assert!(c.etcd.unwrap().tls());
     }
 }

@@ -38,7 +38,7 @@ use crate::cluster::Cluster;
 use crate::config::{ConfigError, CoordinatorConfig};
 use crate::error::CoordError;
 use crate::service::{Service, Shared};
-use crate::state::etcd::{EtcdOptions, EtcdStore, Leadership};
+use crate::state::etcd::{EtcdOptions, EtcdStore, EtcdTls, Leadership};
 use crate::state::{MemoryStore, StateError, StateStore, log::FileLog};
 
 /// Why the coordinator could not start.
@@ -163,6 +163,7 @@ impl Coordinator {
                     prefix: etcd.prefix.clone(),
                     election_ttl: etcd.election_ttl,
                     advertise: rmem_common::host::reachable(etcd.advertise.as_deref(), addr),
+                    tls: EtcdTls::read(etcd)?,
                 };
                 tracing::info!(%addr, etcd = %options.endpoints.join(","), prefix = %options.prefix, "standing by: campaigning to lead the coordinators");
                 let (l, cancel) = (leadership.clone(), shutdown.clone());

@@ -60,6 +60,17 @@ struct Args {
     /// [default: the listen address].
     #[arg(long, value_name = "HOST:PORT")]
     advertise: Option<String>,
+    /// With https:// etcd endpoints: the CA that signed etcd's
+    /// certificates (PEM).
+    #[arg(long, value_name = "PATH")]
+    etcd_ca: Option<PathBuf>,
+    /// With https:// etcd endpoints: this replica's client certificate
+    /// (PEM), for an etcd started with --client-cert-auth.
+    #[arg(long, value_name = "PATH", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, value_name = "PATH", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// How long a member stays up without a heartbeat, e.g. 10s [default: 10s].
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     lease: Option<Duration>,
@@ -142,6 +153,15 @@ fn config(args: &Args) -> Result<CoordinatorConfig, ConfigError> {
     }
     if let Some(a) = &args.advertise {
         c.etcd.get_or_insert_with(Default::default).advertise = Some(a.clone());
+    }
+    if let Some(p) = &args.etcd_ca {
+        c.etcd.get_or_insert_with(Default::default).ca_file = Some(p.clone());
+    }
+    if let Some(p) = &args.etcd_cert {
+        c.etcd.get_or_insert_with(Default::default).cert_file = Some(p.clone());
+    }
+    if let Some(p) = &args.etcd_key {
+        c.etcd.get_or_insert_with(Default::default).key_file = Some(p.clone());
     }
     if let Some(v) = args.lease {
         c.lease = v;

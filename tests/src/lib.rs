@@ -11,6 +11,7 @@
 //! - [`suite`]: the case runner of the suites that run inside QEMU guests.
 
 pub mod netns;
+pub mod pki;
 pub mod suite;
 
 use std::io::{BufRead, BufReader};
@@ -355,14 +356,33 @@ impl CoordinatorProcess {
 #[derive(Debug)]
 pub struct Etcd {
     pub daemon: Daemon,
-    /// Its client URL, `http://127.0.0.1:PORT`.
+    /// Its client URL, `http://127.0.0.1:PORT` (`https://` with TLS).
     pub url: String,
+    /// With TLS: the CA and a client certificate etcd accepts.
+    pub tls: Option<EtcdTls>,
     _dir: tempfile::TempDir,
+}
+
+/// How a client reaches an etcd started with [`Etcd::start_tls`].
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: std::path::PathBuf,
+    pub client: pki::Leaf,
 }
 
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Starts etcd serving clients over TLS only, and checking their
+    /// certificates (`--client-cert-auth`), from a CA of its own.
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
         assert!(
             Command::new("etcd").arg("--version").output().is_ok(),
             "etcd is not installed: tests/run.sh installs Debian's etcd-server"
@@ -375,61 +395,92 @@ impl Etcd {
         };
         let (client, peer) = (free(), free());
         let dir = tempfile::tempdir().expect("temporary directory");
-        let url = format!("http://127.0.0.1:{client}");
+        let scheme = if tls { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let daemon = Daemon::spawn_program(
-            "etcd",
-            "etcd",
-            &[
-                "--name",
-                "rmem-test",
-                "--data-dir",
-                dir.path().to_str().expect("utf-8 path"),
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &format!("rmem-test={peer_url}"),
-                "--logger",
-                "zap",
-                "--log-outputs",
-                "stderr",
-                // As docs/DEPLOY.md asks of an etcd holding rmem's state.
-                "--auto-compaction-mode",
-                "revision",
-                "--auto-compaction-retention",
-                "1000",
-            ],
-        );
+        let data = dir.path().join("data");
+        let mut tls_args: Vec<String> = Vec::new();
+        let tls = tls.then(|| {
+            let pki = pki::Pki::new(dir.path());
+            let server = pki.issue("etcd", &["IP:127.0.0.1"]);
+            let client = pki.issue("rmem-coordinator", &[]);
+            for (flag, path) in [
+                ("--cert-file", &server.cert),
+                ("--key-file", &server.key),
+                ("--trusted-ca-file", &pki.ca()),
+            ] {
+                tls_args.push(flag.into());
+                tls_args.push(path.to_str().expect("utf-8 path").into());
+            }
+            tls_args.push("--client-cert-auth".into());
+            EtcdTls {
+                ca: pki.ca(),
+                client,
+            }
+        });
+        let initial_cluster = format!("rmem-test={peer_url}");
+        let mut args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+        args.extend_from_slice(&[
+            "--name",
+            "rmem-test",
+            "--data-dir",
+            data.to_str().expect("utf-8 path"),
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &initial_cluster,
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
+            // As docs/DEPLOY.md asks of an etcd holding rmem's state.
+            "--auto-compaction-mode",
+            "revision",
+            "--auto-compaction-retention",
+            "1000",
+        ]);
+        let daemon = Daemon::spawn_program("etcd", "etcd", &args);
+        let etcd = Self {
+            daemon,
+            url,
+            tls,
+            _dir: dir,
+        };
         let healthy = wait_until(Duration::from_secs(30), || {
-            Command::new("etcdctl")
-                .args(["--endpoints", &url, "endpoint", "health"])
-                .env("ETCDCTL_API", "3")
+            etcd.etcdctl(&["endpoint", "health"])
                 .output()
                 .is_ok_and(|o| o.status.success())
         });
-        assert!(healthy, "etcd did not start:\n{}", daemon.log_text());
-        Self {
-            daemon,
-            url,
-            _dir: dir,
+        assert!(healthy, "etcd did not start:\n{}", etcd.daemon.log_text());
+        etcd
+    }
+
+    /// An `etcdctl` command against this etcd (with its client
+    /// certificate under TLS).
+    fn etcdctl(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("etcdctl");
+        c.arg("--endpoints").arg(&self.url);
+        if let Some(t) = &self.tls {
+            c.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client.cert)
+                .arg("--key")
+                .arg(&t.client.key);
         }
+        c.args(args).env("ETCDCTL_API", "3");
+        c
     }
 
     /// `etcdctl ARGS` against this etcd; its standard output.
     pub fn ctl(&self, args: &[&str]) -> String {
-        let out = Command::new("etcdctl")
-            .arg("--endpoints")
-            .arg(&self.url)
-            .args(args)
-            .env("ETCDCTL_API", "3")
-            .output()
-            .expect("etcdctl runs");
+        let out = self.etcdctl(args).output().expect("etcdctl runs");
         assert!(
             out.status.success(),
             "etcdctl {args:?}: {}",

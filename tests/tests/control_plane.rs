@@ -682,7 +682,9 @@ fn a_restarted_coordinator_keeps_its_registrations() {
 
 #[test]
 fn coordinator_replicas_on_etcd_keep_registrations_across_a_failover() {
-    let etcd = Etcd::start();
+    // etcd as production runs it: TLS only, client certificates checked.
+    let etcd = Etcd::start_tls();
+    let tls = etcd.tls.clone().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("coordinator.toml");
     // A small compaction threshold, so the new leader loads a snapshot
@@ -691,8 +693,8 @@ fn coordinator_replicas_on_etcd_keep_registrations_across_a_failover() {
     std::fs::write(
         &config,
         format!(
-            "compact_after = 16\nlease = \"3s\"\n[etcd]\nendpoints = [\"{}\"]\nprefix = \"/rmem-test/\"\nelection_ttl = \"2s\"\n",
-            etcd.url
+            "compact_after = 16\nlease = \"3s\"\n[etcd]\nendpoints = [\"{}\"]\nprefix = \"/rmem-test/\"\nelection_ttl = \"2s\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+            etcd.url, tls.ca, tls.client.cert, tls.client.key
         ),
     )
     .unwrap();

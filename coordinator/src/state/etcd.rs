@@ -74,6 +74,62 @@ pub struct EtcdOptions {
     /// This replica's gRPC address, as members reach it (the election's
     /// value: followers name it as the leader).
     pub advertise: String,
+    /// TLS to etcd (https:// endpoints).
+    pub tls: Option<EtcdTls>,
+}
+
+/// What this replica needs to reach etcd over TLS, read once at start.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA that signed etcd's certificates (PEM).
+    pub ca: Vec<u8>,
+    /// This replica's client certificate and key (PEM), if etcd checks
+    /// them.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdTls {
+    /// Reads the files `config` names; None for http:// endpoints.
+    pub fn read(config: &crate::config::EtcdConfig) -> Result<Option<Self>, StateError> {
+        if !config.tls() {
+            return Ok(None);
+        }
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| StateError::Io {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let Some(ca) = &config.ca_file else {
+            return Ok(None);
+        };
+        let identity = match (&config.cert_file, &config.key_file) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        Ok(Some(Self {
+            ca: read(ca)?,
+            identity,
+        }))
+    }
+
+    fn options(&self) -> etcd_client::TlsOptions {
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(&self.ca));
+        match &self.identity {
+            Some((cert, key)) => tls.identity(etcd_client::Identity::from_pem(cert, key)),
+            None => tls,
+        }
+    }
 }
 
 /// Whether this replica still leads, checked without etcd: every call of a
@@ -481,6 +537,10 @@ async fn run(
         // HTTP/2 pings no more often than etcd accepts (it closes a
         // connection pinged more than every 5 s: --grpc-keepalive-min-time).
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+    let base = match &options.tls {
+        Some(tls) => base.with_tls(tls.options()),
+        None => base,
+    };
     let connect = base.clone().with_timeout(options.election_ttl);
     // etcd may not be up yet (started together, restarting): try again
     // with backoff, saying so each time, for at most START_WITHIN.
