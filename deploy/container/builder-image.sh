@@ -31,7 +31,7 @@ MIRROR=${RMEM_KIT_MIRROR:-http://deb.debian.org/debian}
 # headers from llvm's directory, where it finds them without LIBCLANG_PATH.
 # protobuf-compiler and libprotobuf-dev (its well-known types): etcd-client's
 # build (the coordinator's etcd backend) runs protoc.
-PACKAGES="gcc,libc6-dev,ca-certificates,pkg-config,libibverbs-dev,librdmacm-dev,libclang-dev,protobuf-compiler,libprotobuf-dev"
+PACKAGES="gcc,libc6-dev,ca-certificates,pkg-config,libibverbs-dev,librdmacm-dev,libclang-dev,protobuf-compiler,libprotobuf-dev,etcd-server,etcd-client"
 
 say() { printf 'builder-image: %s\n' "$*" >&2; }
 die() { printf 'builder-image: error: %s\n' "$*" >&2; exit 1; }

@@ -4,11 +4,11 @@
 # deploy/container/builder-image.sh, the runtime images are FROM scratch),
 # checks that they carry RDMA support (rdma-core, every verbs provider and
 # its libraries; a server run with --rdma, no device present, stops with
-# rmem's no-device error), starts deploy/container/compose.yaml (a
-# coordinator, three memory servers with file-backed pools, an agent running
-# the verifying demo workload), stops and restarts one server in the middle
-# of the workload, checks that every page read back was correct, and tears
-# everything down.
+# rmem's no-device error), starts deploy/container/compose.yaml (etcd, three
+# coordinator replicas, three memory servers with file-backed pools, an agent
+# running the verifying demo workload), kills the leading coordinator and
+# stops and restarts one server in the middle of the workload, checks that
+# every page read back was correct, and tears everything down.
 #
 #   bash tests/container/run.sh
 #
@@ -51,7 +51,7 @@ dc() { docker-compose -p "$project" -f deploy/container/compose.yaml "$@"; }
 cleanup() {
   dc logs --no-color >"$REPO/target/container-logs.txt" 2>&1 || true
   dc down -v --remove-orphans >/dev/null 2>&1 || true
-  for role in server coordinator agent; do docker rmi "rmem-$role:$RMEM_TAG" >/dev/null 2>&1 || true; done
+  for role in server coordinator agent etcd; do docker rmi "rmem-$role:$RMEM_TAG" >/dev/null 2>&1 || true; done
   # Build-stage layers of earlier runs: kept a week as a cache, then dropped.
   docker image prune -f --filter until=168h >/dev/null 2>&1 || true
   rm -rf "$work"
@@ -72,7 +72,7 @@ fi
 
 # Each runtime image: small, not root, with a gRPC health check where the
 # daemon serves gRPC.
-for role in server coordinator agent; do
+for role in server coordinator agent etcd; do
   img="rmem-$role:$RMEM_TAG"
   size=$(docker image inspect -f '{{.Size}}' "$img")
   user=$(docker image inspect -f '{{.Config.User}}' "$img")
@@ -82,12 +82,20 @@ for role in server coordinator agent; do
   else
     bad "$img is small and not root" "size $size, user '$user'"
   fi
-  if [ "$role" != agent ]; then
+  case "$role" in
+  server | coordinator)
     case "$health" in
     *"rmemctl --endpoint 127.0.0.1:74"*" health") ok "$img: health check through grpc.health.v1" ;;
     *) bad "$img has a gRPC health check" "got '$health'" ;;
     esac
-  fi
+    ;;
+  etcd)
+    case "$health" in
+    *"etcdctl --endpoints http://127.0.0.1:2379 endpoint health") ok "$img: Debian's etcd, health check through etcdctl" ;;
+    *) bad "$img has an etcdctl health check" "got '$health'" ;;
+    esac
+    ;;
+  esac
 done
 
 # RDMA support (the images are built with the rdma features): rdma-core's
@@ -172,14 +180,30 @@ wait_for() { # SECONDS DESCRIPTION COMMAND...
 }
 server_healthy() { [ "$(health_of "$1")" = healthy ]; }
 all_healthy() {
-  for s in coordinator server-1 server-2 server-3; do [ "$(health_of "$s")" = healthy ] || return 1; done
+  for s in etcd coordinator-1 coordinator-2 coordinator-3 server-1 server-2 server-3; do
+    [ "$(health_of "$s")" = healthy ] || return 1
+  done
 }
-ctl() { dc exec -T coordinator rmemctl --token-file /run/secrets/cluster-token "$@"; }
+coordinators=coordinator-1:7470,coordinator-2:7470,coordinator-3:7470
+# rmemctl from the first replica's container (or another while it is down),
+# given every replica: it finds the leader.
+ctl_from=coordinator-1
+ctl() { dc exec -T "$ctl_from" rmemctl --endpoint "$coordinators" --token-file /run/secrets/cluster-token "$@"; }
+status_field() { # FIELD: from rmemctl status
+  ctl status --output json 2>/dev/null | python3 -c 'import json,sys; v=json.load(sys.stdin).get(sys.argv[1]); print(json.dumps(v) if isinstance(v, list) else v)' "$1"
+}
 
 if wait_for 120 "every daemon to be healthy" all_healthy; then
-  ok "coordinator and three servers report healthy"
+  ok "etcd, three coordinator replicas and three servers report healthy"
 else
-  bad "coordinator and three servers report healthy" "$(dc ps 2>&1 | tail -6)"
+  bad "etcd, three coordinator replicas and three servers report healthy" "$(dc ps 2>&1 | tail -9)"
+fi
+
+replicas_seen() { [ "$(status_field replicas | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null)" = 3 ]; }
+if wait_for 30 "three replicas in rmemctl status" replicas_seen && [ "$(status_field state_backend)" = etcd ]; then
+  ok "the coordinators keep their state in etcd, three replicas, $(status_field leader) leads"
+else
+  bad "three coordinator replicas on etcd" "$(ctl status 2>&1 | tail -12)"
 fi
 
 servers_up() {
@@ -240,6 +264,39 @@ if wait_for 60 "server-2 to hold pages" server2_holds_pages; then
 else
   bad "server-2 holds pages before its restart" "$(ctl stats 2>&1 | tail -12)"
 fi
+
+# The leading coordinator is killed mid-workload: another replica is elected
+# within the election TTL, members follow it, the workload goes on; the
+# killed one comes back as a candidate.
+leader=$(status_field leader)
+leader=${leader%%:*}
+case "$leader" in
+coordinator-[123])
+  [ "$leader" != coordinator-1 ] || ctl_from=coordinator-2
+  before=$(rounds)
+  say "killing the leading coordinator, $leader, in the middle of round $((before + 1))"
+  dc kill "$leader" >/dev/null 2>&1
+  killed=$(date +%s)
+  new_leader() { l=$(status_field leader); [ -n "$l" ] && [ "$l" != None ] && [ "${l%%:*}" != "$leader" ]; }
+  if wait_for 60 "another replica to lead" new_leader; then
+    ok "$(status_field leader) leads $(($(date +%s) - killed)) s after $leader was killed"
+  else
+    bad "another replica leads after the leader was killed" "$(ctl status 2>&1 | tail -12)"
+  fi
+  if wait_for 180 "two more rounds after the failover" rounds_at_least $((before + 2)); then
+    ok "the workload carried on through the failover ($(rounds) rounds so far)"
+  else
+    bad "the workload carries on through the failover" "$(dc logs --no-color --tail 20 agent 2>&1)"
+  fi
+  dc start "$leader" >/dev/null 2>&1
+  if wait_for 60 "$leader to be back as a candidate" replicas_seen; then
+    ok "$leader came back as a candidate (three replicas)"
+  else
+    bad "the killed replica comes back" "$(ctl status 2>&1 | tail -12)"
+  fi
+  ;;
+*) bad "rmemctl status names the leading replica" "leader '$leader'" ;;
+esac
 
 say "stopping the agent (SIGTERM ends it after the current round)"
 dc stop -t 120 agent >/dev/null 2>&1
