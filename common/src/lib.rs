@@ -6,11 +6,13 @@
 //! locks, [`logging`] sets up `tracing`, [`notify`] speaks systemd's
 //! readiness protocol, [`shutdown`] turns SIGINT/SIGTERM
 //! into a future, [`redundancy`] names how many copies of a page servers
-//! hold.
+//! hold, [`identity`] says which member (role and name) a certificate
+//! belongs to.
 
 pub mod config;
 pub mod histogram;
 pub mod host;
+pub mod identity;
 pub mod logging;
 pub mod notify;
 pub mod redundancy;

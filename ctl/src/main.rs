@@ -1,6 +1,7 @@
 //! `rmemctl`: administer an rmem cluster through its coordinator.
 
 mod agent;
+mod pki;
 mod table;
 mod views;
 
@@ -194,6 +195,10 @@ enum Command {
         #[command(flatten)]
         agent: AgentSocket,
     },
+    /// Make a cluster CA and member certificates (for labs and tests; a
+    /// production cluster may use its own PKI). Works offline.
+    #[command(subcommand)]
+    Pki(pki::Pki),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -266,6 +271,8 @@ enum CtlError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Agent(#[from] agent::AgentError),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
     #[error("{endpoint}: {service} is {status}")]
     NotServing {
         endpoint: String,
@@ -285,6 +292,9 @@ impl CtlError {
         match self {
             CtlError::Control(ControlError::Unreachable { .. }) => 3,
             CtlError::Control(ControlError::Endpoint { .. }) | CtlError::Token(_) => 2,
+            CtlError::Pki(
+                pki::PkiError::Exists(_) | pki::PkiError::Identity(_) | pki::PkiError::Host(_),
+            ) => 2,
             CtlError::Agent(e) => e.exit_code(),
             _ => 1,
         }
@@ -658,6 +668,21 @@ async fn run_agent(command: Command, out: Output, timeout: Duration) -> Result<(
 }
 
 async fn run(args: Args) -> Result<(), CtlError> {
+    if let Command::Pki(p) = args.command {
+        let issued = match p {
+            pki::Pki::Init { dir, days, force } => pki::init(&dir, days, force)?,
+            pki::Pki::Issue {
+                dir,
+                role,
+                name,
+                hosts,
+                days,
+                force,
+            } => pki::issue(&dir, role, &name, &hosts, days, force)?,
+        };
+        emit(args.output, &issued, pki::line);
+        return Ok(());
+    }
     if matches!(
         args.command,
         Command::Attach { .. } | Command::Detach { .. } | Command::Attachments { .. }
@@ -671,7 +696,7 @@ async fn run(args: Args) -> Result<(), CtlError> {
     let c = ControlClient::connect(&args.endpoint, token.as_deref(), args.timeout).await?;
     let out = args.output;
     match args.command {
-        Command::Completions { .. } => unreachable!("handled before connecting"),
+        Command::Completions { .. } | Command::Pki(_) => unreachable!("handled before connecting"),
         Command::Attach { .. } | Command::Detach { .. } | Command::Attachments { .. } => {
             unreachable!("handled by run_agent")
         }
