@@ -112,13 +112,40 @@ pub struct ControlClient {
     endpoint: String,
 }
 
-/// `host:port` becomes `http://host:port`.
-fn url(endpoint: &str) -> String {
+/// `host:port` becomes `http://host:port` (`https://` with TLS).
+fn url(endpoint: &str, tls: bool) -> String {
     if endpoint.contains("://") {
         endpoint.to_string()
+    } else if tls {
+        format!("https://{endpoint}")
     } else {
         format!("http://{endpoint}")
     }
+}
+
+/// How a member proves who it is to the coordinator: the cluster token
+/// (bearer), and mutual TLS with its certificate.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    pub token: Option<String>,
+    pub tls: Option<rmem_common::tls::TlsPem>,
+}
+
+impl Credentials {
+    pub fn token(token: Option<&str>) -> Self {
+        Self {
+            token: token.map(str::to_string),
+            tls: None,
+        }
+    }
+}
+
+/// tonic's client TLS for `pem`: the cluster CA verifies the coordinator,
+/// the member's certificate identifies it.
+pub fn client_tls(pem: &rmem_common::tls::TlsPem) -> tonic::transport::ClientTlsConfig {
+    tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&pem.ca))
+        .identity(tonic::transport::Identity::from_pem(&pem.cert, &pem.key))
 }
 
 impl ControlClient {
@@ -131,6 +158,17 @@ impl ControlClient {
         token: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, ControlError> {
+        Self::connect_with(endpoint, &Credentials::token(token), timeout).await
+    }
+
+    /// As [`Self::connect`], with TLS when `creds` has it.
+    pub async fn connect_with(
+        endpoint: &str,
+        creds: &Credentials,
+        timeout: Duration,
+    ) -> Result<Self, ControlError> {
+        let token = creds.token.as_deref();
+        let tls = creds.tls.as_ref().map(client_tls);
         let names: Vec<String> = endpoint
             .split(',')
             .map(str::trim)
@@ -139,10 +177,20 @@ impl ControlClient {
             .collect();
         let mut endpoints = Vec::with_capacity(names.len());
         for name in &names {
-            let ep = Endpoint::from_shared(url(name)).map_err(|source| ControlError::Endpoint {
-                endpoint: name.clone(),
-                source,
+            let mut ep = Endpoint::from_shared(url(name, tls.is_some())).map_err(|source| {
+                ControlError::Endpoint {
+                    endpoint: name.clone(),
+                    source,
+                }
             })?;
+            if let Some(tls) = &tls {
+                ep = ep
+                    .tls_config(tls.clone())
+                    .map_err(|source| ControlError::Endpoint {
+                        endpoint: name.clone(),
+                        source,
+                    })?;
+            }
             endpoints.push(
                 ep.connect_timeout(timeout.min(crate::leader::CONNECT_TIMEOUT))
                     .tcp_nodelay(true)
@@ -304,7 +352,7 @@ where
 /// while the control plane restarts rides it out).
 pub async fn join<S: Subscriber>(
     endpoint: &str,
-    token: Option<&str>,
+    creds: &Credentials,
     within: Duration,
     req: pb::RegisterRequest,
     make: impl FnOnce(ControlClient) -> Arc<S>,
@@ -313,7 +361,7 @@ pub async fn join<S: Subscriber>(
     let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     let per_try = |left: Duration| Duration::from_secs(5).min(left.max(Duration::from_millis(100)));
     let client = retrying("joining the cluster", left(), || {
-        ControlClient::connect(endpoint, token, per_try(left()))
+        ControlClient::connect_with(endpoint, creds, per_try(left()))
     })
     .await?;
     let subscriber = make(client.clone());

@@ -16,6 +16,14 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid `{field}`: {reason}")]
     Invalid { field: String, reason: String },
+    #[error("cannot read {what} {path}")]
+    File {
+        /// What the file holds: `the TLS CA`.
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read token file {path} ({what})")]
     TokenFile {
         /// Whose token: `tenant \`blue\``, `the cluster token`.

@@ -7,7 +7,7 @@
 //! readiness protocol, [`shutdown`] turns SIGINT/SIGTERM
 //! into a future, [`redundancy`] names how many copies of a page servers
 //! hold, [`identity`] says which member (role and name) a certificate
-//! belongs to.
+//! belongs to, [`tls`] reads a member's CA, certificate and key.
 
 pub mod config;
 pub mod histogram;
@@ -18,6 +18,7 @@ pub mod notify;
 pub mod redundancy;
 pub mod shutdown;
 pub mod size;
+pub mod tls;
 
 pub use histogram::{Histogram, Percentiles};
 pub use redundancy::Redundancy;

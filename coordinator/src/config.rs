@@ -204,6 +204,11 @@ pub struct CoordinatorConfig {
     pub token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// Mutual TLS on the gRPC port: callers must present a certificate
+    /// signed by `ca_file`, whose identity (`spiffe://rmem/ROLE/NAME`)
+    /// decides what they may do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<rmem_common::tls::TlsFiles>,
     /// Tenants. With none, agents allocate for `default` with no
     /// credential and no quota.
     #[serde(rename = "tenant", skip_serializing_if = "Vec::is_empty")]
@@ -227,6 +232,7 @@ impl Default for CoordinatorConfig {
             compact_after: 10_000,
             token: None,
             token_file: None,
+            tls: None,
             tenants: Vec::new(),
         }
     }

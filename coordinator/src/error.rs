@@ -54,6 +54,10 @@ pub enum CoordError {
     Busy(u64),
     #[error("missing or wrong cluster token")]
     Unauthenticated,
+    #[error("the caller's certificate names no rmem identity: {0}")]
+    NoIdentity(String),
+    #[error("{caller} may not {what}")]
+    Forbidden { caller: String, what: String },
     #[error("cannot record the change")]
     State(#[from] StateError),
     #[error(
@@ -82,7 +86,8 @@ impl CoordError {
             | Self::StaleIncarnation { .. } => Code::FailedPrecondition,
             Self::QuotaExceeded { .. } | Self::NoCapacity { .. } => Code::ResourceExhausted,
             Self::Busy(_) => Code::Unavailable,
-            Self::Unauthenticated => Code::Unauthenticated,
+            Self::Unauthenticated | Self::NoIdentity(_) => Code::Unauthenticated,
+            Self::Forbidden { .. } => Code::PermissionDenied,
             Self::State(_) | Self::Leaderless => Code::Unavailable,
         }
     }
@@ -108,6 +113,8 @@ impl CoordError {
             Self::NoCapacity { .. } => "no_capacity",
             Self::Busy(_) => "interval_busy",
             Self::Unauthenticated => "unauthenticated",
+            Self::NoIdentity(_) => "no_identity",
+            Self::Forbidden { .. } => "forbidden",
             Self::State(StateError::Deposed) => "not_leader",
             Self::State(_) | Self::Leaderless => "state_unavailable",
         }

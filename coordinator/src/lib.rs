@@ -75,11 +75,26 @@ struct Gate {
     token: Option<Arc<str>>,
     leadership: Option<Leadership>,
     serving: Arc<std::sync::OnceLock<Arc<Shared>>>,
+    /// Mutual TLS is on: every caller's certificate names its identity,
+    /// which the call carries on to the service (see [`caller`]).
+    tls: bool,
 }
 
 impl tonic::service::Interceptor for Gate {
-    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         use subtle::ConstantTimeEq;
+        if self.tls {
+            // The handshake verified the chain; the identity is in it.
+            let identity = req
+                .peer_certs()
+                .and_then(|certs| certs.first().cloned())
+                .ok_or(CoordError::NoIdentity("no client certificate".into()))
+                .and_then(|der| {
+                    rmem_common::identity::Identity::from_certificate(&der)
+                        .map_err(|e| CoordError::NoIdentity(e.to_string()))
+                })?;
+            req.extensions_mut().insert(identity);
+        }
         if self.serving.get().is_none() || self.leadership.as_ref().is_some_and(|l| !l.holds()) {
             let leader = self.leadership.as_ref().map(Leadership::leader);
             if let Some(l) = &self.leadership
@@ -129,6 +144,18 @@ impl Coordinator {
             addr: config.listen,
             source,
         })?;
+        let tls = match &config.tls {
+            Some(files) => {
+                let pem = files.read()?;
+                tracing::info!(identity = %pem.identity, "mutual TLS on the gRPC port: callers need a certificate from the cluster CA");
+                Some(
+                    tonic::transport::ServerTlsConfig::new()
+                        .identity(tonic::transport::Identity::from_pem(&pem.cert, &pem.key))
+                        .client_ca_root(tonic::transport::Certificate::from_pem(&pem.ca)),
+                )
+            }
+            None => None,
+        };
         let shutdown = CancellationToken::new();
         let slot = Arc::new(std::sync::OnceLock::new());
         let leadership = config.etcd.as_ref().map(|_| Leadership::new());
@@ -144,7 +171,9 @@ impl Coordinator {
                 token: config.token.as_deref().map(Arc::from),
                 leadership: leadership.clone(),
                 serving: slot.clone(),
+                tls: tls.is_some(),
             },
+            tls,
             shutdown.clone(),
         ));
         // Until it serves, health says so per service (health itself
@@ -309,6 +338,7 @@ async fn serve(
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     ),
     auth: Gate,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let stop = async move {
@@ -318,7 +348,11 @@ async fn serve(
             .await;
         set_serving(&health, false).await;
     };
-    rmem_proto::with_reflection(tonic::transport::Server::builder().add_service(health_service))
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    rmem_proto::with_reflection(builder.add_service(health_service))
         .add_service(MembershipServer::with_interceptor(
             svc.clone(),
             auth.clone(),

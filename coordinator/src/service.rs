@@ -21,6 +21,52 @@ use crate::cluster::{Cluster, Finished};
 use crate::error::CoordError;
 use crate::membership::{Liveness, Member};
 use crate::state::RoleRecord;
+use rmem_common::identity::{Identity, Role};
+
+/// Who made the call, with mutual TLS on (the gate put the identity of the
+/// caller's certificate in the request); None without TLS.
+fn caller<T>(r: &Request<T>) -> Option<&Identity> {
+    r.extensions().get::<Identity>()
+}
+
+/// With mutual TLS on, refuses a caller whose role is not `role` (what:
+/// the action, for the message).
+fn require<T>(r: &Request<T>, role: Role, what: &str) -> Result<(), CoordError> {
+    match caller(r) {
+        Some(id) if id.role != role => Err(CoordError::Forbidden {
+            caller: id.to_string(),
+            what: format!("{what} (it takes the {role} role)"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// With mutual TLS on, a member registers only as what its certificate
+/// says: its role, under its name (so no one takes over another's name).
+fn may_register(r: &Request<pb::RegisterRequest>) -> Result<(), CoordError> {
+    let Some(id) = caller(r) else {
+        return Ok(());
+    };
+    let req = r.get_ref();
+    let as_role = match pb::Role::try_from(req.role) {
+        Ok(pb::Role::Server) => Some(Role::Server),
+        Ok(pb::Role::Agent) => Some(Role::Agent),
+        _ => None,
+    };
+    if as_role != Some(id.role) || req.name != id.name {
+        return Err(CoordError::Forbidden {
+            caller: id.to_string(),
+            what: format!(
+                "register as {} `{}` (its certificate lets it register as {} `{}` only)",
+                as_role.map_or("an unknown role", Role::as_str),
+                req.name,
+                id.role,
+                id.name
+            ),
+        });
+    }
+    Ok(())
+}
 
 /// State shared by every service.
 #[derive(Debug)]
@@ -128,6 +174,7 @@ fn lease_ms(c: &Cluster) -> u32 {
 #[tonic::async_trait]
 impl Membership for Service {
     async fn register(&self, r: Request<pb::RegisterRequest>) -> Res<pb::RegisterResponse> {
+        may_register(&r)?;
         let mut c = self.shared().lock();
         let rec = c.register(r.get_ref())?;
         ok(pb::RegisterResponse {
@@ -565,14 +612,17 @@ impl ClusterAdmin for Service {
     }
 
     async fn drain(&self, r: Request<pb::DrainRequest>) -> Res<pb::DrainResponse> {
+        require(&r, Role::Admin, "drain a server")?;
         self.set_draining(r.into_inner(), Some(true))
     }
 
     async fn undrain(&self, r: Request<pb::DrainRequest>) -> Res<pb::DrainResponse> {
+        require(&r, Role::Admin, "undrain a server")?;
         self.set_draining(r.into_inner(), Some(false))
     }
 
     async fn mark_gone(&self, r: Request<pb::DrainRequest>) -> Res<pb::DrainResponse> {
+        require(&r, Role::Admin, "declare a server gone")?;
         self.set_draining(r.into_inner(), None)
     }
 }

@@ -58,6 +58,17 @@ struct Args {
         hide = true
     )]
     token: Option<String>,
+    /// Mutual TLS to the coordinator: the cluster CA (PEM). With
+    /// --tls-cert and --tls-key (an admin certificate for drain and undrain;
+    /// `rmemctl pki` makes them).
+    #[arg(long, global = true, env = "RMEM_TLS_CA", value_name = "PATH")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// This caller's certificate (PEM).
+    #[arg(long, global = true, env = "RMEM_TLS_CERT", value_name = "PATH")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, global = true, env = "RMEM_TLS_KEY", value_name = "PATH")]
+    tls_key: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -693,7 +704,16 @@ async fn run(args: Args) -> Result<(), CtlError> {
         (Some(p), _) => Some(rmem_common::config::read_token("the cluster token", p)?),
         (None, t) => t.clone(),
     };
-    let c = ControlClient::connect(&args.endpoint, token.as_deref(), args.timeout).await?;
+    let tls = rmem_common::tls::TlsFiles::from_parts(
+        "tls",
+        args.tls_ca.clone(),
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+    )?
+    .map(|f| f.read())
+    .transpose()?;
+    let creds = rmem_client::control::Credentials { token, tls };
+    let c = ControlClient::connect_with(&args.endpoint, &creds, args.timeout).await?;
     let out = args.output;
     match args.command {
         Command::Completions { .. } | Command::Pki(_) => unreachable!("handled before connecting"),

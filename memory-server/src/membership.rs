@@ -500,7 +500,7 @@ impl Membership {
         };
         let (_, session, events) = rmem_client::control::join(
             endpoint,
-            token.as_deref(),
+            &rmem_client::control::Credentials::token(token.as_deref()),
             cfg.join_timeout,
             req,
             |client| {

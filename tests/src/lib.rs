@@ -58,6 +58,26 @@ pub fn bin(name: &str) -> PathBuf {
             cmd.arg("--release");
         }
         cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+        // Not the variables cargo sets for this test process: build scripts
+        // that watch them (ring's watches CARGO_MANIFEST_DIR) would make
+        // this build differ from `cargo build`'s and rebuild half the tree.
+        for (k, _) in std::env::vars_os() {
+            if let Some(k) = k.to_str()
+                && [
+                    "CARGO_MANIFEST_",
+                    "CARGO_PKG_",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "OUT_DIR",
+                ]
+                .iter()
+                .any(|p| k.starts_with(p))
+            {
+                cmd.env_remove(k);
+            }
+        }
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "cargo build --workspace --bins failed");
     });

@@ -944,10 +944,15 @@ fn a_leader_cut_off_from_etcd_stops_before_its_lease_could_lapse() {
     assert_eq!(status.code(), Some(1), "{}", coord.daemon.log_text());
     // The default election TTL is 5 s: it stops acting a fifth of it
     // before the lease could lapse (then lets calls finish and exits).
-    let stopped = coord
-        .daemon
-        .find_log("this coordinator no longer leads: it stops serving")
-        .unwrap_or_else(|| panic!("it did not say it stopped:\n{}", coord.daemon.log_text()));
+    // When it stopped acting: its etcd thread's word (the process may
+    // exit before its serving side logs as well).
+    let stopped = [
+        "etcd did not renew the election lease in time: this coordinator no longer leads",
+        "this coordinator no longer leads: it stops serving",
+    ]
+    .iter()
+    .find_map(|m| coord.daemon.find_log(m))
+    .unwrap_or_else(|| panic!("it did not say it stopped:\n{}", coord.daemon.log_text()));
     let at = humantime::parse_rfc3339(stopped["timestamp"].as_str().unwrap()).unwrap();
     let after = at.duration_since(cut).unwrap_or_default();
     assert!(after < Duration::from_secs(5), "{after:?}");
@@ -1244,4 +1249,154 @@ fn the_example_configurations_are_valid() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`lease`"));
+}
+
+/// `rmemctl ARGS` (with a plain, offline command such as `pki`): its
+/// standard output, failing the test if it fails.
+fn rmemctl_ok(args: &[&str]) -> String {
+    let out = std::process::Command::new(bin("rmemctl"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rmemctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn with_mutual_tls_members_act_only_as_their_certificates_say() {
+    use rmem_client::control::Credentials;
+    use rmem_common::tls::TlsFiles;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let o = other.path().to_str().unwrap();
+    rmemctl_ok(&["pki", "init", "--dir", d]);
+    rmemctl_ok(&["pki", "init", "--dir", o]);
+    for (dir, role, name) in [
+        (d, "coordinator", "c1"),
+        (d, "server", "mem-0"),
+        (d, "agent", "node-1"),
+        (d, "admin", "alice"),
+        (o, "admin", "mallory"),
+    ] {
+        rmemctl_ok(&[
+            "pki",
+            "issue",
+            "--dir",
+            dir,
+            "--role",
+            role,
+            "--name",
+            name,
+            "--host",
+            "127.0.0.1",
+        ]);
+    }
+    let file = |dir: &str, f: &str| format!("{dir}/{f}");
+    let coord = Coordinator::start(&[
+        "--tls-ca",
+        &file(d, "ca.pem"),
+        "--tls-cert",
+        &file(d, "coordinator-c1.pem"),
+        "--tls-key",
+        &file(d, "coordinator-c1.key"),
+    ]);
+    let addr = coord.addr.to_string();
+    let creds = |dir: &str, who: &str| Credentials {
+        token: None,
+        tls: Some(
+            TlsFiles {
+                ca_file: file(d, "ca.pem").into(),
+                cert_file: file(dir, &format!("{who}.pem")).into(),
+                key_file: file(dir, &format!("{who}.key")).into(),
+            }
+            .read()
+            .unwrap(),
+        ),
+    };
+    let reason = |e: &tonic::Status| {
+        e.metadata()
+            .get("rmem-reason")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    runtime().block_on(async {
+        let connect = |c: Credentials| {
+            let addr = addr.clone();
+            async move {
+                ControlClient::connect_with(&addr, &c, Duration::from_secs(5))
+                    .await
+                    .unwrap()
+            }
+        };
+        // A server registers as itself; not under another name, not as an
+        // agent.
+        let s = connect(creds(d, "server-mem-0")).await;
+        s.membership().register(server("mem-0", 100)).await.unwrap();
+        for req in [server("mem-1", 100), agent("mem-0")] {
+            let e = s.membership().register(req).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+            assert_eq!(reason(&e).as_deref(), Some("forbidden"));
+        }
+        // An agent registers as itself, and may not drain a server.
+        let a = connect(creds(d, "agent-node-1")).await;
+        a.membership().register(agent("node-1")).await.unwrap();
+        let e = a
+            .membership()
+            .register(server("node-1", 100))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+        let drain = pb::DrainRequest {
+            server_id: 0,
+            name: "mem-0".into(),
+        };
+        let e = a.admin().drain(drain.clone()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+        assert!(e.message().contains("admin role"), "{e}");
+        // Plaintext, or a certificate from another CA, gets nowhere.
+        let plain = ControlClient::connect(&addr, None, Duration::from_secs(2)).await;
+        if let Ok(plain) = plain {
+            plain.membership().register(agent("x")).await.unwrap_err();
+        }
+        let stranger = ControlClient::connect_with(
+            &addr,
+            &Credentials {
+                token: None,
+                tls: Some(
+                    TlsFiles {
+                        ca_file: file(d, "ca.pem").into(),
+                        cert_file: file(o, "admin-mallory.pem").into(),
+                        key_file: file(o, "admin-mallory.key").into(),
+                    }
+                    .read()
+                    .unwrap(),
+                ),
+            },
+            Duration::from_secs(2),
+        )
+        .await;
+        if let Ok(stranger) = stranger {
+            stranger.admin().drain(drain.clone()).await.unwrap_err();
+        }
+    });
+    // An admin drains, through rmemctl's TLS flags.
+    let drained = rmemctl_ok(&[
+        "--endpoint",
+        &addr,
+        "--tls-ca",
+        &file(d, "ca.pem"),
+        "--tls-cert",
+        &file(d, "admin-alice.pem"),
+        "--tls-key",
+        &file(d, "admin-alice.key"),
+        "--output",
+        "json",
+        "drain",
+        "mem-0",
+    ]);
+    assert!(drained.contains("\"draining\""), "{drained}");
 }

@@ -361,7 +361,7 @@ impl Cluster {
         let (client, session) = runtime.block_on(async {
             let (client, session, _) = rmem_client::control::join(
                 &cfg.coordinator,
-                cfg.token.as_deref(),
+                &rmem_client::control::Credentials::token(cfg.token.as_deref()),
                 cfg.join_timeout,
                 pb::RegisterRequest {
                     role: pb::Role::Agent as i32,
