@@ -91,7 +91,7 @@ bash tests/vm/run.sh kmod 2>&1 | tee target/vm-output.txt
 step "soft-RoCE suite: three guests with rxe, rmem's RDMA data plane against perftest (tests/vm/run.sh rdma)"
 bash tests/vm/run.sh rdma 2>&1 | tee target/vm-rdma-output.txt
 
-step "container suite: images from deploy/container, a compose cluster, a server restarted mid-workload (tests/container/run.sh)"
+step "container suite: images from deploy/container, a compose cluster on etcd with three coordinator replicas, the leader killed and a server restarted mid-workload (tests/container/run.sh)"
 bash tests/container/run.sh 2>&1 | tee target/container-output.txt
 
 step "Kubernetes manifests: offline schema and reference checks (tests/k8s/validate.sh)"
