@@ -86,6 +86,21 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// `rmemctl ARGS` on this host: its standard output, failing the test if
+/// it fails.
+pub fn rmemctl_ok(args: &[&str]) -> String {
+    let out = Command::new(bin("rmemctl"))
+        .args(args)
+        .output()
+        .expect("rmemctl runs");
+    assert!(
+        out.status.success(),
+        "rmemctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Polls `cond` every few milliseconds until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

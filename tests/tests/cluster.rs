@@ -45,17 +45,10 @@ fn cluster(n: usize) -> (Coordinator, Vec<ServerProcess>) {
 }
 
 fn rmemctl_json(coord: &Coordinator, args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(bin("rmemctl"))
-        .args(["--endpoint", &coord.addr.to_string(), "--output", "json"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rmemctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let endpoint = coord.addr.to_string();
+    let mut all = vec!["--endpoint", endpoint.as_str(), "--output", "json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&rmem_tests::rmemctl_ok(&all)).unwrap()
 }
 
 fn used(servers: &[ServerProcess]) -> Vec<u64> {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rmem_client::control::{ControlClient, MemberSession, Subscriber};
 use rmem_proto::control::v1 as pb;
-use rmem_tests::{Daemon, Etcd, bin};
+use rmem_tests::{Daemon, Etcd, bin, rmemctl_ok};
 
 const PAGE: u64 = 4096;
 
@@ -1249,21 +1249,6 @@ fn the_example_configurations_are_valid() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`lease`"));
-}
-
-/// `rmemctl ARGS` (with a plain, offline command such as `pki`): its
-/// standard output, failing the test if it fails.
-fn rmemctl_ok(args: &[&str]) -> String {
-    let out = std::process::Command::new(bin("rmemctl"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rmemctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
