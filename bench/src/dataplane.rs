@@ -32,6 +32,55 @@ pub struct Effort {
     pub pages: usize,
 }
 
+/// The same figures over mutual TLS: an embedded server with a lab CA's
+/// certificate (made in a temporary directory), a client with an admin's.
+/// Only the data plane differs from the plaintext run: same sizes, same
+/// machine, same moment.
+pub fn measure_tls(
+    plain: &ClientConfig,
+    effort: Effort,
+    raw: &mut PingPong,
+) -> Result<DataPlane, BenchError> {
+    let dir = tempfile::tempdir().map_err(BenchError::Io)?;
+    let d = dir.path();
+    rmem_common::pki::init(d, 1, false).map_err(|e| BenchError::Tls(e.to_string()))?;
+    for (role, name) in [
+        (rmem_common::identity::Role::Server, "bench-server"),
+        (rmem_common::identity::Role::Admin, "bench"),
+    ] {
+        rmem_common::pki::issue(d, role, name, &[], 1, false)
+            .map_err(|e| BenchError::Tls(e.to_string()))?;
+    }
+    let files = |who: &str| rmem_common::tls::TlsFiles {
+        ca_file: d.join("ca.pem"),
+        cert_file: d.join(format!("{who}.pem")),
+        key_file: d.join(format!("{who}.key")),
+    };
+    let server = rmem_server::embedded::EmbeddedServer::with_config(
+        &rmem_server::config::ServerConfig {
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            grpc: "127.0.0.1:0".parse().expect("valid address"),
+            capacity: rmem_common::ByteSize((effort.pages as u64 + 4096) * PAGE_SIZE as u64),
+            prefault: true,
+            tls: Some(files("server-bench-server")),
+            ..Default::default()
+        },
+        1,
+    )?;
+    let pem = files("admin-bench")
+        .read()
+        .map_err(|e| BenchError::Tls(e.to_string()))?;
+    let mut client = plain.clone();
+    client.addr = server.data_addr().to_string();
+    client.locations = Default::default();
+    let client = client.with_tls(
+        pem.data_client()
+            .map_err(|e| BenchError::Tls(e.to_string()))?,
+        Some("bench-server".into()),
+    );
+    measure(&client, effort, raw, &Histogram::new())
+}
+
 /// Handles of the benchmark's pages: a random prefix so that runs against
 /// a shared server never touch anybody's pages.
 struct Handles {

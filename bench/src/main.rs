@@ -123,6 +123,8 @@ pub enum BenchError {
     Region(#[from] rmem_agent::RegionError),
     #[error("the server answered `{0}` for a benchmark page")]
     Page(rmem_client::PageStatus),
+    #[error("TLS setup: {0}")]
+    Tls(String),
     #[error("cluster: {0}")]
     Cluster(String),
     #[error("page {page} read back with wrong contents")]
@@ -298,6 +300,14 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
         }
         None
     };
+    // TLS's cost: against an embedded server of the bench's own (a running
+    // server's TLS is its operator's).
+    let dataplane_tls = if args.runs(Section::Dataplane) && embedded.is_some() {
+        progress("data plane over mutual TLS: the same, against a TLS server");
+        Some(dataplane::measure_tls(&client, plan.dataplane, &mut raw)?)
+    } else {
+        None
+    };
     let rmem = if args.runs(Section::Region) {
         progress("userspace path: eviction, fault-back (raw round trips interleaved), scan");
         Some(region::measure(&client, plan.region, &mut raw)?)
@@ -324,7 +334,7 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
     } else {
         None
     };
-    Ok(report::Report::new(
+    let mut report = report::Report::new(
         report::Setup {
             quick: args.quick,
             server: addr,
@@ -338,7 +348,9 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
         redundancy,
         rebuild,
         workloads,
-    ))
+    );
+    report.set_dataplane_tls(dataplane_tls);
+    Ok(report)
 }
 
 fn main() -> ExitCode {

@@ -63,6 +63,11 @@ pub struct Ratios {
     /// Zipfian at 50% local: swap on zram's operations per second over
     /// rmem's (goal <= 1.5; 0 when not measured).
     pub zipf_50_zram_over_rmem: f64,
+    /// GET at depth 1 p50 over TLS over plaintext's (the latency TLS adds).
+    pub tls_get_p50_over_plain: f64,
+    /// 64-page PUT batches over TLS over plaintext's (the throughput TLS
+    /// keeps).
+    pub tls_put_batch_over_plain: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -72,6 +77,8 @@ pub struct Report {
     pub limits: Limits,
     /// Sections left out by `--only` are null.
     pub dataplane: Option<DataPlane>,
+    /// The same over mutual TLS (against an embedded server only).
+    pub dataplane_tls: Option<DataPlane>,
     pub rmem: Option<RegionFigures>,
     /// Eviction and faults with each redundancy policy, and degraded.
     pub redundancy: Option<RedundancyFigures>,
@@ -90,6 +97,15 @@ fn ratio(a: f64, b: f64) -> f64 {
 }
 
 impl Report {
+    /// Adds the data plane's figures over TLS, and their ratios.
+    pub fn set_dataplane_tls(&mut self, tls: Option<DataPlane>) {
+        if let (Some(t), Some(p)) = (&tls, &self.dataplane) {
+            self.ratios.tls_get_p50_over_plain = ratio(t.get_qd1_us.p50, p.get_qd1_us.p50);
+            self.ratios.tls_put_batch_over_plain = ratio(t.put_batch64_mib_s, p.put_batch64_mib_s);
+        }
+        self.dataplane_tls = tls;
+    }
+
     pub fn new(
         setup: Setup,
         limits: Limits,
@@ -123,12 +139,15 @@ impl Report {
                 .unwrap_or(0.0),
             zipf_50_over_swap_file: ratio(zipf50("rmem"), zipf50("swap-file")),
             zipf_50_zram_over_rmem: ratio(zipf50("swap-zram"), zipf50("rmem")),
+            tls_get_p50_over_plain: 0.0,
+            tls_put_batch_over_plain: 0.0,
         };
         Self {
             setup,
             machine: Machine::this(),
             limits,
             dataplane,
+            dataplane_tls: None,
             rmem,
             redundancy,
             rebuild,
@@ -231,8 +250,12 @@ pub fn render(r: &Report) -> String {
         format!("{:.0} MiB/s", r.limits.tcp_stream_mib_s),
     );
     row("memcpy", format!("{:.0} MiB/s", r.limits.memcpy_mib_s));
-    if let Some(d) = &r.dataplane {
-        row("**data plane**", String::new());
+    let planes = [("", &r.dataplane), (", mutual TLS", &r.dataplane_tls)];
+    for (how, d) in planes
+        .iter()
+        .filter_map(|(h, d)| d.as_ref().map(|d| (h, d)))
+    {
+        row(&format!("**data plane{how}**"), String::new());
         row("GET 1 page, depth 1 p50/p99/p99.9", lat(&d.get_qd1_us));
         row("PUT 1 page, depth 1 p50/p99/p99.9", lat(&d.put_qd1_us));
         row(
@@ -336,6 +359,16 @@ pub fn render(r: &Report) -> String {
         "GET p50 / round trip p50",
         format!("{:.2}", g.get_p50_over_rtt_p50),
     );
+    if r.dataplane_tls.is_some() {
+        row(
+            "GET p50 over TLS / plaintext",
+            format!("{:.2}", g.tls_get_p50_over_plain),
+        );
+        row(
+            "PUT batches over TLS / plaintext",
+            format!("{:.2}", g.tls_put_batch_over_plain),
+        );
+    }
     row(
         "eviction / stream (>= 0.7)",
         format!("{:.2}", g.evict_over_stream),

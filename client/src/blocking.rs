@@ -21,12 +21,88 @@ pub enum Locate<'a> {
     Handles(&'a [u64]),
 }
 
+/// The byte stream under a connection: plain TCP or TLS over it.
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => &s.sock,
+        }
+    }
+
+    /// Whether TLS holds decrypted bytes not read yet.
+    fn buffered(&mut self) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+            Stream::Tls(s) => s
+                .conn
+                .process_new_packets()
+                .is_ok_and(|io| io.plaintext_bytes_to_read() > 0),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Completes a TLS handshake on `sock` and checks the server is the one
+/// `tls` means; the handshake is bounded by `sock`'s timeouts.
+fn handshake(
+    cfg: &ClientConfig,
+    tls: &crate::config::ClientTls,
+    mut sock: TcpStream,
+) -> Result<Stream, ClientError> {
+    let fail = |message: String| ClientError::Tls {
+        addr: cfg.addr.clone(),
+        message,
+    };
+    let mut conn = rustls::ClientConnection::new(
+        tls.config.clone(),
+        rmem_common::tls::data::server_name(&cfg.addr),
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock)
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    tls.check(&cfg.addr, conn.peer_certificates())?;
+    Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(conn, sock))))
+}
+
 /// One synchronous connection to a memory server.
 #[derive(Debug)]
 pub struct BlockingConnection {
     addr: String,
     spin: std::time::Duration,
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Stream>,
     out: Vec<u8>,
     payload: Vec<u8>,
     next_id: u64,
@@ -65,6 +141,10 @@ impl BlockingConnection {
         stream
             .set_write_timeout(Some(cfg.request_timeout))
             .map_err(connect_err)?;
+        let stream = match &cfg.tls {
+            Some(tls) => handshake(cfg, tls, stream)?,
+            None => Stream::Plain(stream),
+        };
         let mut conn = Self {
             addr: cfg.addr.clone(),
             spin: cfg.spin,
@@ -110,7 +190,7 @@ impl BlockingConnection {
 
     /// This side's and the server's IP addresses.
     pub fn ips(&self) -> Result<(std::net::IpAddr, std::net::IpAddr), ClientError> {
-        let s = self.reader.get_ref();
+        let s = self.reader.get_ref().tcp();
         let local = s.local_addr().map_err(|e| self.io(e))?;
         let peer = s.peer_addr().map_err(|e| self.io(e))?;
         Ok((local.ip(), peer.ip()))
@@ -185,6 +265,7 @@ impl BlockingConnection {
                 timeout: self
                     .reader
                     .get_ref()
+                    .tcp()
                     .read_timeout()
                     .ok()
                     .flatten()
@@ -199,18 +280,22 @@ impl BlockingConnection {
     }
 
     fn send(&mut self) -> Result<(), ClientError> {
-        let r = self.reader.get_mut().write_all(&self.out);
+        let stream = self.reader.get_mut();
+        let r = stream.write_all(&self.out).and_then(|()| stream.flush());
         self.out.clear();
         r.map_err(|e| self.io(e))
     }
 
     /// Polls the socket for up to `self.spin` until a reply is readable, so
     /// a fast reply is picked up without a wake-up.
-    fn spin_for_reply(&self) {
-        if self.spin.is_zero() || !self.reader.buffer().is_empty() {
+    fn spin_for_reply(&mut self) {
+        if self.spin.is_zero()
+            || !self.reader.buffer().is_empty()
+            || self.reader.get_mut().buffered()
+        {
             return;
         }
-        let sock = socket2::SockRef::from(self.reader.get_ref());
+        let sock = socket2::SockRef::from(self.reader.get_ref().tcp());
         let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
         let started = std::time::Instant::now();
         loop {

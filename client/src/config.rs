@@ -33,6 +33,47 @@ pub struct ClientConfig {
     /// Where this server's pages are, for RDMA READs; shared by every
     /// connection made from clones of this configuration.
     pub locations: std::sync::Arc<crate::LocationCache>,
+    /// Mutual TLS to the server (none: plain TCP).
+    pub tls: Option<ClientTls>,
+}
+
+/// A client's TLS: its rustls configuration (its certificate, the cluster
+/// CA, servers checked for the server role; see
+/// [`rmem_common::tls::data`]), and which server it means.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+    /// The server's name as the coordinator gave it: its certificate must
+    /// name it. `None` accepts any memory server of the cluster (tools
+    /// given only an address).
+    pub server: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Checks a finished handshake's peer against [`Self::server`].
+    pub(crate) fn check(
+        &self,
+        addr: &str,
+        certs: Option<&[rustls::pki_types::CertificateDer<'_>]>,
+    ) -> Result<(), crate::ClientError> {
+        match &self.server {
+            Some(name) => rmem_common::tls::data::expect_server(certs, name).map_err(|message| {
+                crate::ClientError::Tls {
+                    addr: addr.to_string(),
+                    message,
+                }
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The data-plane transport of a connection.
@@ -94,7 +135,19 @@ impl ClientConfig {
             transport: Transport::Auto,
             rdma_device: None,
             locations: Default::default(),
+            tls: None,
         }
+    }
+
+    /// Connects over mutual TLS with `config`, to the server named `server`
+    /// (if given).
+    pub fn with_tls(
+        mut self,
+        config: std::sync::Arc<rustls::ClientConfig>,
+        server: Option<String>,
+    ) -> Self {
+        self.tls = Some(ClientTls { config, server });
+        self
     }
 
     /// Sets the tenant and its credential.

@@ -10,10 +10,13 @@ use rmem_proto::wire::{
     self, ErrorCode, FrameHeader, HEADER_LEN, HelloOk, Limits, Opcode, Page, PageStatus, Response,
     Stat,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
+
+/// The halves of a connection's stream: plain TCP or TLS over it.
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 
 use crate::{ClientConfig, ClientError, frame};
 
@@ -53,15 +56,23 @@ struct Pending {
     death: Option<Death>,
 }
 
-#[derive(Debug)]
 struct Inner {
     addr: String,
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<WriteHalf>,
     pending: Mutex<Pending>,
     next_id: AtomicU64,
     hello: HelloOk,
     dead: AtomicBool,
     timeout: std::time::Duration,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("addr", &self.addr)
+            .field("dead", &self.dead)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Inner {
@@ -131,9 +142,31 @@ impl Connection {
             .map_err(|_| connect_err(std::io::ErrorKind::TimedOut.into()))?
             .map_err(connect_err)?;
         stream.set_nodelay(true).map_err(connect_err)?;
-        let (mut rd, mut wr) = stream.into_split();
+        let (mut rd, mut wr): (ReadHalf, WriteHalf) = match &cfg.tls {
+            None => {
+                let (rd, wr) = stream.into_split();
+                (Box::new(rd), Box::new(wr))
+            }
+            Some(tls) => {
+                let fail = |message: String| ClientError::Tls {
+                    addr: cfg.addr.clone(),
+                    message,
+                };
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let name = rmem_common::tls::data::server_name(&cfg.addr);
+                let stream =
+                    tokio::time::timeout(cfg.connect_timeout, connector.connect(name, stream))
+                        .await
+                        .map_err(|_| fail("the handshake timed out".into()))?
+                        .map_err(|e| fail(e.to_string()))?;
+                tls.check(&cfg.addr, stream.get_ref().1.peer_certificates())?;
+                let (rd, wr) = tokio::io::split(stream);
+                (Box::new(rd), Box::new(wr))
+            }
+        };
         let handshake = async {
             wr.write_all(&frame::hello(cfg)).await?;
+            wr.flush().await?;
             let mut head = [0u8; HEADER_LEN];
             rd.read_exact(&mut head).await?;
             Ok::<_, std::io::Error>(head)
@@ -212,7 +245,10 @@ impl Connection {
         let write = async {
             let mut w = inner.writer.lock().await;
             let mut guard = WriteGuard { inner, done: false };
-            let r = w.write_all(&buf).await;
+            let r = match w.write_all(&buf).await {
+                Ok(()) => w.flush().await,
+                Err(e) => Err(e),
+            };
             guard.done = true;
             r
         };
@@ -328,7 +364,7 @@ impl Connection {
     }
 }
 
-async fn read_loop(mut rd: OwnedReadHalf, inner: Arc<Inner>) {
+async fn read_loop(mut rd: ReadHalf, inner: Arc<Inner>) {
     let max = inner
         .hello
         .limits

@@ -44,6 +44,9 @@ pub enum ClientError {
         pages: usize,
         max: u32,
     },
+    /// The TLS handshake failed, or the server is not the one meant.
+    #[error("TLS with {addr} failed: {message}")]
+    Tls { addr: String, message: String },
     #[error("the connection to {addr} is closed")]
     Closed { addr: String },
     #[error("{addr} does not offer RDMA (start it with --rdma)")]
@@ -67,7 +70,10 @@ impl ClientError {
             | ClientError::Io { .. }
             | ClientError::Timeout { .. }
             | ClientError::Closed { .. }
-            | ClientError::Checksum { .. } => true,
+            | ClientError::Checksum { .. }
+            // A handshake cut short, or an impostor at the address the
+            // server is coming back to: bounded by the request timeout.
+            | ClientError::Tls { .. } => true,
             ClientError::Rejected { code, .. } => matches!(
                 code,
                 ErrorCode::ShuttingDown | ErrorCode::Busy | ErrorCode::Timeout

@@ -32,7 +32,7 @@ mod rdma;
 mod transport;
 
 pub use blocking::{BlockingConnection, Locate};
-pub use config::{ClientConfig, Transport};
+pub use config::{ClientConfig, ClientTls, Transport};
 pub use conn::Connection;
 pub use error::ClientError;
 pub use locations::LocationCache;

@@ -7,7 +7,8 @@
 //! readiness protocol, [`shutdown`] turns SIGINT/SIGTERM
 //! into a future, [`redundancy`] names how many copies of a page servers
 //! hold, [`identity`] says which member (role and name) a certificate
-//! belongs to, [`tls`] reads a member's CA, certificate and key.
+//! belongs to, [`tls`] reads a member's CA, certificate and key and makes
+//! the data plane's TLS of them, [`pki`] makes a lab CA and certificates.
 
 pub mod config;
 pub mod histogram;
@@ -15,6 +16,7 @@ pub mod host;
 pub mod identity;
 pub mod logging;
 pub mod notify;
+pub mod pki;
 pub mod redundancy;
 pub mod shutdown;
 pub mod size;

@@ -102,16 +102,8 @@ struct Args {
     /// The cluster token, inline (prefer --token-file).
     #[arg(long, env = "RMEM_CLUSTER_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Mutual TLS on the gRPC port: the cluster CA (PEM) callers'
-    /// certificates must be signed by. With --tls-cert and --tls-key.
-    #[arg(long, value_name = "PATH")]
-    tls_ca: Option<PathBuf>,
-    /// This coordinator's certificate (PEM; make one with `rmemctl pki`).
-    #[arg(long, value_name = "PATH")]
-    tls_cert: Option<PathBuf>,
-    /// The key of --tls-cert (PEM).
-    #[arg(long, value_name = "PATH")]
-    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    tls: rmem_common::tls::TlsArgs,
     /// Log format on stderr; RUST_LOG sets the level (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -195,12 +187,7 @@ fn config(args: &Args) -> Result<CoordinatorConfig, ConfigError> {
         c.token = args.token.clone();
         c.token_file = args.token_file.clone();
     }
-    if let Some(tls) = rmem_common::tls::TlsFiles::from_parts(
-        "tls",
-        args.tls_ca.clone(),
-        args.tls_cert.clone(),
-        args.tls_key.clone(),
-    )? {
+    if let Some(tls) = args.tls.files()? {
         c.tls = Some(tls);
     }
     c.validate()?;

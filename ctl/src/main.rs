@@ -58,17 +58,8 @@ struct Args {
         hide = true
     )]
     token: Option<String>,
-    /// Mutual TLS to the coordinator: the cluster CA (PEM). With
-    /// --tls-cert and --tls-key (an admin certificate for drain and undrain;
-    /// `rmemctl pki` makes them).
-    #[arg(long, global = true, env = "RMEM_TLS_CA", value_name = "PATH")]
-    tls_ca: Option<std::path::PathBuf>,
-    /// This caller's certificate (PEM).
-    #[arg(long, global = true, env = "RMEM_TLS_CERT", value_name = "PATH")]
-    tls_cert: Option<std::path::PathBuf>,
-    /// The key of --tls-cert (PEM).
-    #[arg(long, global = true, env = "RMEM_TLS_KEY", value_name = "PATH")]
-    tls_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: rmem_common::tls::TlsArgs,
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -476,7 +467,13 @@ async fn status(c: &ControlClient) -> Result<StatusView, ControlError> {
     Ok(StatusView::new(c.current(), s))
 }
 
-async fn server_stats(m: &MemberView, timeout: Duration) -> ServerStatsView {
+/// A server's statistics from its admin port (mutual TLS with `tls`: an
+/// admin's certificate, the server's checked for the host it is reached at).
+async fn server_stats(
+    m: &MemberView,
+    tls: Option<&rmem_common::tls::TlsPem>,
+    timeout: Duration,
+) -> ServerStatsView {
     let mut view = ServerStatsView {
         id: m.id,
         name: m.name.clone(),
@@ -490,9 +487,15 @@ async fn server_stats(m: &MemberView, timeout: Duration) -> ServerStatsView {
         ops: Vec::new(),
     };
     let fetch = async {
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://{}", m.grpc_addr))
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut ep = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", m.grpc_addr))
             .map_err(|e| e.to_string())?
             .connect_timeout(timeout);
+        if let Some(pem) = tls {
+            ep = ep
+                .tls_config(rmem_client::control::client_tls(pem))
+                .map_err(|e| e.to_string())?;
+        }
         let ch = ep
             .connect()
             .await
@@ -704,14 +707,7 @@ async fn run(args: Args) -> Result<(), CtlError> {
         (Some(p), _) => Some(rmem_common::config::read_token("the cluster token", p)?),
         (None, t) => t.clone(),
     };
-    let tls = rmem_common::tls::TlsFiles::from_parts(
-        "tls",
-        args.tls_ca.clone(),
-        args.tls_cert.clone(),
-        args.tls_key.clone(),
-    )?
-    .map(|f| f.read())
-    .transpose()?;
+    let tls = args.tls.files()?.map(|f| f.read()).transpose()?;
     let creds = rmem_client::control::Credentials { token, tls };
     let c = ControlClient::connect_with(&args.endpoint, &creds, args.timeout).await?;
     let out = args.output;
@@ -883,7 +879,7 @@ async fn run(args: Args) -> Result<(), CtlError> {
             let servers = list_members(&c, pb::Role::Server).await?;
             let mut views = Vec::with_capacity(servers.len());
             for m in servers.iter().filter(|m| m.state != "left") {
-                views.push(server_stats(m, args.timeout).await);
+                views.push(server_stats(m, creds.tls.as_ref(), args.timeout).await);
             }
             emit(
                 out,

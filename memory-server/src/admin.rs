@@ -19,10 +19,39 @@ pub struct AdminService {
     pub metrics: Arc<Metrics>,
 }
 
+/// In front of the admin service: with mutual TLS, only an admin's
+/// certificate may read the server's statistics (they name its tenants and
+/// their use). Health and reflection stay open to any certificate of the
+/// cluster CA.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminGate {
+    pub tls: bool,
+}
+
+impl tonic::service::Interceptor for AdminGate {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if !self.tls {
+            return Ok(req);
+        }
+        let identity =
+            rmem_common::tls::data::peer_identity(req.peer_certs().as_deref().map(Vec::as_slice))
+                .map_err(|e| Status::unauthenticated(format!("no identity: {e}")))?;
+        if identity.role != rmem_common::identity::Role::Admin {
+            return Err(Status::permission_denied(format!(
+                "the certificate names {identity}: server statistics are for admins"
+            )));
+        }
+        Ok(req)
+    }
+}
+
 impl AdminService {
-    /// The tonic service wrapper.
-    pub fn into_server(self) -> ServerAdminServer<Self> {
-        ServerAdminServer::new(self)
+    /// The tonic service wrapper, behind `gate`.
+    pub fn into_server(
+        self,
+        gate: AdminGate,
+    ) -> tonic::service::interceptor::InterceptedService<ServerAdminServer<Self>, AdminGate> {
+        tonic::service::interceptor::InterceptedService::new(ServerAdminServer::new(self), gate)
     }
 
     /// The current statistics.

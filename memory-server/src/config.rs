@@ -157,6 +157,11 @@ pub struct ServerConfig {
     /// Cluster membership.
     #[serde(skip_serializing_if = "ClusterConfig::is_standalone")]
     pub cluster: ClusterConfig,
+    /// Mutual TLS on the data plane and the admin gRPC port, and to the
+    /// coordinator: the certificate must name a server (`rmemctl pki issue
+    /// server NAME`); its name is the member name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<rmem_common::tls::TlsFiles>,
 }
 
 impl Default for ClusterConfig {
@@ -203,6 +208,7 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(30),
             tenants: Vec::new(),
             cluster: ClusterConfig::default(),
+            tls: None,
         }
     }
 }

@@ -92,6 +92,18 @@ impl Server {
         default_token: Option<&str>,
     ) -> Result<Self, ServerError> {
         config.validate()?;
+        let tls = match &config.tls {
+            Some(files) => {
+                let pem = files.read()?;
+                pem.member_name(
+                    rmem_common::identity::Role::Server,
+                    "cluster.name",
+                    config.cluster.name.as_deref(),
+                )?;
+                Some(pem)
+            }
+            None => None,
+        };
         let tenants = config.tenant_specs(default_token)?;
         let opts = config.store_options();
         let store = tokio::task::spawn_blocking(move || Store::open(&opts, &tenants))
@@ -164,6 +176,7 @@ impl Server {
                 unauthenticated: config.max_unauthenticated,
                 unauthenticated_per_peer: config.max_unauthenticated_per_peer,
             }),
+            tls.as_ref().map(|p| p.data_server()).transpose()?,
             shutdown.clone(),
             connections.clone(),
         ));
@@ -171,7 +184,10 @@ impl Server {
             store: store.clone(),
             metrics: metrics.clone(),
         };
-        let grpc = tokio::spawn(serve_grpc(grpc, admin, shutdown.clone()));
+        if let Some(pem) = &tls {
+            tracing::info!(identity = %pem.identity, "mutual TLS on the data plane and the admin gRPC port: clients need a certificate from the cluster CA");
+        }
+        let grpc = tokio::spawn(serve_grpc(grpc, admin, tls.clone(), shutdown.clone()));
         let membership = if config.cluster.is_standalone() {
             None
         } else {
@@ -181,6 +197,7 @@ impl Server {
                 data_addr,
                 grpc_addr,
                 &transports,
+                tls,
             )
             .await
             {
@@ -319,6 +336,7 @@ fn log_recovery(store: &Store, config: &ServerConfig) {
 async fn serve_grpc(
     listener: TcpListener,
     admin: AdminService,
+    tls: Option<rmem_common::tls::TlsPem>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     use rmem_proto::admin::v1::server_admin_server::ServerAdminServer;
@@ -336,8 +354,17 @@ async fn serve_grpc(
                 .await;
         }
     };
-    rmem_proto::with_reflection(tonic::transport::Server::builder().add_service(health_service))
-        .add_service(admin.into_server())
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(pem) = &tls {
+        builder = builder.tls_config(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(&pem.cert, &pem.key))
+                .client_ca_root(tonic::transport::Certificate::from_pem(&pem.ca)),
+        )?;
+    }
+    let gate = admin::AdminGate { tls: tls.is_some() };
+    rmem_proto::with_reflection(builder.add_service(health_service))
+        .add_service(admin.into_server(gate))
         .serve_with_incoming_shutdown(incoming, stop)
         .await
 }

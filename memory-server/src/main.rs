@@ -109,6 +109,10 @@ struct Args {
     cluster_token_file: Option<PathBuf>,
     #[arg(long, env = "RMEM_CLUSTER_TOKEN", hide_env_values = true, hide = true)]
     cluster_token: Option<String>,
+    /// Mutual TLS on the data plane, the admin port and to the coordinator
+    /// (a `server` certificate: its name is the member name).
+    #[command(flatten)]
+    tls: rmem_common::tls::TlsArgs,
     /// Log format on stderr; RUST_LOG sets the level (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -190,6 +194,9 @@ fn effective_config(args: &Args) -> Result<(ServerConfig, Option<String>), Confi
     if args.cluster_token_file.is_some() {
         cluster.token_file = args.cluster_token_file.clone();
         cluster.token = None;
+    }
+    if let Some(tls) = args.tls.files()? {
+        cfg.tls = Some(tls);
     }
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => Some(t.clone()),

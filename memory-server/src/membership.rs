@@ -475,6 +475,7 @@ impl Membership {
         data: SocketAddr,
         grpc: SocketAddr,
         transports: &[&str],
+        tls: Option<rmem_common::tls::TlsPem>,
     ) -> Result<Self, ControlError> {
         let endpoint = cfg.coordinator.as_deref().unwrap_or_default();
         let token = match &cfg.token_file {
@@ -491,7 +492,11 @@ impl Membership {
         };
         let req = pb::RegisterRequest {
             role: pb::Role::Server as i32,
-            name: cfg.name.clone().unwrap_or_else(hostname),
+            // With TLS, the certificate's name (checked at start).
+            name: match &tls {
+                Some(pem) => pem.identity.name.clone(),
+                None => cfg.name.clone().unwrap_or_else(hostname),
+            },
             data_addr: reachable(cfg.advertise.as_deref(), data),
             grpc_addr: reachable(cfg.grpc_advertise.as_deref(), grpc),
             capacity_pages: store.capacity_pages(),
@@ -500,7 +505,7 @@ impl Membership {
         };
         let (_, session, events) = rmem_client::control::join(
             endpoint,
-            &rmem_client::control::Credentials::token(token.as_deref()),
+            &rmem_client::control::Credentials { token, tls },
             cfg.join_timeout,
             req,
             |client| {

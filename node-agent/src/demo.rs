@@ -60,6 +60,9 @@ pub struct DemoConfig {
     pub rebuild_bandwidth: Option<u64>,
     pub seed: u64,
     pub progress: bool,
+    /// Mutual TLS to the coordinator and a running server (not to the
+    /// embedded one, which listens on loopback only).
+    pub tls: Option<rmem_common::tls::TlsPem>,
 }
 
 impl Default for DemoConfig {
@@ -75,6 +78,7 @@ impl Default for DemoConfig {
             coordinator: None,
             cluster_token: None,
             cluster_name: None,
+            tls: None,
             join_timeout: Duration::from_secs(60),
             tenant: "default".into(),
             token: None,
@@ -334,6 +338,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
                 coordinator: coordinator.clone(),
                 token: cfg.cluster_token.clone(),
                 name: cfg.cluster_name.clone(),
+                tls: cfg.tls.clone(),
                 tenant: cfg.tenant.clone(),
                 join_timeout: cfg.join_timeout,
                 rebuild_bandwidth: cfg.rebuild_bandwidth,
@@ -357,6 +362,12 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
             );
             client.transport = cfg.transport;
             client.rdma_device = cfg.rdma_device.clone();
+            if let (Some(pem), Some(_)) = (&cfg.tls, server) {
+                let config = pem
+                    .data_client()
+                    .map_err(crate::cluster::ClusterError::from)?;
+                client = client.with_tls(config, None);
+            }
             (RemoteRegion::new(region_cfg, client)?, None, addr)
         }
     };

@@ -14,6 +14,10 @@ struct Args {
     /// Log format on stderr; RUST_LOG sets the level (default: warn).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Mutual TLS to the coordinator and the memory servers (an `agent`
+    /// certificate: its name is the member name).
+    #[command(flatten)]
+    tls: rmem_common::tls::TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -316,14 +320,19 @@ fn main() -> ExitCode {
     logging::init(args.log_format, "warn");
     match args.command {
         Command::Demo(d) => {
-            let cluster_token =
-                match cluster_token(d.cluster_token_file.as_deref(), d.cluster_token) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        eprintln!("rmem-agent demo: {e}");
-                        return ExitCode::from(2);
-                    }
-                };
+            let read = || {
+                Ok::<_, rmem_common::config::ConfigError>((
+                    cluster_token(d.cluster_token_file.as_deref(), d.cluster_token.clone())?,
+                    args.tls.files()?.map(|f| f.read()).transpose()?,
+                ))
+            };
+            let (cluster_token, tls) = match read() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("rmem-agent demo: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let cfg = DemoConfig {
                 budget: d.budget,
                 size: d.size.unwrap_or(ByteSize(d.budget.bytes() * 4)),
@@ -344,6 +353,7 @@ fn main() -> ExitCode {
                 redundancy: d.redundancy,
                 rebuild_bandwidth: d.rebuild_bandwidth.map(|b| b.bytes()),
                 progress: !d.json && demo::stdout_is_terminal(),
+                tls,
                 ..DemoConfig::default()
             };
             if !d.json {
@@ -367,19 +377,23 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Kernel(k) => run_kernel(k),
-        Command::Serve(a) => run_serve(a),
+        Command::Kernel(k) => run_kernel(k, &args.tls),
+        Command::Serve(a) => run_serve(a, &args.tls),
     }
 }
 
 fn serve_config(
     a: &ServeArgs,
+    tls: &rmem_common::tls::TlsArgs,
 ) -> Result<rmem_agent::kmod::config::ServeConfig, rmem_common::config::ConfigError> {
     use rmem_agent::kmod::config::ServeConfig;
     let mut c = match &a.config {
         Some(p) => ServeConfig::from_file(p)?,
         None => ServeConfig::default(),
     };
+    if let Some(files) = tls.files()? {
+        c.tls = Some(files);
+    }
     if let Some(v) = &a.server {
         c.server = v.clone();
         c.coordinator = None;
@@ -453,14 +467,16 @@ fn report(context: &str, e: &dyn std::error::Error) {
     eprintln!("{msg}");
 }
 
-fn run_serve(a: ServeArgs) -> ExitCode {
+fn run_serve(a: ServeArgs, tls: &rmem_common::tls::TlsArgs) -> ExitCode {
     use rmem_agent::kmod::admin::{self, AdminService};
     use rmem_agent::kmod::daemon::{self, DaemonConfig, Supervisor};
     use rmem_agent::kmod::damon::DamonConfig;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    let cfg = match serve_config(&a) {
+    let (cfg, tls) = match serve_config(&a, tls)
+        .and_then(|c| Ok((c.clone(), c.tls.as_ref().map(|f| f.read()).transpose()?)))
+    {
         Ok(c) => c,
         Err(e) => {
             report("rmem-agent serve", &e);
@@ -475,6 +491,7 @@ fn run_serve(a: ServeArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let home = Home {
+        tls,
         server: (!cfg.server.is_empty()).then(|| cfg.server.clone()),
         coordinator: cfg.coordinator.clone(),
         cluster_token: cfg.cluster_token.clone(),
@@ -583,6 +600,7 @@ fn run_serve(a: ServeArgs) -> ExitCode {
 
 /// Where the kernel agent keeps pages, as the flags or file say.
 struct Home {
+    tls: Option<rmem_common::tls::TlsPem>,
     server: Option<String>,
     coordinator: Option<String>,
     cluster_token: Option<String>,
@@ -604,10 +622,15 @@ impl Home {
             cc.token = self.cluster_token;
             cc.tenant = self.tenant;
             cc.rebuild_bandwidth = self.rebuild_bandwidth;
-            cc.name = Some(
-                self.name
-                    .unwrap_or_else(|| format!("{}/kmod", rmem_agent::cluster::hostname())),
-            );
+            // With TLS the certificate names the agent.
+            cc.name = match self.tls {
+                Some(_) => self.name,
+                None => Some(
+                    self.name
+                        .unwrap_or_else(|| format!("{}/kmod", rmem_agent::cluster::hostname())),
+                ),
+            };
+            cc.tls = self.tls;
             let cluster = Cluster::connect(&cc).map_err(|e| {
                 let mut msg = format!("cannot join the cluster: {e}");
                 let mut source = std::error::Error::source(&e);
@@ -623,14 +646,23 @@ impl Home {
             .with_tenant(self.tenant, self.token.unwrap_or_default().into_bytes());
         client.transport = self.transport;
         client.rdma_device = self.rdma_device;
+        if let Some(pem) = &self.tls {
+            client = client.with_tls(pem.data_client().map_err(|e| e.to_string())?, None);
+        }
         Ok(KernelConfig::new(client))
     }
 }
 
-fn run_kernel(k: KernelArgs) -> ExitCode {
+fn run_kernel(k: KernelArgs, tls: &rmem_common::tls::TlsArgs) -> ExitCode {
     use rmem_agent::kmod::daemon::{self, DaemonConfig};
     use rmem_agent::kmod::damon::DamonConfig;
-    let cluster_token = match cluster_token(k.cluster_token_file.as_deref(), k.cluster_token) {
+    let read = || {
+        Ok::<_, rmem_common::config::ConfigError>((
+            cluster_token(k.cluster_token_file.as_deref(), k.cluster_token.clone())?,
+            tls.files()?.map(|f| f.read()).transpose()?,
+        ))
+    };
+    let (cluster_token, tls) = match read() {
         Ok(t) => t,
         Err(e) => {
             eprintln!("rmem-agent kernel: {e}");
@@ -638,6 +670,7 @@ fn run_kernel(k: KernelArgs) -> ExitCode {
         }
     };
     let home = Home {
+        tls,
         server: k.server,
         coordinator: k.coordinator,
         cluster_token,

@@ -1,6 +1,7 @@
-//! A throwaway certificate authority for tests, made with the `openssl`
-//! command: a CA and leaf certificates (ECDSA P-256) with the names and
-//! uses a test asks for, in a directory of the test's.
+//! Throwaway certificate authorities for tests: [`Pki`], made with the
+//! `openssl` command (a CA and leaf certificates, ECDSA P-256, with the
+//! names and uses a test asks for; for etcd), and [`Lab`], an rmem
+//! cluster's CA and member certificates made by `rmemctl pki`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -119,5 +120,63 @@ impl Pki {
             cert: self.dir.join(cert),
             key: self.dir.join(key),
         }
+    }
+}
+
+/// A cluster's lab CA made by `rmemctl pki` in a temporary directory,
+/// with member certificates (`ROLE-NAME.pem`, `.key`) for 127.0.0.1.
+#[derive(Debug)]
+pub struct Lab {
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    pub fn new(members: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        crate::rmemctl_ok(&["pki", "init", "--dir", d]);
+        for (role, name) in members {
+            crate::rmemctl_ok(&[
+                "pki",
+                "issue",
+                "--dir",
+                d,
+                "--role",
+                role,
+                "--name",
+                name,
+                "--host",
+                "127.0.0.1",
+            ]);
+        }
+        Self { dir }
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).to_str().unwrap().to_string()
+    }
+
+    /// `--tls-ca`, `--tls-cert`, `--tls-key` for member `who` (e.g.
+    /// `agent-node-1`), trusting this lab's CA.
+    pub fn flags(&self, who: &str) -> Vec<String> {
+        vec![
+            "--tls-ca".into(),
+            self.path("ca.pem"),
+            "--tls-cert".into(),
+            self.path(&format!("{who}.pem")),
+            "--tls-key".into(),
+            self.path(&format!("{who}.key")),
+        ]
+    }
+
+    /// `who`'s files, trusting `ca`'s CA.
+    pub fn pem(&self, ca: &Lab, who: &str) -> rmem_common::tls::TlsPem {
+        rmem_common::tls::TlsFiles {
+            ca_file: ca.path("ca.pem").into(),
+            cert_file: self.path(&format!("{who}.pem")).into(),
+            key_file: self.path(&format!("{who}.key")).into(),
+        }
+        .read()
+        .unwrap()
     }
 }

@@ -699,11 +699,21 @@ fn erasure_coded_pages_survive_two_losses_one_after_the_other() {
 #[test]
 fn the_demo_runs_against_a_cluster() {
     let (coord, servers) = cluster(3);
+    let v = demo_in_cluster(&coord.addr.to_string(), &[], 3);
+    assert_eq!(v["server_pages_after_drop"], 0);
+    assert_eq!(used(&servers), [0, 0, 0]);
+}
+
+/// The demo's verifying workload on the cluster of `endpoint` (with
+/// `flags` before the subcommand), which must have `servers` servers:
+/// its JSON report, checked to have evicted and verified.
+fn demo_in_cluster(endpoint: &str, flags: &[String], servers: usize) -> serde_json::Value {
     let out = std::process::Command::new(bin("rmem-agent"))
+        .args(flags)
         .args([
             "demo", "--json", "--budget", "2MiB", "--size", "8MiB", "--ops", "20000",
         ])
-        .args(["--coordinator", &coord.addr.to_string()])
+        .args(["--coordinator", endpoint])
         .output()
         .unwrap();
     assert!(
@@ -714,9 +724,9 @@ fn the_demo_runs_against_a_cluster() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["verify_ok"], true, "{v}");
     assert!(v["pages_evicted"].as_u64().unwrap() > 1000, "{v}");
-    assert_eq!(v["server_pages_after_drop"], 0);
-    assert!(v["server"].as_str().unwrap().contains("3 servers"), "{v}");
-    assert_eq!(used(&servers), [0, 0, 0]);
+    let said = format!("{servers} servers");
+    assert!(v["server"].as_str().unwrap().contains(&said), "{v}");
+    v
 }
 
 #[test]
@@ -1370,4 +1380,151 @@ fn members_started_while_the_coordinator_is_down_join_once_it_is_up() {
     cc.join_timeout = Duration::from_secs(30);
     assert!(Cluster::connect(&cc).is_err());
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_cluster_on_mutual_tls_serves_its_members_and_no_one_else() {
+    let lab = rmem_tests::pki::Lab::new(&[
+        ("coordinator", "c1"),
+        ("server", "mem-0"),
+        ("server", "mem-1"),
+        ("agent", "node-1"),
+        ("admin", "alice"),
+    ]);
+    let stranger = rmem_tests::pki::Lab::new(&[("agent", "mallory")]);
+    let flags = |who: &str| lab.flags(who);
+    let args = |extra: &[&str], who: &str| {
+        let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        v.extend(flags(who));
+        v
+    };
+    let coord = {
+        let a = args(&["--placement-chunk", "1MiB"], "coordinator-c1");
+        Coordinator::start(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let endpoint = coord.addr.to_string();
+    // Servers take their member names from their certificates.
+    let servers: Vec<ServerProcess> = ["mem-0", "mem-1"]
+        .iter()
+        .map(|name| {
+            let a = args(
+                &["--capacity", "64MiB", "--coordinator", &endpoint],
+                &format!("server-{name}"),
+            );
+            ServerProcess::start(&a.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .collect();
+
+    // The agent's verifying workload, every connection on mutual TLS.
+    demo_in_cluster(&endpoint, &flags("agent-node-1"), 2);
+
+    let data = servers[0].data.to_string();
+    let connect = |pem: Option<rmem_common::tls::TlsPem>, server: Option<&str>| {
+        let mut c = rmem_client::ClientConfig::new(data.clone());
+        c.connect_timeout = Duration::from_secs(5);
+        if let Some(pem) = pem {
+            c = c.with_tls(pem.data_client().unwrap(), server.map(str::to_string));
+        }
+        BlockingConnection::connect(&c)
+    };
+    // An admin reads the server's use over TLS: what the demo stored is freed.
+    let mut admin = connect(Some(lab.pem(&lab, "admin-alice")), Some("mem-0")).unwrap();
+    assert_eq!(admin.stat().unwrap().used_pages, 0);
+    // Plaintext is told TLS is required.
+    match connect(None, None) {
+        Err(rmem_client::ClientError::Rejected { code, message, .. }) => {
+            assert_eq!(code, rmem_proto::wire::ErrorCode::AuthFailed);
+            assert!(message.contains("requires TLS"), "{message}");
+        }
+        other => panic!("plaintext was not refused: {other:?}"),
+    }
+    // A server's certificate does not open the data plane to its holder.
+    match connect(Some(lab.pem(&lab, "server-mem-1")), None) {
+        Err(rmem_client::ClientError::Rejected { code, message, .. }) => {
+            assert_eq!(code, rmem_proto::wire::ErrorCode::AuthFailed);
+            assert!(message.contains("only agents and admins"), "{message}");
+        }
+        other => panic!("a server's certificate was accepted: {other:?}"),
+    }
+    // A certificate from another CA fails the handshake.
+    let e = connect(Some(stranger.pem(&lab, "agent-mallory")), None).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            rmem_client::ClientError::Tls { .. }
+                | rmem_client::ClientError::Io { .. }
+                | rmem_client::ClientError::Closed { .. }
+        ),
+        "{e:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || servers[0]
+            .daemon
+            .log_text()
+            .contains("TLS handshake failed")),
+        "{}",
+        servers[0].daemon.log_text()
+    );
+    // An impostor: a server certificate of another CA is not trusted by an
+    // agent, and a server of the cluster is not the one the agent meant.
+    let e = connect(Some(lab.pem(&stranger, "agent-node-1")), Some("mem-0")).unwrap_err();
+    assert!(matches!(e, rmem_client::ClientError::Tls { .. }), "{e:?}");
+    let e = connect(Some(lab.pem(&lab, "agent-node-1")), Some("mem-1")).unwrap_err();
+    match e {
+        rmem_client::ClientError::Tls { message, .. } => {
+            assert!(message.contains("not server mem-1"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The servers' statistics are for admins: rmemctl with alice's
+    // certificate reads them, with the agent's it is refused.
+    let stats = |who: &str| {
+        let mut a = vec!["--endpoint".to_string(), endpoint.clone()];
+        a.extend(flags(who));
+        a.extend(["--output".into(), "json".into(), "stats".into()]);
+        let out = rmem_tests::rmemctl_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let by_admin = stats("admin-alice");
+    for s in by_admin["servers"].as_array().unwrap() {
+        assert!(s["error"].is_null(), "{by_admin}");
+        assert_eq!(s["capacity_pages"], 16384, "{by_admin}");
+    }
+    let by_agent = stats("agent-node-1");
+    for s in by_agent["servers"].as_array().unwrap() {
+        assert!(
+            s["error"].as_str().unwrap_or("").contains("for admins"),
+            "{by_agent}"
+        );
+    }
+}
+
+#[test]
+fn a_member_runs_only_as_its_certificate_says() {
+    let lab = rmem_tests::pki::Lab::new(&[("agent", "node-1"), ("server", "mem-0")]);
+    // A server with an agent's certificate, or under another name, does
+    // not start.
+    for (who, extra, says) in [
+        (
+            "agent-node-1",
+            vec![],
+            "a server needs a server certificate",
+        ),
+        (
+            "server-mem-0",
+            vec!["--coordinator", "127.0.0.1:1", "--name", "mem-9"],
+            "`mem-9` is not the name the certificate gives",
+        ),
+    ] {
+        let out = std::process::Command::new(bin("rmem-server"))
+            .args(["--listen", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+            .args(extra)
+            .args(lab.flags(who))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+    }
 }

@@ -1254,54 +1254,20 @@ fn the_example_configurations_are_valid() {
 #[test]
 fn with_mutual_tls_members_act_only_as_their_certificates_say() {
     use rmem_client::control::Credentials;
-    use rmem_common::tls::TlsFiles;
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
-    let other = tempfile::tempdir().unwrap();
-    let o = other.path().to_str().unwrap();
-    rmemctl_ok(&["pki", "init", "--dir", d]);
-    rmemctl_ok(&["pki", "init", "--dir", o]);
-    for (dir, role, name) in [
-        (d, "coordinator", "c1"),
-        (d, "server", "mem-0"),
-        (d, "agent", "node-1"),
-        (d, "admin", "alice"),
-        (o, "admin", "mallory"),
-    ] {
-        rmemctl_ok(&[
-            "pki",
-            "issue",
-            "--dir",
-            dir,
-            "--role",
-            role,
-            "--name",
-            name,
-            "--host",
-            "127.0.0.1",
-        ]);
-    }
-    let file = |dir: &str, f: &str| format!("{dir}/{f}");
-    let coord = Coordinator::start(&[
-        "--tls-ca",
-        &file(d, "ca.pem"),
-        "--tls-cert",
-        &file(d, "coordinator-c1.pem"),
-        "--tls-key",
-        &file(d, "coordinator-c1.key"),
+    use rmem_tests::pki::Lab;
+    let lab = Lab::new(&[
+        ("coordinator", "c1"),
+        ("server", "mem-0"),
+        ("agent", "node-1"),
+        ("admin", "alice"),
     ]);
+    let other = Lab::new(&[("admin", "mallory")]);
+    let flags = lab.flags("coordinator-c1");
+    let coord = Coordinator::start(&flags.iter().map(String::as_str).collect::<Vec<_>>());
     let addr = coord.addr.to_string();
-    let creds = |dir: &str, who: &str| Credentials {
+    let creds = |who: &str| Credentials {
         token: None,
-        tls: Some(
-            TlsFiles {
-                ca_file: file(d, "ca.pem").into(),
-                cert_file: file(dir, &format!("{who}.pem")).into(),
-                key_file: file(dir, &format!("{who}.key")).into(),
-            }
-            .read()
-            .unwrap(),
-        ),
+        tls: Some(lab.pem(&lab, who)),
     };
     let reason = |e: &tonic::Status| {
         e.metadata()
@@ -1319,7 +1285,7 @@ fn with_mutual_tls_members_act_only_as_their_certificates_say() {
         };
         // A server registers as itself; not under another name, not as an
         // agent.
-        let s = connect(creds(d, "server-mem-0")).await;
+        let s = connect(creds("server-mem-0")).await;
         s.membership().register(server("mem-0", 100)).await.unwrap();
         for req in [server("mem-1", 100), agent("mem-0")] {
             let e = s.membership().register(req).await.unwrap_err();
@@ -1327,7 +1293,7 @@ fn with_mutual_tls_members_act_only_as_their_certificates_say() {
             assert_eq!(reason(&e).as_deref(), Some("forbidden"));
         }
         // An agent registers as itself, and may not drain a server.
-        let a = connect(creds(d, "agent-node-1")).await;
+        let a = connect(creds("agent-node-1")).await;
         a.membership().register(agent("node-1")).await.unwrap();
         let e = a
             .membership()
@@ -1351,15 +1317,7 @@ fn with_mutual_tls_members_act_only_as_their_certificates_say() {
             &addr,
             &Credentials {
                 token: None,
-                tls: Some(
-                    TlsFiles {
-                        ca_file: file(d, "ca.pem").into(),
-                        cert_file: file(o, "admin-mallory.pem").into(),
-                        key_file: file(o, "admin-mallory.key").into(),
-                    }
-                    .read()
-                    .unwrap(),
-                ),
+                tls: Some(other.pem(&lab, "admin-mallory")),
             },
             Duration::from_secs(2),
         )
@@ -1369,19 +1327,9 @@ fn with_mutual_tls_members_act_only_as_their_certificates_say() {
         }
     });
     // An admin drains, through rmemctl's TLS flags.
-    let drained = rmemctl_ok(&[
-        "--endpoint",
-        &addr,
-        "--tls-ca",
-        &file(d, "ca.pem"),
-        "--tls-cert",
-        &file(d, "admin-alice.pem"),
-        "--tls-key",
-        &file(d, "admin-alice.key"),
-        "--output",
-        "json",
-        "drain",
-        "mem-0",
-    ]);
+    let mut args = vec!["--endpoint".to_string(), addr.clone()];
+    args.extend(lab.flags("admin-alice"));
+    args.extend(["--output", "json", "drain", "mem-0"].map(String::from));
+    let drained = rmemctl_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(drained.contains("\"draining\""), "{drained}");
 }

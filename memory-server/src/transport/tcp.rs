@@ -19,8 +19,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use rmem_common::identity::{Identity, Role};
 use rmem_proto::wire::{self, ErrorCode, HEADER_LEN, Opcode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -59,16 +60,28 @@ pub struct Timeouts {
     pub drain: Duration,
 }
 
+/// A connection's byte stream: plain TCP or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// The first byte of a TLS connection (a handshake record).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
 /// Accepts connections until `shutdown` fires; each runs on `tracker`.
+/// With `tls`, every connection is mutual TLS: the client's certificate
+/// must come from the cluster CA and name an agent or an admin.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     timeouts: Timeouts,
     max_connections: u32,
     admission: Arc<Admission>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -89,7 +102,9 @@ pub async fn serve(
         // connections cannot all pass the check before any task runs.
         if metrics.connections_open.load(Ordering::Relaxed) >= u64::from(max_connections) {
             tracing::warn!(%peer, max_connections, "connection refused: too many connections");
-            tracker.spawn(refuse(stream, ErrorCode::Busy, "too many connections"));
+            if acceptor.is_none() {
+                tracker.spawn(refuse(stream, ErrorCode::Busy, "too many connections"));
+            }
             continue;
         }
         let ticket = match admission.admit(peer.ip()) {
@@ -97,7 +112,11 @@ pub async fn serve(
             Err(why) => {
                 metrics.admissions_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, "connection refused: {why}");
-                tracker.spawn(refuse(stream, ErrorCode::Busy, why.to_string()));
+                // Over TLS a plaintext answer would not be understood, and
+                // a handshake costs what the caps are there to save.
+                if acceptor.is_none() {
+                    tracker.spawn(refuse(stream, ErrorCode::Busy, why.to_string()));
+                }
                 continue;
             }
         };
@@ -109,20 +128,77 @@ pub async fn serve(
         if let Ok(local) = stream.local_addr() {
             session.set_local_ip(local.ip());
         }
-        let conn = Connection {
-            stream,
-            peer,
-            session,
-            inbuf: BytesMut::with_capacity(READ_CHUNK),
-            outbuf: Vec::with_capacity(READ_CHUNK),
-            timeouts,
-            frame_deadline: None,
-            shutdown: shutdown.clone(),
-            ticket,
-        };
         let span = tracing::info_span!("conn", %peer);
-        tracker.spawn(conn.run().instrument(span));
+        let (acceptor, shutdown) = (acceptor.clone(), shutdown.clone());
+        tracker.spawn(
+            async move {
+                let (stream, identity) = match acceptor {
+                    None => (Box::new(stream) as Box<dyn Io>, None),
+                    Some(acceptor) => {
+                        match tls_handshake(stream, &acceptor, timeouts.handshake).await {
+                            Ok((stream, identity)) => (stream, Some(identity)),
+                            Err(why) => {
+                                tracing::warn!(%peer, "connection refused: {why}");
+                                let mut ticket = ticket;
+                                ticket.failed();
+                                let m = &session.shared().metrics;
+                                m.connections_open.fetch_sub(1, Ordering::Relaxed);
+                                return;
+                            }
+                        }
+                    }
+                };
+                let conn = Connection {
+                    stream,
+                    peer,
+                    identity,
+                    session,
+                    inbuf: BytesMut::with_capacity(READ_CHUNK),
+                    outbuf: Vec::with_capacity(READ_CHUNK),
+                    timeouts,
+                    frame_deadline: None,
+                    shutdown,
+                    ticket,
+                };
+                conn.run().await
+            }
+            .instrument(span),
+        );
     }
+}
+
+/// Accepts TLS on `stream` within `limit`: the client's certificate chain
+/// was verified by rustls; its identity is returned. A client speaking
+/// plaintext is told so in the protocol it speaks.
+async fn tls_handshake(
+    stream: TcpStream,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    limit: Duration,
+) -> Result<(Box<dyn Io>, Identity), String> {
+    let handshake = async {
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await.map_err(|e| e.to_string())? == 1
+            && first[0] != TLS_HANDSHAKE_RECORD
+        {
+            refuse(
+                stream,
+                ErrorCode::AuthFailed,
+                "this server requires TLS: connect with a certificate from the cluster CA (--tls-ca, --tls-cert, --tls-key)",
+            )
+            .await;
+            return Err("plaintext on the TLS data port".to_string());
+        }
+        let tls = acceptor
+            .accept(stream)
+            .await
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let identity = rmem_common::tls::data::peer_identity(tls.get_ref().1.peer_certificates())
+            .map_err(|e| format!("client certificate: {e}"))?;
+        Ok((Box::new(tls) as Box<dyn Io>, identity))
+    };
+    tokio::time::timeout(limit, handshake)
+        .await
+        .map_err(|_| "TLS handshake timeout".to_string())?
 }
 
 fn tune(stream: &TcpStream) -> std::io::Result<()> {
@@ -155,8 +231,10 @@ enum End {
 }
 
 struct Connection {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     peer: SocketAddr,
+    /// Whom the client's certificate names (with TLS).
+    identity: Option<Identity>,
     session: Session,
     inbuf: BytesMut,
     outbuf: Vec<u8>,
@@ -173,7 +251,16 @@ impl Connection {
     /// Serves the connection; it was counted open when accepted.
     async fn run(mut self) {
         let metrics = self.session.shared().metrics.clone();
-        let end = self.serve().await;
+        let end = match &self.identity {
+            Some(id) if !matches!(id.role, Role::Agent | Role::Admin) => End::Fatal(Fatal {
+                code: ErrorCode::AuthFailed,
+                message: format!(
+                    "the certificate names {id}: only agents and admins may use the data plane"
+                ),
+                request_id: 0,
+            }),
+            _ => self.serve().await,
+        };
         if let End::Fatal(f) = &end
             && f.code == ErrorCode::AuthFailed
         {
@@ -187,7 +274,8 @@ impl Connection {
             End::Io(e) => tracing::debug!(?tenant, error = %e, "connection lost"),
             End::Fatal(f) => {
                 tracing::warn!(
-                    peer = %self.peer, ?tenant, code = %f.code, request_id = f.request_id,
+                    peer = %self.peer, identity = ?self.identity.as_ref().map(ToString::to_string),
+                    ?tenant, code = %f.code, request_id = f.request_id,
                     "closing connection: {}", f.message
                 );
                 // After the answers to the requests executed before it.
@@ -195,7 +283,7 @@ impl Connection {
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
             }
         }
-        let _ = self.stream.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
     }
 
     /// Writes the pending responses. A client that takes none of them for

@@ -75,6 +75,10 @@ pub struct ServeConfig {
     /// address reaches the server.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rdma_device: Option<String>,
+    /// Mutual TLS to the coordinator and the memory servers: an `agent`
+    /// certificate, whose name is the member name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<rmem_common::tls::TlsFiles>,
 }
 
 /// `Transport` as its short name in TOML.
@@ -99,6 +103,7 @@ impl Default for ServeConfig {
             cluster_token_file: None,
             cluster_token: None,
             name: None,
+            tls: None,
             tenant: "default".into(),
             token: None,
             token_file: None,

@@ -34,8 +34,11 @@ pub struct ClusterConfig {
     /// Cluster token.
     pub token: Option<String>,
     /// Member name, unique in the cluster (a process of this host by
-    /// default).
+    /// default; with TLS the certificate's, which a name given must match).
     pub name: Option<String>,
+    /// Mutual TLS to the coordinator and the servers (an `agent`
+    /// certificate).
+    pub tls: Option<rmem_common::tls::TlsPem>,
     /// Tenant the agent allocates for.
     pub tenant: String,
     /// How long joining, and each later control call (allocating capacity,
@@ -56,6 +59,7 @@ impl ClusterConfig {
             coordinator: coordinator.into(),
             token: None,
             name: None,
+            tls: None,
             tenant: "default".into(),
             join_timeout: Duration::from_secs(60),
             rebuild_bandwidth: None,
@@ -96,6 +100,8 @@ pub enum ClusterError {
     Control(#[from] ControlError),
     #[error("the coordinator's placement is unusable")]
     Servers(#[from] ServersError),
+    #[error(transparent)]
+    Config(#[from] rmem_common::config::ConfigError),
     #[error("no memory server has room")]
     NoServer,
     #[error("the coordinator granted less than asked")]
@@ -271,6 +277,8 @@ pub struct Cluster {
     /// How long a control call waits for a coordinator to lead
     /// ([`ClusterConfig::join_timeout`]).
     control_within: Duration,
+    /// The data plane's TLS, for every server granted.
+    data_tls: Option<rmem_client::ClientTls>,
 }
 
 /// As [`ClusterConfig::join_timeout`], for invalidations of freed pages (which fall back
@@ -338,12 +346,6 @@ impl Subscriber for Events {
     }
 }
 
-/// Server connection settings for a grant.
-pub(crate) fn server_config(g: &pb::Grant) -> ClientConfig {
-    ClientConfig::new(g.data_addr.clone())
-        .with_tenant(g.tenant.clone(), g.credential.clone().into_bytes())
-}
-
 impl Cluster {
     /// Joins the cluster as an agent member.
     pub fn connect(cfg: &ClusterConfig) -> Result<Arc<Self>, ClusterError> {
@@ -353,15 +355,32 @@ impl Cluster {
             .enable_all()
             .build()
             .map_err(ClusterError::Runtime)?;
-        let name = cfg
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("{}/{}", hostname(), std::process::id()));
+        let name = match &cfg.tls {
+            Some(pem) => pem.member_name(
+                rmem_common::identity::Role::Agent,
+                "name",
+                cfg.name.as_deref(),
+            )?,
+            None => cfg
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{}/{}", hostname(), std::process::id())),
+        };
+        let data_tls = match &cfg.tls {
+            Some(pem) => Some(rmem_client::ClientTls {
+                config: pem.data_client()?,
+                server: None,
+            }),
+            None => None,
+        };
         let shared = Arc::new(Shared::default());
         let (client, session) = runtime.block_on(async {
             let (client, session, _) = rmem_client::control::join(
                 &cfg.coordinator,
-                &rmem_client::control::Credentials::token(cfg.token.as_deref()),
+                &rmem_client::control::Credentials {
+                    token: cfg.token.clone(),
+                    tls: cfg.tls.clone(),
+                },
                 cfg.join_timeout,
                 pb::RegisterRequest {
                     role: pb::Role::Agent as i32,
@@ -428,6 +447,7 @@ impl Cluster {
             leave_on_drop: std::sync::atomic::AtomicBool::new(true),
             invalidate_warn: rmem_common::logging::Throttle::new(Duration::from_secs(5)),
             control_within: cfg.join_timeout,
+            data_tls,
         }))
     }
 
@@ -708,6 +728,17 @@ impl Cluster {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Connection settings for a grant's server: its tenant credential,
+    /// and with TLS, the server's certificate must name it.
+    pub(crate) fn server_config(&self, g: &pb::Grant) -> ClientConfig {
+        let mut c = ClientConfig::new(g.data_addr.clone())
+            .with_tenant(g.tenant.clone(), g.credential.clone().into_bytes());
+        if let Some(tls) = &self.data_tls {
+            c = c.with_tls(tls.config.clone(), Some(g.server_name.clone()));
+        }
+        c
     }
 
     pub fn client(&self) -> &ControlClient {

@@ -40,7 +40,7 @@ use rmem_common::Redundancy;
 
 use super::book::{Book, Grant, Slots, UNBOUNDED};
 pub use super::book::{Piece, Slot};
-use super::cluster::{Cluster, ClusterError, server_config};
+use super::cluster::{Cluster, ClusterError};
 use super::servers::{Remotes, Servers};
 use super::space::{SPACE_BITS, Space, new_base, retire};
 use super::stripe;
@@ -189,7 +189,7 @@ impl Homes {
             // Their servers answer faults on old handles; the grants count
             // as full (what they hold is unknown).
             for g in &held {
-                let server = servers.add(server_config(g))?;
+                let server = servers.add(cluster.server_config(g))?;
                 let mut grant = Grant::new(g.grant_id, g.server_id, server, g.pages);
                 grant.used = g.pages;
                 grant.domain.clone_from(&g.domain);
@@ -608,7 +608,7 @@ impl Homes {
         }
         let mut added = Vec::with_capacity(grants.len());
         for g in &grants {
-            let server = self.servers.add(server_config(g))?;
+            let server = self.servers.add(link.cluster.server_config(g))?;
             let subscribed = self.book().subscribed.contains(&g.server_id);
             if !subscribed {
                 if let Err(e) = link.cluster.subscribe(link.space.interval, g.server_id) {

@@ -4,12 +4,41 @@
 //! (`--tls-ca`, `--tls-cert`, `--tls-key`), environment variables
 //! (`RMEM_TLS_CA`, `RMEM_TLS_CERT`, `RMEM_TLS_KEY`) or a `[tls]` section.
 
+pub mod data;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, invalid};
 use crate::identity::Identity;
+
+/// The three flags, the same on every binary.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// Mutual TLS: the cluster CA (PEM) peers' certificates must be signed
+    /// by. With --tls-cert and --tls-key (make all three with `rmemctl pki`).
+    #[arg(long, global = true, env = "RMEM_TLS_CA", value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+    /// This member's certificate (PEM), naming its role and name.
+    #[arg(long, global = true, env = "RMEM_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, global = true, env = "RMEM_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The files, if given (all three or none).
+    pub fn files(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        TlsFiles::from_parts(
+            "tls",
+            self.tls_ca.clone(),
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+        )
+    }
+}
 
 /// Where a member's TLS files are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +68,37 @@ impl std::fmt::Debug for TlsPem {
         f.debug_struct("TlsPem")
             .field("identity", &self.identity)
             .finish_non_exhaustive()
+    }
+}
+
+impl TlsPem {
+    /// The name a member registers with: its certificate's, which must be
+    /// for `role`; a name also configured (`field`) must be the same.
+    pub fn member_name(
+        &self,
+        role: crate::identity::Role,
+        field: &str,
+        configured: Option<&str>,
+    ) -> Result<String, ConfigError> {
+        let id = &self.identity;
+        if id.role != role {
+            return Err(invalid(
+                "tls.cert_file",
+                format!(
+                    "the certificate names {id}; a {role} needs a {role} certificate (rmemctl pki issue {role} NAME)"
+                ),
+            ));
+        }
+        match configured {
+            Some(name) if name != id.name => Err(invalid(
+                field,
+                format!(
+                    "`{name}` is not the name the certificate gives (`{}`); leave it unset or make them the same",
+                    id.name
+                ),
+            )),
+            _ => Ok(id.name.clone()),
+        }
     }
 }
 

@@ -1,0 +1,276 @@
+//! A lab PKI: a cluster CA and member certificates, for `rmemctl pki`,
+//! `deploy/local-cluster.sh`, tests and benchmarks. Production clusters use
+//! their own PKI (cert-manager, an organisation's CA): any certificate
+//! signed by the CA members trust and carrying the member's identity as a
+//! URI name (`spiffe://rmem/ROLE/NAME`, see [`crate::identity`]) does.
+//!
+//! Keys are ECDSA P-256, written mode 0600; nothing is overwritten without
+//! `force`.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::identity::{Identity, IdentityError, Role};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{0} exists; pass --force to replace it")]
+    Exists(PathBuf),
+    #[error("cannot {what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Ca {
+        path: PathBuf,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("cannot make the certificate")]
+    Make(#[from] rcgen::Error),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("`{0}` is neither a host name nor an IP address")]
+    Host(String),
+}
+
+/// What was written.
+#[derive(Debug, Serialize)]
+pub struct Issued {
+    /// `ca`, or the member's identity URI.
+    pub identity: String,
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    /// RFC 3339.
+    pub not_after: String,
+}
+
+fn validity(days: u32) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc();
+    // A little before now: clocks of members differ.
+    (
+        now - time::Duration::minutes(5),
+        now + time::Duration::days(i64::from(days)),
+    )
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// Writes `text` to a new file at `path` (mode `mode`), or over one with
+/// `force`.
+fn write(path: &Path, text: &str, mode: u32, force: bool) -> Result<(), PkiError> {
+    let io = |what, source| PkiError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    if force {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("replace", e)),
+            _ => {}
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                PkiError::Exists(path.to_path_buf())
+            } else {
+                io("create", e)
+            }
+        })?;
+    f.write_all(text.as_bytes()).map_err(|e| io("write", e))
+}
+
+fn refuse_existing(paths: &[&Path], force: bool) -> Result<(), PkiError> {
+    if !force && let Some(p) = paths.iter().find(|p| p.exists()) {
+        return Err(PkiError::Exists(p.to_path_buf()));
+    }
+    Ok(())
+}
+
+fn make_dir(dir: &Path) -> Result<(), PkiError> {
+    std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        what: "create",
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// `rmemctl pki init`.
+pub fn init(dir: &Path, days: u32, force: bool) -> Result<Issued, PkiError> {
+    make_dir(dir)?;
+    let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
+    refuse_existing(&[&cert_path, &key_path], force)?;
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "rmem cluster CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    (params.not_before, params.not_after) = validity(days);
+    let cert = params.self_signed(&key)?;
+    write(&key_path, &key.serialize_pem(), 0o600, force)?;
+    write(&cert_path, &cert.pem(), 0o644, force)?;
+    Ok(Issued {
+        identity: "ca".into(),
+        certificate: cert_path,
+        key: key_path,
+        not_after: rfc3339(params.not_after),
+    })
+}
+
+/// `rmemctl pki issue`.
+pub fn issue(
+    dir: &Path,
+    role: Role,
+    name: &str,
+    hosts: &[String],
+    days: u32,
+    force: bool,
+) -> Result<Issued, PkiError> {
+    let identity = Identity::new(role, name)?;
+    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|source| PkiError::Io {
+            what: "read",
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let signing = rcgen::KeyPair::from_pem(&read(&ca_key)?).map_err(|source| PkiError::Ca {
+        path: ca_key.clone(),
+        source,
+    })?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&read(&ca_cert)?, signing).map_err(|source| {
+        PkiError::Ca {
+            path: ca_cert.clone(),
+            source,
+        }
+    })?;
+    let file = format!("{role}-{}", name.replace('/', "_"));
+    let (cert_path, key_path) = (
+        dir.join(format!("{file}.pem")),
+        dir.join(format!("{file}.key")),
+    );
+    refuse_existing(&[&cert_path, &key_path], force)?;
+    let mut sans = vec![rcgen::SanType::URI(
+        identity
+            .uri()
+            .try_into()
+            .map_err(|_| IdentityError::Name(name.to_string()))?,
+    )];
+    for h in hosts.iter().map(|h| h.trim()).filter(|h| !h.is_empty()) {
+        sans.push(match h.parse::<std::net::IpAddr>() {
+            Ok(ip) => rcgen::SanType::IpAddress(ip),
+            Err(_) => {
+                let valid = h.len() <= 253
+                    && h.split('.').all(|l| {
+                        !l.is_empty()
+                            && l.len() <= 63
+                            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    });
+                if !valid {
+                    return Err(PkiError::Host(h.to_string()));
+                }
+                rcgen::SanType::DnsName(h.try_into().map_err(|_| PkiError::Host(h.to_string()))?)
+            }
+        });
+    }
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names = sans;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationalUnitName, role.as_str());
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    (params.not_before, params.not_after) = validity(days);
+    let cert = params.signed_by(&key, &issuer)?;
+    write(&key_path, &key.serialize_pem(), 0o600, force)?;
+    write(&cert_path, &cert.pem(), 0o644, force)?;
+    Ok(Issued {
+        identity: identity.uri(),
+        certificate: cert_path,
+        key: key_path,
+        not_after: rfc3339(params.not_after),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_issues_member_certificates_that_carry_their_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ca = init(d, 10, false).unwrap();
+        assert!(matches!(init(d, 10, false), Err(PkiError::Exists(_))));
+        let issued = issue(
+            d,
+            Role::Server,
+            "mem-0",
+            &["10.0.0.7".into(), "mem-0.example".into()],
+            5,
+            false,
+        )
+        .unwrap();
+        let pem = std::fs::read(&issued.certificate).unwrap();
+        assert_eq!(
+            Identity::from_pem(&pem).unwrap(),
+            Identity::new(Role::Server, "mem-0").unwrap()
+        );
+        use std::os::unix::fs::PermissionsExt;
+        for key in [&ca.key, &issued.key] {
+            let mode = std::fs::metadata(key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+        }
+        // Names with a slash (a kernel agent's `host/kmod`) make a file name.
+        let kmod = issue(d, Role::Agent, "node-1/kmod", &[], 5, false).unwrap();
+        assert!(kmod.certificate.ends_with("agent-node-1_kmod.pem"));
+        assert!(matches!(
+            issue(d, Role::Server, "mem-0", &[], 5, false),
+            Err(PkiError::Exists(_))
+        ));
+        issue(d, Role::Server, "mem-0", &[], 5, true).unwrap();
+        assert!(matches!(
+            issue(d, Role::Admin, "bad name", &[], 5, false),
+            Err(PkiError::Identity(_))
+        ));
+        assert!(matches!(
+            issue(d, Role::Server, "mem-1", &["not a host".into()], 5, false),
+            Err(PkiError::Host(_))
+        ));
+        let other = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            issue(other.path(), Role::Admin, "alice", &[], 5, false),
+            Err(PkiError::Io { .. })
+        ));
+    }
+}
