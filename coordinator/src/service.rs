@@ -68,6 +68,54 @@ fn may_register(r: &Request<pb::RegisterRequest>) -> Result<(), CoordError> {
     Ok(())
 }
 
+/// With mutual TLS on, whether the caller may act for `member`: an admin
+/// for anyone; any other member only for the member registered under its
+/// certificate's role and name (an agent for itself, its intervals and its
+/// grants; a server for itself). `what` names the action in the refusal.
+fn acts_for(
+    c: &Cluster,
+    who: Option<&Identity>,
+    member: u64,
+    what: &str,
+) -> Result<(), CoordError> {
+    let Some(id) = who else {
+        return Ok(());
+    };
+    if id.role == Role::Admin {
+        return Ok(());
+    }
+    let m = c.members.get(member)?;
+    let role = match m.rec.role {
+        RoleRecord::Server => Role::Server,
+        RoleRecord::Agent => Role::Agent,
+    };
+    if role == id.role && m.rec.name == id.name {
+        Ok(())
+    } else {
+        Err(CoordError::Forbidden {
+            caller: id.to_string(),
+            what: format!(
+                "{what} of {role} `{}` (only itself or an admin may)",
+                m.rec.name
+            ),
+        })
+    }
+}
+
+/// As [`acts_for`], for the owner of interval `interval`.
+fn owns_interval(
+    c: &Cluster,
+    who: Option<&Identity>,
+    interval: u64,
+    what: &str,
+) -> Result<(), CoordError> {
+    if who.is_none() {
+        return Ok(());
+    }
+    let owner = c.intervals.get(interval)?.rec.owner;
+    acts_for(c, who, owner, what)
+}
+
 /// State shared by every service.
 #[derive(Debug)]
 pub struct Shared {
@@ -195,8 +243,10 @@ impl Membership for Service {
     }
 
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Res<pb::HeartbeatResponse> {
+        let who = caller(&r).cloned();
         let r = r.into_inner();
         let mut c = self.shared().lock();
+        acts_for(&c, who.as_ref(), r.member_id, "renew the lease")?;
         same_cluster(&c, r.member_id, &r.cluster_id)?;
         let state =
             state_pb(c.heartbeat(r.member_id, r.incarnation, r.used_pages, r.at_risk_pages)?);
@@ -208,8 +258,10 @@ impl Membership for Service {
     }
 
     async fn deregister(&self, r: Request<pb::DeregisterRequest>) -> Res<pb::DeregisterResponse> {
+        let who = caller(&r).cloned();
         let r = r.into_inner();
         let mut c = self.shared().lock();
+        acts_for(&c, who.as_ref(), r.member_id, "deregister")?;
         same_cluster(&c, r.member_id, &r.cluster_id)?;
         c.deregister(r.member_id, r.incarnation)?;
         ok(pb::DeregisterResponse {})
@@ -236,8 +288,10 @@ impl Membership for Service {
 #[tonic::async_trait]
 impl Placement for Service {
     async fn allocate(&self, r: Request<pb::AllocateRequest>) -> Res<pb::AllocateResponse> {
+        let who = caller(&r).cloned();
         let r = r.into_inner();
         let mut c = self.shared().lock();
+        acts_for(&c, who.as_ref(), r.agent_id, "allocate for the grants")?;
         let a = c.allocate_once(
             r.request_id,
             r.agent_id,
@@ -254,14 +308,30 @@ impl Placement for Service {
     }
 
     async fn release(&self, r: Request<pb::ReleaseRequest>) -> Res<pb::ReleaseResponse> {
+        let who = caller(&r).cloned();
         let r = r.into_inner();
-        self.shared().lock().release(r.grant_id, r.pages)?;
+        let mut c = self.shared().lock();
+        if who.is_some() {
+            let agent = c.grants.get(r.grant_id)?.agent;
+            acts_for(&c, who.as_ref(), agent, "release a grant")?;
+        }
+        c.release(r.grant_id, r.pages)?;
         ok(pb::ReleaseResponse {})
     }
 
     async fn list_grants(&self, r: Request<pb::ListGrantsRequest>) -> Res<pb::ListGrantsResponse> {
+        let who = caller(&r).cloned();
         let r = r.into_inner();
         let c = self.shared().lock();
+        // Grants carry their tenant's credential: an agent lists its own, a
+        // server those on itself.
+        match who.as_ref().map(|id| id.role) {
+            None | Some(Role::Admin) => {}
+            Some(Role::Server) if r.agent_id == 0 => {
+                acts_for(&c, who.as_ref(), r.server_id, "list the grants")?
+            }
+            Some(_) => acts_for(&c, who.as_ref(), r.agent_id, "list the grants")?,
+        }
         let grants = c
             .grants
             .iter()
@@ -279,7 +349,9 @@ impl Intervals for Service {
         &self,
         r: Request<pb::RegisterIntervalRequest>,
     ) -> Res<pb::RegisterIntervalResponse> {
-        let (interval_id, seq) = self.shared().lock().register_interval(r.get_ref())?;
+        let mut c = self.shared().lock();
+        acts_for(&c, caller(&r), r.get_ref().owner, "register an interval")?;
+        let (interval_id, seq) = c.register_interval(r.get_ref())?;
         ok(pb::RegisterIntervalResponse { interval_id, seq })
     }
 
@@ -287,15 +359,28 @@ impl Intervals for Service {
         &self,
         r: Request<pb::UnregisterIntervalRequest>,
     ) -> Res<pb::UnregisterIntervalResponse> {
-        self.shared()
-            .lock()
-            .unregister_interval(r.get_ref().interval_id)?;
+        let mut c = self.shared().lock();
+        let id = r.get_ref().interval_id;
+        owns_interval(&c, caller(&r), id, "unregister an interval")?;
+        c.unregister_interval(id)?;
         ok(pb::UnregisterIntervalResponse {})
     }
 
     async fn subscribe(&self, r: Request<pb::SubscribeRequest>) -> Res<pb::SubscribeResponse> {
+        let who = caller(&r).cloned();
         let r = r.into_inner();
-        let seq = self.shared().lock().subscribe(r.interval_id, r.member_id)?;
+        let mut c = self.shared().lock();
+        // The interval's owner subscribes the servers it uses; a server
+        // subscribes itself (reconciling what it holds).
+        if acts_for(&c, who.as_ref(), r.member_id, "subscribe").is_err() {
+            owns_interval(
+                &c,
+                who.as_ref(),
+                r.interval_id,
+                "subscribe a server to an interval",
+            )?;
+        }
+        let seq = c.subscribe(r.interval_id, r.member_id)?;
         ok(pb::SubscribeResponse { seq })
     }
 
@@ -303,10 +388,18 @@ impl Intervals for Service {
         &self,
         r: Request<pb::UnsubscribeRequest>,
     ) -> Res<pb::UnsubscribeResponse> {
+        let who = caller(&r).cloned();
         let r = r.into_inner();
-        self.shared()
-            .lock()
-            .unsubscribe(r.interval_id, r.member_id)?;
+        let mut c = self.shared().lock();
+        if acts_for(&c, who.as_ref(), r.member_id, "unsubscribe").is_err() {
+            owns_interval(
+                &c,
+                who.as_ref(),
+                r.interval_id,
+                "unsubscribe a server from an interval",
+            )?;
+        }
+        c.unsubscribe(r.interval_id, r.member_id)?;
         ok(pb::UnsubscribeResponse {})
     }
 
@@ -343,6 +436,12 @@ impl Intervals for Service {
 
     async fn read_begin(&self, r: Request<pb::ReadBeginRequest>) -> Res<pb::ReadBeginResponse> {
         let id = r.get_ref().interval_id;
+        owns_interval(
+            &self.shared().lock(),
+            caller(&r),
+            id,
+            "read an interval's sequence",
+        )?;
         // An invalidation lasts at most the longest deadline; wait a little
         // longer than that before calling the interval stuck.
         let until = Instant::now() + self.shared().max_deadline + Duration::from_secs(1);
@@ -370,9 +469,16 @@ impl Intervals for Service {
     }
 
     async fn read_retry(&self, r: Request<pb::ReadRetryRequest>) -> Res<pb::ReadRetryResponse> {
+        let who = caller(&r).cloned();
         let r = r.into_inner();
         let (retry, seq) = {
             let c = self.shared().lock();
+            owns_interval(
+                &c,
+                who.as_ref(),
+                r.interval_id,
+                "read an interval's sequence",
+            )?;
             let answer = c.read_retry(r.interval_id, r.seq)?;
             // A replica no longer sure to lead may not have seen an
             // invalidation its successor made: it must not say "no retry".
@@ -477,7 +583,24 @@ type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEvent
 #[tonic::async_trait]
 impl Invalidation for Service {
     async fn invalidate(&self, r: Request<pb::InvalidateRequest>) -> Res<pb::InvalidateResponse> {
+        let who = caller(&r).cloned();
         let r = r.into_inner();
+        if who.is_some() {
+            // Only the owner of every interval the ranges touch, or an admin,
+            // may have their pages freed.
+            let c = self.shared().lock();
+            if r.origin != 0 {
+                acts_for(&c, who.as_ref(), r.origin, "invalidate on behalf")?;
+            }
+            for (start, length) in std::iter::once((r.start, r.length))
+                .chain(r.more.iter().map(|s| (s.start, s.length)))
+            {
+                let end = crate::intervals::check_range(start, length)?;
+                for iv in c.intervals.overlapping(&r.address_space, start, end) {
+                    owns_interval(&c, who.as_ref(), iv, "invalidate an interval")?;
+                }
+            }
+        }
         let deadline = match r.deadline_ms {
             0 => self.shared().default_deadline,
             ms => Duration::from_millis(u64::from(ms)).min(self.shared().max_deadline),
@@ -502,10 +625,12 @@ impl Invalidation for Service {
     type WatchStream = EventStream;
 
     async fn watch(&self, r: Request<pb::WatchRequest>) -> Res<Self::WatchStream> {
+        let who = caller(&r).cloned();
         let r = r.into_inner();
         let member = r.member_id;
         let (generation, notify, mut cursor) = {
             let mut c = self.shared().lock();
+            acts_for(&c, who.as_ref(), member, "watch the events")?;
             same_cluster(&c, member, &r.cluster_id)?;
             let generation = c.open_watch(member, r.incarnation)?;
             let mb = c.fanout.mailbox(member);
@@ -547,8 +672,11 @@ impl Invalidation for Service {
     }
 
     async fn ack(&self, r: Request<pb::AckRequest>) -> Res<pb::AckResponse> {
+        let who = caller(&r).cloned();
         let r = r.into_inner();
-        self.shared().lock().ack(r.member_id, r.invalidation_id)?;
+        let mut c = self.shared().lock();
+        acts_for(&c, who.as_ref(), r.member_id, "acknowledge an invalidation")?;
+        c.ack(r.member_id, r.invalidation_id)?;
         ok(pb::AckResponse {})
     }
 }

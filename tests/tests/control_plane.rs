@@ -1259,6 +1259,7 @@ fn with_mutual_tls_members_act_only_as_their_certificates_say() {
         ("coordinator", "c1"),
         ("server", "mem-0"),
         ("agent", "node-1"),
+        ("agent", "node-2"),
         ("admin", "alice"),
     ]);
     let other = Lab::new(&[("admin", "mallory")]);
@@ -1294,7 +1295,98 @@ fn with_mutual_tls_members_act_only_as_their_certificates_say() {
         }
         // An agent registers as itself, and may not drain a server.
         let a = connect(creds("agent-node-1")).await;
-        a.membership().register(agent("node-1")).await.unwrap();
+        let a_id = a
+            .membership()
+            .register(agent("node-1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .member_id;
+        let (iv, _) = register_interval(&a, "node-1/space", 16, a_id, &[]).await;
+        // Another agent acts on nothing of node-1's: not its lease, its
+        // grants, its interval, its pages or its events.
+        let b = connect(creds("agent-node-2")).await;
+        let b_id = b
+            .membership()
+            .register(agent("node-2"))
+            .await
+            .unwrap()
+            .into_inner()
+            .member_id;
+        let forbidden = |e: tonic::Status| {
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+            assert!(e.message().contains("node-1"), "{e}");
+        };
+        let take = pb::RegisterIntervalRequest {
+            address_space: "node-2/space".into(),
+            start: 0,
+            length: 16 * PAGE,
+            tenant: "default".into(),
+            owner: a_id,
+            ..Default::default()
+        };
+        forbidden(b.intervals().register(take).await.unwrap_err());
+        let invalidate = |space: &str, origin: u64| pb::InvalidateRequest {
+            address_space: space.into(),
+            start: 0,
+            length: 16 * PAGE,
+            reason: pb::Reason::Unmap as i32,
+            origin,
+            ..Default::default()
+        };
+        forbidden(
+            b.invalidation()
+                .invalidate(invalidate("node-1/space", b_id))
+                .await
+                .unwrap_err(),
+        );
+        forbidden(
+            b.intervals()
+                .unregister(pb::UnregisterIntervalRequest { interval_id: iv })
+                .await
+                .unwrap_err(),
+        );
+        forbidden(
+            b.membership()
+                .deregister(pb::DeregisterRequest {
+                    member_id: a_id,
+                    incarnation: 1,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err(),
+        );
+        forbidden(
+            b.placement()
+                .allocate(pb::AllocateRequest {
+                    agent_id: a_id,
+                    tenant: "default".into(),
+                    pages: 1,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err(),
+        );
+        forbidden(
+            b.placement()
+                .list_grants(pb::ListGrantsRequest {
+                    agent_id: a_id,
+                    server_id: 0,
+                })
+                .await
+                .unwrap_err(),
+        );
+        // The owner invalidates its own interval; an admin anyone's.
+        a.invalidation()
+            .invalidate(invalidate("node-1/space", a_id))
+            .await
+            .unwrap();
+        connect(creds("admin-alice"))
+            .await
+            .invalidation()
+            .invalidate(invalidate("node-1/space", 0))
+            .await
+            .unwrap();
         let e = a
             .membership()
             .register(server("node-1", 100))
