@@ -38,6 +38,8 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
+# afl++: the fuzz targets' smoke run (fuzz/run.sh).
+command -v afl-fuzz >/dev/null || need+=(afl++)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     step "installing ${need[*]}"
@@ -97,6 +99,9 @@ bash tests/container/run.sh 2>&1 | tee target/container-output.txt
 step "Kubernetes manifests: offline schema and reference checks (tests/k8s/validate.sh)"
 bash tests/k8s/validate.sh 2>&1 | tee target/k8s-output.txt
 
+step "fuzzing: every decoder a peer reaches (wire codec, server sessions, client replies, coordinator requests), 10 s each under AFL++ from fuzz/corpus (fuzz/run.sh)"
+bash fuzz/run.sh --seconds 10 2>&1 | tee target/fuzz-output.txt
+
 step "rmem-bench --quick (keeps the benchmark harness working, kernel swap baselines and plots included; figures are not judged)"
 ./target/release/rmem-bench --quick --plots target/bench-plots
 
@@ -105,4 +110,4 @@ step "rmem-bench --quick (keeps the benchmark harness working, kernel swap basel
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
      /^[0-9]+ passed, [0-9]+ failed/ { p += $1; f += $3 }
      END { printf "\nrmem: %d passed, %d failed\n", p, f }' target/test-output.txt target/vm-output.txt target/vm-rdma-output.txt \
-  target/container-output.txt target/k8s-output.txt
+  target/container-output.txt target/k8s-output.txt target/fuzz-output.txt

@@ -24,6 +24,8 @@ mod conn;
 pub mod control;
 mod error;
 mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 mod leader;
 mod locations;
 mod pool;

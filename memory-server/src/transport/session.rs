@@ -25,6 +25,17 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// What sessions share, with no RDMA.
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, limits: Limits) -> Self {
+        Self {
+            store,
+            metrics,
+            limits,
+            #[cfg(feature = "rdma")]
+            rdma: None,
+        }
+    }
+
     /// Whether a PUT flushes to disk before it is acknowledged (and so
     /// blocks).
     pub fn store_syncs(&self) -> bool {
