@@ -9,15 +9,21 @@
 # 127.0.0.1:P (default 17470), N memory servers (default 3, 256 MiB each)
 # that join it, and one agent running the verifying demo workload in a loop
 # (a region of SIZE, default 64MiB, with a 1 MiB local budget) on capacity
-# placed by the coordinator. It prints the coordinator endpoint:
-#
-#   rmemctl --endpoint 127.0.0.1:17470 status --output json
+# placed by the coordinator. It prints the coordinator endpoint (127.0.0.1:17470).
 #
 # With --coordinators C (2..5) it starts a local etcd (Debian's etcd-server:
 # client port P+90, peer port P+91, data in DIR/etcd) and C coordinator
 # replicas against it on 127.0.0.1:P..P+C-1, one of which leads, and prints
 # every coordinator endpoint on one line, comma-separated: members, rmemctl
 # and the demo take that list and follow the leader.
+#
+# Every connection is mutual TLS: `up` makes a lab CA and a certificate for
+# each member in DIR/pki (with `rmemctl pki init --keep`: kept across runs),
+# and writes DIR/env, shell exports to source:
+#
+#   . DIR/env
+#   rmemctl status                  # as the admin local-admin
+#   rmem-agent demo                 # as the agent local-you, on the cluster
 #
 # Logs, pids and the coordinator's state live in DIR (default
 # ${TMPDIR:-/tmp}/rmem-local-cluster); `down` stops everything (SIGTERM, so
@@ -62,6 +68,10 @@ fi
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# The TLS flags of member $1 (its files' stem in DIR/pki, e.g. server-mem-0).
+tls() { echo --tls-ca "$dir/pki/ca.pem" --tls-cert "$dir/pki/$1.pem" --tls-key "$dir/pki/$1.key"; }
+ctl() { "$bin/rmemctl" $(tls admin-local-admin) "$@"; }
+
 stop_all() {
   local any=0 f
   # The agent first (it frees its pages), then the servers, then the
@@ -91,8 +101,14 @@ case "$cmd" in
     fi
     trap 'echo "local-cluster: start failed; stopping what started (logs in $dir/logs)" >&2; stop_all || true' ERR
 
+    # The lab PKI: a CA, and a certificate for every member (loopback).
+    members=(--member admin:local-admin --member agent:local-agent --member agent:local-you)
+    for i in $(seq 0 $((coordinators - 1))); do members+=(--member "coordinator:c$i@127.0.0.1"); done
+    for i in $(seq 0 $((servers - 1))); do members+=(--member "server:mem-$i@127.0.0.1"); done
+    "$bin/rmemctl" pki init --dir "$dir/pki" --keep "${members[@]}" >"$dir/logs/pki.log"
+
     if [ "$coordinators" -eq 1 ]; then
-      "$bin/rmem-coordinator" --listen "$endpoint" --state-dir "$dir/coordinator" \
+      "$bin/rmem-coordinator" --listen "$endpoint" --state-dir "$dir/coordinator" $(tls coordinator-c0) \
         --lease 3s --placement-chunk 16MiB >"$dir/logs/coordinator.log" 2>&1 &
       echo $! >"$dir/pids/coordinator.pid"
     else
@@ -110,49 +126,61 @@ case "$cmd" in
       for i in $(seq 0 $((coordinators - 1))); do
         addr="127.0.0.1:$((port + i))"
         endpoint="${endpoint:+$endpoint,}$addr"
-        "$bin/rmem-coordinator" --listen "$addr" --etcd "$etcd_url" \
+        "$bin/rmem-coordinator" --listen "$addr" --etcd "$etcd_url" $(tls "coordinator-c$i") \
           --lease 3s --placement-chunk 16MiB >"$dir/logs/coordinator-$i.log" 2>&1 &
         echo $! >"$dir/pids/coordinator-$i.pid"
       done
     fi
     echo "$endpoint" >"$dir/endpoint"
     for _ in $(seq 1 150); do
-      "$bin/rmemctl" --endpoint "$endpoint" --timeout 1s status >/dev/null 2>&1 && break
+      ctl --endpoint "$endpoint" --timeout 1s status >/dev/null 2>&1 && break
       for f in "$dir"/pids/coordinator*.pid "$dir"/pids/etcd.pid; do
         [ -f "$f" ] || continue
         running "$f" || die "$(basename "$f" .pid) exited; see $dir/logs"
       done
       sleep 0.1
     done
-    "$bin/rmemctl" --endpoint "$endpoint" status >/dev/null || die "the coordinator does not answer on $endpoint"
+    ctl --endpoint "$endpoint" status >/dev/null || die "the coordinator does not answer on $endpoint"
 
     for i in $(seq 0 $((servers - 1))); do
       data=$((port + 10 + 2 * i)); grpc=$((data + 1))
       "$bin/rmem-server" --listen "127.0.0.1:$data" --grpc "127.0.0.1:$grpc" --capacity 256MiB \
-        --coordinator "$endpoint" --name "mem-$i" >"$dir/logs/server-$i.log" 2>&1 &
+        --coordinator "$endpoint" $(tls "server-mem-$i") >"$dir/logs/server-$i.log" 2>&1 &
       echo $! >"$dir/pids/server-$i.pid"
     done
     up=0
     for _ in $(seq 1 150); do
-      up=$("$bin/rmemctl" --endpoint "$endpoint" status --output json | sed -n 's/.*"servers_up": \([0-9]*\).*/\1/p')
+      up=$(ctl --endpoint "$endpoint" status --output json | sed -n 's/.*"servers_up": \([0-9]*\).*/\1/p')
       [ "${up:-0}" -ge "$servers" ] && break
       sleep 0.1
     done
     [ "${up:-0}" -ge "$servers" ] || die "only ${up:-0} of $servers servers joined; see $dir/logs"
 
-    "$bin/rmem-agent" demo --coordinator "$endpoint" --name local-agent --repeat 0 \
+    "$bin/rmem-agent" $(tls agent-local-agent) demo --coordinator "$endpoint" --repeat 0 \
       --size "$agent_size" --budget 1MiB --ops 50000 --json >"$dir/logs/agent.log" 2>&1 &
     echo $! >"$dir/pids/agent.pid"
+    cat >"$dir/env" <<EOF
+# The local rmem cluster in $dir: source this file (. $dir/env).
+# rmemctl acts as the admin local-admin, rmem-agent as the agent local-you.
+export RMEM_ENDPOINT=$endpoint
+export RMEM_COORDINATOR=$endpoint
+export RMEM_TLS_CA=$dir/pki/ca.pem
+export RMEM_TLS_CERT=$dir/pki/admin-local-admin.pem
+export RMEM_TLS_KEY=$dir/pki/admin-local-admin.key
+export RMEM_AGENT_TLS_CERT=$dir/pki/agent-local-you.pem
+export RMEM_AGENT_TLS_KEY=$dir/pki/agent-local-you.key
+EOF
     trap - ERR
-    echo "local-cluster: coordinator $endpoint, $servers servers, 1 agent (logs in $dir/logs)" >&2
+    echo "local-cluster: coordinator $endpoint, $servers servers, 1 agent, mutual TLS (logs in $dir/logs)" >&2
+    echo "local-cluster: . $dir/env to use it (rmemctl status; rmem-agent demo)" >&2
     [ "$coordinators" -eq 1 ] || echo "local-cluster: $coordinators coordinator replicas on the etcd at $etcd_url" >&2
     echo "$endpoint"
     ;;
   status)
-    "$bin/rmemctl" --endpoint "$endpoint" status
+    ctl --endpoint "$endpoint" status
     ;;
   down)
-    rm -f "$dir/endpoint"
+    rm -f "$dir/endpoint" "$dir/env"
     if stop_all; then
       echo "local-cluster: nothing was running in $dir" >&2
     else

@@ -52,6 +52,10 @@ struct Args {
     /// Credential of the tenant.
     #[arg(long, env = "RMEM_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Mutual TLS to a running server (--server): the cluster CA, and an
+    /// admin's or agent's certificate and key.
+    #[command(flatten)]
+    tls: rmem_common::tls::TlsArgs,
     /// Size of the benchmark region [default: 512MiB, 32MiB with --quick].
     #[arg(long)]
     region_size: Option<ByteSize>,
@@ -284,10 +288,23 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
         (None, Some(e)) => e.data_addr().to_string(),
         (None, None) => unreachable!("embedded server exists when no --server is given"),
     };
-    let client = ClientConfig::new(addr.clone()).with_tenant(
+    let mut client = ClientConfig::new(addr.clone()).with_tenant(
         args.tenant.clone(),
         args.token.clone().unwrap_or_default().into_bytes(),
     );
+    // A running server on mutual TLS: an admin's (or agent's) certificate.
+    if args.server.is_some()
+        && let Some(files) = args
+            .tls
+            .files()
+            .map_err(|e| BenchError::Tls(e.to_string()))?
+    {
+        let pem = files.read().map_err(|e| BenchError::Tls(e.to_string()))?;
+        let config = pem
+            .data_client()
+            .map_err(|e| BenchError::Tls(e.to_string()))?;
+        client = client.with_tls(config, None);
+    }
 
     let mut raw = limits::PingPong::start()?;
     let rtt = Histogram::new();

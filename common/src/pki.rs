@@ -49,6 +49,100 @@ pub struct Issued {
     pub key: PathBuf,
     /// RFC 3339.
     pub not_after: String,
+    /// The files were there already and were kept ([`lab`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
+}
+
+/// A member to issue a certificate for: `ROLE:NAME[@HOST,...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub role: Role,
+    pub name: String,
+    pub hosts: Vec<String>,
+}
+
+impl std::str::FromStr for Member {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not ROLE:NAME[@HOST,...] (e.g. server:mem-0@10.0.0.7)");
+        let (role, rest) = s.split_once(':').ok_or_else(bad)?;
+        let (name, hosts) = rest.split_once('@').unwrap_or((rest, ""));
+        let role: Role = role.parse().map_err(|e: IdentityError| e.to_string())?;
+        crate::identity::check_name(name).map_err(|e| e.to_string())?;
+        Ok(Self {
+            role,
+            name: name.to_string(),
+            hosts: hosts
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+                .collect(),
+        })
+    }
+}
+
+/// A lab in one step, safe to run again: the CA in `dir` (made unless
+/// there), and a certificate for each of `members` (made unless there).
+/// Files already there are kept, whatever they say (`rmemctl pki issue
+/// --force` replaces one).
+pub fn lab(
+    dir: &Path,
+    ca_days: u32,
+    member_days: u32,
+    members: &[Member],
+) -> Result<Vec<Issued>, PkiError> {
+    let mut out = Vec::with_capacity(members.len() + 1);
+    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    out.push(if ca.exists() && ca_key.exists() {
+        kept("ca".into(), ca, ca_key)?
+    } else {
+        init(dir, ca_days, false)?
+    });
+    for m in members {
+        let (cert, key) = member_files(dir, m.role, &m.name);
+        out.push(if cert.exists() && key.exists() {
+            let id = Identity::new(m.role, m.name.clone())?.uri();
+            kept(id, cert, key)?
+        } else {
+            issue(dir, m.role, &m.name, &m.hosts, member_days, false)?
+        });
+    }
+    Ok(out)
+}
+
+/// Where a member's certificate and key go in `dir`.
+fn member_files(dir: &Path, role: Role, name: &str) -> (PathBuf, PathBuf) {
+    let file = format!("{role}-{}", name.replace('/', "_"));
+    (
+        dir.join(format!("{file}.pem")),
+        dir.join(format!("{file}.key")),
+    )
+}
+
+/// An existing certificate, described.
+fn kept(identity: String, certificate: PathBuf, key: PathBuf) -> Result<Issued, PkiError> {
+    let pem = std::fs::read(&certificate).map_err(|source| PkiError::Io {
+        what: "read",
+        path: certificate.clone(),
+        source,
+    })?;
+    let not_after = x509_parser::pem::parse_x509_pem(&pem)
+        .ok()
+        .and_then(|(_, p)| {
+            p.parse_x509()
+                .ok()
+                .map(|c| rfc3339(c.validity().not_after.to_datetime()))
+        })
+        .unwrap_or_default();
+    Ok(Issued {
+        identity,
+        certificate,
+        key,
+        not_after,
+        kept: true,
+    })
 }
 
 fn validity(days: u32) -> (time::OffsetDateTime, time::OffsetDateTime) {
@@ -134,6 +228,7 @@ pub fn init(dir: &Path, days: u32, force: bool) -> Result<Issued, PkiError> {
         certificate: cert_path,
         key: key_path,
         not_after: rfc3339(params.not_after),
+        kept: false,
     })
 }
 
@@ -165,11 +260,7 @@ pub fn issue(
             source,
         }
     })?;
-    let file = format!("{role}-{}", name.replace('/', "_"));
-    let (cert_path, key_path) = (
-        dir.join(format!("{file}.pem")),
-        dir.join(format!("{file}.key")),
-    );
+    let (cert_path, key_path) = member_files(dir, role, name);
     refuse_existing(&[&cert_path, &key_path], force)?;
     let mut sans = vec![rcgen::SanType::URI(
         identity
@@ -219,6 +310,7 @@ pub fn issue(
         certificate: cert_path,
         key: key_path,
         not_after: rfc3339(params.not_after),
+        kept: false,
     })
 }
 

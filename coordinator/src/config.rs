@@ -158,6 +158,11 @@ impl EtcdConfig {
 pub struct CoordinatorConfig {
     /// gRPC address (every service, health and reflection).
     pub listen: SocketAddr,
+    /// Run with no TLS although `listen` is reachable beyond this host (a
+    /// lab on a trusted network). Without it such a coordinator refuses to
+    /// start unless `[tls]` is given.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
     /// Directory of the state log. Ignored with `ephemeral`.
     pub state_dir: PathBuf,
     /// Keep state in memory only (tests, throwaway clusters).
@@ -219,6 +224,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            insecure: false,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             ephemeral: false,
             etcd: None,
@@ -333,6 +339,12 @@ impl CoordinatorConfig {
                 return Err(invalid(field("quota"), "must be at least 4KiB"));
             }
         }
+        // Last: a file's other mistakes are named first.
+        rmem_common::tls::check_exposure(
+            &[("listen", self.listen)],
+            self.tls.is_some(),
+            self.insecure,
+        )?;
         Ok(())
     }
 
@@ -390,7 +402,7 @@ mod tests {
         std::fs::write(&cluster, "c-secret\n").unwrap();
         std::fs::write(&tenant, "t-secret\n").unwrap();
         let mut c = parse(&format!(
-            "token_file = {:?}\n[[tenant]]\nname = \"blue\"\ntoken_file = {:?}\n",
+            "insecure = true\ntoken_file = {:?}\n[[tenant]]\nname = \"blue\"\ntoken_file = {:?}\n",
             cluster, tenant
         ))
         .unwrap();
@@ -450,15 +462,18 @@ mod tests {
             assert!(err.contains(field), "{text}: {err}");
         }
         assert!(parse("bogus = 1").unwrap_err().contains("bogus"));
-        let c =
-            parse("[etcd]\nendpoints = [\"http://10.0.0.1:2379\", \"http://e2:2379\"]").unwrap();
+        assert!(parse("").unwrap_err().contains("`listen`"));
+        let c = parse(
+            "insecure = true\n[etcd]\nendpoints = [\"http://10.0.0.1:2379\", \"http://e2:2379\"]",
+        )
+        .unwrap();
         let etcd = c.etcd.unwrap();
         assert_eq!(
             (etcd.prefix.as_str(), etcd.election_ttl),
             ("/rmem/", Duration::from_secs(5))
         );
         let c = parse(
-            "[etcd]\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"c.key\"",
+            "insecure = true\n[etcd]\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"c.key\"",
         )
         .unwrap();
         assert!(c.etcd.unwrap().tls());

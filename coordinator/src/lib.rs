@@ -156,6 +156,7 @@ impl Coordinator {
             }
             None => None,
         };
+        rmem_common::tls::warn_if_insecure(&[("listen", addr)], tls.is_some());
         let shutdown = CancellationToken::new();
         let slot = Arc::new(std::sync::OnceLock::new());
         let leadership = config.etcd.as_ref().map(|_| Leadership::new());

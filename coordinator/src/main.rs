@@ -104,6 +104,10 @@ struct Args {
     token: Option<String>,
     #[command(flatten)]
     tls: rmem_common::tls::TlsArgs,
+    /// Run without TLS although listening beyond loopback (a lab on a
+    /// network you trust); logged loudly. Without it, TLS is required there.
+    #[arg(long)]
+    insecure: bool,
     /// Log format on stderr; RUST_LOG sets the level (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -186,6 +190,9 @@ fn config(args: &Args) -> Result<CoordinatorConfig, ConfigError> {
     if args.token.is_some() || args.token_file.is_some() {
         c.token = args.token.clone();
         c.token_file = args.token_file.clone();
+    }
+    if args.insecure {
+        c.insecure = true;
     }
     if let Some(tls) = args.tls.files()? {
         c.tls = Some(tls);

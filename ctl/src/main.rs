@@ -684,7 +684,26 @@ async fn run_agent(command: Command, out: Output, timeout: Duration) -> Result<(
 async fn run(args: Args) -> Result<(), CtlError> {
     if let Command::Pki(p) = args.command {
         let issued = match p {
-            pki::Pki::Init { dir, days, force } => pki::init(&dir, days, force)?,
+            pki::Pki::Init {
+                dir,
+                days,
+                keep: true,
+                members,
+                ..
+            } => pki::lab(&dir, days, 365, &members)?,
+            pki::Pki::Init {
+                dir,
+                days,
+                force,
+                members,
+                ..
+            } => {
+                let mut out = vec![pki::init(&dir, days, force)?];
+                for m in &members {
+                    out.push(pki::issue(&dir, m.role, &m.name, &m.hosts, 365, force)?);
+                }
+                out
+            }
             pki::Pki::Issue {
                 dir,
                 role,
@@ -692,9 +711,9 @@ async fn run(args: Args) -> Result<(), CtlError> {
                 hosts,
                 days,
                 force,
-            } => pki::issue(&dir, role, &name, &hosts, days, force)?,
+            } => vec![pki::issue(&dir, role, &name, &hosts, days, force)?],
         };
-        emit(args.output, &issued, pki::line);
+        emit(args.output, &issued, |v| pki::lines(v));
         return Ok(());
     }
     if matches!(

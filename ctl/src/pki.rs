@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use rmem_common::identity::Role;
-pub use rmem_common::pki::{Issued, PkiError, init, issue};
+pub use rmem_common::pki::{Issued, PkiError, init, issue, lab};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Pki {
@@ -22,8 +22,18 @@ pub enum Pki {
         days: u32,
         /// Replace a CA already in DIR (every certificate it signed stops
         /// being trusted once members are given the new one).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "keep")]
         force: bool,
+        /// Keep a CA (and member certificates) already in DIR instead of
+        /// failing: running the same command again changes nothing.
+        #[arg(long)]
+        keep: bool,
+        /// Also issue a certificate for this member, valid for a year:
+        /// ROLE:NAME, with the host names and addresses peers dial it by
+        /// after an @ (repeat for each member). Example:
+        /// --member coordinator:c1@c1.example,10.0.0.5 --member agent:node-3
+        #[arg(long = "member", value_name = "ROLE:NAME[@HOST,...]")]
+        members: Vec<rmem_common::pki::Member>,
     },
     /// Issue a member certificate signed by DIR's CA: DIR/ROLE-NAME.pem and
     /// DIR/ROLE-NAME.key, usable for TLS as server and client, carrying the
@@ -58,13 +68,19 @@ pub enum Pki {
     },
 }
 
-/// One line per file written, for `--output table`.
-pub fn line(i: &Issued) -> String {
-    format!(
-        "{}: {} (key {}), valid until {}\n",
-        i.identity,
-        i.certificate.display(),
-        i.key.display(),
-        i.not_after
-    )
+/// One line per certificate, for `--output table`.
+pub fn lines(issued: &[Issued]) -> String {
+    issued
+        .iter()
+        .map(|i| {
+            format!(
+                "{}: {} (key {}), valid until {}{}\n",
+                i.identity,
+                i.certificate.display(),
+                i.key.display(),
+                i.not_after,
+                if i.kept { " (kept)" } else { "" }
+            )
+        })
+        .collect()
 }

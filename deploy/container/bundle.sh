@@ -9,7 +9,9 @@
 #                             at the paths the binaries look for them
 #   OUT/root/etc/             passwd and group with root and rmem (65532)
 #   OUT/root/tmp/             world-writable, sticky
-#   OUT/state/                empty; becomes /var/lib/rmem, owned by rmem
+#   OUT/state/                becomes /var/lib/rmem, owned by rmem: empty but
+#                             for pki/, where a volume of member certificates
+#                             mounts (a new volume takes its owner)
 #
 # When a binary links libibverbs (the rdma features), also what libibverbs
 # loads at run time, which ldd does not show:
@@ -24,7 +26,7 @@
 set -eu
 out=$1
 shift
-mkdir -p "$out/root/usr/local/bin" "$out/root/etc/rmem" "$out/root/tmp" "$out/state"
+mkdir -p "$out/root/usr/local/bin" "$out/root/etc/rmem" "$out/root/tmp" "$out/state/pki"
 chmod 1777 "$out/root/tmp"
 
 # Copies every library FILE links to its path under OUT/root.

@@ -105,6 +105,11 @@ pub struct ClusterConfig {
 pub struct ServerConfig {
     /// Data-plane TCP address.
     pub listen: SocketAddr,
+    /// Run with no TLS although `listen` or `grpc` is reachable beyond
+    /// this host (a lab on a trusted network). Without it such a server
+    /// refuses to start unless `[tls]` is given.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
     /// Admin gRPC address (health, reflection, stats).
     pub grpc: SocketAddr,
     /// Size of the page pool.
@@ -180,6 +185,13 @@ impl Default for ClusterConfig {
     }
 }
 
+impl ServerConfig {
+    /// What the server listens on, by setting.
+    pub fn listens(&self) -> [(&'static str, SocketAddr); 2] {
+        [("listen", self.listen), ("grpc", self.grpc)]
+    }
+}
+
 impl ClusterConfig {
     /// No coordinator: the server runs on its own.
     pub fn is_standalone(&self) -> bool {
@@ -191,6 +203,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            insecure: false,
             grpc: DEFAULT_GRPC.parse().expect("valid default"),
             capacity: ByteSize::gib(1),
             pool_file: None,
@@ -352,6 +365,8 @@ impl ServerConfig {
                 return Err(invalid(field("quota"), "must be at least one 4 KiB page"));
             }
         }
+        // Last: a file's other mistakes are named first.
+        rmem_common::tls::check_exposure(&self.listens(), self.tls.is_some(), self.insecure)?;
         Ok(())
     }
 
@@ -413,8 +428,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid() {
-        ServerConfig::default().validate().unwrap();
+    fn defaults_are_valid_but_need_tls_or_insecure() {
+        let err = ServerConfig::default().validate().unwrap_err().to_string();
+        assert!(
+            err.contains("`listen`") && err.contains("--insecure"),
+            "{err}"
+        );
+        let mut c = ServerConfig {
+            insecure: true,
+            ..Default::default()
+        };
+        c.validate().unwrap();
+        c.insecure = false;
+        c.tls = Some(rmem_common::tls::TlsFiles::default());
+        c.validate().unwrap();
+        // Loopback needs neither.
+        c.tls = None;
+        c.listen = "127.0.0.1:7480".parse().unwrap();
+        c.grpc = "[::1]:7481".parse().unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

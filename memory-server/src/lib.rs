@@ -187,6 +187,10 @@ impl Server {
         if let Some(pem) = &tls {
             tracing::info!(identity = %pem.identity, "mutual TLS on the data plane and the admin gRPC port: clients need a certificate from the cluster CA");
         }
+        rmem_common::tls::warn_if_insecure(
+            &[("listen", data_addr), ("grpc", grpc_addr)],
+            tls.is_some(),
+        );
         let grpc = tokio::spawn(serve_grpc(grpc, admin, tls.clone(), shutdown.clone()));
         let membership = if config.cluster.is_standalone() {
             None

@@ -113,6 +113,10 @@ struct Args {
     /// (a `server` certificate: its name is the member name).
     #[command(flatten)]
     tls: rmem_common::tls::TlsArgs,
+    /// Run without TLS although listening beyond loopback (a lab on a
+    /// network you trust); logged loudly. Without it, TLS is required there.
+    #[arg(long)]
+    insecure: bool,
     /// Log format on stderr; RUST_LOG sets the level (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -194,6 +198,9 @@ fn effective_config(args: &Args) -> Result<(ServerConfig, Option<String>), Confi
     if args.cluster_token_file.is_some() {
         cluster.token_file = args.cluster_token_file.clone();
         cluster.token = None;
+    }
+    if args.insecure {
+        cfg.insecure = true;
     }
     if let Some(tls) = args.tls.files()? {
         cfg.tls = Some(tls);

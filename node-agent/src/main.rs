@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use rmem_agent::demo::{self, DemoConfig};
 use rmem_common::ByteSize;
 use rmem_common::logging::{self, LogFormat};
+use rmem_common::tls::TlsFiles;
 
 /// rmem node agent: keeps programs' cold memory on memory servers.
 #[derive(Debug, Parser)]
@@ -14,12 +15,39 @@ struct Args {
     /// Log format on stderr; RUST_LOG sets the level (default: warn).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
-    /// Mutual TLS to the coordinator and the memory servers (an `agent`
-    /// certificate: its name is the member name).
     #[command(flatten)]
-    tls: rmem_common::tls::TlsArgs,
+    tls: AgentTls,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Mutual TLS to the coordinator and the memory servers: every binary's
+/// three flags, the certificate and key from their own variables, so that
+/// one environment (a `deploy/local-cluster.sh` DIR/env) serves `rmemctl`
+/// as an admin and the agent as an agent.
+#[derive(Debug, clap::Args)]
+struct AgentTls {
+    /// The cluster CA (PEM). With --tls-cert and --tls-key.
+    #[arg(long, global = true, env = "RMEM_TLS_CA", value_name = "PATH")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// This agent's certificate (PEM; `rmemctl pki issue --role agent`): its
+    /// name is the member name.
+    #[arg(long, global = true, env = "RMEM_AGENT_TLS_CERT", value_name = "PATH")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, global = true, env = "RMEM_AGENT_TLS_KEY", value_name = "PATH")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+impl AgentTls {
+    fn files(&self) -> Result<Option<TlsFiles>, rmem_common::config::ConfigError> {
+        TlsFiles::from_parts(
+            "tls",
+            self.tls_ca.clone(),
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+        )
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -384,7 +412,7 @@ fn main() -> ExitCode {
 
 fn serve_config(
     a: &ServeArgs,
-    tls: &rmem_common::tls::TlsArgs,
+    tls: &AgentTls,
 ) -> Result<rmem_agent::kmod::config::ServeConfig, rmem_common::config::ConfigError> {
     use rmem_agent::kmod::config::ServeConfig;
     let mut c = match &a.config {
@@ -467,16 +495,14 @@ fn report(context: &str, e: &dyn std::error::Error) {
     eprintln!("{msg}");
 }
 
-fn run_serve(a: ServeArgs, tls: &rmem_common::tls::TlsArgs) -> ExitCode {
+fn run_serve(a: ServeArgs, tls: &AgentTls) -> ExitCode {
     use rmem_agent::kmod::admin::{self, AdminService};
     use rmem_agent::kmod::daemon::{self, DaemonConfig, Supervisor};
     use rmem_agent::kmod::damon::DamonConfig;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    let (cfg, tls) = match serve_config(&a, tls)
-        .and_then(|c| Ok((c.clone(), c.tls.as_ref().map(|f| f.read()).transpose()?)))
-    {
+    let cfg = match serve_config(&a, tls) {
         Ok(c) => c,
         Err(e) => {
             report("rmem-agent serve", &e);
@@ -490,6 +516,13 @@ fn run_serve(a: ServeArgs, tls: &rmem_common::tls::TlsArgs) -> ExitCode {
         print!("{}", toml::to_string(&shown).expect("config serializes"));
         return ExitCode::SUCCESS;
     }
+    let tls = match cfg.tls.as_ref().map(|f| f.read()).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            report("rmem-agent serve", &e);
+            return ExitCode::from(2);
+        }
+    };
     let home = Home {
         tls,
         server: (!cfg.server.is_empty()).then(|| cfg.server.clone()),
@@ -653,7 +686,7 @@ impl Home {
     }
 }
 
-fn run_kernel(k: KernelArgs, tls: &rmem_common::tls::TlsArgs) -> ExitCode {
+fn run_kernel(k: KernelArgs, tls: &AgentTls) -> ExitCode {
     use rmem_agent::kmod::daemon::{self, DaemonConfig};
     use rmem_agent::kmod::damon::DamonConfig;
     let read = || {

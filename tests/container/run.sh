@@ -188,7 +188,11 @@ coordinators=coordinator-1:7470,coordinator-2:7470,coordinator-3:7470
 # rmemctl from the first replica's container (or another while it is down),
 # given every replica: it finds the leader.
 ctl_from=coordinator-1
-ctl() { dc exec -T "$ctl_from" rmemctl --endpoint "$coordinators" --token-file /run/secrets/cluster-token "$@"; }
+# As the lab PKI's admin (the pki volume; servers' statistics are for admins).
+ctl() {
+  dc exec -T "$ctl_from" rmemctl --endpoint "$coordinators" --token-file /run/secrets/cluster-token \
+    --tls-cert /var/lib/rmem/pki/admin-admin.pem --tls-key /var/lib/rmem/pki/admin-admin.key "$@"
+}
 status_field() { # FIELD: from rmemctl status
   ctl status --output json 2>/dev/null | python3 -c 'import json,sys; v=json.load(sys.stdin).get(sys.argv[1]); print(json.dumps(v) if isinstance(v, list) else v)' "$1"
 }

@@ -256,6 +256,8 @@ pub fn start_coordinator(net: &mut Network, host: &Host, state: &str, extra: &[&
         &listen,
         "--state-dir",
         state,
+        // The namespaces' network is the test's own.
+        "--insecure",
     ];
     for (flag, value) in [
         ("--lease", "1s"),
@@ -305,6 +307,7 @@ pub fn start_server(
             &endpoint,
             "--name",
             name,
+            "--insecure",
         ],
     );
     assert!(

@@ -212,6 +212,7 @@ fn servers_advertise_their_transports_and_rmemctl_lists_them() {
         "--rdma",
         "--listen",
         "0.0.0.0:0",
+        "--insecure",
     ]);
     #[cfg(feature = "rdma")]
     expect.push(("verbs", vec!["tcp", "rdma"]));
@@ -860,9 +861,28 @@ fn local_cluster(coordinators: u16) {
         .map(|i| format!("127.0.0.1:{}", port + i))
         .collect();
     assert_eq!(endpoint, expected.join(","));
+    // DIR/env, as a shell would source it: rmemctl and the agent pick the
+    // cluster and their certificates up from it.
+    let env: Vec<(String, String)> = std::fs::read_to_string(dir.path().join("env"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert!(
+        env.iter()
+            .any(|(k, v)| k == "RMEM_ENDPOINT" && *v == endpoint),
+        "{env:?}"
+    );
+    let sourced = |program: &str| {
+        let mut c = std::process::Command::new(bin(program));
+        c.envs(env.iter().map(|(k, v)| (k, v)));
+        c
+    };
     let status = || {
-        let out = std::process::Command::new(bin("rmemctl"))
-            .args(["--endpoint", &endpoint, "status", "--output", "json"])
+        let out = sourced("rmemctl")
+            .args(["status", "--output", "json"])
             .output()
             .unwrap();
         assert!(
@@ -872,6 +892,12 @@ fn local_cluster(coordinators: u16) {
         );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
+    // Without the certificates the coordinator is out of reach.
+    let plain = std::process::Command::new(bin("rmemctl"))
+        .args(["--endpoint", &endpoint, "--timeout", "2s", "status"])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "plaintext reached the coordinator");
     let st = status();
     assert_eq!(st["servers_up"], 2, "{st}");
     if coordinators > 1 {
@@ -886,6 +912,22 @@ fn local_cluster(coordinators: u16) {
         wait_until(Duration::from_secs(20), || status()["agents_up"] == 1),
         "the agent never joined"
     );
+    // The demo, as a user runs it once the file is sourced: on the cluster,
+    // as the agent local-you, every byte verified.
+    let demo = sourced("rmem-agent")
+        .args([
+            "demo", "--json", "--budget", "1MiB", "--size", "4MiB", "--ops", "5000",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&demo.stdout).unwrap();
+    assert_eq!(v["verify_ok"], true, "{v}");
+    assert!(v["server"].as_str().unwrap().contains("2 servers"), "{v}");
     // `status` finds the endpoints `up` wrote.
     let text = run(&["status"]);
     assert!(

@@ -13,6 +13,46 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ConfigError, invalid};
 use crate::identity::Identity;
 
+/// Secure by default: a daemon listening beyond loopback (`listens`: each
+/// setting's name and address) needs TLS, unless its operator said
+/// `insecure` (a lab on a trusted network; [`warn_if_insecure`] says so
+/// loudly at start).
+pub fn check_exposure(
+    listens: &[(&str, std::net::SocketAddr)],
+    tls: bool,
+    insecure: bool,
+) -> Result<(), ConfigError> {
+    if tls || insecure {
+        return Ok(());
+    }
+    match listens.iter().find(|(_, a)| !a.ip().is_loopback()) {
+        Some((field, addr)) => Err(invalid(
+            *field,
+            format!(
+                "{addr} is reachable beyond this host and TLS is off; give the cluster CA, \
+                 this member's certificate and its key (--tls-ca, --tls-cert, --tls-key, or \
+                 [tls] in the file; `rmemctl pki` makes them for a lab), listen on loopback, \
+                 or pass --insecure (insecure = true) to run without authentication on a \
+                 network you trust"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Logs, at start, that a daemon listens beyond loopback with no TLS.
+pub fn warn_if_insecure(listens: &[(&str, std::net::SocketAddr)], tls: bool) {
+    if tls {
+        return;
+    }
+    for (field, addr) in listens.iter().filter(|(_, a)| !a.ip().is_loopback()) {
+        tracing::warn!(
+            %addr, setting = field,
+            "INSECURE: listening beyond loopback with no TLS (--insecure): anyone who reaches this address can act as a member and read or write what it serves"
+        );
+    }
+}
+
 /// The three flags, the same on every binary.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TlsArgs {

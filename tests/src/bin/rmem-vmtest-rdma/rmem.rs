@@ -68,6 +68,8 @@ fn start_server(node: &Node, name: &str, args: &[&str]) -> Result<(), String> {
         &listen,
         "--grpc",
         &grpc,
+        // The guests' private segment is the test's own.
+        "--insecure",
     ];
     argv.extend_from_slice(args);
     node.start(name, &argv, &[("RUST_LOG", "info")])?;
