@@ -334,13 +334,7 @@ impl BlockingConnection {
 
     /// Reads the answer to request `id`.
     fn reply(&mut self, id: u64) -> Result<FrameHeader, ClientError> {
-        let header = self.receive(
-            self.hello
-                .limits
-                .max_frame_bytes
-                .max(frame::HANDSHAKE_MAX_FRAME)
-                + 64,
-        )?;
+        let header = self.receive(frame::reply_max(&self.hello.limits))?;
         if header.request_id != id && header.opcode != Opcode::Error {
             return Err(ClientError::Protocol {
                 addr: self.addr.clone(),

@@ -365,12 +365,7 @@ impl Connection {
 }
 
 async fn read_loop(mut rd: ReadHalf, inner: Arc<Inner>) {
-    let max = inner
-        .hello
-        .limits
-        .max_frame_bytes
-        .max(frame::HANDSHAKE_MAX_FRAME)
-        + 64;
+    let max = frame::reply_max(&inner.hello.limits);
     let mut buf = BytesMut::with_capacity(256 << 10);
     let death = loop {
         match wire::split_frame(&buf, max) {

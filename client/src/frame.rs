@@ -25,6 +25,17 @@ pub fn hello(cfg: &ClientConfig) -> Vec<u8> {
 /// Largest HELLO_OK or ERROR we accept before the limits are known.
 pub const HANDSHAKE_MAX_FRAME: u32 = 4096;
 
+/// The largest reply accepted once the server announced `limits` (with
+/// room for an ERROR). Saturating: a server may announce any size, and a
+/// wrapped sum would turn a huge limit into a tiny one (or, checked, panic:
+/// the fuzzer found that).
+pub fn reply_max(limits: &wire::Limits) -> u32 {
+    limits
+        .max_frame_bytes
+        .max(HANDSHAKE_MAX_FRAME)
+        .saturating_add(64)
+}
+
 /// Decodes a response, turning an ERROR frame into [`ClientError::Rejected`].
 pub fn decode<'a>(
     addr: &str,

@@ -20,7 +20,7 @@ pub fn replies(data: &[u8]) {
     let mut limits = None;
     loop {
         let max = limits.map_or(frame::HANDSHAKE_MAX_FRAME, |l: wire::Limits| {
-            l.max_frame_bytes.max(frame::HANDSHAKE_MAX_FRAME) + 64
+            frame::reply_max(&l)
         });
         let Ok(Some((header, payload, after))) = wire::split_frame(rest, max) else {
             return;
