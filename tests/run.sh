@@ -51,6 +51,16 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# Room for the run: the target directory, guest images, container images
+# and the fuzzing build take about 30 GiB on a fresh machine; a disk that
+# fills mid-run fails in some linker or writer far from the cause.
+free_gib=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1024 / 1024 ))
+step "disk: ${free_gib} GiB free where the run builds"
+if [ "$free_gib" -lt 30 ]; then
+  echo "tests/run.sh: only ${free_gib} GiB free here; the suite needs about 30 GiB (free some: old target directories, docker images)" >&2
+  exit 1
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
