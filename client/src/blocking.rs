@@ -111,6 +111,18 @@ pub struct BlockingConnection {
     /// RDMA connections' record of where pages are: a PUT or FREE here
     /// makes it stale, so those handles are forgotten.
     locations: std::sync::Arc<crate::LocationCache>,
+    /// Capabilities to present (set once the handshake is done).
+    caps: Option<Box<Presenting>>,
+}
+
+/// A connection's capabilities: the tenant whose it hands over, the
+/// generation it last presented, and CAPS_OKs still to read.
+#[derive(Debug)]
+struct Presenting {
+    caps: std::sync::Arc<crate::Capabilities>,
+    tenant: String,
+    presented: u64,
+    pending: usize,
 }
 
 impl BlockingConnection {
@@ -161,10 +173,19 @@ impl BlockingConnection {
             },
             statuses: Vec::new(),
             locations: cfg.locations.clone(),
+            caps: None,
         };
         conn.send()?;
         let header = conn.receive(frame::HANDSHAKE_MAX_FRAME)?;
         conn.hello = frame::hello_ok(&conn.addr, &header, &conn.payload)?;
+        conn.caps = cfg.capabilities.clone().map(|caps| {
+            Box::new(Presenting {
+                caps,
+                tenant: cfg.tenant.clone(),
+                presented: 0,
+                pending: 0,
+            })
+        });
         Ok(conn)
     }
 
@@ -280,6 +301,7 @@ impl BlockingConnection {
     }
 
     fn send(&mut self) -> Result<(), ClientError> {
+        self.present_caps();
         let stream = self.reader.get_mut();
         let r = stream.write_all(&self.out).and_then(|()| stream.flush());
         self.out.clear();
@@ -332,9 +354,41 @@ impl BlockingConnection {
         self.reply(id)
     }
 
+    /// Puts CAPS frames before the request in `self.out` when the
+    /// capabilities changed since this connection last presented them.
+    fn present_caps(&mut self) {
+        let Some(p) = &mut self.caps else {
+            return;
+        };
+        let generation = p.caps.generation();
+        if generation == p.presented || self.out.is_empty() {
+            return;
+        }
+        let mut frames = Vec::new();
+        let mut next = self.next_id;
+        let n = p.caps.encode(&p.tenant, &mut frames, || {
+            next += 1;
+            next
+        });
+        self.next_id = next;
+        frames.extend_from_slice(&self.out);
+        self.out = frames;
+        p.presented = generation;
+        p.pending += n;
+    }
+
     /// Reads the answer to request `id`.
     fn reply(&mut self, id: u64) -> Result<FrameHeader, ClientError> {
-        let header = self.receive(frame::reply_max(&self.hello.limits))?;
+        let mut header = self.receive(frame::reply_max(&self.hello.limits))?;
+        while header.opcode == Opcode::CapsOk
+            && let Some(p) = self.caps.as_mut().filter(|p| p.pending > 0)
+        {
+            p.pending -= 1;
+            if let Response::CapsOk(v) = self.response(&header)? {
+                crate::caps::log_verdicts(&self.addr, &v);
+            }
+            header = self.receive(frame::reply_max(&self.hello.limits))?;
+        }
         if header.request_id != id && header.opcode != Opcode::Error {
             return Err(ClientError::Protocol {
                 addr: self.addr.clone(),

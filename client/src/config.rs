@@ -35,6 +35,9 @@ pub struct ClientConfig {
     pub locations: std::sync::Arc<crate::LocationCache>,
     /// Mutual TLS to the server (none: plain TCP).
     pub tls: Option<ClientTls>,
+    /// Capabilities to hand the server (an agent in a cluster): shared by
+    /// every connection made from clones of this configuration.
+    pub capabilities: Option<std::sync::Arc<crate::Capabilities>>,
 }
 
 /// A client's TLS: its rustls configuration (its certificate, the cluster
@@ -135,6 +138,7 @@ impl ClientConfig {
             transport: Transport::Auto,
             rdma_device: None,
             locations: Default::default(),
+            capabilities: None,
             tls: None,
         }
     }

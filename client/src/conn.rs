@@ -64,6 +64,11 @@ struct Inner {
     hello: HelloOk,
     dead: AtomicBool,
     timeout: std::time::Duration,
+    /// Capabilities to present, the tenant whose they must be, and the
+    /// generation last presented (read and written under `writer`).
+    caps: Option<Arc<crate::Capabilities>>,
+    tenant: String,
+    caps_presented: AtomicU64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -198,6 +203,9 @@ impl Connection {
             hello,
             dead: AtomicBool::new(false),
             timeout: cfg.request_timeout,
+            caps: cfg.capabilities.clone(),
+            tenant: cfg.tenant.clone(),
+            caps_presented: AtomicU64::new(0),
         });
         let reader = tokio::spawn(read_loop(rd, inner.clone()));
         Ok(Self {
@@ -245,6 +253,21 @@ impl Connection {
         let write = async {
             let mut w = inner.writer.lock().await;
             let mut guard = WriteGuard { inner, done: false };
+            // Under the writer lock: the CAPS frames go out before this
+            // request and any request after it.
+            let mut buf = buf;
+            if let Some(caps) = &inner.caps {
+                let generation = caps.generation();
+                if generation != inner.caps_presented.load(Ordering::Relaxed) {
+                    let mut frames = Vec::new();
+                    caps.encode(&inner.tenant, &mut frames, || {
+                        inner.next_id.fetch_add(1, Ordering::Relaxed)
+                    });
+                    frames.extend_from_slice(&buf);
+                    buf = frames;
+                    inner.caps_presented.store(generation, Ordering::Relaxed);
+                }
+            }
             let r = match w.write_all(&buf).await {
                 Ok(()) => w.flush().await,
                 Err(e) => Err(e),
@@ -380,6 +403,14 @@ async fn read_loop(mut rd: ReadHalf, inner: Arc<Inner>) {
                     };
                     // An error answering one request ends the connection.
                     break death;
+                }
+                if header.opcode == Opcode::CapsOk {
+                    match Response::decode(&header, &frame[HEADER_LEN..], 0) {
+                        Ok(Response::CapsOk(v)) => crate::caps::log_verdicts(&inner.addr, &v),
+                        Ok(_) => {}
+                        Err(e) => break Death::Protocol(e),
+                    }
+                    continue;
                 }
                 let waiter = inner
                     .pending

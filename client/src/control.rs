@@ -447,6 +447,24 @@ pub struct SessionState {
     /// The cluster identity of the current registration, sent with every
     /// session request (see `HeartbeatRequest.cluster_id`).
     pub cluster_id: std::sync::Mutex<String>,
+    /// The keys the coordinator signs capabilities with, as its last
+    /// registration or heartbeat listed them (servers check capabilities
+    /// with them).
+    pub capability_keys: std::sync::Mutex<Vec<rmem_common::capability::PublicKey>>,
+}
+
+/// Keeps the capability keys a coordinator answer listed.
+fn keep_keys(state: &SessionState, keys: &[pb::CapabilityKey]) {
+    *state
+        .capability_keys
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = keys
+        .iter()
+        .map(|k| rmem_common::capability::PublicKey {
+            id: k.id,
+            bytes: k.public_key.clone(),
+        })
+        .collect();
 }
 
 impl SessionState {
@@ -541,6 +559,7 @@ async fn register(
     // This coordinator's epoch, not the highest of any coordinator: one
     // that lost its state starts again from 1.
     state.epoch.store(r.epoch, Ordering::Release);
+    keep_keys(state, &r.capability_keys);
     r.cluster_id
         .clone_into(&mut state.cluster_id.lock().unwrap_or_else(|e| e.into_inner()));
     subscriber
@@ -659,6 +678,7 @@ async fn serve(client: &ControlClient, state: &SessionState, subscriber: &dyn Su
                     let r = r.into_inner();
                     state.epoch.fetch_max(r.epoch, Ordering::AcqRel);
                     state.member_state.store(r.state, Ordering::Release);
+                    keep_keys(state, &r.capability_keys);
                     let lease_ms = u64::from(r.lease_ttl_ms);
                     state.lease_ms.store(lease_ms, Ordering::Release);
                     every = every_for(lease_ms);

@@ -19,6 +19,7 @@
 //! over; a mismatch is an error, never data.
 
 mod blocking;
+mod caps;
 mod config;
 mod conn;
 pub mod control;
@@ -34,6 +35,7 @@ mod rdma;
 mod transport;
 
 pub use blocking::{BlockingConnection, Locate};
+pub use caps::Capabilities;
 pub use config::{ClientConfig, ClientTls, Transport};
 pub use conn::Connection;
 pub use error::ClientError;

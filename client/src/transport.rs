@@ -69,6 +69,9 @@ page_transport!(BlockingConnection);
 page_transport!(crate::RdmaConnection);
 
 /// A connection over whichever transport was chosen.
+// A few per thread and server, made once: their size does not matter, and
+// boxing the TCP variant would put a pointer chase on every fault.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum DataConnection {
     Tcp(BlockingConnection),

@@ -8,8 +8,10 @@
 //! into a future, [`redundancy`] names how many copies of a page servers
 //! hold, [`identity`] says which member (role and name) a certificate
 //! belongs to, [`tls`] reads a member's CA, certificate and key and makes
-//! the data plane's TLS of them, [`pki`] makes a lab CA and certificates.
+//! the data plane's TLS of them, [`pki`] makes a lab CA and certificates,
+//! [`capability`] signs and checks what an agent may do on the data plane.
 
+pub mod capability;
 pub mod config;
 pub mod histogram;
 pub mod host;

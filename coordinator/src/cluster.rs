@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
+use rmem_common::capability::{self, Capability, SigningKey};
 use rmem_proto::control::v1::{self as pb, watch_event::Event};
 use tokio::sync::oneshot;
 
@@ -134,6 +135,10 @@ pub struct Cluster {
     store: Box<dyn StateStore>,
     /// See [`Record::Identity`]; 32 hex digits.
     cluster_id: String,
+    /// Keys that sign capabilities, by id; the newest signs.
+    /// (Each with its PKCS#8 document in hex, as the state keeps it.)
+    capability_keys: BTreeMap<u32, (String, SigningKey)>,
+    capability_ttl: Duration,
     epoch: u64,
     /// Next ids: member, interval, grant.
     next_member: u64,
@@ -173,6 +178,8 @@ impl Cluster {
                 .collect(),
             store,
             cluster_id: String::new(),
+            capability_keys: BTreeMap::new(),
+            capability_ttl: cfg.capability_ttl,
             epoch: 0,
             next_member: 1,
             next_interval: 1,
@@ -197,6 +204,17 @@ impl Cluster {
             let id: u128 = rand::Rng::random(&mut c.rng);
             c.commit(Record::Identity {
                 cluster_id: format!("{id:032x}"),
+            })?;
+        }
+        if c.capability_keys.is_empty() {
+            // A state from before capabilities, or a new one.
+            let pkcs8 = SigningKey::generate().expect("the system's random source works");
+            // Drawn, so a coordinator that lost its state rarely reuses
+            // the id of the key it signed with before.
+            let id = rand::Rng::random(&mut c.rng);
+            c.commit(Record::CapabilityKey {
+                id,
+                pkcs8: capability::to_hex(&pkcs8),
             })?;
         }
         let epoch = c.epoch + 1;
@@ -260,6 +278,16 @@ impl Cluster {
     fn apply(&mut self, record: &Record, now: Instant) {
         match record {
             Record::Identity { cluster_id } => self.cluster_id.clone_from(cluster_id),
+            Record::CapabilityKey { id, pkcs8 } => {
+                match capability::from_hex(pkcs8).map(|d| SigningKey::from_pkcs8(*id, &d)) {
+                    Some(Ok(key)) => {
+                        self.capability_keys.insert(*id, (pkcs8.clone(), key));
+                    }
+                    _ => {
+                        tracing::error!(id, "a capability key in the state is unreadable: skipped")
+                    }
+                }
+            }
             Record::Epoch { epoch } => {
                 self.epoch = *epoch;
                 self.intervals.set_epoch(*epoch);
@@ -343,6 +371,12 @@ impl Cluster {
                 grant: self.next_grant,
             },
         ];
+        for (&id, (pkcs8, _)) in &self.capability_keys {
+            out.push(Record::CapabilityKey {
+                id,
+                pkcs8: pkcs8.clone(),
+            });
+        }
         for m in self.members.records() {
             out.push(Record::MemberUpsert { member: m.clone() });
         }
@@ -908,6 +942,7 @@ impl Cluster {
                 end,
             });
         }
+        self.check_handles_free(req)?;
         let rec = IntervalRecord {
             id: self.next_interval,
             address_space: req.address_space.clone(),
@@ -921,6 +956,66 @@ impl Cluster {
         let id = rec.id;
         self.commit(Record::IntervalAdd { interval: rec })?;
         Ok((id, self.intervals.get(id)?.seq))
+    }
+
+    /// The public keys servers check capabilities with.
+    pub fn capability_keys(&self) -> Vec<pb::CapabilityKey> {
+        self.capability_keys
+            .values()
+            .map(|(_, k)| {
+                let p = k.public();
+                pb::CapabilityKey {
+                    id: p.id,
+                    public_key: p.bytes,
+                }
+            })
+            .collect()
+    }
+
+    /// A fresh capability for interval `id`'s handles, for its owner,
+    /// signed by the newest key.
+    pub fn capability(&self, id: u64) -> Result<Vec<u8>, CoordError> {
+        let iv = self.intervals.get(id)?;
+        let owner = self.members.get(iv.rec.owner)?;
+        let (_, key) = self
+            .capability_keys
+            .values()
+            .next_back()
+            .expect("a key is made when the state is opened");
+        key.sign(&Capability {
+            key_id: key.id(),
+            tenant: iv.rec.tenant.clone(),
+            agent: owner.rec.name.clone(),
+            first: iv.rec.handle_base,
+            count: iv.rec.length / PAGE,
+            not_after: capability::unix_now() + self.capability_ttl.as_secs(),
+        })
+        .map_err(|e| CoordError::invalid("interval", e.to_string()))
+    }
+
+    /// Refuses handles that another member's interval of the same tenant
+    /// already names: a capability for them would let one agent reach
+    /// another's pages.
+    fn check_handles_free(&self, req: &pb::RegisterIntervalRequest) -> Result<(), CoordError> {
+        let first = req.handle_base;
+        let end = first + req.length / PAGE;
+        let owner = &self.members.get(req.owner)?.rec.name;
+        for iv in self.intervals.iter() {
+            let r = &iv.rec;
+            let (f, e) = (r.handle_base, r.handle_base + r.length / PAGE);
+            if r.tenant == req.tenant && f < end && first < e {
+                let other = self.members.get(r.owner).map(|m| &m.rec.name);
+                if other.is_ok_and(|n| n != owner) {
+                    return Err(CoordError::HandlesInUse {
+                        existing: r.id,
+                        tenant: r.tenant.clone(),
+                        first,
+                        end,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn unregister_interval(&mut self, id: u64) -> Result<(), CoordError> {

@@ -193,6 +193,13 @@ pub struct CoordinatorConfig {
     /// `rmemctl mark-gone` declares a server gone.
     #[serde(with = "humantime_serde")]
     pub server_gone_after: Duration,
+    /// How long a capability the coordinator signs holds. An agent renews
+    /// its capabilities when a third of this is left, so a coordinator
+    /// unreachable for longer than about two thirds of it stops the
+    /// agent's remote reads: keep it well above any outage the control
+    /// plane's replicas are expected to ride out.
+    #[serde(with = "humantime_serde")]
+    pub capability_ttl: Duration,
     /// Largest piece of one allocation placed on one server.
     pub placement_chunk: ByteSize,
     /// The redundancy agents use unless a region or attachment asks for
@@ -233,6 +240,7 @@ impl Default for CoordinatorConfig {
             max_invalidation_deadline: Duration::from_secs(60),
             reap_after: None,
             server_gone_after: Duration::from_secs(30),
+            capability_ttl: Duration::from_secs(3600),
             placement_chunk: ByteSize::mib(64),
             redundancy: rmem_common::Redundancy::Replicas(2),
             compact_after: 10_000,
@@ -278,6 +286,11 @@ impl CoordinatorConfig {
                 "server_gone_after",
                 "must be 0s (operator only) or at least 100ms",
             ));
+        }
+        if !(Duration::from_secs(10)..=Duration::from_secs(7 * 86_400))
+            .contains(&self.capability_ttl)
+        {
+            return Err(invalid("capability_ttl", "must be between 10s and 7 days"));
         }
         let chunk = self.placement_chunk.bytes();
         if chunk < 4096 || !chunk.is_multiple_of(4096) {

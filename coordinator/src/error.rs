@@ -30,6 +30,15 @@ pub enum CoordError {
         "[{start:#x}, {end:#x}) overlaps interval {existing} of the same address space; subscribe to it instead"
     )]
     Overlap { existing: u64, start: u64, end: u64 },
+    #[error(
+        "handles [{first:#x}, {end:#x}) overlap those of interval {existing}, another member's, in tenant `{tenant}`: draw another handle base"
+    )]
+    HandlesInUse {
+        existing: u64,
+        tenant: String,
+        first: u64,
+        end: u64,
+    },
     #[error("the name `{0}` is registered with another role")]
     NameInUse(String),
     #[error("member {0} is not a memory server")]
@@ -78,7 +87,9 @@ impl CoordError {
             | Self::UnknownGrant(_)
             | Self::UnknownTenant(_)
             | Self::UnknownServer(_) => Code::NotFound,
-            Self::Overlap { .. } | Self::NameInUse(_) => Code::AlreadyExists,
+            Self::Overlap { .. } | Self::HandlesInUse { .. } | Self::NameInUse(_) => {
+                Code::AlreadyExists
+            }
             Self::NotAServer(_)
             | Self::LeaseExpired(_)
             | Self::Fenced(_)
@@ -103,6 +114,7 @@ impl CoordError {
             Self::UnknownTenant(_) => "unknown_tenant",
             Self::UnknownServer(_) => "unknown_server",
             Self::Overlap { .. } => "overlapping_interval",
+            Self::HandlesInUse { .. } => "handles_in_use",
             Self::NameInUse(_) => "name_in_use",
             Self::NotAServer(_) => "not_a_server",
             Self::LeaseExpired(_) => "lease_expired",

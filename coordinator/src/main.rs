@@ -87,6 +87,10 @@ struct Args {
     /// `rmemctl mark-gone` [default: 30s].
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     server_gone_after: Option<Duration>,
+    /// How long a capability the coordinator signs for an agent's handle
+    /// space holds (agents renew them as they age), e.g. 1h [default: 1h].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    capability_ttl: Option<Duration>,
     /// Largest piece of one allocation placed on one server, e.g. 64MiB
     /// [default: 64MiB].
     #[arg(long, value_name = "SIZE")]
@@ -180,6 +184,9 @@ fn config(args: &Args) -> Result<CoordinatorConfig, ConfigError> {
     }
     if let Some(v) = args.server_gone_after {
         c.server_gone_after = v;
+    }
+    if let Some(v) = args.capability_ttl {
+        c.capability_ttl = v;
     }
     if let Some(v) = args.placement_chunk {
         c.placement_chunk = v;

@@ -239,6 +239,7 @@ impl Membership for Service {
             cluster_id: c.cluster_id().to_string(),
             epoch: c.epoch(),
             redundancy: c.redundancy().to_string(),
+            capability_keys: c.capability_keys(),
         })
     }
 
@@ -254,6 +255,7 @@ impl Membership for Service {
             lease_ttl_ms: lease_ms(&c),
             state: state as i32,
             epoch: c.epoch(),
+            capability_keys: c.capability_keys(),
         })
     }
 
@@ -352,7 +354,12 @@ impl Intervals for Service {
         let mut c = self.shared().lock();
         acts_for(&c, caller(&r), r.get_ref().owner, "register an interval")?;
         let (interval_id, seq) = c.register_interval(r.get_ref())?;
-        ok(pb::RegisterIntervalResponse { interval_id, seq })
+        let capability = c.capability(interval_id)?;
+        ok(pb::RegisterIntervalResponse {
+            interval_id,
+            seq,
+            capability,
+        })
     }
 
     async fn unregister(
@@ -486,6 +493,23 @@ impl Intervals for Service {
             answer
         };
         ok(pb::ReadRetryResponse { retry, seq })
+    }
+
+    async fn capabilities(
+        &self,
+        r: Request<pb::CapabilitiesRequest>,
+    ) -> Res<pb::CapabilitiesResponse> {
+        let c = self.shared().lock();
+        let ids = &r.get_ref().interval_ids;
+        if ids.len() > 4096 {
+            return Err(CoordError::invalid("interval_ids", "at most 4096").into());
+        }
+        let mut capabilities = Vec::with_capacity(ids.len());
+        for &id in ids {
+            owns_interval(&c, caller(&r), id, "renew the capability of an interval")?;
+            capabilities.push(c.capability(id)?);
+        }
+        ok(pb::CapabilitiesResponse { capabilities })
     }
 }
 

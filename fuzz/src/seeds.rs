@@ -32,6 +32,18 @@ fn page(fill: u8) -> wire::Page {
 fn client_stream(tenant: &str, credential: &[u8]) -> Vec<u8> {
     let mut b = Vec::new();
     hello(&mut b, tenant, credential);
+    // The capability for handles 0..64 (the fuzzed server's key).
+    let token = crate::targets::session::key()
+        .sign(&rmem_common::capability::Capability {
+            key_id: 1,
+            tenant: tenant.into(),
+            agent: "fuzz".into(),
+            first: 0,
+            count: 64,
+            not_after: u64::MAX,
+        })
+        .expect("the seed's capability signs");
+    wire::encode_caps(&mut b, 9, &[token]);
     let (p1, p2) = (page(1), page(2));
     wire::encode_put(&mut b, 1, [(10u64, &p1), (11u64, &p2)].into_iter());
     wire::encode_handles(&mut b, Opcode::Get, 2, &[10, 11, 12]);
@@ -71,6 +83,11 @@ fn server_stream(pages: usize) -> Vec<u8> {
     let ok = vec![PageStatus::Ok; pages];
     wire::encode_statuses(&mut b, Opcode::PutOk, 1, &ok);
     wire::encode_statuses(&mut b, Opcode::FreeOk, 3, &ok);
+    wire::encode_verdicts(
+        &mut b,
+        9,
+        &[wire::CapVerdict::Accepted, wire::CapVerdict::Expired],
+    );
     wire::encode_stat_ok(
         &mut b,
         4,

@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rmem_common::capability::Verifier;
 use rmem_proto::wire::Limits;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -130,10 +131,15 @@ impl Server {
         let grpc_addr = grpc.local_addr().expect("bound socket has an address");
 
         let metrics = Arc::new(Metrics::default());
+        // A cluster member serves agents only the handles their
+        // coordinator-signed capabilities name.
+        let capabilities = (!config.cluster.is_standalone())
+            .then(|| Arc::new(std::sync::RwLock::new(Verifier::default())));
         let shared = Arc::new(Shared {
             store: store.clone(),
             metrics: metrics.clone(),
             limits: Limits::for_batch(config.max_batch_pages),
+            capabilities: capabilities.clone(),
             #[cfg(feature = "rdma")]
             rdma: config
                 .rdma
@@ -202,6 +208,7 @@ impl Server {
                 grpc_addr,
                 &transports,
                 tls,
+                capabilities,
             )
             .await
             {

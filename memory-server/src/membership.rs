@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use rmem_client::control::{
     ControlClient, ControlError, MemberSession, Registration, SessionState, Subscriber,
 };
+use rmem_common::capability::Verifier;
 use rmem_common::host::reachable;
 use rmem_proto::control::v1 as pb;
 use tokio_util::sync::CancellationToken;
@@ -454,6 +455,36 @@ fn out_of_service(state: i32) -> bool {
     state == pb::MemberState::Draining as i32 || state == pb::MemberState::Gone as i32
 }
 
+/// Adds the capability keys the coordinator last listed to those the data
+/// plane accepts. Keys are never dropped while the server runs: a
+/// capability signed by a key the coordinator stopped listing still
+/// expires on its own.
+fn learn_keys(state: &SessionState, verifier: Option<&std::sync::RwLock<Verifier>>) {
+    let Some(verifier) = verifier else {
+        return;
+    };
+    let keys = state
+        .capability_keys
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if keys.is_empty() {
+        return;
+    }
+    let mut v = verifier.write().unwrap_or_else(|e| e.into_inner());
+    let before = v.len();
+    let bad = v.learn(keys);
+    if bad > 0 {
+        tracing::warn!(
+            bad,
+            "the coordinator listed capability keys of the wrong length"
+        );
+    }
+    if v.len() > before {
+        tracing::info!(keys = v.len(), "learned the coordinator's capability keys");
+    }
+}
+
 /// A server's membership, running in the background.
 #[derive(Debug)]
 pub struct Membership {
@@ -476,6 +507,7 @@ impl Membership {
         grpc: SocketAddr,
         transports: &[&str],
         tls: Option<rmem_common::tls::TlsPem>,
+        capabilities: Option<Arc<std::sync::RwLock<Verifier>>>,
     ) -> Result<Self, ControlError> {
         let endpoint = cfg.coordinator.as_deref().unwrap_or_default();
         let token = match &cfg.token_file {
@@ -521,9 +553,12 @@ impl Membership {
         let stop = CancellationToken::new();
         let state = session.state.clone();
         let done = stop.clone();
+        // The keys of the registration, before the first agent comes.
+        learn_keys(&state, capabilities.as_deref());
         tokio::spawn(async move {
             let mut reconciled = Instant::now();
             loop {
+                learn_keys(&state, capabilities.as_deref());
                 state
                     .used_pages
                     .store(store.used_pages(), Ordering::Relaxed);

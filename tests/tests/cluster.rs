@@ -1570,3 +1570,166 @@ fn a_member_runs_only_as_its_certificate_says() {
         assert!(err.contains(says), "{err}");
     }
 }
+
+#[test]
+fn an_agent_reaches_only_the_handles_its_capabilities_name() {
+    use rmem_client::control::{ControlClient, Credentials};
+    use rmem_client::{Capabilities, ClientConfig, PageStatus};
+    use rmem_proto::control::v1 as pb;
+    let lab = rmem_tests::pki::Lab::new(&[
+        ("coordinator", "c1"),
+        ("server", "mem-0"),
+        ("agent", "node-1"),
+        ("agent", "node-2"),
+    ]);
+    let with = |extra: &[&str], who: &str| {
+        let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        v.extend(lab.flags(who));
+        v
+    };
+    let coord = {
+        let a = with(&[], "coordinator-c1");
+        Coordinator::start(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let endpoint = coord.addr.to_string();
+    let server = {
+        let a = with(
+            &["--capacity", "64MiB", "--coordinator", &endpoint],
+            "server-mem-0",
+        );
+        ServerProcess::start(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Each agent joins and registers a handle space of its own: the
+    // coordinator answers with the capability for exactly its handles.
+    let space = |who: &str, name: &str, base: u64| {
+        rt.block_on(async {
+            let c = ControlClient::connect_with(
+                &endpoint,
+                &Credentials {
+                    token: None,
+                    tls: Some(lab.pem(&lab, who)),
+                },
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+            let id = c
+                .membership()
+                .register(pb::RegisterRequest {
+                    role: pb::Role::Agent as i32,
+                    name: name.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .member_id;
+            let r = c
+                .intervals()
+                .register(space_request(name, id, base))
+                .await
+                .unwrap()
+                .into_inner();
+            (c, id, r)
+        })
+    };
+    let (a_base, b_base) = (5u64 << 40, 9u64 << 40);
+    let (_a, _, a_space) = space("agent-node-1", "node-1", a_base);
+    let (b, b_id, b_space) = space("agent-node-2", "node-2", b_base);
+    assert!(!a_space.capability.is_empty());
+    // node-2 cannot register handles of node-1's (it would be given a
+    // capability for them).
+    let e = rt
+        .block_on(
+            b.intervals()
+                .register(space_request("node-2", b_id, a_base + 8)),
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    assert_eq!(
+        e.metadata().get("rmem-reason").unwrap().to_str().unwrap(),
+        "handles_in_use"
+    );
+
+    let data = server.data.to_string();
+    let connect = |who: &str, tokens: &[&[u8]]| {
+        let caps = Arc::new(Capabilities::default());
+        for (i, t) in tokens.iter().enumerate() {
+            caps.set(i as u64, "default", t.to_vec());
+        }
+        let mut c = ClientConfig::new(data.clone()).with_tls(
+            lab.pem(&lab, who).data_client().unwrap(),
+            Some("mem-0".into()),
+        );
+        c.capabilities = Some(caps);
+        BlockingConnection::connect(&c).unwrap()
+    };
+    let page = [0x5au8; PAGE_SIZE];
+    let mut out = vec![[0u8; PAGE_SIZE]; 1];
+    let mut victim = connect("agent-node-1", &[&a_space.capability]);
+    assert_eq!(
+        victim.put(&[(a_base + 1, &page)]).unwrap(),
+        [PageStatus::Ok]
+    );
+    // Its capability names its own handles only.
+    assert_eq!(
+        victim.put(&[(b_base + 1, &page)]).unwrap(),
+        [PageStatus::Denied]
+    );
+
+    // node-2 presents its own capability and node-1's (overheard, or
+    // handed over by a server that saw it): node-1's is not node-2's to use.
+    let mut forged = a_space.capability.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    let mut thief = connect(
+        "agent-node-2",
+        &[&b_space.capability, &a_space.capability, &forged],
+    );
+    assert_eq!(thief.put(&[(b_base, &page)]).unwrap(), [PageStatus::Ok]);
+    assert_eq!(
+        thief.get(&[a_base + 1], &mut out).unwrap(),
+        [PageStatus::Denied]
+    );
+    assert_eq!(
+        thief.put(&[(a_base + 1, &[0xee; PAGE_SIZE])]).unwrap(),
+        [PageStatus::Denied]
+    );
+    assert_eq!(thief.free(&[a_base + 1]).unwrap(), [PageStatus::Denied]);
+    let log = server.daemon.log_text();
+    assert!(log.contains("not_yours"), "{log}");
+    assert!(log.contains("bad_signature"), "{log}");
+    // With no capability at all: nothing either.
+    let mut bare = connect("agent-node-2", &[]);
+    assert_eq!(
+        bare.get(&[a_base + 1], &mut out).unwrap(),
+        [PageStatus::Denied]
+    );
+    // The victim's page is whole.
+    assert_eq!(
+        victim.get(&[a_base + 1], &mut out).unwrap(),
+        [PageStatus::Ok]
+    );
+    assert_eq!(out[0], page);
+}
+
+/// A handle space of 16 pages at `base`, as an agent registers it.
+fn space_request(
+    name: &str,
+    owner: u64,
+    base: u64,
+) -> rmem_proto::control::v1::RegisterIntervalRequest {
+    rmem_proto::control::v1::RegisterIntervalRequest {
+        address_space: format!("{name}/handles/{base:x}"),
+        start: 0,
+        length: 16 * PAGE_SIZE as u64,
+        tenant: "default".into(),
+        handle_base: base,
+        owner,
+        subscribers: Vec::new(),
+    }
+}

@@ -1108,14 +1108,15 @@ fn a_server_joins_and_frees_pages_of_an_invalidated_range_before_it_returns() {
         "--name",
         "mem-a",
     ]);
-    let mut data = rmem_client::BlockingConnection::connect(&server.client_config()).unwrap();
     let base = 7u64 << 28;
     let pages: Vec<(u64, rmem_client::Page)> = (0..64)
         .map(|i| (base + i, rmem_tests::pattern(base + i, 1)))
         .collect();
     let refs: Vec<(u64, &rmem_client::Page)> = pages.iter().map(|(h, p)| (*h, p)).collect();
-    data.put(&refs).unwrap();
-    assert_eq!(data.stat().unwrap().used_pages, 64);
+    let caps = std::sync::Arc::new(rmem_client::Capabilities::default());
+    let mut data_config = server.client_config();
+    data_config.capabilities = Some(caps.clone());
+    let mut data = rmem_client::BlockingConnection::connect(&data_config).unwrap();
     runtime().block_on(async {
         let c = coord.client().await;
         let ms = c
@@ -1153,6 +1154,15 @@ fn a_server_joins_and_frees_pages_of_an_invalidated_range_before_it_returns() {
             .unwrap()
             .into_inner();
         assert!(iv.interval_id > 0);
+        // A cluster's server takes the agent's pages on the interval's
+        // capability only.
+        assert_eq!(
+            data.put(&refs).unwrap(),
+            vec![rmem_client::PageStatus::Denied; 64]
+        );
+        caps.set(iv.interval_id, "default", iv.capability);
+        data.put(&refs).unwrap();
+        assert_eq!(data.stat().unwrap().used_pages, 64);
         // Unmap pages 16..48 of the interval: the server frees exactly those.
         let r = c
             .invalidation()

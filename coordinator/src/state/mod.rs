@@ -101,6 +101,13 @@ pub enum Record {
     Epoch {
         epoch: u64,
     },
+    /// A key the coordinator signs capabilities with (an Ed25519 PKCS#8
+    /// document, hex): drawn with the identity, kept in the state so
+    /// every replica and every restart signs with it. The newest signs.
+    CapabilityKey {
+        id: u32,
+        pkcs8: String,
+    },
     /// Ids below these were handed out (kept across compaction so ids of
     /// removed objects are never reused).
     IdFloors {

@@ -2,10 +2,12 @@
 //! transport does: frames split off the stream and executed in order until
 //! one is fatal. Each input gets a fresh store (two tenants: `a` with the
 //! credential `x`, `b` with none; 64 pages, so quotas and a full pool are
-//! reached).
+//! reached). The server requires capabilities, as a cluster member does:
+//! [`key`] signs the seeds' (a fixed key, so a corpus stays valid).
 
 use std::sync::Arc;
 
+use rmem_common::capability::{SigningKey, Verifier};
 use rmem_proto::wire::{self, Limits};
 use rmem_server::metrics::Metrics;
 use rmem_server::store::{Backing, Store, StoreOptions, TenantSpec};
@@ -35,13 +37,18 @@ fn store() -> Arc<Store> {
     Arc::new(Store::open(&opts, &tenants).expect("an anonymous store opens"))
 }
 
+/// The coordinator's key the fuzzed server accepts capabilities from.
+pub fn key() -> SigningKey {
+    SigningKey::from_seed(1, &[7; 32]).expect("a fixed seed makes a key")
+}
+
 /// One input.
 pub fn target(data: &[u8]) {
-    let shared = Arc::new(Shared::new(
-        store(),
-        Arc::new(Metrics::default()),
-        Limits::for_batch(16),
-    ));
+    let mut shared = Shared::new(store(), Arc::new(Metrics::default()), Limits::for_batch(16));
+    let mut verifier = Verifier::default();
+    verifier.learn([key().public()]);
+    shared.capabilities = Some(Arc::new(std::sync::RwLock::new(verifier)));
+    let shared = Arc::new(shared);
     let mut session = Session::new(shared);
     let mut out = Vec::new();
     let mut rest = data;

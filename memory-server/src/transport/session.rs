@@ -10,6 +10,9 @@ use rmem_proto::wire::{
     PROTOCOL_VERSION, PageStatus, Request, Stat,
 };
 
+use rmem_common::capability::{self, Capability, Verifier};
+use rmem_common::identity::{Identity, Role};
+
 use crate::metrics::{Metrics, Op};
 use crate::store::{Store, Tenant};
 
@@ -19,6 +22,9 @@ pub struct Shared {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// The coordinator's capability keys, when this server requires
+    /// agents to present capabilities (it is a cluster member).
+    pub capabilities: Option<Arc<std::sync::RwLock<Verifier>>>,
     /// RDMA, when the server offers it.
     #[cfg(feature = "rdma")]
     pub rdma: Option<Arc<super::rdma::RdmaServer>>,
@@ -31,6 +37,7 @@ impl Shared {
             store,
             metrics,
             limits,
+            capabilities: None,
             #[cfg(feature = "rdma")]
             rdma: None,
         }
@@ -83,9 +90,51 @@ pub struct Session {
     /// The address the client reached this server at (RDMA uses the
     /// device port that has it).
     local_ip: Option<IpAddr>,
+    /// Whom the client's certificate names (with TLS).
+    identity: Option<Identity>,
+    /// The capabilities presented, when the server requires them of this
+    /// client (set at HELLO).
+    held: Option<Held>,
     /// This connection's queue pair, once RDMA_CONNECT succeeded.
     #[cfg(feature = "rdma")]
     rdma: Option<super::rdma::RdmaSession>,
+}
+
+/// Most capabilities one connection holds (an agent has one per handle
+/// space it uses on this server).
+pub const MAX_HELD_CAPABILITIES: usize = 4096;
+
+/// The capabilities a connection presented: the handles it may use.
+#[derive(Debug, Default)]
+struct Held {
+    caps: Vec<Capability>,
+}
+
+impl Held {
+    fn allows(&self, h: u64, now: u64) -> bool {
+        self.caps.iter().any(|c| c.covers(h) && c.live(now))
+    }
+
+    /// Keeps `cap`, replacing an older one of the same handles.
+    fn hold(&mut self, cap: Capability) -> bool {
+        if let Some(c) = self
+            .caps
+            .iter_mut()
+            .find(|c| c.first == cap.first && c.count == cap.count)
+        {
+            if cap.not_after > c.not_after {
+                *c = cap;
+            }
+            return true;
+        }
+        let now = capability::unix_now();
+        self.caps.retain(|c| c.live(now));
+        if self.caps.len() >= MAX_HELD_CAPABILITIES {
+            return false;
+        }
+        self.caps.push(cap);
+        true
+    }
 }
 
 /// Largest HELLO payload: fixed part, tenant name and credential.
@@ -99,9 +148,16 @@ impl Session {
             tenant: None,
             statuses: Vec::new(),
             local_ip: None,
+            identity: None,
+            held: None,
             #[cfg(feature = "rdma")]
             rdma: None,
         }
+    }
+
+    /// Records whom the client's certificate names.
+    pub fn set_identity(&mut self, identity: Identity) {
+        self.identity = Some(identity);
     }
 
     /// Whether this connection has a queue pair (its client may be busy
@@ -187,12 +243,15 @@ impl Session {
                 ));
             }
             Request::Put(batch) => {
+                let allowed = allowed_by(&self.held);
                 self.statuses.clear();
-                self.statuses.extend(
-                    batch
-                        .iter()
-                        .map(|e| store.put(&tenant, e.handle, e.crc, e.data)),
-                );
+                self.statuses.extend(batch.iter().map(|e| {
+                    if allowed(e.handle) {
+                        store.put(&tenant, e.handle, e.crc, e.data)
+                    } else {
+                        PageStatus::Denied
+                    }
+                }));
                 wire::encode_statuses(out, Opcode::PutOk, id, &self.statuses);
                 let errors = self
                     .statuses
@@ -202,12 +261,17 @@ impl Session {
                 metrics.record(Op::Put, batch.len() as u64, errors as u64, started);
             }
             Request::Get(handles) => {
+                let allowed = allowed_by(&self.held);
                 let mut w = wire::GetOkWriter::begin(out, id, handles.len());
                 let mut errors = 0;
                 for h in handles.iter() {
-                    let status = store.get(&tenant, h, |crc, page| {
-                        w.push_page(crc, |dst| dst.copy_from_slice(page));
-                    });
+                    let status = if allowed(h) {
+                        store.get(&tenant, h, |crc, page| {
+                            w.push_page(crc, |dst| dst.copy_from_slice(page));
+                        })
+                    } else {
+                        PageStatus::Denied
+                    };
                     if status != PageStatus::Ok {
                         w.push_status(status);
                         errors += 1;
@@ -217,9 +281,15 @@ impl Session {
                 metrics.record(Op::Get, handles.len() as u64, errors, started);
             }
             Request::Free(handles) => {
+                let allowed = allowed_by(&self.held);
                 self.statuses.clear();
-                self.statuses
-                    .extend(handles.iter().map(|h| store.free(&tenant, h)));
+                self.statuses.extend(handles.iter().map(|h| {
+                    if allowed(h) {
+                        store.free(&tenant, h)
+                    } else {
+                        PageStatus::Denied
+                    }
+                }));
                 wire::encode_statuses(out, Opcode::FreeOk, id, &self.statuses);
                 let errors = self
                     .statuses
@@ -240,17 +310,67 @@ impl Session {
             }
             Request::RdmaConnect(peer) => self.rdma_connect(&tenant, &peer, id, out)?,
             Request::PutStaged(puts) => {
+                let allowed = allowed_by(&self.held);
                 let rdma = self.rdma_session(id)?;
-                let errors = rdma.put_staged(store, &tenant, &puts, id, out)?;
+                let errors = rdma.put_staged(store, &tenant, &puts, &allowed, id, out)?;
                 metrics.record(Op::Put, puts.len() as u64, errors, started);
             }
             Request::Locate(handles) => {
+                let allowed = allowed_by(&self.held);
                 let rdma = self.rdma_session(id)?;
-                let errors = rdma.locate(&tenant, &handles, id, out);
+                let errors = rdma.locate(&tenant, &handles, &allowed, id, out);
                 metrics.record(Op::Locate, handles.len() as u64, errors, started);
             }
+            Request::Caps(tokens) => self.present(&tenant, &tokens, id, out),
         }
         Ok(())
+    }
+
+    /// Checks presented capabilities and keeps those that hold: signed by
+    /// a key of the coordinator's, live, this tenant's and (with TLS) the
+    /// certificate's agent's.
+    fn present(&mut self, tenant: &Tenant, tokens: &wire::Tokens<'_>, id: u64, out: &mut Vec<u8>) {
+        use wire::CapVerdict as V;
+        let now = capability::unix_now();
+        let verifier = self
+            .shared
+            .capabilities
+            .as_ref()
+            .map(|v| v.read().unwrap_or_else(|e| e.into_inner()).clone());
+        let mut verdicts = Vec::with_capacity(tokens.len());
+        for token in tokens.iter() {
+            let verdict = match &verifier {
+                // Capabilities are not required here: nothing to check.
+                None => V::Accepted,
+                Some(v) => match v.verify(token, now) {
+                    Err(capability::CapabilityError::UnknownKey(_)) => V::UnknownKey,
+                    Err(capability::CapabilityError::BadSignature) => V::BadSignature,
+                    Err(capability::CapabilityError::Expired(_)) => V::Expired,
+                    Err(_) => V::Malformed,
+                    Ok(cap)
+                        if cap.tenant != tenant.name
+                            || self.identity.as_ref().is_some_and(|i| i.name != cap.agent) =>
+                    {
+                        V::NotYours
+                    }
+                    Ok(cap) => match &mut self.held {
+                        Some(held) => {
+                            if held.hold(cap) {
+                                V::Accepted
+                            } else {
+                                V::Malformed
+                            }
+                        }
+                        None => V::Accepted,
+                    },
+                },
+            };
+            if verdict != V::Accepted {
+                tracing::warn!(identity = ?self.identity.as_ref().map(ToString::to_string), tenant = %tenant.name, %verdict, "capability refused");
+            }
+            verdicts.push(verdict);
+        }
+        wire::encode_verdicts(out, id, &verdicts);
     }
 
     #[cfg(feature = "rdma")]
@@ -342,6 +462,15 @@ impl Session {
             Some(t) if t.authenticate(hello.credential) => {
                 tracing::debug!(tenant = %t.name, node_id = hello.node_id, "client authenticated");
                 self.tenant = Some(t.clone());
+                // Admins may use any handle; agents only what their
+                // capabilities name.
+                let admin = self
+                    .identity
+                    .as_ref()
+                    .is_some_and(|i| i.role == Role::Admin);
+                if self.shared.capabilities.is_some() && !admin {
+                    self.held = Some(Held::default());
+                }
                 wire::encode_hello_ok(
                     out,
                     &HelloOk {
@@ -370,6 +499,14 @@ impl Session {
     }
 }
 
+/// Whether a connection holding `held` may use a handle now: always when
+/// the server requires no capabilities of it, else when one it presented
+/// names the handle and has not expired.
+fn allowed_by(held: &Option<Held>) -> impl Fn(u64) -> bool + '_ {
+    let now = capability::unix_now();
+    move |h| held.as_ref().is_none_or(|held| held.allows(h, now))
+}
+
 /// Pages a request carries or names.
 fn page_count(request: &Request<'_>) -> u64 {
     match request {
@@ -378,7 +515,7 @@ fn page_count(request: &Request<'_>) -> u64 {
         Request::Get(handles) | Request::Free(handles) | Request::Locate(handles) => {
             handles.len() as u64
         }
-        Request::Hello(_) | Request::Stat | Request::RdmaConnect(_) => 0,
+        Request::Hello(_) | Request::Stat | Request::RdmaConnect(_) | Request::Caps(_) => 0,
     }
 }
 
@@ -404,6 +541,7 @@ impl RdmaRequests<'_> {
         store: &Store,
         tenant: &Tenant,
         puts: &wire::StagedPuts<'_>,
+        allowed: &dyn Fn(u64) -> bool,
         id: u64,
         out: &mut Vec<u8>,
     ) -> Result<u64, Fatal> {
@@ -422,8 +560,12 @@ impl RdmaRequests<'_> {
             // Copied out first: the client could WRITE the staging buffer
             // again meanwhile, and the checksum must hold for the bytes
             // stored, not for bytes that change under the check.
-            self.session.copy_staged(put.index, &mut page);
-            let status = store.put(tenant, put.handle, put.crc, &page);
+            let status = if allowed(put.handle) {
+                self.session.copy_staged(put.index, &mut page);
+                store.put(tenant, put.handle, put.crc, &page)
+            } else {
+                PageStatus::Denied
+            };
             locations.push(if status == PageStatus::Ok {
                 self.server.locate(tenant, put.handle)
             } else {
@@ -440,12 +582,17 @@ impl RdmaRequests<'_> {
         &self,
         tenant: &Tenant,
         handles: &wire::Handles<'_>,
+        allowed: &dyn Fn(u64) -> bool,
         id: u64,
         out: &mut Vec<u8>,
     ) -> u64 {
         let mut errors = 0;
         let locations = handles.iter().map(|h| {
-            let l = self.server.locate(tenant, h);
+            let l = if allowed(h) {
+                self.server.locate(tenant, h)
+            } else {
+                wire::Location::missing(PageStatus::Denied)
+            };
             if l.status != PageStatus::Ok {
                 errors += 1;
             }
@@ -463,13 +610,21 @@ impl RdmaRequests<'_> {
         _: &Store,
         _: &Tenant,
         _: &wire::StagedPuts<'_>,
+        _: &dyn Fn(u64) -> bool,
         _: u64,
         _: &mut Vec<u8>,
     ) -> Result<u64, Fatal> {
         match self._never {}
     }
 
-    fn locate(&self, _: &Tenant, _: &wire::Handles<'_>, _: u64, _: &mut Vec<u8>) -> u64 {
+    fn locate(
+        &self,
+        _: &Tenant,
+        _: &wire::Handles<'_>,
+        _: &dyn Fn(u64) -> bool,
+        _: u64,
+        _: &mut Vec<u8>,
+    ) -> u64 {
         match self._never {}
     }
 }
@@ -567,6 +722,10 @@ mod tests {
     }
 
     fn session() -> Session {
+        session_with(None)
+    }
+
+    fn session_with(capabilities: Option<Verifier>) -> Session {
         let store = Store::open(
             &StoreOptions {
                 capacity_pages: 64,
@@ -586,6 +745,7 @@ mod tests {
             store: Arc::new(store),
             metrics: Arc::new(Metrics::default()),
             limits: Limits::for_batch(256),
+            capabilities: capabilities.map(|v| Arc::new(std::sync::RwLock::new(v))),
             #[cfg(feature = "rdma")]
             rdma: None,
         }))
@@ -707,5 +867,81 @@ mod tests {
             }
             assert_eq!(allocations() - before, 0, "allocations per 100 GET + PUT");
         });
+    }
+
+    #[test]
+    fn a_cluster_server_serves_only_handles_of_live_capabilities_of_its_keys() {
+        use rmem_common::capability::SigningKey;
+        let key = |id| SigningKey::from_pkcs8(id, &SigningKey::generate().unwrap()).unwrap();
+        let (k1, stranger) = (key(1), key(2));
+        let mut v = Verifier::default();
+        v.learn([k1.public()]);
+        let mut s = session_with(Some(v));
+        let mut out = Vec::new();
+        run(&mut s, &hello(), &mut out).unwrap();
+        let now = capability::unix_now();
+        let cap = |first, not_after, tenant: &str| Capability {
+            key_id: 0,
+            tenant: tenant.into(),
+            agent: "node-1".into(),
+            first,
+            count: 16,
+            not_after,
+        };
+        let frames = |out: &[u8]| {
+            let mut rest = out;
+            let mut v = Vec::new();
+            while let Some((h, p, tail)) = wire::split_frame(rest, 1 << 24).unwrap() {
+                v.push((h, p.to_vec()));
+                rest = tail;
+            }
+            v
+        };
+        let statuses = |out: &[u8]| -> Vec<PageStatus> {
+            let (h, p) = frames(out).pop().unwrap();
+            match wire::Response::decode(&h, &p, 256).unwrap() {
+                wire::Response::PutOk(st) => st.iter().collect(),
+                other => panic!("{other:?}"),
+            }
+        };
+        // Before any capability: every handle is denied, nothing stored.
+        out.clear();
+        run(&mut s, &put(2, &[100, 200]), &mut out).unwrap();
+        assert_eq!(statuses(&out), [PageStatus::Denied; 2]);
+        assert_eq!(s.shared().store.used_pages(), 0);
+        // One good capability; one expired; one of an unknown key; one of
+        // another tenant; one that is not a token.
+        let tokens = [
+            k1.sign(&cap(96, now + 60, "default")).unwrap(),
+            k1.sign(&cap(192, now - 1, "default")).unwrap(),
+            stranger.sign(&cap(192, now + 60, "default")).unwrap(),
+            k1.sign(&cap(192, now + 60, "other")).unwrap(),
+            b"junk".to_vec(),
+        ];
+        let mut caps = Vec::new();
+        wire::encode_caps(&mut caps, 3, &tokens);
+        out.clear();
+        run(&mut s, &caps, &mut out).unwrap();
+        let (h, p) = frames(&out).pop().unwrap();
+        let wire::Response::CapsOk(verdicts) = wire::Response::decode(&h, &p, 256).unwrap() else {
+            panic!("not CAPS_OK");
+        };
+        use wire::CapVerdict as V;
+        assert_eq!(
+            verdicts.iter().collect::<Vec<_>>(),
+            [
+                V::Accepted,
+                V::Expired,
+                V::UnknownKey,
+                V::NotYours,
+                V::Malformed
+            ]
+        );
+        // Handles 96..112 only.
+        out.clear();
+        run(&mut s, &put(4, &[95, 96, 111, 112, 200]), &mut out).unwrap();
+        use PageStatus::{Denied, Ok as Stored};
+        assert_eq!(statuses(&out), [Denied, Stored, Stored, Denied, Denied]);
+        assert_eq!(s.shared().store.used_pages(), 2);
     }
 }

@@ -251,6 +251,9 @@ impl Connection {
     /// Serves the connection; it was counted open when accepted.
     async fn run(mut self) {
         let metrics = self.session.shared().metrics.clone();
+        if let Some(id) = &self.identity {
+            self.session.set_identity(id.clone());
+        }
         let end = match &self.identity {
             Some(id) if !matches!(id.role, Role::Agent | Role::Admin) => End::Fatal(Fatal {
                 code: ErrorCode::AuthFailed,

@@ -279,11 +279,54 @@ pub struct Cluster {
     control_within: Duration,
     /// The data plane's TLS, for every server granted.
     data_tls: Option<rmem_client::ClientTls>,
+    /// The capabilities of this agent's handle spaces, by interval id,
+    /// handed to every server it uses.
+    caps: Arc<rmem_client::Capabilities>,
 }
+
+/// How often the agent looks for capabilities due for renewal.
+const RENEW_EVERY: Duration = Duration::from_secs(2);
 
 /// As [`ClusterConfig::join_timeout`], for invalidations of freed pages (which fall back
 /// to freeing on the servers directly).
 const INVALIDATE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Renews the capabilities in `caps` as they come due, for as long as the
+/// runtime runs.
+async fn renew_capabilities(
+    client: ControlClient,
+    caps: Arc<rmem_client::Capabilities>,
+    tenant: String,
+) {
+    let warn = rmem_common::logging::Throttle::new(Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(RENEW_EVERY).await;
+        let due = caps.due(rmem_common::capability::unix_now());
+        if due.is_empty() {
+            continue;
+        }
+        let r = client
+            .intervals()
+            .capabilities(pb::CapabilitiesRequest {
+                interval_ids: due.clone(),
+            })
+            .await;
+        match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                for (&id, cap) in due.iter().zip(r.capabilities) {
+                    caps.set(id, &tenant, cap);
+                }
+                tracing::debug!(renewed = due.len(), "renewed capabilities");
+            }
+            Err(e) => {
+                if let Some(left_out) = warn.ready() {
+                    tracing::warn!(error = %e, due = due.len(), left_out, "cannot renew capabilities (trying again; servers deny the handles of any that expires)");
+                }
+            }
+        }
+    }
+}
 
 pub fn hostname() -> String {
     rmem_common::host::hostname("node")
@@ -416,6 +459,15 @@ impl Cluster {
                     .store(at_risk, std::sync::atomic::Ordering::Relaxed);
             }
         });
+        // Capabilities are renewed when two thirds of their life is gone;
+        // one that cannot be (no coordinator) is tried again until it can,
+        // and servers deny its handles once it expired.
+        let caps = Arc::new(rmem_client::Capabilities::default());
+        runtime.spawn(renew_capabilities(
+            client.clone(),
+            caps.clone(),
+            cfg.tenant.clone(),
+        ));
         // Frees a failing server missed (it was fenced, so invalidations
         // no longer reach it) are paid once it answers again, whatever the
         // stores are doing.
@@ -448,6 +500,7 @@ impl Cluster {
             invalidate_warn: rmem_common::logging::Throttle::new(Duration::from_secs(5)),
             control_within: cfg.join_timeout,
             data_tls,
+            caps,
         }))
     }
 
@@ -617,12 +670,31 @@ impl Cluster {
             owner: self.member_id(),
             subscribers: Vec::new(),
         };
-        Ok(self
-            .call("registering an address space", |c| {
-                let req = req.clone();
-                async move { c.intervals().register(req).await }
-            })?
-            .interval_id)
+        let r = self.call("registering an address space", |c| {
+            let req = req.clone();
+            async move { c.intervals().register(req).await }
+        })?;
+        self.caps.set(r.interval_id, &self.tenant, r.capability);
+        Ok(r.interval_id)
+    }
+
+    /// Gets the capabilities of intervals this agent took over (a
+    /// restarted agent's handle spaces).
+    pub(crate) fn hold_capabilities(&self, ids: &[u64]) -> Result<(), ClusterError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let req = pb::CapabilitiesRequest {
+            interval_ids: ids.to_vec(),
+        };
+        let r = self.call("getting capabilities", |c| {
+            let req = req.clone();
+            async move { c.intervals().capabilities(req).await }
+        })?;
+        for (&id, cap) in ids.iter().zip(r.capabilities) {
+            self.caps.set(id, &self.tenant, cap);
+        }
+        Ok(())
     }
 
     /// Adds server `member` to the subscribers of `interval`.
@@ -646,6 +718,7 @@ impl Cluster {
                 })
                 .await
         })?;
+        self.caps.remove(interval);
         Ok(())
     }
 
@@ -738,6 +811,7 @@ impl Cluster {
         if let Some(tls) = &self.data_tls {
             c = c.with_tls(tls.config.clone(), Some(g.server_name.clone()));
         }
+        c.capabilities = Some(self.caps.clone());
         c
     }
 

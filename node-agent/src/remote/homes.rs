@@ -205,6 +205,10 @@ impl Homes {
                     "kept the handle spaces of earlier runs: the module still holds pages"
                 );
             }
+            // Their servers serve those handles to this agent only on the
+            // capabilities for them.
+            let ids: Vec<u64> = older.iter().map(|s| s.interval).collect();
+            cluster.hold_capabilities(&ids)?;
             older
         };
         let taken: Vec<u64> = older.iter().map(|s| s.base).collect();

@@ -247,6 +247,7 @@ pub enum Request<'a> {
     RdmaConnect(RdmaEndpoint),
     PutStaged(StagedPuts<'a>),
     Locate(Handles<'a>),
+    Caps(super::caps::Tokens<'a>),
 }
 
 /// A decoded response (server to client).
@@ -259,6 +260,7 @@ pub enum Response<'a> {
     StatOk(Stat),
     RdmaAccept(RdmaAccept),
     Located(Locations<'a>),
+    CapsOk(super::caps::Verdicts<'a>),
     Error(ErrorFrame<'a>),
 }
 
@@ -361,6 +363,7 @@ impl<'a> Request<'a> {
                 let (_, bytes) = batch(Opcode::Locate, payload, max_batch, Some(8))?;
                 Request::Locate(Handles { bytes })
             }
+            Opcode::Caps => Request::Caps(super::caps::decode_caps(payload)?),
             other => return Err(DecodeError::Unexpected(other)),
         })
     }
@@ -469,6 +472,7 @@ impl<'a> Response<'a> {
                 let (_, bytes) = batch(Opcode::Located, payload, max_batch, Some(LOCATION_LEN))?;
                 Response::Located(Locations::new(bytes)?)
             }
+            Opcode::CapsOk => Response::CapsOk(super::caps::decode_verdicts(payload)?),
             Opcode::Error => {
                 if payload.len() < 4 {
                     return Err(DecodeError::Length {

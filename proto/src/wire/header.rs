@@ -17,6 +17,7 @@ pub enum Opcode {
     RdmaConnect = 0x06,
     PutStaged = 0x07,
     Locate = 0x08,
+    Caps = 0x09,
     HelloOk = 0x81,
     PutOk = 0x82,
     GetOk = 0x83,
@@ -24,6 +25,7 @@ pub enum Opcode {
     StatOk = 0x85,
     RdmaAccept = 0x86,
     Located = 0x87,
+    CapsOk = 0x88,
     Error = 0xFF,
 }
 
@@ -39,6 +41,7 @@ impl Opcode {
             0x06 => Self::RdmaConnect,
             0x07 => Self::PutStaged,
             0x08 => Self::Locate,
+            0x09 => Self::Caps,
             0x81 => Self::HelloOk,
             0x82 => Self::PutOk,
             0x83 => Self::GetOk,
@@ -46,6 +49,7 @@ impl Opcode {
             0x85 => Self::StatOk,
             0x86 => Self::RdmaAccept,
             0x87 => Self::Located,
+            0x88 => Self::CapsOk,
             0xFF => Self::Error,
             _ => return None,
         })
@@ -111,6 +115,9 @@ pub enum PageStatus {
     BadChecksum = 4,
     /// The stored copy failed its checksum on the server; it is not served.
     Corrupt = 5,
+    /// The handle is outside the capabilities the connection presented:
+    /// nothing was done to it.
+    Denied = 6,
 }
 
 impl PageStatus {
@@ -123,6 +130,7 @@ impl PageStatus {
             3 => Self::QuotaExceeded,
             4 => Self::BadChecksum,
             5 => Self::Corrupt,
+            6 => Self::Denied,
             _ => return None,
         })
     }
@@ -136,6 +144,7 @@ impl PageStatus {
             Self::QuotaExceeded => "quota_exceeded",
             Self::BadChecksum => "bad_checksum",
             Self::Corrupt => "corrupt",
+            Self::Denied => "denied",
         }
     }
 }

@@ -33,6 +33,17 @@
 //!                                                  addr:u64 rkey:u32 reserved:u32 }
 //! ```
 //!
+//! Capabilities (`caps.rs`): in a cluster an agent may use only the handles
+//! its coordinator-signed capabilities name, which it hands each server
+//! once per connection and again when renewed.
+//!
+//! ```text
+//! CAPS     count:u32  reserved:u32  count × { len:u16 reserved:u16 token[len] }
+//! CAPS_OK  count:u32  reserved:u32  count × verdict:u8
+//! ```
+//!
+//! A page outside them gets the status DENIED.
+//!
 //! PUT_STAGED and LOCATE are answered by LOCATED: for each page its status
 //! and, when OK, where its bytes are (an address and the rkey of the
 //! tenant's memory region holding it), so the client can fetch it with a
@@ -50,10 +61,12 @@
 //! length is checked against the negotiated limit before its payload is read,
 //! and counts are checked against the payload actually present.
 
+mod caps;
 mod codec;
 mod header;
 mod rdma;
 
+pub use caps::*;
 pub use codec::*;
 pub use header::*;
 pub use rdma::*;
@@ -61,7 +74,7 @@ pub use rdma::*;
 /// Size of one page, the unit everything moves in.
 pub const PAGE_SIZE: usize = 4096;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// First bytes of a HELLO payload.
 pub const MAGIC: [u8; 4] = *b"RMEM";
 /// Longest tenant name, in bytes.
