@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rmem_common::tls::reload::{self, Cached, Reloading};
 use rmem_proto::control::v1::cluster_admin_server::ClusterAdminServer;
 use rmem_proto::control::v1::intervals_server::IntervalsServer;
 use rmem_proto::control::v1::invalidation_server::InvalidationServer;
@@ -148,11 +149,10 @@ impl Coordinator {
             Some(files) => {
                 let pem = files.read()?;
                 tracing::info!(identity = %pem.identity, "mutual TLS on the gRPC port: callers need a certificate from the cluster CA");
-                Some(
-                    tonic::transport::ServerTlsConfig::new()
-                        .identity(tonic::transport::Identity::from_pem(&pem.cert, &pem.key))
-                        .client_ca_root(tonic::transport::Certificate::from_pem(&pem.ca)),
-                )
+                // The certificate and CA reload without a restart.
+                let reloading = Reloading::new(files.clone(), pem);
+                reloading.watch();
+                Some(reloading.cached(reload::grpc_server)?)
             }
             None => None,
         };
@@ -339,7 +339,7 @@ async fn serve(
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     ),
     auth: Gate,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<Cached<Arc<rustls::ServerConfig>>>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let stop = async move {
@@ -349,28 +349,44 @@ async fn serve(
             .await;
         set_serving(&health, false).await;
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
+    let router = rmem_proto::with_reflection(
+        tonic::transport::Server::builder().add_service(health_service),
+    )
+    .add_service(MembershipServer::with_interceptor(
+        svc.clone(),
+        auth.clone(),
+    ))
+    .add_service(PlacementServer::with_interceptor(svc.clone(), auth.clone()))
+    .add_service(IntervalsServer::with_interceptor(svc.clone(), auth.clone()))
+    .add_service(InvalidationServer::with_interceptor(
+        svc.clone(),
+        auth.clone(),
+    ))
+    .add_service(ClusterAdminServer::with_interceptor(svc, auth));
+    // With TLS the handshake is made here, with the current (reloadable)
+    // certificate; tonic reads the caller's certificate from the stream.
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(
+                    reload::incoming(listener, tls, HANDSHAKE_TIMEOUT),
+                    stop,
+                )
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stop,
+                )
+                .await
+        }
     }
-    rmem_proto::with_reflection(builder.add_service(health_service))
-        .add_service(MembershipServer::with_interceptor(
-            svc.clone(),
-            auth.clone(),
-        ))
-        .add_service(PlacementServer::with_interceptor(svc.clone(), auth.clone()))
-        .add_service(IntervalsServer::with_interceptor(svc.clone(), auth.clone()))
-        .add_service(InvalidationServer::with_interceptor(
-            svc.clone(),
-            auth.clone(),
-        ))
-        .add_service(ClusterAdminServer::with_interceptor(svc, auth))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            stop,
-        )
-        .await
 }
+
+/// Longest a caller may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Health of the leader-only services: SERVING once this coordinator
 /// serves them, NOT_SERVING before (a standby replica) and after it stops.

@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::cluster::{Cluster, Finished};
 use crate::error::CoordError;
 use crate::membership::{Liveness, Member};
-use crate::state::RoleRecord;
+use crate::state::{GrantRecord, RoleRecord};
 use rmem_common::identity::{Identity, Role};
 
 /// Who made the call, with mutual TLS on (the gate put the identity of the
@@ -302,7 +302,11 @@ impl Placement for Service {
             r.copies,
             &r.exclude,
         )?;
-        let grants = a.grants.iter().map(|g| c.grant_pb(g)).collect();
+        let grants = a
+            .grants
+            .iter()
+            .map(|g| grant_for(&c, who.as_ref(), g))
+            .collect();
         ok(pb::AllocateResponse {
             grants,
             shared_domain: a.shared_domain,
@@ -325,8 +329,8 @@ impl Placement for Service {
         let who = caller(&r).cloned();
         let r = r.into_inner();
         let c = self.shared().lock();
-        // Grants carry their tenant's credential: an agent lists its own, a
-        // server those on itself.
+        // Grants may carry their tenant's credential: an agent lists its
+        // own, a server those on itself.
         match who.as_ref().map(|id| id.role) {
             None | Some(Role::Admin) => {}
             Some(Role::Server) if r.agent_id == 0 => {
@@ -339,10 +343,22 @@ impl Placement for Service {
             .iter()
             .filter(|g| r.agent_id == 0 || g.agent == r.agent_id)
             .filter(|g| r.server_id == 0 || g.server == r.server_id)
-            .map(|g| c.grant_pb(g))
+            .map(|g| grant_for(&c, who.as_ref(), g))
             .collect();
         ok(pb::ListGrantsResponse { grants })
     }
+}
+
+/// A grant as `who` sees it. Under mutual TLS only an admin is handed the
+/// tenant's credential: an agent's certificate and its capabilities open
+/// the servers to it (for its own handles only), so no agent holds a
+/// secret that would let it act as its whole tenant.
+fn grant_for(c: &Cluster, who: Option<&Identity>, g: &GrantRecord) -> pb::Grant {
+    let mut pb = c.grant_pb(g);
+    if who.is_some_and(|id| id.role != Role::Admin) {
+        pb.credential.clear();
+    }
+    pb
 }
 
 #[tonic::async_trait]

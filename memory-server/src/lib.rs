@@ -26,6 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rmem_common::capability::Verifier;
+use rmem_common::tls::TlsPem;
+use rmem_common::tls::reload::{self, Cached, Reloading};
 use rmem_proto::wire::Limits;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -101,7 +103,7 @@ impl Server {
                     "cluster.name",
                     config.cluster.name.as_deref(),
                 )?;
-                Some(pem)
+                Some(Reloading::new(files.clone(), pem))
             }
             None => None,
         };
@@ -182,7 +184,9 @@ impl Server {
                 unauthenticated: config.max_unauthenticated,
                 unauthenticated_per_peer: config.max_unauthenticated_per_peer,
             }),
-            tls.as_ref().map(|p| p.data_server()).transpose()?,
+            tls.as_ref()
+                .map(|r| r.cached(TlsPem::data_server))
+                .transpose()?,
             shutdown.clone(),
             connections.clone(),
         ));
@@ -190,14 +194,25 @@ impl Server {
             store: store.clone(),
             metrics: metrics.clone(),
         };
-        if let Some(pem) = &tls {
-            tracing::info!(identity = %pem.identity, "mutual TLS on the data plane and the admin gRPC port: clients need a certificate from the cluster CA");
+        if let Some(r) = &tls {
+            tracing::info!(identity = %r.current().identity, "mutual TLS on the data plane and the admin gRPC port: clients need a certificate from the cluster CA");
+            r.watch();
         }
         rmem_common::tls::warn_if_insecure(
             &[("listen", data_addr), ("grpc", grpc_addr)],
             tls.is_some(),
         );
-        let grpc = tokio::spawn(serve_grpc(grpc, admin, tls.clone(), shutdown.clone()));
+        let grpc_tls = tls
+            .as_ref()
+            .map(|r| r.cached(reload::grpc_server))
+            .transpose()?;
+        let grpc = tokio::spawn(serve_grpc(
+            grpc,
+            admin,
+            grpc_tls,
+            config.handshake_timeout,
+            shutdown.clone(),
+        ));
         let membership = if config.cluster.is_standalone() {
             None
         } else {
@@ -207,7 +222,7 @@ impl Server {
                 data_addr,
                 grpc_addr,
                 &transports,
-                tls,
+                tls.as_ref().map(|r| (*r.current()).clone()),
                 capabilities,
             )
             .await
@@ -347,7 +362,8 @@ fn log_recovery(store: &Store, config: &ServerConfig) {
 async fn serve_grpc(
     listener: TcpListener,
     admin: AdminService,
-    tls: Option<rmem_common::tls::TlsPem>,
+    tls: Option<Cached<Arc<rustls::ServerConfig>>>,
+    handshake_timeout: Duration,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     use rmem_proto::admin::v1::server_admin_server::ServerAdminServer;
@@ -355,7 +371,6 @@ async fn serve_grpc(
     health
         .set_serving::<ServerAdminServer<AdminService>>()
         .await;
-    let incoming = tokio_stream_listener(listener);
     let stop = {
         let health = health.clone();
         async move {
@@ -365,19 +380,28 @@ async fn serve_grpc(
                 .await;
         }
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(pem) = &tls {
-        builder = builder.tls_config(
-            tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(&pem.cert, &pem.key))
-                .client_ca_root(tonic::transport::Certificate::from_pem(&pem.ca)),
-        )?;
-    }
     let gate = admin::AdminGate { tls: tls.is_some() };
-    rmem_proto::with_reflection(builder.add_service(health_service))
-        .add_service(admin.into_server(gate))
-        .serve_with_incoming_shutdown(incoming, stop)
-        .await
+    let router = rmem_proto::with_reflection(
+        tonic::transport::Server::builder().add_service(health_service),
+    )
+    .add_service(admin.into_server(gate));
+    // With TLS the handshake is made here, with the current (reloadable)
+    // certificate; tonic reads the caller's certificate from the stream.
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(
+                    reload::incoming(listener, tls, handshake_timeout),
+                    stop,
+                )
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(tokio_stream_listener(listener), stop)
+                .await
+        }
+    }
 }
 
 fn tokio_stream_listener(listener: TcpListener) -> tokio_stream::wrappers::TcpListenerStream {

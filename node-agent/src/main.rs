@@ -40,13 +40,15 @@ struct AgentTls {
 }
 
 impl AgentTls {
+    /// The files, read as every binary's `TlsArgs` reads them (only the
+    /// variables the flags fall back on differ).
     fn files(&self) -> Result<Option<TlsFiles>, rmem_common::config::ConfigError> {
-        TlsFiles::from_parts(
-            "tls",
-            self.tls_ca.clone(),
-            self.tls_cert.clone(),
-            self.tls_key.clone(),
-        )
+        rmem_common::tls::TlsArgs {
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
+        .files()
     }
 }
 

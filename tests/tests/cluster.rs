@@ -1581,6 +1581,7 @@ fn an_agent_reaches_only_the_handles_its_capabilities_name() {
         ("server", "mem-0"),
         ("agent", "node-1"),
         ("agent", "node-2"),
+        ("admin", "alice"),
     ]);
     let with = |extra: &[&str], who: &str| {
         let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -1594,7 +1595,14 @@ fn an_agent_reaches_only_the_handles_its_capabilities_name() {
     let endpoint = coord.addr.to_string();
     let server = {
         let a = with(
-            &["--capacity", "64MiB", "--coordinator", &endpoint],
+            &[
+                "--capacity",
+                "64MiB",
+                "--coordinator",
+                &endpoint,
+                "--token",
+                "tenant-secret",
+            ],
             "server-mem-0",
         );
         ServerProcess::start(&a.iter().map(String::as_str).collect::<Vec<_>>())
@@ -1709,6 +1717,31 @@ fn an_agent_reaches_only_the_handles_its_capabilities_name() {
         bare.get(&[a_base + 1], &mut out).unwrap(),
         [PageStatus::Denied]
     );
+    // Agents were handed no tenant secret and need none: their certificate
+    // and capabilities open the server. Anyone else still needs it.
+    let admin = |credential: &str| {
+        let c = ClientConfig::new(data.clone())
+            .with_tenant("default", credential)
+            .with_tls(
+                lab.pem(&lab, "admin-alice").data_client().unwrap(),
+                Some("mem-0".into()),
+            );
+        BlockingConnection::connect(&c)
+    };
+    match admin("") {
+        Err(rmem_client::ClientError::Rejected { code, .. }) => {
+            assert_eq!(code, rmem_proto::wire::ErrorCode::AuthFailed)
+        }
+        other => panic!("an admin without the tenant's secret: {other:?}"),
+    }
+    // An admin with it may use any handle.
+    assert_eq!(
+        admin("tenant-secret")
+            .unwrap()
+            .get(&[a_base + 1], &mut out)
+            .unwrap(),
+        [PageStatus::Ok]
+    );
     // The victim's page is whole.
     assert_eq!(
         victim.get(&[a_base + 1], &mut out).unwrap(),
@@ -1732,4 +1765,125 @@ fn space_request(
         owner,
         subscribers: Vec::new(),
     }
+}
+
+#[test]
+fn certificates_and_the_cluster_ca_reload_without_a_restart() {
+    use rmem_client::{ClientConfig, ClientError};
+    // The cluster's CA, and the one it rotates to.
+    let lab = rmem_tests::pki::Lab::new(&[
+        ("coordinator", "c1"),
+        ("server", "mem-0"),
+        ("agent", "node-1"),
+    ]);
+    let next = rmem_tests::pki::Lab::new(&[("agent", "node-2"), ("admin", "bob")]);
+    // The daemons run from files this test rewrites, as cert-manager or an
+    // operator would (a new file renamed over the old).
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let put = |name: &str, bytes: &[u8]| {
+        let tmp = file(&format!("{name}.new"));
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, file(name)).unwrap();
+    };
+    let read = |lab: &rmem_tests::pki::Lab, f: &str| std::fs::read(lab.path(f)).unwrap();
+    for (who, short) in [("coordinator-c1", "c"), ("server-mem-0", "s")] {
+        put(&format!("{short}.ca"), &read(&lab, "ca.pem"));
+        put(&format!("{short}.pem"), &read(&lab, &format!("{who}.pem")));
+        put(&format!("{short}.key"), &read(&lab, &format!("{who}.key")));
+    }
+    let tls = |short: &str| {
+        vec![
+            "--tls-ca".to_string(),
+            file(&format!("{short}.ca")),
+            "--tls-cert".into(),
+            file(&format!("{short}.pem")),
+            "--tls-key".into(),
+            file(&format!("{short}.key")),
+        ]
+    };
+    let coord = rmem_tests::CoordinatorProcess::start(
+        &tls("c").iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let endpoint = coord.addr.to_string();
+    let server = {
+        let mut a: Vec<String> = ["--capacity", "16MiB", "--coordinator", &endpoint]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(tls("s"));
+        ServerProcess::start(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let data = server.data.to_string();
+    // A member of the new CA, trusting the old one (as members do while a
+    // CA rotates: their CA file holds both).
+    let connect = |pem: rmem_common::tls::TlsPem| {
+        let mut c = ClientConfig::new(data.clone())
+            .with_tls(pem.data_client().unwrap(), Some("mem-0".into()));
+        c.connect_timeout = Duration::from_secs(5);
+        BlockingConnection::connect(&c)
+    };
+    let rmemctl_status = |who: &str| {
+        std::process::Command::new(bin("rmemctl"))
+            .args(["--endpoint", &endpoint, "--tls-ca", &lab.path("ca.pem")])
+            .args(["--tls-cert", &next.path(&format!("{who}.pem"))])
+            .args(["--tls-key", &next.path(&format!("{who}.key"))])
+            .args(["--timeout", "5s", "status"])
+            .output()
+            .unwrap()
+    };
+    let newcomer = || next.pem(&lab, "agent-node-2");
+    let e = connect(newcomer()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Tls { .. } | ClientError::Io { .. } | ClientError::Closed { .. }
+        ),
+        "{e:?}"
+    );
+    assert!(!rmemctl_status("admin-bob").status.success());
+
+    // The CA files now hold both CAs: within a few seconds both daemons
+    // take members of either, without a restart.
+    let both = [read(&lab, "ca.pem"), read(&next, "ca.pem")].concat();
+    put("s.ca", &both);
+    put("c.ca", &both);
+    for d in [&server.daemon, &coord.daemon] {
+        assert!(
+            d.wait_for_log(
+                "reloaded the TLS files: new connections use them",
+                Duration::from_secs(20)
+            )
+            .is_some(),
+            "{}",
+            d.log_text()
+        );
+    }
+    let mut c = connect(newcomer()).unwrap();
+    c.stat().unwrap();
+    let out = rmemctl_status("admin-bob");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Files that would make the server someone else are refused: it keeps
+    // serving as mem-0 (an agent's certificate would fail every client's
+    // server check).
+    put("s.pem", &read(&lab, "agent-node-1.pem"));
+    put("s.key", &read(&lab, "agent-node-1.key"));
+    assert!(
+        server
+            .daemon
+            .wait_for_log(
+                "the TLS files changed but cannot be used: keeping the ones in use",
+                Duration::from_secs(20)
+            )
+            .is_some(),
+        "{}",
+        server.daemon.log_text()
+    );
+    let mut c = connect(lab.pem(&lab, "agent-node-1")).unwrap();
+    c.stat().unwrap();
 }

@@ -5,6 +5,7 @@
 //! (`RMEM_TLS_CA`, `RMEM_TLS_CERT`, `RMEM_TLS_KEY`) or a `[tls]` section.
 
 pub mod data;
+pub mod reload;
 
 use std::path::{Path, PathBuf};
 

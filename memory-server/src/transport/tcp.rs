@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use rmem_common::identity::{Identity, Role};
+use rmem_common::tls::reload::Cached;
 use rmem_proto::wire::{self, ErrorCode, HEADER_LEN, Opcode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -69,7 +70,9 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Accepts connections until `shutdown` fires; each runs on `tracker`.
 /// With `tls`, every connection is mutual TLS: the client's certificate
-/// must come from the cluster CA and name an agent or an admin.
+/// must come from the cluster CA and name an agent or an admin. The
+/// configuration is taken afresh for each connection: reloaded
+/// certificates apply to the next handshake.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
@@ -77,11 +80,10 @@ pub async fn serve(
     timeouts: Timeouts,
     max_connections: u32,
     admission: Arc<Admission>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Cached<Arc<rustls::ServerConfig>>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -102,7 +104,7 @@ pub async fn serve(
         // connections cannot all pass the check before any task runs.
         if metrics.connections_open.load(Ordering::Relaxed) >= u64::from(max_connections) {
             tracing::warn!(%peer, max_connections, "connection refused: too many connections");
-            if acceptor.is_none() {
+            if tls.is_none() {
                 tracker.spawn(refuse(stream, ErrorCode::Busy, "too many connections"));
             }
             continue;
@@ -114,7 +116,7 @@ pub async fn serve(
                 tracing::warn!(%peer, "connection refused: {why}");
                 // Over TLS a plaintext answer would not be understood, and
                 // a handshake costs what the caps are there to save.
-                if acceptor.is_none() {
+                if tls.is_none() {
                     tracker.spawn(refuse(stream, ErrorCode::Busy, why.to_string()));
                 }
                 continue;
@@ -129,7 +131,10 @@ pub async fn serve(
             session.set_local_ip(local.ip());
         }
         let span = tracing::info_span!("conn", %peer);
-        let (acceptor, shutdown) = (acceptor.clone(), shutdown.clone());
+        let acceptor = tls
+            .as_ref()
+            .map(|t| tokio_rustls::TlsAcceptor::from(t.get()));
+        let shutdown = shutdown.clone();
         tracker.spawn(
             async move {
                 let (stream, identity) = match acceptor {
