@@ -85,7 +85,7 @@ fn handshake(
         message,
     };
     let mut conn = rustls::ClientConnection::new(
-        tls.config.clone(),
+        tls.config.get(),
         rmem_common::tls::data::server_name(&cfg.addr),
     )
     .map_err(|e| fail(e.to_string()))?;

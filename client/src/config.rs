@@ -45,7 +45,7 @@ pub struct ClientConfig {
 /// [`rmem_common::tls::data`]), and which server it means.
 #[derive(Clone)]
 pub struct ClientTls {
-    pub config: std::sync::Arc<rustls::ClientConfig>,
+    pub config: TlsSource,
     /// The server's name as the coordinator gave it: its certificate must
     /// name it. `None` accepts any memory server of the cluster (tools
     /// given only an address).
@@ -57,6 +57,26 @@ impl std::fmt::Debug for ClientTls {
         f.debug_struct("ClientTls")
             .field("server", &self.server)
             .finish_non_exhaustive()
+    }
+}
+
+/// Where a client's rustls configuration comes from.
+#[derive(Clone, Debug)]
+pub enum TlsSource {
+    /// Made once.
+    Fixed(std::sync::Arc<rustls::ClientConfig>),
+    /// Rebuilt when the member's TLS files change (a renewed certificate,
+    /// a rotated CA): each new connection takes the current one.
+    Reloading(rmem_common::tls::reload::Cached<std::sync::Arc<rustls::ClientConfig>>),
+}
+
+impl TlsSource {
+    /// The configuration for a connection made now.
+    pub fn get(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        match self {
+            Self::Fixed(c) => c.clone(),
+            Self::Reloading(c) => c.get(),
+        }
     }
 }
 
@@ -150,6 +170,15 @@ impl ClientConfig {
         config: std::sync::Arc<rustls::ClientConfig>,
         server: Option<String>,
     ) -> Self {
+        self.tls = Some(ClientTls {
+            config: TlsSource::Fixed(config),
+            server,
+        });
+        self
+    }
+
+    /// As [`Self::with_tls`], from a source that may reload.
+    pub fn with_tls_source(mut self, config: TlsSource, server: Option<String>) -> Self {
         self.tls = Some(ClientTls { config, server });
         self
     }

@@ -157,7 +157,7 @@ impl Connection {
                     addr: cfg.addr.clone(),
                     message,
                 };
-                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let connector = tokio_rustls::TlsConnector::from(tls.config.get());
                 let name = rmem_common::tls::data::server_name(&cfg.addr);
                 let stream =
                     tokio::time::timeout(cfg.connect_timeout, connector.connect(name, stream))

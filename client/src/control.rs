@@ -168,7 +168,23 @@ impl ControlClient {
         timeout: Duration,
     ) -> Result<Self, ControlError> {
         let token = creds.token.as_deref();
-        let tls = creds.tls.as_ref().map(client_tls);
+        // Each connection's handshake is made with the member's current
+        // files: a renewed certificate or CA is used from the next one on.
+        let tls = match &creds.tls {
+            Some(pem) => {
+                let reloading = rmem_common::tls::reload::Reloading::new(pem.clone());
+                reloading.watch();
+                let cached = reloading
+                    .cached(rmem_common::tls::reload::grpc_client)
+                    .map_err(|e| ControlError::Rpc {
+                        code: tonic::Code::InvalidArgument,
+                        reason: "invalid_tls".into(),
+                        message: rmem_common::error_chain(&e),
+                    })?;
+                Some(crate::grpc_tls::Connector::new(cached))
+            }
+            None => None,
+        };
         let names: Vec<String> = endpoint
             .split(',')
             .map(str::trim)
@@ -177,20 +193,13 @@ impl ControlClient {
             .collect();
         let mut endpoints = Vec::with_capacity(names.len());
         for name in &names {
-            let mut ep = Endpoint::from_shared(url(name, tls.is_some())).map_err(|source| {
+            // With TLS the connector makes it: tonic speaks HTTP/2 over it.
+            let ep = Endpoint::from_shared(url(name, false)).map_err(|source| {
                 ControlError::Endpoint {
                     endpoint: name.clone(),
                     source,
                 }
             })?;
-            if let Some(tls) = &tls {
-                ep = ep
-                    .tls_config(tls.clone())
-                    .map_err(|source| ControlError::Endpoint {
-                        endpoint: name.clone(),
-                        source,
-                    })?;
-            }
             endpoints.push(
                 ep.connect_timeout(timeout.min(crate::leader::CONNECT_TIMEOUT))
                     .tcp_nodelay(true)
@@ -203,7 +212,11 @@ impl ControlClient {
         let mut first = None;
         let mut failure = None;
         for (i, ep) in endpoints.iter().enumerate() {
-            match ep.clone().connect_timeout(timeout).connect().await {
+            let connected = match &tls {
+                Some(c) => ep.clone().connect_with_connector(c.within(timeout)).await,
+                None => ep.clone().connect_timeout(timeout).connect().await,
+            };
+            match connected {
                 Ok(c) => {
                     if names.len() == 1 || leads(&c, timeout).await {
                         first = Some((i, c));
@@ -227,7 +240,8 @@ impl ControlClient {
                 },
             });
         };
-        let channel = LeaderChannel::new(names, endpoints, first);
+        let lazy = tls.map(|c| c.within(crate::leader::CONNECT_TIMEOUT.min(timeout)));
+        let channel = LeaderChannel::new(names, endpoints, first, lazy);
         let auth = match token {
             Some(t) => Auth(Some(format!("Bearer {t}").parse().map_err(|_| {
                 ControlError::Rpc {

@@ -55,6 +55,7 @@ impl LeaderChannel {
         names: Vec<String>,
         endpoints: Vec<Endpoint>,
         first: (usize, Channel),
+        tls: Option<crate::grpc_tls::Connector>,
     ) -> Self {
         let channels = endpoints
             .into_iter()
@@ -63,7 +64,10 @@ impl LeaderChannel {
                 if i == first.0 {
                     first.1.clone()
                 } else {
-                    e.connect_lazy()
+                    match &tls {
+                        Some(c) => e.connect_with_connector_lazy(c.clone()),
+                        None => e.connect_lazy(),
+                    }
                 }
             })
             .collect();
@@ -251,7 +255,7 @@ mod tests {
             .map(|n| Endpoint::from_shared(format!("http://{n}")).unwrap())
             .collect();
         let first = (0, eps[0].connect_lazy());
-        let ch = LeaderChannel::new(names, eps, first);
+        let ch = LeaderChannel::new(names, eps, first, None);
         ch.move_on(0, Some("http://c:3"));
         assert_eq!(ch.current(), "c:3");
         // A late answer from a call that went to `a` moves nothing.

@@ -27,6 +27,7 @@ mod error;
 mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+mod grpc_tls;
 mod leader;
 mod locations;
 mod pool;
@@ -36,7 +37,7 @@ mod transport;
 
 pub use blocking::{BlockingConnection, Locate};
 pub use caps::Capabilities;
-pub use config::{ClientConfig, ClientTls, Transport};
+pub use config::{ClientConfig, ClientTls, TlsSource, Transport};
 pub use conn::Connection;
 pub use error::ClientError;
 pub use locations::LocationCache;

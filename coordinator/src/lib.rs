@@ -150,7 +150,7 @@ impl Coordinator {
                 let pem = files.read()?;
                 tracing::info!(identity = %pem.identity, "mutual TLS on the gRPC port: callers need a certificate from the cluster CA");
                 // The certificate and CA reload without a restart.
-                let reloading = Reloading::new(files.clone(), pem);
+                let reloading = Reloading::new(pem);
                 reloading.watch();
                 Some(reloading.cached(reload::grpc_server)?)
             }

@@ -103,7 +103,7 @@ impl Server {
                     "cluster.name",
                     config.cluster.name.as_deref(),
                 )?;
-                Some(Reloading::new(files.clone(), pem))
+                Some(Reloading::new(pem))
             }
             None => None,
         };

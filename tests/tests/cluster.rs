@@ -1776,7 +1776,8 @@ fn certificates_and_the_cluster_ca_reload_without_a_restart() {
         ("server", "mem-0"),
         ("agent", "node-1"),
     ]);
-    let next = rmem_tests::pki::Lab::new(&[("agent", "node-2"), ("admin", "bob")]);
+    let next =
+        rmem_tests::pki::Lab::new(&[("agent", "node-2"), ("agent", "node-1"), ("admin", "bob")]);
     // The daemons run from files this test rewrites, as cert-manager or an
     // operator would (a new file renamed over the old).
     let dir = tempfile::tempdir().unwrap();
@@ -1802,7 +1803,7 @@ fn certificates_and_the_cluster_ca_reload_without_a_restart() {
             file(&format!("{short}.key")),
         ]
     };
-    let coord = rmem_tests::CoordinatorProcess::start(
+    let mut coord = rmem_tests::CoordinatorProcess::start(
         &tls("c").iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let endpoint = coord.addr.to_string();
@@ -1886,4 +1887,51 @@ fn certificates_and_the_cluster_ca_reload_without_a_restart() {
     );
     let mut c = connect(lab.pem(&lab, "agent-node-1")).unwrap();
     c.stat().unwrap();
+
+    // A member's own side reloads too: a control client running from
+    // files that are renewed from the new CA, once the old CA is dropped
+    // (the coordinator restarted with only the new one, so every
+    // connection is made again), still gets in, with no new client.
+    put("a.ca", &both);
+    put("a.pem", &read(&lab, "agent-node-1.pem"));
+    put("a.key", &read(&lab, "agent-node-1.key"));
+    let files = rmem_common::tls::TlsFiles {
+        ca_file: file("a.ca").into(),
+        cert_file: file("a.pem").into(),
+        key_file: file("a.key").into(),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt
+        .block_on(rmem_client::control::ControlClient::connect_with(
+            &endpoint,
+            &rmem_client::control::Credentials {
+                token: None,
+                tls: Some(files.read().unwrap()),
+            },
+            Duration::from_secs(5),
+        ))
+        .unwrap();
+    let list = || {
+        rt.block_on(
+            client
+                .membership()
+                .list_members(rmem_proto::control::v1::ListMembersRequest { role: 0 }),
+        )
+    };
+    list().unwrap();
+    put("a.pem", &read(&next, "agent-node-1.pem"));
+    put("a.key", &read(&next, "agent-node-1.key"));
+    std::thread::sleep(rmem_common::tls::reload::RELOAD_EVERY + Duration::from_secs(2));
+    coord.daemon.terminate(Duration::from_secs(10));
+    put("c.ca", &read(&next, "ca.pem"));
+    let mut again = tls("c");
+    again.extend(["--listen".to_string(), endpoint.clone()]);
+    let _coord = rmem_tests::CoordinatorProcess::start(
+        &again.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || list().is_ok()),
+        "the client did not take its renewed certificate: {:?}",
+        list()
+    );
 }

@@ -36,7 +36,7 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn roots(pem: &TlsPem) -> Result<Arc<RootCertStore>, ConfigError> {
+pub(super) fn roots(pem: &TlsPem) -> Result<Arc<RootCertStore>, ConfigError> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem.ca) {
         let cert = cert.map_err(|e| invalid("tls.ca_file", format!("not PEM: {e}")))?;
@@ -50,7 +50,7 @@ fn roots(pem: &TlsPem) -> Result<Arc<RootCertStore>, ConfigError> {
     Ok(Arc::new(roots))
 }
 
-fn chain(pem: &TlsPem) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+pub(super) fn chain(pem: &TlsPem) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
     let chain = CertificateDer::pem_slice_iter(&pem.cert)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid("tls.cert_file", format!("not PEM: {e}")))?;
@@ -60,12 +60,12 @@ fn chain(pem: &TlsPem) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
     Ok(chain)
 }
 
-fn key(pem: &TlsPem) -> Result<PrivateKeyDer<'static>, ConfigError> {
+pub(super) fn key(pem: &TlsPem) -> Result<PrivateKeyDer<'static>, ConfigError> {
     PrivateKeyDer::from_pem_slice(&pem.key)
         .map_err(|e| invalid("tls.key_file", format!("no private key: {e}")))
 }
 
-fn tls_error(field: &str, e: rustls::Error) -> ConfigError {
+pub(super) fn tls_error(field: &str, e: rustls::Error) -> ConfigError {
     invalid(field, format!("unusable: {e}"))
 }
 

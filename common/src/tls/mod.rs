@@ -101,6 +101,8 @@ pub struct TlsPem {
     pub key: Vec<u8>,
     /// Whom the certificate names.
     pub identity: Identity,
+    /// The files they were read from (to read them again).
+    pub files: TlsFiles,
 }
 
 impl std::fmt::Debug for TlsPem {
@@ -189,6 +191,7 @@ impl TlsFiles {
             cert,
             key,
             identity,
+            files: self.clone(),
         })
     }
 }

@@ -39,10 +39,10 @@ pub struct Reloading {
 }
 
 impl Reloading {
-    /// Starts from `pem`, read from `files` (checked by the caller).
-    pub fn new(files: TlsFiles, pem: TlsPem) -> Arc<Self> {
+    /// Starts from `pem` (checked by the caller), reading its files again.
+    pub fn new(pem: TlsPem) -> Arc<Self> {
         Arc::new(Self {
-            files,
+            files: pem.files.clone(),
             current: RwLock::new(Arc::new(pem)),
             generation: AtomicU64::new(0),
         })
@@ -87,14 +87,18 @@ impl Reloading {
         Ok(true)
     }
 
-    /// Checks the files every [`RELOAD_EVERY`] while the runtime runs,
-    /// logging what it takes and what it refuses (once per refused state).
+    /// Checks the files every [`RELOAD_EVERY`] while the runtime runs and
+    /// someone uses them, logging what it takes and what it refuses (once
+    /// per refused state).
     pub fn watch(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let me = self.clone();
+        let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut refused: Option<String> = None;
             loop {
                 tokio::time::sleep(RELOAD_EVERY).await;
+                let Some(me) = weak.upgrade() else {
+                    return;
+                };
                 let r = {
                     let me = me.clone();
                     tokio::task::spawn_blocking(move || me.check()).await
@@ -174,6 +178,22 @@ impl<T: Clone> Cached<T> {
 /// HTTP/2 negotiated.
 pub fn grpc_server(pem: &TlsPem) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
     let mut config = (*pem.data_server()?).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The rustls configuration of a member's gRPC client: the coordinator's
+/// certificate checked against the cluster CA and the host name dialled
+/// (as tonic's own TLS checks it), the member's certificate offered, HTTP/2
+/// negotiated.
+pub fn grpc_client(pem: &TlsPem) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+    use super::data::{chain, key, roots, tls_error};
+    let mut config = rustls::ClientConfig::builder_with_provider(super::data::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error("tls", e))?
+        .with_root_certificates(roots(pem)?)
+        .with_client_auth_cert(chain(pem)?, key(pem)?)
+        .map_err(|e| tls_error("tls.key_file", e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }

@@ -409,11 +409,20 @@ impl Cluster {
                 .clone()
                 .unwrap_or_else(|| format!("{}/{}", hostname(), std::process::id())),
         };
+        // The data plane's TLS follows the agent's files as they are
+        // renewed (new connections take the current ones).
         let data_tls = match &cfg.tls {
-            Some(pem) => Some(rmem_client::ClientTls {
-                config: pem.data_client()?,
-                server: None,
-            }),
+            Some(pem) => {
+                let reloading = rmem_common::tls::reload::Reloading::new(pem.clone());
+                let _in_runtime = runtime.enter();
+                reloading.watch();
+                Some(rmem_client::ClientTls {
+                    config: rmem_client::TlsSource::Reloading(
+                        reloading.cached(rmem_common::tls::TlsPem::data_client)?,
+                    ),
+                    server: None,
+                })
+            }
             None => None,
         };
         let shared = Arc::new(Shared::default());
@@ -809,7 +818,7 @@ impl Cluster {
         let mut c = ClientConfig::new(g.data_addr.clone())
             .with_tenant(g.tenant.clone(), g.credential.clone().into_bytes());
         if let Some(tls) = &self.data_tls {
-            c = c.with_tls(tls.config.clone(), Some(g.server_name.clone()));
+            c = c.with_tls_source(tls.config.clone(), Some(g.server_name.clone()));
         }
         c.capabilities = Some(self.caps.clone());
         c
