@@ -155,7 +155,7 @@ pub struct Cluster {
 
 /// Added to restored members' leases: the longest pause between a
 /// member's tries to reach the coordinator (`control::retrying`).
-const RESTORE_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const RESTORE_GRACE: Duration = Duration::from_secs(5);
 
 impl Cluster {
     /// Replays `store` and starts a new epoch.
@@ -1159,6 +1159,22 @@ impl Cluster {
             p.settle(member, true);
         }
         Ok(())
+    }
+
+    /// Whether invalidation `id` still waits for a member that has opened
+    /// no event stream on this coordinator yet: one restored from the state
+    /// (after a restart or a failover) that is still finding the new
+    /// leader, not one that stopped answering.
+    pub fn awaits_unarrived(&mut self, id: u64) -> bool {
+        let waiting: Vec<u64> = self
+            .fanout
+            .pending
+            .get(&id)
+            .map(|p| p.waiting.iter().copied().collect())
+            .unwrap_or_default();
+        waiting
+            .into_iter()
+            .any(|m| self.fanout.mailbox(m).generation == 0)
     }
 
     /// Ends an invalidation: whoever has not acknowledged is fenced.

@@ -520,11 +520,16 @@ impl Intervals for Service {
         if ids.len() > 4096 {
             return Err(CoordError::invalid("interval_ids", "at most 4096").into());
         }
-        let mut capabilities = Vec::with_capacity(ids.len());
-        for &id in ids {
-            owns_interval(&c, caller(&r), id, "renew the capability of an interval")?;
-            capabilities.push(c.capability(id)?);
-        }
+        // One answer per id: empty for an interval that is gone or is not
+        // the caller's, so one retired interval does not fail the batch.
+        let capabilities = ids
+            .iter()
+            .map(|&id| {
+                owns_interval(&c, caller(&r), id, "renew the capability of an interval")
+                    .and_then(|()| c.capability(id))
+                    .unwrap_or_default()
+            })
+            .collect();
         ok(pb::CapabilitiesResponse { capabilities })
     }
 }
@@ -541,7 +546,19 @@ pub async fn run_invalidation(
     let begun = shared.lock().begin_invalidation(req)?;
     let shared = shared.clone();
     let task = tokio::spawn(async move {
-        let _ = tokio::time::timeout(deadline, begun.done).await;
+        let mut done = begun.done;
+        if tokio::time::timeout(deadline, &mut done).await.is_err() {
+            // Just after this coordinator took over (a restart, a
+            // failover), restored members are still finding it: one that
+            // has not opened its event stream yet is waited for until the
+            // leases restored with it could lapse, not fenced for being
+            // late to a leader it did not know of (every server at once,
+            // when the first invalidation follows a failover).
+            let settled = shared.started + shared.lock().lease() + crate::cluster::RESTORE_GRACE;
+            if Instant::now() < settled && shared.lock().awaits_unarrived(begun.id) {
+                let _ = tokio::time::timeout_at(settled.into(), &mut done).await;
+            }
+        }
         let finished = shared.lock().finish_invalidation(begun.id);
         shared.finished.send_modify(|n| *n += 1);
         finished.map(|f| (begun.id, begun.intervals, f))

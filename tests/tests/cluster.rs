@@ -992,11 +992,14 @@ fn discarding_a_range_in_a_cluster_frees_it_on_every_server_through_invalidation
 
 #[test]
 fn a_fenced_server_reconciles_its_pages_when_it_registers_again() {
+    // The lease is long against the invalidation deadline: the stopped
+    // server must be fenced for missing the invalidation, not expire
+    // first (with a 1 s lease it sometimes did on a busy machine).
     let coord = Coordinator::start(&[
         "--placement-chunk",
         "1MiB",
         "--lease",
-        "1s",
+        "3s",
         "--invalidation-deadline",
         "300ms",
     ]);

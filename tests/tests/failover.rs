@@ -45,8 +45,20 @@ fn rounds(net: &Network, agents: &[usize]) -> Vec<usize> {
 
 /// Waits until every agent finished one more round than before.
 fn another_round(net: &mut Network, agents: &[usize], what: &str) {
+    another_round_with(net, agents, what, |_| {});
+}
+
+/// As [`another_round`], calling `tend` on every poll (to restart what a
+/// supervisor would).
+fn another_round_with(
+    net: &mut Network,
+    agents: &[usize],
+    what: &str,
+    mut tend: impl FnMut(&mut Network),
+) {
     let before = rounds(net, agents);
     let done = wait_until(Duration::from_secs(180), || {
+        tend(net);
         for &k in agents {
             if let Some(status) = net.daemon_mut(k).wait(Duration::ZERO) {
                 panic!(
@@ -376,11 +388,28 @@ fn the_control_plane_fails_over_under_verifying_workloads() {
     );
 
     // 4. An etcd member is killed (etcd keeps its quorum), then comes back.
+    // While etcd elects a leader of its own, the coordinators' leader may
+    // miss renewing its election lease: it steps down and exits, and its
+    // supervisor starts it again (as systemd's Restart=on-failure does).
+    let supervise = |net: &mut Network, coord_k: &mut Vec<Option<usize>>| {
+        for (i, k) in coord_k.iter_mut().enumerate() {
+            let Some(d) = *k else { continue };
+            if let Some(status) = net.daemon_mut(d).wait(Duration::ZERO) {
+                assert_eq!(status.code(), Some(1), "replica {i} ended: {status:?}");
+                *k = Some(coordinator(net, &coord_hosts[i], &etcd_urls));
+            }
+        }
+    };
     net.daemon_mut(etcd_k[0]).kill();
-    another_round(&mut net, &agents, "an etcd member was killed");
+    another_round_with(&mut net, &agents, "an etcd member was killed", |net| {
+        supervise(net, &mut coord_k)
+    });
     etcd_k[0] = start_etcd(&mut net, 0, "existing");
     assert!(
-        wait_until(Duration::from_secs(30), || members_up().is_ok()),
+        wait_until(Duration::from_secs(30), || {
+            supervise(&mut net, &mut coord_k);
+            members_up().is_ok()
+        }),
         "members are not all up after an etcd member came back: {:?}",
         members_up()
     );

@@ -578,6 +578,7 @@ impl Drop for RemoteRegion {
                     "cannot free the region's pages on their servers; they stay allocated"
                 );
             }
+            inner.homes.forget_capabilities();
         }
         let _ = inner
             .uffd

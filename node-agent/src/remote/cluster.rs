@@ -315,7 +315,12 @@ async fn renew_capabilities(
             Ok(r) => {
                 let r = r.into_inner();
                 for (&id, cap) in due.iter().zip(r.capabilities) {
-                    caps.set(id, &tenant, cap);
+                    if cap.is_empty() {
+                        // The interval is gone: nothing left to present.
+                        caps.remove(id);
+                    } else {
+                        caps.set(id, &tenant, cap);
+                    }
                 }
                 tracing::debug!(renewed = due.len(), "renewed capabilities");
             }
@@ -701,7 +706,9 @@ impl Cluster {
             async move { c.intervals().capabilities(req).await }
         })?;
         for (&id, cap) in ids.iter().zip(r.capabilities) {
-            self.caps.set(id, &self.tenant, cap);
+            if !cap.is_empty() {
+                self.caps.set(id, &self.tenant, cap);
+            }
         }
         Ok(())
     }
@@ -727,8 +734,13 @@ impl Cluster {
                 })
                 .await
         })?;
-        self.caps.remove(interval);
         Ok(())
+    }
+
+    /// Drops the capability of a retired interval (after its pages were
+    /// freed: a direct FREE after a failed invalidation still needs it).
+    pub(crate) fn forget_capability(&self, interval: u64) {
+        self.caps.remove(interval);
     }
 
     /// Invalidates byte ranges `(start, length)` of `space` as one

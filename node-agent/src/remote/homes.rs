@@ -1218,7 +1218,21 @@ impl Homes {
             complete &= retire(&link.cluster, s);
         }
         link.cluster.release_grants(&ids);
+        if complete {
+            self.forget_capabilities();
+        }
         complete
+    }
+
+    /// Drops the capabilities of this store's spaces, once nothing of them
+    /// is left to free (after [`Self::retire`], and after the direct frees
+    /// that follow one that did not complete).
+    pub fn forget_capabilities(&self) {
+        if let Some(link) = &self.link {
+            for s in std::iter::once(&link.space).chain(&link.older) {
+                link.cluster.forget_capability(s.interval);
+            }
+        }
     }
 
     /// (grants, granted pages, used pages, server members subscribed), for
