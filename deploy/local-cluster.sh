@@ -25,6 +25,10 @@
 #   rmemctl status                  # as the admin local-admin
 #   rmem-agent demo                 # as the agent local-you, on the cluster
 #
+# Every member is also given the CA's CRL, DIR/pki/crl.pem: `rmemctl pki
+# revoke --dir DIR/pki --role agent --name local-you` cuts that agent off
+# within seconds.
+#
 # Logs, pids and the coordinator's state live in DIR (default
 # ${TMPDIR:-/tmp}/rmem-local-cluster); `down` stops everything (SIGTERM, so
 # the agent frees its pages and the servers leave the cluster) and keeps the
@@ -69,7 +73,7 @@ fi
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 # The TLS flags of member $1 (its files' stem in DIR/pki, e.g. server-mem-0).
-tls() { echo --tls-ca "$dir/pki/ca.pem" --tls-cert "$dir/pki/$1.pem" --tls-key "$dir/pki/$1.key"; }
+tls() { echo --tls-ca "$dir/pki/ca.pem" --tls-crl "$dir/pki/crl.pem" --tls-cert "$dir/pki/$1.pem" --tls-key "$dir/pki/$1.key"; }
 ctl() { "$bin/rmemctl" $(tls admin-local-admin) "$@"; }
 
 stop_all() {
@@ -165,6 +169,7 @@ case "$cmd" in
 export RMEM_ENDPOINT=$endpoint
 export RMEM_COORDINATOR=$endpoint
 export RMEM_TLS_CA=$dir/pki/ca.pem
+export RMEM_TLS_CRL=$dir/pki/crl.pem
 export RMEM_TLS_CERT=$dir/pki/admin-local-admin.pem
 export RMEM_TLS_KEY=$dir/pki/admin-local-admin.key
 export RMEM_AGENT_TLS_CERT=$dir/pki/agent-local-you.pem

@@ -55,6 +55,7 @@ pub fn measure_tls(
         ca_file: d.join("ca.pem"),
         cert_file: d.join(format!("{who}.pem")),
         key_file: d.join(format!("{who}.key")),
+        crl_file: None,
     };
     let server = rmem_server::embedded::EmbeddedServer::with_config(
         &rmem_server::config::ServerConfig {

@@ -465,20 +465,29 @@ pub struct SessionState {
     /// registration or heartbeat listed them (servers check capabilities
     /// with them).
     pub capability_keys: std::sync::Mutex<Vec<rmem_common::capability::PublicKey>>,
+    /// Keys the coordinator retired (servers forget them).
+    pub retired_capability_keys: std::sync::Mutex<Vec<rmem_common::capability::PublicKey>>,
 }
 
-/// Keeps the capability keys a coordinator answer listed.
-fn keep_keys(state: &SessionState, keys: &[pb::CapabilityKey]) {
+/// Keeps the capability keys a coordinator answer listed, live and
+/// retired.
+fn keep_keys(state: &SessionState, keys: &[pb::CapabilityKey], retired: &[pb::CapabilityKey]) {
+    let public = |keys: &[pb::CapabilityKey]| {
+        keys.iter()
+            .map(|k| rmem_common::capability::PublicKey {
+                id: k.id,
+                bytes: k.public_key.clone(),
+            })
+            .collect()
+    };
     *state
         .capability_keys
         .lock()
-        .unwrap_or_else(|e| e.into_inner()) = keys
-        .iter()
-        .map(|k| rmem_common::capability::PublicKey {
-            id: k.id,
-            bytes: k.public_key.clone(),
-        })
-        .collect();
+        .unwrap_or_else(|e| e.into_inner()) = public(keys);
+    *state
+        .retired_capability_keys
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = public(retired);
 }
 
 impl SessionState {
@@ -573,7 +582,7 @@ async fn register(
     // This coordinator's epoch, not the highest of any coordinator: one
     // that lost its state starts again from 1.
     state.epoch.store(r.epoch, Ordering::Release);
-    keep_keys(state, &r.capability_keys);
+    keep_keys(state, &r.capability_keys, &r.retired_capability_keys);
     r.cluster_id
         .clone_into(&mut state.cluster_id.lock().unwrap_or_else(|e| e.into_inner()));
     subscriber
@@ -692,7 +701,7 @@ async fn serve(client: &ControlClient, state: &SessionState, subscriber: &dyn Su
                     let r = r.into_inner();
                     state.epoch.fetch_max(r.epoch, Ordering::AcqRel);
                     state.member_state.store(r.state, Ordering::Release);
-                    keep_keys(state, &r.capability_keys);
+                    keep_keys(state, &r.capability_keys, &r.retired_capability_keys);
                     let lease_ms = u64::from(r.lease_ttl_ms);
                     state.lease_ms.store(lease_ms, Ordering::Release);
                     every = every_for(lease_ms);

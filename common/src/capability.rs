@@ -295,6 +295,23 @@ impl Verifier {
         bad
     }
 
+    /// Forgets retired keys (each by id and bytes: a reused id's other
+    /// key stays). Returns how many it knew.
+    pub fn forget(&mut self, keys: impl IntoIterator<Item = PublicKey>) -> usize {
+        let mut forgot = 0;
+        for k in keys {
+            if let Some(same) = self.keys.get_mut(&k.id) {
+                let before = same.len();
+                same.retain(|b| *b != k.bytes);
+                forgot += before - same.len();
+                if same.is_empty() {
+                    self.keys.remove(&k.id);
+                }
+            }
+        }
+        forgot
+    }
+
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }

@@ -38,6 +38,10 @@ pub enum PkiError {
     Identity(#[from] IdentityError),
     #[error("`{0}` is neither a host name nor an IP address")]
     Host(String),
+    #[error("{path} is not {what}")]
+    Unreadable { path: PathBuf, what: &'static str },
+    #[error("{0} was not signed by this CA")]
+    NotThisCa(PathBuf),
 }
 
 /// What was written.
@@ -96,6 +100,9 @@ pub fn lab(
     let mut out = Vec::with_capacity(members.len() + 1);
     let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
     out.push(if ca.exists() && ca_key.exists() {
+        if !crl_file(dir).exists() {
+            revoke(dir, None, CRL_DAYS)?;
+        }
         kept("ca".into(), ca, ca_key)?
     } else {
         init(dir, ca_days, false)?
@@ -113,7 +120,7 @@ pub fn lab(
 }
 
 /// Where a member's certificate and key go in `dir`.
-fn member_files(dir: &Path, role: Role, name: &str) -> (PathBuf, PathBuf) {
+pub fn member_files(dir: &Path, role: Role, name: &str) -> (PathBuf, PathBuf) {
     let file = format!("{role}-{}", name.replace('/', "_"));
     (
         dir.join(format!("{file}.pem")),
@@ -223,6 +230,19 @@ pub fn init(dir: &Path, days: u32, force: bool) -> Result<Issued, PkiError> {
     let cert = params.self_signed(&key)?;
     write(&key_path, &key.serialize_pem(), 0o600, force)?;
     write(&cert_path, &cert.pem(), 0o644, force)?;
+    // Its CRL, empty: members can be given it from the start, and take
+    // revocations as they come.
+    match std::fs::remove_file(crl_file(dir)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(PkiError::Io {
+                what: "replace",
+                path: crl_file(dir),
+                source: e,
+            });
+        }
+        _ => {}
+    }
+    revoke(dir, None, CRL_DAYS)?;
     Ok(Issued {
         identity: "ca".into(),
         certificate: cert_path,
@@ -230,6 +250,176 @@ pub fn init(dir: &Path, days: u32, force: bool) -> Result<Issued, PkiError> {
         not_after: rfc3339(params.not_after),
         kept: false,
     })
+}
+
+/// The CA in `dir`, to sign with.
+fn ca_issuer(dir: &Path) -> Result<rcgen::Issuer<'static, rcgen::KeyPair>, PkiError> {
+    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let signing =
+        rcgen::KeyPair::from_pem(&read_text(&ca_key)?).map_err(|source| PkiError::Ca {
+            path: ca_key.clone(),
+            source,
+        })?;
+    rcgen::Issuer::from_ca_cert_pem(&read_text(&ca_cert)?, signing).map_err(|source| PkiError::Ca {
+        path: ca_cert.clone(),
+        source,
+    })
+}
+
+fn read_text(p: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(p).map_err(|source| PkiError::Io {
+        what: "read",
+        path: p.to_path_buf(),
+        source,
+    })
+}
+
+/// What [`revoke`] wrote.
+#[derive(Debug, Serialize)]
+pub struct Revocation {
+    /// The certificate revoked, if one was: its identity URI, and its
+    /// serial (hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// The CRL, to give members as `--tls-crl` (they reload it).
+    pub crl: PathBuf,
+    /// How many certificates it lists.
+    pub revoked: usize,
+    pub crl_number: u64,
+    /// RFC 3339: when the CRL says its next edition is due.
+    pub next_update: String,
+    /// The certificate was listed already.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub already: bool,
+}
+
+/// How long a CRL edition `init` and `lab` publish says it is current.
+const CRL_DAYS: u32 = 365;
+
+/// Where [`revoke`] keeps the CA's CRL.
+pub fn crl_file(dir: &Path) -> PathBuf {
+    dir.join("crl.pem")
+}
+
+/// `rmemctl pki revoke`: adds `cert` (a certificate this CA signed) to the
+/// CA's CRL, `DIR/crl.pem`, keeping what it listed; with no `cert`, makes
+/// a new edition of the same list (`rmemctl pki crl`). The new edition is
+/// written beside the old and renamed over it, so a member reading it
+/// sees one edition or the other. Revoking twice changes only the edition.
+pub fn revoke(dir: &Path, cert: Option<&Path>, days: u32) -> Result<Revocation, PkiError> {
+    let issuer = ca_issuer(dir)?;
+    let (identity, serial) = cert.map(|c| revoked_serial(dir, c)).transpose()?.unzip();
+    let path = crl_file(dir);
+
+    // What the CRL listed so far.
+    let mut revoked = Vec::new();
+    let mut number = 0u64;
+    if path.exists() {
+        let old = std::fs::read(&path).map_err(|source| PkiError::Io {
+            what: "read",
+            path: path.clone(),
+            source,
+        })?;
+        let bad = || PkiError::Unreadable {
+            path: path.clone(),
+            what: "a PEM CRL",
+        };
+        let (_, p) = x509_parser::pem::parse_x509_pem(&old).map_err(|_| bad())?;
+        let (_, crl) = x509_parser::parse_x509_crl(&p.contents).map_err(|_| bad())?;
+        number = crl.crl_number().map_or(0, |n| {
+            n.to_bytes_be()
+                .iter()
+                .fold(0u64, |a, b| a.wrapping_shl(8) | u64::from(*b))
+        });
+        for r in crl.iter_revoked_certificates() {
+            revoked.push(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(r.raw_serial()),
+                revocation_time: r.revocation_date.to_datetime(),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+    }
+    let trim = |b: &[u8]| {
+        b.iter()
+            .skip_while(|x| **x == 0)
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    let already = serial.as_ref().is_some_and(|serial| {
+        revoked
+            .iter()
+            .any(|r| trim(r.serial_number.as_ref()) == trim(serial))
+    });
+    let (this_update, next_update) = validity(days);
+    if let Some(serial) = serial.as_ref().filter(|_| !already) {
+        revoked.push(rcgen::RevokedCertParams {
+            serial_number: rcgen::SerialNumber::from_slice(serial),
+            revocation_time: this_update,
+            reason_code: Some(rcgen::RevocationReason::Unspecified),
+            invalidity_date: None,
+        });
+    }
+    let params = rcgen::CertificateRevocationListParams {
+        this_update,
+        next_update,
+        crl_number: rcgen::SerialNumber::from(number + 1),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let count = params.revoked_certs.len();
+    let crl = params.signed_by(&issuer)?;
+    let tmp = dir.join("crl.pem.new");
+    write(&tmp, &crl.pem()?, 0o644, true)?;
+    std::fs::rename(&tmp, &path).map_err(|source| PkiError::Io {
+        what: "replace",
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Revocation {
+        identity,
+        serial: serial.map(|s| s.iter().map(|b| format!("{b:02x}")).collect()),
+        crl: path,
+        revoked: count,
+        crl_number: number + 1,
+        next_update: rfc3339(next_update),
+        already,
+    })
+}
+
+/// The identity and serial of `cert`, which this CA must have signed.
+fn revoked_serial(dir: &Path, cert: &Path) -> Result<(String, Vec<u8>), PkiError> {
+    let pem = std::fs::read(cert).map_err(|source| PkiError::Io {
+        what: "read",
+        path: cert.to_path_buf(),
+        source,
+    })?;
+    let unreadable = |path: &Path| PkiError::Unreadable {
+        path: path.to_path_buf(),
+        what: "a PEM certificate",
+    };
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem).map_err(|_| unreadable(cert))?;
+    let member = parsed.parse_x509().map_err(|_| unreadable(cert))?;
+    let ca_path = dir.join("ca.pem");
+    let ca_pem = std::fs::read(&ca_path).map_err(|source| PkiError::Io {
+        what: "read",
+        path: ca_path.clone(),
+        source,
+    })?;
+    let (_, ca) = x509_parser::pem::parse_x509_pem(&ca_pem).map_err(|_| unreadable(&ca_path))?;
+    let ca = ca.parse_x509().map_err(|_| unreadable(&ca_path))?;
+    if member.issuer().as_raw() != ca.subject().as_raw()
+        || member.verify_signature(Some(ca.public_key())).is_err()
+    {
+        return Err(PkiError::NotThisCa(cert.to_path_buf()));
+    }
+    let identity = Identity::from_pem(&pem)
+        .map(|i| i.uri())
+        .unwrap_or_else(|_| member.subject().to_string());
+    Ok((identity, member.raw_serial().to_vec()))
 }
 
 /// `rmemctl pki issue`.
@@ -242,24 +432,7 @@ pub fn issue(
     force: bool,
 ) -> Result<Issued, PkiError> {
     let identity = Identity::new(role, name)?;
-    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
-    let read = |p: &Path| {
-        std::fs::read_to_string(p).map_err(|source| PkiError::Io {
-            what: "read",
-            path: p.to_path_buf(),
-            source,
-        })
-    };
-    let signing = rcgen::KeyPair::from_pem(&read(&ca_key)?).map_err(|source| PkiError::Ca {
-        path: ca_key.clone(),
-        source,
-    })?;
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&read(&ca_cert)?, signing).map_err(|source| {
-        PkiError::Ca {
-            path: ca_cert.clone(),
-            source,
-        }
-    })?;
+    let issuer = ca_issuer(dir)?;
     let (cert_path, key_path) = member_files(dir, role, name);
     refuse_existing(&[&cert_path, &key_path], force)?;
     let mut sans = vec![rcgen::SanType::URI(
@@ -364,5 +537,63 @@ mod tests {
             issue(other.path(), Role::Admin, "alice", &[], 5, false),
             Err(PkiError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_listed_by_the_cas_crl_and_refused() {
+        use crate::tls::revocation::{PeerRefused, Revoked};
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init(d, 10, false).unwrap();
+        // With the CA comes its CRL, empty.
+        let ca = std::fs::read(d.join("ca.pem")).unwrap();
+        let empty = Revoked::from_pem(&std::fs::read(crl_file(d)).unwrap(), &ca).unwrap();
+        assert!(empty.is_empty());
+        let bad = issue(d, Role::Agent, "node-1", &[], 5, false).unwrap();
+        let good = issue(d, Role::Agent, "node-2", &[], 5, false).unwrap();
+        let r = revoke(d, Some(&bad.certificate), 7).unwrap();
+        assert_eq!((r.revoked, r.crl_number, r.already), (1, 2, false));
+        assert_eq!(r.identity.as_deref(), Some("spiffe://rmem/agent/node-1"));
+        let der = |p: &Path| CertificateDer::from_pem_file(p).unwrap();
+        let now = std::time::SystemTime::now();
+        let list = Revoked::from_pem(&std::fs::read(&r.crl).unwrap(), &ca).unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(
+            list.check(&der(&bad.certificate), now),
+            Err(PeerRefused::Revoked)
+        );
+        list.check(&der(&good.certificate), now).unwrap();
+        // Expiry is checked too.
+        let later = now + std::time::Duration::from_secs(6 * 86400);
+        assert_eq!(
+            list.check(&der(&good.certificate), later),
+            Err(PeerRefused::Expired)
+        );
+        // Again: the same list, a new edition. Then a second one.
+        let again = revoke(d, Some(&bad.certificate), 7).unwrap();
+        assert_eq!(
+            (again.revoked, again.crl_number, again.already),
+            (1, 3, true)
+        );
+        let both = revoke(d, Some(&good.certificate), 7).unwrap();
+        assert_eq!((both.revoked, both.crl_number), (2, 4));
+        let list = Revoked::from_pem(&std::fs::read(&both.crl).unwrap(), &ca).unwrap();
+        assert!(list.check(&der(&bad.certificate), now).is_err());
+        assert!(list.check(&der(&good.certificate), now).is_err());
+        // A CRL must come from a CA the member trusts; a certificate of
+        // another CA cannot be revoked here.
+        let other = tempfile::tempdir().unwrap();
+        init(other.path(), 10, false).unwrap();
+        let stranger = issue(other.path(), Role::Agent, "x", &[], 5, false).unwrap();
+        assert!(matches!(
+            revoke(d, Some(&stranger.certificate), 7),
+            Err(PkiError::NotThisCa(_))
+        ));
+        let other_ca = std::fs::read(other.path().join("ca.pem")).unwrap();
+        let e = Revoked::from_pem(&std::fs::read(&both.crl).unwrap(), &other_ca).unwrap_err();
+        assert!(e.to_string().contains("not signed by any CA"), "{e}");
+        assert!(Revoked::from_pem(b"junk", &ca).is_err());
     }
 }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
-use rmem_common::capability::{self, Capability, SigningKey};
+use rmem_common::capability::{self, Capability};
 use rmem_proto::control::v1::{self as pb, watch_event::Event};
 use tokio::sync::oneshot;
 
@@ -20,6 +20,7 @@ use crate::config::{CoordinatorConfig, TenantConfig};
 use crate::error::CoordError;
 use crate::intervals::{Intervals, PAGE, check_range};
 use crate::invalidation::{Fanout, Pending};
+use crate::keyring::{KeyRing, Timing};
 use crate::membership::{Liveness, Members};
 use crate::placement::{self, Candidate, Grants};
 use crate::state::{
@@ -135,9 +136,8 @@ pub struct Cluster {
     store: Box<dyn StateStore>,
     /// See [`Record::Identity`]; 32 hex digits.
     cluster_id: String,
-    /// Keys that sign capabilities, by id; the newest signs.
-    /// (Each with its PKCS#8 document in hex, as the state keeps it.)
-    capability_keys: BTreeMap<u32, (String, SigningKey)>,
+    /// Keys that sign capabilities, and retired ones.
+    keys: KeyRing,
     capability_ttl: Duration,
     epoch: u64,
     /// Next ids: member, interval, grant.
@@ -151,6 +151,13 @@ pub struct Cluster {
     pub fanout: Fanout,
     pub counters: Counters,
     rng: rand::rngs::StdRng,
+}
+
+/// The time, in Unix milliseconds (capability keys' times).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Added to restored members' leases: the longest pause between a
@@ -178,7 +185,7 @@ impl Cluster {
                 .collect(),
             store,
             cluster_id: String::new(),
-            capability_keys: BTreeMap::new(),
+            keys: KeyRing::default(),
             capability_ttl: cfg.capability_ttl,
             epoch: 0,
             next_member: 1,
@@ -206,16 +213,13 @@ impl Cluster {
                 cluster_id: format!("{id:032x}"),
             })?;
         }
-        if c.capability_keys.is_empty() {
-            // A state from before capabilities, or a new one.
-            let pkcs8 = SigningKey::generate().expect("the system's random source works");
-            // Drawn, so a coordinator that lost its state rarely reuses
-            // the id of the key it signed with before.
-            let id = rand::Rng::random(&mut c.rng);
-            c.commit(Record::CapabilityKey {
-                id,
-                pkcs8: capability::to_hex(&pkcs8),
-            })?;
+        if c.keys.is_empty() {
+            // A state from before capabilities, or a new one. The id is
+            // drawn, so a coordinator that lost its state rarely reuses the
+            // id of the key it signed with before.
+            let rng = &mut c.rng;
+            let key = c.keys.draw(|| rand::Rng::random(rng), unix_ms());
+            c.commit(key)?;
         }
         let epoch = c.epoch + 1;
         c.commit(Record::Epoch { epoch })?;
@@ -278,16 +282,12 @@ impl Cluster {
     fn apply(&mut self, record: &Record, now: Instant) {
         match record {
             Record::Identity { cluster_id } => self.cluster_id.clone_from(cluster_id),
-            Record::CapabilityKey { id, pkcs8 } => {
-                match capability::from_hex(pkcs8).map(|d| SigningKey::from_pkcs8(*id, &d)) {
-                    Some(Ok(key)) => {
-                        self.capability_keys.insert(*id, (pkcs8.clone(), key));
-                    }
-                    _ => {
-                        tracing::error!(id, "a capability key in the state is unreadable: skipped")
-                    }
-                }
-            }
+            Record::CapabilityKey {
+                id,
+                pkcs8,
+                created_ms,
+            } => self.keys.apply_key(*id, pkcs8, *created_ms),
+            Record::CapabilityKeyRetired { id, public } => self.keys.apply_retired(*id, public),
             Record::Epoch { epoch } => {
                 self.epoch = *epoch;
                 self.intervals.set_epoch(*epoch);
@@ -371,12 +371,7 @@ impl Cluster {
                 grant: self.next_grant,
             },
         ];
-        for (&id, (pkcs8, _)) in &self.capability_keys {
-            out.push(Record::CapabilityKey {
-                id,
-                pkcs8: pkcs8.clone(),
-            });
-        }
+        out.extend(self.keys.records());
         for m in self.members.records() {
             out.push(Record::MemberUpsert { member: m.clone() });
         }
@@ -960,16 +955,56 @@ impl Cluster {
 
     /// The public keys servers check capabilities with.
     pub fn capability_keys(&self) -> Vec<pb::CapabilityKey> {
-        self.capability_keys
-            .values()
-            .map(|(_, k)| {
-                let p = k.public();
-                pb::CapabilityKey {
-                    id: p.id,
-                    public_key: p.bytes,
-                }
-            })
-            .collect()
+        self.keys.published()
+    }
+
+    /// Retired keys, for servers to forget.
+    pub fn retired_capability_keys(&self) -> Vec<pb::CapabilityKey> {
+        self.keys.retired()
+    }
+
+    /// A new key is published for two leases (every live server
+    /// heartbeats three times a lease) and a second (keys' times are whole
+    /// seconds) before it signs.
+    fn key_timing(&self) -> Timing {
+        Timing {
+            publish: self.lease * 2 + Duration::from_secs(1),
+            ttl: self.capability_ttl,
+        }
+    }
+
+    /// Every capability key's state.
+    pub fn capability_key_status(&self) -> Vec<pb::CapabilityKeyStatus> {
+        self.keys.status(unix_ms(), self.key_timing())
+    }
+
+    /// Draws a new signing key (see [`KeyRing`]).
+    pub fn rotate_capability_key(&mut self) -> Result<u32, CoordError> {
+        let rng = &mut self.rng;
+        let key = self.keys.draw(|| rand::Rng::random(rng), unix_ms());
+        let Record::CapabilityKey { id, .. } = key else {
+            unreachable!("draw makes a key")
+        };
+        self.commit(key)?;
+        tracing::info!(
+            key = id,
+            "capability key rotated: the new key signs once servers learned it"
+        );
+        Ok(id)
+    }
+
+    /// Retires the keys whose capabilities have all expired.
+    pub fn retire_capability_keys(&mut self) -> Result<(), CoordError> {
+        for r in self.keys.due(unix_ms(), self.key_timing()) {
+            if let Record::CapabilityKeyRetired { id, .. } = &r {
+                tracing::info!(
+                    key = id,
+                    "capability key retired: every capability it signed has expired"
+                );
+            }
+            self.commit(r)?;
+        }
+        Ok(())
     }
 
     /// A fresh capability for interval `id`'s handles, for its owner,
@@ -977,10 +1012,9 @@ impl Cluster {
     pub fn capability(&self, id: u64) -> Result<Vec<u8>, CoordError> {
         let iv = self.intervals.get(id)?;
         let owner = self.members.get(iv.rec.owner)?;
-        let (_, key) = self
-            .capability_keys
-            .values()
-            .next_back()
+        let key = self
+            .keys
+            .signing(unix_ms(), self.key_timing())
             .expect("a key is made when the state is opened");
         key.sign(&Capability {
             key_id: key.id(),

@@ -65,6 +65,8 @@ pub enum CoordError {
     Unauthenticated,
     #[error("the caller's certificate names no rmem identity: {0}")]
     NoIdentity(String),
+    #[error("{0}: renew it, or ask the cluster's operator why it was revoked")]
+    CertificateRefused(#[from] rmem_common::tls::revocation::PeerRefused),
     #[error("{caller} may not {what}")]
     Forbidden { caller: String, what: String },
     #[error("cannot record the change")]
@@ -97,7 +99,9 @@ impl CoordError {
             | Self::StaleIncarnation { .. } => Code::FailedPrecondition,
             Self::QuotaExceeded { .. } | Self::NoCapacity { .. } => Code::ResourceExhausted,
             Self::Busy(_) => Code::Unavailable,
-            Self::Unauthenticated | Self::NoIdentity(_) => Code::Unauthenticated,
+            Self::Unauthenticated | Self::NoIdentity(_) | Self::CertificateRefused(_) => {
+                Code::Unauthenticated
+            }
             Self::Forbidden { .. } => Code::PermissionDenied,
             Self::State(_) | Self::Leaderless => Code::Unavailable,
         }
@@ -126,6 +130,7 @@ impl CoordError {
             Self::Busy(_) => "interval_busy",
             Self::Unauthenticated => "unauthenticated",
             Self::NoIdentity(_) => "no_identity",
+            Self::CertificateRefused(_) => "certificate_refused",
             Self::Forbidden { .. } => "forbidden",
             Self::State(StateError::Deposed) => "not_leader",
             Self::State(_) | Self::Leaderless => "state_unavailable",

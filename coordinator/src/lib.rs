@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod intervals;
 pub mod invalidation;
+pub mod keyring;
 pub mod membership;
 pub mod placement;
 pub mod service;
@@ -77,20 +78,23 @@ struct Gate {
     leadership: Option<Leadership>,
     serving: Arc<std::sync::OnceLock<Arc<Shared>>>,
     /// Mutual TLS is on: every caller's certificate names its identity,
-    /// which the call carries on to the service (see [`caller`]).
-    tls: bool,
+    /// which the call carries on to the service (see [`caller`]), and is
+    /// checked on every call against the current CRLs and its expiry (a
+    /// member revoked while connected is refused from the next reload).
+    tls: Option<Arc<Reloading>>,
 }
 
 impl tonic::service::Interceptor for Gate {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         use subtle::ConstantTimeEq;
-        if self.tls {
+        if let Some(tls) = &self.tls {
             // The handshake verified the chain; the identity is in it.
             let identity = req
                 .peer_certs()
                 .and_then(|certs| certs.first().cloned())
                 .ok_or(CoordError::NoIdentity("no client certificate".into()))
                 .and_then(|der| {
+                    tls.check_peer(&der)?;
                     rmem_common::identity::Identity::from_certificate(&der)
                         .map_err(|e| CoordError::NoIdentity(e.to_string()))
                 })?;
@@ -172,7 +176,7 @@ impl Coordinator {
                 token: config.token.as_deref().map(Arc::from),
                 leadership: leadership.clone(),
                 serving: slot.clone(),
-                tls: tls.is_some(),
+                tls: tls.as_ref().map(|t| t.source().clone()),
             },
             tls,
             shutdown.clone(),
@@ -309,6 +313,9 @@ async fn expire_leases(shared: Arc<Shared>, lease: Duration, reap_after: Duratio
             }
             c.expire_leases();
             c.declare_lapsed_gone();
+            if let Err(e) = c.retire_capability_keys() {
+                tracing::warn!(error = %rmem_common::error_chain(&e), "cannot retire a capability key yet");
+            }
             c.reapable(reap_after)
         };
         for member in reap {

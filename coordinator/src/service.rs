@@ -84,6 +84,13 @@ fn acts_for(
     if id.role == Role::Admin {
         return Ok(());
     }
+    if member == 0 {
+        // 0 means every member in listings: only admins act for them all.
+        return Err(CoordError::Forbidden {
+            caller: id.to_string(),
+            what: format!("{what} of every member (give its own member id)"),
+        });
+    }
     let m = c.members.get(member)?;
     let role = match m.rec.role {
         RoleRecord::Server => Role::Server,
@@ -240,6 +247,7 @@ impl Membership for Service {
             epoch: c.epoch(),
             redundancy: c.redundancy().to_string(),
             capability_keys: c.capability_keys(),
+            retired_capability_keys: c.retired_capability_keys(),
         })
     }
 
@@ -256,6 +264,7 @@ impl Membership for Service {
             state: state as i32,
             epoch: c.epoch(),
             capability_keys: c.capability_keys(),
+            retired_capability_keys: c.retired_capability_keys(),
         })
     }
 
@@ -394,8 +403,11 @@ impl Intervals for Service {
         let r = r.into_inner();
         let mut c = self.shared().lock();
         // The interval's owner subscribes the servers it uses; a server
-        // subscribes itself (reconciling what it holds).
-        if acts_for(&c, who.as_ref(), r.member_id, "subscribe").is_err() {
+        // subscribes itself (reconciling what it holds). An agent does not
+        // subscribe itself to another's interval: it would hold up that
+        // agent's invalidations until it is fenced.
+        let is_agent = who.as_ref().is_some_and(|id| id.role == Role::Agent);
+        if is_agent || acts_for(&c, who.as_ref(), r.member_id, "subscribe").is_err() {
             owns_interval(
                 &c,
                 who.as_ref(),
@@ -427,10 +439,24 @@ impl Intervals for Service {
     }
 
     async fn list(&self, r: Request<pb::ListIntervalsRequest>) -> Res<pb::ListIntervalsResponse> {
+        let who = caller(&r).cloned();
         let r = r.into_inner();
         let c = self.shared().lock();
         if r.member_id != 0 {
             c.members.get(r.member_id)?;
+        }
+        // Servers reconcile against every interval and admins see them
+        // all; an agent lists its own (others' name their processes and
+        // handles).
+        if who.as_ref().is_some_and(|id| id.role == Role::Agent) {
+            if r.member_id == 0 {
+                return Err(CoordError::Forbidden {
+                    caller: who.map(|id| id.to_string()).unwrap_or_default(),
+                    what: "list every interval (an agent lists its own: give its member id)".into(),
+                }
+                .into());
+            }
+            acts_for(&c, who.as_ref(), r.member_id, "list the intervals")?;
         }
         let intervals = c
             .intervals
@@ -809,6 +835,29 @@ impl ClusterAdmin for Service {
     async fn mark_gone(&self, r: Request<pb::DrainRequest>) -> Res<pb::DrainResponse> {
         require(&r, Role::Admin, "declare a server gone")?;
         self.set_draining(r.into_inner(), None)
+    }
+
+    async fn capability_keys(
+        &self,
+        r: Request<pb::CapabilityKeysRequest>,
+    ) -> Res<pb::CapabilityKeysResponse> {
+        require(&r, Role::Admin, "list the capability keys")?;
+        let c = self.shared().lock();
+        ok(pb::CapabilityKeysResponse {
+            keys: c.capability_key_status(),
+        })
+    }
+
+    async fn rotate_capability_key(
+        &self,
+        r: Request<pb::RotateCapabilityKeyRequest>,
+    ) -> Res<pb::CapabilityKeysResponse> {
+        require(&r, Role::Admin, "rotate the capability key")?;
+        let mut c = self.shared().lock();
+        c.rotate_capability_key()?;
+        ok(pb::CapabilityKeysResponse {
+            keys: c.capability_key_status(),
+        })
     }
 }
 

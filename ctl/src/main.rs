@@ -142,6 +142,19 @@ enum Command {
         /// Server id or name.
         server: String,
     },
+    /// The keys the coordinator signs agents' capabilities with, and
+    /// their state: pending (published, signing after a lease), signing,
+    /// verifying (superseded; retired once what it signed has expired),
+    /// retired. Admins only.
+    ///
+    /// Examples:
+    ///   rmemctl capability-keys
+    ///   rmemctl capability-keys rotate
+    #[command(verbatim_doc_comment)]
+    CapabilityKeys {
+        #[command(subcommand)]
+        action: Option<KeyAction>,
+    },
     /// Cluster counters and every server's data-plane statistics.
     Stats,
     /// Ask a daemon's gRPC health service (grpc.health.v1) whether it is
@@ -295,7 +308,10 @@ impl CtlError {
             CtlError::Control(ControlError::Unreachable { .. }) => 3,
             CtlError::Control(ControlError::Endpoint { .. }) | CtlError::Token(_) => 2,
             CtlError::Pki(
-                pki::PkiError::Exists(_) | pki::PkiError::Identity(_) | pki::PkiError::Host(_),
+                pki::PkiError::Exists(_)
+                | pki::PkiError::Identity(_)
+                | pki::PkiError::Host(_)
+                | pki::PkiError::NotThisCa(_),
             ) => 2,
             CtlError::Agent(e) => e.exit_code(),
             _ => 1,
@@ -577,6 +593,61 @@ fn stats_table(s: &StatsView) -> String {
     out
 }
 
+/// What `rmemctl capability-keys` can do besides listing.
+#[derive(Debug, Subcommand)]
+enum KeyAction {
+    /// Draw a new signing key (routine rotation, or after a suspected
+    /// leak of the coordinator's state): it signs once every server can
+    /// have learned it, and the old key is retired once every capability
+    /// it signed has expired (`capability_ttl`). Nothing restarts.
+    Rotate,
+}
+
+/// A capability key, as `rmemctl capability-keys` prints it.
+#[derive(Debug, Serialize)]
+struct KeyView {
+    id: u32,
+    state: String,
+    /// RFC 3339 (empty for a retired key, or one from before rotation).
+    created: String,
+    /// When a pending key signs or a verifying one retires (RFC 3339).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    until: String,
+}
+
+impl From<pb::CapabilityKeyStatus> for KeyView {
+    fn from(k: pb::CapabilityKeyStatus) -> Self {
+        let at = |s: u64| {
+            if s == 0 {
+                String::new()
+            } else {
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(s))
+                    .to_string()
+            }
+        };
+        Self {
+            id: k.id,
+            state: k.state,
+            created: at(k.created),
+            until: at(k.until),
+        }
+    }
+}
+
+fn keys_table(keys: &Vec<KeyView>) -> String {
+    let mut t = format!(
+        "{:<12} {:<10} {:<21} {}\n",
+        "ID", "STATE", "CREATED", "UNTIL"
+    );
+    for k in keys {
+        t.push_str(&format!(
+            "{:<12} {:<10} {:<21} {}\n",
+            k.id, k.state, k.created, k.until
+        ));
+    }
+    t
+}
+
 /// What `rmemctl health` prints.
 #[derive(Debug, Serialize)]
 struct HealthView {
@@ -712,6 +783,23 @@ async fn run(args: Args) -> Result<(), CtlError> {
                 days,
                 force,
             } => vec![pki::issue(&dir, role, &name, &hosts, days, force)?],
+            pki::Pki::Revoke {
+                dir,
+                role,
+                name,
+                cert,
+                days,
+            } => {
+                let cert = pki::revoked_cert(&dir, role, name.as_deref(), cert);
+                let r = pki::revoke(&dir, Some(&cert), days)?;
+                emit(args.output, &r, pki::revocation_line);
+                return Ok(());
+            }
+            pki::Pki::Crl { dir, days } => {
+                let r = pki::revoke(&dir, None, days)?;
+                emit(args.output, &r, pki::revocation_line);
+                return Ok(());
+            }
         };
         emit(args.output, &issued, |v| pki::lines(v));
         return Ok(());
@@ -843,6 +931,22 @@ async fn run(args: Args) -> Result<(), CtlError> {
                     }
                 )
             });
+        }
+        Command::CapabilityKeys { action } => {
+            let r = match action {
+                None => {
+                    c.admin()
+                        .capability_keys(pb::CapabilityKeysRequest {})
+                        .await?
+                }
+                Some(KeyAction::Rotate) => {
+                    c.admin()
+                        .rotate_capability_key(pb::RotateCapabilityKeyRequest {})
+                        .await?
+                }
+            };
+            let v: Vec<KeyView> = r.into_inner().keys.into_iter().map(Into::into).collect();
+            emit(out, &v, keys_table);
         }
         Command::Drain { server } => {
             let r = c.admin().drain(drain_request(&server)).await?.into_inner();

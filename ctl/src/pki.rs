@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use rmem_common::identity::Role;
-pub use rmem_common::pki::{Issued, PkiError, init, issue, lab};
+pub use rmem_common::pki::{Issued, PkiError, Revocation, init, issue, lab, revoke};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Pki {
@@ -66,6 +66,85 @@ pub enum Pki {
         #[arg(long)]
         force: bool,
     },
+    /// Revoke a member certificate DIR's CA signed: it is added to the
+    /// CA's CRL, DIR/crl.pem (a new edition, renamed over the old). Give
+    /// that file to every member as --tls-crl (RMEM_TLS_CRL, `crl_file` in
+    /// [tls]): they reload it within seconds, refuse the certificate at
+    /// handshakes and close the connections it holds.
+    ///
+    /// Examples:
+    ///   rmemctl pki revoke --dir /etc/rmem/pki --role agent --name node-3
+    ///   rmemctl pki revoke --dir /etc/rmem/pki --cert stolen.pem
+    #[command(verbatim_doc_comment)]
+    Revoke {
+        /// Where the CA and its CRL are.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The member's role (its certificate is DIR/ROLE-NAME.pem).
+        #[arg(long, value_enum, requires = "name", conflicts_with = "cert")]
+        role: Option<Role>,
+        /// The member's name.
+        #[arg(long, requires = "role")]
+        name: Option<String>,
+        /// Or the certificate itself (PEM), wherever it is.
+        #[arg(long, required_unless_present = "role")]
+        cert: Option<PathBuf>,
+        /// Until when the CRL says it is current, in days (members keep
+        /// using an older one regardless; make a new edition before then to
+        /// be safe with stricter verifiers).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+    },
+    /// Publish a new edition of DIR's CRL, listing what it listed (do so
+    /// before its next update is due; `pki init` publishes the first,
+    /// empty).
+    ///
+    /// Example: rmemctl pki crl --dir /etc/rmem/pki --days 30
+    #[command(verbatim_doc_comment)]
+    Crl {
+        /// Where the CA and its CRL are.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Until when the CRL says it is current, in days.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+    },
+}
+
+/// The certificate `rmemctl pki revoke` names.
+pub fn revoked_cert(
+    dir: &std::path::Path,
+    role: Option<Role>,
+    name: Option<&str>,
+    cert: Option<PathBuf>,
+) -> PathBuf {
+    match (cert, role, name) {
+        (Some(c), _, _) => c,
+        (None, Some(role), Some(name)) => rmem_common::pki::member_files(dir, role, name).0,
+        _ => unreachable!("clap requires --cert or --role and --name"),
+    }
+}
+
+/// One line, for `--output table`.
+pub fn revocation_line(r: &Revocation) -> String {
+    let what = match (&r.identity, &r.serial) {
+        (Some(id), Some(serial)) => format!(
+            "{id} (serial {serial}) {}: ",
+            if r.already {
+                "was revoked already"
+            } else {
+                "is revoked"
+            }
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "{what}{} lists {} certificate(s), edition {}, current until {}\n",
+        r.crl.display(),
+        r.revoked,
+        r.crl_number,
+        r.next_update
+    )
 }
 
 /// One line per certificate, for `--output table`.

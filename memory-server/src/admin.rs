@@ -23,19 +23,25 @@ pub struct AdminService {
 /// certificate may read the server's statistics (they name its tenants and
 /// their use). Health and reflection stay open to any certificate of the
 /// cluster CA.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AdminGate {
-    pub tls: bool,
+    /// With mutual TLS: the files, whose CRLs and the certificate's expiry
+    /// are checked on every call.
+    pub tls: Option<std::sync::Arc<rmem_common::tls::reload::Reloading>>,
 }
 
 impl tonic::service::Interceptor for AdminGate {
     fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if !self.tls {
+        let Some(tls) = &self.tls else {
             return Ok(req);
+        };
+        let certs = req.peer_certs();
+        if let Some(cert) = certs.as_deref().and_then(|c| c.first()) {
+            tls.check_peer(cert)
+                .map_err(|e| Status::unauthenticated(e.to_string()))?;
         }
-        let identity =
-            rmem_common::tls::data::peer_identity(req.peer_certs().as_deref().map(Vec::as_slice))
-                .map_err(|e| Status::unauthenticated(format!("no identity: {e}")))?;
+        let identity = rmem_common::tls::data::peer_identity(certs.as_deref().map(Vec::as_slice))
+            .map_err(|e| Status::unauthenticated(format!("no identity: {e}")))?;
         if identity.role != rmem_common::identity::Role::Admin {
             return Err(Status::permission_denied(format!(
                 "the certificate names {identity}: server statistics are for admins"

@@ -380,7 +380,9 @@ async fn serve_grpc(
                 .await;
         }
     };
-    let gate = admin::AdminGate { tls: tls.is_some() };
+    let gate = admin::AdminGate {
+        tls: tls.as_ref().map(|t| t.source().clone()),
+    };
     let router = rmem_proto::with_reflection(
         tonic::transport::Server::builder().add_service(health_service),
     )

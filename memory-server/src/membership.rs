@@ -468,10 +468,19 @@ fn learn_keys(state: &SessionState, verifier: Option<&std::sync::RwLock<Verifier
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    let retired = state
+        .retired_capability_keys
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     if keys.is_empty() {
         return;
     }
     let mut v = verifier.write().unwrap_or_else(|e| e.into_inner());
+    let forgot = v.forget(retired);
+    if forgot > 0 {
+        tracing::info!(forgot, keys = v.len(), "forgot retired capability keys");
+    }
     let before = v.len();
     let bad = v.learn(keys);
     if bad > 0 {

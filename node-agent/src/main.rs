@@ -37,6 +37,10 @@ struct AgentTls {
     /// The key of --tls-cert (PEM).
     #[arg(long, global = true, env = "RMEM_AGENT_TLS_KEY", value_name = "PATH")]
     tls_key: Option<std::path::PathBuf>,
+    /// Certificates the cluster CA revoked (PEM CRLs, e.g. from `rmemctl
+    /// pki revoke`): servers and coordinators holding one are refused.
+    #[arg(long, global = true, env = "RMEM_TLS_CRL", value_name = "PATH")]
+    tls_crl: Option<std::path::PathBuf>,
 }
 
 impl AgentTls {
@@ -47,6 +51,7 @@ impl AgentTls {
             tls_ca: self.tls_ca.clone(),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
+            tls_crl: self.tls_crl.clone(),
         }
         .files()
     }

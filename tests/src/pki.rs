@@ -169,12 +169,51 @@ impl Lab {
         ]
     }
 
+    /// A certificate of this lab's CA for `ROLE-NAME` (127.0.0.1), valid
+    /// from `not_before` to `not_after`, which `rmemctl pki` would not make
+    /// (already expired, or expiring within seconds): written as
+    /// `ROLE-NAME.pem` and `.key`.
+    pub fn issue_valid(
+        &self,
+        role: &str,
+        name: &str,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) {
+        let read = |f: &str| std::fs::read_to_string(self.path(f)).unwrap();
+        let ca_key = rcgen::KeyPair::from_pem(&read("ca.key")).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&read("ca.pem"), ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![
+            rcgen::SanType::URI(format!("spiffe://rmem/{role}/{name}").try_into().unwrap()),
+            rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()),
+        ];
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::ExplicitNoCa;
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        (p.not_before, p.not_after) = (not_before, not_after);
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        std::fs::write(self.path(&format!("{role}-{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(
+            self.path(&format!("{role}-{name}.key")),
+            key.serialize_pem(),
+        )
+        .unwrap();
+    }
+
     /// `who`'s files, trusting `ca`'s CA.
     pub fn pem(&self, ca: &Lab, who: &str) -> rmem_common::tls::TlsPem {
         rmem_common::tls::TlsFiles {
             ca_file: ca.path("ca.pem").into(),
             cert_file: self.path(&format!("{who}.pem")).into(),
             key_file: self.path(&format!("{who}.key")).into(),
+            crl_file: None,
         }
         .read()
         .unwrap()

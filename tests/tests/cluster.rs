@@ -1902,6 +1902,7 @@ fn certificates_and_the_cluster_ca_reload_without_a_restart() {
         ca_file: file("a.ca").into(),
         cert_file: file("a.pem").into(),
         key_file: file("a.key").into(),
+        crl_file: None,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt

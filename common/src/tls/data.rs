@@ -74,12 +74,22 @@ impl TlsPem {
     /// certificate from the cluster CA required of every client.
     pub fn data_server(&self) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
         let provider = provider();
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        let revoked = self.revoked()?;
+        let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             roots(self)?,
             provider.clone(),
-        )
-        .build()
-        .map_err(|e| invalid("tls.ca_file", e.to_string()))?;
+        );
+        if !revoked.crls().is_empty() {
+            // The end entity is what a lab CA revokes; a certificate of a
+            // CA with no CRL in the file passes (see `revocation`).
+            verifier = verifier
+                .with_crls(revoked.crls().iter().cloned())
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status();
+        }
+        let verifier = verifier
+            .build()
+            .map_err(|e| invalid("tls.ca_file", e.to_string()))?;
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| tls_error("tls", e))?
@@ -96,6 +106,7 @@ impl TlsPem {
         let verifier = Arc::new(ServerRoleVerifier {
             roots: roots(self)?,
             algorithms: provider.signature_verification_algorithms,
+            revoked: self.revoked()?,
         });
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -129,11 +140,13 @@ pub fn expect_server(certs: Option<&[CertificateDer<'_>]>, name: &str) -> Result
 }
 
 /// A server certificate is good if it chains to the cluster CA (for
-/// server authentication, valid now) and names a memory server.
+/// server authentication, valid now), is not revoked and names a memory
+/// server.
 #[derive(Debug)]
 struct ServerRoleVerifier {
     roots: Arc<RootCertStore>,
     algorithms: WebPkiSupportedAlgorithms,
+    revoked: super::revocation::Revoked,
 }
 
 impl ServerCertVerifier for ServerRoleVerifier {
@@ -153,6 +166,15 @@ impl ServerCertVerifier for ServerRoleVerifier {
             now,
             self.algorithms.all,
         )?;
+        if self
+            .revoked
+            .check(end_entity, std::time::SystemTime::now())
+            .is_err_and(|e| e == super::revocation::PeerRefused::Revoked)
+        {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
         match Identity::from_certificate(end_entity) {
             Ok(id) if id.role == Role::Server => Ok(ServerCertVerified::assertion()),
             Ok(id) => Err(rustls::Error::General(format!(

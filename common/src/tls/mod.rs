@@ -2,10 +2,13 @@
 //! certificate and key (see [`crate::identity`] for what the certificate
 //! says). Every daemon and `rmemctl` take the same three files, as flags
 //! (`--tls-ca`, `--tls-cert`, `--tls-key`), environment variables
-//! (`RMEM_TLS_CA`, `RMEM_TLS_CERT`, `RMEM_TLS_KEY`) or a `[tls]` section.
+//! (`RMEM_TLS_CA`, `RMEM_TLS_CERT`, `RMEM_TLS_KEY`) or a `[tls]` section,
+//! and optionally a fourth, the certificates the CA revoked (`--tls-crl`,
+//! see [`revocation`]).
 
 pub mod data;
 pub mod reload;
+pub mod revocation;
 
 use std::path::{Path, PathBuf};
 
@@ -67,17 +70,33 @@ pub struct TlsArgs {
     /// The key of --tls-cert (PEM).
     #[arg(long, global = true, env = "RMEM_TLS_KEY", value_name = "PATH")]
     pub tls_key: Option<PathBuf>,
+    /// Certificates the cluster CA revoked (PEM CRLs, e.g. from `rmemctl
+    /// pki revoke`): peers holding one are refused, and cut off within
+    /// seconds of the file changing.
+    #[arg(long, global = true, env = "RMEM_TLS_CRL", value_name = "PATH")]
+    pub tls_crl: Option<PathBuf>,
 }
 
 impl TlsArgs {
     /// The files, if given (all three or none).
     pub fn files(&self) -> Result<Option<TlsFiles>, ConfigError> {
-        TlsFiles::from_parts(
+        let files = TlsFiles::from_parts(
             "tls",
             self.tls_ca.clone(),
             self.tls_cert.clone(),
             self.tls_key.clone(),
-        )
+        )?;
+        match (files, &self.tls_crl) {
+            (Some(f), crl) => Ok(Some(TlsFiles {
+                crl_file: crl.clone(),
+                ..f
+            })),
+            (None, Some(_)) => Err(invalid(
+                "tls",
+                "--tls-crl needs the CA, the certificate and its key too (--tls-ca, --tls-cert, --tls-key)",
+            )),
+            (None, None) => Ok(None),
+        }
     }
 }
 
@@ -91,6 +110,9 @@ pub struct TlsFiles {
     pub cert_file: PathBuf,
     /// Its key (PEM); keep it mode 0600.
     pub key_file: PathBuf,
+    /// Certificates the CA revoked (PEM CRLs); optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl_file: Option<PathBuf>,
 }
 
 /// The files' contents, read once.
@@ -99,6 +121,8 @@ pub struct TlsPem {
     pub ca: Vec<u8>,
     pub cert: Vec<u8>,
     pub key: Vec<u8>,
+    /// The CRLs (empty without a CRL file).
+    pub crl: Vec<u8>,
     /// Whom the certificate names.
     pub identity: Identity,
     /// The files they were read from (to read them again).
@@ -115,6 +139,12 @@ impl std::fmt::Debug for TlsPem {
 }
 
 impl TlsPem {
+    /// The certificates its CRL file revokes (checked: each CRL signed by
+    /// a CA of the CA file).
+    pub fn revoked(&self) -> Result<revocation::Revoked, ConfigError> {
+        revocation::Revoked::from_pem(&self.crl, &self.ca)
+    }
+
     /// The name a member registers with: its certificate's, which must be
     /// for `role`; a name also configured (`field`) must be the same.
     pub fn member_name(
@@ -160,6 +190,7 @@ impl TlsFiles {
                 ca_file,
                 cert_file,
                 key_file,
+                crl_file: None,
             })),
             _ => Err(invalid(
                 field,
@@ -180,6 +211,10 @@ impl TlsFiles {
         let ca = read("the TLS CA", &self.ca_file)?;
         let cert = read("the TLS certificate", &self.cert_file)?;
         let key = read("the TLS key", &self.key_file)?;
+        let crl = match &self.crl_file {
+            Some(p) => read("the TLS CRL", p)?,
+            None => Vec::new(),
+        };
         let identity = Identity::from_pem(&cert).map_err(|e| {
             invalid(
                 "tls.cert_file",
@@ -190,6 +225,7 @@ impl TlsFiles {
             ca,
             cert,
             key,
+            crl,
             identity,
             files: self.clone(),
         })

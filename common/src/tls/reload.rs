@@ -9,7 +9,8 @@
 //! old files stay in use. What is built from the files (the rustls
 //! configurations) is rebuilt on the next handshake after a change, so
 //! new connections use the new certificate and CA while connections
-//! already made go on as they are.
+//! already made go on, unless the new CRLs revoke their peer (see
+//! [`super::revocation`]: they are told of each change).
 //!
 //! Servers of gRPC (the coordinator, a memory server's admin port) accept
 //! through [`incoming`]: the handshake runs here, with the current
@@ -23,6 +24,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 
+use rustls::pki_types::CertificateDer;
+
+use super::revocation::{PeerRefused, Revoked};
 use super::{TlsFiles, TlsPem};
 use crate::config::ConfigError;
 
@@ -34,18 +38,44 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(5);
 pub struct Reloading {
     files: TlsFiles,
     current: RwLock<Arc<TlsPem>>,
+    /// What `current`'s CRL file revokes.
+    revoked: RwLock<Arc<Revoked>>,
     /// Bumped on every change taken.
     generation: AtomicU64,
+    /// Told each new generation (connections check their peer again).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Reloading {
     /// Starts from `pem` (checked by the caller), reading its files again.
     pub fn new(pem: TlsPem) -> Arc<Self> {
+        // The caller built its configurations from `pem`, which read the
+        // CRLs already.
+        let revoked = pem.revoked().unwrap_or_default();
         Arc::new(Self {
             files: pem.files.clone(),
             current: RwLock::new(Arc::new(pem)),
+            revoked: RwLock::new(Arc::new(revoked)),
             generation: AtomicU64::new(0),
+            changes: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Told the generation each time a change is taken.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Whether a peer whose chain was verified at its handshake still
+    /// opens a connection: its certificate is neither revoked by the
+    /// current CRLs nor expired.
+    pub fn check_peer(&self, cert: &CertificateDer<'_>) -> Result<(), PeerRefused> {
+        let revoked = self
+            .revoked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        revoked.check(cert, std::time::SystemTime::now())
     }
 
     /// What the files held at the last change taken.
@@ -82,8 +112,11 @@ impl Reloading {
         // file holds CAs.
         new.data_server()?;
         new.data_client()?;
+        let revoked = new.revoked()?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        *self.revoked.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(revoked);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.changes.send_replace(generation);
         Ok(true)
     }
 
@@ -155,6 +188,11 @@ impl<T> std::fmt::Debug for Cached<T> {
 }
 
 impl<T: Clone> Cached<T> {
+    /// The files it is built from.
+    pub fn source(&self) -> &Arc<Reloading> {
+        &self.source
+    }
+
     /// The value for the current files (rebuilt once after a change; a
     /// build that fails keeps the last value, which the check had already
     /// proved buildable).
@@ -188,10 +226,23 @@ pub fn grpc_server(pem: &TlsPem) -> Result<Arc<rustls::ServerConfig>, ConfigErro
 /// negotiated.
 pub fn grpc_client(pem: &TlsPem) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
     use super::data::{chain, key, roots, tls_error};
-    let mut config = rustls::ClientConfig::builder_with_provider(super::data::provider())
+    let provider = super::data::provider();
+    let revoked = pem.revoked()?;
+    let mut verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots(pem)?, provider.clone());
+    if !revoked.crls().is_empty() {
+        verifier = verifier
+            .with_crls(revoked.crls().iter().cloned())
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+    }
+    let verifier = verifier
+        .build()
+        .map_err(|e| crate::config::invalid("tls.ca_file", e.to_string()))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error("tls", e))?
-        .with_root_certificates(roots(pem)?)
+        .with_webpki_verifier(verifier)
         .with_client_auth_cert(chain(pem)?, key(pem)?)
         .map_err(|e| tls_error("tls.key_file", e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];

@@ -102,11 +102,21 @@ pub enum Record {
         epoch: u64,
     },
     /// A key the coordinator signs capabilities with (an Ed25519 PKCS#8
-    /// document, hex): drawn with the identity, kept in the state so
-    /// every replica and every restart signs with it. The newest signs.
+    /// document, hex): drawn with the identity or by a rotation, kept in
+    /// the state so every replica and every restart signs with it (see
+    /// `keyring`). `created_ms`: Unix milliseconds (0 for a key from
+    /// before rotation).
     CapabilityKey {
         id: u32,
         pkcs8: String,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        created_ms: u64,
+    },
+    /// A key retired once every capability it signed had expired: only
+    /// its public half is kept, for servers to forget it.
+    CapabilityKeyRetired {
+        id: u32,
+        public: String,
     },
     /// Ids below these were handed out (kept across compaction so ids of
     /// removed objects are never reused).

@@ -20,8 +20,9 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use rmem_common::identity::{Identity, Role};
-use rmem_common::tls::reload::Cached;
+use rmem_common::tls::reload::{Cached, Reloading};
 use rmem_proto::wire::{self, ErrorCode, HEADER_LEN, Opcode};
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -134,14 +135,15 @@ pub async fn serve(
         let acceptor = tls
             .as_ref()
             .map(|t| tokio_rustls::TlsAcceptor::from(t.get()));
+        let reload = tls.as_ref().map(|t| t.source().clone());
         let shutdown = shutdown.clone();
         tracker.spawn(
             async move {
-                let (stream, identity) = match acceptor {
-                    None => (Box::new(stream) as Box<dyn Io>, None),
+                let (stream, identity, peer_cert) = match acceptor {
+                    None => (Box::new(stream) as Box<dyn Io>, None, None),
                     Some(acceptor) => {
                         match tls_handshake(stream, &acceptor, timeouts.handshake).await {
-                            Ok((stream, identity)) => (stream, Some(identity)),
+                            Ok((stream, identity, cert)) => (stream, Some(identity), Some(cert)),
                             Err(why) => {
                                 tracing::warn!(%peer, "connection refused: {why}");
                                 let mut ticket = ticket;
@@ -153,10 +155,17 @@ pub async fn serve(
                         }
                     }
                 };
+                let peer_check = peer_cert.zip(reload).map(|(cert, reload)| PeerCheck {
+                    expires: rmem_common::tls::revocation::not_after(&cert),
+                    changes: reload.changes(),
+                    reload,
+                    cert,
+                });
                 let conn = Connection {
                     stream,
                     peer,
                     identity,
+                    peer_check,
                     session,
                     inbuf: BytesMut::with_capacity(READ_CHUNK),
                     outbuf: Vec::with_capacity(READ_CHUNK),
@@ -173,13 +182,13 @@ pub async fn serve(
 }
 
 /// Accepts TLS on `stream` within `limit`: the client's certificate chain
-/// was verified by rustls; its identity is returned. A client speaking
-/// plaintext is told so in the protocol it speaks.
+/// was verified by rustls; its identity and certificate are returned. A
+/// client speaking plaintext is told so in the protocol it speaks.
 async fn tls_handshake(
     stream: TcpStream,
     acceptor: &tokio_rustls::TlsAcceptor,
     limit: Duration,
-) -> Result<(Box<dyn Io>, Identity), String> {
+) -> Result<(Box<dyn Io>, Identity, CertificateDer<'static>), String> {
     let handshake = async {
         let mut first = [0u8; 1];
         if stream.peek(&mut first).await.map_err(|e| e.to_string())? == 1
@@ -197,9 +206,15 @@ async fn tls_handshake(
             .accept(stream)
             .await
             .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        let identity = rmem_common::tls::data::peer_identity(tls.get_ref().1.peer_certificates())
+        let certs = tls.get_ref().1.peer_certificates();
+        let identity = rmem_common::tls::data::peer_identity(certs)
             .map_err(|e| format!("client certificate: {e}"))?;
-        Ok((Box::new(tls) as Box<dyn Io>, identity))
+        let cert = certs
+            .and_then(|c| c.first())
+            .expect("an identity was read from it")
+            .clone()
+            .into_owned();
+        Ok((Box::new(tls) as Box<dyn Io>, identity, cert))
     };
     tokio::time::timeout(limit, handshake)
         .await
@@ -235,11 +250,45 @@ enum End {
     Io(std::io::Error),
 }
 
+/// A TLS client's certificate, checked again while its connection lasts:
+/// when the TLS files reload (a new CRL may revoke it) and when it expires.
+struct PeerCheck {
+    cert: CertificateDer<'static>,
+    expires: Option<std::time::SystemTime>,
+    reload: Arc<Reloading>,
+    changes: tokio::sync::watch::Receiver<u64>,
+}
+
+impl PeerCheck {
+    /// Until the next reason to check again.
+    async fn next(&mut self) {
+        let expiry = async {
+            match self
+                .expires
+                .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
+            {
+                // Past its end by a second, so the check sees it expired.
+                Some(left) => tokio::time::sleep(left + Duration::from_secs(1)).await,
+                None if self.expires.is_some() => {}
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = self.changes.changed() => if r.is_err() {
+                // The files are no longer watched: nothing will change.
+                std::future::pending::<()>().await
+            },
+            () = expiry => {}
+        }
+    }
+}
+
 struct Connection {
     stream: Box<dyn Io>,
     peer: SocketAddr,
     /// Whom the client's certificate names (with TLS).
     identity: Option<Identity>,
+    peer_check: Option<PeerCheck>,
     session: Session,
     inbuf: BytesMut,
     outbuf: Vec<u8>,
@@ -410,8 +459,25 @@ impl Connection {
                 let request = self.timeouts.request;
                 (*self.frame_deadline.get_or_insert(now + request), "request")
             };
+            let peer_check = &mut self.peer_check;
+            let peer_check = async move {
+                match peer_check {
+                    Some(c) => {
+                        c.next().await;
+                        c.reload.check_peer(&c.cert)
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
+                r = peer_check => if let Err(why) = r {
+                    return End::Fatal(Fatal {
+                        code: ErrorCode::AuthFailed,
+                        message: format!("{why}: this connection is closed"),
+                        request_id: 0,
+                    });
+                },
                 _ = self.shutdown.cancelled(), if draining.is_none() => {
                     // Keep answering what the client already sent.
                     draining = Some(Instant::now() + self.timeouts.drain);
