@@ -7,6 +7,7 @@
 //! one, and prints tables (or one JSON document) with the ratios that
 //! matter, and PNG plots with --plots.
 
+mod capcost;
 mod dataplane;
 mod limits;
 mod matrix;
@@ -325,6 +326,13 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
     } else {
         None
     };
+    // Capabilities' cost: a server session's GET batches with and without.
+    let capabilities = if args.runs(Section::Dataplane) {
+        progress("capabilities: a server session's GET batches, checked and not");
+        Some(capcost::measure(if args.quick { 5_000 } else { 50_000 })?)
+    } else {
+        None
+    };
     let rmem = if args.runs(Section::Region) {
         progress("userspace path: eviction, fault-back (raw round trips interleaved), scan");
         Some(region::measure(&client, plan.region, &mut raw)?)
@@ -367,6 +375,7 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
         workloads,
     );
     report.set_dataplane_tls(dataplane_tls);
+    report.capabilities = capabilities;
     Ok(report)
 }
 

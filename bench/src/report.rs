@@ -79,6 +79,8 @@ pub struct Report {
     pub dataplane: Option<DataPlane>,
     /// The same over mutual TLS (against an embedded server only).
     pub dataplane_tls: Option<DataPlane>,
+    /// What checking capabilities costs a server per page.
+    pub capabilities: Option<crate::capcost::CapabilityCost>,
     pub rmem: Option<RegionFigures>,
     /// Eviction and faults with each redundancy policy, and degraded.
     pub redundancy: Option<RedundancyFigures>,
@@ -148,6 +150,7 @@ impl Report {
             limits,
             dataplane,
             dataplane_tls: None,
+            capabilities: None,
             rmem,
             redundancy,
             rebuild,
@@ -359,6 +362,15 @@ pub fn render(r: &Report) -> String {
         "GET p50 / round trip p50",
         format!("{:.2}", g.get_p50_over_rtt_p50),
     );
+    if let Some(c) = &r.capabilities {
+        row(
+            "capability check, per page of a 64-page GET (server time)",
+            format!(
+                "{:.0} ns ({:.0} ns without, {:.0} with)",
+                c.check_ns_per_page, c.get_ns_per_page, c.get_checked_ns_per_page
+            ),
+        );
+    }
     if r.dataplane_tls.is_some() {
         row(
             "GET p50 over TLS / plaintext",
