@@ -1183,6 +1183,34 @@ fn a_coordinator_that_lost_its_state_never_makes_a_server_free_pages() {
 }
 
 #[test]
+fn a_region_waits_for_servers_briefly_out_of_service() {
+    // The only server is drained (as if fenced while a new leader hears
+    // from it): a region made meanwhile waits for it instead of failing.
+    let (coord, _servers) = cluster(1);
+    rmemctl_json(&coord, &["drain", "mem-0"]);
+    let agent = Cluster::connect(&ClusterConfig::new(coord.addr.to_string())).unwrap();
+    let started = std::time::Instant::now();
+    let back = std::thread::spawn({
+        let endpoint = coord.addr.to_string();
+        move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            rmem_tests::rmemctl_ok(&["--endpoint", &endpoint, "undrain", "mem-0"]);
+        }
+    });
+    let r = region(&agent, 256, 64);
+    back.join().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    // It works: every page written (most evicted) comes back.
+    let mem = Pages { r: &r };
+    for p in 0..256 {
+        mem.write(p, 1);
+    }
+    for p in 0..256 {
+        assert!(mem.check(p, 1), "page {p}");
+    }
+}
+
+#[test]
 fn a_stripe_wider_than_the_cluster_is_refused_and_holds_no_capacity() {
     // Two servers: ec=2+1 needs its two data pages and a parity page on
     // three. The region is refused with a clear error, and the grants the

@@ -795,6 +795,12 @@ impl Cluster {
         }
     }
 
+    /// How long control calls keep trying while no coordinator answers
+    /// (`join_timeout`).
+    pub(crate) fn control_within(&self) -> Duration {
+        self.control_within
+    }
+
     /// Returns grants by id.
     pub(crate) fn release_grants(&self, ids: &[u64]) {
         // One budget for them all: with no coordinator, closing does not

@@ -238,6 +238,7 @@ impl Homes {
             Home::Cluster(c) => c,
         };
         let prefix = format!("{}/regions/", cluster.name());
+        let within = cluster.control_within();
         let homes = Self::registered(
             cluster,
             Servers::default(),
@@ -251,11 +252,32 @@ impl Homes {
         homes
             .grow_step
             .store(reserve.clamp(1, GRANT_PAGES), Ordering::Relaxed);
-        if let Err(e) = homes.grow(reserve.max(1)) {
-            homes.retire();
-            return Err(e);
+        // Servers all out of service for a moment (fenced while a new
+        // coordinator leader hears from them, restarting) make the cluster
+        // answer no_capacity: wait for them as for the coordinator itself.
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match homes.grow(reserve.max(1)) {
+                Ok(()) => return Ok(homes),
+                Err(ClusterError::Control(e))
+                    if e.reason() == "no_capacity" && started.elapsed() + pause < within =>
+                {
+                    tracing::warn!(
+                        error = %e,
+                        retry_in = ?pause,
+                        gives_up_in = ?within.saturating_sub(started.elapsed()),
+                        "no memory server takes placements now; trying again"
+                    );
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    homes.retire();
+                    return Err(e);
+                }
+            }
         }
-        Ok(homes)
     }
 
     fn standalone(
