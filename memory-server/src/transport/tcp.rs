@@ -156,7 +156,13 @@ pub async fn serve(
                     }
                 };
                 let peer_check = peer_cert.zip(reload).map(|(cert, reload)| PeerCheck {
-                    expires: rmem_common::tls::revocation::not_after(&cert),
+                    // Past its end by a second, so the check sees it expired.
+                    expires: rmem_common::tls::revocation::not_after(&cert).map(|t| {
+                        let left = t
+                            .duration_since(std::time::SystemTime::now())
+                            .unwrap_or(Duration::ZERO);
+                        Instant::now() + left + Duration::from_secs(1)
+                    }),
                     changes: reload.changes(),
                     reload,
                     cert,
@@ -254,7 +260,9 @@ enum End {
 /// when the TLS files reload (a new CRL may revoke it) and when it expires.
 struct PeerCheck {
     cert: CertificateDer<'static>,
-    expires: Option<std::time::SystemTime>,
+    /// When to check its expiry (None: it cannot be read; the handshake
+    /// checked it).
+    expires: Option<Instant>,
     reload: Arc<Reloading>,
     changes: tokio::sync::watch::Receiver<u64>,
 }
@@ -262,14 +270,10 @@ struct PeerCheck {
 impl PeerCheck {
     /// Until the next reason to check again.
     async fn next(&mut self) {
-        let expiry = async {
-            match self
-                .expires
-                .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
-            {
-                // Past its end by a second, so the check sees it expired.
-                Some(left) => tokio::time::sleep(left + Duration::from_secs(1)).await,
-                None if self.expires.is_some() => {}
+        let at = self.expires;
+        let expiry = async move {
+            match at {
+                Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
         };
@@ -278,7 +282,11 @@ impl PeerCheck {
                 // The files are no longer watched: nothing will change.
                 std::future::pending::<()>().await
             },
-            () = expiry => {}
+            () = expiry => {
+                // Checked now; should the clock disagree, again in a
+                // minute (never a spin).
+                self.expires = Some(Instant::now() + Duration::from_secs(60));
+            }
         }
     }
 }
