@@ -268,26 +268,28 @@ struct PeerCheck {
 }
 
 impl PeerCheck {
-    /// Until the next reason to check again.
-    async fn next(&mut self) {
-        let at = self.expires;
-        let expiry = async move {
-            match at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            r = self.changes.changed() => if r.is_err() {
-                // The files are no longer watched: nothing will change.
-                std::future::pending::<()>().await
-            },
-            () = expiry => {
-                // Checked now; should the clock disagree, again in a
-                // minute (never a spin).
-                self.expires = Some(Instant::now() + Duration::from_secs(60));
-            }
+    /// Until the TLS files change (a new CRL may revoke the peer).
+    async fn changed(&mut self) {
+        if self.changes.changed().await.is_err() {
+            // The files are no longer watched: nothing will change.
+            std::future::pending::<()>().await
         }
+    }
+
+    /// Checks the certificate now. Called at its expiry too, which is
+    /// then moved a minute on: should the clock disagree, the check comes
+    /// again later, never in a spin.
+    fn check(&mut self, expired: bool) -> Result<(), End> {
+        if expired {
+            self.expires = Some(Instant::now() + Duration::from_secs(60));
+        }
+        self.reload.check_peer(&self.cert).map_err(|why| {
+            End::Fatal(Fatal {
+                code: ErrorCode::AuthFailed,
+                message: format!("{why}: this connection is closed"),
+                request_id: 0,
+            })
+        })
     }
 }
 
@@ -467,30 +469,40 @@ impl Connection {
                 let request = self.timeouts.request;
                 (*self.frame_deadline.get_or_insert(now + request), "request")
             };
-            let peer_check = &mut self.peer_check;
-            let peer_check = async move {
-                match peer_check {
-                    Some(c) => {
-                        c.next().await;
-                        c.reload.check_peer(&c.cert)
-                    }
+            // The client certificate's expiry shares the one timer of the
+            // pass (armed once per pass, as the deadline is).
+            let (deadline, what) = match self.peer_check.as_ref().and_then(|c| c.expires) {
+                Some(at) if at < deadline => (at, "certificate-expiry"),
+                _ => (deadline, what),
+            };
+            let files_changed = async {
+                match &mut self.peer_check {
+                    Some(c) => c.changed().await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 biased;
-                r = peer_check => if let Err(why) = r {
-                    return End::Fatal(Fatal {
-                        code: ErrorCode::AuthFailed,
-                        message: format!("{why}: this connection is closed"),
-                        request_id: 0,
-                    });
+                () = files_changed => {
+                    if let Some(c) = &mut self.peer_check
+                        && let Err(end) = c.check(false)
+                    {
+                        return end;
+                    }
                 },
                 _ = self.shutdown.cancelled(), if draining.is_none() => {
                     // Keep answering what the client already sent.
                     draining = Some(Instant::now() + self.timeouts.drain);
                 }
                 _ = tokio::time::sleep_until(deadline) => {
+                    if what == "certificate-expiry" {
+                        if let Some(c) = &mut self.peer_check
+                            && let Err(end) = c.check(true)
+                        {
+                            return end;
+                        }
+                        continue;
+                    }
                     if draining.is_some() {
                         // Every complete request has been answered; a
                         // partly received one is dropped and the client
