@@ -16,6 +16,7 @@ mod rebuild;
 mod redundancy;
 mod region;
 mod report;
+mod sealcost;
 mod swap;
 mod workloads;
 
@@ -333,6 +334,19 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
     } else {
         None
     };
+    // Sealing's cost: the agent's cipher, and the userspace path sealed
+    // and not (a smaller region than the section below, alternating).
+    let seal = if args.runs(Section::Region) {
+        progress("sealing: the cipher per page, then eviction and faults sealed and plain");
+        let effort = region::Effort {
+            size: plan.region.size / 2,
+            budget: plan.region.budget / 2,
+            random_reads: plan.region.random_reads / 2,
+        };
+        Some(sealcost::measure(&client, effort, 2)?)
+    } else {
+        None
+    };
     let rmem = if args.runs(Section::Region) {
         progress("userspace path: eviction, fault-back (raw round trips interleaved), scan");
         Some(region::measure(&client, plan.region, &mut raw)?)
@@ -376,6 +390,7 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
     );
     report.set_dataplane_tls(dataplane_tls);
     report.capabilities = capabilities;
+    report.seal = seal;
     Ok(report)
 }
 

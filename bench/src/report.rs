@@ -81,6 +81,8 @@ pub struct Report {
     pub dataplane_tls: Option<DataPlane>,
     /// What checking capabilities costs a server per page.
     pub capabilities: Option<crate::capcost::CapabilityCost>,
+    /// What sealing pages (`--seal`) costs the agent.
+    pub seal: Option<crate::sealcost::SealCost>,
     pub rmem: Option<RegionFigures>,
     /// Eviction and faults with each redundancy policy, and degraded.
     pub redundancy: Option<RedundancyFigures>,
@@ -151,6 +153,7 @@ impl Report {
             dataplane,
             dataplane_tls: None,
             capabilities: None,
+            seal: None,
             rmem,
             redundancy,
             rebuild,
@@ -368,6 +371,26 @@ pub fn render(r: &Report) -> String {
             format!(
                 "{:.0} ns ({:.0} ns without, {:.0} with)",
                 c.check_ns_per_page, c.get_ns_per_page, c.get_checked_ns_per_page
+            ),
+        );
+    }
+    if let Some(c) = &r.seal {
+        row(
+            "sealing (AES-256-GCM), per page: seal / open",
+            format!(
+                "{:.0} ns / {:.0} ns",
+                c.seal_ns_per_page, c.open_ns_per_page
+            ),
+        );
+        row(
+            "fault p50 sealed / plain",
+            format!("{:.1} µs / {:.1} µs", c.fault_sealed_us.p50, c.fault_us.p50),
+        );
+        row(
+            "eviction sealed / plain",
+            format!(
+                "{:.0} MiB/s / {:.0} MiB/s",
+                c.evict_sealed_mib_s, c.evict_mib_s
             ),
         );
     }

@@ -56,6 +56,8 @@ pub struct DemoConfig {
     pub fault_timeout: Duration,
     /// Copies of each evicted page (`None`: the cluster's default).
     pub redundancy: Option<rmem_common::Redundancy>,
+    /// Seal pages for servers not trusted with them.
+    pub seal: bool,
     /// Most bytes a second moving or rebuilding pages (None: no limit).
     pub rebuild_bandwidth: Option<u64>,
     pub seed: u64,
@@ -88,6 +90,7 @@ impl Default for DemoConfig {
             fault_threads: RegionConfig::default().fault_threads,
             fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
             redundancy: None,
+            seal: false,
             rebuild_bandwidth: None,
             seed: 1,
             progress: false,
@@ -167,6 +170,11 @@ pub struct Report {
     /// Servers that could not be asked (down or restarting): their pages
     /// are not in `server_pages_after_drop`.
     pub servers_unreachable_after_drop: Vec<String>,
+    /// With `--seal`: pages sealed for the servers, opened back, and
+    /// refused (altered, or another page's: read from another copy).
+    pub pages_sealed: u64,
+    pub pages_opened: u64,
+    pub pages_seal_refused: u64,
 }
 
 /// Why the demo could not run.
@@ -330,6 +338,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
         fault_timeout: cfg.fault_timeout,
         fault_threads: cfg.fault_threads,
         redundancy: cfg.redundancy,
+        seal: cfg.seal,
         ..RegionConfig::default()
     };
     let (region, cluster, addr) = match (&cfg.coordinator, &cfg.server, &embedded) {
@@ -530,6 +539,9 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
         phases,
         server_pages_after_drop: after,
         servers_unreachable_after_drop: unreachable,
+        pages_sealed: st.pages_sealed,
+        pages_opened: st.pages_opened,
+        pages_seal_refused: st.pages_seal_refused,
     })
 }
 
@@ -576,6 +588,15 @@ pub fn render(r: &Report) -> String {
         format!("{} / {}", r.pages_dropped_clean, r.pages_dropped_zero),
     );
     line("pages fetched", r.pages_fetched.to_string());
+    if r.pages_sealed > 0 {
+        line(
+            "sealed (AES-256-GCM)",
+            format!(
+                "{} pages sealed, {} opened, {} refused",
+                r.pages_sealed, r.pages_opened, r.pages_seal_refused
+            ),
+        );
+    }
     line(
         "fault-back latency",
         format!(

@@ -140,6 +140,14 @@ struct ServeArgs {
     /// rebuilding the copies of gone ones, e.g. 100MiB [default: no limit].
     #[arg(long, value_name = "SIZE")]
     rebuild_bandwidth: Option<ByteSize>,
+    /// Seal every evicted page for memory servers not trusted with them:
+    /// encrypted and authenticated here (AES-256-GCM), so a server or
+    /// anyone reading its pool sees no plaintext and a page it alters is
+    /// refused (read from another copy) instead of returned. Its keys and
+    /// tags stay beside the admin socket (tmpfs) while the module holds
+    /// the pages.
+    #[arg(long)]
+    seal: bool,
     /// Tenant to log in as [default: default].
     #[arg(long)]
     tenant: Option<String>,
@@ -211,6 +219,14 @@ struct KernelArgs {
     /// rebuilding the copies of gone ones, e.g. 100MiB [default: no limit].
     #[arg(long, value_name = "SIZE")]
     rebuild_bandwidth: Option<ByteSize>,
+    /// Seal every evicted page for memory servers not trusted with them:
+    /// encrypted and authenticated here (AES-256-GCM), so a server or
+    /// anyone reading its pool sees no plaintext and a page it alters is
+    /// refused (read from another copy) instead of returned. Its keys and
+    /// tags stay beside the admin socket (tmpfs) while the module holds
+    /// the pages.
+    #[arg(long)]
+    seal: bool,
     /// Tenant to log in as.
     #[arg(long, default_value = "default")]
     tenant: String,
@@ -302,6 +318,13 @@ struct DemoArgs {
     /// pages) [default: the cluster's, `none` on one server].
     #[arg(long, value_name = "POLICY")]
     redundancy: Option<rmem_common::Redundancy>,
+    /// Seal every page for memory servers not trusted with them: each is
+    /// encrypted and authenticated here (AES-256-GCM, a key of this run
+    /// only) before it leaves, so a server or anyone reading its pool sees
+    /// no plaintext, and a page it alters or swaps is refused and read from
+    /// another copy (or the fault fails) instead of returning wrong bytes.
+    #[arg(long)]
+    seal: bool,
     /// Most bytes a second spent moving pages off drained servers and
     /// rebuilding the copies of gone ones, e.g. 100MiB [default: no limit].
     #[arg(long, value_name = "SIZE")]
@@ -386,6 +409,7 @@ fn main() -> ExitCode {
                 fault_timeout: d.fault_timeout,
                 fault_threads: d.fault_threads,
                 redundancy: d.redundancy,
+                seal: d.seal,
                 rebuild_bandwidth: d.rebuild_bandwidth.map(|b| b.bytes()),
                 progress: !d.json && demo::stdout_is_terminal(),
                 tls,
@@ -467,6 +491,9 @@ fn serve_config(
     }
     if let Some(v) = a.fault_timeout {
         c.fault_timeout = v;
+    }
+    if a.seal {
+        c.seal = true;
     }
     if a.redundancy.is_some() {
         c.redundancy = a.redundancy;
@@ -550,6 +577,9 @@ fn run_serve(a: ServeArgs, tls: &AgentTls) -> ExitCode {
         }
     };
     kernel.device = cfg.device.clone();
+    // The admin socket's directory, which the service manager owns.
+    kernel.state_dir = cfg.socket.parent().map(std::path::Path::to_path_buf);
+    kernel.seal = cfg.seal;
     kernel.fault_threads = cfg.fault_threads;
     kernel.request_timeout = cfg.request_timeout;
     kernel.fault_timeout = cfg.fault_timeout;
@@ -732,6 +762,7 @@ fn run_kernel(k: KernelArgs, tls: &AgentTls) -> ExitCode {
     kernel.fault_threads = k.fault_threads;
     kernel.fault_timeout = k.fault_timeout;
     kernel.redundancy = k.redundancy;
+    kernel.seal = k.seal;
     let cfg = DaemonConfig {
         kernel,
         damon: DamonConfig {

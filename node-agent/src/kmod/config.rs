@@ -66,6 +66,11 @@ pub struct ServeConfig {
     /// rebuilding the copies of gone ones (unset: no limit).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rebuild_bandwidth: Option<rmem_common::ByteSize>,
+    /// Seal every evicted page for memory servers not trusted with them:
+    /// encrypted and authenticated here (AES-256-GCM), its key and tags
+    /// kept in the socket's directory (`seal/`, tmpfs) for as long as the
+    /// module holds the pages.
+    pub seal: bool,
     /// Data-plane transport to the server: `auto` (RDMA when the server
     /// offers it, this build has it and a local device reaches the server;
     /// TCP otherwise), `tcp`, or `rdma` (or fail).
@@ -116,6 +121,7 @@ impl Default for ServeConfig {
             fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
             redundancy: None,
             rebuild_bandwidth: None,
+            seal: false,
             transport: rmem_client::Transport::Auto,
             rdma_device: None,
         }

@@ -42,7 +42,21 @@ pub struct KernelConfig {
     /// before going to the server, to play a slow network or server.
     /// Zero (the default) in normal use.
     pub fetch_delay: Duration,
+    /// The agent's directory on tmpfs (beside its admin socket; see
+    /// [`DEFAULT_STATE_DIR`]) for what lives as long as the module's
+    /// pages: outside a cluster, the handle epochs of the runs whose pages
+    /// the module may still hold; the keys and tags of sealed runs. `None`
+    /// keeps nothing (a standalone restart then has a 2^-24 chance of
+    /// reusing an old run's handles) and cannot seal.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Seal every page for servers not trusted with them (see
+    /// `remote::seal`).
+    pub seal: bool,
 }
+
+/// The kernel agent's state directory by default: the default admin
+/// socket's, on tmpfs like the module's pages.
+pub const DEFAULT_STATE_DIR: &str = "/run/rmem";
 
 impl KernelConfig {
     /// Defaults, pages on `server`.
@@ -64,6 +78,8 @@ impl KernelConfig {
             fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
             redundancy: None,
             fetch_delay: Duration::ZERO,
+            state_dir: Some(DEFAULT_STATE_DIR.into()),
+            seal: false,
         }
     }
 }
@@ -134,7 +150,14 @@ impl KernelAgent {
             (Home::Cluster(c), None) => c.redundancy(),
             (Home::Servers(_), None) => rmem_common::Redundancy::None,
         };
-        let homes = Homes::for_agent(cfg.home.clone(), in_use, cfg.request_timeout, redundancy)?;
+        let homes = Homes::for_agent(
+            cfg.home.clone(),
+            in_use,
+            cfg.state_dir.as_deref(),
+            cfg.seal,
+            cfg.request_timeout,
+            redundancy,
+        )?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(KernelStats::default());
         let mut threads = Vec::new();
@@ -717,6 +740,11 @@ impl Fetcher {
             );
             if let Err(e) = &got {
                 tracing::warn!(server = %homes.servers().addr(server), error = %e, "fetching remote pages failed");
+            }
+            // A server returning damaged pages (their checksum failed
+            // there, or their seal here) is read and placed around.
+            if got.is_ok() && self.statuses.contains(&PageStatus::Corrupt) {
+                homes.suspect(server);
             }
             for (i, e) in batch.iter().enumerate() {
                 if got.is_ok() && self.statuses.get(i) == Some(&PageStatus::Ok) {

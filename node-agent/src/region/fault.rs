@@ -400,6 +400,11 @@ fn fetch(
         scratch.statuses.clear();
         scratch.statuses.push(PageStatus::Ok);
     }
+    // A server returning damaged pages (their checksum failed there, or
+    // their seal here) is read and placed around for a while.
+    if scratch.statuses.contains(&PageStatus::Corrupt) {
+        inner.homes.suspect(server);
+    }
     for (k, (&p, status)) in scratch.pages.iter().zip(&scratch.statuses).enumerate() {
         let prior = if k == 0 { before } else { states.get(p) };
         let mut data = &scratch.data[k];
@@ -421,6 +426,9 @@ fn fetch(
                 );
                 poison(inner, p, prior);
                 continue;
+            }
+            if !degraded {
+                inner.stats.faults_degraded.fetch_add(1, Ordering::Relaxed);
             }
             data = &moved;
         }

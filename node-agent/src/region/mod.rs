@@ -57,6 +57,9 @@ pub struct RegionConfig {
     /// With more than one copy: how long a fault waits for one server
     /// before it reads another copy.
     pub failover_after: Duration,
+    /// Seal every page for servers not trusted with them: encrypted and
+    /// authenticated here (see [`crate::remote::seal`]).
+    pub seal: bool,
 }
 
 impl Default for RegionConfig {
@@ -71,6 +74,7 @@ impl Default for RegionConfig {
             spin: Duration::from_micros(50),
             redundancy: None,
             failover_after: crate::remote::DEFAULT_FAILOVER_AFTER,
+            seal: false,
         }
     }
 }
@@ -154,6 +158,11 @@ pub struct StatsSnapshot {
     pub evict_busy_ns: u64,
     pub fault_remote_latency_ns: rmem_common::Percentiles,
     pub fault_minor_latency_ns: rmem_common::Percentiles,
+    /// With sealing on: pages sealed on their way to a server, opened on
+    /// their way back, and refused (altered, or another page's).
+    pub pages_sealed: u64,
+    pub pages_opened: u64,
+    pub pages_seal_refused: u64,
 }
 
 /// State shared by a region's threads.
@@ -310,8 +319,14 @@ impl RemoteRegion {
     ) -> Result<Self, RegionError> {
         let cfg = validate(cfg)?;
         let redundancy = cfg.redundancy.unwrap_or_default();
-        let homes = Homes::for_region(Home::Servers(servers), 0, drain_timeout(&cfg), redundancy)
-            .map_err(|e| match e {
+        let homes = Homes::for_region(
+            Home::Servers(servers),
+            0,
+            drain_timeout(&cfg),
+            redundancy,
+            cfg.seal,
+        )
+        .map_err(|e| match e {
             e @ ClusterError::TooFewServers { .. } => RegionError::Invalid {
                 field: "redundancy",
                 reason: e.to_string(),
@@ -334,6 +349,7 @@ impl RemoteRegion {
             pages,
             drain_timeout(&cfg),
             redundancy,
+            cfg.seal,
         )
         .map_err(RegionError::Cluster)?;
         Self::with_homes(cfg, homes.clone()).inspect_err(|_| {
@@ -504,6 +520,7 @@ impl RemoteRegion {
     pub fn stats(&self) -> StatsSnapshot {
         let s = &self.inner.stats;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let seal = self.inner.homes.servers().seal();
         StatsSnapshot {
             pages: self.pages(),
             budget_pages: self.inner.budget_pages,
@@ -528,6 +545,9 @@ impl RemoteRegion {
             evict_busy_ns: l(&s.evict_busy_ns),
             fault_remote_latency_ns: s.fault_remote_latency.percentiles(),
             fault_minor_latency_ns: s.fault_minor_latency.percentiles(),
+            pages_sealed: seal.map_or(0, |s| l(&s.stats.sealed)),
+            pages_opened: seal.map_or(0, |s| l(&s.stats.opened)),
+            pages_seal_refused: seal.map_or(0, |s| l(&s.stats.refused)),
         }
     }
 

@@ -104,6 +104,20 @@ pub enum ClusterError {
     Config(#[from] rmem_common::config::ConfigError),
     #[error("no memory server has room")]
     NoServer,
+    #[error("cannot keep the seals of sealed pages in {path}")]
+    SealFiles {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sealing the kernel agent's pages needs a state directory for their keys")]
+    SealNeedsState,
+    #[error("cannot keep the handle epochs of earlier runs in {path}")]
+    EpochLog {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the coordinator granted less than asked")]
     ShortGrant,
     #[error("no servers for {copies} copies: a server is failing and no other can replace it")]

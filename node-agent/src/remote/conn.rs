@@ -3,11 +3,14 @@
 //! until a deadline. Fault handlers and the evictor each own one, so the
 //! thread that needs a page sends the request and reads the answer itself.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rmem_client::{
-    ClientConfig, ClientError, DataConnection, Page, PageStatus, PageTransport, Pending,
+    ClientConfig, ClientError, DataConnection, PAGE_SIZE, Page, PageStatus, PageTransport, Pending,
 };
+
+use super::seal::Seal;
 
 /// How long a fault waits, by default, for a server that does not answer
 /// before the faulting thread gets SIGBUS (both paths).
@@ -27,17 +30,72 @@ pub const DEFAULT_FAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// server before it reads another copy.
 pub const DEFAULT_FAILOVER_AFTER: Duration = Duration::from_millis(500);
 
-/// A reconnecting blocking connection.
+/// A reconnecting blocking connection. With a seal, every page it sends is
+/// sealed and every page it receives opened (see [`super::seal`]): a page
+/// that fails its check is reported `Corrupt`, like a copy the server
+/// found damaged, so readers go to another copy.
 #[derive(Debug)]
 pub struct RemoteConn {
     cfg: ClientConfig,
     conn: Option<DataConnection>,
+    seal: Option<Arc<Seal>>,
+    /// The sealed pages of the PUT [`Self::put_start`] sent, for
+    /// [`Self::put_finish`] (RDMA writes them only then).
+    sealed: Vec<Page>,
+    /// ...and their handles.
+    sealed_handles: Vec<u64>,
 }
 
 impl RemoteConn {
     /// Not connected yet; the first request connects.
     pub fn new(cfg: ClientConfig) -> Self {
-        Self { cfg, conn: None }
+        Self {
+            cfg,
+            conn: None,
+            seal: None,
+            sealed: Vec::new(),
+            sealed_handles: Vec::new(),
+        }
+    }
+
+    /// Pages sealed with `seal` on their way out, opened on their way in.
+    pub fn sealed(mut self, seal: Option<Arc<Seal>>) -> Self {
+        self.seal = seal;
+        self
+    }
+
+    /// Seals `pages` into `buf`; the batch to send.
+    fn seal_batch<'b>(
+        seal: &Seal,
+        pages: &[(u64, &Page)],
+        buf: &'b mut Vec<Page>,
+    ) -> Result<Vec<(u64, &'b Page)>, ClientError> {
+        buf.resize(pages.len(), [0u8; PAGE_SIZE]);
+        seal.seal_batch(pages, buf).map_err(|e| {
+            tracing::error!(error = %e, "a batch was not sent");
+            ClientError::Page {
+                handle: pages.first().map_or(0, |p| p.0),
+                status: PageStatus::Denied,
+            }
+        })?;
+        Ok(pages.iter().map(|&(h, _)| h).zip(buf.iter()).collect())
+    }
+
+    /// Opens what a GET returned: a page that fails becomes `Corrupt`.
+    fn open_batch(&self, handles: &[u64], out: &mut [Page], statuses: &mut [PageStatus]) {
+        let Some(seal) = &self.seal else { return };
+        for ((&h, page), st) in handles.iter().zip(out.iter_mut()).zip(statuses.iter_mut()) {
+            if *st != PageStatus::Ok {
+                continue;
+            }
+            if let Err(e) = seal.open(h, page) {
+                tracing::warn!(
+                    server = %self.cfg.addr, handle = h, error = %e,
+                    "a server returned a page that fails its seal: reading another copy"
+                );
+                *st = PageStatus::Corrupt;
+            }
+        }
     }
 
     /// The server's address.
@@ -92,7 +150,9 @@ impl RemoteConn {
             statuses.clear();
             statuses.extend_from_slice(s);
             Ok(())
-        })
+        })?;
+        self.open_batch(handles, out, statuses);
+        Ok(())
     }
 
     /// Sends a GET without waiting for its answer (connecting, with
@@ -117,17 +177,24 @@ impl RemoteConn {
         statuses: &mut Vec<PageStatus>,
         deadline: Instant,
     ) -> Result<(), ClientError> {
+        let sealed = self.seal.is_some();
         self.finish(
             deadline,
-            (out, statuses),
+            (&mut *out, &mut *statuses),
             |c, (out, statuses)| {
                 let s = c.get_finish(pending, handles, out)?;
                 statuses.clear();
                 statuses.extend_from_slice(s);
-                Ok(())
+                Ok(false)
             },
-            |me, (out, statuses)| me.get(handles, out, statuses, deadline),
+            // `get` opens what it reads itself.
+            |me, (out, statuses)| me.get(handles, out, statuses, deadline).map(|()| true),
         )
+        .map(|opened| {
+            if sealed && !opened {
+                self.open_batch(handles, out, statuses);
+            }
+        })
     }
 
     /// Sends a PUT without waiting for its answer (connecting, with
@@ -137,7 +204,30 @@ impl RemoteConn {
         pages: &[(u64, &Page)],
         deadline: Instant,
     ) -> Result<Pending, ClientError> {
-        self.with(deadline, |c| c.put_start(pages))
+        let r = self.sealed_put(pages, deadline, |c, batch| c.put_start(batch));
+        if r.is_ok() && self.seal.is_some() {
+            self.sealed_handles.extend(pages.iter().map(|&(h, _)| h));
+        }
+        r
+    }
+
+    /// `op` (a PUT) on `pages`, sealed first with a seal. The sealed pages
+    /// stay in `self.sealed` afterwards.
+    fn sealed_put<T>(
+        &mut self,
+        pages: &[(u64, &Page)],
+        deadline: Instant,
+        mut op: impl FnMut(&mut DataConnection, &[(u64, &Page)]) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let Some(seal) = self.seal.clone() else {
+            return self.with(deadline, |c| op(c, pages));
+        };
+        let mut buf = std::mem::take(&mut self.sealed);
+        self.sealed_handles.clear();
+        let r = Self::seal_batch(&seal, pages, &mut buf)
+            .and_then(|batch| self.with(deadline, |c| op(c, &batch)));
+        self.sealed = buf;
+        r
     }
 
     /// The answer to the PUT [`Self::put_start`] sent (the same `pages`),
@@ -148,12 +238,40 @@ impl RemoteConn {
         pages: &[(u64, &Page)],
         deadline: Instant,
     ) -> Result<Vec<PageStatus>, ClientError> {
-        self.finish(
+        if self.seal.is_none() {
+            return self.finish(
+                deadline,
+                (),
+                |c, ()| c.put_finish(pending, pages),
+                |me, ()| me.put(pages, deadline),
+            );
+        }
+        if !self
+            .sealed_handles
+            .iter()
+            .copied()
+            .eq(pages.iter().map(|&(h, _)| h))
+        {
+            // Not the pages `put_start` sealed and sent: never send them
+            // unsealed; the answer in flight is dropped with the connection.
+            debug_assert!(false, "put_finish with other pages than put_start's");
+            self.conn = None;
+            return Err(ClientError::Closed {
+                addr: self.cfg.addr.clone(),
+            });
+        }
+        // What `put_start` sealed (the same pages, in order).
+        let buf = std::mem::take(&mut self.sealed);
+        let batch: Vec<(u64, &Page)> = pages.iter().map(|&(h, _)| h).zip(buf.iter()).collect();
+        let r = self.finish(
             deadline,
             (),
-            |c, ()| c.put_finish(pending, pages),
+            |c, ()| c.put_finish(pending, &batch),
             |me, ()| me.put(pages, deadline),
-        )
+        );
+        drop(batch);
+        self.sealed = buf;
+        r
     }
 
     /// Reads the answer to a request sent earlier with `read`; on a
@@ -192,7 +310,7 @@ impl RemoteConn {
         pages: &[(u64, &Page)],
         deadline: Instant,
     ) -> Result<Vec<PageStatus>, ClientError> {
-        self.with(deadline, |c| c.put(pages))
+        self.sealed_put(pages, deadline, |c, batch| c.put(batch))
     }
 
     /// FREE with retries until `deadline`.

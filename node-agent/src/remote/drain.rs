@@ -306,14 +306,16 @@ impl Homes {
         Ok(Some(need))
     }
 
-    /// The pages of `handles` that `server` holds.
+    /// The pages of `handles` that `server` holds, and the handles it holds
+    /// damaged (`Corrupt`: its checksum failed there, or, sealed, the page
+    /// failed its seal).
     fn read_run(
         &self,
         remotes: &mut Remotes,
         server: u8,
         handles: &[u64],
         deadline: Instant,
-    ) -> Result<Vec<(u64, Page)>, MoveError> {
+    ) -> Result<RunRead, MoveError> {
         let conn = remotes
             .get(&self.servers, server)
             .ok_or(MoveError::NoServer)?;
@@ -321,15 +323,18 @@ impl Homes {
         let mut buf = vec![[0u8; rmem_client::PAGE_SIZE]; max.min(handles.len())];
         let mut statuses = Vec::new();
         let mut found = Vec::new();
+        let mut damaged = Vec::new();
         for chunk in handles.chunks(max) {
             conn.get(chunk, &mut buf[..chunk.len()], &mut statuses, deadline)?;
             for (i, &h) in chunk.iter().enumerate() {
-                if statuses.get(i) == Some(&PageStatus::Ok) {
-                    found.push((h, buf[i]));
+                match statuses.get(i) {
+                    Some(PageStatus::Ok) => found.push((h, buf[i])),
+                    Some(PageStatus::Corrupt) => damaged.push(h),
+                    _ => {}
                 }
             }
         }
-        Ok(found)
+        Ok((found, damaged))
     }
 
     /// Reads the run's live pages from `from` (its copy or slot `k`),
@@ -499,9 +504,25 @@ impl Homes {
         // A server known to be failing is asked last.
         sources.sort_by_key(|&s| suspect(s));
         let mut last_error = None;
+        // Pages a source holds damaged are read from the next one.
+        let mut found = Vec::new();
+        let mut want = handles.to_vec();
+        let mut answered = false;
         for source in sources {
-            match self.read_run(remotes, source, handles, deadline) {
-                Ok(found) => return Ok(found),
+            match self.read_run(remotes, source, &want, deadline) {
+                Ok((read, damaged)) => {
+                    found.extend(read);
+                    answered = true;
+                    if damaged.is_empty() {
+                        return Ok(found);
+                    }
+                    tracing::warn!(
+                        source,
+                        pages = damaged.len(),
+                        "pages to move are damaged there; reading another copy"
+                    );
+                    want = damaged;
+                }
                 Err(e) => {
                     tracing::debug!(source, error = %e, "cannot read a run to move; trying another copy");
                     if matches!(&e, MoveError::Server(c) if c.is_retryable()) {
@@ -510,6 +531,15 @@ impl Homes {
                     last_error = Some(e);
                 }
             }
+        }
+        if answered {
+            // What no copy holds whole is left out, as a page freed
+            // meanwhile would be: the move must not write a damaged one.
+            tracing::error!(
+                pages = want.len(),
+                "pages to move are damaged on every copy"
+            );
+            return Ok(found);
         }
         Err(last_error.unwrap_or(MoveError::NoServer))
     }
@@ -534,6 +564,7 @@ impl Homes {
             Ok(Vec::new())
         } else {
             self.read_run(remotes, from, &moved.handles, deadline)
+                .map(|(found, _damaged)| found)
         };
         let mut found = match read {
             Ok(found) => found,
@@ -597,7 +628,7 @@ impl Homes {
                 continue;
             }
             match self.read_run(remotes, server, &want, deadline) {
-                Ok(read) => {
+                Ok((read, _damaged)) => {
                     for (h, p) in read {
                         pages.entry(stripe_of(h)).or_default().push((s, p));
                     }
@@ -629,6 +660,10 @@ impl Homes {
         Ok(found)
     }
 }
+
+/// What a server answered for a run: its pages whole, and the handles it
+/// holds damaged.
+type RunRead = (Vec<(u64, Page)>, Vec<u64>);
 
 /// Whether another copy of run `first` (copied whole: every copy holds
 /// the same handles) lives on `server` now: a concurrent drain of another

@@ -31,6 +31,7 @@
 //!   retired (invalidated whole, unregistered) and the grants returned.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -41,8 +42,9 @@ use rmem_common::Redundancy;
 use super::book::{Book, Grant, Slots, UNBOUNDED};
 pub use super::book::{Piece, Slot};
 use super::cluster::{Cluster, ClusterError};
+use super::seal::Seal;
 use super::servers::{Remotes, Servers};
-use super::space::{SPACE_BITS, Space, new_base, retire};
+use super::space::{Claim, EpochLog, SPACE_BITS, Space, new_base, retire};
 use super::stripe;
 
 /// Most frees one failing server may owe (8 bytes each).
@@ -110,7 +112,8 @@ pub enum Home {
 #[derive(Debug)]
 pub struct Homes {
     pub(crate) servers: Servers,
-    base: u64,
+    /// This space's base, held from other draws of this process.
+    claim: Claim,
     next: AtomicU64,
     book: Mutex<Book>,
     pub(crate) link: Option<Link>,
@@ -147,19 +150,86 @@ pub(crate) struct Link {
     pub older: Vec<Space>,
 }
 
+/// How a store seals its pages (see [`super::seal`]).
+#[derive(Debug, Clone, Default)]
+pub enum Sealing {
+    #[default]
+    Off,
+    /// With a key of this process only (a userfaultfd region).
+    InMemory,
+    /// The kernel agent's: keys and tags kept in `dir`, so a restarted
+    /// agent opens the pages of earlier runs the module still holds
+    /// (sealed or not); this run's pages sealed when `seal`.
+    Kernel { dir: std::path::PathBuf, seal: bool },
+}
+
+impl Sealing {
+    /// The seal of a store at `base`, whose earlier spaces (the kernel
+    /// agent's) are `older`.
+    fn make(&self, base: u64, older: &[u64]) -> Result<Option<Arc<Seal>>, ClusterError> {
+        match self {
+            Sealing::Off => Ok(None),
+            Sealing::InMemory => Ok(Some(Arc::new(Seal::generate(base)))),
+            Sealing::Kernel { dir, seal } => Seal::for_kernel(dir, base, *seal, older)
+                .map(|s| s.map(Arc::new))
+                .map_err(|source| ClusterError::SealFiles {
+                    path: dir.clone(),
+                    source,
+                }),
+        }
+    }
+}
+
 impl Homes {
     /// The kernel agent's store. In a cluster: takes over or retires what
     /// earlier runs of this member left (kept when `module_pages` device
     /// pages may still name their handles) and registers a new space
     /// `<member>/handles/<epoch>`.
+    ///
+    /// `state` is the agent's directory on tmpfs (beside its admin
+    /// socket), for what must outlive a run as long as the module's pages
+    /// do: outside a cluster, `handle-epochs` records the epochs of the
+    /// runs whose pages the module may still hold, so this run draws
+    /// another; `seal/` holds the keys and tags of sealed runs. Sealing
+    /// (`seal`) needs it.
     pub fn for_agent(
         home: Home,
         module_pages: u64,
+        state: Option<&Path>,
+        seal: bool,
         request_timeout: Duration,
         redundancy: Redundancy,
     ) -> Result<Arc<Self>, ClusterError> {
+        let sealing = match state {
+            Some(dir) => Sealing::Kernel {
+                dir: dir.join("seal"),
+                seal,
+            },
+            None if seal => return Err(ClusterError::SealNeedsState),
+            None => Sealing::Off,
+        };
         let cluster = match home {
-            Home::Servers(list) => return Self::standalone(list, request_timeout, redundancy),
+            Home::Servers(list) => {
+                let Some(dir) = state else {
+                    return Self::standalone(list, &[], request_timeout, redundancy, &sealing);
+                };
+                let log = EpochLog::new(&dir.join("handle-epochs"));
+                let epoch_error = |source| ClusterError::EpochLog {
+                    path: log.path().to_owned(),
+                    source,
+                };
+                let mut taken = log.earlier(module_pages).map_err(epoch_error)?;
+                let homes = Self::standalone(list, &taken, request_timeout, redundancy, &sealing)?;
+                taken.push(homes.base());
+                log.record(&taken).map_err(epoch_error)?;
+                if taken.len() > 1 {
+                    tracing::info!(
+                        earlier_runs = taken.len() - 1,
+                        "the module still holds pages of earlier runs: their handle epochs stay out of use"
+                    );
+                }
+                return Ok(homes);
+            }
             Home::Cluster(c) => c,
         };
         let prefix = format!("{}/handles/", cluster.name());
@@ -221,20 +291,30 @@ impl Homes {
             older,
             request_timeout,
             redundancy,
+            &sealing,
         )
     }
 
     /// A userfaultfd region's store: its own space `<member>/regions/<epoch>`
     /// in a cluster, with `reserve` pages granted up front (creation fails
-    /// if the cluster does not have them).
+    /// if the cluster does not have them). With `seal`, its pages are
+    /// sealed for servers not trusted with them (see [`super::seal`]).
     pub fn for_region(
         home: Home,
         reserve: u64,
         request_timeout: Duration,
         redundancy: Redundancy,
+        seal: bool,
     ) -> Result<Arc<Self>, ClusterError> {
+        let sealing = if seal {
+            Sealing::InMemory
+        } else {
+            Sealing::Off
+        };
         let cluster = match home {
-            Home::Servers(list) => return Self::standalone(list, request_timeout, redundancy),
+            Home::Servers(list) => {
+                return Self::standalone(list, &[], request_timeout, redundancy, &sealing);
+            }
             Home::Cluster(c) => c,
         };
         let prefix = format!("{}/regions/", cluster.name());
@@ -248,6 +328,7 @@ impl Homes {
             Vec::new(),
             request_timeout,
             redundancy,
+            &sealing,
         )?;
         homes
             .grow_step
@@ -282,8 +363,10 @@ impl Homes {
 
     fn standalone(
         list: Vec<ClientConfig>,
+        taken: &[u64],
         request_timeout: Duration,
         redundancy: Redundancy,
+        sealing: &Sealing,
     ) -> Result<Arc<Self>, ClusterError> {
         if list.is_empty() {
             return Err(ClusterError::NoServer);
@@ -297,15 +380,16 @@ impl Homes {
                 have: list.len(),
             });
         }
-        let servers = Servers::new(list)?;
+        let claim = new_base(taken);
+        let base = claim.base();
+        let servers = Servers::new(list)?.sealed(sealing.make(base, taken)?);
         let mut book = Book::default();
         for k in 0..servers.len() {
             book.grants.push(Grant::new(0, 0, k as u8, UNBOUNDED));
         }
-        let base = new_base(&[]);
         Ok(Arc::new(Self {
             servers,
-            base,
+            claim,
             next: AtomicU64::new(base),
             book: Mutex::new(book),
             link: None,
@@ -330,14 +414,17 @@ impl Homes {
         older: Vec<Space>,
         request_timeout: Duration,
         redundancy: Redundancy,
+        sealing: &Sealing,
     ) -> Result<Arc<Self>, ClusterError> {
-        let base = new_base(taken);
+        let claim = new_base(taken);
+        let base = claim.base();
+        let servers = servers.sealed(sealing.make(base, taken)?);
         let name = format!("{prefix}{:06x}", base >> SPACE_BITS);
         let interval = cluster.register_space(&name, 1 << SPACE_BITS, base)?;
         tracing::debug!(space = %name, interval, "registered a handle space");
         let homes = Arc::new(Self {
             servers,
-            base,
+            claim,
             next: AtomicU64::new(base),
             book: Mutex::new(book),
             link: Some(Link {
@@ -370,7 +457,7 @@ impl Homes {
 
     /// The first handle of this space.
     pub fn base(&self) -> u64 {
-        self.base
+        self.claim.base()
     }
 
     /// `n` new consecutive handles; the first.
@@ -936,6 +1023,9 @@ impl Homes {
             }
             freed
         };
+        if let Some(seal) = self.servers.seal() {
+            seal.forget(servers.keys().copied());
+        }
         let sorted: Vec<u64> = servers.keys().copied().collect();
         let mut invalidated = 0;
         let mut direct: BTreeMap<u8, Vec<u64>> = BTreeMap::new();
@@ -1015,6 +1105,9 @@ impl Homes {
                 None if single => by.entry(0).or_default().push(h),
                 None => {}
             }
+        }
+        if let Some(seal) = self.servers.seal() {
+            seal.forget(by.values().flatten().copied());
         }
         by.into_iter().collect()
     }
@@ -1291,8 +1384,59 @@ mod tests {
             0,
             Duration::from_millis(100),
             Redundancy::Replicas(2),
+            false,
         )
         .expect("a store")
+    }
+
+    #[test]
+    fn a_standalone_kernel_agent_keeps_earlier_epochs_while_the_module_holds_pages() {
+        let dir = std::env::temp_dir().join(format!("rmem-epochs-{}", std::process::id()));
+        let file = dir.join("handle-epochs");
+        let home = || {
+            let mut c = ClientConfig::new("127.0.0.1:9");
+            c.connect_timeout = Duration::from_millis(100);
+            Home::Servers(vec![c])
+        };
+        let run = |module_pages| {
+            Homes::for_agent(
+                home(),
+                module_pages,
+                Some(&dir),
+                false,
+                Duration::from_millis(100),
+                Redundancy::None,
+            )
+            .expect("a store")
+            .base()
+        };
+        let read = || EpochLog::new(&file).earlier(1).expect("readable");
+        // Nothing held: the log restarts with this run.
+        let first = run(0);
+        assert_eq!(read(), vec![first]);
+        // Held pages: every earlier run's epoch stays listed (and out of
+        // the draw), and this run's is added before any page is stored.
+        let second = run(5);
+        assert_ne!(second, first);
+        assert_eq!(read(), vec![first, second]);
+        let third = run(5);
+        assert_eq!(read(), vec![first, second, third]);
+        // The module emptied: garbage, forgotten.
+        let fourth = run(0);
+        assert_eq!(read(), vec![fourth]);
+        // A log that is not one fails the start instead of being ignored.
+        std::fs::write(&file, "not hex\n").expect("written");
+        let err = Homes::for_agent(
+            home(),
+            1,
+            Some(&dir),
+            false,
+            Duration::from_millis(100),
+            Redundancy::None,
+        )
+        .expect_err("a garbled log");
+        assert!(err.to_string().contains("handle-epochs"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`book`]: grants and runs (which server holds each handle).
 //! - [`homes`]: [`Homes`], the store a backend uses: take handles, place a
 //!   batch, record it, find a handle's server, free copies.
+//! - [`seal`]: pages sealed (encrypted and authenticated) for servers
+//!   that are not trusted with them.
 //! - [`stripe`]: erasure-coded stripes: their layout and codec.
 //! - [`read`]: degraded reads: another copy, or a page rebuilt from its
 //!   stripe.
@@ -23,6 +25,7 @@ pub mod conn;
 pub mod drain;
 pub mod homes;
 pub mod read;
+pub mod seal;
 pub mod servers;
 pub mod space;
 pub mod stripe;

@@ -6,12 +6,13 @@
 //! name it by one byte. Each thread keeps its own connections
 //! ([`Remotes`]), opened on first use.
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rmem_client::ClientConfig;
 
 use super::conn::{RemoteConn, thread_config};
+use super::seal::Seal;
 
 /// Most servers one table holds (an index is one byte).
 pub const MAX_SERVERS: usize = 256;
@@ -22,6 +23,9 @@ pub const MAX_SERVERS: usize = 256;
 #[derive(Debug, Default)]
 pub struct Servers {
     list: RwLock<Vec<ClientConfig>>,
+    /// With sealing on: the key every page to and from these servers is
+    /// sealed and opened with.
+    seal: Option<Arc<Seal>>,
 }
 
 impl Servers {
@@ -31,7 +35,19 @@ impl Servers {
         }
         Ok(Self {
             list: RwLock::new(list),
+            seal: None,
         })
+    }
+
+    /// Pages to and from these servers sealed with `seal`.
+    pub fn sealed(mut self, seal: Option<Arc<Seal>>) -> Self {
+        self.seal = seal;
+        self
+    }
+
+    /// The seal of these servers' pages, if sealing is on.
+    pub fn seal(&self) -> Option<&Arc<Seal>> {
+        self.seal.as_ref()
     }
 
     /// Connection settings of server `index`.
@@ -106,7 +122,7 @@ impl Remotes {
         if self.conns[i].is_none() {
             let mut cfg = thread_config(&servers.get(index)?, self.timeout);
             cfg.spin = self.spin;
-            self.conns[i] = Some(RemoteConn::new(cfg));
+            self.conns[i] = Some(RemoteConn::new(cfg).sealed(servers.seal.clone()));
         }
         self.conns[i].as_mut()
     }

@@ -291,6 +291,53 @@ fn main() {
     );
 
     suite.case(
+        "sealed pages: agents restarted sealed or not open what the module holds of each run",
+        || {
+            let sealed = |env: &Env| {
+                let seal = env.agent().homes().servers().seal().map(|s| {
+                    let l = |a: &std::sync::atomic::AtomicU64| {
+                        a.load(std::sync::atomic::Ordering::Relaxed)
+                    };
+                    (l(&s.stats.sealed), l(&s.stats.opened), l(&s.stats.refused))
+                });
+                seal.unwrap_or_default()
+            };
+            env.agent = None;
+            env.start_agent_sealed(true);
+            let (mut t, att) = env.evicted(64)?;
+            ensure(sealed(&env).0 >= 64, format!("sealed {:?}", sealed(&env)))?;
+            // Run two does not seal its own pages, but opens run one's
+            // with the key and tags run one left on tmpfs.
+            env.agent = None;
+            env.start_agent_sealed(false);
+            t.cmd("check 1")?;
+            let (_, opened, refused) = sealed(&env);
+            ensure(
+                opened >= 64 && refused == 0,
+                format!("run two opened {opened}, refused {refused}"),
+            )?;
+            let moved = env
+                .agent()
+                .evict(att, t.addr, t.len())
+                .map_err(|e| e.to_string())?;
+            ensure(moved == 64, format!("evicted {moved} of 64 again"))?;
+            // Run three (sealed) reads run two's plain pages as they are.
+            env.agent = None;
+            env.start_agent_sealed(true);
+            t.cmd("check 1")?;
+            ensure(
+                sealed(&env).2 == 0,
+                format!("run three refused {:?}", sealed(&env)),
+            )?;
+            t.cmd("exit")?;
+            env.detach(att)?;
+            env.agent = None;
+            env.start_agent();
+            Ok(())
+        },
+    );
+
+    suite.case(
         "a fault waiting for a slow agent does not hold up the program's mmap/munmap (mmap_lock dropped)",
         || {
             let (mut t, att) = env.evicted(16)?;
@@ -2613,6 +2660,16 @@ impl Env {
 
     fn start_agent(&mut self) {
         self.start_agent_with(Duration::ZERO);
+    }
+
+    /// An agent that seals its own pages or not (it opens what earlier
+    /// sealed runs left in the module either way).
+    fn start_agent_sealed(&mut self, seal: bool) {
+        let mut cfg = KernelConfig::new(self.server.client_config());
+        cfg.request_timeout = Duration::from_secs(2);
+        cfg.fault_timeout = Duration::from_secs(2);
+        cfg.seal = seal;
+        self.agent = Some(KernelAgent::start(cfg).expect("start the kernel agent"));
     }
 
     /// An agent that waits `fetch_delay` before each batch of fetches (a
