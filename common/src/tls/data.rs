@@ -24,6 +24,7 @@ use rustls::server::ParsedCertificate;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use super::TlsPem;
+use super::revocation::CrlPolicy as _;
 use crate::config::{ConfigError, invalid};
 use crate::identity::{Identity, IdentityError, Role};
 
@@ -75,21 +76,13 @@ impl TlsPem {
     pub fn data_server(&self) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
         let provider = provider();
         let revoked = self.revoked()?;
-        let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             roots(self)?,
             provider.clone(),
-        );
-        if !revoked.crls().is_empty() {
-            // The end entity is what a lab CA revokes; a certificate of a
-            // CA with no CRL in the file passes (see `revocation`).
-            verifier = verifier
-                .with_crls(revoked.crls().iter().cloned())
-                .only_check_end_entity_revocation()
-                .allow_unknown_revocation_status();
-        }
-        let verifier = verifier
-            .build()
-            .map_err(|e| invalid("tls.ca_file", e.to_string()))?;
+        )
+        .with_policy(&revoked)
+        .build()
+        .map_err(|e| invalid("tls.ca_file", e.to_string()))?;
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| tls_error("tls", e))?

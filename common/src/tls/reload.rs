@@ -26,7 +26,7 @@ use tokio_rustls::server::TlsStream;
 
 use rustls::pki_types::CertificateDer;
 
-use super::revocation::{PeerRefused, Revoked};
+use super::revocation::{CrlPolicy as _, PeerRefused, Revoked};
 use super::{TlsFiles, TlsPem};
 use crate::config::ConfigError;
 
@@ -228,17 +228,11 @@ pub fn grpc_client(pem: &TlsPem) -> Result<Arc<rustls::ClientConfig>, ConfigErro
     use super::data::{chain, key, roots, tls_error};
     let provider = super::data::provider();
     let revoked = pem.revoked()?;
-    let mut verifier =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(roots(pem)?, provider.clone());
-    if !revoked.crls().is_empty() {
-        verifier = verifier
-            .with_crls(revoked.crls().iter().cloned())
-            .only_check_end_entity_revocation()
-            .allow_unknown_revocation_status();
-    }
-    let verifier = verifier
-        .build()
-        .map_err(|e| crate::config::invalid("tls.ca_file", e.to_string()))?;
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots(pem)?, provider.clone())
+            .with_policy(&revoked)
+            .build()
+            .map_err(|e| crate::config::invalid("tls.ca_file", e.to_string()))?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error("tls", e))?

@@ -122,6 +122,33 @@ impl Revoked {
     }
 }
 
+/// rmem's CRL policy on a rustls verifier builder, both directions: the
+/// end entity is what a lab CA revokes, and a certificate of a CA with no
+/// CRL in the file passes (a CA rotation needs no CRL of the new CA).
+pub(crate) trait CrlPolicy: Sized {
+    fn with_policy(self, revoked: &Revoked) -> Self;
+}
+
+macro_rules! crl_policy {
+    ($($builder:ty),*) => {$(
+        impl CrlPolicy for $builder {
+            fn with_policy(self, revoked: &Revoked) -> Self {
+                if revoked.crls().is_empty() {
+                    return self;
+                }
+                self.with_crls(revoked.crls().iter().cloned())
+                    .only_check_end_entity_revocation()
+                    .allow_unknown_revocation_status()
+            }
+        }
+    )*};
+}
+
+crl_policy!(
+    rustls::server::ClientCertVerifierBuilder,
+    rustls::client::ServerCertVerifierBuilder
+);
+
 /// When `cert` expires (`None` if it cannot be read).
 pub fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
     let (_, c) = x509_parser::parse_x509_certificate(cert).ok()?;
