@@ -33,7 +33,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 
 use crossbeam_queue::ArrayQueue;
 
@@ -319,8 +319,10 @@ pub struct Extents {
     owner: Box<[AtomicU64]>,
     /// Unowned extents.
     free: ArrayQueue<u32>,
-    /// Every tenant's extents; the set of tenants is fixed at open.
-    tenants: HashMap<u32, Mutex<Holdings>, foldhash::fast::RandomState>,
+    /// Every holder's extents, by holder id: a tenant's (its id), and
+    /// agents' of their own, added as they say HELLO (see
+    /// `Store::holder`); never removed.
+    holders: RwLock<HashMap<u32, Arc<Mutex<Holdings>>, foldhash::fast::RandomState>>,
     /// Shared extents and how many of their slots are still used.
     shared: Mutex<HashMap<u32, u32>>,
     used: AtomicU64,
@@ -353,7 +355,7 @@ impl Extents {
         mut live: Vec<(u32, u32)>,
     ) -> (Self, Vec<Stray>) {
         let n = extent_count(slots);
-        let mut tenant_map: HashMap<u32, Mutex<Holdings>, _> = HashMap::default();
+        let mut tenant_map: HashMap<u32, Arc<Mutex<Holdings>>, _> = HashMap::default();
         for id in tenants.into_iter().chain(live.iter().map(|&(_, t)| t)) {
             tenant_map.entry(id).or_default();
         }
@@ -361,7 +363,7 @@ impl Extents {
             slots,
             owner: (0..n).map(|_| AtomicU64::new(UNOWNED)).collect(),
             free: ArrayQueue::new(n.max(1) as usize),
-            tenants: tenant_map,
+            holders: RwLock::new(tenant_map),
             shared: Mutex::new(HashMap::new()),
             used: AtomicU64::new(live.len() as u64),
             listener: OnceLock::new(),
@@ -386,13 +388,34 @@ impl Extents {
                 }
             }
             this.owner[extent as usize].store(u64::from(owner), Ordering::Release);
-            lock(&this.tenants[&owner]).adopt_recovered(extent, free);
+            let holdings = this
+                .holdings(owner)
+                .expect("every live tenant has holdings");
+            lock(&holdings).adopt_recovered(extent, free);
         }
         (this, strays)
     }
 
     fn extent_len(&self, extent: u32) -> u32 {
         extent_len(self.slots, extent)
+    }
+
+    /// The extents of holder `id`, if it is known.
+    fn holdings(&self, id: u32) -> Option<Arc<Mutex<Holdings>>> {
+        self.holders
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+    }
+
+    /// Adds holder `id` (nothing if it is known).
+    pub fn add_holder(&self, id: u32) {
+        self.holders
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(id)
+            .or_default();
     }
 
     fn set_owner(&self, extent: u32, owner: u64) {
@@ -421,7 +444,8 @@ impl Extents {
     /// if none of its own has room. `None` when no extent is left (or the
     /// tenant is unknown).
     pub fn alloc(&self, tenant: u32) -> Option<u32> {
-        let holdings = self.tenants.get(&tenant)?;
+        let holdings = self.holdings(tenant)?;
+        let holdings = &*holdings;
         let mut h = lock(holdings);
         let slot = match h.take() {
             Some(slot) => slot,
@@ -456,12 +480,19 @@ impl Extents {
     /// With the global pool empty: takes another tenant's spare for
     /// `thief`, telling the listener first. Called with no lock held.
     fn reclaim_spare(&self, thief: u32) -> Option<u32> {
-        for (&id, holdings) in &self.tenants {
+        let all: Vec<(u32, Arc<Mutex<Holdings>>)> = self
+            .holders
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(&id, h)| (id, h.clone()))
+            .collect();
+        for (id, holdings) in all {
             if id == thief {
                 continue;
             }
             let taken = {
-                let mut h = lock(holdings);
+                let mut h = lock(&holdings);
                 let extent = h.take_spare();
                 if let Some(extent) = extent {
                     self.set_owner(extent, UNOWNED);
@@ -489,12 +520,12 @@ impl Extents {
         // read here stays valid until the slot is given back below.
         match Owner::decode(word.load(Ordering::Acquire)) {
             Owner::Tenant(tenant) => {
-                let Some(holdings) = self.tenants.get(&tenant) else {
+                let Some(holdings) = self.holdings(tenant) else {
                     inconsistent(slot, "extent owned by an unknown tenant");
                     return;
                 };
                 let gave = {
-                    let mut h = lock(holdings);
+                    let mut h = lock(&holdings);
                     let gave = h.give(slot);
                     if let Gave::Emptied(extent) = gave {
                         self.set_owner(extent, UNOWNED);
@@ -560,9 +591,8 @@ impl Extents {
             return;
         };
         let Some(slots) = self
-            .tenants
-            .get(&tenant)
-            .and_then(|h| lock(h).surrender(extent))
+            .holdings(tenant)
+            .and_then(|h| lock(&h).surrender(extent))
         else {
             return;
         };
@@ -583,8 +613,8 @@ impl Extents {
     /// change the owner, and tells the listener only after). `None` when
     /// the tenant does not own it.
     pub fn while_owned<R>(&self, tenant: u32, extent: u32, f: impl FnOnce() -> R) -> Option<R> {
-        let holdings = self.tenants.get(&tenant)?;
-        let _h = lock(holdings);
+        let holdings = self.holdings(tenant)?;
+        let _h = lock(&holdings);
         (self.owner(extent) == Some(tenant)).then(f)
     }
 
@@ -602,9 +632,8 @@ impl Extents {
 
     /// Number of extents `tenant` owns, its spare included.
     pub fn owned_by(&self, tenant: u32) -> u64 {
-        self.tenants
-            .get(&tenant)
-            .map_or(0, |h| lock(h).owned.len() as u64)
+        self.holdings(tenant)
+            .map_or(0, |h| lock(&h).owned.len() as u64)
     }
 
     /// Number of slots in use.
@@ -637,7 +666,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn check(x: &Extents, tenant: u32) {
-        if let Err(e) = lock(&x.tenants[&tenant]).check() {
+        if let Err(e) = lock(&x.holdings(tenant).expect("a known tenant")).check() {
             panic!("tenant {tenant}: {e}");
         }
     }

@@ -10,8 +10,15 @@
 //! page, never a mix and never another page's bytes.
 //!
 //! Every slot a tenant's page lives in belongs to an extent
-//! ([`EXTENT_PAGES`] slots) owned by that tenant alone, so the RDMA
-//! transport can register one memory region per tenant and extent. A
+//! ([`EXTENT_PAGES`] slots) owned by one *holder* of that tenant alone,
+//! so the RDMA transport can register one memory region per holder and
+//! extent. A holder is the tenant itself (its id) or, for a client whose
+//! certificate names an agent, that agent within the tenant
+//! ([`Store::holder`]): an agent's PUTs fill extents of its own, so an
+//! RDMA key handed to one agent never reaches another agent's pages, even
+//! of its tenant. Quotas and the index stay per tenant; a page written by
+//! one holder and replaced by another moves to the writer's extents (a PUT
+//! always fills a fresh slot). A
 //! consequence: a tenant's partly filled extents are not usable by other
 //! tenants, so a PUT gets [`PageStatus::NoSpace`] when the tenant's own
 //! extents are full and no free extent is left (not even another tenant's
@@ -154,12 +161,21 @@ struct Slot {
 
 type Index = DashMap<Key, Slot, foldhash::fast::RandomState>;
 
+/// First id of an agent's holder; a tenant's own holder has its id.
+pub const AGENT_HOLDERS: u32 = 1 << 31;
+/// Most agent holders a server keeps (each holds at least one extent
+/// while it has pages here); past it, agents write to their tenant's.
+pub const MAX_AGENT_HOLDERS: u32 = 1 << 16;
+
 /// The page store shared by every connection.
 #[derive(Debug)]
 pub struct Store {
     pool: Pool,
     index: Index,
     extents: Extents,
+    /// Agents' holders by (tenant id, agent name), and the next id.
+    holders: DashMap<(u32, Box<str>), u32, foldhash::fast::RandomState>,
+    next_holder: std::sync::atomic::AtomicU32,
     tenants: HashMap<u32, Arc<Tenant>>,
     by_name: HashMap<String, Arc<Tenant>>,
     seq: AtomicU64,
@@ -236,6 +252,8 @@ impl Store {
         let (extents, _) = Extents::new(pool.slots(), tenant_map.keys().copied(), Vec::new());
         let mut store = Self {
             extents,
+            holders: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+            next_holder: std::sync::atomic::AtomicU32::new(0),
             pool,
             index: Index::with_hasher(foldhash::fast::RandomState::default()),
             tenants: tenant_map,
@@ -480,10 +498,52 @@ impl Store {
         })
     }
 
-    /// Number of extents `tenant` owns, the one empty extent it may keep
-    /// cached included.
+    /// Number of extents `tenant`'s holders own, the one empty extent each
+    /// may keep cached included.
     pub fn tenant_extents(&self, tenant: &Tenant) -> u64 {
-        self.extents.owned_by(tenant.id)
+        let agents: u64 = self
+            .holders
+            .iter()
+            .filter(|e| e.key().0 == tenant.id)
+            .map(|e| self.extents.owned_by(*e.value()))
+            .sum();
+        self.extents.owned_by(tenant.id) + agents
+    }
+
+    /// The holder whose extents take the pages agent `agent` of `tenant`
+    /// writes (made on first use): its own, so an RDMA key it is handed
+    /// reaches its pages only. Past [`MAX_AGENT_HOLDERS`] the tenant's.
+    pub fn holder(&self, tenant: &Tenant, agent: &str) -> u32 {
+        let key = (tenant.id, Box::<str>::from(agent));
+        if let Some(id) = self.holders.get(&key) {
+            return *id;
+        }
+        match self.holders.entry(key) {
+            dashmap::mapref::entry::Entry::Occupied(e) => *e.get(),
+            dashmap::mapref::entry::Entry::Vacant(e) => {
+                // A tenant id found in an old pool file may lie in the
+                // agents' range: skipped.
+                let id = loop {
+                    let n = self.next_holder.fetch_add(1, Ordering::Relaxed);
+                    if n >= MAX_AGENT_HOLDERS {
+                        self.next_holder.store(MAX_AGENT_HOLDERS, Ordering::Relaxed);
+                        tracing::warn!(tenant = %tenant.name, agent, "too many agent holders: this agent's pages share its tenant's extents");
+                        return tenant.id;
+                    }
+                    if !self.tenants.contains_key(&(AGENT_HOLDERS + n)) {
+                        break AGENT_HOLDERS + n;
+                    }
+                };
+                self.extents.add_holder(id);
+                e.insert(id);
+                id
+            }
+        }
+    }
+
+    /// Number of agent holders.
+    pub fn agent_holders(&self) -> usize {
+        self.holders.len()
     }
 
     /// Address and length of `extent`'s page data in the mapping, to
@@ -548,6 +608,19 @@ impl Store {
     /// Stores one page. The page is visible to GETs once this returns
     /// [`PageStatus::Ok`]; until then any earlier version stays visible.
     pub fn put(&self, tenant: &Tenant, handle: u64, crc: u32, data: &Page) -> PageStatus {
+        self.put_held(tenant, tenant.id, handle, crc, data)
+    }
+
+    /// [`Store::put`] into the extents of `holder` (one of `tenant`'s,
+    /// see [`Store::holder`]).
+    pub fn put_held(
+        &self,
+        tenant: &Tenant,
+        holder: u32,
+        handle: u64,
+        crc: u32,
+        data: &Page,
+    ) -> PageStatus {
         if page_crc(data) != crc {
             return PageStatus::BadChecksum;
         }
@@ -561,7 +634,7 @@ impl Store {
         if !reserved && !self.index.contains_key(&key) {
             return PageStatus::QuotaExceeded;
         }
-        let Some(slot) = self.extents.alloc(tenant.id) else {
+        let Some(slot) = self.extents.alloc(holder) else {
             if reserved {
                 tenant.release();
             }

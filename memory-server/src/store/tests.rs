@@ -891,3 +891,39 @@ fn freed_and_replaced_slots_are_poisoned() {
     assert!(slot_bytes(second.slot).iter().all(|&b| b == pool::POISON));
     assert_eq!(get(&s, &x, 1), Err(PageStatus::NotFound));
 }
+
+/// Agents of one tenant fill extents of their own (an RDMA key of one then
+/// never reaches another's pages); quotas and the index stay the tenant's.
+#[test]
+fn each_agent_of_a_tenant_fills_extents_of_its_own() {
+    let s = anon_with(4 * EXTENT_PAGES, &xyz());
+    let x = tenant(&s, "x");
+    let (a, b) = (s.holder(&x, "node-1/kmod"), s.holder(&x, "node-2/kmod"));
+    assert!(a >= AGENT_HOLDERS && b >= AGENT_HOLDERS && a != b);
+    assert_eq!(s.holder(&x, "node-1/kmod"), a, "a holder is stable");
+    let put_as = |holder: u32, h: u64, tag: u64| {
+        let p = page_of(tag);
+        s.put_held(&x, holder, h, page_crc(&p), &p)
+    };
+    assert_eq!(put_as(a, 1, 1), PageStatus::Ok);
+    assert_eq!(put_as(b, 2, 2), PageStatus::Ok);
+    assert_eq!(put(&s, &x, 3, &page_of(3)), PageStatus::Ok);
+    let extent = |h| s.locate(&x, h).unwrap().extent;
+    assert_eq!(s.extent_owner(extent(1)), Some(a));
+    assert_eq!(s.extent_owner(extent(2)), Some(b));
+    assert_eq!(s.extent_owner(extent(3)), Some(x.id));
+    assert_eq!(s.tenant_extents(&x), 3);
+    assert_eq!(x.used(), 3, "one tenant's pages, whoever wrote them");
+    // B rewriting A's page moves it into B's extents; every reader of the
+    // tenant still gets it.
+    assert_eq!(put_as(b, 1, 11), PageStatus::Ok);
+    assert_eq!(s.extent_owner(extent(1)), Some(b));
+    assert_eq!(get(&s, &x, 1), Ok(page_of(11)));
+    // A's extent, emptied, is its spare; a fourth holder takes the last
+    // free extent and a fifth finds none.
+    let c = s.holder(&x, "node-3/kmod");
+    assert_eq!(put_as(c, 4, 4), PageStatus::Ok);
+    let d = s.holder(&x, "node-4/kmod");
+    assert_eq!(put_as(d, 5, 5), PageStatus::Ok, "takes A's spare");
+    assert_eq!(s.agent_holders(), 4);
+}

@@ -7,15 +7,20 @@
 //! staging buffer, then commit them with PUT_STAGED over TCP, where the
 //! page's checksum is checked and the page stored like a TCP PUT.
 //!
-//! Isolation: one protection domain per tenant; a tenant's queue pairs are
-//! in its domain, and the pool is registered per tenant **extent** (the
-//! store gives each tenant extents of its own), so an rkey of one tenant
-//! reaches only that tenant's pages, and a queue pair of another tenant
-//! cannot use it at all. An extent's region is deregistered before the
-//! extent can change hands ([`ExtentListener`]).
+//! Isolation: one protection domain per **holder** (a tenant, or an agent
+//! within its tenant: `Store::holder`); a connection's queue pair is in
+//! its holder's domain, and the pool is registered per holder **extent**
+//! (the store gives each holder extents of its own, and an agent's PUTs
+//! fill its own), so an rkey handed to one agent reaches only that agent's
+//! pages, and a queue pair of another agent or tenant cannot use it at
+//! all. LOCATE answers address 0 (the client's cue to read over TCP, where
+//! capabilities are checked) for a page in another holder's extent: its
+//! tenant's pages from before a restart, or another agent's. An extent's
+//! region is deregistered before the extent can change hands
+//! ([`ExtentListener`]).
 //!
 //! Lock order: a region is registered inside [`Store::while_owned`] (the
-//! tenant's extent lock), then the `regions` shard lock is taken to
+//! holder's extent lock), then the `regions` shard lock is taken to
 //! publish it; the store calls the listener, which takes the shard lock,
 //! with the extent lock held or after it — never the other way round.
 
@@ -54,7 +59,9 @@ pub enum RdmaError {
 pub struct RdmaServer {
     // Field order is drop order: regions before the pool they cover (the
     // store) and before their domains and device.
+    /// By (holder, extent).
     regions: DashMap<(u32, u32), Mr>,
+    /// By holder.
     pds: DashMap<u32, Arc<Pd>>,
     ctx: OnceLock<Arc<Context>>,
     store: Arc<Store>,
@@ -101,19 +108,19 @@ impl RdmaServer {
         Ok(self.ctx.get_or_init(|| Arc::new(ctx)))
     }
 
-    fn pd(&self, ctx: &Arc<Context>, tenant: u32) -> Result<Arc<Pd>, RdmaError> {
-        if let Some(pd) = self.pds.get(&tenant) {
+    fn pd(&self, ctx: &Arc<Context>, holder: u32) -> Result<Arc<Pd>, RdmaError> {
+        if let Some(pd) = self.pds.get(&holder) {
             return Ok(pd.clone());
         }
         let pd = Pd::new(ctx.clone()).map_err(RdmaError::QueuePair)?;
-        Ok(self.pds.entry(tenant).or_insert(pd).clone())
+        Ok(self.pds.entry(holder).or_insert(pd).clone())
     }
 
-    /// Sets up a queue pair for `tenant`, reached at `local_ip`, connected
-    /// to the client's `peer` endpoint.
+    /// Sets up a queue pair for `holder` (one of its tenant's), reached at
+    /// `local_ip`, connected to the client's `peer` endpoint.
     pub fn accept(
         &self,
-        tenant: &Tenant,
+        holder: u32,
         local_ip: IpAddr,
         peer: &RdmaEndpoint,
     ) -> Result<(RdmaSession, RdmaAccept), RdmaError> {
@@ -128,7 +135,7 @@ impl RdmaServer {
                 ip: local_ip,
             });
         }
-        let pd = self.pd(&ctx, tenant.id)?;
+        let pd = self.pd(&ctx, holder)?;
         let staging = Buffer::new(&pd, STAGING_PAGES as usize * PAGE_SIZE, Access::RemoteWrite)
             .map_err(RdmaError::QueuePair)?;
         let mut qp = Qp::new(
@@ -151,15 +158,16 @@ impl RdmaServer {
         Ok((RdmaSession { _qp: qp, staging }, accept))
     }
 
-    /// Where `handle` of `tenant` is, registering its extent for the
-    /// tenant if it is not yet. A page that cannot be reached over RDMA
-    /// (no region could be registered) is `ok` with address 0: the client
-    /// then fetches it over TCP.
-    pub fn locate(&self, tenant: &Tenant, handle: u64) -> Location {
+    /// Where `handle` of `tenant` is, for a connection of `holder`,
+    /// registering its extent for the holder if it is not yet. A page that
+    /// cannot be reached over RDMA (in another holder's extent, or no
+    /// region could be registered) is `ok` with address 0: the client then
+    /// fetches it over TCP.
+    pub fn locate(&self, tenant: &Tenant, holder: u32, handle: u64) -> Location {
         let Some(found) = self.store.locate(tenant, handle) else {
             return Location::missing(PageStatus::NotFound);
         };
-        match self.rkey(tenant.id, found.extent) {
+        match self.rkey(holder, found.extent) {
             Some(rkey) => Location {
                 status: PageStatus::Ok,
                 crc: found.crc,
@@ -175,18 +183,18 @@ impl RdmaServer {
         }
     }
 
-    /// The rkey of `extent`'s region in `tenant`'s domain, registered on
-    /// first use. The key is read under the map's shard lock, which the
-    /// release of the extent must take to drop the region: a key handed
-    /// out belongs to a region that was registered while the tenant owned
-    /// the extent.
-    fn rkey(&self, tenant: u32, extent: u32) -> Option<u32> {
-        if let Some(mr) = self.regions.get(&(tenant, extent)) {
+    /// The rkey of `extent`'s region in `holder`'s domain, registered on
+    /// first use; `None` when the holder does not own the extent. The key
+    /// is read under the map's shard lock, which the release of the extent
+    /// must take to drop the region: a key handed out belongs to a region
+    /// that was registered while the holder owned the extent.
+    fn rkey(&self, holder: u32, extent: u32) -> Option<u32> {
+        if let Some(mr) = self.regions.get(&(holder, extent)) {
             return Some(mr.rkey());
         }
         let ctx = self.ctx.get()?;
-        let pd = self.pd(ctx, tenant).ok()?;
-        // Registered while the store guarantees the tenant owns the extent
+        let pd = self.pd(ctx, holder).ok()?;
+        // Registered while the store guarantees the holder owns the extent
         // (its release waits), and published before that guarantee ends,
         // so the release that follows finds and drops it.
         // An anonymous pool is registered writable (locally) so the kernel
@@ -197,7 +205,7 @@ impl RdmaServer {
         } else {
             Access::RemoteReadPinned
         };
-        let registered = self.store.while_owned(tenant, extent, |ptr, len| {
+        let registered = self.store.while_owned(holder, extent, |ptr, len| {
             let register = || {
                 // SAFETY: the pool mapping lives as long as the store, which
                 // this server holds, and is never remapped; the region is
@@ -205,9 +213,9 @@ impl RdmaServer {
                 unsafe { Mr::register(&pd, ptr, len, access) }
             };
             match off_worker(register) {
-                Ok(mr) => Some(self.regions.entry((tenant, extent)).or_insert(mr).rkey()),
+                Ok(mr) => Some(self.regions.entry((holder, extent)).or_insert(mr).rkey()),
                 Err(e) => {
-                    tracing::error!(tenant, extent, error = %e, "cannot register pool memory for RDMA; pages go over TCP");
+                    tracing::error!(holder, extent, error = %e, "cannot register pool memory for RDMA; pages go over TCP");
                     None
                 }
             }
@@ -215,8 +223,8 @@ impl RdmaServer {
         registered.flatten()
     }
 
-    fn released(&self, tenant: u32, extent: u32) {
-        self.regions.remove(&(tenant, extent));
+    fn released(&self, holder: u32, extent: u32) {
+        self.regions.remove(&(holder, extent));
     }
 
     /// Number of registered pool regions (for stats).
@@ -260,7 +268,7 @@ impl RdmaSession {
     }
 }
 
-/// Deregisters a tenant's region when the store takes its extent back.
+/// Deregisters a holder's region when the store takes its extent back.
 #[derive(Debug)]
 struct Listener(std::sync::Weak<RdmaServer>);
 

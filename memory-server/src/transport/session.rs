@@ -92,6 +92,10 @@ pub struct Session {
     local_ip: Option<IpAddr>,
     /// Whom the client's certificate names (with TLS).
     identity: Option<Identity>,
+    /// Whose extents this connection's PUTs fill and whose RDMA domain
+    /// its queue pair is in: an agent's own (its certificate names it), or
+    /// its tenant's (set at HELLO).
+    holder: u32,
     /// The capabilities presented, when the server requires them of this
     /// client (set at HELLO).
     held: Option<Held>,
@@ -149,6 +153,7 @@ impl Session {
             statuses: Vec::new(),
             local_ip: None,
             identity: None,
+            holder: 0,
             held: None,
             #[cfg(feature = "rdma")]
             rdma: None,
@@ -232,6 +237,7 @@ impl Session {
             };
         };
         let started = Instant::now();
+        let holder = self.holder;
         let store = &self.shared.store;
         let metrics = &self.shared.metrics;
         match request {
@@ -247,7 +253,7 @@ impl Session {
                 self.statuses.clear();
                 self.statuses.extend(batch.iter().map(|e| {
                     if allowed(e.handle) {
-                        store.put(&tenant, e.handle, e.crc, e.data)
+                        store.put_held(&tenant, holder, e.handle, e.crc, e.data)
                     } else {
                         PageStatus::Denied
                     }
@@ -312,13 +318,13 @@ impl Session {
             Request::PutStaged(puts) => {
                 let allowed = allowed_by(&self.held);
                 let rdma = self.rdma_session(id)?;
-                let errors = rdma.put_staged(store, &tenant, &puts, &allowed, id, out)?;
+                let errors = rdma.put_staged(store, &tenant, holder, &puts, &allowed, id, out)?;
                 metrics.record(Op::Put, puts.len() as u64, errors, started);
             }
             Request::Locate(handles) => {
                 let allowed = allowed_by(&self.held);
                 let rdma = self.rdma_session(id)?;
-                let errors = rdma.locate(&tenant, &handles, &allowed, id, out);
+                let errors = rdma.locate(&tenant, holder, &handles, &allowed, id, out);
                 metrics.record(Op::Locate, handles.len() as u64, errors, started);
             }
             Request::Caps(tokens) => self.present(&tenant, &tokens, id, out),
@@ -402,7 +408,7 @@ impl Session {
                 "RDMA needs a TCP connection",
             ));
         };
-        match server.accept(tenant, ip, peer) {
+        match server.accept(self.holder, ip, peer) {
             Ok((session, accept)) => {
                 tracing::debug!(tenant = %tenant.name, peer_qpn = peer.qpn, qpn = accept.endpoint.qpn, "RDMA queue pair connected");
                 self.rdma = Some(session);
@@ -471,6 +477,10 @@ impl Session {
             Some(t) if by_certificate || t.authenticate(hello.credential) => {
                 tracing::debug!(tenant = %t.name, node_id = hello.node_id, "client authenticated");
                 self.tenant = Some(t.clone());
+                self.holder = match &self.identity {
+                    Some(i) if i.role == Role::Agent => self.shared.store.holder(t, &i.name),
+                    _ => t.id,
+                };
                 // Admins may use any handle; agents only what their
                 // capabilities name.
                 let admin = self
@@ -546,10 +556,12 @@ impl RdmaRequests<'_> {
     /// Stores the staged pages (each checked against its checksum, like a
     /// TCP PUT) and answers with where they now are. Returns the number of
     /// pages not stored.
+    #[allow(clippy::too_many_arguments)]
     fn put_staged(
         &self,
         store: &Store,
         tenant: &Tenant,
+        holder: u32,
         puts: &wire::StagedPuts<'_>,
         allowed: &dyn Fn(u64) -> bool,
         id: u64,
@@ -572,12 +584,12 @@ impl RdmaRequests<'_> {
             // stored, not for bytes that change under the check.
             let status = if allowed(put.handle) {
                 self.session.copy_staged(put.index, &mut page);
-                store.put(tenant, put.handle, put.crc, &page)
+                store.put_held(tenant, holder, put.handle, put.crc, &page)
             } else {
                 PageStatus::Denied
             };
             locations.push(if status == PageStatus::Ok {
-                self.server.locate(tenant, put.handle)
+                self.server.locate(tenant, holder, put.handle)
             } else {
                 errors += 1;
                 wire::Location::missing(status)
@@ -591,6 +603,7 @@ impl RdmaRequests<'_> {
     fn locate(
         &self,
         tenant: &Tenant,
+        holder: u32,
         handles: &wire::Handles<'_>,
         allowed: &dyn Fn(u64) -> bool,
         id: u64,
@@ -599,7 +612,7 @@ impl RdmaRequests<'_> {
         let mut errors = 0;
         let locations = handles.iter().map(|h| {
             let l = if allowed(h) {
-                self.server.locate(tenant, h)
+                self.server.locate(tenant, holder, h)
             } else {
                 wire::Location::missing(PageStatus::Denied)
             };
@@ -619,6 +632,7 @@ impl RdmaRequests<'_> {
         &self,
         _: &Store,
         _: &Tenant,
+        _: u32,
         _: &wire::StagedPuts<'_>,
         _: &dyn Fn(u64) -> bool,
         _: u64,
@@ -630,6 +644,7 @@ impl RdmaRequests<'_> {
     fn locate(
         &self,
         _: &Tenant,
+        _: u32,
         _: &wire::Handles<'_>,
         _: &dyn Fn(u64) -> bool,
         _: u64,
@@ -792,6 +807,58 @@ mod tests {
         ONCE.call_once(|| {
             run(&mut session(), &hello(), &mut Vec::new()).unwrap();
         });
+    }
+
+    /// Sessions of two agents of one tenant (their certificates name
+    /// them) and one without a certificate, on one store.
+    #[test]
+    fn an_agents_puts_fill_extents_of_its_own() {
+        let store = Arc::new(
+            Store::open(
+                &StoreOptions {
+                    capacity_pages: 3 * crate::store::EXTENT_PAGES,
+                    backing: Backing::Anonymous,
+                    sync_writes: false,
+                    prefault: false,
+                },
+                &[TenantSpec {
+                    id: 0,
+                    name: "default".into(),
+                    token: None,
+                    quota_pages: None,
+                }],
+            )
+            .unwrap(),
+        );
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            metrics: Arc::new(Metrics::default()),
+            limits: Limits::for_batch(256),
+            capabilities: None,
+            #[cfg(feature = "rdma")]
+            rdma: None,
+        });
+        let tenant = store.tenant("default").unwrap().clone();
+        let connect = |agent: Option<&str>| {
+            let mut s = Session::new(shared.clone());
+            if let Some(name) = agent {
+                s.set_identity(Identity {
+                    role: Role::Agent,
+                    name: name.into(),
+                });
+            }
+            run(&mut s, &hello(), &mut Vec::new()).unwrap();
+            s
+        };
+        for (agent, handle) in [(Some("one"), 1), (Some("two"), 2), (None, 3)] {
+            let mut s = connect(agent);
+            let mut out = Vec::new();
+            run(&mut s, &put(9, &[handle]), &mut out).unwrap();
+            let extent = store.locate(&tenant, handle).unwrap().extent;
+            let holder = agent.map_or(tenant.id, |a| store.holder(&tenant, a));
+            assert_eq!(store.extent_owner(extent), Some(holder), "{agent:?}");
+        }
+        assert_eq!(store.agent_holders(), 2);
     }
 
     fn put(id: u64, handles: &[u64]) -> Vec<u8> {

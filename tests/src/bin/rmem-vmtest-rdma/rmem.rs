@@ -25,6 +25,8 @@ use super::Node;
 
 /// Data-plane port of both servers.
 const PORT: u16 = 7480;
+/// The data port of guest 1's mutual-TLS server (gRPC the next).
+const TLS_PORT: u16 = 7490;
 /// Server A's tenants.
 const TENANTS: &str = r#"
 capacity = "64MiB"
@@ -59,8 +61,17 @@ fn err(e: ClientError) -> String {
 
 /// Starts `rmem-server` as `name` on `node` and waits for its data port.
 fn start_server(node: &Node, name: &str, args: &[&str]) -> Result<(), String> {
-    let listen = format!("{}:{PORT}", node.ip);
-    let grpc = format!("{}:{}", node.ip, PORT + 1);
+    // The guests' private segment is the test's own.
+    let mut all = vec!["--insecure"];
+    all.extend_from_slice(args);
+    start_server_at(node, name, PORT, &all)
+}
+
+/// Starts `rmem-server` as `name` on `node`, its data port `port` (gRPC
+/// the next), and waits for the data port.
+fn start_server_at(node: &Node, name: &str, port: u16, args: &[&str]) -> Result<(), String> {
+    let listen = format!("{}:{port}", node.ip);
+    let grpc = format!("{}:{}", node.ip, port + 1);
     let mut argv = vec![
         "rmem-server",
         "--rdma",
@@ -68,13 +79,11 @@ fn start_server(node: &Node, name: &str, args: &[&str]) -> Result<(), String> {
         &listen,
         "--grpc",
         &grpc,
-        // The guests' private segment is the test's own.
-        "--insecure",
     ];
     argv.extend_from_slice(args);
     node.start(name, &argv, &[("RUST_LOG", "info")])?;
     let up = wait_until(Duration::from_secs(120), || {
-        node.tcp_listening(PORT).unwrap_or(false)
+        node.tcp_listening(port).unwrap_or(false)
             || !node.status(name).map(|s| s.running).unwrap_or(false)
     });
     let status = node.status(name)?;
@@ -309,6 +318,100 @@ pub fn cases(suite: &mut Suite, nodes: &[Node], reference: Reference) {
             let mut b = RdmaConnection::connect(&bob).map_err(err)?;
             get_one(&mut b, 1000, 9)?;
             get_one(&mut a, 1000, 7)
+        },
+    );
+
+    suite.case(
+        "two agents of one tenant (mTLS): the NIC refuses one's rkey and address to the other; each reads the other's pages over TCP",
+        || {
+            let ip = &n1.ip;
+            let pki = "/tmp/pki-agents";
+            n1.exec_ok(
+                &[
+                    "sh",
+                    "-c",
+                    &format!(
+                        "rmemctl pki init --dir {pki} >/dev/null && \
+                         rmemctl pki issue --dir {pki} --role server --name tls-a --host {ip} >/dev/null && \
+                         rmemctl pki issue --dir {pki} --role agent --name one --host {ip} >/dev/null && \
+                         rmemctl pki issue --dir {pki} --role agent --name two --host {ip} >/dev/null"
+                    ),
+                ],
+                Duration::from_secs(60),
+            )?;
+            std::fs::create_dir_all(pki).map_err(|e| e.to_string())?;
+            for f in ["ca.pem", "agent-one.pem", "agent-one.key", "agent-two.pem", "agent-two.key"] {
+                let text = n1.exec_ok(&["cat", &format!("{pki}/{f}")], Duration::from_secs(10))?;
+                std::fs::write(format!("{pki}/{f}"), text).map_err(|e| e.to_string())?;
+            }
+            let (ca, cert, key) = (
+                format!("{pki}/ca.pem"),
+                format!("{pki}/server-tls-a.pem"),
+                format!("{pki}/server-tls-a.key"),
+            );
+            start_server_at(
+                n1,
+                "server-tls",
+                TLS_PORT,
+                &[
+                    "--config",
+                    "/tmp/server-a.toml",
+                    "--tls-ca",
+                    &ca,
+                    "--tls-cert",
+                    &cert,
+                    "--tls-key",
+                    &key,
+                ],
+            )?;
+            let agent = |name: &str| -> Result<ClientConfig, String> {
+                let pem = rmem_common::tls::TlsFiles {
+                    ca_file: format!("{pki}/ca.pem").into(),
+                    cert_file: format!("{pki}/agent-{name}.pem").into(),
+                    key_file: format!("{pki}/agent-{name}.key").into(),
+                    crl_file: None,
+                }
+                .read()
+                .map_err(|e| e.to_string())?;
+                let tls = pem.data_client().map_err(|e| e.to_string())?;
+                Ok(rdma_config(&format!("{ip}:{TLS_PORT}"), "alice", "alice-secret").with_tls(tls, None))
+            };
+            let (one, two) = (agent("one")?, agent("two")?);
+            let mut a = RdmaConnection::connect(&one).map_err(err)?;
+            put_all(&mut a, 7000..7001, 3)?;
+            let loc = a.locate(7000).map_err(err)?;
+            ensure(
+                loc.status == PageStatus::Ok && loc.addr != 0,
+                format!("agent one's page has no RDMA location: {loc:?}"),
+            )?;
+            let page = a.read_raw(loc.addr, loc.rkey).map_err(err)?;
+            ensure(page == pattern(7000, 3), "agent one cannot read its own page")?;
+            let mut b = RdmaConnection::connect(&two).map_err(err)?;
+            put_all(&mut b, 7001..7002, 4)?;
+            let bloc = b.locate(7001).map_err(err)?;
+            ensure(
+                bloc.addr != 0 && bloc.rkey != loc.rkey,
+                format!("agent two's page shares agent one's region: {bloc:?} {loc:?}"),
+            )?;
+            // The tenant's page, but in another agent's extent: no address.
+            let cross = b.locate(7000).map_err(err)?;
+            ensure(
+                cross.status == PageStatus::Ok && cross.addr == 0 && cross.rkey == 0,
+                format!("agent two was given agent one's page for RDMA: {cross:?}"),
+            )?;
+            for (what, rkey) in [("agent one's rkey", loc.rkey), ("its own rkey", bloc.rkey)] {
+                let mut b = RdmaConnection::connect(&two).map_err(err)?;
+                match b.read_raw(loc.addr, rkey) {
+                    Err(ClientError::Rdma { source, .. }) if source.is_remote_access() => {}
+                    Err(e) => return Err(format!("agent two READ with {what}: unexpected {}", err(e))),
+                    Ok(_) => return Err(format!("agent two READ agent one's page with {what}")),
+                }
+            }
+            // Each still reads the tenant's other pages (over TCP).
+            let mut b = RdmaConnection::connect(&two).map_err(err)?;
+            get_one(&mut b, 7000, 3)?;
+            get_one(&mut a, 7001, 4)?;
+            n1.stop("server-tls", Duration::from_secs(10)).map(|_| ())
         },
     );
 
