@@ -30,13 +30,15 @@ const SERVERS: usize = 5;
 /// one has half as many.
 const PAGES: usize = 2048;
 /// The coordinator's flags. Leases of 2 s (a TCG guest is slow to
-/// heartbeat), a server gone 6 s after its lease ran out, and stripes of
-/// two data pages and one parity page as the cluster's default.
+/// heartbeat), a server gone 15 s after its lease ran out (the stopped and
+/// the cut server must not be declared gone while the program reads around
+/// them, which takes TCG several seconds), and stripes of two data pages
+/// and one parity page as the cluster's default.
 const COORDINATOR: [&str; 6] = [
     "--lease",
     "2s",
     "--server-gone-after",
-    "6s",
+    "15s",
     "--redundancy",
     "ec=2+1",
 ];
