@@ -1136,8 +1136,9 @@ fn a_coordinator_that_lost_its_state_never_makes_a_server_free_pages() {
     }
     assert!(
         mem.daemon
-            .find_log(
-                "the coordinator does not know the pages stored here: freeing none on its word"
+            .wait_for_log(
+                "the coordinator does not know the pages stored here: freeing none on its word",
+                Duration::from_secs(10)
             )
             .is_some(),
         "the server did not say why it keeps its pages:\n{}",
@@ -1356,7 +1357,10 @@ fn a_server_stalled_past_its_lease_costs_a_wait_not_the_program() {
     );
     assert!(
         mem.daemon
-            .find_log("membership lost: dropping mirrors and registering again")
+            .wait_for_log(
+                "membership lost: dropping mirrors and registering again",
+                Duration::from_secs(10)
+            )
             .is_some(),
         "the stall did not outlast the lease:\n{}",
         mem.daemon.log_text()
@@ -1739,9 +1743,14 @@ fn an_agent_reaches_only_the_handles_its_capabilities_name() {
         [PageStatus::Denied]
     );
     assert_eq!(thief.free(&[a_base + 1]).unwrap(), [PageStatus::Denied]);
-    let log = server.daemon.log_text();
-    assert!(log.contains("not_yours"), "{log}");
-    assert!(log.contains("bad_signature"), "{log}");
+    // The server's log lines reach this process asynchronously.
+    let logged = |what: &str| {
+        wait_until(Duration::from_secs(10), || {
+            server.daemon.log_text().contains(what)
+        })
+    };
+    assert!(logged("not_yours"), "{}", server.daemon.log_text());
+    assert!(logged("bad_signature"), "{}", server.daemon.log_text());
     // With no capability at all: nothing either.
     let mut bare = connect("agent-node-2", &[]);
     assert_eq!(
