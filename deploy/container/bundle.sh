@@ -10,8 +10,9 @@
 #   OUT/root/etc/             passwd and group with root and rmem (65532)
 #   OUT/root/tmp/             world-writable, sticky
 #   OUT/state/                becomes /var/lib/rmem, owned by rmem: empty but
-#                             for pki/, where a volume of member certificates
-#                             mounts (a new volume takes its owner)
+#                             for pki/ and etcd-pki/, where volumes of member
+#                             certificates and of etcd's own CA mount (a new
+#                             volume takes its owner)
 #
 # When a binary links libibverbs (the rdma features), also what libibverbs
 # loads at run time, which ldd does not show:
@@ -26,7 +27,7 @@
 set -eu
 out=$1
 shift
-mkdir -p "$out/root/usr/local/bin" "$out/root/etc/rmem" "$out/root/tmp" "$out/state/pki"
+mkdir -p "$out/root/usr/local/bin" "$out/root/etc/rmem" "$out/root/tmp" "$out/state/pki" "$out/state/etcd-pki"
 chmod 1777 "$out/root/tmp"
 
 # Copies every library FILE links to its path under OUT/root.

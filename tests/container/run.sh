@@ -203,6 +203,37 @@ else
   bad "etcd, three coordinator replicas and three servers report healthy" "$(dc ps 2>&1 | tail -9)"
 fi
 
+# etcd is on mutual TLS with a CA of its own: the coordinators reach it
+# (above: healthy, state in etcd), while plaintext, a client with no
+# certificate and a client with an rmem member's certificate (the rmem CA's,
+# which etcd does not trust) are refused.
+etcdctl_as() { # ARGS...: etcdctl in the etcd container, at its TLS port
+  dc exec -T etcd /usr/local/bin/etcdctl --dial-timeout=3s --command-timeout=3s "$@" endpoint health 2>&1
+}
+plain_out=$(etcdctl_as --endpoints=http://127.0.0.1:2379)
+bare_out=$(etcdctl_as --endpoints=https://127.0.0.1:2379 --cacert=/var/lib/rmem/etcd-pki/ca.pem)
+# The rmem CA's server-1 certificate (from the pki volume), copied into
+# the etcd container, owned by etcd's user.
+pki_dir=$(docker volume inspect -f '{{.Mountpoint}}' "${project}_pki")
+mkdir -p "$work/member"
+cp "$pki_dir/server-server-1.pem" "$pki_dir/server-server-1.key" "$work/member/"
+chown 65532:65532 "$work/member/"*
+docker cp -a "$work/member/." "$(dc ps -q etcd):/var/lib/etcd/"
+member_out=$(etcdctl_as --endpoints=https://127.0.0.1:2379 --cacert=/var/lib/rmem/etcd-pki/ca.pem \
+  --cert=/var/lib/etcd/server-server-1.pem --key=/var/lib/etcd/server-server-1.key)
+# A refusal for the right reason: the file was read, the handshake failed.
+grep -qi 'no such file' <<<"$member_out" && member_out="the member's certificate did not reach etcd"
+good_out=$(etcdctl_as --endpoints=https://127.0.0.1:2379 --cacert=/var/lib/rmem/etcd-pki/ca.pem \
+  --cert=/var/lib/rmem/etcd-pki/admin-etcd-health.pem --key=/var/lib/rmem/etcd-pki/admin-etcd-health.key)
+if ! grep -q 'is healthy' <<<"$plain_out" && ! grep -q 'is healthy' <<<"$bare_out" &&
+  grep -qi 'unhealthy\|certificate\|tls\|deadline' <<<"$member_out" && ! grep -q 'is healthy' <<<"$member_out" &&
+  grep -q 'is healthy' <<<"$good_out"; then
+  ok "etcd refuses plaintext, no certificate and an rmem member's certificate; its own CA's opens it"
+else
+  bad "etcd on mutual TLS with its own CA" \
+    "plain: $(tail -1 <<<"$plain_out"); bare: $(tail -1 <<<"$bare_out"); member: $(tail -1 <<<"$member_out"); own: $(tail -1 <<<"$good_out")"
+fi
+
 replicas_seen() { [ "$(status_field replicas | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null)" = 3 ]; }
 if wait_for 30 "three replicas in rmemctl status" replicas_seen && [ "$(status_field state_backend)" = etcd ]; then
   ok "the coordinators keep their state in etcd, three replicas, $(status_field leader) leads"
