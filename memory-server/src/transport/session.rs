@@ -628,6 +628,7 @@ impl RdmaRequests<'_> {
 
 #[cfg(not(feature = "rdma"))]
 impl RdmaRequests<'_> {
+    #[allow(clippy::too_many_arguments)]
     fn put_staged(
         &self,
         _: &Store,
