@@ -752,9 +752,15 @@ mod tests {
     }
 
     fn session_with(capabilities: Option<Verifier>) -> Session {
+        Session::new(shared(64, capabilities))
+    }
+
+    /// What the sessions of one server share: a store of `pages` pages
+    /// with the `default` tenant.
+    fn shared(pages: u32, capabilities: Option<Verifier>) -> Arc<Shared> {
         let store = Store::open(
             &StoreOptions {
-                capacity_pages: 64,
+                capacity_pages: pages,
                 backing: Backing::Anonymous,
                 sync_writes: false,
                 prefault: false,
@@ -767,14 +773,14 @@ mod tests {
             }],
         )
         .unwrap();
-        Session::new(Arc::new(Shared {
+        Arc::new(Shared {
             store: Arc::new(store),
             metrics: Arc::new(Metrics::default()),
             limits: Limits::for_batch(256),
             capabilities: capabilities.map(|v| Arc::new(std::sync::RwLock::new(v))),
             #[cfg(feature = "rdma")]
             rdma: None,
-        }))
+        })
     }
 
     /// Executes the one frame in `frame`.
@@ -814,31 +820,8 @@ mod tests {
     /// them) and one without a certificate, on one store.
     #[test]
     fn an_agents_puts_fill_extents_of_its_own() {
-        let store = Arc::new(
-            Store::open(
-                &StoreOptions {
-                    capacity_pages: 3 * crate::store::EXTENT_PAGES,
-                    backing: Backing::Anonymous,
-                    sync_writes: false,
-                    prefault: false,
-                },
-                &[TenantSpec {
-                    id: 0,
-                    name: "default".into(),
-                    token: None,
-                    quota_pages: None,
-                }],
-            )
-            .unwrap(),
-        );
-        let shared = Arc::new(Shared {
-            store: store.clone(),
-            metrics: Arc::new(Metrics::default()),
-            limits: Limits::for_batch(256),
-            capabilities: None,
-            #[cfg(feature = "rdma")]
-            rdma: None,
-        });
+        let shared = shared(3 * crate::store::EXTENT_PAGES, None);
+        let store = shared.store.clone();
         let tenant = store.tenant("default").unwrap().clone();
         let connect = |agent: Option<&str>| {
             let mut s = Session::new(shared.clone());
