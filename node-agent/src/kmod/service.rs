@@ -635,7 +635,12 @@ impl Fetcher {
             };
             let failed = self.fetch_from(dev, homes, remotes, server, &events, stats, until);
             if !failed.is_empty() {
-                homes.suspect(server);
+                let why = format!(
+                    "{} of {} pages could not be read",
+                    failed.len(),
+                    events.len()
+                );
+                homes.suspect(server, &why);
             }
             // Another copy or the page's stripe, or the run moved meanwhile
             // (its server was drained): the book is asked again.
@@ -744,7 +749,7 @@ impl Fetcher {
             // A server returning damaged pages (their checksum failed
             // there, or their seal here) is read and placed around.
             if got.is_ok() && self.statuses.contains(&PageStatus::Corrupt) {
-                homes.suspect(server);
+                homes.suspect(server, &"it returned damaged pages");
             }
             for (i, e) in batch.iter().enumerate() {
                 if got.is_ok() && self.statuses.get(i) == Some(&PageStatus::Ok) {

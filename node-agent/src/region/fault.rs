@@ -370,7 +370,7 @@ fn fetch(
     };
     if let Err((e, retryable)) = result {
         if inner.homes.copies() > 1 && retryable {
-            inner.homes.suspect(server);
+            inner.homes.suspect(server, &e);
         }
         // The prefetched pages wait for their own faults; the faulting
         // page is read from another copy.
@@ -403,7 +403,7 @@ fn fetch(
     // A server returning damaged pages (their checksum failed there, or
     // their seal here) is read and placed around for a while.
     if scratch.statuses.contains(&PageStatus::Corrupt) {
-        inner.homes.suspect(server);
+        inner.homes.suspect(server, &"it returned damaged pages");
     }
     for (k, (&p, status)) in scratch.pages.iter().zip(&scratch.statuses).enumerate() {
         let prior = if k == 0 { before } else { states.get(p) };

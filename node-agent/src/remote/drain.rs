@@ -526,7 +526,7 @@ impl Homes {
                 Err(e) => {
                     tracing::debug!(source, error = %e, "cannot read a run to move; trying another copy");
                     if matches!(&e, MoveError::Server(c) if c.is_retryable()) {
-                        self.suspect(source);
+                        self.suspect(source, &e);
                     }
                     last_error = Some(e);
                 }
@@ -571,7 +571,7 @@ impl Homes {
             Err(e) => {
                 tracing::debug!(server = from, error = %e, "cannot read a stripe slot to move; rebuilding it");
                 if matches!(&e, MoveError::Server(c) if c.is_retryable()) {
-                    self.suspect(from);
+                    self.suspect(from, &e);
                 }
                 Vec::new()
             }
@@ -635,7 +635,7 @@ impl Homes {
                 }
                 Err(e) => {
                     if matches!(&e, MoveError::Server(c) if c.is_retryable()) {
-                        self.suspect(server);
+                        self.suspect(server, &e);
                     }
                     last_error = Some(e);
                 }

@@ -748,14 +748,14 @@ impl Homes {
 
     /// Nothing new goes to `server` for a while, and faults read its copies
     /// last: a request to it failed.
-    pub fn suspect(&self, server: u8) {
+    pub fn suspect(&self, server: u8, why: &dyn std::fmt::Display) {
         if !self.redundant() {
             // One copy: nowhere else to go; retries wait for it.
             return;
         }
         let until = Instant::now() + SUSPECT_FOR;
         if self.book().suspects.insert(server, until).is_none() {
-            tracing::warn!(server = %self.servers.addr(server), "a memory server is failing: placing and reading elsewhere for a while");
+            tracing::warn!(server = %self.servers.addr(server), error = %why, "a memory server is failing: placing and reading elsewhere for a while");
         }
     }
 
@@ -763,7 +763,7 @@ impl Homes {
     /// answer (not one that refused the request) is suspected.
     pub fn failed(&self, server: u8, e: &rmem_client::ClientError) {
         if e.is_retryable() {
-            self.suspect(server);
+            self.suspect(server, e);
         }
     }
 
@@ -903,7 +903,7 @@ impl Homes {
                         error.get_or_insert_with(|| format!("{addr}: {e}"));
                         fail(&mut ok, None);
                         if e.is_retryable() {
-                            self.suspect(lane.server);
+                            self.suspect(lane.server, &e);
                         }
                     }
                 }
