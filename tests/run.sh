@@ -12,7 +12,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*" >&2; }
+# Each step prints how long the run has taken so far, so a slow stage shows
+# in the log (the whole run has a time budget).
+t_run=$(date +%s)
+step() { printf '\n==> [%dm%02ds] %s\n' $((($(date +%s) - t_run) / 60)) $((($(date +%s) - t_run) % 60)) "$*" >&2; }
 
 if ! command -v cargo >/dev/null; then
   echo "tests/run.sh: cargo not found; install a Rust toolchain (rustup) first" >&2
@@ -88,8 +91,8 @@ step "failover suite: three etcd members, three coordinator replicas, servers an
 cargo test --quiet --all-features -p rmem-tests --test failover -- --ignored --nocapture 2>&1 | tee -a target/test-output.txt
 
 
-step "cargo build --release (the README's main job and the benchmark run optimised)"
-cargo build --release --quiet -p rmem-agent -p rmem-bench
+step "cargo build --release, with rdma (tests/build-release.sh: one build for the README's main job, the benchmark, the guests and the images)"
+bash tests/build-release.sh
 
 step "unit tests of the data path built optimised (a miscompile of the store's slot bookkeeping once showed only in release builds)"
 cargo test --release --quiet -p rmem-server -p rmem-client -p rmem-proto --lib 2>&1 | tee -a target/test-output.txt
@@ -103,8 +106,8 @@ bash tests/vm/run.sh kmod 2>&1 | tee target/vm-output.txt
 step "soft-RoCE suite: three guests with rxe, rmem's RDMA data plane against perftest (tests/vm/run.sh rdma)"
 bash tests/vm/run.sh rdma 2>&1 | tee target/vm-rdma-output.txt
 
-step "container suite: images from deploy/container, a compose cluster on etcd with three coordinator replicas, the leader killed and a server restarted mid-workload (tests/container/run.sh)"
-bash tests/container/run.sh 2>&1 | tee target/container-output.txt
+step "container suite: images from deploy/container, a compose cluster on etcd with three coordinator replicas, the leader killed and a server restarted mid-workload (tests/container/run.sh --prebuilt: the images package the binaries tested above)"
+bash tests/container/run.sh --prebuilt 2>&1 | tee target/container-output.txt
 
 step "Kubernetes manifests: offline schema and reference checks (tests/k8s/validate.sh)"
 bash tests/k8s/validate.sh 2>&1 | tee target/k8s-output.txt
@@ -121,3 +124,5 @@ awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p +=
      /^[0-9]+ passed, [0-9]+ failed/ { p += $1; f += $3 }
      END { printf "\nrmem: %d passed, %d failed\n", p, f }' target/test-output.txt target/vm-output.txt target/vm-rdma-output.txt \
   target/container-output.txt target/k8s-output.txt target/fuzz-output.txt
+t_all=$(($(date +%s) - t_run))
+printf 'rmem: the whole run took %dm%02ds\n' $((t_all / 60)) $((t_all % 60))

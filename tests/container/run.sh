@@ -10,7 +10,14 @@
 # stops and restarts one server in the middle of the workload, checks that
 # every page read back was correct, and tears everything down.
 #
-#   bash tests/container/run.sh
+#   bash tests/container/run.sh [--prebuilt]
+#
+# --prebuilt packages the binaries of tests/build-release.sh (built here if
+# they are not, on the host's toolchain and Debian release) through the
+# Containerfile's PREBUILT argument instead of compiling the workspace again
+# in the build stage: the full test suite uses it, having built and tested
+# those binaries already. Without it the build stage compiles, as an
+# operator's build does.
 #
 # Prints "N passed, M failed" and exits non-zero on any failure. Needs root,
 # a running Docker engine, docker-compose and /dev/userfaultfd.
@@ -54,13 +61,24 @@ cleanup() {
   for role in server coordinator agent etcd; do docker rmi "rmem-$role:$RMEM_TAG" >/dev/null 2>&1 || true; done
   # Build-stage layers of earlier runs: kept a week as a cache, then dropped.
   docker image prune -f --filter until=168h >/dev/null 2>&1 || true
-  rm -rf "$work"
+  rm -rf "$work" "$REPO/target/container-bins"
 }
 mkdir -p target
 trap cleanup EXIT
 
-say "building the images (the build stage compiles the workspace: a few minutes)"
 t0=$(date +%s)
+if [ "${1:-}" = --prebuilt ]; then
+  say "building the images from tests/build-release.sh's binaries"
+  bash tests/build-release.sh
+  rm -rf target/container-bins
+  mkdir -p target/container-bins
+  for b in rmem-server rmem-coordinator rmem-agent rmemctl; do
+    cp "target/release/$b" target/container-bins/
+  done
+  export RMEM_PREBUILT=target/container-bins
+else
+  say "building the images (the build stage compiles the workspace: a few minutes)"
+fi
 if dc build >"$REPO/target/container-build.txt" 2>&1; then
   ok "images build from the Containerfile with no registry ($(($(date +%s) - t0)) s)"
 else
@@ -208,17 +226,19 @@ fi
 # certificate and a client with an rmem member's certificate (the rmem CA's,
 # which etcd does not trust) are refused.
 etcdctl_as() { # ARGS...: etcdctl in the etcd container, at its TLS port
-  dc exec -T etcd /usr/local/bin/etcdctl --dial-timeout=3s --command-timeout=3s "$@" endpoint health 2>&1
+  # A refusal exits non-zero: what it printed is the result here.
+  dc exec -T etcd /usr/local/bin/etcdctl --dial-timeout=3s --command-timeout=3s "$@" endpoint health 2>&1 || true
 }
 plain_out=$(etcdctl_as --endpoints=http://127.0.0.1:2379)
 bare_out=$(etcdctl_as --endpoints=https://127.0.0.1:2379 --cacert=/var/lib/rmem/etcd-pki/ca.pem)
 # The rmem CA's server-1 certificate (from the pki volume), copied into
-# the etcd container, owned by etcd's user.
+# the etcd container readable by etcd's user (docker cp makes root the
+# owner: -a would need a passwd database, which the image has not).
 pki_dir=$(docker volume inspect -f '{{.Mountpoint}}' "${project}_pki")
 mkdir -p "$work/member"
 cp "$pki_dir/server-server-1.pem" "$pki_dir/server-server-1.key" "$work/member/"
-chown 65532:65532 "$work/member/"*
-docker cp -a "$work/member/." "$(dc ps -q etcd):/var/lib/etcd/"
+chmod 0644 "$work/member/"*
+docker cp "$work/member/." "$(dc ps -q etcd):/var/lib/etcd/"
 member_out=$(etcdctl_as --endpoints=https://127.0.0.1:2379 --cacert=/var/lib/rmem/etcd-pki/ca.pem \
   --cert=/var/lib/etcd/server-server-1.pem --key=/var/lib/etcd/server-server-1.key)
 # A refusal for the right reason: the file was read, the handshake failed.
@@ -352,7 +372,9 @@ all_freed() {
 if wait_for 60 "the servers to free the agent's pages" all_freed; then
   ok "the servers hold no pages once the agent is gone"
 else
-  bad "the servers free the agent's pages" "$(ctl stats 2>&1 | tail -12)"
+  bad "the servers free the agent's pages" "$(ctl stats --output json 2>&1 |
+    python3 -c 'import json,sys; [print(s["name"], s.get("used_pages"), s.get("error", "")) for s in json.load(sys.stdin)["servers"]]' 2>&1)"
+  dc logs --no-color agent 2>&1 | grep -i 'warn\|error' | tail -15 | sed 's/^/       /'
 fi
 
 echo "$passed passed, $failed failed"

@@ -164,7 +164,7 @@ suite_kmod() {
   [ -f "$KO" ] || die "no $KO"
 
   say "building the guest's binaries (release)"
-  cargo build --release --quiet -p rmem-server -p rmem-coordinator -p rmem-agent -p rmemctl -p rmem-tests --bins
+  bash tests/build-release.sh
 
   local out=$REPO/target/vm root b
   root=$out/root
@@ -268,8 +268,7 @@ suite_rdma() {
   [ -d "$MODULES_DIR/kernel" ] || die "no kernel modules in '$MODULES_DIR' (kmod/kit.sh kernel)"
 
   say "building the guest's binaries (release)"
-  cargo build --release --quiet -p rmem-server -p rmem-coordinator -p rmem-agent -p rmemctl -p rmem-tests --bins \
-    --features rmem-server/rdma,rmem-agent/rdma,rmem-tests/rdma
+  bash tests/build-release.sh
 
   local out=$REPO/target/vm-rdma root b m
   root=$out/root
