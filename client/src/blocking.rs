@@ -384,8 +384,9 @@ impl BlockingConnection {
             && let Some(p) = self.caps.as_mut().filter(|p| p.pending > 0)
         {
             p.pending -= 1;
+            let caps = p.caps.clone();
             if let Response::CapsOk(v) = self.response(&header)? {
-                crate::caps::log_verdicts(&self.addr, &v);
+                caps.refused(&self.addr, &v);
             }
             header = self.receive(frame::reply_max(&self.hello.limits))?;
         }

@@ -406,7 +406,11 @@ async fn read_loop(mut rd: ReadHalf, inner: Arc<Inner>) {
                 }
                 if header.opcode == Opcode::CapsOk {
                     match Response::decode(&header, &frame[HEADER_LEN..], 0) {
-                        Ok(Response::CapsOk(v)) => crate::caps::log_verdicts(&inner.addr, &v),
+                        Ok(Response::CapsOk(v)) => {
+                            if let Some(caps) = &inner.caps {
+                                caps.refused(&inner.addr, &v);
+                            }
+                        }
                         Ok(_) => {}
                         Err(e) => break Death::Protocol(e),
                     }

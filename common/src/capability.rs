@@ -24,6 +24,8 @@
 //! The signature covers `DOMAIN` followed by every byte before it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::signature::{self, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
@@ -274,6 +276,10 @@ pub struct Verifier {
     /// lost its state draws a new key that may reuse an id, and the
     /// capabilities the old key signed still hold until they expire).
     keys: HashMap<u32, Vec<Vec<u8>>>,
+    /// Bumped each time [`Self::forget`] drops a key (shared by clones):
+    /// a connection that holds capabilities checked earlier reads it to
+    /// know when to check them again.
+    forgotten: Arc<AtomicU64>,
 }
 
 impl Verifier {
@@ -309,7 +315,22 @@ impl Verifier {
                 }
             }
         }
+        if forgot > 0 {
+            self.forgotten.fetch_add(1, Ordering::Release);
+        }
         forgot
+    }
+
+    /// How many times a key was forgotten, as a counter to read without
+    /// the verifier: one that moved means capabilities checked before
+    /// may now be signed by a key no longer known.
+    pub fn forgotten(&self) -> Arc<AtomicU64> {
+        self.forgotten.clone()
+    }
+
+    /// Whether a key of id `id` is known.
+    pub fn knows(&self, id: u32) -> bool {
+        self.keys.contains_key(&id)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -392,6 +413,23 @@ mod tests {
             v.verify(&token, 1_001),
             Err(CapabilityError::Expired(1_000))
         );
+    }
+
+    #[test]
+    fn forgetting_a_key_moves_the_counter_connections_watch() {
+        let (k1, k2) = (key(1), key(2));
+        let mut v = Verifier::default();
+        v.learn([k1.public(), k2.public()]);
+        let counter = v.forgotten();
+        assert!(v.knows(1) && v.knows(2));
+        // A key it does not know: nothing forgotten, the counter stays.
+        assert_eq!(v.forget([key(3).public()]), 0);
+        assert_eq!(counter.load(Ordering::Acquire), 0);
+        assert_eq!(v.forget([k1.public()]), 1);
+        assert_eq!(counter.load(Ordering::Acquire), 1);
+        assert!(!v.knows(1) && v.knows(2));
+        let token = k1.sign(&cap()).unwrap();
+        assert_eq!(v.verify(&token, 10), Err(CapabilityError::UnknownKey(1)));
     }
 
     #[test]

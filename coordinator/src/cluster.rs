@@ -993,6 +993,18 @@ impl Cluster {
         Ok(id)
     }
 
+    /// Retires key `id` now (see [`KeyRing::retire_now`]).
+    pub fn retire_capability_key_now(&mut self, id: u32) -> Result<(), CoordError> {
+        if let Some(r) = self.keys.retire_now(id, unix_ms(), self.key_timing())? {
+            self.commit(r)?;
+            tracing::warn!(
+                key = id,
+                "capability key retired at once: servers forget it at their next heartbeat and drop what it signed; agents renew"
+            );
+        }
+        Ok(())
+    }
+
     /// Retires the keys whose capabilities have all expired.
     pub fn retire_capability_keys(&mut self) -> Result<(), CoordError> {
         for r in self.keys.due(unix_ms(), self.key_timing()) {

@@ -71,6 +71,12 @@ pub enum CoordError {
     Forbidden { caller: String, what: String },
     #[error("cannot record the change")]
     State(#[from] StateError),
+    #[error("no capability key {0}")]
+    UnknownKey(u32),
+    #[error(
+        "capability key {0} signs capabilities now: rotate first (rmemctl capability-keys rotate), then retire it once the new key signs"
+    )]
+    KeySigns(u32),
     #[error(
         "no coordinator leads: etcd does not answer this replica, so none can be elected; control calls resume once it does (the data plane goes on)"
     )]
@@ -88,7 +94,8 @@ impl CoordError {
             | Self::UnknownInterval(_)
             | Self::UnknownGrant(_)
             | Self::UnknownTenant(_)
-            | Self::UnknownServer(_) => Code::NotFound,
+            | Self::UnknownServer(_)
+            | Self::UnknownKey(_) => Code::NotFound,
             Self::Overlap { .. } | Self::HandlesInUse { .. } | Self::NameInUse(_) => {
                 Code::AlreadyExists
             }
@@ -96,7 +103,8 @@ impl CoordError {
             | Self::LeaseExpired(_)
             | Self::Fenced(_)
             | Self::Left { .. }
-            | Self::StaleIncarnation { .. } => Code::FailedPrecondition,
+            | Self::StaleIncarnation { .. }
+            | Self::KeySigns(_) => Code::FailedPrecondition,
             Self::QuotaExceeded { .. } | Self::NoCapacity { .. } => Code::ResourceExhausted,
             Self::Busy(_) => Code::Unavailable,
             Self::Unauthenticated | Self::NoIdentity(_) | Self::CertificateRefused(_) => {
@@ -117,6 +125,8 @@ impl CoordError {
             Self::UnknownGrant(_) => "unknown_grant",
             Self::UnknownTenant(_) => "unknown_tenant",
             Self::UnknownServer(_) => "unknown_server",
+            Self::UnknownKey(_) => "unknown_key",
+            Self::KeySigns(_) => "key_signs",
             Self::Overlap { .. } => "overlapping_interval",
             Self::HandlesInUse { .. } => "handles_in_use",
             Self::NameInUse(_) => "name_in_use",

@@ -12,6 +12,12 @@
 //! retired so servers forget it. Agents need do nothing: they renew their
 //! capabilities on their own schedule and get the new key's.
 //!
+//! A key that may have leaked is retired **at once** (`rmemctl
+//! capability-keys retire ID`), any but the signing one (rotate first): the
+//! servers forget it at their next heartbeat and drop, from every
+//! connection, the capabilities it signed; an agent denied pages renews its
+//! capabilities there and then and asks again.
+//!
 //! The state keeps each key's PKCS#8 document (so every replica and
 //! restart signs with the same keys) and each retired key's public half.
 
@@ -21,6 +27,7 @@ use std::time::Duration;
 use rmem_common::capability::{self, SigningKey};
 use rmem_proto::control::v1 as pb;
 
+use crate::error::CoordError;
 use crate::state::Record;
 
 /// A key's state at some moment (times in Unix milliseconds, as every
@@ -196,6 +203,26 @@ impl KeyRing {
             .collect()
     }
 
+    /// The record retiring key `id` at `now`, before what it signed has
+    /// expired (a key that may have leaked): `None` if it is retired
+    /// already. The signing key is refused: a rotation must replace it
+    /// first, so that a key always signs and servers learned the next one.
+    pub fn retire_now(&self, id: u32, now: u64, t: Timing) -> Result<Option<Record>, CoordError> {
+        if self.retired.contains_key(&id) {
+            return Ok(None);
+        }
+        let Some(e) = self.keys.get(&id) else {
+            return Err(CoordError::UnknownKey(id));
+        };
+        if self.signing(now, t).map(SigningKey::id) == Some(id) {
+            return Err(CoordError::KeySigns(id));
+        }
+        Ok(Some(Record::CapabilityKeyRetired {
+            id,
+            public: capability::to_hex(&e.key.public().bytes),
+        }))
+    }
+
     /// The live keys' public halves, for members.
     pub fn published(&self) -> Vec<pb::CapabilityKey> {
         self.keys
@@ -259,6 +286,50 @@ mod tests {
             Record::CapabilityKeyRetired { id, public } => ring.apply_retired(*id, public),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_key_retires_at_once_unless_it_signs() {
+        let t = Timing {
+            publish: Duration::from_secs(10),
+            ttl: Duration::from_secs(100),
+        };
+        let mut ids = [1u32, 2, 3].into_iter();
+        let mut ring = KeyRing::default();
+        for at in [1_000_000, 2_000_000] {
+            let k = ring.draw(|| ids.next().unwrap(), at);
+            apply(&mut ring, &k);
+        }
+        // Key 2 is pending: key 1 signs and cannot go; key 2 can (nothing
+        // it signed exists).
+        let now = 2_005_000;
+        assert!(matches!(
+            ring.retire_now(1, now, t),
+            Err(CoordError::KeySigns(1))
+        ));
+        assert!(matches!(
+            ring.retire_now(9, now, t),
+            Err(CoordError::UnknownKey(9))
+        ));
+        // Key 2 signs: key 1, verifying, retires at once, long before its
+        // capabilities' life is up.
+        let now = 2_010_000;
+        assert!(matches!(
+            ring.retire_now(2, now, t),
+            Err(CoordError::KeySigns(2))
+        ));
+        let r = ring.retire_now(1, now, t).unwrap().unwrap();
+        apply(&mut ring, &r);
+        assert_eq!(ring.published().len(), 1);
+        assert_eq!(ring.retired()[0].id, 1);
+        assert_eq!(ring.signing(now, t).unwrap().id(), 2);
+        assert!(ring.retire_now(1, now, t).unwrap().is_none());
+        // A third key, pending, retired before it ever signs.
+        let k = ring.draw(|| ids.next().unwrap(), now);
+        apply(&mut ring, &k);
+        let r = ring.retire_now(3, now + 1, t).unwrap().unwrap();
+        apply(&mut ring, &r);
+        assert_eq!(ring.signing(now + 20_000, t).unwrap().id(), 2);
     }
 
     #[test]

@@ -859,6 +859,19 @@ impl ClusterAdmin for Service {
             keys: c.capability_key_status(),
         })
     }
+
+    async fn retire_capability_key(
+        &self,
+        r: Request<pb::RetireCapabilityKeyRequest>,
+    ) -> Res<pb::CapabilityKeysResponse> {
+        require(&r, Role::Admin, "retire a capability key")?;
+        let id = r.into_inner().id;
+        let mut c = self.shared().lock();
+        c.retire_capability_key_now(id)?;
+        ok(pb::CapabilityKeysResponse {
+            keys: c.capability_key_status(),
+        })
+    }
 }
 
 impl Service {

@@ -150,6 +150,7 @@ enum Command {
     /// Examples:
     ///   rmemctl capability-keys
     ///   rmemctl capability-keys rotate
+    ///   rmemctl capability-keys retire 3735928559
     #[command(verbatim_doc_comment)]
     CapabilityKeys {
         #[command(subcommand)]
@@ -601,6 +602,16 @@ enum KeyAction {
     /// have learned it, and the old key is retired once every capability
     /// it signed has expired (`capability_ttl`). Nothing restarts.
     Rotate,
+    /// Retire a key now, without waiting for what it signed to expire (it
+    /// may have leaked): servers forget it at their next heartbeat and
+    /// drop the capabilities it signed from every connection; agents are
+    /// denied those pages for a moment and renew theirs. The signing key
+    /// cannot be retired: rotate first and retire it once the new key
+    /// signs (the new one is pending for two leases).
+    Retire {
+        /// The key's id (as `rmemctl capability-keys` lists it).
+        id: u32,
+    },
 }
 
 /// A capability key, as `rmemctl capability-keys` prints it.
@@ -942,6 +953,11 @@ async fn run(args: Args) -> Result<(), CtlError> {
                 Some(KeyAction::Rotate) => {
                     c.admin()
                         .rotate_capability_key(pb::RotateCapabilityKeyRequest {})
+                        .await?
+                }
+                Some(KeyAction::Retire { id }) => {
+                    c.admin()
+                        .retire_capability_key(pb::RetireCapabilityKeyRequest { id })
                         .await?
                 }
             };

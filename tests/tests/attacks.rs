@@ -61,7 +61,8 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(lab: Lab) -> Self {
+    /// Capabilities live `ttl`.
+    fn start(lab: Lab, ttl: Duration) -> Self {
         let dir = lab.path("");
         let config = |name: &str, text: &str| {
             let p = format!("{dir}/{name}");
@@ -86,7 +87,7 @@ impl Cluster {
             v
         };
         let coord = {
-            let ttl = format!("{}s", CAPABILITY_TTL.as_secs());
+            let ttl = format!("{}s", ttl.as_secs());
             let a = with(
                 "coordinator-c1",
                 &[
@@ -127,6 +128,23 @@ impl Cluster {
             servers,
             endpoint,
         }
+    }
+
+    /// The victim: the demo's verifying workload as agent `victim` in
+    /// tenant red, `ops` operations over 8 MiB with a 2 MiB budget, its
+    /// report on stdout and its log (info: early renewals show) in `log`.
+    fn victim(&self, ops: u64, log: &tempfile::NamedTempFile) -> std::process::Child {
+        std::process::Command::new(bin("rmem-agent"))
+            .args(self.lab.flags("agent-victim"))
+            .args(["--tls-crl", &self.lab.path("crl.pem")])
+            .args(["demo", "--json", "--tenant", "red", "--budget", "2MiB"])
+            .args(["--size", "8MiB", "--ops", &ops.to_string()])
+            .args(["--coordinator", &self.endpoint])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap()
     }
 
     /// A control client with `who`'s certificate (of `lab`'s CA), trusting
@@ -171,6 +189,32 @@ impl Cluster {
     }
 }
 
+/// `rmemctl capability-keys ARGS` as admin `alice`, its JSON.
+fn capability_keys(cluster: &Cluster, args: &[&str]) -> Result<serde_json::Value, String> {
+    let mut a = vec!["--endpoint".to_string(), cluster.endpoint.clone()];
+    a.extend(cluster.lab.flags("admin-alice"));
+    a.extend(["--output", "json", "capability-keys"].map(String::from));
+    a.extend(args.iter().map(|s| s.to_string()));
+    let out = std::process::Command::new(bin("rmemctl"))
+        .args(&a)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Each key's state, in the order listed.
+fn key_states(keys: &serde_json::Value) -> Vec<String> {
+    keys.as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["state"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// What a refused handshake looks like to a client.
 #[track_caller]
 fn handshake_refused(r: Result<BlockingConnection, ClientError>) {
@@ -208,7 +252,7 @@ fn every_attack_is_refused_and_the_victim_keeps_every_byte() {
         now - time::Duration::days(2),
         now - time::Duration::hours(1),
     );
-    let cluster = Cluster::start(lab);
+    let cluster = Cluster::start(lab, CAPABILITY_TTL);
     let lab = &cluster.lab;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -218,16 +262,7 @@ fn every_attack_is_refused_and_the_victim_keeps_every_byte() {
     // The victim: the demo's verifying workload in tenant red, long enough
     // to renew its capabilities while it is attacked.
     let victim_log = tempfile::NamedTempFile::new().unwrap();
-    let victim = std::process::Command::new(bin("rmem-agent"))
-        .args(lab.flags("agent-victim"))
-        .args(["--tls-crl", &lab.path("crl.pem")])
-        .args(["demo", "--json", "--tenant", "red", "--budget", "2MiB"])
-        .args(["--size", "8MiB", "--ops", "400000"])
-        .args(["--coordinator", &cluster.endpoint])
-        .stdout(std::process::Stdio::piped())
-        .stderr(victim_log.reopen().unwrap())
-        .spawn()
-        .unwrap();
+    let victim = cluster.victim(400_000, &victim_log);
     let started = Instant::now();
 
     let admin = rt.block_on(cluster.control(lab, "admin-alice")).unwrap();
@@ -276,25 +311,9 @@ fn every_attack_is_refused_and_the_victim_keeps_every_byte() {
     // The operator rotates the capability key while the victim runs: the
     // new key signs a lease later, the old one retires once all it signed
     // has expired, and the victim never notices.
-    let keys = |args: &[&str]| -> serde_json::Value {
-        let mut a = vec!["--endpoint".to_string(), cluster.endpoint.clone()];
-        a.extend(lab.flags("admin-alice"));
-        a.extend(["--output", "json", "capability-keys"].map(String::from));
-        a.extend(args.iter().map(|s| s.to_string()));
-        serde_json::from_str(&rmem_tests::rmemctl_ok(
-            &a.iter().map(String::as_str).collect::<Vec<_>>(),
-        ))
-        .unwrap()
-    };
+    let keys = |args: &[&str]| capability_keys(&cluster, args).unwrap();
     let rotated = keys(&["rotate"]);
-    let states = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|k| k["state"].as_str().unwrap().to_string())
-            .collect()
-    };
-    assert_eq!(states(&rotated), ["signing", "pending"], "{rotated}");
+    assert_eq!(key_states(&rotated), ["signing", "pending"], "{rotated}");
     let old_key = rotated[0]["id"].clone();
 
     let (space, held) = victim_spaces
@@ -683,7 +702,7 @@ fn every_attack_is_refused_and_the_victim_keeps_every_byte() {
     assert!(
         wait_until(Duration::from_secs(30), || {
             let now = keys(&[]);
-            states(&now) == ["signing", "retired"] && now[1]["id"] == old_key
+            key_states(&now) == ["signing", "retired"] && now[1]["id"] == old_key
         }),
         "{}",
         keys(&[])
@@ -741,4 +760,164 @@ fn every_attack_is_refused_and_the_victim_keeps_every_byte() {
             assert!(!line.to_string().contains("victim"), "{line}");
         }
     }
+}
+
+/// A capability key that may have leaked is retired at once: from the
+/// servers' next heartbeat, what it signed opens nothing, on connections
+/// that presented it too; the victim, whose capabilities it signed, is
+/// denied for a moment, renews them early and loses no page and no fault.
+#[test]
+fn a_key_retired_at_once_opens_nothing_more_and_agents_renew() {
+    let lab = Lab::new(&[
+        ("coordinator", "c1"),
+        ("server", "mem-0"),
+        ("server", "mem-1"),
+        ("agent", "victim"),
+        ("agent", "probe"),
+        ("admin", "alice"),
+    ]);
+    // Capabilities live long: nothing is renewed on schedule here, so the
+    // victim still holds the old key's when it is retired.
+    let cluster = Cluster::start(lab, Duration::from_secs(600));
+    let lab = &cluster.lab;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let victim_log = tempfile::NamedTempFile::new().unwrap();
+    let victim = cluster.victim(800_000, &victim_log);
+    let victim_text = || std::fs::read_to_string(victim_log.path()).unwrap();
+
+    // The probe: an agent holding a capability of the old key, on a
+    // connection that presented it.
+    let probe = rt.block_on(cluster.control(lab, "agent-probe")).unwrap();
+    let token = rt.block_on(async {
+        let id = probe
+            .membership()
+            .register(pb::RegisterRequest {
+                role: pb::Role::Agent as i32,
+                name: "probe".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .member_id;
+        probe
+            .intervals()
+            .register(pb::RegisterIntervalRequest {
+                address_space: "probe/red".into(),
+                start: 0,
+                length: 16 * PAGE_SIZE as u64,
+                tenant: "red".into(),
+                handle_base: 9 << 40,
+                owner: id,
+                subscribers: Vec::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .capability
+    });
+    // The victim evicts under the old key's capabilities.
+    let used = |s: usize| {
+        BlockingConnection::connect(
+            &ClientConfig::new(cluster.servers[s].data.to_string())
+                .with_tenant("red", "red-secret")
+                .with_tls(lab.pem(lab, "admin-alice").data_client().unwrap(), None),
+        )
+        .unwrap()
+        .stat()
+        .unwrap()
+        .tenant_used_pages
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || used(0) + used(1) > 0),
+        "{}",
+        victim_text()
+    );
+    let page = [7u8; PAGE_SIZE];
+    let mut held = cluster
+        .data(0, lab, "agent-probe", "red", "", &[("red", &token)])
+        .unwrap();
+    assert_eq!(held.put(&[(9 << 40, &page)]).unwrap(), [PageStatus::Ok]);
+
+    let rotated = capability_keys(&cluster, &["rotate"]).unwrap();
+    assert_eq!(key_states(&rotated), ["signing", "pending"], "{rotated}");
+    let old = rotated[0]["id"].as_u64().unwrap().to_string();
+    let new = rotated[1]["id"].as_u64().unwrap().to_string();
+    // The new key signs two leases later; until then the old cannot go.
+    let early = capability_keys(&cluster, &["retire", &old]).unwrap_err();
+    assert!(early.contains("rotate first"), "{early}");
+    assert!(
+        wait_until(Duration::from_secs(20), || key_states(
+            &capability_keys(&cluster, &[]).unwrap()
+        ) == ["verifying", "signing"]),
+        "{}",
+        capability_keys(&cluster, &[]).unwrap()
+    );
+    let retired = capability_keys(&cluster, &["retire", &old]).unwrap();
+    assert_eq!(key_states(&retired), ["signing", "retired"], "{retired}");
+    assert_eq!(retired[1]["id"].as_u64().unwrap().to_string(), old);
+    // The signing key is refused; an unknown one too.
+    let signing = capability_keys(&cluster, &["retire", &new]).unwrap_err();
+    assert!(signing.contains("signs capabilities now"), "{signing}");
+    let unknown = capability_keys(&cluster, &["retire", "1"]).unwrap_err();
+    assert!(unknown.contains("no capability key 1"), "{unknown}");
+
+    // Every server forgets it at its next heartbeat; then the connection
+    // that presented the probe's capability is denied, and so is a new
+    // one presenting it.
+    for s in &cluster.servers {
+        assert!(
+            s.daemon
+                .wait_for_log("forgot retired capability keys", Duration::from_secs(10))
+                .is_some(),
+            "{}",
+            s.daemon.log_text()
+        );
+    }
+    assert_eq!(held.put(&[(9 << 40, &page)]).unwrap(), [PageStatus::Denied]);
+    let mut out = vec![[0u8; PAGE_SIZE]; 1];
+    assert_eq!(
+        held.get(&[9 << 40], &mut out).unwrap(),
+        [PageStatus::Denied]
+    );
+    let mut fresh = cluster
+        .data(0, lab, "agent-probe", "red", "", &[("red", &token)])
+        .unwrap();
+    assert_eq!(
+        fresh.put(&[(9 << 40, &page)]).unwrap(),
+        [PageStatus::Denied]
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || cluster.servers[0]
+            .daemon
+            .logs_with("capability refused")
+            .iter()
+            .any(|l| {
+                let l = l.to_string();
+                l.contains("unknown_key") && l.contains("probe")
+            })),
+        "{}",
+        cluster.servers[0].daemon.log_text()
+    );
+
+    // The victim: denied where it held the old key's capabilities, it
+    // renewed them early and carried on with every byte right.
+    let out = victim.wait_with_output().unwrap();
+    let log = victim_text();
+    assert!(out.status.success(), "{log}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verify_ok"], true, "{report}");
+    assert_eq!(report["faults_failed"], 0, "{report}");
+    assert!(log.contains("renewed capabilities early"), "{log}");
+    assert!(
+        cluster.servers.iter().any(|s| s
+            .daemon
+            .logs_with("capabilities signed by a retired key no longer hold on this connection")
+            .iter()
+            .any(|l| l.to_string().contains("victim"))),
+        "the victim held no capability of the retired key when it went"
+    );
 }

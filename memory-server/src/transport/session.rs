@@ -112,6 +112,10 @@ pub const MAX_HELD_CAPABILITIES: usize = 4096;
 #[derive(Debug, Default)]
 struct Held {
     caps: Vec<Capability>,
+    /// The verifier's [`Verifier::forgotten`] counter, and its value when
+    /// `caps` were last checked against the keys known.
+    forgotten: Arc<std::sync::atomic::AtomicU64>,
+    checked: u64,
 }
 
 impl Held {
@@ -236,6 +240,7 @@ impl Session {
                 )),
             };
         };
+        self.recheck_held();
         let started = Instant::now();
         let holder = self.holder;
         let store = &self.shared.store;
@@ -330,6 +335,31 @@ impl Session {
             Request::Caps(tokens) => self.present(&tenant, &tokens, id, out),
         }
         Ok(())
+    }
+
+    /// Drops the held capabilities signed by a key the server has forgotten
+    /// since they were checked (one an operator retired at once, perhaps
+    /// leaked): from this request on they open nothing, and the agent,
+    /// denied, renews its own. One atomic load when no key was forgotten.
+    fn recheck_held(&mut self) {
+        let (Some(held), Some(keys)) = (&mut self.held, &self.shared.capabilities) else {
+            return;
+        };
+        let now = held.forgotten.load(std::sync::atomic::Ordering::Acquire);
+        if now == held.checked {
+            return;
+        }
+        held.checked = now;
+        let v = keys.read().unwrap_or_else(|e| e.into_inner());
+        let before = held.caps.len();
+        held.caps.retain(|c| v.knows(c.key_id));
+        let dropped = before - held.caps.len();
+        if dropped > 0 {
+            tracing::info!(
+                identity = ?self.identity.as_ref().map(ToString::to_string), dropped,
+                "capabilities signed by a retired key no longer hold on this connection"
+            );
+        }
     }
 
     /// Checks presented capabilities and keeps those that hold: signed by
@@ -487,8 +517,16 @@ impl Session {
                     .identity
                     .as_ref()
                     .is_some_and(|i| i.role == Role::Admin);
-                if self.shared.capabilities.is_some() && !admin {
-                    self.held = Some(Held::default());
+                if let Some(keys) = &self.shared.capabilities
+                    && !admin
+                {
+                    let forgotten = keys.read().unwrap_or_else(|e| e.into_inner()).forgotten();
+                    let checked = forgotten.load(std::sync::atomic::Ordering::Acquire);
+                    self.held = Some(Held {
+                        caps: Vec::new(),
+                        forgotten,
+                        checked,
+                    });
                 }
                 wire::encode_hello_ok(
                     out,
@@ -1004,5 +1042,28 @@ mod tests {
         use PageStatus::{Denied, Ok as Stored};
         assert_eq!(statuses(&out), [Denied, Stored, Stored, Denied, Denied]);
         assert_eq!(s.shared().store.used_pages(), 2);
+
+        // The operator retires k1 at once (it leaked): once the server
+        // forgets it, the capability this connection holds opens nothing
+        // from its next request on, and presenting it again is refused.
+        s.shared()
+            .capabilities
+            .as_ref()
+            .unwrap()
+            .write()
+            .unwrap()
+            .forget([k1.public()]);
+        out.clear();
+        run(&mut s, &put(5, &[96, 97]), &mut out).unwrap();
+        assert_eq!(statuses(&out), [Denied, Denied]);
+        out.clear();
+        caps.clear();
+        wire::encode_caps(&mut caps, 6, &tokens[..1]);
+        run(&mut s, &caps, &mut out).unwrap();
+        let (h, p) = frames(&out).pop().unwrap();
+        let wire::Response::CapsOk(verdicts) = wire::Response::decode(&h, &p, 256).unwrap() else {
+            panic!("not CAPS_OK");
+        };
+        assert_eq!(verdicts.iter().collect::<Vec<_>>(), [V::UnknownKey]);
     }
 }

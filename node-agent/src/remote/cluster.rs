@@ -300,6 +300,9 @@ pub struct Cluster {
 
 /// How often the agent looks for capabilities due for renewal.
 const RENEW_EVERY: Duration = Duration::from_secs(2);
+/// The least time between two renewals asked for early (a server refused
+/// a token or denied pages): a burst of denied requests makes one call.
+const RENEW_SOON_GAP: Duration = Duration::from_millis(250);
 
 /// As [`ClusterConfig::join_timeout`], for invalidations of freed pages (which fall back
 /// to freeing on the servers directly).
@@ -313,8 +316,16 @@ async fn renew_capabilities(
     tenant: String,
 ) {
     let warn = rmem_common::logging::Throttle::new(Duration::from_secs(30));
+    let mut last = tokio::time::Instant::now();
     loop {
-        tokio::time::sleep(RENEW_EVERY).await;
+        let early = tokio::select! {
+            _ = tokio::time::sleep(RENEW_EVERY) => false,
+            _ = caps.renewal_wanted() => {
+                tokio::time::sleep_until(last + RENEW_SOON_GAP).await;
+                true
+            }
+        };
+        last = tokio::time::Instant::now();
         let due = caps.due(rmem_common::capability::unix_now());
         if due.is_empty() {
             continue;
@@ -336,9 +347,18 @@ async fn renew_capabilities(
                         caps.set(id, &tenant, cap);
                     }
                 }
-                tracing::debug!(renewed = due.len(), "renewed capabilities");
+                if early {
+                    tracing::info!(
+                        renewed = due.len(),
+                        "renewed capabilities early: a server refused one or denied pages"
+                    );
+                } else {
+                    tracing::debug!(renewed = due.len(), "renewed capabilities");
+                }
             }
             Err(e) => {
+                // All of them again next time, if all were asked for.
+                caps.renew_later();
                 if let Some(left_out) = warn.ready() {
                     tracing::warn!(error = %e, due = due.len(), left_out, "cannot renew capabilities (trying again; servers deny the handles of any that expires)");
                 }

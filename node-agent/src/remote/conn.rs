@@ -145,14 +145,46 @@ impl RemoteConn {
         statuses: &mut Vec<PageStatus>,
         deadline: Instant,
     ) -> Result<(), ClientError> {
-        self.with(deadline, |c| {
-            let s = c.get(handles, out)?;
-            statuses.clear();
-            statuses.extend_from_slice(s);
-            Ok(())
-        })?;
+        loop {
+            let presented = self.caps_generation();
+            self.with(deadline, |c| {
+                let s = c.get(handles, out)?;
+                statuses.clear();
+                statuses.extend_from_slice(s);
+                Ok(())
+            })?;
+            if !self.renewed_after_denial(presented, statuses, deadline) {
+                break;
+            }
+        }
         self.open_batch(handles, out, statuses);
         Ok(())
+    }
+
+    /// The generation of the capabilities this connection presents.
+    fn caps_generation(&self) -> Option<u64> {
+        self.cfg.capabilities.as_ref().map(|c| c.generation())
+    }
+
+    /// After an answer that denied pages: with capabilities, asks for
+    /// them to be renewed and waits (until `deadline`) for new ones; whether
+    /// to ask again. A server denies the pages of a capability it no longer
+    /// holds: one signed by a key an operator retired at once (perhaps
+    /// leaked), or one that expired unrenewed.
+    fn renewed_after_denial(
+        &self,
+        presented: Option<u64>,
+        statuses: &[PageStatus],
+        deadline: Instant,
+    ) -> bool {
+        let (Some(caps), Some(generation)) = (&self.cfg.capabilities, presented) else {
+            return false;
+        };
+        if !statuses.contains(&PageStatus::Denied) {
+            return false;
+        }
+        tracing::debug!(server = %self.cfg.addr, "pages denied: renewing capabilities and asking again");
+        caps.wait_renewed(generation, deadline)
     }
 
     /// Sends a GET without waiting for its answer (connecting, with
@@ -178,7 +210,8 @@ impl RemoteConn {
         deadline: Instant,
     ) -> Result<(), ClientError> {
         let sealed = self.seal.is_some();
-        self.finish(
+        let presented = self.caps_generation();
+        let opened = self.finish(
             deadline,
             (&mut *out, &mut *statuses),
             |c, (out, statuses)| {
@@ -189,12 +222,14 @@ impl RemoteConn {
             },
             // `get` opens what it reads itself.
             |me, (out, statuses)| me.get(handles, out, statuses, deadline).map(|()| true),
-        )
-        .map(|opened| {
-            if sealed && !opened {
-                self.open_batch(handles, out, statuses);
-            }
-        })
+        )?;
+        if !opened && self.renewed_after_denial(presented, statuses, deadline) {
+            return self.get(handles, out, statuses, deadline);
+        }
+        if sealed && !opened {
+            self.open_batch(handles, out, statuses);
+        }
+        Ok(())
     }
 
     /// Sends a PUT without waiting for its answer (connecting, with
@@ -233,6 +268,20 @@ impl RemoteConn {
     /// The answer to the PUT [`Self::put_start`] sent (the same `pages`),
     /// sent again on a new connection as [`Self::get_finish`] does.
     pub fn put_finish(
+        &mut self,
+        pending: Pending,
+        pages: &[(u64, &Page)],
+        deadline: Instant,
+    ) -> Result<Vec<PageStatus>, ClientError> {
+        let presented = self.caps_generation();
+        let statuses = self.put_finish_once(pending, pages, deadline)?;
+        if self.renewed_after_denial(presented, &statuses, deadline) {
+            return self.put(pages, deadline);
+        }
+        Ok(statuses)
+    }
+
+    fn put_finish_once(
         &mut self,
         pending: Pending,
         pages: &[(u64, &Page)],
@@ -310,7 +359,13 @@ impl RemoteConn {
         pages: &[(u64, &Page)],
         deadline: Instant,
     ) -> Result<Vec<PageStatus>, ClientError> {
-        self.sealed_put(pages, deadline, |c, batch| c.put(batch))
+        loop {
+            let presented = self.caps_generation();
+            let statuses = self.sealed_put(pages, deadline, |c, batch| c.put(batch))?;
+            if !self.renewed_after_denial(presented, &statuses, deadline) {
+                return Ok(statuses);
+            }
+        }
     }
 
     /// FREE with retries until `deadline`.
@@ -319,7 +374,13 @@ impl RemoteConn {
         handles: &[u64],
         deadline: Instant,
     ) -> Result<Vec<PageStatus>, ClientError> {
-        self.with(deadline, |c| c.free(handles))
+        loop {
+            let presented = self.caps_generation();
+            let statuses = self.with(deadline, |c| c.free(handles))?;
+            if !self.renewed_after_denial(presented, &statuses, deadline) {
+                return Ok(statuses);
+            }
+        }
     }
 
     /// The batch limit of the server (connecting if needed).
