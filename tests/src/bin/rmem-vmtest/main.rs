@@ -582,14 +582,17 @@ fn main() {
                         cold,
                         format!("{remote:?} of 1024 pages remote, expected 800 each"),
                     )?;
-                    let list = listed(&ctl);
-                    ensure(
+                    // The agent counts a round's evictions when the round
+                    // ends, after the pages moved: wait for the count.
+                    let mut list = Vec::new();
+                    let counted = wait_until(Duration::from_secs(30), || {
+                        list = listed(&ctl);
                         list.len() == 2
                             && list
                                 .iter()
-                                .all(|x| x["evicted_pages"].as_u64().unwrap_or(0) >= 800),
-                        format!("rmemctl attachments: {list:?}"),
-                    )?;
+                                .all(|x| x["evicted_pages"].as_u64().unwrap_or(0) >= 800)
+                    });
+                    ensure(counted, format!("rmemctl attachments: {list:?}"))?;
                     let detached: serde_json::Value =
                         serde_json::from_str(&ctl(&["detach", "--pid", &a.pid().to_string()])?)
                             .map_err(|e| e.to_string())?;
