@@ -164,9 +164,7 @@ impl Capabilities {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Held>> {
         self.tokens.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-impl Capabilities {
     /// Takes a server's CAPS_OK: logs what it refused and, for a key it
     /// does not know (retired at once) or a token past its life, asks for
     /// renewal now.

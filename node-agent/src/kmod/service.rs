@@ -635,12 +635,15 @@ impl Fetcher {
             };
             let failed = self.fetch_from(dev, homes, remotes, server, &events, stats, until);
             if !failed.is_empty() {
-                let why = format!(
-                    "{} of {} pages could not be read",
-                    failed.len(),
-                    events.len()
+                // Formatted only if the warning is written.
+                homes.suspect(
+                    server,
+                    &format_args!(
+                        "{} of {} pages could not be read",
+                        failed.len(),
+                        events.len()
+                    ),
                 );
-                homes.suspect(server, &why);
             }
             // Another copy or the page's stripe, or the run moved meanwhile
             // (its server was drained): the book is asked again.

@@ -358,7 +358,9 @@ async fn renew_capabilities(
             }
             Err(e) => {
                 // All of them again next time, if all were asked for.
-                caps.renew_later();
+                if early {
+                    caps.renew_later();
+                }
                 if let Some(left_out) = warn.ready() {
                     tracing::warn!(error = %e, due = due.len(), left_out, "cannot renew capabilities (trying again; servers deny the handles of any that expires)");
                 }
