@@ -118,10 +118,9 @@ fn many_threads_random_reads_and_writes_under_heavy_eviction() {
         "not enough eviction pressure: {st:?}"
     );
     assert!(st.faults_remote > 5_000, "{st:?}");
-    assert!(
-        st.peak_resident_pages <= 512 + 64,
-        "budget overshot: {st:?}"
-    );
+    // Faults wait for room before they count their pages, so even 4
+    // threads with prefetch runs in flight stay within the budget.
+    assert!(st.peak_resident_pages <= 512, "budget overshot: {st:?}");
     assert!(r.kernel_resident_bytes() <= 512 * PAGE_SIZE as u64);
 }
 

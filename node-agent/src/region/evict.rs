@@ -27,9 +27,9 @@ pub(crate) fn run(inner: &Inner, mut conn: Remotes) {
     let mut pages: Vec<Page> = vec![[0u8; PAGE_SIZE]; batch];
     let mut backoff = Duration::from_millis(10);
     while !inner.stop.load(Ordering::Relaxed) {
-        if inner.resident.load(Ordering::Acquire) <= inner.high_mark() {
+        if inner.demand() <= inner.high_mark() {
             let guard = inner.evict_wanted.0.lock().expect("evict lock");
-            if inner.resident.load(Ordering::Acquire) <= inner.high_mark() {
+            if inner.demand() <= inner.high_mark() {
                 let _ = inner
                     .evict_wanted
                     .1
@@ -38,9 +38,7 @@ pub(crate) fn run(inner: &Inner, mut conn: Remotes) {
                 continue;
             }
         }
-        while inner.resident.load(Ordering::Acquire) > inner.low_mark()
-            && !inner.stop.load(Ordering::Relaxed)
-        {
+        while inner.demand() > inner.low_mark() && !inner.stop.load(Ordering::Relaxed) {
             victims.clear();
             if clock.collect(&inner.states, &inner.backing, batch, &mut victims) == 0 {
                 // Everything resident is in flight; let it settle.

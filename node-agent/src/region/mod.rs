@@ -182,6 +182,8 @@ pub(crate) struct Inner {
     /// full): faults then stop waiting for room and the region runs over
     /// its budget rather than stalling the program.
     pub(crate) evict_stalled: AtomicBool,
+    /// Pages that faults wait to bring in (they do not fit the budget yet).
+    pub(crate) waiting: AtomicUsize,
     /// The evictor sleeps on this until residency crosses the high mark.
     pub(crate) evict_wanted: (Mutex<()>, Condvar),
     /// Faults over budget sleep on this until the evictor frees memory.
@@ -243,40 +245,81 @@ impl Inner {
         self.budget_pages.saturating_sub(2 * self.headroom()).max(1)
     }
 
-    /// Accounts `n` pages becoming resident; wakes the evictor past the
-    /// high mark and, past the budget, waits (up to the fault timeout) for
-    /// it to make room.
+    /// Residency the evictor acts on: pages in memory and pages that
+    /// faults wait to bring in.
+    pub(crate) fn demand(&self) -> usize {
+        self.resident.load(Ordering::Acquire) + self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Accounts `n` pages about to become resident; wakes the evictor past
+    /// the high mark and, when they would take residency past the budget,
+    /// waits (up to the fault timeout) for it to make room first. The
+    /// pages are counted only once they fit, so concurrent faults and
+    /// prefetch runs never take the count past the budget while the
+    /// evictor keeps up (an empty region admits any run).
     pub(crate) fn charge(&self, n: usize) {
-        let now = self.resident.fetch_add(n, Ordering::AcqRel) + n;
-        self.peak_resident.fetch_max(now, Ordering::Relaxed);
-        if now > self.high_mark() {
-            self.evict_wanted.1.notify_one();
-        }
-        if now <= self.budget_pages || self.evict_stalled.load(Ordering::Acquire) {
-            return;
-        }
-        self.stats.throttled_faults.fetch_add(1, Ordering::Relaxed);
-        let deadline = Instant::now() + self.cfg.fault_timeout;
-        let mut guard = self.space_freed.0.lock().expect("space lock");
-        while self.resident.load(Ordering::Acquire) > self.budget_pages
-            && !self.stop.load(Ordering::Relaxed)
-            && !self.evict_stalled.load(Ordering::Acquire)
-        {
+        let fits = |cur: usize| cur == 0 || cur + n <= self.budget_pages;
+        let mut throttled = false;
+        let mut deadline = None;
+        let mut cur = self.resident.load(Ordering::Acquire);
+        loop {
+            let must_wait = !fits(cur)
+                && !self.evict_stalled.load(Ordering::Acquire)
+                && !self.stop.load(Ordering::Relaxed);
+            if !must_wait {
+                match self.resident.compare_exchange_weak(
+                    cur,
+                    cur + n,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => break,
+                    Err(now) => {
+                        cur = now;
+                        continue;
+                    }
+                }
+            }
+            if !throttled {
+                throttled = true;
+                self.stats.throttled_faults.fetch_add(1, Ordering::Relaxed);
+                // The evictor sees the demand, even below its high mark.
+                self.waiting.fetch_add(n, Ordering::AcqRel);
+            }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.cfg.fault_timeout);
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 tracing::warn!(
                     region = format_args!("{:06x}", self.id),
                     "evictor cannot keep up; exceeding the local budget"
                 );
-                return;
+                cur = self.resident.fetch_add(n, Ordering::AcqRel);
+                self.waiting.fetch_sub(n, Ordering::AcqRel);
+                throttled = false;
+                break;
             }
             self.evict_wanted.1.notify_one();
-            guard = self
-                .space_freed
-                .1
-                .wait_timeout(guard, left.min(Duration::from_millis(20)))
-                .expect("space lock")
-                .0;
+            let guard = self.space_freed.0.lock().expect("space lock");
+            // Re-read under the lock: `uncharge` notifies after it subtracts.
+            if fits(self.resident.load(Ordering::Acquire)) {
+                drop(guard);
+            } else {
+                drop(
+                    self.space_freed
+                        .1
+                        .wait_timeout(guard, left.min(Duration::from_millis(20)))
+                        .expect("space lock"),
+                );
+            }
+            cur = self.resident.load(Ordering::Acquire);
+        }
+        if throttled {
+            self.waiting.fetch_sub(n, Ordering::AcqRel);
+        }
+        let now = cur + n;
+        self.peak_resident.fetch_max(now, Ordering::Relaxed);
+        if now > self.high_mark() {
+            self.evict_wanted.1.notify_one();
         }
     }
 
@@ -399,6 +442,7 @@ impl RemoteRegion {
             peak_resident: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             evict_stalled: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
             evict_wanted: (Mutex::new(()), Condvar::new()),
             space_freed: (Mutex::new(()), Condvar::new()),
             prefetch: Mutex::new(Streams::new(cfg.prefetch_max)),
