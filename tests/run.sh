@@ -43,6 +43,9 @@ command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 # afl++: the fuzz targets' smoke run (fuzz/run.sh).
 command -v afl-fuzz >/dev/null || need+=(afl++)
+# promtool (Debian's prometheus package): checks the daemons' /metrics and
+# the alerting rules in deploy/monitoring.
+command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     step "installing ${need[*]}"
@@ -111,6 +114,9 @@ bash tests/container/run.sh --prebuilt 2>&1 | tee target/container-output.txt
 
 step "Kubernetes manifests: offline schema and reference checks (tests/k8s/validate.sh)"
 bash tests/k8s/validate.sh 2>&1 | tee target/k8s-output.txt
+
+step "monitoring kit: promtool checks the alerting rules and runs their unit tests, the dashboard's JSON and queries (deploy/monitoring/check.sh)"
+bash deploy/monitoring/check.sh
 
 step "fuzzing: every decoder a peer reaches (wire codec, server sessions, client replies, coordinator requests), 10 s each under AFL++ from fuzz/corpus (fuzz/run.sh)"
 bash fuzz/run.sh --seconds 10 2>&1 | tee target/fuzz-output.txt

@@ -114,6 +114,36 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// Sum of the samples.
+    pub fn sum(&self) -> u64 {
+        self.sum.load(Ordering::Relaxed)
+    }
+
+    /// For each of the ascending `bounds`, the number of samples at or
+    /// below it, as a Prometheus histogram's buckets count them. A sample
+    /// is counted under a bound when its whole bucket lies at or below it,
+    /// so a count can miss samples within about 3% below the bound.
+    pub fn cumulative(&self, bounds: &[u64]) -> Vec<u64> {
+        let mut out = vec![0; bounds.len()];
+        let mut seen = 0;
+        let mut next = 0;
+        for (b, n) in self.buckets.iter().enumerate() {
+            let (_, high) = bucket_range(b);
+            while next < bounds.len() && high > bounds[next] {
+                out[next] = seen;
+                next += 1;
+            }
+            if next == bounds.len() {
+                return out;
+            }
+            seen += n.load(Ordering::Relaxed);
+        }
+        for o in &mut out[next..] {
+            *o = seen;
+        }
+        out
+    }
+
     /// The value at quantile `q` (0.0 ..= 1.0), or 0 when empty.
     pub fn quantile(&self, q: f64) -> u64 {
         let counts: Vec<u64> = self
@@ -201,6 +231,20 @@ pub struct ScaledPercentiles {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn cumulative_counts_samples_at_or_below_each_bound() {
+        let h = Histogram::new();
+        for v in [1, 5, 31, 1000, 1000, 50_000, u64::MAX] {
+            h.record(v);
+        }
+        assert_eq!(
+            h.cumulative(&[0, 1, 31, 999, 1_100, 1_000_000]),
+            vec![0, 1, 3, 3, 5, 6]
+        );
+        assert_eq!(h.cumulative(&[]), Vec::<u64>::new());
+        assert_eq!(Histogram::new().cumulative(&[10]), vec![0]);
+    }
 
     #[test]
     fn buckets_cover_every_value_in_order() {

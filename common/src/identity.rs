@@ -22,10 +22,18 @@ pub enum Role {
     Agent,
     /// An operator (`rmemctl`): drains, undrains, invalidates any interval.
     Admin,
+    /// A scraper (Prometheus): reads the daemons' `/metrics`, nothing else.
+    Monitor,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Coordinator, Role::Server, Role::Agent, Role::Admin];
+    pub const ALL: [Role; 5] = [
+        Role::Coordinator,
+        Role::Server,
+        Role::Agent,
+        Role::Admin,
+        Role::Monitor,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -33,6 +41,7 @@ impl Role {
             Role::Server => "server",
             Role::Agent => "agent",
             Role::Admin => "admin",
+            Role::Monitor => "monitor",
         }
     }
 }
@@ -64,7 +73,7 @@ pub struct Identity {
 /// Why a certificate or URI names no identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
-    #[error("`{0}` is not a role (coordinator, server, agent or admin)")]
+    #[error("`{0}` is not a role (coordinator, server, agent, admin or monitor)")]
     Role(String),
     #[error(
         "`{0}` is not a member name: 1 to 128 characters of letters, digits and . _ - ~ /, no empty path segment"

@@ -9,7 +9,8 @@
 //! hold, [`identity`] says which member (role and name) a certificate
 //! belongs to, [`tls`] reads a member's CA, certificate and key and makes
 //! the data plane's TLS of them, [`pki`] makes a lab CA and certificates,
-//! [`capability`] signs and checks what an agent may do on the data plane.
+//! [`capability`] signs and checks what an agent may do on the data plane,
+//! [`metrics`] writes what a daemon's `/metrics` answers and serves it.
 
 pub mod capability;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod histogram;
 pub mod host;
 pub mod identity;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod pki;
 pub mod redundancy;

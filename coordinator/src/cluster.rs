@@ -104,11 +104,16 @@ pub struct Finished {
     pub fenced: Vec<u64>,
 }
 
-/// Counters for Status.
-#[derive(Debug, Default, Clone, Copy)]
+/// Counters for Status and `/metrics`, since this coordinator started.
+#[derive(Debug, Default)]
 pub struct Counters {
     pub invalidations: u64,
     pub fenced: u64,
+    /// Members marked down because their lease ran out.
+    pub leases_expired: u64,
+    /// Time from an invalidation's start to its end (every member
+    /// acknowledged or was fenced), in nanoseconds.
+    pub invalidation_latency: rmem_common::Histogram,
 }
 
 /// What an allocation granted.
@@ -514,6 +519,7 @@ impl Cluster {
     /// Marks members whose lease ran out as down.
     pub fn expire_leases(&mut self) {
         for id in self.members.expire(Instant::now()) {
+            self.counters.leases_expired += 1;
             tracing::warn!(member = id, "lease expired: member marked down");
         }
     }
@@ -1244,6 +1250,9 @@ impl Cluster {
             .pending
             .remove(&id)
             .expect("a begun invalidation is pending until finished");
+        self.counters
+            .invalidation_latency
+            .record_duration(p.began.elapsed());
         for iv in &p.intervals {
             if let Ok(iv) = self.intervals.get_mut(*iv) {
                 iv.in_flight = iv.in_flight.saturating_sub(1);

@@ -158,6 +158,9 @@ impl EtcdConfig {
 pub struct CoordinatorConfig {
     /// gRPC address (every service, health and reflection).
     pub listen: SocketAddr,
+    /// Prometheus metrics on `/metrics` at this address (none by default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Run with no TLS although `listen` is reachable beyond this host (a
     /// lab on a trusted network). Without it such a coordinator refuses to
     /// start unless `[tls]` is given.
@@ -231,6 +234,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            metrics_listen: None,
             insecure: false,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             ephemeral: false,
@@ -353,12 +357,15 @@ impl CoordinatorConfig {
             }
         }
         // Last: a file's other mistakes are named first.
-        rmem_common::tls::check_exposure(
-            &[("listen", self.listen)],
-            self.tls.is_some(),
-            self.insecure,
-        )?;
+        rmem_common::tls::check_exposure(&self.listens(), self.tls.is_some(), self.insecure)?;
         Ok(())
+    }
+
+    /// What the coordinator listens on, by setting.
+    pub fn listens(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut l = vec![("listen", self.listen)];
+        l.extend(self.metrics_listen.map(|a| ("metrics_listen", a)));
+        l
     }
 
     /// The reaping delay in force.

@@ -90,6 +90,8 @@ pub struct Pending {
     pub acked: Vec<u64>,
     pub fenced: Vec<u64>,
     pub intervals: Vec<u64>,
+    /// When it began (its latency is measured when it finishes).
+    pub began: std::time::Instant,
     done: Option<oneshot::Sender<()>>,
 }
 
@@ -101,6 +103,7 @@ impl Pending {
             acked: Vec::new(),
             fenced: Vec::new(),
             intervals,
+            began: std::time::Instant::now(),
             done: Some(tx),
         };
         p.complete_if_done();

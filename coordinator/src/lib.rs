@@ -19,6 +19,7 @@ pub mod intervals;
 pub mod invalidation;
 pub mod keyring;
 pub mod membership;
+pub mod metrics;
 pub mod placement;
 pub mod service;
 pub mod state;
@@ -149,20 +150,54 @@ impl Coordinator {
             addr: config.listen,
             source,
         })?;
-        let tls = match &config.tls {
+        let reloading = match &config.tls {
             Some(files) => {
                 let pem = files.read()?;
                 tracing::info!(identity = %pem.identity, "mutual TLS on the gRPC port: callers need a certificate from the cluster CA");
                 // The certificate and CA reload without a restart.
                 let reloading = Reloading::new(pem);
                 reloading.watch();
-                Some(reloading.cached(reload::grpc_server)?)
+                Some(reloading)
             }
             None => None,
         };
-        rmem_common::tls::warn_if_insecure(&[("listen", addr)], tls.is_some());
+        let tls = reloading
+            .as_ref()
+            .map(|r| r.cached(reload::grpc_server))
+            .transpose()?;
         let shutdown = CancellationToken::new();
         let slot = Arc::new(std::sync::OnceLock::new());
+        let mut listens = vec![("listen", addr)];
+        if let Some(metrics_addr) = config.metrics_listen {
+            // From the start, so a standby answers too (as a standby).
+            let endpoint = rmem_common::metrics::endpoint::Endpoint::bind(metrics_addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: metrics_addr,
+                    source,
+                })?;
+            listens.push((
+                "metrics_listen",
+                endpoint.local_addr().map_err(|source| StartError::Bind {
+                    addr: metrics_addr,
+                    source,
+                })?,
+            ));
+            let serving = slot.clone();
+            let task = endpoint.serve(
+                reloading
+                    .as_ref()
+                    .map(|r| r.cached(rmem_common::metrics::endpoint::tls_config))
+                    .transpose()?,
+                Arc::new(move || metrics::exposition(&serving)),
+            );
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                task.abort();
+            });
+        }
+        rmem_common::tls::warn_if_insecure(&listens, tls.is_some());
         let leadership = config.etcd.as_ref().map(|_| Leadership::new());
         let (health, health_service) = tonic_health::server::health_reporter();
         // Until this returns, an error (or the caller giving up on a

@@ -34,6 +34,11 @@ struct Args {
     /// gRPC address [default: 0.0.0.0:7470].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (https with the
+    /// cluster's mutual TLS; scrapers need a `monitor` certificate)
+    /// [default: none].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Directory of the state log [default: /var/lib/rmem/coordinator].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -143,6 +148,9 @@ fn config(args: &Args) -> Result<CoordinatorConfig, ConfigError> {
         Some(p) => CoordinatorConfig::from_file(p)?,
         None => CoordinatorConfig::default(),
     };
+    if let Some(v) = args.metrics_listen {
+        c.metrics_listen = Some(v);
+    }
     if let Some(v) = args.listen {
         c.listen = v;
     }

@@ -145,6 +145,54 @@ impl Shared {
         // consistent record by record, so keep serving.
         self.cluster.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The cluster's status as Status answers it, but etcd's (which takes
+    /// a round trip to etcd).
+    pub fn status(&self) -> pb::StatusResponse {
+        let c = self.lock();
+        let mut s = pb::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            epoch: c.epoch(),
+            cluster_id: c.cluster_id().to_string(),
+            redundancy: c.redundancy().to_string(),
+            intervals: c.intervals.len() as u64,
+            invalidations_total: c.counters.invalidations,
+            invalidations_in_flight: c.fanout.pending.len() as u64,
+            members_fenced_total: c.counters.fenced,
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            allocated_pages: c.grants.iter().map(|g| g.pages).sum(),
+            ..Default::default()
+        };
+        (s.rebuild_pages_left, s.rebuild_pages_total) = c.rebuild_progress();
+        s.state_backend = self.backend.into();
+        for m in c.members.iter() {
+            let up = m.liveness == Liveness::Up;
+            match m.rec.role {
+                RoleRecord::Server => {
+                    match (up, m.rec.draining) {
+                        _ if m.rec.gone && m.liveness != Liveness::Left => s.servers_gone += 1,
+                        (true, false) => s.servers_up += 1,
+                        (true, true) => s.servers_draining += 1,
+                        (false, _) if m.liveness != Liveness::Left => s.servers_down += 1,
+                        _ => {}
+                    }
+                    if up {
+                        s.capacity_pages += m.rec.capacity_pages;
+                        s.used_pages += m.used_pages;
+                    }
+                }
+                RoleRecord::Agent => match m.liveness {
+                    Liveness::Up => {
+                        s.agents_up += 1;
+                        s.pages_at_risk += m.at_risk_pages;
+                    }
+                    Liveness::Left => {}
+                    _ => s.agents_down += 1,
+                },
+            }
+        }
+        s
+    }
 }
 
 /// Every control-plane service, over one [`Shared`].
@@ -771,53 +819,12 @@ impl ClusterAdmin for Service {
             Some(i) => tokio::task::spawn_blocking(move || i.inspect()).await.ok(),
             None => None,
         };
-        let c = self.shared().lock();
-        let mut s = pb::StatusResponse {
-            version: env!("CARGO_PKG_VERSION").into(),
-            epoch: c.epoch(),
-            cluster_id: c.cluster_id().to_string(),
-            redundancy: c.redundancy().to_string(),
-            intervals: c.intervals.len() as u64,
-            invalidations_total: c.counters.invalidations,
-            invalidations_in_flight: c.fanout.pending.len() as u64,
-            members_fenced_total: c.counters.fenced,
-            uptime_seconds: self.shared().started.elapsed().as_secs_f64(),
-            allocated_pages: c.grants.iter().map(|g| g.pages).sum(),
-            ..Default::default()
-        };
-        (s.rebuild_pages_left, s.rebuild_pages_total) = c.rebuild_progress();
-        s.state_backend = self.shared().backend.into();
+        let mut s = self.shared().status();
         if let Some(e) = etcd {
             s.leader = e.leader;
             s.replicas = e.replicas;
             s.etcd_endpoints = e.endpoints;
             s.etcd_health = e.health;
-        }
-        for m in c.members.iter() {
-            let up = m.liveness == Liveness::Up;
-            match m.rec.role {
-                RoleRecord::Server => {
-                    match (up, m.rec.draining) {
-                        _ if m.rec.gone && m.liveness != Liveness::Left => s.servers_gone += 1,
-                        (true, false) => s.servers_up += 1,
-                        (true, true) => s.servers_draining += 1,
-                        (false, _) if m.liveness != Liveness::Left => s.servers_down += 1,
-                        _ => {}
-                    }
-                    if up {
-                        s.capacity_pages += m.rec.capacity_pages;
-                        s.used_pages += m.used_pages;
-                    }
-                }
-                RoleRecord::Agent => match m.liveness {
-                    Liveness::Up => {
-                        s.agents_up += 1;
-                        s.pages_at_risk += m.at_risk_pages;
-                    }
-                    Liveness::Left => {}
-                    _ => s.agents_down += 1,
-                },
-            }
         }
         ok(s)
     }

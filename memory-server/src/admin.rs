@@ -81,13 +81,13 @@ impl AdminService {
         let ops = Op::ALL
             .iter()
             .map(|&op| {
-                let o = m.op(op);
+                let o = m.totals(op);
                 let p = o.latency.percentiles().scaled(1000.0);
                 OpStats {
                     op: op.as_str().into(),
-                    requests: o.requests.load(Ordering::Relaxed),
-                    pages: o.pages.load(Ordering::Relaxed),
-                    errors: o.errors.load(Ordering::Relaxed),
+                    requests: o.requests,
+                    pages: o.pages,
+                    errors: o.errors,
                     latency_us: Some(LatencySummary {
                         count: p.count,
                         p50: p.p50,

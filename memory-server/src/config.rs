@@ -112,6 +112,9 @@ pub struct ServerConfig {
     pub insecure: bool,
     /// Admin gRPC address (health, reflection, stats).
     pub grpc: SocketAddr,
+    /// Prometheus metrics on `/metrics` at this address (none by default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Size of the page pool.
     pub capacity: ByteSize,
     /// Back the pool with this file so pages survive restarts.
@@ -187,8 +190,10 @@ impl Default for ClusterConfig {
 
 impl ServerConfig {
     /// What the server listens on, by setting.
-    pub fn listens(&self) -> [(&'static str, SocketAddr); 2] {
-        [("listen", self.listen), ("grpc", self.grpc)]
+    pub fn listens(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut l = vec![("listen", self.listen), ("grpc", self.grpc)];
+        l.extend(self.metrics_listen.map(|a| ("metrics_listen", a)));
+        l
     }
 }
 
@@ -205,6 +210,7 @@ impl Default for ServerConfig {
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
             insecure: false,
             grpc: DEFAULT_GRPC.parse().expect("valid default"),
+            metrics_listen: None,
             capacity: ByteSize::gib(1),
             pool_file: None,
             durability: Durability::default(),
@@ -277,6 +283,15 @@ impl ServerConfig {
         }
         if self.listen == self.grpc && self.listen.port() != 0 {
             return Err(invalid("grpc", "must differ from `listen`"));
+        }
+        if let Some(m) = self.metrics_listen
+            && m.port() != 0
+            && (m == self.listen || m == self.grpc)
+        {
+            return Err(invalid(
+                "metrics_listen",
+                "must differ from `listen` and `grpc`",
+            ));
         }
         if self.prefault && self.pool_file.is_some() {
             return Err(invalid(

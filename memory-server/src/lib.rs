@@ -77,6 +77,8 @@ pub struct Server {
     grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     drain_timeout: Duration,
     membership: Option<membership::Membership>,
+    /// `/metrics`: its address and task (aborted at shutdown).
+    metrics_endpoint: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
 /// What a shutdown did.
@@ -198,10 +200,34 @@ impl Server {
             tracing::info!(identity = %r.current().identity, "mutual TLS on the data plane and the admin gRPC port: clients need a certificate from the cluster CA");
             r.watch();
         }
-        rmem_common::tls::warn_if_insecure(
-            &[("listen", data_addr), ("grpc", grpc_addr)],
-            tls.is_some(),
+        let metrics_endpoint = match config.metrics_listen {
+            Some(addr) => {
+                let endpoint = rmem_common::metrics::endpoint::Endpoint::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        addr,
+                        what: "metrics",
+                        source,
+                    })?;
+                let addr = endpoint.local_addr().expect("bound socket has an address");
+                let (store, metrics) = (store.clone(), metrics.clone());
+                let collect: rmem_common::metrics::endpoint::Collect =
+                    Arc::new(move || metrics.exposition(&store));
+                let tls = tls
+                    .as_ref()
+                    .map(|r| r.cached(rmem_common::metrics::endpoint::tls_config))
+                    .transpose()?;
+                Some((addr, endpoint.serve(tls, collect)))
+            }
+            None => None,
+        };
+        let mut listens = vec![("listen", data_addr), ("grpc", grpc_addr)];
+        listens.extend(
+            metrics_endpoint
+                .as_ref()
+                .map(|(a, _)| ("metrics_listen", *a)),
         );
+        rmem_common::tls::warn_if_insecure(&listens, tls.is_some());
         let grpc_tls = tls
             .as_ref()
             .map(|r| r.cached(reload::grpc_server))
@@ -252,6 +278,7 @@ impl Server {
             grpc,
             drain_timeout: config.drain_timeout,
             membership,
+            metrics_endpoint,
         })
     }
 
@@ -263,6 +290,11 @@ impl Server {
     /// The admin gRPC address actually bound.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// The metrics address actually bound, when metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_endpoint.as_ref().map(|(a, _)| *a)
     }
 
     /// The page store (for embedded use and stats).
@@ -288,6 +320,9 @@ impl Server {
             m.leave().await;
         }
         self.shutdown.cancel();
+        if let Some((_, task)) = self.metrics_endpoint.take() {
+            task.abort();
+        }
         let _ = self.accept.await;
         self.connections.close();
         let abandoned =

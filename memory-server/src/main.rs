@@ -33,6 +33,11 @@ struct Args {
     /// Admin gRPC address [default: 0.0.0.0:7481].
     #[arg(long, value_name = "ADDR")]
     grpc: Option<SocketAddr>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (https with the
+    /// cluster's mutual TLS; scrapers need a `monitor` certificate)
+    /// [default: none].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Size of the page pool, e.g. 512MiB, 4GiB [default: 1GiB].
     #[arg(long, value_name = "SIZE")]
     capacity: Option<ByteSize>,
@@ -164,6 +169,9 @@ fn effective_config(args: &Args) -> Result<(ServerConfig, Option<String>), Confi
         max_connections,
         max_batch_pages
     );
+    if let Some(a) = args.metrics_listen {
+        cfg.metrics_listen = Some(a);
+    }
     if let Some(p) = &args.pool_file {
         cfg.pool_file = Some(p.clone());
     }

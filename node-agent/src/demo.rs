@@ -63,8 +63,11 @@ pub struct DemoConfig {
     pub seed: u64,
     pub progress: bool,
     /// Mutual TLS to the coordinator and a running server (not to the
-    /// embedded one, which listens on loopback only).
+    /// embedded one, which listens on loopback only), and on the metrics
+    /// endpoint.
     pub tls: Option<rmem_common::tls::TlsPem>,
+    /// Serve Prometheus metrics here while the demo runs.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for DemoConfig {
@@ -81,6 +84,7 @@ impl Default for DemoConfig {
             cluster_token: None,
             cluster_name: None,
             tls: None,
+            metrics_listen: None,
             join_timeout: Duration::from_secs(60),
             tenant: "default".into(),
             token: None,
@@ -190,6 +194,8 @@ pub enum DemoError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("invalid `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("cannot serve metrics")]
+    Metrics(#[source] std::io::Error),
 }
 
 /// Contents of `page` at `version`: every 8-byte word differs, so a torn,
@@ -318,6 +324,15 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
     if !(0.0..=1.0).contains(&cfg.write_fraction) {
         return Err(invalid("write_fraction", "must be within 0..=1"));
     }
+    if let Some(addr) = cfg.metrics_listen
+        && !addr.ip().is_loopback()
+        && cfg.tls.is_none()
+    {
+        return Err(invalid(
+            "metrics_listen",
+            "reachable beyond this host and TLS is off: give --tls-* or listen on loopback",
+        ));
+    }
     if cfg.server.is_some() && cfg.coordinator.is_some() {
         return Err(invalid(
             "server",
@@ -379,6 +394,20 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
             }
             (RemoteRegion::new(region_cfg, client)?, None, addr)
         }
+    };
+    let region = Arc::new(region);
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => {
+            let r = region.clone();
+            let endpoint = rmem_common::metrics::endpoint::Background::start(
+                addr,
+                cfg.tls.as_ref(),
+                Arc::new(move || crate::metrics::region(&r)),
+            )
+            .map_err(DemoError::Metrics)?;
+            Some(endpoint)
+        }
+        None => None,
     };
     let servers = region.servers();
     let pages = region.pages();
@@ -480,6 +509,9 @@ pub fn run(cfg: &DemoConfig) -> Result<Report, DemoError> {
     }
 
     let st = region.stats();
+    // The endpoint goes first: it holds the region.
+    drop(metrics);
+    let region = Arc::into_inner(region).expect("the metrics endpoint released the region");
     drop(region);
     // A report, not the workload: a server that is down (restarting, in a
     // cluster) is named instead of failing the run. With its own server

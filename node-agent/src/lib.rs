@@ -12,10 +12,12 @@
 //!   the book of where each copy is, drains.
 //! - [`kmod`]: the kernel backend: `rmem.ko` through `/dev/rmem`.
 //! - [`demo`]: the `rmem-agent demo` workload and report.
+//! - [`metrics`]: what `/metrics` answers, for each backend.
 
 pub mod demo;
 pub mod kmod;
 pub mod mem;
+pub mod metrics;
 pub mod policy;
 pub mod prefetch;
 pub mod region;

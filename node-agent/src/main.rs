@@ -108,6 +108,11 @@ struct ServeArgs {
     /// File holding the cluster token (or set RMEM_CLUSTER_TOKEN).
     #[arg(long, value_name = "PATH")]
     cluster_token_file: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (https with --tls-*;
+    /// beyond loopback only with TLS, and scrapers then need a `monitor`
+    /// certificate) [default: none].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Member name in the cluster; keep it stable across restarts
     /// [default: HOST/kmod].
     #[arg(long, value_name = "NAME")]
@@ -264,6 +269,10 @@ struct DemoArgs {
     /// Operations in the Zipfian phase.
     #[arg(long, default_value_t = 200_000)]
     ops: u64,
+    /// Serve Prometheus metrics of the region on http://ADDR/metrics while
+    /// the demo runs (https with --tls-*; beyond loopback only with TLS).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Use this running rmem-server (HOST:PORT) instead of an embedded one.
     #[arg(long, value_name = "HOST:PORT")]
     server: Option<String>,
@@ -413,6 +422,7 @@ fn main() -> ExitCode {
                 rebuild_bandwidth: d.rebuild_bandwidth.map(|b| b.bytes()),
                 progress: !d.json && demo::stdout_is_terminal(),
                 tls,
+                metrics_listen: d.metrics_listen,
                 ..DemoConfig::default()
             };
             if !d.json {
@@ -452,6 +462,9 @@ fn serve_config(
     };
     if let Some(files) = tls.files()? {
         c.tls = Some(files);
+    }
+    if let Some(v) = a.metrics_listen {
+        c.metrics_listen = Some(v);
     }
     if let Some(v) = &a.server {
         c.server = v.clone();
@@ -557,6 +570,7 @@ fn run_serve(a: ServeArgs, tls: &AgentTls) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tls_pem = tls.clone();
     let home = Home {
         tls,
         server: (!cfg.server.is_empty()).then(|| cfg.server.clone()),
@@ -621,6 +635,24 @@ fn run_serve(a: ServeArgs, tls: &AgentTls) -> ExitCode {
                 .map_err(|e| format!("--attach {pid}: {e}"))?;
         }
         let listener = admin::bind(&cfg.socket).map_err(|e| format!("admin socket: {e}"))?;
+        let _metrics = match cfg.metrics_listen {
+            Some(addr) => {
+                let endpoint = rmem_common::metrics::endpoint::Endpoint::bind(addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let tls = match &tls_pem {
+                    Some(pem) => Some(
+                        rmem_common::tls::reload::Reloading::new(pem.clone())
+                            .cached(rmem_common::metrics::endpoint::tls_config)
+                            .map_err(|e| format!("metrics TLS: {e}"))?,
+                    ),
+                    None => None,
+                };
+                let sup = sup.clone();
+                Some(endpoint.serve(tls, Arc::new(move || rmem_agent::metrics::kernel(&sup))))
+            }
+            None => None,
+        };
         let rounds = {
             let (sup, stop, interval) = (sup.clone(), stop.clone(), cfg.interval);
             std::thread::Builder::new()

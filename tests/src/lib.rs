@@ -10,6 +10,7 @@
 //!   a private bridge) whose links can be cut.
 //! - [`suite`]: the case runner of the suites that run inside QEMU guests.
 
+pub mod metrics;
 pub mod netns;
 pub mod pki;
 pub mod suite;

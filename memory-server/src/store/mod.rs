@@ -177,6 +177,8 @@ pub struct Store {
     holders: DashMap<(u32, Box<str>), u32, foldhash::fast::RandomState>,
     next_holder: std::sync::atomic::AtomicU32,
     tenants: HashMap<u32, Arc<Tenant>>,
+    /// See [`Store::checksum_failures`].
+    checksum_failures: [std::sync::atomic::AtomicU64; 2],
     by_name: HashMap<String, Arc<Tenant>>,
     seq: AtomicU64,
     server_id: u64,
@@ -257,6 +259,7 @@ impl Store {
             pool,
             index: Index::with_hasher(foldhash::fast::RandomState::default()),
             tenants: tenant_map,
+            checksum_failures: Default::default(),
             by_name,
             seq: AtomicU64::new(1),
             server_id,
@@ -460,6 +463,16 @@ impl Store {
         u64::from(self.pool.slots())
     }
 
+    /// Pages refused because their data did not match their CRC, and
+    /// stored pages that failed theirs when read, since start.
+    pub fn checksum_failures(&self) -> (u64, u64) {
+        let [received, stored] = &self.checksum_failures;
+        (
+            received.load(std::sync::atomic::Ordering::Relaxed),
+            stored.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     /// Number of slots in use.
     pub fn used_pages(&self) -> u64 {
         self.extents.used()
@@ -622,6 +635,7 @@ impl Store {
         data: &Page,
     ) -> PageStatus {
         if page_crc(data) != crc {
+            self.checksum_failures[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return PageStatus::BadChecksum;
         }
         let key = Key {
@@ -711,6 +725,7 @@ impl Store {
                 slot = entry.slot,
                 "stored page failed its checksum"
             );
+            self.checksum_failures[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return PageStatus::Corrupt;
         }
         out(entry.crc, page);

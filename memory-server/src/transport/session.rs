@@ -13,7 +13,7 @@ use rmem_proto::wire::{
 use rmem_common::capability::{self, Capability, Verifier};
 use rmem_common::identity::{Identity, Role};
 
-use crate::metrics::{Metrics, Op};
+use crate::metrics::{Metrics, Op, Transport};
 use crate::store::{Store, Tenant};
 
 /// Shared by every session of a server.
@@ -269,7 +269,13 @@ impl Session {
                     .iter()
                     .filter(|s| **s != PageStatus::Ok)
                     .count();
-                metrics.record(Op::Put, batch.len() as u64, errors as u64, started);
+                metrics.record(
+                    Op::Put,
+                    Transport::Tcp,
+                    batch.len() as u64,
+                    errors as u64,
+                    started,
+                );
             }
             Request::Get(handles) => {
                 let allowed = allowed_by(&self.held);
@@ -289,7 +295,13 @@ impl Session {
                     }
                 }
                 w.finish();
-                metrics.record(Op::Get, handles.len() as u64, errors, started);
+                metrics.record(
+                    Op::Get,
+                    Transport::Tcp,
+                    handles.len() as u64,
+                    errors,
+                    started,
+                );
             }
             Request::Free(handles) => {
                 let allowed = allowed_by(&self.held);
@@ -307,7 +319,13 @@ impl Session {
                     .iter()
                     .filter(|s| **s != PageStatus::Ok)
                     .count();
-                metrics.record(Op::Free, handles.len() as u64, errors as u64, started);
+                metrics.record(
+                    Op::Free,
+                    Transport::Tcp,
+                    handles.len() as u64,
+                    errors as u64,
+                    started,
+                );
             }
             Request::Stat => {
                 let stat = Stat {
@@ -317,20 +335,26 @@ impl Session {
                     tenant_quota_pages: tenant.quota_pages,
                 };
                 wire::encode_stat_ok(out, id, &stat);
-                metrics.record(Op::Stat, 0, 0, started);
+                metrics.record(Op::Stat, Transport::Tcp, 0, 0, started);
             }
             Request::RdmaConnect(peer) => self.rdma_connect(&tenant, &peer, id, out)?,
             Request::PutStaged(puts) => {
                 let allowed = allowed_by(&self.held);
                 let rdma = self.rdma_session(id)?;
                 let errors = rdma.put_staged(store, &tenant, holder, &puts, &allowed, id, out)?;
-                metrics.record(Op::Put, puts.len() as u64, errors, started);
+                metrics.record(Op::Put, Transport::Rdma, puts.len() as u64, errors, started);
             }
             Request::Locate(handles) => {
                 let allowed = allowed_by(&self.held);
                 let rdma = self.rdma_session(id)?;
                 let errors = rdma.locate(&tenant, holder, &handles, &allowed, id, out);
-                metrics.record(Op::Locate, handles.len() as u64, errors, started);
+                metrics.record(
+                    Op::Locate,
+                    Transport::Rdma,
+                    handles.len() as u64,
+                    errors,
+                    started,
+                );
             }
             Request::Caps(tokens) => self.present(&tenant, &tokens, id, out),
         }

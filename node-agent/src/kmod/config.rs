@@ -39,6 +39,10 @@ pub struct ServeConfig {
     pub token_file: Option<PathBuf>,
     /// The admin socket (`rmemctl attach|detach|attachments`).
     pub socket: PathBuf,
+    /// Prometheus metrics on `/metrics` at this address (none by default;
+    /// beyond loopback only with `[tls]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The module's device.
     pub device: PathBuf,
     /// Threads answering the module's fetch requests.
@@ -113,6 +117,7 @@ impl Default for ServeConfig {
             token: None,
             token_file: None,
             socket: super::admin::DEFAULT_SOCKET.into(),
+            metrics_listen: None,
             device: super::device::DEVICE_PATH.into(),
             fault_threads: 2,
             min_age: Duration::from_secs(2),
@@ -137,6 +142,18 @@ impl ServeConfig {
     /// Checks every field; reads `token_file` into `token` (validating
     /// again afterwards passes).
     pub fn validate(&mut self) -> Result<(), ConfigError> {
+        if let Some(addr) = self.metrics_listen
+            && !addr.ip().is_loopback()
+            && self.tls.is_none()
+        {
+            return Err(invalid(
+                "metrics_listen",
+                format!(
+                    "{addr} is reachable beyond this host and TLS is off; give the cluster CA, \
+                     this agent's certificate and its key ([tls] or --tls-*), or listen on loopback"
+                ),
+            ));
+        }
         match (self.server.is_empty(), &self.coordinator) {
             (true, None) => {
                 return Err(invalid(

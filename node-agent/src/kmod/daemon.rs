@@ -124,6 +124,8 @@ impl Inner {
 pub struct Supervisor {
     agent: KernelAgent,
     inner: Mutex<Inner>,
+    /// Eviction rounds since start.
+    rounds: std::sync::atomic::AtomicU64,
 }
 
 /// Whether `pid` still runs: a zombie (exited, not yet reaped by its
@@ -157,6 +159,7 @@ impl Supervisor {
                 damon,
                 procs: BTreeMap::new(),
             }),
+            rounds: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -285,6 +288,16 @@ impl Supervisor {
             .collect()
     }
 
+    /// The kernel agent it drives.
+    pub fn agent(&self) -> &KernelAgent {
+        &self.agent
+    }
+
+    /// Eviction rounds since start.
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::Relaxed)
+    }
+
     /// The server the pages go to.
     pub fn server(&self) -> String {
         self.agent.server()
@@ -311,6 +324,7 @@ impl Supervisor {
     /// process over its budget, its coldest pages until it is within it.
     /// Processes that exited are detached and returned.
     pub fn round(&self) -> Vec<DaemonStatus> {
+        self.rounds.fetch_add(1, Ordering::Relaxed);
         // The work list under the lock; evictions without it, so attach,
         // detach and list answer during a long round.
         let (work, gone) = {

@@ -114,6 +114,9 @@ pub struct KernelStats {
     pub invalidated: AtomicU64,
     pub evicted: AtomicU64,
     pub kept_local: AtomicU64,
+    /// Time the agent took to answer a batch of fetches, recorded once per
+    /// fetch (nanoseconds): the agent's share of a remote fault.
+    pub fetch_latency: rmem_common::Histogram,
 }
 
 /// A running kernel agent. Dropping it stops the threads; attachments stay
@@ -521,7 +524,13 @@ fn serve(
             }
         }
         if !fetches.is_empty() {
+            let started = std::time::Instant::now();
             fetch.answer(dev, homes, &mut reads, &fetches, stats, fault_timeout);
+            // Each fault of the batch waited about this long in the agent.
+            let took = started.elapsed();
+            for _ in &fetches {
+                stats.fetch_latency.record_duration(took);
+            }
         }
         if !freed.is_empty() && free.send(std::mem::take(&mut freed)).is_err() && !free_gone {
             free_gone = true;

@@ -560,6 +560,24 @@ impl RemoteRegion {
             .collect()
     }
 
+    /// The live counters (for `/metrics`, which wants the histograms).
+    pub fn counters(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The redundancy of the region's evicted pages.
+    pub fn redundancy(&self) -> rmem_common::Redundancy {
+        self.inner.homes.policy()
+    }
+
+    /// Pages whose data is on the servers only (a scan of the page table).
+    pub fn remote_pages(&self) -> u64 {
+        let states = &self.inner.states;
+        (0..states.len())
+            .filter(|&i| states.get(i).kind() == state::Kind::Remote)
+            .count() as u64
+    }
+
     /// Counters and residency.
     pub fn stats(&self) -> StatsSnapshot {
         let s = &self.inner.stats;

@@ -501,6 +501,7 @@ fn main() {
                         .args(["serve", "--server", &env.server.data.to_string()])
                         .args(["--socket", sock, "--min-age", "1s", "--interval", "500ms"])
                         .args(["--attach", &c.pid().to_string()])
+                        .args(["--metrics-listen", "127.0.0.1:7491"])
                         .stderr(log)
                         .spawn()
                         .map_err(|e| e.to_string())?,
@@ -609,6 +610,10 @@ fn main() {
                         b.query("remote 0 1024")? >= 800,
                         "the other process's pages came back",
                     )?;
+                    // Its pages fault back through the module: /metrics
+                    // counts what happened (the kernel path's figures).
+                    b.cmd("check 1")?;
+                    kernel_metrics("127.0.0.1:7491".parse().expect("an address"))?;
                     // SIGTERM: every remaining process is detached, every page back.
                     // SAFETY: signalling our own child.
                     unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
@@ -3385,4 +3390,62 @@ mod target {
         }
         Ok(())
     }
+}
+
+/// Checks `rmem-agent serve`'s `/metrics` after two processes had 800 or
+/// more pages evicted each, one of them detached, and the other's faulted
+/// back: the counters say so, the format is sound (promtool checks the same
+/// encoder's output on the host).
+fn kernel_metrics(addr: std::net::SocketAddr) -> Result<(), String> {
+    use rmem_tests::metrics::{get, value};
+    let r = get(addr, "/metrics", None)?;
+    ensure(
+        r.status == 200,
+        format!("GET /metrics: {} {}", r.status, r.body),
+    )?;
+    let m = r.body;
+    let v = |name: &str, labels: &[(&str, &str)]| value(&m, name, labels).unwrap_or(-1.0);
+    let kernel = ("path", "kernel");
+    let checks = [
+        (
+            "evicted",
+            v("rmem_agent_pages_evicted_total", &[kernel]) >= 1600.0,
+        ),
+        (
+            "remote faults",
+            v("rmem_agent_faults_total", &[kernel, ("result", "remote")]) >= 800.0,
+        ),
+        (
+            "failed faults",
+            v("rmem_agent_faults_total", &[kernel, ("result", "failed")]) == 0.0,
+        ),
+        (
+            "fault latencies",
+            v("rmem_agent_fault_duration_seconds_count", &[kernel])
+                >= v("rmem_agent_faults_total", &[kernel, ("result", "remote")]),
+        ),
+        ("attachments", v("rmem_agent_attachments", &[]) == 1.0),
+        ("rounds", v("rmem_agent_eviction_rounds_total", &[]) > 0.0),
+        (
+            "build info",
+            v("rmem_build_info", &[("daemon", "agent")]) == 1.0,
+        ),
+    ];
+    for (what, ok) in checks {
+        ensure(ok, format!("/metrics: {what} wrong in\n{m}"))?;
+    }
+    // Every sample belongs to a family announced with its type.
+    for line in m.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| m.contains(&format!("# TYPE {f} histogram")))
+            .unwrap_or(name);
+        ensure(
+            m.contains(&format!("# TYPE {family} ")),
+            format!("/metrics: {name} has no TYPE line"),
+        )?;
+    }
+    Ok(())
 }
