@@ -29,6 +29,12 @@
 # revoke --dir DIR/pki --role agent --name local-you` cuts that agent off
 # within seconds.
 #
+# Every daemon serves Prometheus metrics over the same mutual TLS (the
+# coordinators on P+50.., the servers on P+60.., the agent on P+80), for
+# the monitor certificate DIR/pki/monitor-local-prometheus.pem; `up` writes
+# DIR/prometheus.yml, a scrape configuration for them with the alerting
+# rules of deploy/monitoring (prometheus --config.file DIR/prometheus.yml).
+#
 # Logs, pids and the coordinator's state live in DIR (default
 # ${TMPDIR:-/tmp}/rmem-local-cluster); `down` stops everything (SIGTERM, so
 # the agent frees its pages and the servers leave the cluster) and keeps the
@@ -106,13 +112,15 @@ case "$cmd" in
     trap 'echo "local-cluster: start failed; stopping what started (logs in $dir/logs)" >&2; stop_all || true' ERR
 
     # The lab PKI: a CA, and a certificate for every member (loopback).
-    members=(--member admin:local-admin --member agent:local-agent --member agent:local-you)
+    members=(--member admin:local-admin --member agent:local-agent@127.0.0.1 --member agent:local-you
+      --member monitor:local-prometheus)
     for i in $(seq 0 $((coordinators - 1))); do members+=(--member "coordinator:c$i@127.0.0.1"); done
     for i in $(seq 0 $((servers - 1))); do members+=(--member "server:mem-$i@127.0.0.1"); done
     "$bin/rmemctl" pki init --dir "$dir/pki" --keep "${members[@]}" >"$dir/logs/pki.log"
 
     if [ "$coordinators" -eq 1 ]; then
       "$bin/rmem-coordinator" --listen "$endpoint" --state-dir "$dir/coordinator" $(tls coordinator-c0) \
+        --metrics-listen "127.0.0.1:$((port + 50))" \
         --lease 3s --placement-chunk 16MiB >"$dir/logs/coordinator.log" 2>&1 &
       echo $! >"$dir/pids/coordinator.pid"
     else
@@ -131,6 +139,7 @@ case "$cmd" in
         addr="127.0.0.1:$((port + i))"
         endpoint="${endpoint:+$endpoint,}$addr"
         "$bin/rmem-coordinator" --listen "$addr" --etcd "$etcd_url" $(tls "coordinator-c$i") \
+          --metrics-listen "127.0.0.1:$((port + 50 + i))" \
           --lease 3s --placement-chunk 16MiB >"$dir/logs/coordinator-$i.log" 2>&1 &
         echo $! >"$dir/pids/coordinator-$i.pid"
       done
@@ -149,6 +158,7 @@ case "$cmd" in
     for i in $(seq 0 $((servers - 1))); do
       data=$((port + 10 + 2 * i)); grpc=$((data + 1))
       "$bin/rmem-server" --listen "127.0.0.1:$data" --grpc "127.0.0.1:$grpc" --capacity 256MiB \
+        --metrics-listen "127.0.0.1:$((port + 60 + i))" \
         --coordinator "$endpoint" $(tls "server-mem-$i") >"$dir/logs/server-$i.log" 2>&1 &
       echo $! >"$dir/pids/server-$i.pid"
     done
@@ -161,8 +171,25 @@ case "$cmd" in
     [ "${up:-0}" -ge "$servers" ] || die "only ${up:-0} of $servers servers joined; see $dir/logs"
 
     "$bin/rmem-agent" $(tls agent-local-agent) demo --coordinator "$endpoint" --repeat 0 \
-      --size "$agent_size" --budget 1MiB --ops 50000 --json >"$dir/logs/agent.log" 2>&1 &
+      --size "$agent_size" --budget 1MiB --ops 50000 --json \
+      --metrics-listen "127.0.0.1:$((port + 80))" >"$dir/logs/agent.log" 2>&1 &
     echo $! >"$dir/pids/agent.pid"
+    # Prometheus' view of it: every daemon's /metrics with the monitor
+    # certificate, and the alerting rules.
+    targets() { local first=$1 n=$2 i out=; for i in $(seq 0 $((n - 1))); do out="$out${out:+, }'127.0.0.1:$((first + i))'"; done; echo "$out"; }
+    {
+      echo "# Prometheus scraping the local rmem cluster in $dir (made by local-cluster.sh up)."
+      echo "global: {scrape_interval: 5s, evaluation_interval: 5s}"
+      echo "rule_files: ['$here/deploy/monitoring/rmem-alerts.yml']"
+      echo "scrape_configs:"
+      for job in "rmem-coordinator $((port + 50)) $coordinators" "rmem-server $((port + 60)) $servers" "rmem-agent $((port + 80)) 1"; do
+        read -r name first n <<<"$job"
+        echo "  - job_name: $name"
+        echo "    scheme: https"
+        echo "    tls_config: {ca_file: '$dir/pki/ca.pem', cert_file: '$dir/pki/monitor-local-prometheus.pem', key_file: '$dir/pki/monitor-local-prometheus.key'}"
+        echo "    static_configs: [{targets: [$(targets "$first" "$n")]}]"
+      done
+    } >"$dir/prometheus.yml"
     cat >"$dir/env" <<EOF
 # The local rmem cluster in $dir: source this file (. $dir/env).
 # rmemctl acts as the admin local-admin, rmem-agent as the agent local-you.
@@ -178,6 +205,7 @@ EOF
     trap - ERR
     echo "local-cluster: coordinator $endpoint, $servers servers, 1 agent, mutual TLS (logs in $dir/logs)" >&2
     echo "local-cluster: . $dir/env to use it (rmemctl status; rmem-agent demo)" >&2
+    echo "local-cluster: metrics for the monitor certificate: prometheus --config.file $dir/prometheus.yml" >&2
     [ "$coordinators" -eq 1 ] || echo "local-cluster: $coordinators coordinator replicas on the etcd at $etcd_url" >&2
     echo "$endpoint"
     ;;

@@ -11,6 +11,7 @@ mod capcost;
 mod dataplane;
 mod limits;
 mod matrix;
+mod metricscost;
 mod plot;
 mod rebuild;
 mod redundancy;
@@ -347,6 +348,19 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
     } else {
         None
     };
+    // Metrics' cost: the userspace path's faults with a scraper rendering
+    // the region's exposition every 10 ms, and without (alternating).
+    let metrics = if args.runs(Section::Region) {
+        progress("metrics: fault-back latency scraped every 10 ms and not");
+        let effort = region::Effort {
+            size: plan.region.size / 2,
+            budget: plan.region.budget / 2,
+            random_reads: plan.region.random_reads / 2,
+        };
+        Some(metricscost::measure(&client, effort, 2)?)
+    } else {
+        None
+    };
     let rmem = if args.runs(Section::Region) {
         progress("userspace path: eviction, fault-back (raw round trips interleaved), scan");
         Some(region::measure(&client, plan.region, &mut raw)?)
@@ -391,6 +405,7 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
     report.set_dataplane_tls(dataplane_tls);
     report.capabilities = capabilities;
     report.seal = seal;
+    report.metrics = metrics;
     Ok(report)
 }
 

@@ -83,6 +83,8 @@ pub struct Report {
     pub capabilities: Option<crate::capcost::CapabilityCost>,
     /// What sealing pages (`--seal`) costs the agent.
     pub seal: Option<crate::sealcost::SealCost>,
+    /// What serving `/metrics` costs the fault path.
+    pub metrics: Option<crate::metricscost::MetricsCost>,
     pub rmem: Option<RegionFigures>,
     /// Eviction and faults with each redundancy policy, and degraded.
     pub redundancy: Option<RedundancyFigures>,
@@ -154,6 +156,7 @@ impl Report {
             dataplane_tls: None,
             capabilities: None,
             seal: None,
+            metrics: None,
             rmem,
             redundancy,
             rebuild,
@@ -391,6 +394,20 @@ pub fn render(r: &Report) -> String {
             format!(
                 "{:.0} MiB/s / {:.0} MiB/s",
                 c.evict_sealed_mib_s, c.evict_mib_s
+            ),
+        );
+    }
+    if let Some(c) = &r.metrics {
+        row(
+            "fault p50 / p99 scraped every 10 ms / not",
+            format!(
+                "{:.1} / {:.1} µs, {:.1} / {:.1} µs ({} expositions, {:.0} µs each)",
+                c.fault_scraped_us.p50,
+                c.fault_scraped_us.p99,
+                c.fault_us.p50,
+                c.fault_us.p99,
+                c.scrapes,
+                c.render_us
             ),
         );
     }

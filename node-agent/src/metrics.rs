@@ -29,6 +29,8 @@ struct Figures<'a> {
     latency: &'a Histogram,
     evicted: u64,
     fetched: u64,
+    /// Of `fetched`, pages brought back ahead of a fault.
+    prefetched: u64,
     attachments: usize,
     budget_bytes: u64,
     over_budget_bytes: u64,
@@ -67,6 +69,11 @@ impl Figures<'_> {
             "Pages read back from memory servers.",
         )
         .set(&[path], self.fetched);
+        e.counter(
+            "rmem_agent_prefetch_issued_total",
+            "Pages fetched ahead of a fault.",
+        )
+        .set(&[path], self.prefetched);
         e.gauge(
             "rmem_agent_attachments",
             "Processes attached (a region on the userfaultfd path).",
@@ -117,16 +124,17 @@ pub fn kernel(sup: &Supervisor) -> Exposition {
         b.0 += a.local_bytes;
         b.1 += a.remote_bytes;
     }
+    // SIGBUS on this path: the agent answered a fetch with an error, the
+    // module gave up waiting for the agent, or a page could not move back.
+    let failed = totals.failed_fetches + totals.fetch_timeouts + totals.stuck_faults;
     Figures {
         path: "kernel",
-        faults: &[
-            ("remote", totals.fetched_pages),
-            ("failed", totals.failed_fetches),
-        ],
-        failed: totals.failed_fetches,
+        faults: &[("remote", totals.fetched_pages), ("failed", failed)],
+        failed,
         latency: &s.fetch_latency,
         evicted: s.evicted.load(Ordering::Relaxed),
         fetched: totals.fetched_pages,
+        prefetched: totals.prefetched_pages,
         attachments: list.len(),
         budget_bytes: list.iter().map(|a| a.budget_bytes).sum(),
         over_budget_bytes: list
@@ -177,6 +185,7 @@ pub fn region(r: &RemoteRegion) -> Exposition {
         latency: &r.counters().fault_remote_latency,
         evicted: st.pages_evicted,
         fetched: st.faults_remote + st.prefetch_issued,
+        prefetched: st.prefetch_issued,
         attachments: 1,
         budget_bytes: budget,
         over_budget_bytes: resident.saturating_sub(budget),
@@ -188,11 +197,6 @@ pub fn region(r: &RemoteRegion) -> Exposition {
     }
     .write(&mut e);
     let path = ("path", "userfaultfd");
-    e.counter(
-        "rmem_agent_prefetch_issued_total",
-        "Pages fetched ahead of a fault.",
-    )
-    .set(&[path], st.prefetch_issued);
     e.counter(
         "rmem_agent_prefetch_used_total",
         "Prefetched pages the program then touched.",

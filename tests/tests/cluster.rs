@@ -812,7 +812,8 @@ fn local_cluster(coordinators: u16) {
     // A base port below the kernel's ephemeral range (32768..), so the
     // other tests' sockets cannot take it meanwhile, with every port the
     // script uses free (the coordinators from base, base+10.. for two
-    // servers, base+90 and +91 for etcd).
+    // servers, base+50.. and +60.. for their metrics, +80 for the agent's,
+    // base+90 and +91 for etcd).
     let port = (0..1000)
         .map(|k| {
             20_000
@@ -821,7 +822,9 @@ fn local_cluster(coordinators: u16) {
         .find(|&p| {
             (0..coordinators)
                 .map(|i| p + i)
-                .chain([p + 10, p + 11, p + 12, p + 13, p + 90, p + 91])
+                .flat_map(|i| [p + i, p + 50 + i])
+                .chain([p + 10, p + 11, p + 12, p + 13, p + 60, p + 61, p + 80])
+                .chain([p + 90, p + 91])
                 .all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok())
         })
         .expect("a free base port");
@@ -911,6 +914,46 @@ fn local_cluster(coordinators: u16) {
     assert!(
         wait_until(Duration::from_secs(20), || status()["agents_up"] == 1),
         "the agent never joined"
+    );
+    // Every daemon's metrics, over mutual TLS for the monitor certificate
+    // (the agent's once it evicted), and DIR/prometheus.yml scrapes them.
+    let monitor = rmem_common::tls::TlsFiles {
+        ca_file: dir.path().join("pki/ca.pem"),
+        cert_file: dir.path().join("pki/monitor-local-prometheus.pem"),
+        key_file: dir.path().join("pki/monitor-local-prometheus.key"),
+        crl_file: None,
+    }
+    .read()
+    .unwrap();
+    let daemons = (0..coordinators)
+        .map(|i| ("coordinator", port + 50 + i))
+        .chain([
+            ("server", port + 60),
+            ("server", port + 61),
+            ("agent", port + 80),
+        ]);
+    for (daemon, p) in daemons {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], p));
+        let mut last = None;
+        let ok = wait_until(Duration::from_secs(30), || {
+            last = Some(rmem_tests::metrics::get(addr, "/metrics", Some(&monitor)));
+            matches!(&last, Some(Ok(r)) if r.status == 200
+                && (daemon != "agent" || rmem_tests::metrics::value(&r.body, "rmem_agent_pages_evicted_total", &[]).unwrap_or(0.0) > 0.0))
+        });
+        assert!(ok, "{daemon} metrics on {addr}: {last:?}");
+        let body = last.unwrap().unwrap().body;
+        rmem_tests::metrics::promtool_check(&body).unwrap_or_else(|e| panic!("{daemon}: {e}"));
+    }
+    let check = std::process::Command::new("promtool")
+        .args(["check", "config"])
+        .arg(dir.path().join("prometheus.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
     );
     // The demo, as a user runs it once the file is sourced: on the cluster,
     // as the agent local-you, every byte verified.

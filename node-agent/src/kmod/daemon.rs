@@ -81,6 +81,10 @@ pub struct AgentTotals {
     pub skipped_locked_pages: u64,
     pub skipped_mapping_pages: u64,
     pub stuck_faults: u64,
+    /// Faults the module gave up waiting on the agent for (SIGBUS).
+    pub fetch_timeouts: u64,
+    /// Pages the module brought back ahead of a fault.
+    pub prefetched_pages: u64,
 }
 
 /// Why attaching or detaching failed.
@@ -317,6 +321,8 @@ impl Supervisor {
             skipped_locked_pages: info.skipped_locked,
             skipped_mapping_pages: info.skipped_mappings,
             stuck_faults: info.stuck_faults,
+            fetch_timeouts: info.fetch_timeouts,
+            prefetched_pages: info.prefetched,
         }
     }
 
