@@ -97,4 +97,23 @@ impl ClientError {
             | ClientError::RdmaNotBuilt => false,
         }
     }
+
+    /// A short stable name of what went wrong, for metrics (a refusal's
+    /// or a page status's own name where the server gave one).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ClientError::Connect { .. } => "unreachable",
+            ClientError::Io { .. } | ClientError::Closed { .. } => "connection_lost",
+            ClientError::Timeout { .. } => "timeout",
+            ClientError::Protocol { .. } => "protocol",
+            ClientError::Rejected { code, .. } => code.as_str(),
+            ClientError::Checksum { .. } => "bad_checksum",
+            ClientError::Page { status, .. } => status.as_str(),
+            ClientError::BatchTooLarge { .. } => "batch_too_large",
+            ClientError::Tls { .. } => "tls",
+            ClientError::RdmaNotOffered { .. } | ClientError::RdmaNotBuilt => "rdma_unavailable",
+            #[cfg(feature = "rdma")]
+            ClientError::Rdma { .. } => "rdma",
+        }
+    }
 }

@@ -37,6 +37,8 @@ struct Figures<'a> {
     /// (local, remote) bytes by redundancy policy.
     by_policy: BTreeMap<String, (u64, u64)>,
     at_risk: u64,
+    /// Errors met, by plane and reason.
+    errors: Vec<(&'static str, String, u64)>,
 }
 
 impl Figures<'_> {
@@ -108,6 +110,13 @@ impl Figures<'_> {
             "Pages with fewer live copies or shards than their redundancy asks.",
         )
         .set(&[], self.at_risk);
+        let mut errors = e.counter(
+            "rmem_agent_errors_total",
+            "Errors by plane and reason: data-plane requests that failed after their retries and pages a server answered with a status but ok; control calls that failed, by the coordinator's rmem-reason.",
+        );
+        for (plane, reason, n) in &self.errors {
+            errors.set(&[("plane", plane), ("reason", reason)], *n);
+        }
     }
 }
 
@@ -144,6 +153,7 @@ pub fn kernel(sup: &Supervisor) -> Exposition {
             .sum(),
         by_policy,
         at_risk: sup.agent().homes().at_risk(),
+        errors: sup.agent().homes().errors(),
     }
     .write(&mut e);
     e.counter(
@@ -194,6 +204,7 @@ pub fn region(r: &RemoteRegion) -> Exposition {
             (resident, r.remote_pages() * PAGE),
         )]),
         at_risk: st.pages_at_risk,
+        errors: r.errors(),
     }
     .write(&mut e);
     let path = ("path", "userfaultfd");

@@ -254,3 +254,50 @@ fn metrics_over_tls_are_for_monitors_and_plain_metrics_stay_on_loopback() {
         "{err}"
     );
 }
+
+#[test]
+fn a_full_server_shows_in_the_agents_errors_by_reason() {
+    // 1 MiB of pool for 8 MiB written through a 1 MiB budget: the server
+    // refuses pages (no_space) and the agent counts them.
+    let server = ServerProcess::start(&["--capacity", "1MiB"]);
+    let page = rmem_client::PAGE_SIZE;
+    let r = rmem_agent::RemoteRegion::new(
+        rmem_agent::RegionConfig {
+            size: 8 << 20,
+            budget: 1 << 20,
+            fault_timeout: Duration::from_secs(20),
+            ..rmem_agent::RegionConfig::default()
+        },
+        server.client_config(),
+    )
+    .unwrap();
+    let base = r.as_ptr();
+    for p in 0..r.pages() {
+        let word = base.wrapping_add(p * page).cast::<u64>();
+        // SAFETY: inside the live region, touched by this thread only.
+        unsafe { word.write_volatile(p as u64 + 1) };
+    }
+    let no_space = || {
+        value(
+            &rmem_agent::metrics::region(&r).encode(),
+            "rmem_agent_errors_total",
+            &[("plane", "data"), ("reason", "no_space")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || no_space() > 0.0),
+        "no no_space error counted:\n{}",
+        rmem_agent::metrics::region(&r).encode()
+    );
+    let m = rmem_agent::metrics::region(&r).encode();
+    checked("agent", &m);
+    assert!(v(&m, "rmem_agent_over_budget_bytes", &[]) >= 0.0);
+    // Nothing was lost: every page reads back.
+    for p in 0..r.pages() {
+        let word = base.wrapping_add(p * page).cast::<u64>();
+        // SAFETY: as above.
+        let got = unsafe { word.read_volatile() };
+        assert_eq!(got, p as u64 + 1, "page {p}");
+    }
+}

@@ -565,6 +565,11 @@ impl RemoteRegion {
         &self.inner.stats
     }
 
+    /// Errors met, by plane (data, control) and reason.
+    pub fn errors(&self) -> Vec<(&'static str, String, u64)> {
+        self.inner.homes.errors()
+    }
+
     /// The redundancy of the region's evicted pages.
     pub fn redundancy(&self) -> rmem_common::Redundancy {
         self.inner.homes.policy()

@@ -296,6 +296,8 @@ pub struct Cluster {
     /// The capabilities of this agent's handle spaces, by interval id,
     /// handed to every server it uses.
     caps: Arc<rmem_client::Capabilities>,
+    /// Control calls that failed for good, by the coordinator's reason.
+    errors: super::errors::ErrorCounts,
 }
 
 /// How often the agent looks for capabilities due for renewal.
@@ -551,6 +553,7 @@ impl Cluster {
             control_within: cfg.join_timeout,
             data_tls,
             caps,
+            errors: Default::default(),
         }))
     }
 
@@ -594,7 +597,8 @@ impl Cluster {
         F: FnMut(ControlClient) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        self.runtime
+        let r = self
+            .runtime
             .block_on(rmem_client::control::retrying(what, within, || {
                 let f = call(self.client.clone());
                 async move {
@@ -602,7 +606,16 @@ impl Cluster {
                         .map(tonic::Response::into_inner)
                         .map_err(ControlError::from)
                 }
-            }))
+            }));
+        if let Err(e) = &r {
+            self.errors.count(control_reason(e), 1);
+        }
+        r
+    }
+
+    /// Control calls that failed for good, by reason.
+    pub fn errors(&self) -> Vec<(String, u64)> {
+        self.errors.snapshot()
     }
 
     /// Removes `member` from the subscribers of `interval`.
@@ -901,5 +914,18 @@ impl Drop for Cluster {
         if let Err(e) = self.runtime.block_on(session.leave()) {
             tracing::warn!(error = %e, "cannot leave the cluster cleanly");
         }
+    }
+}
+
+/// A failed control call's reason for metrics: the coordinator's
+/// `rmem-reason`, else what the failure was.
+fn control_reason(e: &ControlError) -> &str {
+    match e.reason() {
+        "" => match e {
+            ControlError::Unreachable { .. } => "unreachable",
+            ControlError::Endpoint { .. } => "bad_endpoint",
+            ControlError::Rpc { .. } => "unspecified",
+        },
+        r => r,
     }
 }

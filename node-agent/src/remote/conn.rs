@@ -10,6 +10,7 @@ use rmem_client::{
     ClientConfig, ClientError, DataConnection, PAGE_SIZE, Page, PageStatus, PageTransport, Pending,
 };
 
+use super::errors::ErrorCounts;
 use super::seal::Seal;
 
 /// How long a fault waits, by default, for a server that does not answer
@@ -44,6 +45,8 @@ pub struct RemoteConn {
     sealed: Vec<Page>,
     /// ...and their handles.
     sealed_handles: Vec<u64>,
+    /// Where failed requests and bad page statuses are counted.
+    errors: Option<Arc<ErrorCounts>>,
 }
 
 impl RemoteConn {
@@ -55,6 +58,25 @@ impl RemoteConn {
             seal: None,
             sealed: Vec::new(),
             sealed_handles: Vec::new(),
+            errors: None,
+        }
+    }
+
+    /// Failed requests and bad page statuses counted in `errors`.
+    pub fn counting(mut self, errors: Arc<ErrorCounts>) -> Self {
+        self.errors = Some(errors);
+        self
+    }
+
+    fn count_error(&self, e: &ClientError) {
+        if let Some(errors) = &self.errors {
+            errors.count(e.reason(), 1);
+        }
+    }
+
+    fn count_statuses(&self, statuses: &[PageStatus]) {
+        if let Some(errors) = &self.errors {
+            errors.count_statuses(statuses);
         }
     }
 
@@ -130,6 +152,7 @@ impl RemoteConn {
                 }
                 Err(e) => {
                     self.conn = None;
+                    self.count_error(&e);
                     return Err(e);
                 }
             }
@@ -139,6 +162,19 @@ impl RemoteConn {
     /// GET with retries until `deadline`; the page statuses go to
     /// `statuses` (reused, so the fault path does not allocate).
     pub fn get(
+        &mut self,
+        handles: &[u64],
+        out: &mut [Page],
+        statuses: &mut Vec<PageStatus>,
+        deadline: Instant,
+    ) -> Result<(), ClientError> {
+        self.get_uncounted(handles, out, statuses, deadline)?;
+        self.count_statuses(statuses);
+        Ok(())
+    }
+
+    /// [`Self::get`] without counting the statuses (its caller does).
+    fn get_uncounted(
         &mut self,
         handles: &[u64],
         out: &mut [Page],
@@ -221,7 +257,10 @@ impl RemoteConn {
                 Ok(false)
             },
             // `get` opens what it reads itself.
-            |me, (out, statuses)| me.get(handles, out, statuses, deadline).map(|()| true),
+            |me, (out, statuses)| {
+                me.get_uncounted(handles, out, statuses, deadline)
+                    .map(|()| true)
+            },
         )?;
         if !opened && self.renewed_after_denial(presented, statuses, deadline) {
             return self.get(handles, out, statuses, deadline);
@@ -229,6 +268,7 @@ impl RemoteConn {
         if sealed && !opened {
             self.open_batch(handles, out, statuses);
         }
+        self.count_statuses(statuses);
         Ok(())
     }
 
@@ -278,6 +318,7 @@ impl RemoteConn {
         if self.renewed_after_denial(presented, &statuses, deadline) {
             return self.put(pages, deadline);
         }
+        self.count_statuses(&statuses);
         Ok(statuses)
     }
 
@@ -292,7 +333,7 @@ impl RemoteConn {
                 deadline,
                 (),
                 |c, ()| c.put_finish(pending, pages),
-                |me, ()| me.put(pages, deadline),
+                |me, ()| me.put_uncounted(pages, deadline),
             );
         }
         if !self
@@ -316,7 +357,7 @@ impl RemoteConn {
             deadline,
             (),
             |c, ()| c.put_finish(pending, &batch),
-            |me, ()| me.put(pages, deadline),
+            |me, ()| me.put_uncounted(pages, deadline),
         );
         drop(batch);
         self.sealed = buf;
@@ -347,6 +388,7 @@ impl RemoteConn {
             }
             Err(e) => {
                 self.conn = None;
+                self.count_error(&e);
                 Err(e)
             }
             ok => ok,
@@ -355,6 +397,17 @@ impl RemoteConn {
 
     /// PUT with retries until `deadline`.
     pub fn put(
+        &mut self,
+        pages: &[(u64, &Page)],
+        deadline: Instant,
+    ) -> Result<Vec<PageStatus>, ClientError> {
+        let statuses = self.put_uncounted(pages, deadline)?;
+        self.count_statuses(&statuses);
+        Ok(statuses)
+    }
+
+    /// [`Self::put`] without counting the statuses (its caller does).
+    fn put_uncounted(
         &mut self,
         pages: &[(u64, &Page)],
         deadline: Instant,

@@ -534,6 +534,22 @@ impl Homes {
         self.book().at_risk()
     }
 
+    /// Errors met, by plane (`data`: memory servers; `control`: the
+    /// coordinator) and reason, for `/metrics`.
+    pub fn errors(&self) -> Vec<(&'static str, String, u64)> {
+        let data = self.servers.errors().snapshot().into_iter();
+        let mut v: Vec<_> = data.map(|(r, n)| ("data", r, n)).collect();
+        if let Some(link) = &self.link {
+            v.extend(
+                link.cluster
+                    .errors()
+                    .into_iter()
+                    .map(|(r, n)| ("control", r, n)),
+            );
+        }
+        v
+    }
+
     /// Server `member` is declared gone: nothing new goes there, its copies
     /// are read last and no longer count, and nothing is freed there (what
     /// it holds is freed when it comes back). True if this store holds

@@ -18,11 +18,14 @@
 //!   stripe.
 //! - [`drain`]: moving a store's runs off a server being drained (and
 //!   rebuilding those of a server gone).
+//! - [`errors`]: what went wrong talking to servers, by reason, for
+//!   `/metrics`.
 
 pub mod book;
 pub mod cluster;
 pub mod conn;
 pub mod drain;
+pub mod errors;
 pub mod homes;
 pub mod read;
 pub mod seal;

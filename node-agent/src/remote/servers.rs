@@ -12,6 +12,7 @@ use std::time::Duration;
 use rmem_client::ClientConfig;
 
 use super::conn::{RemoteConn, thread_config};
+use super::errors::ErrorCounts;
 use super::seal::Seal;
 
 /// Most servers one table holds (an index is one byte).
@@ -26,6 +27,9 @@ pub struct Servers {
     /// With sealing on: the key every page to and from these servers is
     /// sealed and opened with.
     seal: Option<Arc<Seal>>,
+    /// What went wrong talking to them, by reason (every connection of
+    /// every thread counts here).
+    errors: Arc<ErrorCounts>,
 }
 
 impl Servers {
@@ -36,6 +40,7 @@ impl Servers {
         Ok(Self {
             list: RwLock::new(list),
             seal: None,
+            errors: Arc::default(),
         })
     }
 
@@ -43,6 +48,11 @@ impl Servers {
     pub fn sealed(mut self, seal: Option<Arc<Seal>>) -> Self {
         self.seal = seal;
         self
+    }
+
+    /// Errors met talking to these servers, by reason.
+    pub fn errors(&self) -> &Arc<ErrorCounts> {
+        &self.errors
     }
 
     /// The seal of these servers' pages, if sealing is on.
@@ -122,7 +132,11 @@ impl Remotes {
         if self.conns[i].is_none() {
             let mut cfg = thread_config(&servers.get(index)?, self.timeout);
             cfg.spin = self.spin;
-            self.conns[i] = Some(RemoteConn::new(cfg).sealed(servers.seal.clone()));
+            self.conns[i] = Some(
+                RemoteConn::new(cfg)
+                    .sealed(servers.seal.clone())
+                    .counting(servers.errors.clone()),
+            );
         }
         self.conns[i].as_mut()
     }
