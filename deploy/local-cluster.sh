@@ -64,6 +64,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 [[ "$servers" =~ ^[1-9][0-9]*$ ]] || die "--servers must be a positive number"
+# Ports: coordinators P.., servers' data and gRPC P+10..P+49, metrics of
+# coordinators P+50.., of servers P+60.., of the agent P+80, etcd P+90.
+[ "$servers" -le 19 ] || die "--servers: at most 19"
 [[ "$coordinators" =~ ^[1-5]$ ]] || die "--coordinators must be 1..5"
 [[ "$port" =~ ^[0-9]+$ ]] && [ "$port" -gt 0 ] && [ "$port" -lt 65000 ] || die "--port must be 1..64999"
 

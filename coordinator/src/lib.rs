@@ -99,6 +99,17 @@ impl tonic::service::Interceptor for Gate {
                     rmem_common::identity::Identity::from_certificate(&der)
                         .map_err(|e| CoordError::NoIdentity(e.to_string()))
                 })?;
+            // A scraper's certificate opens the daemons' /metrics, nothing
+            // of the control plane (not even listings: intervals name
+            // processes' address spaces).
+            if identity.role == rmem_common::identity::Role::Monitor {
+                return Err(CoordError::Forbidden {
+                    caller: identity.to_string(),
+                    what: "use the control plane (a monitor certificate reads /metrics only)"
+                        .into(),
+                }
+                .into());
+            }
             req.extensions_mut().insert(identity);
         }
         if self.serving.get().is_none() || self.leadership.as_ref().is_some_and(|l| !l.holds()) {

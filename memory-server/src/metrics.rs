@@ -44,6 +44,9 @@ pub struct OpMetrics {
     pub pages: AtomicU64,
     /// Pages answered with a status other than OK.
     pub errors: AtomicU64,
+    /// Pages answered OK (kept apart, not derived, so a scrape between
+    /// the two adds never sees it go down).
+    pub ok: AtomicU64,
     /// Service time in nanoseconds.
     pub latency: Histogram,
 }
@@ -136,6 +139,7 @@ impl Metrics {
         m.requests.fetch_add(1, Ordering::Relaxed);
         m.pages.fetch_add(pages, Ordering::Relaxed);
         m.errors.fetch_add(errors, Ordering::Relaxed);
+        m.ok.fetch_add(pages.saturating_sub(errors), Ordering::Relaxed);
         m.latency.record_duration(started.elapsed());
     }
 
@@ -197,8 +201,7 @@ impl Metrics {
         );
         for (op, tr) in each() {
             let m = self.op(op, tr);
-            let (all, errors) = (load(&m.pages), load(&m.errors));
-            for (outcome, n) in [("ok", all.saturating_sub(errors)), ("error", errors)] {
+            for (outcome, n) in [("ok", load(&m.ok)), ("error", load(&m.errors))] {
                 pages.set(
                     &[
                         ("op", op.as_str()),
@@ -222,10 +225,7 @@ impl Metrics {
         let ok_pages = |op: Op| {
             Transport::ALL
                 .iter()
-                .map(|&tr| {
-                    let m = self.op(op, tr);
-                    load(&m.pages).saturating_sub(load(&m.errors))
-                })
+                .map(|&tr| load(&self.op(op, tr).ok))
                 .sum::<u64>()
         };
         e.counter(

@@ -641,11 +641,16 @@ fn run_serve(a: ServeArgs, tls: &AgentTls) -> ExitCode {
                     .await
                     .map_err(|e| e.to_string())?;
                 let tls = match &tls_pem {
-                    Some(pem) => Some(
-                        rmem_common::tls::reload::Reloading::new(pem.clone())
-                            .cached(rmem_common::metrics::endpoint::tls_config)
-                            .map_err(|e| format!("metrics TLS: {e}"))?,
-                    ),
+                    Some(pem) => {
+                        // Certificates and CRLs reload as the daemons' do.
+                        let files = rmem_common::tls::reload::Reloading::new(pem.clone());
+                        files.watch();
+                        Some(
+                            files
+                                .cached(rmem_common::metrics::endpoint::tls_config)
+                                .map_err(|e| format!("metrics TLS: {e}"))?,
+                        )
+                    }
                     None => None,
                 };
                 let sup = sup.clone();

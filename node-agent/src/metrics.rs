@@ -58,7 +58,7 @@ impl Figures<'_> {
         .set(&[path], self.failed);
         e.histogram(
             "rmem_agent_fault_duration_seconds",
-            "Time to serve a fault that read a remote page (kernel path: the agent's share).",
+            "Time to serve a fault that read a remote page (kernel path: the agent's share, per page fetched).",
         )
         .observe(&[path], self.latency);
         e.counter(
@@ -136,6 +136,10 @@ pub fn kernel(sup: &Supervisor) -> Exposition {
     // SIGBUS on this path: the agent answered a fetch with an error, the
     // module gave up waiting for the agent, or a page could not move back.
     let failed = totals.failed_fetches + totals.fetch_timeouts + totals.stuck_faults;
+    // The agent answers fetches page by page and cannot tell a faulting
+    // page from one the module asked ahead of it (the module's counter of
+    // those, read at another moment, would make a difference that goes
+    // down): `remote` counts every page fetched, prefetched ones included.
     Figures {
         path: "kernel",
         faults: &[("remote", totals.fetched_pages), ("failed", failed)],

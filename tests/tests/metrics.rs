@@ -216,7 +216,12 @@ fn every_daemon_serves_metrics_that_promtool_accepts_and_that_follow_the_workloa
 
 #[test]
 fn metrics_over_tls_are_for_monitors_and_plain_metrics_stay_on_loopback() {
-    let lab = Lab::new(&[("server", "m0"), ("monitor", "prom"), ("agent", "a1")]);
+    let lab = Lab::new(&[
+        ("server", "m0"),
+        ("monitor", "prom"),
+        ("agent", "a1"),
+        ("coordinator", "c0"),
+    ]);
     let mut args: Vec<String> = ["--capacity", "16MiB", "--metrics-listen", "127.0.0.1:0"]
         .map(String::from)
         .to_vec();
@@ -239,6 +244,26 @@ fn metrics_over_tls_are_for_monitors_and_plain_metrics_stay_on_loopback() {
     assert!(
         get(addr, "/metrics", None).is_err_and(|e| !e.is_empty())
             || get(addr, "/metrics", None).is_ok_and(|r| r.status != 200)
+    );
+
+    // The coordinator's metrics too; and a monitor's certificate opens
+    // nothing of its control plane.
+    let mut args = vec!["--metrics-listen".to_string(), "127.0.0.1:0".into()];
+    args.extend(lab.flags("coordinator-c0"));
+    let coord = CoordinatorProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let r = get(metrics_addr(&coord.daemon), "/metrics", Some(&monitor)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    checked("coordinator", &r.body);
+    let out = Command::new(bin("rmemctl"))
+        .args(lab.flags("monitor-prom"))
+        .args(["--endpoint", &coord.addr.to_string(), "--timeout", "5s"])
+        .arg("intervals")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/metrics only"),
+        "a monitor listed intervals: {err}"
     );
 
     // Plain metrics beyond loopback need --insecure.

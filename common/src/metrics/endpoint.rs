@@ -68,10 +68,10 @@ fn response(status: StatusCode, content_type: &str, body: String) -> Response<Fu
         .expect("a valid response")
 }
 
-fn answer(
-    req: &Request<hyper::body::Incoming>,
-    collect: &Collect,
-    refused: Option<&str>,
+async fn answer(
+    req: Request<hyper::body::Incoming>,
+    collect: Collect,
+    refused: Option<Arc<str>>,
 ) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     if let Some(why) = refused {
@@ -86,7 +86,19 @@ fn answer(
         return r;
     }
     match req.uri().path() {
-        "/metrics" => response(StatusCode::OK, CONTENT_TYPE, collect().encode()),
+        // Off the runtime's workers: reading a large region's page states
+        // takes a while.
+        "/metrics" => match tokio::task::spawn_blocking(move || collect().encode()).await {
+            Ok(text) => response(StatusCode::OK, CONTENT_TYPE, text),
+            Err(e) => {
+                tracing::error!(error = %e, "collecting the metrics failed");
+                response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    TEXT,
+                    "collecting the metrics failed\n".into(),
+                )
+            }
+        },
         "/" => response(StatusCode::OK, TEXT, "rmem metrics: GET /metrics\n".into()),
         _ => response(
             StatusCode::NOT_FOUND,
@@ -96,21 +108,57 @@ fn answer(
     }
 }
 
-/// Serves one connection (plain or TLS) until the peer closes it.
+/// Most connections served at once; more are closed at accept (a scraper
+/// needs one per daemon).
+const MAX_CONNECTIONS: usize = 64;
+
+/// A connection is closed after this long whatever it does (a peer that
+/// sends requests and never reads the answers holds nothing for longer).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Serves one connection (plain or TLS) until the peer closes it, or for
+/// [`CONNECTION_LIFETIME`]. A refused peer gets its 403 and the connection
+/// closes.
 async fn connection<S>(stream: S, collect: Collect, refused: Option<String>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let keep_alive = refused.is_none();
+    let refused: Option<Arc<str>> = refused.map(Arc::from);
     let service = hyper::service::service_fn(move |req| {
-        let r = answer(&req, &collect, refused.as_deref());
-        async move { Ok::<_, Infallible>(r) }
+        let (collect, refused) = (collect.clone(), refused.clone());
+        async move { Ok::<_, Infallible>(answer(req, collect, refused).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .header_read_timeout(Duration::from_secs(10))
+        .keep_alive(keep_alive)
         .timer(hyper_util::rt::TokioTimer::new())
         .serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = conn.await {
-        tracing::debug!(error = %e, "metrics connection ended");
+    match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+        Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
+        Err(_) => tracing::debug!("metrics connection closed after its lifetime"),
+        Ok(Ok(())) => {}
+    }
+}
+
+/// Serves `stream` in a task of its own if a connection slot is free.
+fn admit<S>(
+    slots: &Arc<tokio::sync::Semaphore>,
+    stream: S,
+    collect: &Collect,
+    refused: Option<String>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match slots.clone().try_acquire_owned() {
+        Ok(slot) => {
+            let collect = collect.clone();
+            tokio::spawn(async move {
+                connection(stream, collect, refused).await;
+                drop(slot);
+            });
+        }
+        Err(_) => tracing::debug!("metrics connection refused: too many open"),
     }
 }
 
@@ -148,6 +196,7 @@ impl Endpoint {
             tracing::info!(%addr, tls = tls.is_some(), "serving metrics on /metrics");
         }
         let listener = self.listener;
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
             match tls {
                 Some(tls) => {
@@ -162,14 +211,12 @@ impl Endpoint {
                         if let Some(why) = &refused {
                             tracing::warn!(reason = %why, "metrics scrape refused");
                         }
-                        tokio::spawn(connection(stream, collect.clone(), refused));
+                        admit(&slots, stream, &collect, refused);
                     }
                 }
                 None => loop {
                     match listener.accept().await {
-                        Ok((stream, _)) => {
-                            tokio::spawn(connection(stream, collect.clone(), None));
-                        }
+                        Ok((stream, _)) => admit(&slots, stream, &collect, None),
                         Err(e) => {
                             tracing::warn!(error = %e, "accept failed on the metrics port");
                             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -204,7 +251,13 @@ impl Background {
         let endpoint = rt.block_on(Endpoint::bind(addr))?;
         let addr = endpoint.local_addr()?;
         let tls = tls
-            .map(|pem| crate::tls::reload::Reloading::new(pem.clone()).cached(tls_config))
+            .map(|pem| {
+                let files = crate::tls::reload::Reloading::new(pem.clone());
+                // Certificates and CRLs reload as on the daemons' ports.
+                let _in_runtime = rt.enter();
+                files.watch();
+                files.cached(tls_config)
+            })
             .transpose()
             .map_err(std::io::Error::other)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -130,6 +130,8 @@ pub struct Supervisor {
     inner: Mutex<Inner>,
     /// Eviction rounds since start.
     rounds: std::sync::atomic::AtomicU64,
+    /// The module's counters as last read.
+    last_info: Mutex<super::uapi::Info>,
 }
 
 /// Whether `pid` still runs: a zombie (exited, not yet reaped by its
@@ -164,6 +166,7 @@ impl Supervisor {
                 procs: BTreeMap::new(),
             }),
             rounds: std::sync::atomic::AtomicU64::new(0),
+            last_info: Mutex::new(super::uapi::Info::default()),
         })
     }
 
@@ -310,7 +313,15 @@ impl Supervisor {
     /// Agent-wide counters.
     pub fn totals(&self) -> AgentTotals {
         let s = self.agent.stats();
-        let info = self.agent.device().info().unwrap_or_default();
+        // The module's counters; if it cannot be asked now, the last that
+        // were read (counters must not fall back to zero).
+        let info = {
+            let mut last = self.last_info.lock().unwrap_or_else(|e| e.into_inner());
+            if let Ok(i) = self.agent.device().info() {
+                *last = i;
+            }
+            *last
+        };
         AgentTotals {
             fetched_pages: s.fetched.load(Ordering::Relaxed),
             fetched_degraded_pages: s.fetched_degraded.load(Ordering::Relaxed),

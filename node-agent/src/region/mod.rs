@@ -326,6 +326,11 @@ impl Inner {
     /// Accounts `n` pages leaving memory.
     pub(crate) fn uncharge(&self, n: usize) {
         self.resident.fetch_sub(n, Ordering::AcqRel);
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            // A fault between its check (under the lock) and its wait
+            // would miss a notification sent now: pass through the lock.
+            drop(self.space_freed.0.lock().expect("space lock"));
+        }
         self.space_freed.1.notify_all();
     }
 
