@@ -648,6 +648,10 @@ impl RemoteRegion {
     }
 }
 
+/// How long a dropped region's last direct frees may take (when its space
+/// could not be retired through the coordinator).
+const FINAL_FREES_WITHIN: Duration = Duration::from_secs(5);
+
 impl Drop for RemoteRegion {
     fn drop(&mut self) {
         let inner = &self.inner;
@@ -662,9 +666,13 @@ impl Drop for RemoteRegion {
         // directly otherwise or if that failed.
         let stored = inner.stored_handles();
         if !inner.homes.retire() && !stored.is_empty() {
-            let mut remotes = Remotes::new(inner.cfg.fault_timeout, Duration::ZERO);
-            let deadline = Instant::now() + inner.cfg.fault_timeout;
-            if let Err(e) = inner.homes.discard(&mut remotes, &stored, deadline) {
+            // Every server is asked, a failing one too (it may only have
+            // answered late once), but not for longer than this: a dead
+            // one must not hold the drop up for a whole fault timeout.
+            let within = inner.cfg.fault_timeout.min(FINAL_FREES_WITHIN);
+            let mut remotes = Remotes::new(within, Duration::ZERO);
+            let deadline = Instant::now() + within;
+            if let Err(e) = inner.homes.discard_final(&mut remotes, &stored, deadline) {
                 tracing::warn!(
                     region = format_args!("{:06x}", inner.id), error = %e,
                     "cannot free the region's pages on their servers; they stay allocated"

@@ -1001,6 +1001,31 @@ impl Homes {
         self.free_dead(remotes, &by_server, deadline)
     }
 
+    /// The last frees of a store that goes away (a region dropped after
+    /// its space could not be retired whole): `handles` and every free a
+    /// server still owes, asked of each server but a gone one, failing or
+    /// not, within `deadline`. Nothing is owed any more: a store that is
+    /// dropped has no one left to pay later, so a server suspected for one
+    /// late answer would keep these pages for good.
+    pub fn discard_final(
+        &self,
+        remotes: &mut Remotes,
+        handles: &[u64],
+        deadline: Instant,
+    ) -> Result<(), ClientError> {
+        let mut by: BTreeMap<u8, Vec<u64>> = self.forget(handles).into_iter().collect();
+        {
+            let mut book = self.book();
+            for (server, owed) in std::mem::take(&mut book.owed) {
+                by.entry(server).or_default().extend(owed);
+            }
+            book.owed_due.clear();
+            book.owed_backoff.clear();
+        }
+        let by: Vec<(u8, Vec<u64>)> = by.into_iter().collect();
+        self.free_now(remotes, &by, deadline, false)
+    }
+
     /// Frees copies. In a cluster, through invalidations of the handle
     /// spaces (one per space per call), falling back to freeing on the
     /// servers directly. Returns how many went through the control plane.
