@@ -50,7 +50,7 @@ RUSTFLAGS="--cfg rmem_afl -C debug-assertions -C overflow-checks \
   $(printf -- '--bin rmem-fuzz-%s ' "${targets[@]}")
 
 export AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
-  AFL_SKIP_BIN_CHECK=0 AFL_FAST_CAL=1 AFL_NO_AFFINITY=1
+  AFL_FAST_CAL=1 AFL_NO_AFFINITY=1
 failed=0
 passed=0
 for t in "${targets[@]}"; do
