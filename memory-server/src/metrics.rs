@@ -241,6 +241,11 @@ impl Metrics {
         )
         .set(&[("where", "received")], received)
         .set(&[("where", "stored")], stored);
+        e.counter(
+            "rmem_server_pages_adopted_total",
+            "Pages moved from their tenant's extents (where a restart reloads them) into the extents of the agent that located them over RDMA.",
+        )
+        .set(&[], store.adopted());
         e.gauge("rmem_server_connections", "Data-plane connections open.")
             .set(&[], load(&self.connections_open));
         e.counter(

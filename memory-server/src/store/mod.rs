@@ -18,7 +18,9 @@
 //! RDMA key handed to one agent never reaches another agent's pages, even
 //! of its tenant. Quotas and the index stay per tenant; a page written by
 //! one holder and replaced by another moves to the writer's extents (a PUT
-//! always fills a fresh slot). A
+//! always fills a fresh slot). Pages reloaded from a pool file after a
+//! restart are all in their tenants' own extents; an agent's LOCATE of one
+//! moves it into the agent's ([`Store::adopt`]). A
 //! consequence: a tenant's partly filled extents are not usable by other
 //! tenants, so a PUT gets [`PageStatus::NoSpace`] when the tenant's own
 //! extents are full and no free extent is left (not even another tenant's
@@ -179,6 +181,8 @@ pub struct Store {
     tenants: HashMap<u32, Arc<Tenant>>,
     /// See [`Store::checksum_failures`].
     checksum_failures: [std::sync::atomic::AtomicU64; 2],
+    /// See [`Store::adopted`].
+    adopted: AtomicU64,
     by_name: HashMap<String, Arc<Tenant>>,
     seq: AtomicU64,
     server_id: u64,
@@ -260,6 +264,7 @@ impl Store {
             index: Index::with_hasher(foldhash::fast::RandomState::default()),
             tenants: tenant_map,
             checksum_failures: Default::default(),
+            adopted: AtomicU64::new(0),
             by_name,
             seq: AtomicU64::new(1),
             server_id,
@@ -601,6 +606,90 @@ impl Store {
             extent: extent_of(entry.slot),
             crc: entry.crc,
         })
+    }
+
+    /// Where `tenant`'s page `handle` is, moved first into the extents of
+    /// `holder` (an agent's, see [`Store::holder`]) when it lies in an
+    /// extent of the tenant's own holder or in a shared one: after a
+    /// restart every reloaded page is there, and without this an agent
+    /// could reach its own pages over TCP only. A page in another agent's
+    /// extent stays where it is (the caller then serves it over TCP). The
+    /// copy keeps the page's sequence number and is published only if the
+    /// index still names the slot copied, so a PUT or FREE racing with it
+    /// wins; after a crash between the copy and the old slot's release,
+    /// the open keeps one of the two identical entries. `None` if the page
+    /// is not stored. The caller has checked that `holder` may use
+    /// `handle`.
+    pub fn adopt(&self, tenant: &Tenant, holder: u32, handle: u64) -> Option<Located> {
+        let found = self.locate(tenant, handle)?;
+        let from = self.extents.owner(found.extent);
+        let adoptable = from == Some(tenant.id) || self.extents.is_shared(found.extent);
+        if holder == tenant.id || from == Some(holder) || !adoptable {
+            return Some(found);
+        }
+        let Some(to) = self.extents.alloc(holder) else {
+            return Some(found);
+        };
+        let key = Key {
+            tenant: tenant.id,
+            handle,
+        };
+        let copied = match self.index.get(&key) {
+            Some(e) if e.slot == found.slot => {
+                // SAFETY: the slot is published and `e` holds its shard's
+                // read lock, which any unpublish must wait for.
+                let page = unsafe { self.pool.page(e.slot) };
+                // A page failing its checksum stays where it is: a GET
+                // reports it corrupt there.
+                (page_crc(page) == e.crc).then(|| {
+                    // SAFETY: `to` was just allocated, is not published and
+                    // differs from `e.slot`, so this thread owns it.
+                    unsafe { self.pool.write_page(to, page) };
+                    *e
+                })
+            }
+            _ => None,
+        };
+        let Some(old) = copied else {
+            self.release_slot(to);
+            return self.locate(tenant, handle);
+        };
+        if self.pool.persistent() {
+            let entry = SlotEntry {
+                tenant: tenant.id,
+                handle,
+                seq: old.seq,
+                crc: old.crc,
+            };
+            // SAFETY: `to` is still unpublished and owned by this thread.
+            unsafe { self.pool.write_entry(to, &entry.encode()) };
+            if self.sync_writes
+                && let Err(e) = self.pool.flush_slot(to)
+            {
+                tracing::error!(error = %e, slot = to, "cannot flush an adopted page to the pool file: left where it was");
+                self.release_slot(to);
+                return Some(found);
+            }
+        }
+        let published = match self.index.get_mut(&key) {
+            Some(mut e) if e.slot == old.slot => {
+                *e = Slot { slot: to, ..old };
+                true
+            }
+            _ => false,
+        };
+        if published {
+            self.release_slot(old.slot);
+            self.adopted.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.release_slot(to);
+        }
+        self.locate(tenant, handle)
+    }
+
+    /// Pages moved into an agent's extents by [`Store::adopt`] since start.
+    pub fn adopted(&self) -> u64 {
+        self.adopted.load(Ordering::Relaxed)
     }
 
     /// Whether pages survive a restart.

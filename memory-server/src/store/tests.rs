@@ -927,3 +927,102 @@ fn each_agent_of_a_tenant_fills_extents_of_its_own() {
     assert_eq!(put_as(d, 5, 5), PageStatus::Ok, "takes A's spare");
     assert_eq!(s.agent_holders(), 4);
 }
+
+/// After a restart every page is in its tenant's extents; an agent's
+/// LOCATE moves its pages into its own extents (so its RDMA key reaches
+/// them), keeping contents, sequence numbers and the tenant's usage, and
+/// leaves another agent's pages where they are. A reopened pool holds each
+/// adopted page once.
+#[test]
+fn a_restart_reloads_agents_pages_into_their_tenant_and_locate_adopts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let cap = 4 * EXTENT_PAGES;
+    {
+        let s = open_file(&path, cap);
+        let x = tenant(&s, "x");
+        let a = s.holder(&x, "node-1/kmod");
+        for h in 0..10u64 {
+            let p = page_of(h);
+            assert_eq!(s.put_held(&x, a, h, page_crc(&p), &p), PageStatus::Ok);
+        }
+        s.close().unwrap();
+    }
+    let s = open_file(&path, cap);
+    let x = tenant(&s, "x");
+    assert_eq!(s.extent_owner(s.locate(&x, 0).unwrap().extent), Some(x.id));
+    let (a, b) = (s.holder(&x, "node-1/kmod"), s.holder(&x, "node-2/kmod"));
+    // The tenant's own connections need no move.
+    let before = s.locate(&x, 0).unwrap();
+    assert_eq!(s.adopt(&x, x.id, 0), Some(before));
+    // A page B wrote since stays in B's extent whoever locates it.
+    let p = page_of(100);
+    assert_eq!(s.put_held(&x, b, 100, page_crc(&p), &p), PageStatus::Ok);
+    let theirs = s.locate(&x, 100).unwrap();
+    assert_eq!(s.adopt(&x, a, 100), Some(theirs));
+    for h in 0..10u64 {
+        let now = s.adopt(&x, a, h).unwrap();
+        assert_eq!(s.extent_owner(now.extent), Some(a), "page {h}");
+        assert_eq!(get(&s, &x, h), Ok(page_of(h)));
+        // Adopting again moves nothing.
+        assert_eq!(s.adopt(&x, a, h), Some(now));
+    }
+    assert_eq!(s.adopted(), 10);
+    assert_eq!(x.used(), 11, "moves do not count against the quota");
+    assert_eq!(s.used_pages(), 11);
+    assert_eq!(s.adopt(&x, a, 55), None, "no such page");
+    // The tenant's emptied extent went back (one spare at most).
+    assert!(s.tenant_extents(&x) <= 3 + 1);
+    // A PUT after the move still replaces the page.
+    let p = page_of(7007);
+    assert_eq!(s.put_held(&x, a, 7, page_crc(&p), &p), PageStatus::Ok);
+    assert_eq!(get(&s, &x, 7), Ok(page_of(7007)));
+    s.close().unwrap();
+    drop(s);
+    let s = open_file(&path, cap);
+    let r = s.recovery();
+    assert_eq!((r.pages_recovered, r.stale_duplicates), (11, 0));
+    let x = tenant(&s, "x");
+    for h in 0..10u64 {
+        let want = if h == 7 { page_of(7007) } else { page_of(h) };
+        assert_eq!(get(&s, &x, h), Ok(want), "page {h}");
+    }
+}
+
+/// An adoption racing with PUTs and FREEs of the same pages never
+/// publishes an old copy over a newer page, nor brings a freed one back.
+#[test]
+fn adoption_racing_with_puts_and_frees_loses_to_them() {
+    let s = Arc::new(anon_with(8 * EXTENT_PAGES, &xyz()));
+    let x = tenant(&s, "x");
+    let a = s.holder(&x, "node-1/kmod");
+    for round in 0..200u64 {
+        for h in 0..16u64 {
+            assert_eq!(put(&s, &x, h, &page_of(round << 8 | h)), PageStatus::Ok);
+        }
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for h in 0..16u64 {
+                    s.adopt(&x, a, h);
+                }
+            });
+            for h in 0..16u64 {
+                if h % 2 == 0 {
+                    assert_eq!(s.free(&x, h), PageStatus::Ok);
+                } else {
+                    let p = page_of(round << 8 | h | 0x80);
+                    assert_eq!(s.put_held(&x, a, h, page_crc(&p), &p), PageStatus::Ok);
+                }
+            }
+        });
+        for h in 0..16u64 {
+            let want = if h % 2 == 0 {
+                Err(PageStatus::NotFound)
+            } else {
+                Ok(page_of(round << 8 | h | 0x80))
+            };
+            assert_eq!(get(&s, &x, h), want, "round {round} page {h}");
+        }
+        assert_eq!(x.used(), 8);
+    }
+}

@@ -13,9 +13,11 @@
 //! (the store gives each holder extents of its own, and an agent's PUTs
 //! fill its own), so an rkey handed to one agent reaches only that agent's
 //! pages, and a queue pair of another agent or tenant cannot use it at
-//! all. LOCATE answers address 0 (the client's cue to read over TCP, where
-//! capabilities are checked) for a page in another holder's extent: its
-//! tenant's pages from before a restart, or another agent's. An extent's
+//! all. LOCATE moves a page of the tenant's own extents (its pages from
+//! before a restart) into the asking agent's, once the agent's capability
+//! for it is checked, and answers address 0 (the client's cue to read over
+//! TCP, where capabilities are checked too) for a page in another agent's
+//! extent. An extent's
 //! region is deregistered before the extent can change hands
 //! ([`ExtentListener`]).
 //!
@@ -159,12 +161,14 @@ impl RdmaServer {
     }
 
     /// Where `handle` of `tenant` is, for a connection of `holder`,
-    /// registering its extent for the holder if it is not yet. A page that
-    /// cannot be reached over RDMA (in another holder's extent, or no
-    /// region could be registered) is `ok` with address 0: the client then
-    /// fetches it over TCP.
+    /// registering its extent for the holder if it is not yet. A page of
+    /// the tenant's own extents (reloaded after a restart) is first moved
+    /// into the holder's ([`Store::adopt`]; the session has checked the
+    /// holder may use the handle). A page that cannot be reached over RDMA
+    /// (in another agent's extent, or no region could be registered) is
+    /// `ok` with address 0: the client then fetches it over TCP.
     pub fn locate(&self, tenant: &Tenant, holder: u32, handle: u64) -> Location {
-        let Some(found) = self.store.locate(tenant, handle) else {
+        let Some(found) = self.store.adopt(tenant, holder, handle) else {
             return Location::missing(PageStatus::NotFound);
         };
         match self.rkey(holder, found.extent) {

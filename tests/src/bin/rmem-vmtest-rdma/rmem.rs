@@ -322,7 +322,7 @@ pub fn cases(suite: &mut Suite, nodes: &[Node], reference: Reference) {
     );
 
     suite.case(
-        "two agents of one tenant (mTLS): the NIC refuses one's rkey and address to the other; each reads the other's pages over TCP",
+        "two agents of one tenant (mTLS): the NIC refuses one's rkey and address to the other; each reads the other's pages over TCP, and its own over RDMA again after a restart",
         || {
             let ip = &n1.ip;
             let pki = "/tmp/pki-agents";
@@ -349,21 +349,19 @@ pub fn cases(suite: &mut Suite, nodes: &[Node], reference: Reference) {
                 format!("{pki}/server-tls-a.pem"),
                 format!("{pki}/server-tls-a.key"),
             );
-            start_server_at(
-                n1,
-                "server-tls",
-                TLS_PORT,
-                &[
-                    "--config",
-                    "/tmp/server-a.toml",
-                    "--tls-ca",
-                    &ca,
-                    "--tls-cert",
-                    &cert,
-                    "--tls-key",
-                    &key,
-                ],
-            )?;
+            let args: [&str; 10] = [
+                "--config",
+                "/tmp/server-a.toml",
+                "--pool-file",
+                "/tmp/pool-tls",
+                "--tls-ca",
+                &ca,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+            ];
+            start_server_at(n1, "server-tls", TLS_PORT, &args)?;
             let agent = |name: &str| -> Result<ClientConfig, String> {
                 let pem = rmem_common::tls::TlsFiles {
                     ca_file: format!("{pki}/ca.pem").into(),
@@ -411,6 +409,32 @@ pub fn cases(suite: &mut Suite, nodes: &[Node], reference: Reference) {
             let mut b = RdmaConnection::connect(&two).map_err(err)?;
             get_one(&mut b, 7000, 3)?;
             get_one(&mut a, 7001, 4)?;
+            // Restarted, the server reloads both pages into the tenant's
+            // extents; each agent's LOCATE moves its own into its extents
+            // again, so it reads them over RDMA, and the other's stays out
+            // of its reach.
+            n1.stop("server-tls", Duration::from_secs(10))?;
+            start_server_at(n1, "server-tls", TLS_PORT, &args)?;
+            let mut a = RdmaConnection::connect(&one).map_err(err)?;
+            let mut b = RdmaConnection::connect(&two).map_err(err)?;
+            for (c, who, h, version) in [(&mut a, "one", 7000, 3), (&mut b, "two", 7001, 4)] {
+                let l = c.locate(h).map_err(err)?;
+                ensure(
+                    l.status == PageStatus::Ok && l.addr != 0,
+                    format!("after the restart agent {who}'s page has no RDMA location: {l:?}"),
+                )?;
+                let page = c.read_raw(l.addr, l.rkey).map_err(err)?;
+                ensure(
+                    page == pattern(h, version),
+                    format!("agent {who} read wrong bytes of its adopted page"),
+                )?;
+            }
+            let cross = b.locate(7000).map_err(err)?;
+            ensure(
+                cross.status == PageStatus::Ok && cross.addr == 0,
+                format!("after the restart agent two was given agent one's page: {cross:?}"),
+            )?;
+            get_one(&mut b, 7000, 3)?;
             n1.stop("server-tls", Duration::from_secs(10)).map(|_| ())
         },
     );
