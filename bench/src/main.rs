@@ -335,16 +335,18 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
     } else {
         None
     };
+    // The costs of sealing and of metrics are measured on half the
+    // region section's region, in alternating rounds.
+    let half = region::Effort {
+        size: plan.region.size / 2,
+        budget: plan.region.budget / 2,
+        random_reads: plan.region.random_reads / 2,
+    };
     // Sealing's cost: the agent's cipher, and the userspace path sealed
-    // and not (a smaller region than the section below, alternating).
+    // and not.
     let seal = if args.runs(Section::Region) {
         progress("sealing: the cipher per page, then eviction and faults sealed and plain");
-        let effort = region::Effort {
-            size: plan.region.size / 2,
-            budget: plan.region.budget / 2,
-            random_reads: plan.region.random_reads / 2,
-        };
-        Some(sealcost::measure(&client, effort, 2)?)
+        Some(sealcost::measure(&client, half, 2)?)
     } else {
         None
     };
@@ -352,12 +354,7 @@ fn run(args: &Args) -> Result<report::Report, BenchError> {
     // the region's exposition every 10 ms, and without (alternating).
     let metrics = if args.runs(Section::Region) {
         progress("metrics: fault-back latency scraped every 10 ms and not");
-        let effort = region::Effort {
-            size: plan.region.size / 2,
-            budget: plan.region.budget / 2,
-            random_reads: plan.region.random_reads / 2,
-        };
-        Some(metricscost::measure(&client, effort, 2)?)
+        Some(metricscost::measure(&client, half, 2)?)
     } else {
         None
     };

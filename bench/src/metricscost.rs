@@ -66,26 +66,12 @@ fn round(
                 }
             });
         }
-        let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(scraped);
-        let mut measured = 0;
-        let result = (|| {
-            while measured < effort.random_reads {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                let p = (rng % r.pages() as u64) as usize;
-                if r.is_resident(p) {
-                    mem.verify(p)?;
-                    continue;
-                }
-                let t = Instant::now();
-                let ok = mem.verify(p);
-                faults.record_duration(t.elapsed());
-                ok?;
-                measured += 1;
-            }
-            Ok(())
-        })();
+        let result = mem.timed_random_faults(
+            effort.random_reads,
+            0x9E37_79B9_7F4A_7C15 ^ u64::from(scraped),
+            faults,
+            || Ok(()),
+        );
         done.store(true, Ordering::Relaxed);
         result
     })

@@ -81,6 +81,39 @@ impl Mem<'_> {
         verify(self.check(p), p)
     }
 
+    /// Reads `reads` random evicted pages (a resident page drawn is read
+    /// and checked, untimed), each timed around its faulting load into
+    /// `faults`, with `between` run before each timed read (untimed);
+    /// every page read is checked. `seed` picks the sequence.
+    pub fn timed_random_faults(
+        &self,
+        reads: usize,
+        seed: u64,
+        faults: &Histogram,
+        mut between: impl FnMut() -> Result<(), BenchError>,
+    ) -> Result<(), BenchError> {
+        let r = self.region;
+        let mut rng = seed | 1;
+        let mut measured = 0;
+        while measured < reads {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let p = (rng % r.pages() as u64) as usize;
+            if r.is_resident(p) {
+                self.verify(p)?;
+                continue;
+            }
+            between()?;
+            let t = Instant::now();
+            let ok = self.check(p);
+            faults.record_duration(t.elapsed());
+            verify(ok, p)?;
+            measured += 1;
+        }
+        Ok(())
+    }
+
     fn word(&self, p: usize, k: usize) -> *mut u64 {
         debug_assert!(p < self.region.pages() && k < PAGE_SIZE / 8);
         self.region.as_ptr().wrapping_add(p * PAGE_SIZE + k * 8) as *mut u64
@@ -153,25 +186,10 @@ pub fn measure(
     let wrote = r.stats();
     let faults = Histogram::new();
     let rtt = Histogram::new();
-    let mut rng_state = 0x2545_F491_4F6C_DD1Du64;
-    let pages = r.pages();
-    let mut measured = 0;
-    while measured < effort.random_reads {
-        rng_state ^= rng_state << 13;
-        rng_state ^= rng_state >> 7;
-        rng_state ^= rng_state << 17;
-        let p = (rng_state % pages as u64) as usize;
-        if r.is_resident(p) {
-            verify(mem.check(p), p)?;
-            continue;
-        }
+    mem.timed_random_faults(effort.random_reads, 0x2545_F491_4F6C_DD1D, &faults, || {
         rtt.record_duration(raw.round_trip()?);
-        let t = Instant::now();
-        let ok = mem.check(p);
-        faults.record_duration(t.elapsed());
-        verify(ok, p)?;
-        measured += 1;
-    }
+        Ok(())
+    })?;
     let after_reads = r.stats();
     drop(r);
 

@@ -112,6 +112,7 @@ impl Exposition {
 
     /// The value of a sample, for tests: the family `name`, the sample
     /// whose labels include every pair of `labels` (counters and gauges).
+    #[cfg(test)]
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let family = self.families.iter().find(|f| f.name() == name)?;
         let metric = family.get_metric().iter().find(|m| {

@@ -299,8 +299,15 @@ impl RemoteConn {
         };
         let mut buf = std::mem::take(&mut self.sealed);
         self.sealed_handles.clear();
-        let r = Self::seal_batch(&seal, pages, &mut buf)
-            .and_then(|batch| self.with(deadline, |c| op(c, &batch)));
+        let r = match Self::seal_batch(&seal, pages, &mut buf) {
+            Ok(batch) => self.with(deadline, |c| op(c, &batch)),
+            Err(e) => {
+                // `with` counts the request's failures; this one never
+                // reached it.
+                self.count_error(&e);
+                Err(e)
+            }
+        };
         self.sealed = buf;
         r
     }
