@@ -345,6 +345,7 @@ impl Cluster {
             Record::Subscribe { interval, member } => {
                 if let Ok(iv) = self.intervals.get_mut(*interval) {
                     iv.subscribers.insert(*member);
+                    iv.cleared = false;
                 }
             }
             Record::Unsubscribe { interval, member } => {
@@ -1070,6 +1071,29 @@ impl Cluster {
         Ok(())
     }
 
+    /// What must be invalidated before interval `id` is unregistered: the
+    /// whole interval, unless no server subscribes to it or it was cleared whole
+    /// since the last one subscribed. An owner retires an interval by
+    /// invalidating it whole first; when that could not be done (the
+    /// coordinator was away), this frees what the owner's direct frees
+    /// did not reach, instead of leaving it on servers no interval names.
+    pub fn final_invalidation(&self, id: u64) -> Result<Option<pb::InvalidateRequest>, CoordError> {
+        let iv = self.intervals.get(id)?;
+        // The owner subscribes to its own intervals; it holds no page.
+        if iv.cleared || iv.subscribers.iter().all(|&m| m == iv.rec.owner) {
+            return Ok(None);
+        }
+        Ok(Some(pb::InvalidateRequest {
+            address_space: iv.rec.address_space.clone(),
+            start: iv.rec.start,
+            length: iv.rec.length,
+            reason: pb::Reason::Exit as i32,
+            deadline_ms: 0,
+            origin: iv.rec.owner,
+            more: Vec::new(),
+        }))
+    }
+
     pub fn unregister_interval(&mut self, id: u64) -> Result<(), CoordError> {
         self.intervals.get(id)?;
         Ok(self.commit(Record::IntervalRemove { id })?)
@@ -1138,6 +1162,7 @@ impl Cluster {
         // Each touched interval's sequence moves once, whatever the number
         // of its ranges the invalidation names.
         let mut touched = Vec::new();
+        let mut whole = Vec::new();
         let mut per_member: BTreeMap<u64, Vec<pb::InvalidatedRange>> = BTreeMap::new();
         let mut seqs = Vec::new();
         for &(start, span_end) in &spans {
@@ -1153,6 +1178,9 @@ impl Cluster {
                     seqs.push((iv_id, iv.seq));
                 }
                 let (s, e) = iv.clip(start, span_end);
+                if (s, e) == (iv.rec.start, iv.end()) && !whole.contains(&iv_id) {
+                    whole.push(iv_id);
+                }
                 let range = pb::InvalidatedRange {
                     interval_id: iv_id,
                     start: s,
@@ -1184,6 +1212,7 @@ impl Cluster {
             }
         }
         let (mut pending, done) = Pending::new(waiting, touched);
+        pending.whole = whole;
         for m in lapsed {
             pending.fenced.push(m);
         }
@@ -1256,6 +1285,11 @@ impl Cluster {
         for iv in &p.intervals {
             if let Ok(iv) = self.intervals.get_mut(*iv) {
                 iv.in_flight = iv.in_flight.saturating_sub(1);
+            }
+        }
+        for iv in &p.whole {
+            if let Ok(iv) = self.intervals.get_mut(*iv) {
+                iv.cleared = true;
             }
         }
         Ok(Finished {

@@ -25,6 +25,11 @@ pub struct Interval {
     pub seq: u64,
     /// Invalidations of this interval that have begun and not completed.
     pub in_flight: u32,
+    /// An invalidation of the whole interval finished (every subscriber
+    /// acknowledged or was fenced) and no server subscribed since: nothing
+    /// of it is left on a server but what a fenced one frees when it
+    /// reconciles. In memory only: after a restart it is unknown again.
+    pub cleared: bool,
 }
 
 impl Interval {
@@ -128,6 +133,7 @@ impl Intervals {
                 subscribers,
                 seq: self.epoch << 32,
                 in_flight: 0,
+                cleared: false,
             },
         );
     }

@@ -90,6 +90,8 @@ pub struct Pending {
     pub acked: Vec<u64>,
     pub fenced: Vec<u64>,
     pub intervals: Vec<u64>,
+    /// Of `intervals`, those one of its ranges covers whole.
+    pub whole: Vec<u64>,
     /// When it began (its latency is measured when it finishes).
     pub began: std::time::Instant,
     done: Option<oneshot::Sender<()>>,
@@ -103,6 +105,7 @@ impl Pending {
             acked: Vec::new(),
             fenced: Vec::new(),
             intervals,
+            whole: Vec::new(),
             began: std::time::Instant::now(),
             done: Some(tx),
         };

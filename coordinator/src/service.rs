@@ -439,10 +439,25 @@ impl Intervals for Service {
         &self,
         r: Request<pb::UnregisterIntervalRequest>,
     ) -> Res<pb::UnregisterIntervalResponse> {
-        let mut c = self.shared().lock();
         let id = r.get_ref().interval_id;
-        owns_interval(&c, caller(&r), id, "unregister an interval")?;
-        c.unregister_interval(id)?;
+        let last = {
+            let c = self.shared().lock();
+            owns_interval(&c, caller(&r), id, "unregister an interval")?;
+            c.final_invalidation(id)?
+        };
+        // What is left of the interval on its servers goes before the
+        // interval does (they would keep it: no interval would name it).
+        // A server that does not acknowledge is fenced, and frees it when
+        // it reconciles. If the invalidation cannot run, the interval
+        // stays, and is reaped with its owner.
+        if let Some(req) = last {
+            let shared = self.shared();
+            let (_, _, finished) = run_invalidation(shared, &req, shared.default_deadline).await?;
+            if !finished.fenced.is_empty() {
+                tracing::warn!(interval = id, fenced = ?finished.fenced, "servers that did not free an unregistered interval's pages were fenced");
+            }
+        }
+        self.shared().lock().unregister_interval(id)?;
         ok(pb::UnregisterIntervalResponse {})
     }
 

@@ -301,6 +301,41 @@ fn an_invalidation_reaches_every_subscriber_once_with_its_ranges() {
     assert!(events(&c, s).is_empty(), "acknowledged events are gone");
 }
 
+/// An interval is unregistered after a whole invalidation of it, which
+/// the coordinator runs itself unless one already cleared it since the
+/// last subscription.
+#[test]
+fn unregistering_an_interval_not_cleared_whole_invalidates_it_first() {
+    let mut c = cluster();
+    let a = c.register(&agent("a")).unwrap().id;
+    let s = c.register(&server("s", 100)).unwrap().id;
+    let (bare, _) = c.register_interval(&interval("q", 0, 8, a, &[])).unwrap();
+    assert_eq!(c.final_invalidation(bare).unwrap(), None, "no subscriber");
+    let mut r = interval("p", 0, 8, a, &[s]);
+    r.handle_base = 2000;
+    let (iv, _) = c.register_interval(&r).unwrap();
+    let last = c.final_invalidation(iv).unwrap().expect("a subscriber");
+    assert_eq!(
+        (last.address_space.as_str(), last.start, last.length),
+        ("p", 0, 8 * PAGE)
+    );
+    assert_eq!(last.origin, a);
+    // A part invalidated is not the whole.
+    let begun = c.begin_invalidation(&invalidate("p", 2, 4)).unwrap();
+    c.ack(s, begun.id).unwrap();
+    c.finish_invalidation(begun.id).unwrap();
+    assert!(c.final_invalidation(iv).unwrap().is_some());
+    // Whole (by a wider range, as an agent retiring a space sends): cleared,
+    // fenced subscribers included.
+    let begun = c.begin_invalidation(&invalidate("p", 0, 1 << 20)).unwrap();
+    c.finish_invalidation(begun.id).unwrap();
+    assert_eq!(c.final_invalidation(iv).unwrap(), None);
+    // A server subscribing since may hold new pages.
+    let t = c.register(&server("t", 100)).unwrap().id;
+    c.subscribe(iv, t).unwrap();
+    assert!(c.final_invalidation(iv).unwrap().is_some());
+}
+
 #[test]
 fn one_invalidation_carries_many_ranges_and_moves_each_sequence_once() {
     let mut c = cluster();
