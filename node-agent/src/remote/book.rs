@@ -252,6 +252,9 @@ pub(crate) struct Book {
     /// its last failed try.
     pub owed_due: BTreeMap<u8, Instant>,
     pub owed_backoff: BTreeMap<u8, std::time::Duration>,
+    /// The kernel agent's record of the runs, for its next run
+    /// ([`super::journal`]); written under the book's lock.
+    pub journal: Option<super::journal::Journal>,
 }
 
 impl Book {

@@ -468,6 +468,7 @@ impl Homes {
                     // What is live now is what the run counts against.
                     let g = &mut book.grants[grant];
                     g.used = g.used - need + live;
+                    self.journal(&mut book, |j, addr| j.moved(first, k, &addr(to)));
                     true
                 }
                 None => {

@@ -42,6 +42,7 @@ use rmem_common::Redundancy;
 use super::book::{Book, Grant, Slots, UNBOUNDED};
 pub use super::book::{Piece, Slot};
 use super::cluster::{Cluster, ClusterError};
+use super::journal::{self, Journal};
 use super::seal::Seal;
 use super::servers::{Remotes, Servers};
 use super::space::{Claim, EpochLog, SPACE_BITS, Space, new_base, retire};
@@ -57,6 +58,9 @@ pub(crate) const OWED_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Pages asked of the coordinator when the grants are full (64 MiB).
 pub const GRANT_PAGES: u64 = 16384;
+
+/// The run journal's file in the kernel agent's state directory.
+pub const JOURNAL_FILE: &str = "runs";
 
 /// How long a server found failing gets nothing new and is read last.
 pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
@@ -228,6 +232,7 @@ impl Homes {
                         "the module still holds pages of earlier runs: their handle epochs stay out of use"
                     );
                 }
+                homes.open_journal(&dir.join(JOURNAL_FILE), "standalone", module_pages > 0);
                 return Ok(homes);
             }
             Home::Cluster(c) => c,
@@ -282,7 +287,8 @@ impl Homes {
             older
         };
         let taken: Vec<u64> = older.iter().map(|s| s.base).collect();
-        Self::registered(
+        let owner = cluster.name().to_owned();
+        let homes = Self::registered(
             cluster,
             servers,
             book,
@@ -292,7 +298,62 @@ impl Homes {
             request_timeout,
             redundancy,
             &sealing,
-        )
+        )?;
+        if let Some(dir) = state {
+            homes.open_journal(&dir.join(JOURNAL_FILE), &owner, module_pages > 0);
+        }
+        Ok(homes)
+    }
+
+    /// Opens the run journal at `path` for member `owner`: with `keep`
+    /// (the module still holds pages), the runs of the earlier run of this
+    /// agent it records go into the book first, so faults on their
+    /// handles read the right servers, other copies and stripes. Without
+    /// it the store works as before: a handle not on the book is looked
+    /// for on every server, and learned as one copy.
+    fn open_journal(&self, path: &Path, owner: &str, keep: bool) {
+        let opened = Journal::open(path, owner, keep).and_then(|(mut journal, entries)| {
+            let mut book = self.book();
+            let book = &mut *book;
+            let had = entries.len();
+            let (runs, skipped) =
+                journal::replay(entries, book, &|addr| self.servers.index_of(addr));
+            journal.rewrite(&book.runs, &|i| self.servers.addr(i))?;
+            if had > 0 {
+                tracing::info!(
+                    runs,
+                    skipped,
+                    path = %path.display(),
+                    "the runs of the module's pages from the agent's earlier run are known again"
+                );
+            }
+            book.journal = Some(journal);
+            Ok(())
+        });
+        if let Err(e) = opened {
+            tracing::warn!(path = %path.display(), error = %e, "no run journal: after a restart, pages the module keeps are looked for on every server and known as one copy");
+        }
+    }
+
+    /// Writes to the book's journal, if it keeps one, and rewrites it when
+    /// due. A journal that fails is dropped, loudly.
+    pub(crate) fn journal(
+        &self,
+        book: &mut Book,
+        write: impl FnOnce(&mut Journal, &dyn Fn(u8) -> String) -> std::io::Result<()>,
+    ) {
+        let Some(journal) = book.journal.as_mut() else {
+            return;
+        };
+        let addr = |i: u8| self.servers.addr(i);
+        let mut written = write(journal, &addr);
+        if written.is_ok() && journal.due(book.runs.len()) {
+            written = journal.rewrite(&book.runs, &addr);
+        }
+        if let Err(e) = written {
+            tracing::error!(path = %journal.path().display(), error = %e, "cannot write the run journal; dropped: after a restart, the pages the module keeps are looked for on every server and known as one copy");
+            book.journal = None;
+        }
     }
 
     /// A userfaultfd region's store: its own space `<member>/regions/<epoch>`
@@ -935,7 +996,9 @@ impl Homes {
 
     /// Records that `pieces` are stored on their servers.
     pub fn stored(&self, pieces: &[Piece]) {
-        self.book().record(pieces);
+        let mut book = self.book();
+        book.record(pieces);
+        self.journal(&mut book, |j, addr| j.stored(pieces, addr));
     }
 
     /// The server to read handle `h` from first, if known: its first
@@ -1050,9 +1113,11 @@ impl Homes {
         let servers: BTreeMap<u64, Vec<u8>> = {
             let mut book = self.book();
             let mut freed: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+            let mut forgotten = Vec::new();
             for &h in &sorted {
                 match book.forget(h) {
                     Some(f) => {
+                        forgotten.push(h);
                         for (h, s) in f.pages(h) {
                             freed.entry(h).or_default().push(s);
                         }
@@ -1062,6 +1127,7 @@ impl Homes {
                     }
                 }
             }
+            self.journal(&mut book, |j, _| j.freed(&forgotten));
             freed
         };
         if let Some(seal) = self.servers.seal() {
@@ -1135,9 +1201,11 @@ impl Homes {
         let single = self.link.is_none() && self.servers.len() == 1;
         let mut by: BTreeMap<u8, Vec<u64>> = BTreeMap::new();
         let mut book = self.book();
+        let mut forgotten = Vec::new();
         for &h in handles {
             match book.forget(h) {
                 Some(f) => {
+                    forgotten.push(h);
                     for (h, s) in f.pages(h) {
                         by.entry(s).or_default().push(h);
                     }
@@ -1147,6 +1215,7 @@ impl Homes {
                 None => {}
             }
         }
+        self.journal(&mut book, |j, _| j.freed(&forgotten));
         if let Some(seal) = self.servers.seal() {
             seal.forget(by.values().flatten().copied());
         }

@@ -9,6 +9,8 @@
 //!   invalidations, drain notices.
 //! - [`space`]: handle spaces (handles name copies, never addresses).
 //! - [`book`]: grants and runs (which server holds each handle).
+//! - [`journal`]: the book's runs kept on tmpfs, for a restarted kernel
+//!   agent.
 //! - [`homes`]: [`Homes`], the store a backend uses: take handles, place a
 //!   batch, record it, find a handle's server, free copies.
 //! - [`seal`]: pages sealed (encrypted and authenticated) for servers
@@ -27,6 +29,7 @@ pub mod conn;
 pub mod drain;
 pub mod errors;
 pub mod homes;
+pub(crate) mod journal;
 pub mod read;
 pub mod seal;
 pub mod servers;

@@ -91,6 +91,16 @@ impl Servers {
         Ok((list.len() - 1) as u8)
     }
 
+    /// The index of the server at `addr`, if it is known.
+    pub fn index_of(&self, addr: &str) -> Option<u8> {
+        self.list
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .position(|s| s.addr == addr)
+            .map(|i| i as u8)
+    }
+
     /// Address of server `index`, for logs.
     pub fn addr(&self, index: u8) -> String {
         self.get(index).map(|s| s.addr).unwrap_or_default()

@@ -758,7 +758,7 @@ fn main() {
     );
 
     suite.case(
-        "in a cluster: pages spread over the granted servers, move off a drained one, are freed through invalidations, a restarted agent takes over, and with two replicas or ec=2+1 a killed server loses no page",
+        "in a cluster: pages spread over the granted servers, move off a drained one, are freed through invalidations, a restarted agent takes over, and with two replicas or ec=2+1 (across an agent restart) a killed server loses no page",
         || env.without_agent(cluster_case),
     );
 
@@ -991,8 +991,8 @@ fn cluster_case(_env: &Env) -> Result<(), String> {
         format!("{} of 4 servers joined the coordinator", members()),
     )?;
     let pair_used = || pair.iter().map(used).collect::<Vec<u64>>();
-    // An agent with `policy` and a target of 2048 pages, all evicted.
-    let redundant = |name: &str, policy: rmem_common::Redundancy| {
+    // An agent named `name` with `policy`.
+    let start_with = |name: &str, policy: rmem_common::Redundancy| {
         let mut cc = ClusterConfig::new(endpoint.clone());
         cc.name = Some(name.into());
         let cluster = Cluster::connect(&cc).map_err(|e| e.to_string())?;
@@ -1000,7 +1000,11 @@ fn cluster_case(_env: &Env) -> Result<(), String> {
         cfg.redundancy = Some(policy);
         cfg.request_timeout = Duration::from_secs(2);
         cfg.fault_timeout = Duration::from_secs(2);
-        let agent = KernelAgent::start(cfg).map_err(|e| e.to_string())?;
+        KernelAgent::start(cfg).map_err(|e| e.to_string())
+    };
+    // Such an agent, and a target of 2048 pages, all evicted.
+    let redundant = |name: &str, policy: rmem_common::Redundancy| {
+        let agent = start_with(name, policy)?;
         let t = Target::spawn(2048)?;
         let att = agent.attach(t.pid(), None).map_err(|e| e.to_string())?;
         let moved = agent
@@ -1050,15 +1054,19 @@ fn cluster_case(_env: &Env) -> Result<(), String> {
         wait_until(Duration::from_secs(10), || members() == 5),
         format!("{} of 5 servers joined the coordinator", members()),
     )?;
-    let (agent, mut t, att) = redundant(
-        "vm/kmod-ec",
-        rmem_common::Redundancy::Erasure { data: 2, parity: 1 },
-    )?;
+    let ec = rmem_common::Redundancy::Erasure { data: 2, parity: 1 };
+    let (agent, mut t, att) = redundant("vm/kmod-ec", ec)?;
     let held: Vec<u64> = live.iter().map(|s| used(s)).collect();
     ensure(
         held.iter().sum::<u64>() == 3072,
         format!("2048 pages and half as much parity: the servers left hold {held:?}"),
     )?;
+    // The agent restarts first: the next run knows the stripes of the
+    // pages the module holds from the run journal (without it, it could
+    // only find each page's data copy, and lose those on the server
+    // killed next).
+    drop(agent);
+    let agent = start_with("vm/kmod-ec", ec)?;
     let fullest = (0..live.len()).max_by_key(|&i| held[i]).unwrap_or(0);
     live[fullest].daemon.signal(libc::SIGKILL);
     t.cmd("check 1")?;
