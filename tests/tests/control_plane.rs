@@ -62,6 +62,15 @@ impl Coordinator {
     }
 }
 
+/// The coordinator's status, as `rmemctl status` shows it.
+async fn status(c: &ControlClient) -> pb::StatusResponse {
+    c.admin()
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -256,12 +265,7 @@ fn a_subscriber_that_stops_answering_is_fenced_after_the_deadline() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(ok, "the fenced session did not reset and re-register");
-        let status = c
-            .admin()
-            .status(pb::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let status = status(&c).await;
         assert_eq!(status.members_fenced_total, 1);
     });
 }
@@ -659,12 +663,7 @@ async fn check(
         .unwrap()
         .into_inner();
     assert!(rr.retry);
-    let st = c
-        .admin()
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let st = status(&c).await;
     assert_eq!(st.epoch, epoch);
 }
 
@@ -1203,12 +1202,7 @@ fn a_server_joins_and_frees_pages_of_an_invalidated_or_unregistered_range_before
             let c = coord.client().await;
             let mut used = u64::MAX;
             for _ in 0..400 {
-                let s = c
-                    .admin()
-                    .status(pb::StatusRequest {})
-                    .await
-                    .unwrap()
-                    .into_inner();
+                let s = status(&c).await;
                 used = s.used_pages;
                 if used == want {
                     break;
@@ -1246,12 +1240,7 @@ fn a_server_joins_and_frees_pages_of_an_invalidated_or_unregistered_range_before
     assert!(server.daemon.terminate(Duration::from_secs(10)).success());
     runtime().block_on(async {
         let c = coord.client().await;
-        let s = c
-            .admin()
-            .status(pb::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let s = status(&c).await;
         assert_eq!((s.servers_up, s.servers_down), (0, 0), "{s:?}");
     });
 }
