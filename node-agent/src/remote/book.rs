@@ -232,8 +232,13 @@ pub(crate) struct Book {
     /// The grant the next batch tries first.
     pub turn: usize,
     pub moving: Vec<Moving>,
-    /// The token of the next move.
+    /// The token of the next move, or of the next batch of frees.
     pub moves: u64,
+    /// Frees on their way, a batch per token: handles taken off the book
+    /// whose frees may not have reached their servers yet. A move that
+    /// starts meanwhile may still read one of them on its old server and
+    /// copy it: it frees them on its new server too.
+    pub freeing: Vec<(u64, Vec<u64>)>,
     /// Servers found failing, and until when nothing new goes there.
     pub suspects: BTreeMap<u8, Instant>,
     /// Servers the coordinator declared gone: nothing new goes there, they

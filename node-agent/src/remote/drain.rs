@@ -14,8 +14,10 @@
 //! (a lost parity page is encoded again).
 //!
 //! Races handled here:
-//! - a handle freed while its run moves: the book remembers it, and the
-//!   copy written to the new server is freed after the switch;
+//! - a handle freed while its run moves, or freed just before with its
+//!   free still on its way to the old server (which may hand it out to the
+//!   move): the book remembers it, and the copy written to the new server
+//!   is freed after the switch;
 //! - a run freed whole meanwhile: the new copies are freed, not recorded;
 //! - the store retired (region dropped) meanwhile: the same;
 //! - one run failing does not stop the others; the drained server's grants
@@ -262,15 +264,17 @@ impl Homes {
                 book.moves += 1;
                 let token = book.moves;
                 // Handles of the run freed earlier whose free its server
-                // still owes: it may still hand them out, and their copies
-                // on the new server go too.
+                // still owes, or that are on their way to it: it may still
+                // hand them out, and their copies on the new server go too.
                 let source = moved.slots.get(moved.k).expect("found above").server;
-                let freed: Vec<u64> = match book.owed.get(&source) {
-                    Some(owed) if !owed.is_empty() => {
-                        let here: BTreeSet<u64> = moved.handles.iter().copied().collect();
-                        owed.iter().copied().filter(|h| here.contains(h)).collect()
-                    }
-                    _ => Vec::new(),
+                let owed = book.owed.get(&source).into_iter().flatten();
+                let on_their_way = book.freeing.iter().flat_map(|(_, hs)| hs);
+                let mut earlier = owed.chain(on_their_way).peekable();
+                let freed: Vec<u64> = if earlier.peek().is_some() {
+                    let here: BTreeSet<u64> = moved.handles.iter().copied().collect();
+                    earlier.copied().filter(|h| here.contains(h)).collect()
+                } else {
+                    Vec::new()
                 };
                 book.moving.push(Moving {
                     token,
@@ -354,6 +358,7 @@ impl Homes {
             None => self.read_copies(remotes, &moved.handles, slots, from, deadline)?,
             Some(layout) => self.read_slot(remotes, first, layout, moved, from, deadline)?,
         };
+        fail::fail_point!("drain-read");
         let need = found.len() as u64;
         if need == 0 && moved.stripes.is_none() {
             // Nothing of it is left there (freed meanwhile).

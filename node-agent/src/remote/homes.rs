@@ -184,6 +184,21 @@ impl Sealing {
     }
 }
 
+/// Handles taken off the book whose frees are on their way, named in
+/// [`Book::freeing`] until dropped (a move of their run starting meanwhile
+/// frees what it copies of them).
+struct Freeing<'h> {
+    homes: &'h Homes,
+    token: u64,
+}
+
+impl Drop for Freeing<'_> {
+    fn drop(&mut self) {
+        let token = self.token;
+        self.homes.book().freeing.retain(|(t, _)| *t != token);
+    }
+}
+
 impl Homes {
     /// The kernel agent's store. In a cluster: takes over or retires what
     /// earlier runs of this member left (kept when `module_pages` device
@@ -1060,7 +1075,7 @@ impl Homes {
         handles: &[u64],
         deadline: Instant,
     ) -> Result<(), ClientError> {
-        let by_server = self.forget(handles);
+        let (by_server, _freeing) = self.forget(handles);
         self.free_dead(remotes, &by_server, deadline)
     }
 
@@ -1076,7 +1091,8 @@ impl Homes {
         handles: &[u64],
         deadline: Instant,
     ) -> Result<(), ClientError> {
-        let mut by: BTreeMap<u8, Vec<u64>> = self.forget(handles).into_iter().collect();
+        let (by, _freeing) = self.forget(handles);
+        let mut by: BTreeMap<u8, Vec<u64>> = by.into_iter().collect();
         {
             let mut book = self.book();
             for (server, owed) in std::mem::take(&mut book.owed) {
@@ -1107,32 +1123,9 @@ impl Homes {
         sorted.dedup();
         // Off the book first: a drain moving one of these runs then knows
         // to free the copy it writes, whenever the invalidation lands.
-        // What is freed: the handles' copies, or the pages of stripes that
-        // died whole (a data page of a live stripe stays); handles the book
-        // does not know, as asked.
-        let servers: BTreeMap<u64, Vec<u8>> = {
-            let mut book = self.book();
-            let mut freed: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-            let mut forgotten = Vec::new();
-            for &h in &sorted {
-                match book.forget(h) {
-                    Some(f) => {
-                        forgotten.push(h);
-                        for (h, s) in f.pages(h) {
-                            freed.entry(h).or_default().push(s);
-                        }
-                    }
-                    None => {
-                        freed.entry(h).or_default();
-                    }
-                }
-            }
-            self.journal(&mut book, |j, _| j.freed(&forgotten));
-            freed
-        };
-        if let Some(seal) = self.servers.seal() {
-            seal.forget(servers.keys().copied());
-        }
+        // Handles the book does not know are freed as asked.
+        let (servers, _freeing) = self.forget_pages(&sorted);
+        fail::fail_point!("release-forgotten");
         let sorted: Vec<u64> = servers.keys().copied().collect();
         let mut invalidated = 0;
         let mut direct: BTreeMap<u8, Vec<u64>> = BTreeMap::new();
@@ -1195,11 +1188,13 @@ impl Homes {
         Ok(invalidated)
     }
 
-    /// Takes handles off the book, grouped by their server (unknown ones
-    /// are dropped: nothing says where they are).
-    fn forget(&self, handles: &[u64]) -> Vec<(u8, Vec<u64>)> {
-        let single = self.link.is_none() && self.servers.len() == 1;
-        let mut by: BTreeMap<u8, Vec<u64>> = BTreeMap::new();
+    /// Takes `handles` off the book: the pages that lets go (the handles'
+    /// copies, or the pages of stripes that died whole; a data page of a
+    /// live stripe stays), each with its servers (none: the book did not
+    /// know it), and a guard naming them as freeing until it is dropped,
+    /// once their frees are sent.
+    fn forget_pages(&self, handles: &[u64]) -> (BTreeMap<u64, Vec<u8>>, Freeing<'_>) {
+        let mut freed: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut book = self.book();
         let mut forgotten = Vec::new();
         for &h in handles {
@@ -1207,19 +1202,41 @@ impl Homes {
                 Some(f) => {
                     forgotten.push(h);
                     for (h, s) in f.pages(h) {
-                        by.entry(s).or_default().push(h);
+                        freed.entry(h).or_default().push(s);
                     }
                 }
-                // One server holds everything, whatever the book says.
-                None if single => by.entry(0).or_default().push(h),
-                None => {}
+                None => {
+                    freed.entry(h).or_default();
+                }
             }
         }
         self.journal(&mut book, |j, _| j.freed(&forgotten));
+        book.moves += 1;
+        let token = book.moves;
+        book.freeing.push((token, freed.keys().copied().collect()));
+        drop(book);
         if let Some(seal) = self.servers.seal() {
-            seal.forget(by.values().flatten().copied());
+            seal.forget(freed.keys().copied());
         }
-        by.into_iter().collect()
+        (freed, Freeing { homes: self, token })
+    }
+
+    /// Takes handles off the book, grouped by their server (unknown ones
+    /// are dropped: nothing says where they are, unless one server holds
+    /// everything), and the guard of their frees.
+    fn forget(&self, handles: &[u64]) -> (Vec<(u8, Vec<u64>)>, Freeing<'_>) {
+        let single = self.link.is_none() && self.servers.len() == 1;
+        let (freed, freeing) = self.forget_pages(handles);
+        let mut by: BTreeMap<u8, Vec<u64>> = BTreeMap::new();
+        for (h, servers) in freed {
+            if servers.is_empty() && single {
+                by.entry(0).or_default().push(h);
+            }
+            for s in servers {
+                by.entry(s).or_default().push(h);
+            }
+        }
+        (by.into_iter().collect(), freeing)
     }
 
     /// Frees copies of live handles on their servers (a drain's old or
