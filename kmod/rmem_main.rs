@@ -74,6 +74,14 @@ mod shim {
             -> *mut Att;
         pub(crate) fn rmem_att_restore(a: *mut Att) -> core::ffi::c_long;
         pub(crate) fn rmem_att_free(a: *mut Att);
+        pub(crate) fn rmem_att_describe(
+            a: *const Att,
+            pid: *mut i32,
+            start: *mut u64,
+            len: *mut u64,
+            all: *mut bool,
+            exited: *mut bool,
+        );
         pub(crate) fn rmem_evict_copy(a: *mut Att, start: u64, max: u32, data: u64, addrs: u64)
             -> core::ffi::c_long;
         pub(crate) fn rmem_evict_commit(
@@ -103,11 +111,14 @@ mod shim {
 
 // ---- the ioctl interface: include/uapi/rmem.h ------------------------------
 
-const UAPI_VERSION: u32 = 4;
+const UAPI_VERSION: u32 = 5;
 const PAGE: usize = 4096;
 const MAX_BATCH: u32 = 512;
 const MAX_EVENTS: u32 = 256;
 const ATTACH_ALL: u32 = 1;
+const ATT_EXITED: u32 = 2;
+/// Most attachments one LIST describes.
+const MAX_LIST: u32 = 4096;
 const EVENT_FETCH: u32 = 1;
 const EVENT_FREED: u32 = 2;
 
@@ -131,6 +142,8 @@ uapi_struct!(Info {
 });
 uapi_struct!(Attach { pid: i32, flags: u32, start: u64, len: u64, id: u64 });
 uapi_struct!(Detach { id: u64, restored: u64 });
+uapi_struct!(AttInfo { id: u64, pid: i32, flags: u32, start: u64, len: u64 });
+uapi_struct!(List { max: u32, count: u32, atts: u64 });
 uapi_struct!(Evict { id: u64, start: u64, max_pages: u32, npages: u32, data: u64, addrs: u64 });
 uapi_struct!(Commit {
     id: u64, start: u64, max_pages: u32, npages: u32, addrs: u64, handles: u64, data: u64,
@@ -149,6 +162,8 @@ const _: () = {
     assert!(core::mem::size_of::<Event>() == 32);
     assert!(core::mem::size_of::<Wait>() == 24);
     assert!(core::mem::size_of::<Reply>() == 24);
+    assert!(core::mem::size_of::<AttInfo>() == 32);
+    assert!(core::mem::size_of::<List>() == 16);
 };
 
 const MAGIC: u32 = b'R' as u32;
@@ -159,6 +174,7 @@ const IOC_EVICT_BEGIN: u32 = _IOWR::<Evict>(MAGIC, 0x03);
 const IOC_EVICT_COMMIT: u32 = _IOWR::<Commit>(MAGIC, 0x04);
 const IOC_WAIT: u32 = _IOWR::<Wait>(MAGIC, 0x06);
 const IOC_REPLY: u32 = _IOW::<Reply>(MAGIC, 0x07);
+const IOC_LIST: u32 = _IOWR::<List>(MAGIC, 0x08);
 
 // ---- shared state -----------------------------------------------------------
 
@@ -450,6 +466,7 @@ impl MiscDevice for Agent {
             IOC_EVICT_COMMIT => evict_commit(user),
             IOC_WAIT => wait(user),
             IOC_REPLY => reply(user),
+            IOC_LIST => list(user),
             _ => Err(ENOTTY),
         }
     }
@@ -535,6 +552,32 @@ fn detach(user: UserSlice) -> Result<isize> {
     // SAFETY: removed from the table, so we own it.
     unsafe { shim::rmem_att_free(a) };
     req.restored = restored as u64;
+    w.write(&req)?;
+    Ok(0)
+}
+
+/// Describes the attachments held (up to `max`, at most [`MAX_LIST`]).
+fn list(user: UserSlice) -> Result<isize> {
+    let (mut r, mut w) = user.reader_writer();
+    let mut req: List = r.read()?;
+    let ctl = shared().ctl.lock();
+    let room = req.max.min(MAX_LIST) as usize;
+    let n = ctl.atts.len().min(room);
+    let mut out = UserSlice::new(
+        UserPtr::from_addr(req.atts as usize),
+        n * core::mem::size_of::<AttInfo>(),
+    )
+    .writer();
+    for &(id, a) in ctl.atts.iter().take(n) {
+        let (mut pid, mut start, mut len, mut all, mut exited) = (0, 0, 0, false, false);
+        // SAFETY: `a` is in the table and we hold its lock; the outputs are
+        // locals.
+        unsafe { shim::rmem_att_describe(a, &mut pid, &mut start, &mut len, &mut all, &mut exited) };
+        let flags = if all { ATTACH_ALL } else { 0 } | if exited { ATT_EXITED } else { 0 };
+        out.write(&AttInfo { id, pid, flags, start, len })?;
+    }
+    req.count = ctl.atts.len() as u32;
+    drop(ctl);
     w.write(&req)?;
     Ok(0)
 }

@@ -1031,6 +1031,7 @@ out:
 struct rmem_att {
 	struct mmu_interval_notifier notifier;
 	s32 pid;
+	bool all;
 	u64 start, end;
 };
 
@@ -1099,6 +1100,7 @@ struct rmem_att *rmem_att_new(s32 pid, u64 start, u64 len, bool all, int *err)
 		return NULL;
 	}
 	a->pid = pid;
+	a->all = all;
 	a->start = start;
 	a->end = start + len;
 	/* The notifier keeps the mm_struct (not the address space) alive. */
@@ -1163,6 +1165,17 @@ void rmem_att_free(struct rmem_att *a)
 {
 	mmu_interval_notifier_remove(&a->notifier);
 	kfree(a);
+}
+
+void rmem_att_describe(const struct rmem_att *a, s32 *pid, u64 *start, u64 *len,
+		       bool *all, bool *exited)
+{
+	*pid = a->pid;
+	*all = a->all;
+	*start = a->all ? 0 : a->start;
+	*len = a->all ? 0 : a->end - a->start;
+	/* The notifier holds the mm_struct; its users are gone once it exited. */
+	*exited = atomic_read(&a->notifier.mm->mm_users) == 0;
 }
 
 /* ---- eviction ---------------------------------------------------------- */

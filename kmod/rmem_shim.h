@@ -52,6 +52,9 @@ struct rmem_att *rmem_att_new(s32 pid, u64 start, u64 len, bool all, int *err);
 /* Bring every remote page of the attachment back; pages restored or -errno. */
 long rmem_att_restore(struct rmem_att *a);
 void rmem_att_free(struct rmem_att *a);
+/* What the attachment covers (`all`: every mapping), and whether its process exited. */
+void rmem_att_describe(const struct rmem_att *a, s32 *pid, u64 *start, u64 *len,
+		       bool *all, bool *exited);
 
 /*
  * Copy up to `max` present pages of [start, ...) within one mapping to the

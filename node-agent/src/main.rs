@@ -629,10 +629,14 @@ fn run_serve(a: ServeArgs, tls: &AgentTls) -> ExitCode {
         let stop_signal = rmem_common::shutdown::stop_signal();
         for &pid in &a.attach {
             let sup = sup.clone();
-            tokio::task::spawn_blocking(move || sup.attach(pid, None, None, None))
+            match tokio::task::spawn_blocking(move || sup.attach(pid, None, None, None))
                 .await
                 .expect("attach task")
-                .map_err(|e| format!("--attach {pid}: {e}"))?;
+            {
+                // Taken over from the agent's last run.
+                Ok(_) | Err(rmem_agent::kmod::daemon::SupervisorError::AlreadyAttached(_)) => {}
+                Err(e) => return Err(format!("--attach {pid}: {e}")),
+            }
         }
         let listener = admin::bind(&cfg.socket).map_err(|e| format!("admin socket: {e}"))?;
         let _metrics = match cfg.metrics_listen {

@@ -22,6 +22,8 @@
  *    FREED (the last mapping of a remote page went away: munmap, exit, a
  *    copy-on-write break; the agent frees the handle on its server).
  *  - DETACH brings every remote page of the attachment back and removes it.
+ *  - LIST describes the attachments the module holds (a restarted agent
+ *    learns the ones it made before; they outlive its open file).
  */
 #ifndef _UAPI_RMEM_H
 #define _UAPI_RMEM_H
@@ -29,7 +31,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define RMEM_UAPI_VERSION 4
+#define RMEM_UAPI_VERSION 5
 #define RMEM_PAGE_SIZE 4096
 #define RMEM_MAX_BATCH 512
 
@@ -60,6 +62,22 @@ struct rmem_attach {
 	__u64 start;
 	__u64 len;
 	__u64 id;		/* out */
+};
+
+#define RMEM_ATT_EXITED (1u << 1)	/* LIST: its process has exited */
+
+struct rmem_att_info {
+	__u64 id;
+	__s32 pid;
+	__u32 flags;		/* RMEM_ATTACH_ALL, RMEM_ATT_EXITED */
+	__u64 start;		/* 0 and 0 with RMEM_ATTACH_ALL */
+	__u64 len;
+};
+
+struct rmem_list {
+	__u32 max;		/* room in atts */
+	__u32 count;		/* out: attachments held (may exceed max) */
+	__u64 atts;		/* user pointer: max struct rmem_att_info */
 };
 
 struct rmem_detach {
@@ -123,5 +141,6 @@ struct rmem_reply {
 #define RMEM_IOC_EVICT_COMMIT	_IOWR(RMEM_IOC_MAGIC, 0x04, struct rmem_commit)
 #define RMEM_IOC_WAIT		_IOWR(RMEM_IOC_MAGIC, 0x06, struct rmem_wait)
 #define RMEM_IOC_REPLY		_IOW(RMEM_IOC_MAGIC, 0x07, struct rmem_reply)
+#define RMEM_IOC_LIST		_IOWR(RMEM_IOC_MAGIC, 0x08, struct rmem_list)
 
 #endif /* _UAPI_RMEM_H */

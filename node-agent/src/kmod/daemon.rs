@@ -20,9 +20,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::attached::{Record, Records};
 use super::budget;
 use super::damon::{self, Damon, DamonConfig};
 use super::service::{KernelAgent, KernelConfig, KernelError};
+use super::uapi;
 
 /// What the eviction loop runs with.
 #[derive(Debug, Clone)]
@@ -107,6 +109,19 @@ struct Proc {
     att: u64,
     since: Instant,
     status: DaemonStatus,
+    /// The redundancy asked for it (`None`: the agent's).
+    policy: Option<rmem_common::Redundancy>,
+}
+
+impl Proc {
+    fn record(&self) -> Record {
+        Record {
+            id: self.att,
+            pid: self.status.pid,
+            budget_bytes: self.status.budget_bytes,
+            redundancy: self.policy.map(|p| p.to_string()),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -132,6 +147,8 @@ pub struct Supervisor {
     rounds: std::sync::atomic::AtomicU64,
     /// The module's counters as last read.
     last_info: Mutex<super::uapi::Info>,
+    /// What the next daemon needs to take the attachments over.
+    records: Records,
 }
 
 /// Whether `pid` still runs: a zombie (exited, not yet reaped by its
@@ -157,9 +174,10 @@ impl Supervisor {
     /// Opens the module and takes DAMON over; no process is attached yet.
     pub fn start(cfg: &DaemonConfig) -> Result<Self, KernelError> {
         // DAMON first: if another user holds it, the module is not touched.
-        let damon = Damon::new(cfg.damon).map_err(KernelError::Monitor)?;
+        let damon =
+            Damon::new(cfg.damon, cfg.kernel.state_dir.as_deref()).map_err(KernelError::Monitor)?;
         let agent = KernelAgent::start(cfg.kernel.clone())?;
-        Ok(Self {
+        let sup = Self {
             agent,
             inner: Mutex::new(Inner {
                 damon,
@@ -167,7 +185,99 @@ impl Supervisor {
             }),
             rounds: std::sync::atomic::AtomicU64::new(0),
             last_info: Mutex::new(super::uapi::Info::default()),
-        })
+            records: Records::new(cfg.kernel.state_dir.as_deref()),
+        };
+        sup.take_over();
+        Ok(sup)
+    }
+
+    /// Takes over the attachments the module kept from an earlier agent
+    /// (one that died, or whose detach failed): each of a live process is
+    /// managed again with the budget and redundancy recorded for it (the
+    /// defaults if there is no record: it is reported); one whose process
+    /// exited is removed (nothing of it is left to bring back).
+    fn take_over(&self) {
+        let atts = match self.agent.attachments() {
+            Ok(atts) => atts,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the module's attachments: none taken over");
+                return;
+            }
+        };
+        let records = self.records.load();
+        let mut inner = self.lock();
+        for a in atts {
+            if a.flags & uapi::ATT_EXITED != 0 || !alive(a.pid) {
+                match self.agent.detach(a.id) {
+                    Ok(_) => tracing::info!(
+                        pid = a.pid,
+                        "removed an attachment of an exited process the module kept"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(pid = a.pid, error = %e, "cannot remove an attachment of an exited process")
+                    }
+                }
+                continue;
+            }
+            let record = records.iter().find(|r| r.id == a.id && r.pid == a.pid);
+            if record.is_none() {
+                tracing::warn!(
+                    pid = a.pid,
+                    id = a.id,
+                    "the module holds an attachment this agent has no record of: taken over with no budget and the agent's redundancy"
+                );
+            }
+            let policy = match record.and_then(|r| r.redundancy.as_deref()).map(str::parse) {
+                None => None,
+                Some(Ok(p)) => Some(p),
+                Some(Err(e)) => {
+                    tracing::warn!(pid = a.pid, error = %e, "a recorded redundancy is not valid: taking the agent's");
+                    None
+                }
+            };
+            let policy = match self.agent.adopt(a.id, policy) {
+                Ok(()) => policy,
+                Err(e) => {
+                    tracing::warn!(pid = a.pid, error = %e, "the recorded redundancy cannot be placed now: its next evictions take the agent's");
+                    None
+                }
+            };
+            let (start, length) = if a.flags & uapi::ATTACH_ALL != 0 {
+                (0, 0)
+            } else {
+                (a.start, a.len)
+            };
+            let status = DaemonStatus {
+                pid: a.pid,
+                command: command_of(a.pid).unwrap_or_default(),
+                start,
+                length,
+                budget_bytes: record.map_or(0, |r| r.budget_bytes),
+                redundancy: self.agent.policy_of(a.id).to_string(),
+                ..DaemonStatus::default()
+            };
+            tracing::info!(pid = a.pid, command = %status.command, budget_bytes = status.budget_bytes,
+                redundancy = %status.redundancy, "took over an attachment the module kept from the agent's last run");
+            inner.procs.insert(
+                a.pid,
+                Proc {
+                    att: a.id,
+                    since: Instant::now(),
+                    status,
+                    policy,
+                },
+            );
+        }
+        if let Err(e) = inner.rewatch() {
+            tracing::warn!(error = %e, "DAMON cannot watch the processes taken over");
+        }
+        self.save(&inner);
+    }
+
+    /// Records what a restarted daemon needs of the attachments.
+    fn save(&self, inner: &Inner) {
+        self.records
+            .save(inner.procs.values().map(Proc::record).collect());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -229,6 +339,7 @@ impl Supervisor {
                 att,
                 since: Instant::now(),
                 status: status.clone(),
+                policy,
             },
         );
         if let Err(e) = inner.rewatch() {
@@ -238,6 +349,7 @@ impl Supervisor {
             let _ = inner.rewatch();
             return Err(e.into());
         }
+        self.save(&inner);
         tracing::info!(pid, command = %status.command, "attached");
         Ok(status)
     }
@@ -254,7 +366,18 @@ impl Supervisor {
             tracing::warn!(error = %e, "DAMON could not be restarted for the other processes");
         }
         drop(inner);
-        self.finish(p)
+        let record = p.record();
+        let done = self.finish(p);
+        // A failed detach leaves the attachment in the module: the next
+        // daemon takes it over as it was.
+        let inner = self.lock();
+        let mut records: Vec<Record> = inner.procs.values().map(Proc::record).collect();
+        if done.is_err() {
+            records.push(record);
+        }
+        self.records.save(records);
+        drop(inner);
+        done
     }
 
     fn finish(&self, mut p: Proc) -> Result<DaemonStatus, SupervisorError> {
@@ -270,15 +393,32 @@ impl Supervisor {
     pub fn detach_all(&self) -> Vec<DaemonStatus> {
         let procs = std::mem::take(&mut self.lock().procs);
         let mut done = Vec::new();
+        let mut kept = Vec::new();
         for (pid, p) in procs {
+            let record = p.record();
             match self.finish(p) {
                 Ok(s) => done.push(s),
-                Err(e) => tracing::error!(pid, error = %e,
-                    "detach failed; the module keeps the attachment for the next agent"),
+                Err(e) => {
+                    tracing::error!(pid, error = %e,
+                        "detach failed; the module keeps the attachment for the next agent");
+                    kept.push(record);
+                }
             }
         }
-        let _ = self.lock().rewatch();
+        let mut inner = self.lock();
+        let _ = inner.rewatch();
+        kept.extend(inner.procs.values().map(Proc::record));
+        self.records.save(kept);
         done
+    }
+
+    /// Sets the budget of attached process `pid` (`None`: no budget).
+    pub fn set_budget(&self, pid: i32, budget: Option<u64>) {
+        let mut inner = self.lock();
+        if let Some(p) = inner.procs.get_mut(&pid) {
+            p.status.budget_bytes = budget.unwrap_or(0);
+        }
+        self.save(&inner);
     }
 
     /// Every attached process's counters.
@@ -387,10 +527,11 @@ impl Supervisor {
                 .iter()
                 .filter_map(|pid| inner.procs.remove(pid))
                 .collect();
-            if !gone.is_empty()
-                && let Err(e) = inner.rewatch()
-            {
-                tracing::warn!(error = %e, "DAMON could not be restarted");
+            if !gone.is_empty() {
+                if let Err(e) = inner.rewatch() {
+                    tracing::warn!(error = %e, "DAMON could not be restarted");
+                }
+                self.save(&inner);
             }
             (work, gone)
         };
@@ -572,7 +713,12 @@ pub fn run(
     mut progress: impl FnMut(&KernelReport),
 ) -> Result<KernelReport, SupervisorError> {
     let sup = Supervisor::start(cfg)?;
-    sup.attach(pid, None, budget, None)?;
+    match sup.attach(pid, None, budget, None) {
+        Ok(_) => {}
+        // Taken over from the agent's last run: with this run's budget.
+        Err(SupervisorError::AlreadyAttached(_)) => sup.set_budget(pid, budget),
+        Err(e) => return Err(e),
+    }
     let report = |process| KernelReport {
         process,
         agent: sup.totals(),

@@ -85,6 +85,27 @@ pub struct Damon {
     cfg: DamonConfig,
     /// Watched processes; `pids[i]` is kdamond `i`.
     pids: Vec<i32>,
+    /// The claim file (in the agent's state directory) naming the kdamonds
+    /// this agent runs, so that after its crash the next agent knows them
+    /// for its own and takes DAMON back.
+    claim: Option<PathBuf>,
+}
+
+/// The claim file's name in the agent's state directory.
+pub const CLAIM_FILE: &str = "damon";
+
+/// The thread ids of the running kdamonds, in order (-1 for one off).
+fn kdamond_pids(n: u64) -> io::Result<Vec<i64>> {
+    (0..n as usize)
+        .map(|i| {
+            let path = kdamond(i).join("pid");
+            let text = fs::read_to_string(&path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            text.trim()
+                .parse()
+                .map_err(|_| io::Error::other(format!("{}: not a pid: {text:?}", path.display())))
+        })
+        .collect()
 }
 
 fn write(path: impl AsRef<Path>, value: impl std::fmt::Display) -> io::Result<()> {
@@ -108,8 +129,10 @@ fn kdamond(i: usize) -> PathBuf {
 
 impl Damon {
     /// Takes DAMON over, watching no process yet. Fails if DAMON is missing
-    /// or another user (DAMON_STAT among them) holds it.
-    pub fn new(cfg: DamonConfig) -> io::Result<Self> {
+    /// or another user (DAMON_STAT among them) holds it. `state_dir` (the
+    /// agent's, on tmpfs) keeps the claim: kdamonds an earlier agent of
+    /// this node left running when it died are known by it and taken back.
+    pub fn new(cfg: DamonConfig, state_dir: Option<&Path>) -> io::Result<Self> {
         let root = Path::new(DAMON_ROOT);
         if !root.exists() {
             return Err(io::Error::new(
@@ -119,11 +142,43 @@ impl Damon {
                 ),
             ));
         }
-        if read_u64(root.join("nr_kdamonds"))? != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{DAMON_ROOT}: another DAMON user has kdamonds configured"),
-            ));
+        let claim = state_dir.map(|d| d.join(CLAIM_FILE));
+        let configured = read_u64(root.join("nr_kdamonds"))?;
+        if configured != 0 {
+            // Ours if the claim names exactly the kdamonds running now
+            // (their thread ids change whenever they are started again)
+            // and the agent that made them is gone.
+            let text = claim.as_deref().and_then(|c| fs::read_to_string(c).ok());
+            let (owner, kdamonds) = text
+                .as_deref()
+                .and_then(|t| t.trim().split_once(' '))
+                .unwrap_or_default();
+            let owner: u32 = owner.parse().unwrap_or(0);
+            if owner != 0
+                && owner != std::process::id()
+                && Path::new(&format!("/proc/{owner}")).exists()
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("DAMON is in use by another rmem agent (pid {owner})"),
+                ));
+            }
+            let claimed = owner != 0
+                && kdamond_pids(configured).is_ok_and(|running| kdamonds == render(&running));
+            if !claimed {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{DAMON_ROOT}: another DAMON user has kdamonds configured"),
+                ));
+            }
+            for i in 0..configured as usize {
+                let _ = write(kdamond(i).join("state"), "off");
+            }
+            write(root.join("nr_kdamonds"), 0)?;
+            tracing::info!(
+                kdamonds = configured,
+                "took DAMON back from the agent's last run"
+            );
         }
         let stat = Path::new(DAMON_STAT_ENABLED);
         if fs::read_to_string(stat).is_ok_and(|v| v.trim() == "Y") {
@@ -138,12 +193,13 @@ impl Damon {
         Ok(Self {
             cfg,
             pids: Vec::new(),
+            claim,
         })
     }
 
     /// Takes DAMON over and starts watching process `pid`.
     pub fn start(pid: i32, cfg: DamonConfig) -> io::Result<Self> {
-        let mut damon = Self::new(cfg)?;
+        let mut damon = Self::new(cfg, None)?;
         damon.watch(&[pid])?;
         Ok(damon)
     }
@@ -170,6 +226,9 @@ impl Damon {
         }
         self.pids.clear();
         let _ = write(Path::new(DAMON_ROOT).join("nr_kdamonds"), 0);
+        if let Some(claim) = &self.claim {
+            let _ = fs::remove_file(claim);
+        }
     }
 
     fn start_all(&mut self, pids: &[i32]) -> io::Result<()> {
@@ -184,6 +243,16 @@ impl Damon {
         }
         for i in 0..pids.len() {
             write(kdamond(i).join("state"), "on")?;
+        }
+        if let Some(claim) = &self.claim {
+            // Without the claim a restart after a crash finds DAMON taken.
+            let running = kdamond_pids(pids.len() as u64)?;
+            let text = format!("{} {}", std::process::id(), render(&running));
+            if let Err(e) = fs::create_dir_all(claim.parent().unwrap_or(Path::new("/")))
+                .and_then(|()| fs::write(claim, text))
+            {
+                tracing::warn!(path = %claim.display(), error = %e, "cannot record the kdamonds this agent runs");
+            }
         }
         Ok(())
     }
@@ -290,6 +359,15 @@ pub fn coldest_first(regions: &mut [Region]) {
             r.start,
         )
     });
+}
+
+/// The kdamonds' thread ids as the claim file holds them, after the
+/// agent's pid.
+fn render(pids: &[i64]) -> String {
+    pids.iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl Drop for Damon {

@@ -96,6 +96,33 @@ impl Device {
         Ok(a.id)
     }
 
+    /// The attachments the module holds (made by this agent or an earlier
+    /// one: they outlive the open file).
+    pub fn list(&self) -> io::Result<Vec<uapi::AttInfo>> {
+        let mut atts = vec![uapi::AttInfo::default(); 64];
+        loop {
+            let mut l = uapi::List {
+                max: atts.len() as u32,
+                count: 0,
+                atts: atts.as_mut_ptr() as u64,
+            };
+            self.ioctl(uapi::IOC_LIST, &mut l)?;
+            if l.count as usize <= atts.len() {
+                atts.truncate(l.count as usize);
+                return Ok(atts);
+            }
+            // More than room: again with room for all (and a few more
+            // attached meanwhile), up to the module's limit.
+            if atts.len() >= uapi::MAX_LIST as usize {
+                return Ok(atts);
+            }
+            atts.resize(
+                (l.count as usize + 16).min(uapi::MAX_LIST as usize),
+                uapi::AttInfo::default(),
+            );
+        }
+    }
+
     /// Brings every remote page of the attachment back and removes it. Needs
     /// another thread serving [`Device::wait`] meanwhile. Returns the pages
     /// brought back.

@@ -7,6 +7,8 @@
 //!   regions go first when it holds too much.
 //! - [`daemon`]: the [`Supervisor`](daemon::Supervisor): attached processes
 //!   and the loop that evicts their cold pages (`rmem-agent kernel|serve`).
+//! - [`attached`]: the daemon's record of its attachments (budget,
+//!   redundancy), so that a restarted daemon takes them over.
 //! - [`admin`]: `rmem-agent serve`'s gRPC admin API on a Unix socket.
 //! - [`config`]: `rmem-agent serve`'s configuration.
 //! - [`service`]: [`KernelAgent`], which serves the module's fetch requests
@@ -14,6 +16,7 @@
 //!   remote layer ([`crate::remote::Homes`]).
 
 pub mod admin;
+pub mod attached;
 pub mod budget;
 pub mod config;
 pub mod daemon;

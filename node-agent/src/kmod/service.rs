@@ -275,6 +275,26 @@ impl KernelAgent {
         Ok(att)
     }
 
+    /// The attachments the module holds: this agent's, and those an
+    /// earlier agent made (they outlive its open file).
+    pub fn attachments(&self) -> io::Result<Vec<super::uapi::AttInfo>> {
+        self.dev.list()
+    }
+
+    /// Takes over attachment `att`, made by an earlier agent: its pages
+    /// get `policy`'s redundancy (`None`: the agent's).
+    pub fn adopt(
+        &self,
+        att: u64,
+        policy: Option<rmem_common::Redundancy>,
+    ) -> Result<(), KernelError> {
+        if let Some(p) = policy {
+            self.homes.check_policy(p)?;
+            self.lock_policies().insert(att, p);
+        }
+        Ok(())
+    }
+
     /// The redundancy of attachment `att`'s pages.
     pub fn policy_of(&self, att: u64) -> rmem_common::Redundancy {
         self.lock_policies()

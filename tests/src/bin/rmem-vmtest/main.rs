@@ -548,9 +548,11 @@ fn main() {
                         wide.as_ref().is_err_and(|e| e.contains("ec=2+1")),
                         format!("attaching with ec=2+1 on one server: {wide:?}"),
                     )?;
-                    for t in [&a, &b] {
-                        ctl(&["attach", "--pid", &t.pid().to_string()])?;
-                    }
+                    ctl(&["attach", "--pid", &a.pid().to_string()])?;
+                    // b with a budget: the daemon's own record, which a
+                    // restarted daemon must take over (the module does
+                    // not know it).
+                    ctl(&["attach", "--pid", &b.pid().to_string(), "--budget", "3MiB"])?;
                     let again = ctl(&["attach", "--pid", &a.pid().to_string()]);
                     ensure(
                         again
@@ -614,6 +616,51 @@ fn main() {
                     // counts what happened (the kernel path's figures).
                     b.cmd("check 1")?;
                     kernel_metrics("127.0.0.1:7491".parse().expect("an address"))?;
+                    // kill -9 with b's pages remote: the module keeps its
+                    // attachment; a new daemon (same state directory)
+                    // takes it over with its budget, serves its faults and
+                    // evicts it again; `--attach` of a process it took
+                    // over is not an error.
+                    ensure(
+                        wait_until(Duration::from_secs(60), || {
+                            b.query("remote 0 1024").unwrap_or(0) >= 800
+                        }),
+                        "b's pages did not go remote again",
+                    )?;
+                    daemon.0.kill().map_err(|e| e.to_string())?;
+                    let _ = daemon.0.wait();
+                    let log = std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(log_path)
+                        .map_err(|e| e.to_string())?;
+                    daemon = Reaped(
+                        Command::new(exe.with_file_name("rmem-agent"))
+                            .args(["serve", "--server", &env.server.data.to_string()])
+                            .args(["--socket", sock, "--min-age", "1s", "--interval", "500ms"])
+                            .args(["--attach", &b.pid().to_string()])
+                            .stderr(log)
+                            .spawn()
+                            .map_err(|e| e.to_string())?,
+                    );
+                    let mut list = Vec::new();
+                    ensure(
+                        wait_until(Duration::from_secs(20), || {
+                            list = listed(&ctl);
+                            list.len() == 1
+                                && list[0]["pid"] == b.pid()
+                                && list[0]["budget_bytes"] == 3u64 << 20
+                        }),
+                        format!(
+                            "the restarted agent did not take b over with its budget: {list:?}"
+                        ),
+                    )?;
+                    b.cmd("check 1")?;
+                    ensure(
+                        wait_until(Duration::from_secs(60), || {
+                            b.query("remote 0 1024").unwrap_or(0) >= 800
+                        }),
+                        "the restarted agent does not evict b",
+                    )?;
                     // SIGTERM: every remaining process is detached, every page back.
                     // SAFETY: signalling our own child.
                     unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
