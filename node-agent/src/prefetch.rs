@@ -5,7 +5,11 @@
 //!
 //! Accesses the agent sees are remote faults and first touches of
 //! prefetched pages (minor faults), so a stream keeps being observed while
-//! it runs through prefetched pages.
+//! it runs through prefetched pages. A sequential window is mapped ahead of
+//! the program but for its last page, the *marker*: the stream runs through
+//! the window with no fault, and the detector is told so
+//! ([`Streams::mapped_ahead`]); the marker's touch counts the window's
+//! pages as used ([`Streams::reached`]).
 
 /// Largest stride (in pages) treated as a stream.
 pub const MAX_STRIDE: i64 = 16;
@@ -36,12 +40,18 @@ impl Ahead {
 /// Most threads tracked at once; past it the table starts over.
 const MAX_STREAMS: usize = 256;
 
+/// Most windows mapped ahead whose marker was not touched yet; past it
+/// the oldest are forgotten (their pages then never count as used).
+const MAX_WINDOWS: usize = 1024;
+
 /// One detector per faulting thread, so threads that each scan their own
 /// part of a region are each seen as a stream.
 #[derive(Debug)]
 pub struct Streams {
     max: usize,
     by_thread: std::collections::HashMap<u32, Detector>,
+    /// Windows mapped ahead: marker page -> pages mapped before it.
+    windows: std::collections::BTreeMap<usize, u64>,
 }
 
 impl Streams {
@@ -50,7 +60,34 @@ impl Streams {
         Self {
             max,
             by_thread: std::collections::HashMap::new(),
+            windows: std::collections::BTreeMap::new(),
         }
+    }
+
+    /// Thread `tid`'s stream is mapped ahead up to `last` (so it runs on
+    /// with no fault until `marker`, left unmapped), `mapped` pages. The
+    /// stream's next access continues it.
+    pub fn mapped_ahead(&mut self, tid: u32, last: usize, marker: usize, mapped: u64) {
+        if let Some(d) = self.by_thread.get_mut(&tid) {
+            d.advance(last);
+        }
+        if self.windows.len() >= MAX_WINDOWS {
+            self.windows.pop_first();
+        }
+        self.windows.insert(marker, mapped);
+    }
+
+    /// `n` pages of the window of `marker` could not be mapped after all.
+    pub fn not_mapped(&mut self, marker: usize, n: u64) {
+        if let Some(m) = self.windows.get_mut(&marker) {
+            *m = m.saturating_sub(n);
+        }
+    }
+
+    /// The marker page `page` was touched: the pages mapped ahead before
+    /// it (0 if it is no marker).
+    pub fn reached(&mut self, page: usize) -> u64 {
+        self.windows.remove(&page).unwrap_or(0)
     }
 
     /// Records an access to `page` by thread `tid`.
@@ -83,6 +120,17 @@ impl Detector {
             last: None,
             stride: 0,
             streak: 0,
+        }
+    }
+
+    /// The stream ran on to `page` along its stride with no fault seen
+    /// (pages mapped ahead of it): the next access after it continues the
+    /// stream. Anything else is ignored.
+    pub fn advance(&mut self, page: usize) {
+        let Some(last) = self.last else { return };
+        let delta = page as i64 - last as i64;
+        if self.stride != 0 && delta % self.stride == 0 && delta / self.stride > 0 {
+            self.last = Some(page);
         }
     }
 
@@ -189,6 +237,35 @@ mod tests {
         }
         assert_eq!(s.observe(1, 103).count, 4);
         assert_eq!(s.observe(2, 5003).count, 4);
+    }
+
+    #[test]
+    fn a_window_mapped_ahead_continues_the_stream_and_counts_at_its_marker() {
+        let mut s = Streams::new(8);
+        for p in 0..4 {
+            s.observe(1, p);
+        }
+        // Pages 4..=10 mapped, 11 the marker: the touch of 11 continues
+        // the stream at its full window.
+        s.mapped_ahead(1, 10, 11, 7);
+        assert_eq!(s.observe(1, 11).count, 8);
+        assert_eq!(s.reached(11), 7);
+        assert_eq!(s.reached(11), 0);
+        assert_eq!(s.reached(12), 0);
+        // Backwards or off the stride: nothing moves.
+        let mut d = Detector::new(8);
+        for p in [100, 98, 96] {
+            d.observe(p);
+        }
+        d.advance(97);
+        d.advance(120);
+        assert_eq!(d.observe(94).count, 4);
+        // Old windows go first past the limit.
+        for m in 0..MAX_WINDOWS + 1 {
+            s.mapped_ahead(9, 0, 1000 + m, 1);
+        }
+        assert_eq!(s.reached(1000), 0);
+        assert_eq!(s.reached(1001), 1);
     }
 
     #[test]

@@ -155,12 +155,15 @@ fn resolve_resident(inner: &Inner, i: usize, s: State, fault: Fault) -> State {
         next = next.clear(CLEAN);
     }
     if s.has(PREFETCHED) {
-        stats.prefetch_hits.fetch_add(1, Ordering::Relaxed);
-        inner
-            .prefetch
-            .lock()
-            .expect("prefetch lock")
-            .observe(fault.tid, i);
+        let mut prefetch = inner.prefetch.lock().expect("prefetch lock");
+        // A window's marker: the stream ran through the pages mapped ahead
+        // of it.
+        let through = prefetch.reached(i);
+        prefetch.observe(fault.tid, i);
+        drop(prefetch);
+        stats
+            .prefetch_hits
+            .fetch_add(1 + through, Ordering::Relaxed);
     }
     map_cached(inner, i, next.has(CLEAN));
     next
@@ -405,6 +408,11 @@ fn fetch(
     if scratch.statuses.contains(&PageStatus::Corrupt) {
         inner.homes.suspect(server, &"it returned damaged pages");
     }
+    // A sequential stream's window is mapped at once, but for its last
+    // page (the marker, whose touch keeps the stream observed): the
+    // program runs through it with no fault.
+    let map_ahead = ahead.stride == 1 && n > 2;
+    let mut to_map: Vec<usize> = Vec::new();
     for (k, (&p, status)) in scratch.pages.iter().zip(&scratch.statuses).enumerate() {
         let prior = if k == 0 { before } else { states.get(p) };
         let mut data = &scratch.data[k];
@@ -448,15 +456,21 @@ fn fetch(
             finish(inner, p, next);
             inner.stats.faults_remote.fetch_add(1, Ordering::Relaxed);
         } else {
-            // Ahead of the stream: into memory but not mapped, so the first
-            // touch is a cheap minor fault that counts as a prefetch hit.
+            // Ahead of the stream: into memory, then mapped with the rest
+            // of the window below; the marker (and a strided stream's
+            // pages) stays unmapped, so its first touch is a cheap minor
+            // fault that counts as a prefetch hit.
             match inner.backing.write_page(p, data) {
                 Ok(()) => {
+                    inner.stats.prefetch_issued.fetch_add(1, Ordering::Relaxed);
+                    if map_ahead && k + 1 < n {
+                        to_map.push(p);
+                        continue;
+                    }
                     let next = prior
                         .with_kind(Kind::Inactive)
                         .set(STORED | CLEAN | PREFETCHED);
                     finish(inner, p, next);
-                    inner.stats.prefetch_issued.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     tracing::warn!(page = p, error = %e, "prefetch write failed");
@@ -465,6 +479,76 @@ fn fetch(
                 }
             }
         }
+    }
+    if !to_map.is_empty() {
+        map_window(inner, fault.tid, &to_map, scratch.pages[n - 1]);
+    }
+}
+
+/// Maps pages of a sequential window (in the memfd, owned by this thread,
+/// ascending), one `UFFDIO_CONTINUE` per contiguous run, write-protected as
+/// a read fault maps a page, and publishes them; `marker` is the window's
+/// last page, left unmapped. A page that cannot be mapped stays in memory
+/// unmapped, as a prefetched page (its touch is a minor fault).
+fn map_window(inner: &Inner, tid: u32, pages: &[usize], marker: usize) {
+    let states = &inner.states;
+    // Told before the first page is mapped: mapping wakes the program,
+    // which may reach the marker before this returns.
+    let last = *pages.last().expect("not empty");
+    inner.prefetch.lock().expect("prefetch lock").mapped_ahead(
+        tid,
+        last,
+        marker,
+        pages.len() as u64,
+    );
+    let mut mapped = 0u64;
+    let mapped_state = |p: usize| {
+        states
+            .get(p)
+            .with_kind(Kind::Active)
+            .set(STORED | CLEAN)
+            .clear(PREFETCHED)
+    };
+    let unmapped_state = |p: usize| {
+        states
+            .get(p)
+            .with_kind(Kind::Inactive)
+            .set(STORED | CLEAN | PREFETCHED)
+    };
+    for run in pages.chunk_by(|a, b| b == &(a + 1)) {
+        let len = (run.len() * PAGE_SIZE) as u64;
+        let whole = retry_eagain(|| inner.uffd.continue_(inner.page_addr(run[0]), len, true));
+        for &p in run {
+            let ok = match whole {
+                Ok(Resolve::Done) => true,
+                // Part of the run may be mapped: page by page.
+                _ => retry_eagain(|| {
+                    inner
+                        .uffd
+                        .continue_(inner.page_addr(p), PAGE_SIZE as u64, true)
+                })
+                .is_ok(),
+            };
+            if ok {
+                mapped += 1;
+                finish(inner, p, mapped_state(p));
+            } else {
+                finish(inner, p, unmapped_state(p));
+            }
+        }
+    }
+    inner
+        .stats
+        .prefetch_mapped
+        .fetch_add(mapped, Ordering::Relaxed);
+    let unmapped = pages.len() as u64 - mapped;
+    if unmapped > 0 {
+        // Those count on their own touch.
+        inner
+            .prefetch
+            .lock()
+            .expect("prefetch lock")
+            .not_mapped(marker, unmapped);
     }
 }
 

@@ -118,7 +118,12 @@ pub struct Stats {
     pub pages_dropped_zero: AtomicU64,
     pub evict_failures: AtomicU64,
     pub prefetch_issued: AtomicU64,
+    /// Prefetched pages the program reached: touched (a minor fault), or
+    /// mapped ahead in a sequential window whose last page it touched.
     pub prefetch_hits: AtomicU64,
+    /// Of `prefetch_issued`, pages mapped ahead of a sequential stream (it
+    /// reads them with no fault).
+    pub prefetch_mapped: AtomicU64,
     /// Pages brought back ahead of a degraded fault, rebuilt from their
     /// stripes with the faulting page (erasure coded, a server failing).
     pub prefetch_rebuilt: AtomicU64,
@@ -153,6 +158,7 @@ pub struct StatsSnapshot {
     pub evict_failures: u64,
     pub prefetch_issued: u64,
     pub prefetch_hits: u64,
+    pub prefetch_mapped: u64,
     pub prefetch_rebuilt: u64,
     pub throttled_faults: u64,
     pub evict_busy_ns: u64,
@@ -613,6 +619,7 @@ impl RemoteRegion {
             prefetch_issued: l(&s.prefetch_issued),
             prefetch_rebuilt: l(&s.prefetch_rebuilt),
             prefetch_hits: l(&s.prefetch_hits),
+            prefetch_mapped: l(&s.prefetch_mapped),
             throttled_faults: l(&s.throttled_faults),
             evict_busy_ns: l(&s.evict_busy_ns),
             fault_remote_latency_ns: s.fault_remote_latency.percentiles(),
