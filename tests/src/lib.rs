@@ -358,6 +358,35 @@ impl ServerProcess {
     }
 }
 
+/// Pages each of `servers` holds now.
+pub fn used(servers: &[ServerProcess]) -> Vec<u64> {
+    servers
+        .iter()
+        .map(|s| {
+            rmem_client::BlockingConnection::connect(&s.client_config())
+                .unwrap()
+                .stat()
+                .unwrap()
+                .used_pages
+        })
+        .collect()
+}
+
+/// The servers' use once the agents have stopped moving pages: the same
+/// reading three times in a row, 300 ms apart (at most 30 s).
+pub fn settled(servers: &[ServerProcess]) -> Vec<u64> {
+    let mut last = used(servers);
+    let mut same = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while same < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = used(servers);
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
 /// A running `rmem-coordinator` (ephemeral state, loopback).
 #[derive(Debug)]
 pub struct CoordinatorProcess {

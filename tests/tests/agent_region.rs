@@ -641,16 +641,7 @@ fn an_erasure_coded_region_survives_a_lost_server_and_leaves_nothing_behind() {
         "nothing rebuilt ahead of a fault: {s:?}"
     );
     drop(r);
-    let used: Vec<u64> = servers
-        .iter()
-        .map(|s| {
-            BlockingConnection::connect(&s.client_config())
-                .unwrap()
-                .stat()
-                .unwrap()
-                .used_pages
-        })
-        .collect();
+    let used = rmem_tests::used(&servers);
     assert_eq!(
         used,
         [0, 0, 0],

@@ -9,7 +9,7 @@ use std::time::Duration;
 use rmem_agent::cluster::{Cluster, ClusterConfig};
 use rmem_agent::{RegionConfig, RemoteRegion};
 use rmem_client::{BlockingConnection, PAGE_SIZE};
-use rmem_tests::{Daemon, ServerProcess, bin, wait_until};
+use rmem_tests::{Daemon, ServerProcess, bin, settled, used, wait_until};
 
 struct Coordinator {
     _daemon: Option<Daemon>,
@@ -49,34 +49,6 @@ fn rmemctl_json(coord: &Coordinator, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["--endpoint", endpoint.as_str(), "--output", "json"];
     all.extend_from_slice(args);
     serde_json::from_str(&rmem_tests::rmemctl_ok(&all)).unwrap()
-}
-
-fn used(servers: &[ServerProcess]) -> Vec<u64> {
-    servers
-        .iter()
-        .map(|s| {
-            BlockingConnection::connect(&s.client_config())
-                .unwrap()
-                .stat()
-                .unwrap()
-                .used_pages
-        })
-        .collect()
-}
-
-/// The servers' use once the agents' evictors have stopped moving pages:
-/// the same reading three times in a row, 300 ms apart.
-fn settled(servers: &[ServerProcess]) -> Vec<u64> {
-    let mut last = used(servers);
-    let mut same = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while same < 3 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = used(servers);
-        same = if now == last { same + 1 } else { 0 };
-        last = now;
-    }
-    last
 }
 
 fn word(p: usize, round: u64) -> u64 {
