@@ -578,6 +578,7 @@ fn free_loop(
             // Idle: pay what servers that failed owe, once they answer.
             Err(RecvTimeoutError::Timeout) => {
                 homes.pay_owed(&mut remotes, Instant::now() + timeout);
+                homes.compact_journal();
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => return,
@@ -597,6 +598,7 @@ fn free_loop(
                 tracing::warn!(error = %e, pages = freed.len(), "freeing remote pages failed; they leak on the server")
             }
         }
+        homes.compact_journal();
     }
 }
 

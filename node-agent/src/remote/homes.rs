@@ -362,11 +362,37 @@ impl Homes {
         };
         let addr = |i: u8| self.servers.addr(i);
         let mut written = write(journal, &addr);
-        if written.is_ok() && journal.due(book.runs.len()) {
+        // Rewrites are the free thread's ([`Self::compact_journal`]),
+        // outside the lock, unless it falls far behind.
+        if written.is_ok() && journal.overdue(book.runs.len()) {
             written = journal.rewrite(&book.runs, &addr);
         }
         if let Err(e) = written {
             tracing::error!(path = %journal.path().display(), error = %e, "cannot write the run journal; dropped: after a restart, the pages the module keeps are looked for on every server and known as one copy");
+            book.journal = None;
+        }
+    }
+
+    /// Rewrites the run journal from the book when it is due, holding the
+    /// book's lock only to take the runs and to swap the file in: fault
+    /// threads look handles up under that lock, and formatting 10^5 runs
+    /// takes tens of milliseconds. For the kernel agent's free thread.
+    pub fn compact_journal(&self) {
+        let snapshot = {
+            let mut guard = self.book();
+            let book = &mut *guard;
+            match book.journal.as_mut() {
+                Some(j) if j.due(book.runs.len()) => j.begin_rewrite(&book.runs),
+                _ => None,
+            }
+        };
+        let Some(snapshot) = snapshot else { return };
+        let body = snapshot.format(&|i| self.servers.addr(i));
+        let mut book = self.book();
+        if let Some(j) = book.journal.as_mut()
+            && let Err(e) = j.finish_rewrite(&body, snapshot.len())
+        {
+            tracing::error!(path = %j.path().display(), error = %e, "cannot rewrite the run journal; dropped: after a restart, the pages the module keeps are looked for on every server and known as one copy");
             book.journal = None;
         }
     }

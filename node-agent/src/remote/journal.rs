@@ -74,6 +74,69 @@ pub(crate) struct Journal {
     file: File,
     /// Lines since the file was last written whole.
     lines: u64,
+    /// While a rewrite is formatted outside the book's lock
+    /// ([`Journal::begin_rewrite`]): what was appended since its snapshot,
+    /// to follow the snapshot in the new file.
+    tail: Option<String>,
+}
+
+/// The runs as a rewrite takes them under the book's lock (cheap: no
+/// formatting), to be formatted outside it ([`Snapshot::format`]).
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    runs: Vec<SnapRun>,
+}
+
+#[derive(Debug)]
+struct SnapRun {
+    first: u64,
+    pages: u64,
+    wanted: u8,
+    live: u64,
+    layout: Option<Layout>,
+    stripe_live: Option<Vec<u8>>,
+    servers: Vec<u8>,
+}
+
+impl Snapshot {
+    fn of(runs: &BTreeMap<u64, Run>) -> Self {
+        Self {
+            runs: runs
+                .iter()
+                .map(|(&first, r)| SnapRun {
+                    first,
+                    pages: r.pages,
+                    wanted: r.wanted,
+                    live: r.live,
+                    layout: r.striped.as_ref().map(|s| s.layout),
+                    stripe_live: r.striped.as_ref().map(|s| s.live.clone()),
+                    servers: r.slots.servers().collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The journal's lines for these runs.
+    pub fn format(&self, addr: &dyn Fn(u8) -> String) -> String {
+        let mut text = String::new();
+        for r in &self.runs {
+            let servers: Vec<String> = r.servers.iter().map(|&s| addr(s)).collect();
+            text.push_str(&run_line(
+                r.first,
+                r.pages,
+                r.wanted,
+                Some(r.live),
+                r.layout.as_ref(),
+                r.stripe_live.as_deref(),
+                &servers,
+            ));
+        }
+        text
+    }
+
+    pub fn len(&self) -> usize {
+        self.runs.len()
+    }
 }
 
 impl Journal {
@@ -100,6 +163,7 @@ impl Journal {
             owner: owner.to_owned(),
             file,
             lines: 0,
+            tail: None,
         };
         Ok((journal, entries))
     }
@@ -150,28 +214,47 @@ impl Journal {
         self.lines > 2 * runs as u64 + SLACK
     }
 
-    /// Writes the file whole from the book's runs.
+    /// Whether the file has grown so far past [`Journal::due`] that the
+    /// rewrite cannot wait for the thread that does it outside the lock.
+    pub fn overdue(&self, runs: usize) -> bool {
+        self.lines > 8 * runs as u64 + 4 * SLACK
+    }
+
+    /// Writes the file whole from the book's runs, at once (under the
+    /// book's lock: O(runs); see [`Journal::begin_rewrite`]).
     pub fn rewrite(
         &mut self,
         runs: &BTreeMap<u64, Run>,
         addr: &dyn Fn(u8) -> String,
     ) -> io::Result<()> {
-        let mut text = String::new();
-        for (&first, r) in runs {
-            let servers: Vec<String> = r.slots.servers().map(addr).collect();
-            let striped = r.striped.as_deref();
-            text.push_str(&run_line(
-                first,
-                r.pages,
-                r.wanted,
-                Some(r.live),
-                striped.map(|s| &s.layout),
-                striped.map(|s| s.live.as_slice()),
-                &servers,
-            ));
-        }
-        self.file = fresh(&self.path, &self.owner, &text)?;
+        let snapshot = Snapshot::of(runs);
+        self.tail = None;
+        self.file = fresh(&self.path, &self.owner, &snapshot.format(addr))?;
         self.lines = runs.len() as u64;
+        Ok(())
+    }
+
+    /// Starts a rewrite: the runs now, to be formatted outside the book's
+    /// lock; from here every append is also kept for the new file. `None`
+    /// if one is already under way.
+    pub fn begin_rewrite(&mut self, runs: &BTreeMap<u64, Run>) -> Option<Snapshot> {
+        if self.tail.is_some() {
+            return None;
+        }
+        self.tail = Some(String::new());
+        Some(Snapshot::of(runs))
+    }
+
+    /// Ends a rewrite (under the book's lock again): the file becomes the
+    /// snapshot's lines `body` (`runs` of them) followed by what was
+    /// appended since.
+    pub fn finish_rewrite(&mut self, body: &str, runs: usize) -> io::Result<()> {
+        let Some(tail) = self.tail.take() else {
+            return Ok(());
+        };
+        let tail_lines = tail.bytes().filter(|&b| b == b'\n').count() as u64;
+        self.file = fresh(&self.path, &self.owner, &format!("{body}{tail}"))?;
+        self.lines = runs as u64 + tail_lines;
         Ok(())
     }
 
@@ -181,6 +264,9 @@ impl Journal {
         }
         // One write: a crash leaves whole lines and at most one torn one.
         self.file.write_all(text.as_bytes())?;
+        if let Some(tail) = &mut self.tail {
+            tail.push_str(text);
+        }
         self.lines += text.bytes().filter(|&b| b == b'\n').count() as u64;
         Ok(())
     }
@@ -529,5 +615,41 @@ mod tests {
         }
         assert!(j.due(4));
         assert!(!j.due(10_000));
+    }
+
+    /// A rewrite formatted outside the lock: what is appended between its
+    /// snapshot and its end follows the snapshot in the new file, so the
+    /// replay gives back the book as it is at the end.
+    #[test]
+    fn a_rewrite_outside_the_lock_keeps_what_came_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs");
+        let (mut j, _) = Journal::open(&path, "node/kmod", true).unwrap();
+        let mut book = Book::default();
+        let first = [piece(10, 5, &[1, 2], None), piece(20, 4, &[3], None)];
+        book.record(&first);
+        j.stored(&first, &addr).unwrap();
+        for h in [11, 12] {
+            book.forget(h);
+        }
+        j.freed(&[11, 12]).unwrap();
+        let snapshot = j.begin_rewrite(&book.runs).expect("none under way");
+        assert!(j.begin_rewrite(&book.runs).is_none(), "one at a time");
+        // Meanwhile (the lock released): a store, frees, a move.
+        let later = [piece(30, 2, &[2, 3], None)];
+        book.record(&later);
+        j.stored(&later, &addr).unwrap();
+        for h in [13, 20] {
+            book.forget(h);
+        }
+        j.freed(&[13, 20]).unwrap();
+        book.runs.get_mut(&10).unwrap().slots.slot_mut(1).server = 4;
+        j.moved(10, 1, &addr(4)).unwrap();
+        let body = snapshot.format(&addr);
+        j.finish_rewrite(&body, snapshot.len()).unwrap();
+        assert_eq!(j.lines, 2 + 3);
+        // Finishing with none under way changes nothing.
+        j.finish_rewrite("", 0).unwrap();
+        assert_eq!(shape(&reload(&path, "node/kmod")), shape(&book));
     }
 }
