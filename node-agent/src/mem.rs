@@ -108,24 +108,38 @@ impl Backing {
         cvt(unsafe { libc::madvise(start.cast(), n * PAGE_SIZE, libc::MADV_DONTNEED) })
     }
 
-    /// Reads page `i` from the memfd (not through the mapping, so it never
-    /// faults).
-    pub fn read_page(&self, i: usize, out: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
-        // SAFETY: reads PAGE_SIZE bytes into `out` from our own descriptor.
-        let n = unsafe {
-            libc::pread(
-                self.fd.as_raw_fd(),
-                out.as_mut_ptr().cast(),
-                PAGE_SIZE,
-                (i * PAGE_SIZE) as libc::off_t,
-            )
-        };
-        if n != PAGE_SIZE as isize {
-            return Err(if n < 0 {
-                io::Error::last_os_error()
-            } else {
-                io::Error::new(io::ErrorKind::UnexpectedEof, "short read from memfd")
-            });
+    /// Reads pages `first..first + out.len()` from the memfd in one call
+    /// (more if the kernel returns fewer bytes), never through the mapping.
+    pub fn read_pages(&self, first: usize, out: &mut [[u8; PAGE_SIZE]]) -> io::Result<()> {
+        let bytes = out.as_flattened_mut();
+        let mut done = 0;
+        while done < bytes.len() {
+            let rest = &mut bytes[done..];
+            // SAFETY: reads at most `rest.len()` bytes into `rest` from our
+            // own descriptor.
+            let n = unsafe {
+                libc::pread(
+                    self.fd.as_raw_fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    (first * PAGE_SIZE + done) as libc::off_t,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "short read from memfd",
+                    ));
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -186,5 +200,25 @@ impl Drop for Backing {
         // SAFETY: unmaps exactly the mapping this value created; nothing
         // else refers to it once the region is gone.
         unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_of_pages_reads_back_what_was_written() {
+        let b = Backing::new("rmem-test", 8).unwrap();
+        for i in 0..8 {
+            b.write_page(i, &[i as u8 + 1; PAGE_SIZE]).unwrap();
+        }
+        let mut out = vec![[0u8; PAGE_SIZE]; 5];
+        b.read_pages(2, &mut out).unwrap();
+        for (k, page) in out.iter().enumerate() {
+            assert!(page.iter().all(|&x| x == k as u8 + 3), "page {}", k + 2);
+        }
+        // Past the end: an error, not a page of garbage.
+        assert!(b.read_pages(6, &mut out[..3]).is_err());
     }
 }

@@ -8,6 +8,11 @@
 //! memory only after the server acknowledged it. Clean pages (the server's
 //! copy is current) and all-zero pages are freed without being sent. A
 //! page's older copy is freed only once its newer one is acknowledged.
+//!
+//! Several evictor threads (`evict_threads`) take victims from one clock,
+//! each its own batch: while one batch is on the wire or being stored,
+//! another is read and sent, so the server and the evictors' work overlap.
+//! Victims are read in runs of consecutive pages, one `pread` each.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -16,13 +21,11 @@ use rmem_client::{PAGE_SIZE, Page};
 
 use super::Inner;
 use super::state::{CLEAN, Kind, PREFETCHED, STORED, State, WAITER};
-use crate::policy::clock::Clock;
 use crate::remote::Remotes;
 
-/// Body of the evictor thread.
+/// Body of an evictor thread.
 pub(crate) fn run(inner: &Inner, mut conn: Remotes) {
-    let mut clock = Clock::new();
-    let batch = inner.cfg.evict_batch;
+    let batch = inner.evict_pages();
     let mut victims = Vec::with_capacity(batch);
     let mut pages: Vec<Page> = vec![[0u8; PAGE_SIZE]; batch];
     let mut backoff = Duration::from_millis(10);
@@ -40,17 +43,20 @@ pub(crate) fn run(inner: &Inner, mut conn: Remotes) {
         }
         while inner.demand() > inner.low_mark() && !inner.stop.load(Ordering::Relaxed) {
             victims.clear();
-            if clock.collect(&inner.states, &inner.backing, batch, &mut victims) == 0 {
+            let took = inner.clock.lock().expect("clock lock").collect(
+                &inner.states,
+                &inner.backing,
+                batch,
+                &mut victims,
+            );
+            if took == 0 {
                 // Everything resident is in flight; let it settle.
                 std::thread::sleep(Duration::from_millis(1));
                 break;
             }
-            let started = Instant::now();
+            busy(inner, 1);
             let ok = evict(inner, &mut conn, &victims, &mut pages);
-            inner
-                .stats
-                .evict_busy_ns
-                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            busy(inner, -1);
             if ok {
                 if inner.evict_stalled.swap(false, Ordering::AcqRel) {
                     tracing::info!(
@@ -75,6 +81,21 @@ pub(crate) fn run(inner: &Inner, mut conn: Remotes) {
     }
 }
 
+/// Counts an evictor starting (`+1`) or ending (`-1`) a batch, adding the
+/// time since the last change to `evict_busy_ns` if one was busy.
+fn busy(inner: &Inner, delta: isize) {
+    let mut e = inner.evicting.lock().expect("evicting lock");
+    let now = Instant::now();
+    if e.0 > 0 {
+        inner
+            .stats
+            .evict_busy_ns
+            .fetch_add((now - e.1).as_nanos() as u64, Ordering::Relaxed);
+    }
+    e.0 = e.0.checked_add_signed(delta).expect("balanced");
+    e.1 = now;
+}
+
 /// Evicts claimed victims. False when a server could not take them (they
 /// stay in memory, unchanged).
 fn evict(inner: &Inner, remotes: &mut Remotes, victims: &[usize], pages: &mut [Page]) -> bool {
@@ -85,6 +106,9 @@ fn evict(inner: &Inner, remotes: &mut Remotes, victims: &[usize], pages: &mut [P
     let mut send: Vec<(usize, usize)> = Vec::with_capacity(victims.len());
     // Older copies to free once the pages are settled.
     let mut stale: Vec<u64> = Vec::new();
+    // Victims to read (clean ones' copies are current), in runs of
+    // consecutive pages read with one call each into consecutive buffers.
+    let mut read: Vec<usize> = Vec::with_capacity(victims.len());
     for &v in victims {
         let s = states.get(v);
         if s.has(CLEAN) && s.has(STORED) {
@@ -93,15 +117,29 @@ fn evict(inner: &Inner, remotes: &mut Remotes, victims: &[usize], pages: &mut [P
                 .stats
                 .pages_dropped_clean
                 .fetch_add(1, Ordering::Relaxed);
+        } else {
+            read.push(v);
+        }
+    }
+    let mut unread = vec![false; read.len()];
+    let mut at = 0;
+    for run in read.chunk_by(|a, b| a + 1 == *b) {
+        let bufs = &mut pages[at..at + run.len()];
+        if let Err(e) = inner.backing.read_pages(run[0], bufs) {
+            tracing::error!(first = run[0], pages = run.len(), error = %e, "cannot read pages for eviction; keeping them");
+            unread[at..at + run.len()].fill(true);
+            for &v in run {
+                abort(inner, v);
+            }
+        }
+        at += run.len();
+    }
+    for (k, &v) in read.iter().enumerate() {
+        if unread[k] {
             continue;
         }
-        let k = send.len();
-        let buf = &mut pages[k];
-        if let Err(e) = inner.backing.read_page(v, buf) {
-            tracing::error!(page = v, error = %e, "cannot read page for eviction; keeping it");
-            abort(inner, v);
-            continue;
-        }
+        let s = states.get(v);
+        let buf = &pages[k];
         if buf.iter().all(|&b| b == 0) {
             // Reads as zeroes again: no copy is needed, an older one goes.
             let mut r = Release::to(v, Kind::Absent);

@@ -45,6 +45,9 @@ pub struct RegionConfig {
     pub fault_timeout: Duration,
     /// Pages evicted per server request.
     pub evict_batch: usize,
+    /// Evictor threads, each with a batch in flight: one reads and sends
+    /// its victims while another's are on the wire or being stored.
+    pub evict_threads: usize,
     /// Most pages fetched ahead of a detected stream (0 disables prefetch).
     pub prefetch_max: usize,
     /// How long an idle fault handler keeps polling before it sleeps in
@@ -70,6 +73,7 @@ impl Default for RegionConfig {
             fault_threads: 2,
             fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
             evict_batch: 64,
+            evict_threads: 2,
             prefetch_max: 32,
             spin: Duration::from_micros(50),
             redundancy: None,
@@ -128,7 +132,8 @@ pub struct Stats {
     /// stripes with the faulting page (erasure coded, a server failing).
     pub prefetch_rebuilt: AtomicU64,
     pub throttled_faults: AtomicU64,
-    /// Nanoseconds the evictor spent storing pages (read, PUT, free).
+    /// Nanoseconds during which at least one evictor was storing pages
+    /// (read, PUT, free): wall time, however many batches overlapped.
     pub evict_busy_ns: AtomicU64,
     /// Service time of faults fetched from the server, ns.
     pub fault_remote_latency: Histogram,
@@ -194,6 +199,11 @@ pub(crate) struct Inner {
     pub(crate) evict_wanted: (Mutex<()>, Condvar),
     /// Faults over budget sleep on this until the evictor frees memory.
     pub(crate) space_freed: (Mutex<()>, Condvar),
+    /// The evictors' clock, shared: each takes its victims under the lock.
+    pub(crate) clock: Mutex<crate::policy::clock::Clock>,
+    /// Evictor threads with a batch in flight, and since when the count
+    /// last changed (their union of busy time is `evict_busy_ns`).
+    pub(crate) evicting: Mutex<(usize, std::time::Instant)>,
     pub(crate) prefetch: Mutex<Streams>,
     pub(crate) stats: Stats,
     /// Where the region's pages go: its servers, handle space and book.
@@ -231,9 +241,16 @@ impl Inner {
         }
     }
 
+    /// Pages an evictor takes at a time: `evict_batch` per server
+    /// request, so an erasure-coded batch spans K times as many (each of
+    /// its K + M servers gets one request of about `evict_batch` pages).
+    pub(crate) fn evict_pages(&self) -> usize {
+        self.cfg.evict_batch * self.homes.policy().data()
+    }
+
     /// Headroom the evictor keeps below the budget.
     pub(crate) fn headroom(&self) -> usize {
-        (self.budget_pages / 16).clamp(4, self.cfg.evict_batch.max(4))
+        (self.budget_pages / 16).clamp(4, self.evict_pages().max(4))
     }
 
     /// Residency above which the evictor starts. A region whose every page
@@ -456,6 +473,8 @@ impl RemoteRegion {
             waiting: AtomicUsize::new(0),
             evict_wanted: (Mutex::new(()), Condvar::new()),
             space_freed: (Mutex::new(()), Condvar::new()),
+            clock: Mutex::new(crate::policy::clock::Clock::new()),
+            evicting: Mutex::new((0, std::time::Instant::now())),
             prefetch: Mutex::new(Streams::new(cfg.prefetch_max)),
             stats: Stats::default(),
             handles: (0..pages).map(|_| AtomicU64::new(0)).collect(),
@@ -479,13 +498,15 @@ impl RemoteRegion {
                 .map_err(RegionError::Thread)?;
             region.threads.push(h);
         }
-        let conn = Remotes::new(inner.cfg.fault_timeout, Duration::ZERO);
-        let evictor = inner.clone();
-        let h = std::thread::Builder::new()
-            .name("rmem-evict".into())
-            .spawn(move || evict::run(&evictor, conn))
-            .map_err(RegionError::Thread)?;
-        region.threads.push(h);
+        for t in 0..inner.cfg.evict_threads {
+            let conn = Remotes::new(inner.cfg.fault_timeout, Duration::ZERO);
+            let evictor = inner.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("rmem-evict-{t}"))
+                .spawn(move || evict::run(&evictor, conn))
+                .map_err(RegionError::Thread)?;
+            region.threads.push(h);
+        }
         tracing::info!(
             region = format_args!("{id:06x}"),
             pages,
@@ -719,6 +740,9 @@ fn validate(cfg: RegionConfig) -> Result<RegionConfig, RegionError> {
     }
     if cfg.evict_batch == 0 {
         return Err(invalid("evict_batch", "must be at least 1"));
+    }
+    if !(1..=8).contains(&cfg.evict_threads) {
+        return Err(invalid("evict_threads", "must be between 1 and 8"));
     }
     if cfg.failover_after.is_zero() {
         return Err(invalid("failover_after", "must be positive"));
