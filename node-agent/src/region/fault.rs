@@ -25,6 +25,8 @@ struct Scratch {
     handles: Vec<u64>,
     data: Vec<Page>,
     statuses: Vec<PageStatus>,
+    /// Pages of a sequential window to map ahead of the program.
+    to_map: Vec<usize>,
 }
 
 /// Body of a fault-handler thread.
@@ -35,6 +37,7 @@ pub(crate) fn run(inner: &Inner, mut conn: Remotes) {
         handles: Vec::with_capacity(cap),
         data: vec![[0u8; PAGE_SIZE]; cap],
         statuses: Vec::with_capacity(cap),
+        to_map: Vec::with_capacity(cap),
     };
     let mut last_fault = Instant::now();
     while !inner.stop.load(Ordering::Relaxed) {
@@ -412,7 +415,7 @@ fn fetch(
     // page (the marker, whose touch keeps the stream observed): the
     // program runs through it with no fault.
     let map_ahead = ahead.stride == 1 && n > 2;
-    let mut to_map: Vec<usize> = Vec::new();
+    scratch.to_map.clear();
     for (k, (&p, status)) in scratch.pages.iter().zip(&scratch.statuses).enumerate() {
         let prior = if k == 0 { before } else { states.get(p) };
         let mut data = &scratch.data[k];
@@ -464,7 +467,7 @@ fn fetch(
                 Ok(()) => {
                     inner.stats.prefetch_issued.fetch_add(1, Ordering::Relaxed);
                     if map_ahead && k + 1 < n {
-                        to_map.push(p);
+                        scratch.to_map.push(p);
                         continue;
                     }
                     let next = prior
@@ -480,8 +483,8 @@ fn fetch(
             }
         }
     }
-    if !to_map.is_empty() {
-        map_window(inner, fault.tid, &to_map, scratch.pages[n - 1]);
+    if !scratch.to_map.is_empty() {
+        map_window(inner, fault.tid, &scratch.to_map, scratch.pages[n - 1]);
     }
 }
 
