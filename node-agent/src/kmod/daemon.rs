@@ -271,13 +271,16 @@ impl Supervisor {
         if let Err(e) = inner.rewatch() {
             tracing::warn!(error = %e, "DAMON cannot watch the processes taken over");
         }
-        self.save(&inner);
+        self.save(&inner, Vec::new());
     }
 
-    /// Records what a restarted daemon needs of the attachments.
-    fn save(&self, inner: &Inner) {
-        self.records
-            .save(inner.procs.values().map(Proc::record).collect());
+    /// Records what a restarted daemon needs of the attachments: those
+    /// managed, and `kept` (ones the module still holds whose detach
+    /// failed).
+    fn save(&self, inner: &Inner, kept: Vec<Record>) {
+        let mut records = kept;
+        records.extend(inner.procs.values().map(Proc::record));
+        self.records.save(records);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -349,7 +352,7 @@ impl Supervisor {
             let _ = inner.rewatch();
             return Err(e.into());
         }
-        self.save(&inner);
+        self.save(&inner, Vec::new());
         tracing::info!(pid, command = %status.command, "attached");
         Ok(status)
     }
@@ -370,13 +373,12 @@ impl Supervisor {
         let done = self.finish(p);
         // A failed detach leaves the attachment in the module: the next
         // daemon takes it over as it was.
-        let inner = self.lock();
-        let mut records: Vec<Record> = inner.procs.values().map(Proc::record).collect();
-        if done.is_err() {
-            records.push(record);
-        }
-        self.records.save(records);
-        drop(inner);
+        let kept = if done.is_err() {
+            vec![record]
+        } else {
+            Vec::new()
+        };
+        self.save(&self.lock(), kept);
         done
     }
 
@@ -407,8 +409,7 @@ impl Supervisor {
         }
         let mut inner = self.lock();
         let _ = inner.rewatch();
-        kept.extend(inner.procs.values().map(Proc::record));
-        self.records.save(kept);
+        self.save(&inner, kept);
         done
     }
 
@@ -418,7 +419,7 @@ impl Supervisor {
         if let Some(p) = inner.procs.get_mut(&pid) {
             p.status.budget_bytes = budget.unwrap_or(0);
         }
-        self.save(&inner);
+        self.save(&inner, Vec::new());
     }
 
     /// Every attached process's counters.
@@ -531,7 +532,7 @@ impl Supervisor {
                 if let Err(e) = inner.rewatch() {
                     tracing::warn!(error = %e, "DAMON could not be restarted");
                 }
-                self.save(&inner);
+                self.save(&inner, Vec::new());
             }
             (work, gone)
         };
