@@ -139,6 +139,9 @@ pub struct Homes {
     redundant: AtomicBool,
     /// Whether placing fewer copies than asked was warned about.
     warned_short: AtomicBool,
+    /// Set when the run journal became due for a rewrite, so that
+    /// [`Self::compact_journal`] takes the book's lock only then.
+    journal_due: AtomicBool,
     /// Pages asked of the coordinator beyond a batch's need when the
     /// grants are full: [`GRANT_PAGES`], or a region's size when smaller
     /// (a small region never hoards the cluster's capacity).
@@ -366,6 +369,8 @@ impl Homes {
         // outside the lock, unless it falls far behind.
         if written.is_ok() && journal.overdue(book.runs.len()) {
             written = journal.rewrite(&book.runs, &addr);
+        } else if written.is_ok() && journal.due(book.runs.len()) {
+            self.journal_due.store(true, Ordering::Relaxed);
         }
         if let Err(e) = written {
             tracing::error!(path = %journal.path().display(), error = %e, "cannot write the run journal; dropped: after a restart, the pages the module keeps are looked for on every server and known as one copy");
@@ -378,6 +383,9 @@ impl Homes {
     /// threads look handles up under that lock, and formatting 10^5 runs
     /// takes tens of milliseconds. For the kernel agent's free thread.
     pub fn compact_journal(&self) {
+        if !self.journal_due.swap(false, Ordering::Relaxed) {
+            return;
+        }
         let snapshot = {
             let mut guard = self.book();
             let book = &mut *guard;
@@ -502,6 +510,7 @@ impl Homes {
             data: redundancy.data(),
             redundant: AtomicBool::new(redundancy.copies() > 1),
             warned_short: AtomicBool::new(false),
+            journal_due: AtomicBool::new(false),
             grow_step: AtomicU64::new(GRANT_PAGES),
         }))
     }
@@ -545,6 +554,7 @@ impl Homes {
             data: redundancy.data(),
             redundant: AtomicBool::new(redundancy.copies() > 1),
             warned_short: AtomicBool::new(false),
+            journal_due: AtomicBool::new(false),
             grow_step: AtomicU64::new(GRANT_PAGES),
         });
         // Pages on a server being drained move elsewhere.
