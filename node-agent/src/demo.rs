@@ -90,7 +90,7 @@ impl Default for DemoConfig {
             token: None,
             transport: rmem_client::Transport::Auto,
             rdma_device: None,
-            prefetch_max: 32,
+            prefetch_max: RegionConfig::default().prefetch_max,
             fault_threads: RegionConfig::default().fault_threads,
             fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
             redundancy: None,

@@ -311,7 +311,7 @@ struct DemoArgs {
     #[arg(long, value_name = "NAME")]
     rdma_device: Option<String>,
     /// Most pages fetched ahead of a sequential or strided stream (0: off).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 128)]
     prefetch: usize,
     /// Threads serving the region's page faults (faults on different pages
     /// are served in parallel).

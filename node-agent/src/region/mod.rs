@@ -74,7 +74,7 @@ impl Default for RegionConfig {
             fault_timeout: crate::remote::DEFAULT_FAULT_TIMEOUT,
             evict_batch: 64,
             evict_threads: 2,
-            prefetch_max: 32,
+            prefetch_max: 128,
             spin: Duration::from_micros(50),
             redundancy: None,
             failover_after: crate::remote::DEFAULT_FAILOVER_AFTER,
