@@ -58,6 +58,12 @@ pub struct Cell {
     pub ops: u64,
     pub seconds: f64,
     pub init_seconds: f64,
+    /// Accesses that waited for the backing store (major faults, remote
+    /// faults) per operation.
+    pub fetches_per_op: f64,
+    /// Pages read from the backing store (read-ahead, prefetch included)
+    /// per operation.
+    pub pages_in_per_op: f64,
 }
 
 /// A system that was not measured, and why.
@@ -99,7 +105,13 @@ fn cell(w: Workload, system: &str, f: f64, o: Outcome, base: f64) -> Cell {
         ops: o.ops,
         seconds: o.seconds,
         init_seconds: o.init_seconds,
+        fetches_per_op: per_op(o.fetches, o.ops),
+        pages_in_per_op: per_op(o.pages_in, o.ops),
     }
+}
+
+fn per_op(n: u64, ops: u64) -> f64 {
+    if ops == 0 { 0.0 } else { n as f64 / ops as f64 }
 }
 
 fn checked(w: Workload, out: Outcome, system: &str) -> Result<Outcome, BenchError> {
@@ -138,7 +150,13 @@ fn on_rmem(
     let t = std::time::Instant::now();
     workloads::init(w, &mem);
     let init_seconds = t.elapsed().as_secs_f64();
-    let mut out = workloads::run(w, &mem, e.ops, e.budget, seed);
+    // rmem's waits: remote faults; pages read in: those and the pages
+    // prefetched with them.
+    let waits = || {
+        let s = region.stats();
+        (s.faults_remote, s.faults_remote + s.prefetch_issued)
+    };
+    let mut out = workloads::run(w, &mem, e.ops, e.budget, seed, &waits);
     out.init_seconds = init_seconds;
     drop(region);
     Ok(out)

@@ -63,6 +63,10 @@ pub struct Ratios {
     /// Zipfian at 50% local: swap on zram's operations per second over
     /// rmem's (goal <= 1.5; 0 when not measured).
     pub zipf_50_zram_over_rmem: f64,
+    /// Zipfian at 50% local: rmem's remote faults per operation over swap
+    /// on a file's major faults per operation, how well each chose what to
+    /// keep local (goal <= 1.0; 0 when not measured).
+    pub zipf_50_fetches_over_swap_file: f64,
     /// GET at depth 1 p50 over TLS over plaintext's (the latency TLS adds).
     pub tls_get_p50_over_plain: f64,
     /// 64-page PUT batches over TLS over plaintext's (the throughput TLS
@@ -123,12 +127,13 @@ impl Report {
     ) -> Self {
         let rtt = limits.tcp_rtt_4k_us;
         let cells: &[Cell] = workloads.as_ref().map_or(&[], |w| &w.cells);
-        let zipf50 = |system: &str| {
+        let zipf50_cell = |system: &str| {
             cells
                 .iter()
                 .find(|c| c.name == "zipf" && c.system == system && c.local_fraction == 0.5)
-                .map_or(0.0, |c| c.ops_per_s)
         };
+        let zipf50 = |system: &str| zipf50_cell(system).map_or(0.0, |c| c.ops_per_s);
+        let zipf50_fetches = |system: &str| zipf50_cell(system).map_or(0.0, |c| c.fetches_per_op);
         let of_rmem = |f: fn(&RegionFigures) -> f64| rmem.as_ref().map_or(0.0, f);
         let ratios = Ratios {
             fault_p50_over_rtt_p50: of_rmem(|r| ratio(r.fault_us.p50, r.rtt_between_faults_us.p50)),
@@ -145,6 +150,10 @@ impl Report {
                 .unwrap_or(0.0),
             zipf_50_over_swap_file: ratio(zipf50("rmem"), zipf50("swap-file")),
             zipf_50_zram_over_rmem: ratio(zipf50("swap-zram"), zipf50("rmem")),
+            zipf_50_fetches_over_swap_file: ratio(
+                zipf50_fetches("rmem"),
+                zipf50_fetches("swap-file"),
+            ),
             tls_get_p50_over_plain: 0.0,
             tls_put_batch_over_plain: 0.0,
         };
@@ -211,6 +220,7 @@ fn workloads_table(cells: &[Cell], w: &WorkloadSetup) -> String {
             out.push('\n');
         }
     }
+    out.push_str(&fetches_table(cells));
     for s in &w.skipped {
         out.push_str(&format!("\n{} not measured: {}\n", s.system, s.reason));
     }
@@ -225,6 +235,42 @@ fn workloads_table(cells: &[Cell], w: &WorkloadSetup) -> String {
             "\nswap already on during the run (lower priority): {}\n",
             w.other_swaps.join(", ")
         ));
+    }
+    out
+}
+
+/// How well each system chose what to keep local: accesses that waited
+/// for the backing store per operation (rmem: remote faults; kernel swap:
+/// major faults), and pages read in per operation (prefetch, read-ahead).
+fn fetches_table(cells: &[Cell]) -> String {
+    let mut out = String::from(
+        "\nWaits for the backing store per operation (pages read in per operation)\n\n",
+    );
+    out.push_str("| workload | system | 25% local | 50% local | 75% local |\n");
+    out.push_str("|---|---|---|---|---|\n");
+    for name in crate::workloads::ALL.map(|w| w.name()) {
+        for system in ["rmem", "swap-zram", "swap-file"] {
+            let mut row = format!("| {name} | {system} |");
+            let mut any = false;
+            for f in crate::matrix::FRACTIONS.into_iter().filter(|&f| f < 1.0) {
+                match cells.iter().find(|c| {
+                    c.name == name && c.system == system && c.local_fraction == f && c.ops > 0
+                }) {
+                    Some(c) => {
+                        any = true;
+                        row.push_str(&format!(
+                            " {:.3} ({:.3}) |",
+                            c.fetches_per_op, c.pages_in_per_op
+                        ));
+                    }
+                    None => row.push_str(" |"),
+                }
+            }
+            if any {
+                out.push_str(&row);
+                out.push('\n');
+            }
+        }
     }
     out
 }
@@ -440,6 +486,10 @@ pub fn render(r: &Report) -> String {
     row(
         "zipf at 50% local: swap-zram / rmem (<= 1.5)",
         optional(g.zipf_50_zram_over_rmem),
+    );
+    row(
+        "zipf at 50% local: fetches per op, rmem / swap-file (<= 1)",
+        optional(g.zipf_50_fetches_over_swap_file),
     );
 
     out.push_str(&format!(

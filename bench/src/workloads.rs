@@ -63,6 +63,38 @@ pub struct Outcome {
     pub init_seconds: f64,
     /// Reads that found the wrong value: any is a failed run.
     pub errors: u64,
+    /// Accesses of the timed phase that waited for the backing store:
+    /// major faults (kernel swap: the process's own `ru_majflt`), remote
+    /// faults (rmem). How good the choice of what to keep local was.
+    #[serde(default)]
+    pub fetches: u64,
+    /// Pages read from the backing store during the timed phase, read-ahead
+    /// and prefetch included: `pswpin` (kernel swap; the machine's counter,
+    /// so a quiet machine), pages fetched from servers (rmem).
+    #[serde(default)]
+    pub pages_in: u64,
+}
+
+/// The calling process's major faults so far.
+pub fn major_faults() -> u64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF and a valid out pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0;
+    }
+    u.ru_majflt as u64
+}
+
+/// Pages swapped in on this machine so far (`pswpin` of /proc/vmstat).
+pub fn pages_swapped_in() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("pswpin ")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 impl Outcome {
@@ -244,9 +276,53 @@ pub fn init(w: Workload, mem: &Memory) {
 }
 
 /// Runs `ops` operations of `w` on memory `init` prepared, or fewer if
-/// `budget` runs out first (a slow system must not take minutes).
-pub fn run(w: Workload, mem: &Memory, ops: u64, budget: Duration, seed: u64) -> Outcome {
+/// `budget` runs out first (a slow system must not take minutes). A
+/// warm-up of one operation per page (within the same budget, not
+/// measured) comes first, so what stays local is the system's choice under
+/// this workload, not what the initial writes left: the waits counted then
+/// compare systems however many operations each gets through. `waits`
+/// reads the system's counters of waits for the backing store and of
+/// pages read in (see [`Outcome`]).
+pub fn run(
+    w: Workload,
+    mem: &Memory,
+    ops: u64,
+    budget: Duration,
+    seed: u64,
+    waits: &dyn Fn() -> (u64, u64),
+) -> Outcome {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (_, warm_errors) = operate(w, mem, mem.pages as u64, budget, &mut rng);
+    let before = waits();
+    let start = Instant::now();
+    let (done, errors) = operate(w, mem, ops, budget, &mut rng);
+    let seconds = start.elapsed().as_secs_f64();
+    let after = waits();
+    Outcome {
+        ops: done,
+        seconds,
+        init_seconds: 0.0,
+        errors: errors + warm_errors,
+        fetches: after.0.saturating_sub(before.0),
+        pages_in: after.1.saturating_sub(before.1),
+    }
+}
+
+/// Kernel swap's waits: this process's major faults, and the machine's
+/// pages swapped in.
+pub fn swap_waits() -> (u64, u64) {
+    (major_faults(), pages_swapped_in())
+}
+
+/// Runs up to `ops` operations of `w` for at most `budget`; returns how
+/// many ran and how many reads found a wrong value.
+fn operate(
+    w: Workload,
+    mem: &Memory,
+    ops: u64,
+    budget: Duration,
+    rng: &mut rand::rngs::StdRng,
+) -> (u64, u64) {
     let mut errors = 0;
     let start = Instant::now();
     let over = |i: u64| i % 256 == 255 && start.elapsed() > budget;
@@ -261,7 +337,7 @@ pub fn run(w: Workload, mem: &Memory, ops: u64, budget: Duration, seed: u64) -> 
                 } else {
                     // Rank 1 is the hottest; scatter ranks so the hot set is
                     // not one contiguous run.
-                    let rank = zipf.sample(&mut rng) as u64 - 1;
+                    let rank = zipf.sample(rng) as u64 - 1;
                     (rank.wrapping_mul(0x9E37_79B9_7F4A_7C15) % mem.pages as u64) as usize
                 };
                 let k = rng.random_range(0..WORDS);
@@ -305,12 +381,7 @@ pub fn run(w: Workload, mem: &Memory, ops: u64, budget: Duration, seed: u64) -> 
             done
         }
     };
-    Outcome {
-        ops: done,
-        seconds: start.elapsed().as_secs_f64(),
-        init_seconds: 0.0,
-        errors,
-    }
+    (done, errors)
 }
 
 /// Maps `pages` of private anonymous memory, runs `init` and `run` on it.
@@ -345,7 +416,7 @@ pub fn on_anonymous(
     let t0 = Instant::now();
     init(w, &mem);
     let init_seconds = t0.elapsed().as_secs_f64();
-    let mut out = run(w, &mem, ops, budget, seed);
+    let mut out = run(w, &mem, ops, budget, seed, &swap_waits);
     out.init_seconds = init_seconds;
     // SAFETY: unmapping exactly the mapping made above; `mem` is not used
     // afterwards.
@@ -392,15 +463,16 @@ mod tests {
         init(Workload::Scan, &mem);
         mem.write(3 * WORDS + 5, 0);
         let forever = Duration::from_secs(60);
+        // Seen once by the warm-up's pass, once by the timed one.
         assert_eq!(
-            run(Workload::Scan, &mem, pages as u64, forever, 1).errors,
-            1
+            run(Workload::Scan, &mem, pages as u64, forever, 1, &swap_waits).errors,
+            2
         );
         init(Workload::Hash, &mem);
         for i in (1..pages * WORDS).step_by(SLOT_WORDS) {
             mem.write(i, 2); // every value wrong
         }
-        assert!(run(Workload::Hash, &mem, 100, forever, 1).errors > 0);
+        assert!(run(Workload::Hash, &mem, 100, forever, 1, &swap_waits).errors > 0);
         // A budget stops a long run early.
         let out = run(
             Workload::Uniform,
@@ -408,6 +480,7 @@ mod tests {
             u64::MAX,
             Duration::from_millis(20),
             1,
+            &swap_waits,
         );
         assert!(out.ops > 0 && out.seconds < 5.0, "{out:?}");
     }
