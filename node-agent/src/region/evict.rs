@@ -121,40 +121,35 @@ fn evict(inner: &Inner, remotes: &mut Remotes, victims: &[usize], pages: &mut [P
             read.push(v);
         }
     }
-    let mut unread = vec![false; read.len()];
     let mut at = 0;
     for run in read.chunk_by(|a, b| a + 1 == *b) {
-        let bufs = &mut pages[at..at + run.len()];
-        if let Err(e) = inner.backing.read_pages(run[0], bufs) {
+        let first = at;
+        at += run.len();
+        if let Err(e) = inner.backing.read_pages(run[0], &mut pages[first..at]) {
             tracing::error!(first = run[0], pages = run.len(), error = %e, "cannot read pages for eviction; keeping them");
-            unread[at..at + run.len()].fill(true);
             for &v in run {
                 abort(inner, v);
             }
-        }
-        at += run.len();
-    }
-    for (k, &v) in read.iter().enumerate() {
-        if unread[k] {
             continue;
         }
-        let s = states.get(v);
-        let buf = &pages[k];
-        if buf.iter().all(|&b| b == 0) {
-            // Reads as zeroes again: no copy is needed, an older one goes.
-            let mut r = Release::to(v, Kind::Absent);
-            if s.has(STORED) {
-                r.clear = STORED | CLEAN;
-                r.stale = Some(inner.handle(v));
+        for (k, &v) in (first..at).zip(run) {
+            if pages[k].iter().all(|&b| b == 0) {
+                // Reads as zeroes again: no copy is needed, an older one
+                // goes.
+                let mut r = Release::to(v, Kind::Absent);
+                if states.get(v).has(STORED) {
+                    r.clear = STORED | CLEAN;
+                    r.stale = Some(inner.handle(v));
+                }
+                done.push(r);
+                inner
+                    .stats
+                    .pages_dropped_zero
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
             }
-            done.push(r);
-            inner
-                .stats
-                .pages_dropped_zero
-                .fetch_add(1, Ordering::Relaxed);
-            continue;
+            send.push((v, k));
         }
-        send.push((v, k));
     }
     let mut all_ok = true;
     if !send.is_empty() {
